@@ -1,0 +1,113 @@
+"""Small merge operations on branch-stacked tensors (dim 0 = branch).
+
+Every function here is pure tensor math: no I/O, no process groups, no framework.
+The methods in this package are recipes composed from these calls.
+
+Example:
+    >>> import torch
+    >>> x = torch.tensor([[1.0, -4.0, -2.0], [-1.0, -1.0, -1.0]])
+    >>> signs = elect_signs(x, tie_break="majority")
+    >>> disjoint_mean(x, signs, torch.ones(2))
+    tensor([-1.0000, -2.5000, -1.5000])
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+TieBreak = Literal["majority", "positive"]
+
+
+def kept_count(numel: int, density: float) -> int:
+    """Number of entries an exact top-k keeps: ``round(numel * density)`` (Python rounding)."""
+    return int(round(numel * density))
+
+
+def topk_mask(scores: Tensor, density: float, *, reference_compat: bool = False) -> Tensor:
+    """Boolean mask of the largest-magnitude entries of ``scores``, one joint threshold.
+
+    Exact mode keeps exactly ``round(L * density)`` entries; ties at the cut are broken by
+    flattened position (first wins), so the result is deterministic. ``reference_compat``
+    reproduces the DRM reference: with ``k = L - round(L * density)`` it keeps every entry
+    with ``|s| >= kthvalue(|s|, k)`` (one extra entry plus all ties), and keeps everything
+    when ``k == 0`` (where the reference would crash).
+
+    Example:
+        >>> topk_mask(torch.tensor([0.1, -3.0, 2.0, 0.5]), 0.5)
+        tensor([False,  True,  True, False])
+    """
+    flat = scores.detach().abs().reshape(-1)
+    numel = flat.numel()
+    if numel == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    keep = kept_count(numel, density)
+    if reference_compat:
+        drop = numel - keep
+        if drop <= 0:
+            return torch.ones_like(scores, dtype=torch.bool)
+        threshold = torch.kthvalue(flat, drop).values
+        return (flat >= threshold).reshape(scores.shape)
+    if keep >= numel:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if keep <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, numel - keep + 1).values  # the keep-th largest
+    mask = flat > threshold
+    missing = keep - int(mask.sum())
+    if missing > 0:
+        at_threshold = torch.nonzero(flat == threshold).squeeze(1)[:missing]
+        mask[at_threshold] = True
+    return mask.reshape(scores.shape)
+
+
+def elect_signs(x: Tensor, *, tie_break: TieBreak = "majority") -> Tensor:
+    """TIES sign election by mass: ``sign(sum_i x_i)`` per entry.
+
+    Entries whose sum is exactly zero get the matrix's majority sign ``sign(sum(signs))``
+    (``tie_break="majority"``, the DRM reference) or ``+1`` (``"positive"``, PEFT's
+    convention). With ``"majority"`` and no majority, those entries get sign 0 and are dropped.
+
+    Example:
+        >>> elect_signs(torch.tensor([[1.0, -4.0], [-1.0, -1.0]]), tie_break="positive")
+        tensor([ 1., -1.])
+    """
+    signs = torch.sign(x.sum(dim=0))
+    if tie_break == "positive":
+        return torch.where(signs == 0, torch.ones_like(signs), signs)
+    if tie_break != "majority":
+        raise ValueError(f"tie_break must be 'majority' or 'positive', got {tie_break!r}")
+    majority = torch.sign(signs.sum())
+    return torch.where(signs == 0, majority, signs)
+
+
+def broadcast_coefficients(coefficients: Tensor, like: Tensor) -> Tensor:
+    """Reshape a length-N coefficient vector so it broadcasts over ``like`` (N, ...)."""
+    return coefficients.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def disjoint_mean(
+    x: Tensor, signs: Tensor | None, coefficients: Tensor, *, disjoint: bool = True
+) -> Tensor:
+    """Scale branches by their coefficients and average the entries that agree with ``signs``.
+
+    Entries whose sign differs from the elected one are dropped; every branch is multiplied
+    by its coefficient (coefficients do not vote); each entry is divided by the number of
+    non-zero contributions (``disjoint=True``) or by N. ``signs=None`` skips the election.
+
+    Example:
+        >>> x = torch.tensor([[2.0, 1.0], [4.0, -1.0]])
+        >>> disjoint_mean(x, torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]))
+        tensor([3., 1.])
+    """
+    if signs is not None:
+        x = torch.where(torch.sign(x) == signs, x, torch.zeros((), dtype=x.dtype))
+    weighted = x * broadcast_coefficients(coefficients, x)
+    total = weighted.sum(dim=0)
+    if not disjoint:
+        return total / x.shape[0]
+    count = (weighted != 0).sum(dim=0).clamp(min=1)
+    return total / count
+

@@ -1,0 +1,189 @@
+"""The merge-method interface and the registry of named methods.
+
+A method turns N branch deltas of one tensor into one merged delta. It declares its name,
+its paper and its parameters (a pydantic model with defaults and validation); upper layers
+(the merge loop, the distributed engine, the CLI, the Lightning callback) only ever call
+the four methods of :class:`MergeMethod`.
+
+Example:
+    >>> import torch
+    >>> from drm_lightning.methods import get_method
+    >>> method = get_method("drm", drop_rate=0.5)
+    >>> deltas = torch.randn(3, 8, 6, dtype=torch.float64)
+    >>> method.merge_matrix(deltas, torch.ones(3, dtype=torch.float64)).shape
+    torch.Size([8, 6])
+"""
+
+from __future__ import annotations
+
+import difflib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor
+
+Route = Literal["matrix", "fallback", "ignore"]
+LowRankFactors = tuple[Tensor, Tensor]
+"""``(B, A)`` with ``delta = B @ A``: B is (n, rank), A is (rank, m); scaling folded into B."""
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter model: frozen, unknown fields rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def closest_names(name: str, valid: Sequence[str]) -> str:
+    """Human-readable hint listing the closest valid names to ``name``."""
+    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"{hint}valid: {', '.join(sorted(valid))}"
+
+
+class MergeMethod(ABC):
+    """A merge method: N branch deltas of one tensor in, one merged delta out.
+
+    Subclasses set ``name``, ``paper``, ``Params`` and implement :meth:`merge_matrix` and
+    :meth:`merge_fallback`. All inputs are float tensors in the compute dtype, branches
+    stacked on dim 0; the output is a merged *delta* in the same dtype (the caller adds it
+    to the base and casts).
+    """
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    Params: ClassVar[type[MethodParams]]
+
+    def __init__(self, **params: Any) -> None:
+        self.params = build_params(self.name, self.Params, params)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
+        return f"{type(self).__name__}({args})"
+
+    @property
+    def uses_randomness(self) -> bool:
+        """True when the result depends on the ``generator`` passed to the merge calls."""
+        return False
+
+    @abstractmethod
+    def merge_matrix(
+        self, deltas: Tensor, coefficients: Tensor, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Merge the (N, n, m) deltas of one 2-D weight into an (n, m) delta."""
+
+    @abstractmethod
+    def merge_fallback(
+        self, deltas: Tensor, coefficients: Tensor, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Merge the (N, *shape) deltas of a non-matrix tensor (bias, norm, embedding...)."""
+
+    def merge_lowrank(
+        self,
+        factors: Sequence[LowRankFactors | None],
+        coefficients: Tensor,
+        shape: tuple[int, int],
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Merge LoRA-style deltas ``B_i @ A_i`` (``None`` = untouched branch).
+
+        The default densifies; methods with an exact factored path override it.
+        """
+        dtype = coefficients.dtype
+        dense = torch.zeros((len(factors), *shape), dtype=dtype)
+        for i, pair in enumerate(factors):
+            if pair is not None:
+                dense[i] = pair[0].to(dtype) @ pair[1].to(dtype)
+        return self.merge_matrix(dense, coefficients, generator=generator)
+
+    def cost(self, route: Route, shape: Sequence[int], n_branches: int) -> float:
+        """Estimated FLOPs of merging one tensor, for balancing work across ranks."""
+        if route == "ignore":
+            return 0.0
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        return float(8 * numel * n_branches)
+
+
+def build_params(method: str, params_cls: type[MethodParams], params: dict[str, Any]) -> Any:
+    """Validate ``params`` for ``method``; errors name the parameter and the closest valid ones."""
+    valid = list(params_cls.model_fields)
+    unknown = [k for k in params if k not in params_cls.model_fields]
+    if unknown:
+        msgs = [f"unknown parameter {k!r} for method {method!r} ({closest_names(k, valid)})" for k in unknown]
+        raise ValueError("; ".join(msgs))
+    try:
+        return params_cls(**params)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "parameters"
+            lines.append(f"{method}.{loc}: {e['msg']} (got {e.get('input')!r})")
+        raise ValueError("invalid parameters: " + "; ".join(lines)) from None
+
+
+MethodFactory = Callable[..., MergeMethod]
+_REGISTRY: dict[str, tuple[type[MergeMethod], dict[str, Any]]] = {}
+
+
+def register_method(name: str, cls: type[MergeMethod], **preset: Any) -> None:
+    """Register ``cls`` under ``name``; ``preset`` parameters are fixed for this name.
+
+    Families are configurations of one class: ``register_method("ties", TaskVectorMethod,
+    sparsify="magnitude", elect_signs=True)``.
+    """
+    if name in _REGISTRY:
+        raise ValueError(f"merge method {name!r} is already registered")
+    _REGISTRY[name] = (cls, preset)
+
+
+def available_methods() -> list[str]:
+    """Names accepted by :func:`get_method`."""
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> tuple[type[MergeMethod], dict[str, Any]]:
+    """The class and fixed preset behind a registered name (``ValueError`` if unknown)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown merge method {name!r} ({closest_names(name, list(_REGISTRY))})")
+    return _REGISTRY[name]
+
+
+def method_parameters(name: str) -> dict[str, Any]:
+    """The user-settable parameters of a registered method with their defaults."""
+    cls, preset = method_class(name)
+    return {
+        k: f.default for k, f in cls.Params.model_fields.items() if k not in preset
+    }
+
+
+def get_method(name: str, **params: Any) -> MergeMethod:
+    """Instantiate the registered method ``name`` with ``params``.
+
+    Raises:
+        ValueError: unknown method or parameter (with the closest valid names), a parameter
+            fixed by the method's preset, or an invalid value.
+    """
+    cls, preset = method_class(name)
+    fixed = sorted(set(params) & set(preset))
+    if fixed:
+        raise ValueError(
+            f"parameter(s) {fixed} are fixed by method {name!r}; "
+            f"settable: {', '.join(sorted(method_parameters(name)))}"
+        )
+    unknown = [k for k in params if k not in cls.Params.model_fields]
+    if unknown:
+        valid = list(method_parameters(name))
+        raise ValueError(
+            "; ".join(
+                f"unknown parameter {k!r} for method {name!r} ({closest_names(k, valid)})"
+                for k in unknown
+            )
+        )
+    method = cls(**preset, **params)
+    method.registered_name = name  # type: ignore[attr-defined]
+    return method

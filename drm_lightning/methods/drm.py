@@ -1,0 +1,330 @@
+"""DRM — Decom-Renorm-Merge (Chaichana et al., arXiv 2505.23117).
+
+For one weight matrix: stack the N branch deltas, take one decomposition to get a basis
+shared by all branches, express every branch in that basis, renormalise each
+(branch, direction) block to unit length for pruning, keep one joint top-k, elect signs by
+mass, take the disjoint mean, and map back. Vertical (DRM-V) shares the input space (the
+right singular vectors of the row-stacked deltas); horizontal (DRM-H) is vertical applied
+to the transposed deltas. Non-matrix tensors go through TIES-style elect + disjoint mean.
+
+The implementation follows the exact projection form of the spec (§4.7): with B the
+truncated basis, the coordinates are ``T_i = Δ_i B``, the pruning score of column j of
+branch i is ``T_i[:, j] / ||T_i[:, j]||``, and the result is ``merge(T) @ Bᵀ``. The basis
+comes from an SVD of the stack or, much cheaper, from a symmetric eigendecomposition of
+its Gram matrix (the same singular vectors); LoRA branches use an exact factored path (QR
+of the stacked factors) that never forms an n×m delta.
+
+Example:
+    >>> import torch
+    >>> deltas = torch.randn(3, 16, 12, dtype=torch.float64)
+    >>> merged = drm_merge(deltas, torch.ones(3, dtype=torch.float64), drop_rate=0.8)
+    >>> merged.shape
+    torch.Size([16, 12])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import Tensor
+
+from drm_lightning.methods._ops import TieBreak, disjoint_mean, elect_signs, topk_mask
+from drm_lightning.methods.base import LowRankFactors, MergeMethod, MethodParams, Route
+
+Direction = Literal["vertical", "horizontal"]
+Solver = Literal["auto", "svd", "gram"]
+
+
+@dataclass(frozen=True)
+class SharedBasis:
+    """Truncated shared basis of a stack of deltas (vertical layout).
+
+    Attributes:
+        vectors: (m, r) orthonormal right singular vectors of the row-stacked deltas.
+        sigma: (r,) the matching singular values, descending.
+    """
+
+    vectors: Tensor
+    sigma: Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.sigma.numel())
+
+
+def _truncate(vectors: Tensor, sigma: Tensor, rank_rtol: float) -> SharedBasis:
+    """Keep the directions with ``sigma > rank_rtol * sigma_max`` (spec §4.2 step 3)."""
+    if sigma.numel() == 0 or not bool(sigma[0] > 0):
+        return SharedBasis(vectors[:, :0], sigma[:0])
+    keep = int((sigma > rank_rtol * sigma[0]).sum())
+    return SharedBasis(vectors[:, :keep], sigma[:keep])
+
+
+def _basis_from_gram(gram: Tensor, rank_rtol: float) -> SharedBasis:
+    """Eigendecomposition of a symmetric PSD Gram matrix → descending singular pairs."""
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    sigma = evals.clamp(min=0).sqrt()
+    return _truncate(evecs, sigma, rank_rtol)
+
+
+def shared_basis(deltas: Tensor, *, rank_rtol: float = 1e-2, solver: Solver = "auto") -> SharedBasis:
+    """Right singular vectors of the row stack ``[Δ_1; …; Δ_N]`` truncated at ``rank_rtol``.
+
+    ``solver="svd"`` runs a thin SVD (of the transpose when the stack is wide, which LAPACK
+    handles faster); ``"gram"`` runs ``eigh`` on the smaller Gram matrix — ``Σ Δ_iᵀΔ_i``
+    (m×m) for a tall stack, ``D Dᵀ`` for a wide one — which gives the same vectors several
+    times faster. ``"auto"`` picks ``"gram"`` except for tiny matrices.
+
+    Example:
+        >>> d = torch.randn(2, 5, 4, dtype=torch.float64)
+        >>> shared_basis(d, solver="svd").vectors.shape[0]
+        4
+    """
+    n_branches, n, m = deltas.shape
+    rows = n_branches * n
+    if solver == "auto":
+        solver = "gram" if min(rows, m) >= 32 else "svd"
+    stack = deltas.reshape(rows, m)
+    if solver == "svd":
+        if rows >= m:
+            _, sigma, vh = torch.linalg.svd(stack, full_matrices=False)
+            return _truncate(vh.mT, sigma, rank_rtol)
+        u, sigma, _ = torch.linalg.svd(stack.mT, full_matrices=False)
+        return _truncate(u, sigma, rank_rtol)
+    if solver != "gram":
+        raise ValueError(f"solver must be 'auto', 'svd' or 'gram', got {solver!r}")
+    if rows >= m:
+        gram = torch.zeros(m, m, dtype=deltas.dtype)
+        for delta in deltas:
+            gram.addmm_(delta.mT, delta)
+        return _basis_from_gram(gram, rank_rtol)
+    # Wide stack: left singular vectors from the small Gram, then V = Dᵀ U Σ⁻¹.
+    left = _basis_from_gram(stack @ stack.mT, rank_rtol)
+    vectors = (stack.mT @ left.vectors) / left.sigma
+    return SharedBasis(vectors, left.sigma)
+
+
+def _column_normalised(coords: Tensor, scale: Tensor) -> Tensor:
+    """``coords / scale`` with zero where the scale is zero (zero branches → zero scores)."""
+    safe = torch.where(scale > 0, scale, torch.ones((), dtype=scale.dtype))
+    return torch.where(scale > 0, coords / safe, torch.zeros((), dtype=coords.dtype))
+
+
+def merge_coordinates(
+    coords: Tensor,
+    sigma: Tensor,
+    coefficients: Tensor,
+    *,
+    drop_rate: float = 0.8,
+    renormalize: bool = True,
+    reference_compat: bool = False,
+    tie_break: TieBreak = "majority",
+    disjoint: bool = True,
+) -> Tensor:
+    """Prune, elect and merge branch coordinates in a shared basis (spec §4.2 steps 5–8).
+
+    Args:
+        coords: (N, n, r) coordinates ``T_i = Δ_i B`` (column j belongs to basis vector j).
+        sigma: (r,) singular values of the basis (used only when ``renormalize=False``, where
+            the pruning score is the raw split block ``U_i = T_i / σ``).
+        coefficients: (N,) per-branch λ, applied after the election.
+
+    Returns:
+        (n, r) merged coordinates.
+    """
+    if renormalize:
+        scores = _column_normalised(coords, coords.norm(dim=1, keepdim=True))
+    else:
+        scores = _column_normalised(coords, sigma.reshape(1, 1, -1))
+    if drop_rate > 0:
+        mask = topk_mask(scores, 1.0 - drop_rate, reference_compat=reference_compat)
+        coords = coords * mask
+    signs = elect_signs(coords, tie_break=tie_break)
+    return disjoint_mean(coords, signs, coefficients, disjoint=disjoint)
+
+
+def drm_merge(
+    deltas: Tensor,
+    coefficients: Tensor,
+    *,
+    drop_rate: float = 0.8,
+    direction: Direction = "vertical",
+    renormalize: bool = True,
+    rank_rtol: float = 1e-2,
+    reference_compat: bool = False,
+    tie_break: TieBreak = "majority",
+    disjoint: bool = True,
+    solver: Solver = "auto",
+) -> Tensor:
+    """Merge the (N, n, m) deltas of one weight matrix with DRM; returns the (n, m) delta.
+
+    Example:
+        >>> d = torch.randn(2, 6, 4, dtype=torch.float64)
+        >>> torch.allclose(drm_merge(d, torch.ones(2, dtype=d.dtype), direction="horizontal"),
+        ...                drm_merge(d.mT, torch.ones(2, dtype=d.dtype)).mT)
+        True
+    """
+    if direction == "horizontal":
+        return drm_merge(
+            deltas.mT, coefficients, drop_rate=drop_rate, direction="vertical",
+            renormalize=renormalize, rank_rtol=rank_rtol, reference_compat=reference_compat,
+            tie_break=tie_break, disjoint=disjoint, solver=solver,
+        ).mT
+    _, n, m = deltas.shape
+    basis = shared_basis(deltas, rank_rtol=rank_rtol, solver=solver)
+    if basis.rank == 0:
+        return torch.zeros(n, m, dtype=deltas.dtype)
+    coords = deltas @ basis.vectors
+    merged = merge_coordinates(
+        coords, basis.sigma, coefficients, drop_rate=drop_rate, renormalize=renormalize,
+        reference_compat=reference_compat, tie_break=tie_break, disjoint=disjoint,
+    )
+    return merged @ basis.vectors.mT
+
+
+def lowrank_shared_basis(
+    factors: Sequence[LowRankFactors], *, rank_rtol: float = 1e-2
+) -> SharedBasis:
+    """Exact shared basis of ``[B_1A_1; …; B_NA_N]`` from the factors (spec §7).
+
+    With the stacked ``A = [A_1; …; A_N]`` and a thin QR ``Aᵀ = QR``, the stack equals
+    ``blockdiag(B) Rᵀ Qᵀ``; the right singular vectors are ``Q W`` where W are those of the
+    small ``blockdiag(B) Rᵀ``, obtained from its (Σρ × Σρ) Gram ``Σ_i R_iᵀ B_iᵀB_i R_i``.
+    """
+    a_stack = torch.cat([a for _, a in factors], dim=0)  # (Σρ, m)
+    q, r = torch.linalg.qr(a_stack.mT)  # q: (m, Σρ), r: (Σρ, Σρ)
+    rt = r.mT
+    gram = torch.zeros(rt.shape[1], rt.shape[1], dtype=a_stack.dtype)
+    offset = 0
+    for b, a in factors:
+        rows = rt[offset : offset + a.shape[0]]  # (ρ_i, Σρ)
+        offset += a.shape[0]
+        bt_b = b.mT @ b
+        gram += rows.mT @ bt_b @ rows
+    small = _basis_from_gram(gram, rank_rtol)
+    return SharedBasis(q @ small.vectors, small.sigma)
+
+
+def drm_merge_lowrank(
+    factors: Sequence[LowRankFactors | None],
+    coefficients: Tensor,
+    shape: tuple[int, int],
+    *,
+    drop_rate: float = 0.8,
+    direction: Direction = "vertical",
+    renormalize: bool = True,
+    rank_rtol: float = 1e-2,
+    reference_compat: bool = False,
+    tie_break: TieBreak = "majority",
+    disjoint: bool = True,
+) -> Tensor:
+    """DRM on LoRA deltas ``Δ_i = B_i A_i`` without forming the stacked dense deltas.
+
+    ``None`` marks a branch that did not touch this matrix (zero delta). Equal to
+    :func:`drm_merge` on the dense deltas (singular-vector signs do not matter to DRM).
+    """
+    n, m = shape
+    dtype = coefficients.dtype
+    if direction == "horizontal":
+        swapped = [None if f is None else (f[1].mT, f[0].mT) for f in factors]
+        return drm_merge_lowrank(
+            swapped, coefficients, (m, n), drop_rate=drop_rate, direction="vertical",
+            renormalize=renormalize, rank_rtol=rank_rtol, reference_compat=reference_compat,
+            tie_break=tie_break, disjoint=disjoint,
+        ).mT
+    present = [(b.to(dtype), a.to(dtype)) for f in factors if f is not None for b, a in [f]]
+    present = [(b, a) for b, a in present if a.shape[0] > 0]
+    if not present:
+        return torch.zeros(n, m, dtype=dtype)
+    basis = lowrank_shared_basis(present, rank_rtol=rank_rtol)
+    if basis.rank == 0:
+        return torch.zeros(n, m, dtype=dtype)
+    coords = torch.zeros(len(factors), n, basis.rank, dtype=dtype)
+    for i, f in enumerate(factors):
+        if f is not None and f[1].shape[0] > 0:
+            b, a = f[0].to(dtype), f[1].to(dtype)
+            coords[i] = b @ (a @ basis.vectors)
+    merged = merge_coordinates(
+        coords, basis.sigma, coefficients, drop_rate=drop_rate, renormalize=renormalize,
+        reference_compat=reference_compat, tie_break=tie_break, disjoint=disjoint,
+    )
+    return merged @ basis.vectors.mT
+
+
+class DRMParams(MethodParams):
+    """Parameters of DRM (defaults from the spec, §8)."""
+
+    drop_rate: float = Field(0.8, ge=0.0, lt=1.0, description="fraction of basis coordinates pruned")
+    direction: Direction = Field("vertical", description="vertical (DRM-V) or horizontal (DRM-H)")
+    renormalize: bool = Field(True, description="prune on unit-normalised blocks (the 'Renorm')")
+    rank_rtol: float = Field(1e-2, ge=0.0, lt=1.0, description="keep σ_j > rank_rtol·σ_1")
+    reference_compat: bool = Field(
+        False, description="reference pruning (k-th value, ties kept) and majority tie-break"
+    )
+    tie_break: TieBreak = Field("majority", description="sign of entries whose mass is exactly 0")
+    disjoint_mean: bool = Field(True, description="divide by agreeing branches (else by N)")
+    elect_signs: bool = Field(True, description="sign election on the fallback path")
+    fallback_trim_rate: float = Field(
+        0.0, ge=0.0, lt=1.0, description="per-branch magnitude trim on the fallback path"
+    )
+    solver: Solver = Field("auto", description="basis from 'svd', 'gram' (eigh), or 'auto'")
+
+    @field_validator("direction", mode="before")
+    @classmethod
+    def _short_direction(cls, v: object) -> object:
+        return {"v": "vertical", "h": "horizontal"}.get(v, v) if isinstance(v, str) else v
+
+
+class DRM(MergeMethod):
+    """Decom-Renorm-Merge: TIES-style merging in a joint SVD basis with renormalisation.
+
+    Example:
+        >>> m = DRM(drop_rate=0.8, direction="horizontal")
+        >>> m.merge_matrix(torch.randn(2, 4, 5), torch.ones(2)).shape
+        torch.Size([4, 5])
+    """
+
+    name = "drm"
+    paper = "Chaichana et al., Decom-Renorm-Merge, arXiv:2505.23117"
+    Params = DRMParams
+
+    def _kwargs(self) -> dict:
+        p = self.params
+        return dict(
+            drop_rate=p.drop_rate, direction=p.direction, renormalize=p.renormalize,
+            rank_rtol=p.rank_rtol, reference_compat=p.reference_compat,
+            tie_break=p.tie_break, disjoint=p.disjoint_mean,
+        )
+
+    def merge_matrix(self, deltas, coefficients, *, generator=None):  # noqa: D102
+        return drm_merge(deltas, coefficients, solver=self.params.solver, **self._kwargs())
+
+    def merge_lowrank(self, factors, coefficients, shape, *, generator=None):  # noqa: D102
+        return drm_merge_lowrank(factors, coefficients, shape, **self._kwargs())
+
+    def merge_fallback(self, deltas, coefficients, *, generator=None):  # noqa: D102
+        p = self.params
+        if p.fallback_trim_rate > 0:
+            flat = deltas.reshape(deltas.shape[0], -1)
+            mask = torch.stack([topk_mask(row, 1.0 - p.fallback_trim_rate) for row in flat])
+            deltas = (flat * mask).reshape(deltas.shape)
+        signs = elect_signs(deltas, tie_break=p.tie_break) if p.elect_signs else None
+        return disjoint_mean(deltas, signs, coefficients, disjoint=p.disjoint_mean)
+
+    def cost(self, route: Route, shape, n_branches: int) -> float:  # noqa: D102
+        if route != "matrix" or len(shape) != 2:
+            return super().cost(route, shape, n_branches)
+        n, m = int(shape[0]), int(shape[1])
+        if self.params.direction == "horizontal":
+            n, m = m, n
+        rows = n_branches * n
+        small, big = min(rows, m), max(rows, m)
+        gram = big * small * small  # forming the Gram
+        eig = 9 * small**3  # symmetric tridiagonalisation + vectors
+        project = 2 * 2 * rows * m * small  # coordinates and reconstruction (rank ≤ small)
+        return float(gram + eig + project)
