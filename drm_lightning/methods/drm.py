@@ -64,7 +64,7 @@ def _truncate(vectors: Tensor, sigma: Tensor, rank_rtol: float) -> SharedBasis:
     return SharedBasis(vectors[:, :keep], sigma[:keep])
 
 
-def _basis_from_gram(gram: Tensor, rank_rtol: float) -> SharedBasis:
+def basis_from_gram(gram: Tensor, rank_rtol: float) -> SharedBasis:
     """Eigendecomposition of a symmetric PSD Gram matrix → descending singular pairs."""
     evals, evecs = torch.linalg.eigh(gram)
     evals, evecs = evals.flip(0), evecs.flip(1)
@@ -102,9 +102,9 @@ def shared_basis(deltas: Tensor, *, rank_rtol: float = 1e-2, solver: Solver = "a
         gram = torch.zeros(m, m, dtype=deltas.dtype)
         for delta in deltas:
             gram.addmm_(delta.mT, delta)
-        return _basis_from_gram(gram, rank_rtol)
+        return basis_from_gram(gram, rank_rtol)
     # Wide stack: left singular vectors from the small Gram, then V = Dᵀ U Σ⁻¹.
-    left = _basis_from_gram(stack @ stack.mT, rank_rtol)
+    left = basis_from_gram(stack @ stack.mT, rank_rtol)
     vectors = (stack.mT @ left.vectors) / left.sigma
     return SharedBasis(vectors, left.sigma)
 
@@ -206,7 +206,7 @@ def lowrank_shared_basis(
         offset += a.shape[0]
         bt_b = b.mT @ b
         gram += rows.mT @ bt_b @ rows
-    small = _basis_from_gram(gram, rank_rtol)
+    small = basis_from_gram(gram, rank_rtol)
     return SharedBasis(q @ small.vectors, small.sigma)
 
 
