@@ -1,0 +1,332 @@
+"""The merge loop: validate every input from metadata, then merge one tensor at a time.
+
+Everything that merges — the CLI, the Lightning callback, the distributed engines — goes
+through :func:`plan_merge` (all checks, before any weight is read) and
+:func:`merge_tensor` (one tensor, any method, any route).
+
+Example:
+    >>> import torch
+    >>> from drm_lightning.methods import get_method
+    >>> base = {"w": torch.zeros(4, 3), "b": torch.zeros(4)}
+    >>> branches = [{"w": torch.randn(4, 3), "b": torch.ones(4)} for _ in range(2)]
+    >>> merged = merge_state_dicts(get_method("ties", density=1.0), base, branches)
+    >>> merged["b"]
+    tensor([1., 1., 1., 1.])
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from drm_lightning.methods.base import LowRankFactors, MergeMethod, Route
+from drm_lightning.routing import Routing
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@runtime_checkable
+class TensorSourceLike(Protocol):
+    """What the merge loop needs from a weight source (see ``drm_lightning.sources``)."""
+
+    def keys(self) -> list[str]: ...
+
+    def meta(self, name: str) -> Any: ...
+
+    def get(self, name: str) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of the merge: its name, base shape and dtype, and its route."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    route: Route
+
+    @property
+    def numel(self) -> int:
+        out = 1
+        for s in self.shape:
+            out *= s
+        return out
+
+
+def _origin(source: Any, index: int | None) -> str:
+    label = getattr(source, "origin", None) or getattr(source, "describe", lambda: None)()
+    who = "base" if index is None else f"branch {index}"
+    return f"{who} ({label})" if label else who
+
+
+def _is_lora(source: Any) -> bool:
+    return callable(getattr(source, "lowrank", None))
+
+
+def _looks_like_vocab(name: str) -> bool:
+    return any(k in name for k in ("embed", "lm_head", "wte", "shared", "word_embeddings"))
+
+
+def validate_coefficients(coefficients: Sequence[float] | None, n_branches: int) -> list[float]:
+    """Per-branch coefficients: default 1.0 each; length, finiteness and sign checked."""
+    if n_branches < 1:
+        raise ValueError("at least one branch is needed to merge")
+    if coefficients is None:
+        return [1.0] * n_branches
+    values = [float(c) for c in coefficients]
+    if len(values) != n_branches:
+        raise ValueError(
+            f"coefficients has {len(values)} values but there are {n_branches} branches; "
+            "give one coefficient per branch"
+        )
+    bad = [f"branches[{i}].coefficient={v}" for i, v in enumerate(values) if not v >= 0 or v != v or v == float("inf")]
+    if bad:
+        raise ValueError(f"coefficients must be finite and >= 0: {', '.join(bad)}")
+    return values
+
+
+def plan_merge(
+    base: TensorSourceLike,
+    branches: Sequence[Any],
+    *,
+    routing: Routing | None = None,
+    coefficients: Sequence[float] | None = None,
+) -> list[PlannedTensor]:
+    """Check keys, shapes and dtypes of every input from metadata and route each tensor.
+
+    No tensor data is read. All problems are collected and raised together.
+
+    Raises:
+        ValueError: missing or extra keys, shape mismatches (every key with all shapes),
+            vocabulary-size mismatches, non-float or unsupported dtypes, bad coefficients.
+    """
+    routing = routing or Routing()
+    validate_coefficients(coefficients, len(branches))
+    base_keys = list(base.keys())
+    base_set = set(base_keys)
+    problems: list[str] = []
+    full_branches = [(i, b) for i, b in enumerate(branches) if not _is_lora(b)]
+    for i, branch in full_branches:
+        keys = set(branch.keys())
+        missing, extra = sorted(base_set - keys), sorted(keys - base_set)
+        if missing:
+            problems.append(f"{_origin(branch, i)} is missing {len(missing)} key(s) of the base: {_short(missing)}")
+        if extra:
+            problems.append(f"{_origin(branch, i)} has {len(extra)} key(s) not in the base: {_short(extra)}")
+    planned: list[PlannedTensor] = []
+    shape_lines: list[str] = []
+    for name in base_keys:
+        meta = base.meta(name)
+        shape, dtype = tuple(int(s) for s in meta.shape), meta.dtype
+        route = routing.route(name, shape)
+        shapes = {"base": shape}
+        dtypes = {"base": dtype}
+        for i, branch in full_branches:
+            if name in set(branch.keys()):
+                bm = branch.meta(name)
+                shapes[f"branch {i}"] = tuple(int(s) for s in bm.shape)
+                dtypes[f"branch {i}"] = bm.dtype
+        if len(set(shapes.values())) > 1:
+            listing = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+            hint = " (vocabulary size differs: resize the embeddings to the base's tokenizer first)" if _looks_like_vocab(name) else ""
+            shape_lines.append(f"  {name}: {listing}{hint}")
+        if route != "ignore":
+            for who, dt in dtypes.items():
+                if not dt.is_floating_point:
+                    problems.append(
+                        f"{name!r} in {who} has non-float dtype {dt}; only floating tensors can be merged "
+                        "(add the name to routing.ignore to keep the base value)"
+                    )
+                elif dt not in SUPPORTED_DTYPES:
+                    problems.append(
+                        f"{name!r} in {who} has unsupported dtype {dt}; supported: "
+                        + ", ".join(str(d) for d in SUPPORTED_DTYPES)
+                    )
+        planned.append(PlannedTensor(name, shape, dtype, route))
+    if shape_lines:
+        problems.append("shape mismatch in {} tensor(s):\n{}".format(len(shape_lines), "\n".join(shape_lines)))
+    if problems:
+        raise ValueError("cannot merge:\n- " + "\n- ".join(problems))
+    return planned
+
+
+def _short(names: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_finite(name: str, tensor: Tensor, origin: str) -> None:
+    """Raise ``ValueError`` naming the tensor and its origin if it holds NaN or Inf."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        nan = int(torch.isnan(tensor).sum())
+        inf = int(torch.isinf(tensor).sum())
+        raise ValueError(f"{name!r} in {origin} contains {nan} NaN and {inf} Inf value(s)")
+
+
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, name)``: the same on every rank and every run."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+BranchTensor = Tensor | LowRankFactors | None
+
+
+def merge_tensor(
+    method: MergeMethod,
+    route: Route,
+    base: Tensor,
+    branch_tensors: Sequence[BranchTensor],
+    coefficients: Sequence[float] | Tensor,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Merge one tensor: full branch weights, or LoRA factors ``(B, A)`` / ``None`` (= base).
+
+    Returns ``base + merged_delta`` in ``out_dtype`` (default: the base's dtype). Ignored
+    tensors come back as an exact copy of the base.
+
+    Example:
+        >>> from drm_lightning.methods import get_method
+        >>> base = torch.zeros(3, 2)
+        >>> merge_tensor(get_method("drm", drop_rate=0.0), "matrix", base, [torch.ones(3, 2)], [1.0])
+        tensor([[1., 1.],
+                [1., 1.],
+                [1., 1.]])
+    """
+    out_dtype = out_dtype or base.dtype
+    if route == "ignore":
+        return base.detach().clone().to(out_dtype)
+    coef = torch.as_tensor(coefficients, dtype=compute_dtype).reshape(-1)
+    base_c = base.detach().to(compute_dtype)
+    dense = [t for t in branch_tensors if isinstance(t, Tensor)]
+    if route == "matrix" and len(dense) < len(branch_tensors):
+        if not dense:
+            factors = [None if t is None else (t[0].to(compute_dtype), t[1].to(compute_dtype)) for t in branch_tensors]
+            delta = method.merge_lowrank(factors, coef, tuple(base.shape), generator=generator)
+            return (base_c + delta).to(out_dtype)
+    deltas = torch.stack([_as_delta(t, base_c, compute_dtype) for t in branch_tensors])
+    if route == "matrix":
+        delta = method.merge_matrix(deltas, coef, generator=generator)
+    else:
+        delta = method.merge_fallback(deltas, coef, generator=generator)
+    return (base_c + delta).to(out_dtype)
+
+
+def _as_delta(t: BranchTensor, base: Tensor, dtype: torch.dtype) -> Tensor:
+    if t is None:
+        return torch.zeros_like(base)
+    if isinstance(t, Tensor):
+        return t.detach().to(dtype) - base
+    return t[0].to(dtype) @ t[1].to(dtype)
+
+
+def _branch_tensor(branch: Any, name: str, route: Route) -> BranchTensor:
+    if _is_lora(branch):
+        return branch.lowrank(name)
+    return branch.get(name)
+
+
+def iter_merge(
+    method: MergeMethod,
+    base: TensorSourceLike,
+    branches: Sequence[Any],
+    *,
+    coefficients: Sequence[float] | None = None,
+    routing: Routing | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+    seed: int = 0,
+    plan: Sequence[PlannedTensor] | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[str, Tensor]]:
+    """Yield ``(name, merged tensor)`` for every base tensor, reading one tensor at a time.
+
+    Inputs are validated with :func:`plan_merge` first (unless a ``plan`` is given); NaN/Inf
+    in a tensor raise before that tensor is merged.
+    """
+    coefs = validate_coefficients(coefficients, len(branches))
+    plan = plan if plan is not None else plan_merge(base, branches, routing=routing, coefficients=coefs)
+    items: Any = plan
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(plan, desc=f"merging ({getattr(method, 'registered_name', method.name)})", unit="tensor")
+    for item in items:
+        base_t = base.get(item.name)
+        if item.route == "ignore":
+            yield item.name, merge_tensor(method, "ignore", base_t, [], coefs, out_dtype=out_dtype)
+            continue
+        check_finite(item.name, base_t, _origin(base, None))
+        branch_ts = []
+        for i, branch in enumerate(branches):
+            t = _branch_tensor(branch, item.name, item.route)
+            if isinstance(t, Tensor):
+                check_finite(item.name, t, _origin(branch, i))
+            elif t is not None:
+                check_finite(item.name, t[0], _origin(branch, i))
+                check_finite(item.name, t[1], _origin(branch, i))
+            branch_ts.append(t)
+        generator = tensor_generator(seed, item.name) if method.uses_randomness else None
+        yield item.name, merge_tensor(
+            method, item.route, base_t, branch_ts, coefs,
+            compute_dtype=compute_dtype, out_dtype=out_dtype, generator=generator,
+        )
+
+
+class _MappingSource:
+    """Minimal in-memory source over a mapping of tensors (used by :func:`merge_state_dicts`)."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], origin: str) -> None:
+        self._tensors = tensors
+        self.origin = origin
+
+    def keys(self) -> list[str]:
+        return list(self._tensors.keys())
+
+    def meta(self, name: str) -> Tensor:
+        return self._tensors[name]  # a tensor has .shape and .dtype: enough metadata
+
+    def get(self, name: str) -> Tensor:
+        return self._tensors[name]
+
+
+def _as_source(obj: Any, origin: str) -> Any:
+    if isinstance(obj, torch.nn.Module):
+        return _MappingSource(obj.state_dict(keep_vars=False), origin)
+    if isinstance(obj, Mapping):
+        return _MappingSource(obj, origin)
+    return obj
+
+
+def merge_state_dicts(
+    method: MergeMethod,
+    base: Mapping[str, Tensor] | torch.nn.Module | TensorSourceLike,
+    branches: Sequence[Mapping[str, Tensor] | torch.nn.Module | Any],
+    *,
+    coefficients: Sequence[float] | None = None,
+    routing: Routing | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Merge in-memory state dicts (or modules, or sources) into a new state dict.
+
+    Inputs are never modified. Returns full merged weights in each base tensor's dtype.
+    """
+    base_src = _as_source(base, "base state dict")
+    branch_srcs = [_as_source(b, f"branch state dict {i}") for i, b in enumerate(branches)]
+    return dict(
+        iter_merge(
+            method, base_src, branch_srcs, coefficients=coefficients, routing=routing,
+            compute_dtype=compute_dtype, out_dtype=out_dtype, seed=seed, progress=progress,
+        )
+    )
