@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -109,10 +110,37 @@ def shared_basis(deltas: Tensor, *, rank_rtol: float = 1e-2, solver: Solver = "a
     return SharedBasis(vectors, left.sigma)
 
 
-def _column_normalised(coords: Tensor, scale: Tensor) -> Tensor:
-    """``coords / scale`` with zero where the scale is zero (zero branches → zero scores)."""
+def _safe_divide(values: Tensor, scale: Tensor) -> Tensor:
+    """``values / scale`` with zero where the scale is zero."""
     safe = torch.where(scale > 0, scale, torch.ones((), dtype=scale.dtype))
-    return torch.where(scale > 0, coords / safe, torch.zeros((), dtype=coords.dtype))
+    return torch.where(scale > 0, values / safe, torch.zeros((), dtype=values.dtype))
+
+
+def drop_numerical_zeros(coords: Tensor) -> Tensor:
+    """Zero the (branch, direction) columns that hold only rounding noise.
+
+    A branch with no component along a shared direction (a zero branch, a LoRA branch
+    orthogonal to another's subspace, disjoint supports) gets coordinates of order
+    ``eps·||T_i||`` instead of exact zeros. Renormalisation would blow that noise up to
+    unit scores that compete for the pruning budget and count in the disjoint mean; below
+    ``16·eps·sqrt(numel)·||T_i||_F`` a column is treated as exactly zero.
+    """
+    eps = torch.finfo(coords.dtype).eps
+    branch_norm = coords.flatten(1).norm(dim=1).reshape(-1, 1, 1)
+    floor = 16 * eps * math.sqrt(coords[0].numel()) * branch_norm
+    return coords.masked_fill(coords.norm(dim=1, keepdim=True) <= floor, 0)
+
+
+def pruning_scores(coords: Tensor, sigma: Tensor, *, renormalize: bool = True) -> Tensor:
+    """Scores whose magnitudes decide which coordinates survive (spec §4.4).
+
+    With ``renormalize`` every (branch, direction) column is scaled to unit length, so no
+    branch or direction can take the budget by its scale; without it the score is the raw
+    split block ``U_i = T_i / σ`` of the SVD (the paper's "no renorm" ablation).
+    """
+    if renormalize:
+        return _safe_divide(coords, coords.norm(dim=1, keepdim=True))
+    return _safe_divide(coords, sigma.reshape(1, 1, -1))
 
 
 def merge_coordinates(
@@ -130,18 +158,17 @@ def merge_coordinates(
 
     Args:
         coords: (N, n, r) coordinates ``T_i = Δ_i B`` (column j belongs to basis vector j).
-        sigma: (r,) singular values of the basis (used only when ``renormalize=False``, where
-            the pruning score is the raw split block ``U_i = T_i / σ``).
+        sigma: (r,) singular values of the basis (used only when ``renormalize=False``).
         coefficients: (N,) per-branch λ, applied after the election.
+        reference_compat: the reference's pruning rule and no noise floor (bit-matching).
 
     Returns:
         (n, r) merged coordinates.
     """
-    if renormalize:
-        scores = _column_normalised(coords, coords.norm(dim=1, keepdim=True))
-    else:
-        scores = _column_normalised(coords, sigma.reshape(1, 1, -1))
+    if not reference_compat:
+        coords = drop_numerical_zeros(coords)
     if drop_rate > 0:
+        scores = pruning_scores(coords, sigma, renormalize=renormalize)
         mask = topk_mask(scores, 1.0 - drop_rate, reference_compat=reference_compat)
         coords = coords * mask
     signs = elect_signs(coords, tie_break=tie_break)
