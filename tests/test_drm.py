@@ -231,6 +231,17 @@ def test_zero_deltas(direction: str, solver: str) -> None:
     assert torch.isfinite(pruned).all()
 
 
+def test_gram_route_zero_and_full_rank_large() -> None:
+    # matrices of 64+ take the partial-eigensolver path on CPU
+    zeros = torch.zeros(2, 100, 80, dtype=F64)
+    assert torch.equal(drm_merge(zeros, _ones(2), solver="gram"), torch.zeros(100, 80, dtype=F64))
+    d = _deltas(2, 100, 80, seed=21)
+    assert shared_basis(d, solver="gram").rank == shared_basis(d, solver="svd").rank == 80
+    a = drm_merge(d, _ones(2), solver="gram")
+    b = drm_merge(d, _ones(2), solver="svd")
+    assert torch.allclose(a, b, atol=1e-9 * b.abs().max())
+
+
 def test_single_zero_branch_and_n1() -> None:
     assert torch.equal(drm_merge(torch.zeros(1, 4, 4, dtype=F64), _ones(1)), torch.zeros(4, 4, dtype=F64))
     d = _deltas(1, 6, 4, seed=13)
@@ -278,7 +289,7 @@ def test_bf16_inputs_round_once() -> None:
 
 
 # Gram route equals the SVD route.
-@pytest.mark.parametrize("shape", [(200, 40), (40, 200), (60, 60)])
+@pytest.mark.parametrize("shape", [(200, 40), (40, 200), (60, 60), (300, 96), (96, 300)])
 @pytest.mark.parametrize("direction", ["vertical", "horizontal"])
 def test_gram_route_equals_svd(shape, direction: str) -> None:
     g = torch.Generator().manual_seed(16)

