@@ -1,0 +1,30 @@
+"""Every docstring example in the package runs and prints what it claims."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import drm_lightning
+
+MODULES = sorted(
+    m.name for m in pkgutil.walk_packages(drm_lightning.__path__, prefix="drm_lightning.")
+)
+
+
+def test_modules_found() -> None:
+    assert "drm_lightning.methods.drm" in MODULES and "drm_lightning.merge" in MODULES
+
+
+@pytest.mark.parametrize("module_name", MODULES)
+def test_docstring_examples(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in finder.find(module, module_name):
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, f"{result.failed} docstring example(s) failed in {module_name}"
