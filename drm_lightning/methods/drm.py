@@ -122,6 +122,13 @@ def shared_basis(deltas: Tensor, *, rank_rtol: float = 1e-2, solver: Solver = "a
     (m×m) for a tall stack, ``D Dᵀ`` for a wide one — which gives the same vectors several
     times faster. ``"auto"`` picks ``"gram"`` except for tiny matrices.
 
+    Precision: in float64 both routes agree to ~1e-10. In float32 the pruning cut is the
+    sensitive part — an entry at the cut flips with rounding — so on realistic 512×1408
+    low-rank-plus-noise deltas float32 SVD differs from float64 SVD by 0.3–0.6 % (relative
+    Frobenius norm of the merged delta) and the float32 Gram route by 0.9–1.7 %. Use
+    ``compute_dtype=torch.float64`` (or ``solver="svd"``) when a merge must be reproducible
+    across routes to more digits.
+
     Example:
         >>> d = torch.randn(2, 5, 4, dtype=torch.float64)
         >>> shared_basis(d, solver="svd").vectors.shape[0]
