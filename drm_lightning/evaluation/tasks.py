@@ -1,0 +1,281 @@
+"""Score a model on named tasks: each task has a validation dataloader and torchmetrics metric(s).
+
+The functions here hold no state between calls: :class:`TaskSpec` describes a task,
+:func:`evaluate_task` runs one task, :func:`evaluate_tasks` runs several, and
+:func:`summarize_scores` turns merged and per-branch scores into the flat
+``merged/<task>/<metric>`` dictionary that the Lightning callback logs.
+
+Under ``torch.distributed`` (DDP), pass ``shard=(rank, world_size)``: each rank scores every
+``world_size``-th batch and torchmetrics synchronises the metric states on ``compute()``, so
+every rank returns the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric, MetricCollection
+
+PredictFn = Callable[[nn.Module, str, Any], tuple[Tensor, Tensor]]
+"""``predict(module, task, batch) -> (preds, target)``, the arguments of ``metric.update``."""
+
+MetricsLike = Metric | MetricCollection | Mapping[str, Metric]
+
+
+def default_predict(module: nn.Module, task: str, batch: Any) -> tuple[Tensor, Tensor]:
+    """Predictions and targets for one batch.
+
+    Calls ``module.predict_task(task, batch)`` when the module defines it (as
+    :class:`~drm_lightning.lightning.BranchedModule` does); otherwise unpacks ``(x, y) = batch``
+    and returns ``(module(x), y)``.
+
+    Example:
+        >>> preds, target = default_predict(nn.Identity(), "any", (torch.ones(2, 3), torch.zeros(2)))
+        >>> tuple(preds.shape), tuple(target.shape)
+        ((2, 3), (2,))
+    """
+    predict_task = getattr(module, "predict_task", None)
+    if callable(predict_task):
+        return predict_task(task, batch)
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(
+            f"task {task!r}: cannot split the batch ({type(batch).__name__}) into (inputs, target); "
+            "define predict_task(task, batch) on the module or pass TaskSpec(predict=...)"
+        )
+    x, y = batch
+    return module(x), y
+
+
+def _as_collection(metrics: MetricsLike) -> MetricCollection:
+    if isinstance(metrics, MetricCollection):
+        return metrics
+    if isinstance(metrics, Metric):
+        return MetricCollection([metrics])
+    if isinstance(metrics, Mapping):
+        bad = [f"{k!r}: {type(v).__name__}" for k, v in metrics.items() if not isinstance(v, Metric)]
+        if bad:
+            raise TypeError(f"metrics must be torchmetrics.Metric objects; got {', '.join(bad)}")
+        if not metrics:
+            raise ValueError("metrics is an empty mapping; give at least one torchmetrics.Metric")
+        return MetricCollection(dict(metrics))
+    raise TypeError(
+        "metrics must be a torchmetrics Metric, a MetricCollection or a mapping of names to "
+        f"Metrics, got {type(metrics).__name__}"
+    )
+
+
+@dataclass
+class TaskSpec:
+    """One task to score: its validation data, its metric(s), and how to get predictions.
+
+    Args:
+        dataloader: An iterable of batches (usually a ``DataLoader``), or a zero-argument
+            callable returning one (called at every evaluation).
+        metrics: A torchmetrics ``Metric``, a ``MetricCollection`` or a mapping
+            ``{name: Metric}``. A single metric is named after its class, as in
+            ``MetricCollection``. The metric objects are reset before and after each evaluation.
+        predict: ``predict(module, task, batch) -> (preds, target)``; default
+            :func:`default_predict`.
+        primary: Name of the metric used for averages across tasks; default the first one.
+            Higher must mean better for the normalised score (merged ÷ branch) to make sense.
+
+    Example:
+        >>> from torchmetrics.classification import MulticlassAccuracy
+        >>> spec = TaskSpec([], MulticlassAccuracy(num_classes=2))
+        >>> spec.metric_names, spec.primary_name
+        (['MulticlassAccuracy'], 'MulticlassAccuracy')
+    """
+
+    dataloader: Iterable[Any] | Callable[[], Iterable[Any]] | None
+    metrics: MetricsLike | None
+    predict: PredictFn | None = None
+    primary: str | None = None
+    collection: MetricCollection = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.dataloader is None:
+            raise ValueError("TaskSpec.dataloader is None; give the task's validation dataloader")
+        if self.metrics is None:
+            raise ValueError("TaskSpec.metrics is None; give at least one torchmetrics.Metric")
+        self.collection = _as_collection(self.metrics)
+        if self.primary is not None and self.primary not in self.metric_names:
+            raise ValueError(
+                f"TaskSpec.primary={self.primary!r} is not one of the metric names {self.metric_names}"
+            )
+        if self.predict is not None and not callable(self.predict):
+            raise TypeError(f"TaskSpec.predict must be callable, got {type(self.predict).__name__}")
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The metric names, in order: the keys of ``merged/<task>/<metric>``."""
+        return list(self.collection.keys())
+
+    @property
+    def primary_name(self) -> str:
+        """The metric averaged across tasks."""
+        return self.primary or self.metric_names[0]
+
+    def batches(self) -> Iterable[Any]:
+        """The validation batches (calls ``dataloader`` if it is a factory)."""
+        loader = self.dataloader
+        if callable(loader) and not hasattr(loader, "__iter__"):
+            loader = loader()
+        assert loader is not None
+        return loader
+
+
+def _to_device(batch: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return batch
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(batch, device)
+
+
+def _scalar(task: str, name: str, value: Any) -> float:
+    tensor = torch.as_tensor(value)
+    if tensor.numel() != 1:
+        raise ValueError(
+            f"task {task!r}: metric {name!r} returned a tensor of shape {tuple(tensor.shape)}; only "
+            "scalar metrics can be logged (use average='macro' or similar)"
+        )
+    return float(tensor.item())
+
+
+def evaluate_task(
+    module: nn.Module,
+    task: str,
+    spec: TaskSpec,
+    *,
+    device: torch.device | str | None = None,
+    shard: tuple[int, int] | None = None,
+) -> dict[str, float]:
+    """Score ``module`` on one task; returns ``{metric_name: value}``.
+
+    The module is put in eval mode under ``torch.no_grad()`` and its previous mode restored.
+
+    Args:
+        module: The model; called through ``spec.predict`` (default :func:`default_predict`).
+        task: The task name passed to ``predict``.
+        spec: The task's data and metrics.
+        device: Where batches and metrics go; default the device of the module's first parameter.
+        shard: ``(rank, world_size)``: score only batches ``i`` with ``i % world_size == rank``.
+            Metric states are synchronised by torchmetrics on ``compute()``, so every rank must
+            call this function for the same tasks in the same order.
+
+    Raises:
+        ValueError: the dataloader yielded no batch, or a metric is not a scalar.
+
+    Example:
+        >>> from torchmetrics.regression import MeanSquaredError
+        >>> spec = TaskSpec([(torch.zeros(4), torch.ones(4))], {"mse": MeanSquaredError()})
+        >>> evaluate_task(nn.Identity(), "regress", spec)
+        {'mse': 1.0}
+    """
+    if device is None:
+        first = next(iter(module.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    predict = spec.predict or default_predict
+    loader = spec.batches()
+    if shard is not None:
+        length = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+        if length is None or length < shard[1]:
+            shard = None  # too few batches to split: every rank scores everything
+    collection = spec.collection.to(device)
+    collection.reset()
+    was_training = module.training
+    module.eval()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(loader):
+                if shard is not None and index % shard[1] != shard[0]:
+                    continue
+                preds, target = predict(module, task, _to_device(batch, device))
+                collection.update(preds, target)
+                seen += 1
+        if seen == 0 and shard is None:
+            raise ValueError(f"task {task!r}: the validation dataloader yielded no batches")
+        values = collection.compute()
+    finally:
+        module.train(was_training)
+        collection.reset()
+    return {name: _scalar(task, name, value) for name, value in values.items()}
+
+
+def evaluate_tasks(
+    module: nn.Module,
+    tasks: Mapping[str, TaskSpec],
+    *,
+    device: torch.device | str | None = None,
+    shard: tuple[int, int] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Score ``module`` on every task; returns ``{task: {metric: value}}``.
+
+    Example:
+        >>> from torchmetrics.regression import MeanSquaredError
+        >>> tasks = {"a": TaskSpec([(torch.zeros(2), torch.zeros(2))], {"mse": MeanSquaredError()})}
+        >>> evaluate_tasks(nn.Identity(), tasks)
+        {'a': {'mse': 0.0}}
+    """
+    return {task: evaluate_task(module, task, spec, device=device, shard=shard) for task, spec in tasks.items()}
+
+
+def summarize_scores(
+    merged: Mapping[str, Mapping[str, float]],
+    branch: Mapping[str, Mapping[str, float]] | None = None,
+    *,
+    primary: Mapping[str, str] | None = None,
+) -> dict[str, float]:
+    """Flatten scores into the names the callback logs.
+
+    Keys: ``merged/<task>/<metric>``, ``branch/<task>/<metric>``,
+    ``normalized/<task>/<metric>`` (merged ÷ branch, when the branch score is non-zero), and
+    ``merged/average``, ``branch/average``, ``normalized/average``: means over tasks of each
+    task's primary metric (default: its first metric).
+
+    Args:
+        merged: ``{task: {metric: value}}`` for the merged model.
+        branch: The same for each task's own branch (may miss tasks).
+        primary: ``{task: metric name}`` used for the averages.
+
+    Example:
+        >>> out = summarize_scores({"a": {"acc": 0.8}, "b": {"acc": 0.6}},
+        ...                        {"a": {"acc": 1.0}, "b": {"acc": 0.6}})
+        >>> out["merged/average"], out["normalized/a/acc"], out["normalized/average"]
+        (0.7, 0.8, 0.9)
+    """
+    branch = branch or {}
+    primary = primary or {}
+    out: dict[str, float] = {}
+    merged_primary: list[float] = []
+    branch_primary: list[float] = []
+    normalized_primary: list[float] = []
+    for task, scores in merged.items():
+        main = primary.get(task) or next(iter(scores))
+        own = branch.get(task, {})
+        for name, value in scores.items():
+            out[f"merged/{task}/{name}"] = value
+            if name in own:
+                out[f"branch/{task}/{name}"] = own[name]
+                if own[name] != 0 and math.isfinite(own[name]):
+                    out[f"normalized/{task}/{name}"] = value / own[name]
+        merged_primary.append(scores[main])
+        if main in own:
+            branch_primary.append(own[main])
+        if f"normalized/{task}/{main}" in out:
+            normalized_primary.append(out[f"normalized/{task}/{main}"])
+    for prefix, values in (("merged", merged_primary), ("branch", branch_primary), ("normalized", normalized_primary)):
+        if values:
+            out[f"{prefix}/average"] = _mean(values)
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return math.fsum(values) / len(values)

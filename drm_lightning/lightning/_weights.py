@@ -1,0 +1,185 @@
+"""Private helpers of the callback: weight sources for the merge loop, swapping, broadcasting."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def float_state(module: nn.Module) -> dict[str, Tensor]:
+    """Detached floating-point tensors of ``module.state_dict()`` (integer buffers excluded)."""
+    return {k: v.detach() for k, v in module.state_dict().items() if torch.is_floating_point(v)}
+
+
+def cpu_clone(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A CPU copy of every tensor (never sharing storage with the input)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+
+
+class StateSource:
+    """In-memory weight source (``keys``/``meta``/``get``) over a mapping, with an origin label."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], origin: str, *, device: str | None = None) -> None:
+        self.tensors = tensors
+        self.origin = origin
+        self.device = device
+
+    def keys(self) -> list[str]:
+        return list(self.tensors.keys())
+
+    def meta(self, name: str) -> Tensor:
+        return self.tensors[name]
+
+    def get(self, name: str) -> Tensor:
+        tensor = self.tensors[name]
+        return tensor if self.device is None else tensor.to(self.device)
+
+
+class DeltaSource:
+    """Weights stored as ``base + delta``; tensors absent from ``delta`` equal the base.
+
+    ``delta`` is either an in-memory mapping or a safetensors file read one tensor at a time.
+    """
+
+    def __init__(self, base: Mapping[str, Tensor], delta: Mapping[str, Tensor] | Path, origin: str) -> None:
+        self.base = base
+        self.delta = delta
+        self.origin = origin
+        self._names: set[str] | None = None
+
+    def _delta_names(self) -> set[str]:
+        if self._names is None:
+            if isinstance(self.delta, Path):
+                from safetensors import safe_open
+
+                with safe_open(str(self.delta), framework="pt") as handle:
+                    self._names = set(handle.keys())
+            else:
+                self._names = set(self.delta.keys())
+        return self._names
+
+    def keys(self) -> list[str]:
+        return list(self.base.keys())
+
+    def meta(self, name: str) -> Tensor:
+        return self.base[name]
+
+    def get(self, name: str) -> Tensor:
+        base = self.base[name]
+        if name not in self._delta_names():
+            return base
+        if isinstance(self.delta, Path):
+            from safetensors import safe_open
+
+            with safe_open(str(self.delta), framework="pt") as handle:
+                delta = handle.get_tensor(name)
+        else:
+            delta = self.delta[name]
+        return (base.to(torch.float32) + delta.to(base.device, torch.float32)).to(base.dtype)
+
+    def materialize(self) -> dict[str, Tensor]:
+        """Every tensor as a full weight."""
+        return {name: self.get(name) for name in self.keys()}
+
+
+def compute_delta(live: Mapping[str, Tensor], base: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """CPU ``live - base`` for every tensor that changed (unchanged tensors are left out)."""
+    out: dict[str, Tensor] = {}
+    for name, base_t in base.items():
+        live_t = live[name].detach().to("cpu")
+        if torch.equal(live_t, base_t):
+            continue
+        delta = live_t.to(torch.float32) - base_t.to(torch.float32)
+        out[name] = delta.to(dtype or live_t.dtype).contiguous()
+    return out
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    """Floating-point weights of a Lightning ``.ckpt``, a ``.safetensors`` file or a weights folder.
+
+    A Lightning checkpoint's ``state_dict`` is used (for checkpoints written by
+    ``WeightAveraging`` that is the averaged model). Pickled checkpoints are first read with
+    ``weights_only=True`` and only then, as trusted files, without it.
+    """
+    if path.is_dir() or path.suffix == ".safetensors":
+        try:
+            from drm_lightning.sources import open_source  # type: ignore[attr-defined]
+        except ImportError:
+            open_source = None
+        if open_source is not None:
+            source = open_source(path)
+            return {k: source.get(k) for k in source.keys() if source.meta(k).dtype.is_floating_point}
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; give a .ckpt or .safetensors file")
+        from safetensors.torch import load_file
+
+        return {k: v for k, v in load_file(str(path)).items() if v.is_floating_point()}
+    try:
+        payload: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    state = payload.get("state_dict", payload) if isinstance(payload, Mapping) else None
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict of tensors (expected a Lightning .ckpt or a state dict)")
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+def check_paths(paths: Mapping[str, Path]) -> None:
+    """Raise ``FileNotFoundError`` listing every missing path."""
+    missing = [f"{task!r}: {os.fspath(p)}" for task, p in paths.items() if not p.exists()]
+    if missing:
+        raise FileNotFoundError("checkpoint branch path(s) do not exist: " + "; ".join(missing))
+
+
+class WeightSwap:
+    """Temporarily load weights into a module and put the live ones back bit for bit.
+
+    ``swap.load(weights)`` may be called several times; :meth:`restore` copies back every
+    tensor touched since the swap began. Used as a context manager by the callback.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self._targets = module.state_dict(keep_vars=True)
+        self._backup: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def load(self, weights: Mapping[str, Tensor]) -> None:
+        unknown = [k for k in weights if k not in self._targets]
+        if unknown:
+            raise KeyError(f"cannot load weights for unknown module entries: {unknown[:10]}")
+        for name, value in weights.items():
+            target = self._targets[name]
+            if name not in self._backup:
+                self._backup[name] = target.detach().clone()
+            target.copy_(value.to(target.device, target.dtype))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, saved in self._backup.items():
+            self._targets[name].copy_(saved)
+        self._backup.clear()
+
+
+def broadcast_from_rank_zero(
+    merged: dict[str, Tensor] | None, like: Mapping[str, Tensor], device: torch.device
+) -> dict[str, Tensor]:
+    """Rank 0's ``merged`` on every rank, tensor by tensor (``like`` gives names, shapes, dtypes)."""
+    import torch.distributed as dist
+
+    out: dict[str, Tensor] = {}
+    rank = dist.get_rank()
+    for name, ref in like.items():
+        if rank == 0:
+            assert merged is not None
+            buf = merged[name].to(device)
+        else:
+            buf = torch.empty(ref.shape, dtype=ref.dtype, device=device)
+        dist.broadcast(buf, src=0)
+        out[name] = buf
+    return out

@@ -1,0 +1,819 @@
+r"""Merge task branches inside ``Trainer.fit`` and score the merged model on every task.
+
+The callback holds state and schedule only; every merge is one call to
+:func:`drm_lightning.merge.merge_state_dicts` and every score one call to
+:func:`drm_lightning.evaluation.evaluate_task`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import Tensor, nn
+
+from drm_lightning.evaluation import TaskSpec, evaluate_task, summarize_scores
+from drm_lightning.lightning._weights import (
+    DeltaSource,
+    StateSource,
+    WeightSwap,
+    broadcast_from_rank_zero,
+    check_paths,
+    compute_delta,
+    cpu_clone,
+    float_state,
+    load_weights,
+)
+from drm_lightning.lightning.branched import BranchedModule
+from drm_lightning.merge import merge_state_dicts, plan_merge
+from drm_lightning.methods import MergeMethod, get_method
+from drm_lightning.routing import Routing
+
+PathLike = str | os.PathLike[str]
+BranchesArg = Literal["live", "snapshots"] | Sequence[PathLike] | Mapping[str, PathLike]
+CHECKPOINT_KEY = "merge_callback"
+
+
+@dataclass
+class _Snapshot:
+    """A captured copy of the live model: its task label and its delta to the base."""
+
+    task: str
+    step: int
+    epoch: int
+    delta: dict[str, Tensor] | None = None  # in memory ...
+    path: str | None = None  # ... or a safetensors file of the delta
+
+    def source(self, base: Mapping[str, Tensor], index: int) -> DeltaSource:
+        delta: Any = Path(self.path) if self.path is not None else self.delta
+        return DeltaSource(base, delta, f"snapshot {index} ({self.task}, step {self.step})")
+
+
+@dataclass
+class _Branch:
+    """One merge input as the callback sees it."""
+
+    task: str
+    key: str  # stable identity, for caching the scores of frozen branches
+    source: Any  # a weight source for the merge loop, or None for the live model
+    live: bool = False
+
+
+class MergeCallback(Callback):
+    r"""Merge task branches during training and evaluate the merge on every task.
+
+    Adding this callback to a ``Trainer`` gives periodic multitask merging (DRM, TIES, DARE,
+    task arithmetic, ...) with the merged model scored on each task's validation data. Where
+    the branches come from is set by ``branches``:
+
+    * ``"live"`` — the module is a :class:`~drm_lightning.lightning.BranchedModule`: its K
+      backbones are merged against its frozen ``base``; heads stay per task. With
+      ``adopt=True`` this is *periodic consolidation*: after each merge every branch **and the
+      base** are reset to the merged backbone, so the next merge sees the progress made since
+      (optimizer moments are kept).
+    * ``"snapshots"`` — the live model is captured whenever :meth:`should_snapshot` says so
+      (``snapshot_every_n_steps`` / ``snapshot_every_n_epochs``), e.g. at the end of each task
+      phase of sequential multitask fine-tuning. Snapshots are kept as deltas to the base,
+      only for tensors that changed, on CPU or (``snapshot_dir``) as safetensors files.
+    * a list of paths, or ``{task: path}`` — earlier checkpoints (Lightning ``.ckpt``,
+      ``.safetensors``) merged with the live model. A missing path fails at ``setup``.
+
+    In the two single-model modes the base is the model's weights when ``fit`` starts (or
+    ``base=``), each branch carries a task label (``{task: path}`` keys, ``live_task``, or the
+    module's ``current_task`` attribute), and task-specific tensors are those that ``routing``
+    sends to ``"ignore"`` (e.g. ``Routing(ignore=[r"heads\."])``): when the merged model is
+    scored on task *t* they come from *t*'s own branch. ``adopt=True`` copies the merged
+    weights into the live model (ignored tensors stay live); base and stored branches stay.
+
+    Each merge scores the merged model on every task of ``tasks`` (each task's metrics, with
+    its own head), and each task's own branch, then logs ``merged/<task>/<metric>``,
+    ``branch/<task>/<metric>``, ``normalized/<task>/<metric>`` and the ``.../average`` of each
+    task's primary metric to every logger and to ``trainer.callback_metrics``; the same record
+    is appended to :attr:`history`. Scores of frozen branches (snapshots, checkpoints) are
+    cached. Afterwards the live weights are restored bit for bit unless ``adopt=True``.
+
+    When it merges is decided by :meth:`should_merge` (default: ``every_n_steps`` /
+    ``every_n_epochs``), the one method to override, as ``WeightAveraging.should_update``.
+
+    Hooks, in the order they run:
+
+    * ``setup("fit")`` — refuses unsupported strategies, checks tasks, branch parameter sets
+      and checkpoint paths (all before the first step), records the base.
+    * ``on_fit_start`` — warns once if the schedule can never fire.
+    * ``on_train_batch_end`` — after each optimizer step (``global_step`` guards gradient
+      accumulation): snapshot if :meth:`should_snapshot`, then merge if :meth:`should_merge`.
+    * ``on_train_epoch_end`` — the same with ``epoch_idx``.
+    * ``on_train_end`` — warns if no merge ever ran; exports the final merge to
+      ``export_dir``.
+    * ``state_dict`` / ``load_state_dict`` — small counters and the history;
+      ``on_save_checkpoint`` / ``on_load_checkpoint`` — base and snapshot tensors under
+      ``checkpoint["merge_callback"]``; refuses to save while merged weights are swapped in.
+
+    Strategies: single device and DDP (``ddp``, ``ddp_spawn``): rank 0 merges and broadcasts,
+    so the merged weights are identical on every rank, and each rank scores a share of the
+    validation batches (torchmetrics synchronises). DeepSpeed ZeRO-3, FSDP and model-parallel
+    strategies raise ``NotImplementedError`` at setup (no silent whole-model gather);
+    DeepSpeed ZeRO-1/2 only with ``adopt=False`` (the optimizer's fp32 master copy would
+    overwrite adopted weights).
+
+    Paper: *Decom-Renorm-Merge: Model Merging on the Right Space Improves Multitasking*
+    (DRM); TIES-Merging (Yadav et al., 2023); DARE (Yu et al., 2024); task arithmetic
+    (Ilharco et al., 2023).
+
+    Args:
+        method: A registered method name (see ``drm_lightning.methods.available_methods()``)
+            or a :class:`~drm_lightning.methods.MergeMethod` instance.
+        tasks: ``{task: TaskSpec(dataloader, metrics)}`` scored at every merge; ``None``
+            merges without scoring. With ``branches="live"`` it must name every branch.
+        branches: ``"live"``, ``"snapshots"``, a list of checkpoint paths (task label = file
+            stem) or ``{task: path}``.
+        every_n_steps: Merge after every n-th optimizer step.
+        every_n_epochs: Merge after every n-th training epoch.
+        snapshot_every_n_steps: Capture a snapshot after every n-th optimizer step.
+        snapshot_every_n_epochs: Capture a snapshot after every n-th epoch.
+        adopt: Make the merged weights the live weights after each merge (see above).
+        include_live: Merge the live model as one more branch; default ``True`` with
+            checkpoint paths, ``False`` with snapshots. Ignored with ``"live"``.
+        live_task: Task label of the live model; default ``pl_module.current_task`` if the
+            module has it, else ``"live"`` (``"snapshot_<i>"`` for snapshots).
+        base: The merge base for the single-model modes: a path or a state dict; default the
+            module's weights at the start of ``fit``.
+        routing: Which tensors are merged, how, and which stay per task (``ignore``).
+        coefficients: One weight per branch (a sequence in branch order: checkpoints,
+            snapshots, live) or ``{task: weight}`` (missing tasks get 1.0).
+        compute_dtype: dtype of the merge arithmetic.
+        seed: Seed of random methods (DARE); merge *i* uses ``seed + i``.
+        snapshot_dir: Keep snapshot deltas as safetensors files here (visible to every rank)
+            instead of in CPU memory.
+        snapshot_dtype: Store snapshot deltas in this dtype (default: the weights' dtype).
+        evaluate_branches: Also score each task's own branch (needed for normalised scores).
+        export_dir: On ``on_train_end``, merge once more (unless the last step just merged) and
+            write the merged weights there (through the core's writer when available, else
+            ``model.safetensors``; per-task heads of a ``BranchedModule`` go to
+            ``heads.safetensors``).
+        method_params: Parameters of ``method`` when it is given by name.
+
+    Raises:
+        ValueError: at construction, for invalid schedules or method parameters.
+
+    Example::
+
+        import lightning.pytorch as pl
+        from torchmetrics.classification import MulticlassAccuracy
+        from drm_lightning.evaluation import TaskSpec
+        from drm_lightning.lightning import BranchedModule, MergeCallback
+
+        model = BranchedModule(backbone, {"a": head_a, "b": head_b})
+        merge = MergeCallback(
+            "drm", method_params={"drop_rate": 0.8},
+            tasks={"a": TaskSpec(val_a, MulticlassAccuracy(num_classes=10)),
+                   "b": TaskSpec(val_b, MulticlassAccuracy(num_classes=10))},
+            every_n_steps=200, adopt=True,            # periodic consolidation
+        )
+        pl.Trainer(callbacks=[merge], max_steps=1000).fit(model, {"a": train_a, "b": train_b})
+        merge.history[-1]["merged/average"]
+    """
+
+    def __init__(
+        self,
+        method: str | MergeMethod = "drm",
+        *,
+        tasks: Mapping[str, TaskSpec] | None = None,
+        branches: BranchesArg = "live",
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        snapshot_every_n_steps: int | None = None,
+        snapshot_every_n_epochs: int | None = None,
+        adopt: bool = False,
+        include_live: bool | None = None,
+        live_task: str | None = None,
+        base: PathLike | Mapping[str, Tensor] | None = None,
+        routing: Routing | None = None,
+        coefficients: Sequence[float] | Mapping[str, float] | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        snapshot_dir: PathLike | None = None,
+        snapshot_dtype: torch.dtype | None = None,
+        evaluate_branches: bool = True,
+        export_dir: PathLike | None = None,
+        method_params: Mapping[str, Any] | None = None,
+    ) -> None:
+        if isinstance(method, MergeMethod):
+            if method_params:
+                raise ValueError("method_params is only used with a method name, not a MergeMethod instance")
+            self.method = method
+        elif isinstance(method, str):
+            self.method = get_method(method, **dict(method_params or {}))
+        else:
+            raise TypeError(f"method must be a method name or a MergeMethod, got {type(method).__name__}")
+        for name, value in (
+            ("every_n_steps", every_n_steps),
+            ("every_n_epochs", every_n_epochs),
+            ("snapshot_every_n_steps", snapshot_every_n_steps),
+            ("snapshot_every_n_epochs", snapshot_every_n_epochs),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if tasks is not None:
+            if not isinstance(tasks, Mapping):
+                raise TypeError(f"tasks must be a mapping {{task: TaskSpec}}, got {type(tasks).__name__}")
+            bad = [f"{k!r} ({type(v).__name__})" for k, v in tasks.items() if not isinstance(v, TaskSpec)]
+            if bad:
+                raise TypeError("tasks values must be TaskSpec(dataloader, metrics); invalid: " + ", ".join(bad))
+        self.tasks: dict[str, TaskSpec] = dict(tasks or {})
+        self._paths: dict[str, Path] = {}
+        if isinstance(branches, str):
+            if branches not in ("live", "snapshots"):
+                raise ValueError(
+                    f"branches={branches!r}: use 'live', 'snapshots', a list of checkpoint paths or {{task: path}}"
+                )
+            self.mode: Literal["live", "snapshots", "checkpoints"] = branches  # type: ignore[assignment]
+        else:
+            self.mode = "checkpoints"
+            if isinstance(branches, Mapping):
+                self._paths = {str(task): Path(p) for task, p in branches.items()}
+            else:
+                paths = [Path(p) for p in branches]
+                self._paths = {p.stem: p for p in paths}
+                if len(self._paths) != len(paths):
+                    raise ValueError("checkpoint file names must differ; pass {task: path} to label them")
+            if not self._paths:
+                raise ValueError("branches is an empty list of checkpoint paths")
+        if self.mode != "snapshots" and (snapshot_every_n_steps or snapshot_every_n_epochs):
+            raise ValueError("snapshot_every_n_steps/epochs are only used with branches='snapshots'")
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.snapshot_every_n_steps = snapshot_every_n_steps
+        self.snapshot_every_n_epochs = snapshot_every_n_epochs
+        self.adopt = adopt
+        self.include_live = (self.mode == "checkpoints") if include_live is None else include_live
+        self.live_task = live_task
+        self._base_arg = base
+        self.routing = routing or Routing()
+        self.coefficients = coefficients
+        self.compute_dtype = compute_dtype
+        self.seed = seed
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
+        self.snapshot_dtype = snapshot_dtype
+        self.evaluate_branches = evaluate_branches
+        self.export_dir = Path(export_dir) if export_dir is not None else None
+
+        #: One record per merge: step, epoch, branch labels, timings and logged scores.
+        self.history: list[dict[str, Any]] = []
+        #: The weights of the latest merge (merge scope only), on the device they were merged on.
+        self.last_merged: dict[str, Tensor] | None = None
+
+        self._fitting = False
+        self._swapped = False
+        self._base: dict[str, Tensor] | None = None  # single-model modes, CPU
+        self._snapshots: list[_Snapshot] = []
+        self._checkpoints: dict[str, dict[str, Tensor]] = {}
+        self._score_cache: dict[str, dict[str, float]] = {}
+        self._warned_never = False
+        # Like WeightAveraging: 0 and -1 so that the first step / epoch may already act.
+        self._latest_merge_step = 0
+        self._latest_merge_epoch = -1
+        self._latest_snapshot_step = 0
+        self._latest_snapshot_epoch = -1
+        self._num_merges = 0
+        self._merges_this_fit = 0
+
+    # ------------------------------------------------------------------ extension points
+
+    def should_merge(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """Whether to merge after this optimizer step or epoch; override to customise.
+
+        Called with ``step_idx`` (zero-based index of the last optimizer step) after every step
+        and with ``epoch_idx`` after every training epoch. The default merges after every
+        ``every_n_steps``-th step and every ``every_n_epochs``-th epoch (counted from one).
+
+        Example:
+            >>> cb = MergeCallback("drm", every_n_steps=10)
+            >>> [s for s in range(30) if cb.should_merge(step_idx=s)]
+            [9, 19, 29]
+        """
+        if step_idx is not None and self.every_n_steps:
+            return (step_idx + 1) % self.every_n_steps == 0
+        if epoch_idx is not None and self.every_n_epochs:
+            return (epoch_idx + 1) % self.every_n_epochs == 0
+        return False
+
+    def should_snapshot(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """Whether to capture the live model (``branches="snapshots"`` only); override to customise.
+
+        Same calling convention as :meth:`should_merge`; it runs first, so a merge at the same
+        step includes the new snapshot. The default uses ``snapshot_every_n_steps/epochs``.
+        """
+        if step_idx is not None and self.snapshot_every_n_steps:
+            return (step_idx + 1) % self.snapshot_every_n_steps == 0
+        if epoch_idx is not None and self.snapshot_every_n_epochs:
+            return (epoch_idx + 1) % self.snapshot_every_n_epochs == 0
+        return False
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check strategy, tasks, branches and paths; record the base (``fit`` only)."""
+        if stage != "fit":
+            return
+        _check_strategy(trainer, adopt=self.adopt, live=self.mode == "live")
+        self._check_tasks(pl_module)
+        if self.mode == "live":
+            self._setup_live(pl_module)
+        else:
+            self._setup_single(pl_module)
+        self._merges_this_fit = 0
+        self._fitting = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Leave the ``fit`` state; the history and the last merge stay available."""
+        if stage == "fit":
+            self._fitting = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warn once when the merge schedule can never fire in this run."""
+        reason = self._never_fires_reason(trainer)
+        if reason:
+            self._warn_never(reason)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
+    ) -> None:
+        """Snapshot and/or merge after an optimizer step, as the predicates decide."""
+        step = trainer.global_step
+        if self.mode == "snapshots" and step > self._latest_snapshot_step and self.should_snapshot(step_idx=step - 1):
+            self._capture(trainer, pl_module)
+            self._latest_snapshot_step = step
+        if step > self._latest_merge_step and self.should_merge(step_idx=step - 1):
+            self._merge_and_evaluate(trainer, pl_module)
+            self._latest_merge_step = step
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Snapshot and/or merge after an epoch, as the predicates decide."""
+        epoch = trainer.current_epoch
+        if self.mode == "snapshots" and epoch > self._latest_snapshot_epoch and self.should_snapshot(epoch_idx=epoch):
+            self._capture(trainer, pl_module)
+            self._latest_snapshot_epoch = epoch
+        if epoch > self._latest_merge_epoch and self.should_merge(epoch_idx=epoch):
+            self._merge_and_evaluate(trainer, pl_module)
+            self._latest_merge_epoch = epoch
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warn if nothing was merged; export the final merge if ``export_dir`` is set."""
+        if self._merges_this_fit == 0:
+            self._warn_never(
+                f"MergeCallback never merged during this fit (every_n_steps={self.every_n_steps}, "
+                f"every_n_epochs={self.every_n_epochs}, {trainer.global_step} optimizer steps, "
+                f"{trainer.current_epoch} epochs completed)"
+            )
+        if self.export_dir is not None:
+            self._export(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Small counters, the snapshot index and the history (tensors go to the checkpoint)."""
+        return {
+            "latest_merge_step": self._latest_merge_step,
+            "latest_merge_epoch": self._latest_merge_epoch,
+            "latest_snapshot_step": self._latest_snapshot_step,
+            "latest_snapshot_epoch": self._latest_snapshot_epoch,
+            "num_merges": self._num_merges,
+            "snapshots": [
+                {"task": s.task, "step": s.step, "epoch": s.epoch, "path": s.path} for s in self._snapshots
+            ],
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the counters and history written by :meth:`state_dict`."""
+        self._latest_merge_step = int(state_dict["latest_merge_step"])
+        self._latest_merge_epoch = int(state_dict["latest_merge_epoch"])
+        self._latest_snapshot_step = int(state_dict["latest_snapshot_step"])
+        self._latest_snapshot_epoch = int(state_dict["latest_snapshot_epoch"])
+        self._num_merges = int(state_dict["num_merges"])
+        self.history = list(state_dict.get("history", []))
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Store base and snapshot tensors under ``checkpoint["merge_callback"]``.
+
+        Raises:
+            RuntimeError: merged weights are swapped into the module (a checkpoint now would
+                hold the merged weights as if they were the live ones).
+        """
+        if self._swapped:
+            raise RuntimeError(
+                "a checkpoint was requested while MergeCallback has the merged weights swapped into the "
+                "module for evaluation; it would store merged weights as the live ones. Save from a hook "
+                "that runs outside the merge evaluation (e.g. ModelCheckpoint)."
+            )
+        if not self._fitting:
+            return
+        payload: dict[str, Any] = {"mode": self.mode}
+        if self.mode != "live":
+            if self._base_arg is None:
+                payload["base"] = self._base
+            payload["snapshots"] = [
+                {"task": s.task, "step": s.step, "epoch": s.epoch, "path": s.path, "delta": s.delta}
+                for s in self._snapshots
+            ]
+        checkpoint.setdefault(CHECKPOINT_KEY, {})[self.state_key] = payload
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Restore base and snapshots; handles the outside-fit, ours and foreign cases."""
+        if not self._fitting:
+            rank_zero_warn(
+                "MergeCallback: loading a checkpoint outside fit; the merge state (base, snapshots, "
+                "counters) is not restored. Ignore this if you only validate/test/predict, or remove "
+                "the callback."
+            )
+            return
+        payload = checkpoint.get(CHECKPOINT_KEY, {}).get(self.state_key)
+        if payload is None:
+            if self.mode == "live":
+                detail = "the branches and the base are those of the loaded BranchedModule"
+            else:
+                if self._base_arg is None:
+                    self._base = cpu_clone(float_state(pl_module))
+                detail = (
+                    "the merge base is "
+                    + ("the given base" if self._base_arg is not None else "the weights just loaded from it")
+                    + " and no snapshot is restored"
+                )
+            self._snapshots = []
+            rank_zero_warn(
+                f"MergeCallback: the checkpoint was not written with this callback; {detail}; merge "
+                "counters start from zero."
+            )
+            return
+        if payload.get("mode") != self.mode:
+            raise ValueError(
+                f"MergeCallback: checkpoint written with branches mode {payload.get('mode')!r}, this "
+                f"callback uses {self.mode!r}; use the same mode to resume"
+            )
+        if self.mode != "live":
+            if "base" in payload and payload["base"] is not None:
+                self._base = payload["base"]
+            self._snapshots = [_Snapshot(**s) for s in payload.get("snapshots", [])]
+            missing = [s.path for s in self._snapshots if s.path is not None and not Path(s.path).exists()]
+            if missing:
+                raise FileNotFoundError(f"MergeCallback: snapshot file(s) of the checkpoint are gone: {missing}")
+        self._score_cache.clear()
+        rank_zero_info(
+            f"MergeCallback: restored the merge state ({len(self._snapshots)} snapshot(s)) from the checkpoint."
+        )
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _check_tasks(self, pl_module: pl.LightningModule) -> None:
+        problems: list[str] = []
+        if self.mode == "live" and isinstance(pl_module, BranchedModule) and self.tasks:
+            missing = [t for t in pl_module.task_names if t not in self.tasks]
+            unknown = [t for t in self.tasks if t not in pl_module.task_names]
+            if missing:
+                problems.append(
+                    f"branch task(s) {missing} have no TaskSpec (validation dataloader + metric) in tasks=; "
+                    "every branch must be scored"
+                )
+            if unknown:
+                problems.append(f"tasks= names {unknown} that are not branches of the module {pl_module.task_names}")
+        if problems:
+            raise ValueError("MergeCallback: " + "; ".join(problems))
+        if not self.tasks:
+            rank_zero_info("MergeCallback: no tasks= given; merges run without evaluation.")
+
+    def _setup_live(self, pl_module: pl.LightningModule) -> None:
+        if not isinstance(pl_module, BranchedModule):
+            raise TypeError(
+                f"branches='live' needs a BranchedModule (got {type(pl_module).__name__}); use "
+                "branches='snapshots' or a list of checkpoint paths for a single model"
+            )
+        sources = [StateSource(float_state(pl_module.branches[t]), f"branch {t!r}") for t in pl_module.task_names]
+        plan_merge(StateSource(float_state(pl_module.base), "BranchedModule.base"), sources, routing=self.routing)
+        if self.adopt:
+            rank_zero_warn(
+                "MergeCallback(adopt=True) with live branches: after every merge, each of the "
+                f"{len(pl_module.task_names)} branches and the base are overwritten with the merged backbone "
+                "(periodic consolidation). Each branch's own progress survives only through the merge; heads "
+                "and optimizer moments are kept. Use adopt=False to only evaluate merges."
+            )
+
+    def _setup_single(self, pl_module: pl.LightningModule) -> None:
+        if isinstance(self._base_arg, Mapping):
+            self._base = cpu_clone({k: v for k, v in self._base_arg.items() if torch.is_floating_point(v)})
+        elif self._base_arg is not None:
+            path = Path(self._base_arg)
+            if not path.exists():
+                raise FileNotFoundError(f"MergeCallback(base={os.fspath(path)!r}): the file does not exist")
+            self._base = load_weights(path)
+        else:
+            self._base = cpu_clone(float_state(pl_module))
+        self._snapshots = []
+        self._score_cache.clear()
+        live = StateSource(float_state(pl_module), "live model")
+        sources: list[Any] = [live]
+        if self.mode == "checkpoints":
+            check_paths(self._paths)
+            self._checkpoints = {task: load_weights(p) for task, p in self._paths.items()}
+            sources += [StateSource(w, f"checkpoint {t!r} ({self._paths[t]})") for t, w in self._checkpoints.items()]
+        plan_merge(StateSource(self._base, "base"), sources, routing=self.routing)
+        if self.snapshot_dir is not None:
+            self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+
+    def _never_fires_reason(self, trainer: pl.Trainer) -> str | None:
+        if is_overridden("should_merge", self, MergeCallback):
+            return None
+        if self.every_n_steps is None and self.every_n_epochs is None:
+            return (
+                "MergeCallback has no schedule (every_n_steps=None, every_n_epochs=None) and should_merge "
+                "is not overridden: it will never merge"
+            )
+        limits: list[str] = []
+        if self.every_n_steps is not None:
+            try:
+                total = float(trainer.estimated_stepping_batches)
+            except Exception:  # no train dataloader length known
+                return None
+            if total >= self.every_n_steps:
+                return None
+            limits.append(f"every_n_steps={self.every_n_steps} > {int(total)} optimizer steps in this fit")
+        if self.every_n_epochs is not None:
+            max_epochs = trainer.max_epochs
+            if max_epochs is None or max_epochs < 0 or max_epochs >= self.every_n_epochs:
+                return None
+            limits.append(f"every_n_epochs={self.every_n_epochs} > max_epochs={max_epochs}")
+        return "MergeCallback's schedule never fires: " + " and ".join(limits)
+
+    def _warn_never(self, message: str) -> None:
+        if not self._warned_never:
+            self._warned_never = True
+            rank_zero_warn(message)
+
+    # ------------------------------------------------------------------ branches
+
+    def _live_label(self, pl_module: pl.LightningModule, default: str) -> str:
+        label = self.live_task or getattr(pl_module, "current_task", None)
+        return str(label) if label is not None else default
+
+    def _branches(self, pl_module: pl.LightningModule) -> list[_Branch]:
+        if self.mode == "live":
+            assert isinstance(pl_module, BranchedModule)
+            return [
+                _Branch(t, f"live:{t}", StateSource(float_state(pl_module.branches[t]), f"branch {t!r}"), live=True)
+                for t in pl_module.task_names
+            ]
+        assert self._base is not None
+        out = [
+            _Branch(t, f"checkpoint:{t}", StateSource(w, f"checkpoint {t!r}")) for t, w in self._checkpoints.items()
+        ]
+        out += [_Branch(s.task, f"snapshot:{i}", s.source(self._base, i)) for i, s in enumerate(self._snapshots)]
+        if self.include_live:
+            out.append(
+                _Branch(
+                    self._live_label(pl_module, "live"),
+                    "live",
+                    StateSource(float_state(pl_module), "live model", device="cpu"),
+                    live=True,
+                )
+            )
+        return out
+
+    def _coefficient_list(self, branches: Sequence[_Branch]) -> list[float] | None:
+        if self.coefficients is None:
+            return None
+        if isinstance(self.coefficients, Mapping):
+            return [float(self.coefficients.get(b.task, 1.0)) for b in branches]
+        return [float(c) for c in self.coefficients]
+
+    def _capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._base is not None
+        index = len(self._snapshots)
+        task = self._live_label(pl_module, f"snapshot_{index}")
+        delta = compute_delta(float_state(pl_module), self._base, self.snapshot_dtype)
+        snapshot = _Snapshot(task=task, step=trainer.global_step, epoch=trainer.current_epoch)
+        if self.snapshot_dir is None:
+            snapshot.delta = delta
+        else:
+            path = self.snapshot_dir / f"snapshot_{index:04d}_{task}.safetensors"
+            if trainer.is_global_zero:
+                from safetensors.torch import save_file
+
+                save_file(delta, str(path))
+            trainer.strategy.barrier("merge_callback_snapshot")
+            snapshot.path = str(path)
+        self._snapshots.append(snapshot)
+
+    # ------------------------------------------------------------------ merge
+
+    def _compute_merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule, branches: list[_Branch]) -> dict[str, Tensor]:
+        if self.mode == "live":
+            assert isinstance(pl_module, BranchedModule)
+            base: Mapping[str, Tensor] = float_state(pl_module.base)
+        else:
+            assert self._base is not None
+            base = self._base
+        if not branches:
+            raise RuntimeError(
+                "MergeCallback: nothing to merge yet (no snapshot captured and include_live=False); "
+                "make should_snapshot fire before should_merge"
+            )
+        distributed = trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+        merged: dict[str, Tensor] | None = None
+        if not distributed or trainer.global_rank == 0:
+            merged = merge_state_dicts(
+                self.method,
+                StateSource(base, "base"),
+                [b.source for b in branches],
+                coefficients=self._coefficient_list(branches),
+                routing=self.routing,
+                compute_dtype=self.compute_dtype,
+                seed=self.seed + self._num_merges,
+            )
+        if distributed:
+            merged = broadcast_from_rank_zero(merged, base, trainer.strategy.root_device)
+        assert merged is not None
+        return merged
+
+    def _merge_and_evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        start = time.perf_counter()
+        branches = self._branches(pl_module)
+        merged = self._compute_merge(trainer, pl_module, branches)
+        merge_seconds = time.perf_counter() - start
+        scores: dict[str, float] = {}
+        if self.tasks:
+            merged_scores = self._score_merged(trainer, pl_module, merged, branches)
+            branch_scores = self._score_branches(trainer, pl_module, branches) if self.evaluate_branches else {}
+            primary = {t: spec.primary_name for t, spec in self.tasks.items()}
+            scores = summarize_scores(merged_scores, branch_scores, primary=primary)
+        if self.adopt:
+            self._adopt(pl_module, merged)
+        self.last_merged = merged
+        self._num_merges += 1
+        self._merges_this_fit += 1
+        record: dict[str, Any] = {
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "branches": [b.task for b in branches],
+            "merge/seconds": merge_seconds,
+            "merge/total_seconds": time.perf_counter() - start,
+            **scores,
+        }
+        self.history.append(record)
+        logged = {k: float(v) for k, v in record.items() if k not in ("step", "epoch", "branches")}
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
+
+    @contextmanager
+    def _swap(self, pl_module: pl.LightningModule) -> Iterator[WeightSwap]:
+        swap = WeightSwap(pl_module)
+        self._swapped = True
+        try:
+            yield swap
+        finally:
+            swap.restore()
+            self._swapped = False
+
+    def _shard(self, trainer: pl.Trainer) -> tuple[int, int] | None:
+        return (trainer.global_rank, trainer.world_size) if trainer.world_size > 1 else None
+
+    def _score(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: str) -> dict[str, float]:
+        return evaluate_task(pl_module, task, self.tasks[task], device=pl_module.device, shard=self._shard(trainer))
+
+    def _own_branch(self, branches: Sequence[_Branch], task: str) -> _Branch | None:
+        own = [b for b in branches if b.task == task]
+        return own[-1] if own else None
+
+    def _score_merged(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Mapping[str, Tensor], branches: list[_Branch]
+    ) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        with self._swap(pl_module) as swap:
+            if self.mode == "live":
+                assert isinstance(pl_module, BranchedModule)
+                swap.load({f"branches.{t}.{k}": v for t in pl_module.task_names for k, v in merged.items()})
+                for task in self.tasks:
+                    out[task] = self._score(trainer, pl_module, task)
+                return out
+            ignored = [k for k, v in merged.items() if self.routing.route(k, tuple(v.shape)) == "ignore"]
+            live_ignored = {k: v.clone() for k, v in float_state(pl_module).items() if k in ignored}
+            swap.load(merged)
+            for task in self.tasks:
+                own = self._own_branch(branches, task)
+                if ignored:
+                    heads = live_ignored if own is None or own.live else {k: own.source.get(k) for k in ignored}
+                    swap.load(heads)
+                out[task] = self._score(trainer, pl_module, task)
+        return out
+
+    def _score_branches(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, branches: list[_Branch]
+    ) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for task in self.tasks:
+            own = self._own_branch(branches, task)
+            if own is None or own.live:
+                out[task] = self._score(trainer, pl_module, task)  # the live weights as they are
+            elif own.key in self._score_cache:
+                out[task] = self._score_cache[own.key]
+            else:
+                with self._swap(pl_module) as swap:
+                    swap.load({k: own.source.get(k) for k in own.source.keys()})
+                    out[task] = self._score_cache[own.key] = self._score(trainer, pl_module, task)
+        return out
+
+    @torch.no_grad()
+    def _adopt(self, pl_module: pl.LightningModule, merged: Mapping[str, Tensor]) -> None:
+        if self.mode == "live":
+            assert isinstance(pl_module, BranchedModule)
+            targets = [pl_module.base] + [pl_module.branches[t] for t in pl_module.task_names]
+            for target in targets:
+                state = target.state_dict(keep_vars=True)
+                for name, value in merged.items():
+                    state[name].copy_(value.to(state[name].device, state[name].dtype))
+            return
+        state = pl_module.state_dict(keep_vars=True)
+        for name, value in merged.items():
+            if self.routing.route(name, tuple(value.shape)) != "ignore":
+                state[name].copy_(value.to(state[name].device, state[name].dtype))
+
+    # ------------------------------------------------------------------ export
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.export_dir is not None
+        if self.last_merged is None or self._latest_merge_step != trainer.global_step:
+            merged = self._compute_merge(trainer, pl_module, self._branches(pl_module))
+        else:
+            merged = self.last_merged
+        if not trainer.is_global_zero:
+            return
+        heads: dict[str, Tensor] = {}
+        if isinstance(pl_module, BranchedModule):
+            heads = {f"heads.{k}": v for k, v in float_state(pl_module.heads).items()}
+        _write_export(self.export_dir, merged, heads)
+        rank_zero_info(f"MergeCallback: exported the merged model to {self.export_dir}")
+
+
+def _write_export(folder: Path, merged: Mapping[str, Tensor], heads: Mapping[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in merged.items()}
+    try:
+        from drm_lightning.sources.writer import HFFolderWriter  # type: ignore[import-not-found]
+    except ImportError:
+        save_file(tensors, str(folder / "model.safetensors"))
+    else:
+        writer = HFFolderWriter(folder, overwrite=True)
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+        writer.close()
+    if heads:
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in heads.items()}, str(folder / "heads.safetensors"))
+
+
+def _check_strategy(trainer: pl.Trainer, *, adopt: bool, live: bool) -> None:
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+
+    strategy = trainer.strategy
+    name = type(strategy).__name__
+    if isinstance(strategy, DeepSpeedStrategy):
+        if strategy.zero_stage_3:
+            raise NotImplementedError(
+                "MergeCallback does not support DeepSpeed ZeRO-3 yet: its parameters are partitioned across "
+                "ranks and the sharded merge engine (drm_lightning.distributed) is not available; refusing to "
+                "gather the whole model silently. Use ZeRO stage 1/2 with adopt=False, or DDP."
+            )
+        if adopt:
+            raise NotImplementedError(
+                "MergeCallback(adopt=True) is not supported with DeepSpeed: the optimizer's fp32 master "
+                "weights would overwrite the adopted weights at the next step. Use adopt=False or DDP."
+            )
+        return
+    try:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+    except ImportError:  # older Lightning
+        ModelParallelStrategy = FSDPStrategy  # type: ignore[misc,assignment]
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        raise NotImplementedError(
+            f"MergeCallback does not support {name}: parameters are sharded across ranks. Use DDP or a "
+            "single device."
+        )
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise NotImplementedError(
+            f"MergeCallback supports single-device, DDP (ddp, ddp_spawn) and DeepSpeed ZeRO-1/2 strategies; "
+            f"got {name}"
+        )
