@@ -1,0 +1,536 @@
+"""The ``drm-merge`` YAML configuration: a pydantic schema in the shape mergekit users know.
+
+A configuration names a method, a base model, the branches to merge into it and the method's
+parameters::
+
+    method: drm
+    base: checkpoints/base
+    branches:
+      - checkpoints/math                      # a path: coefficient 1.0
+      - {path: checkpoints/code, coefficient: 0.7}
+      - path: adapters/chat-lora              # a PEFT LoRA adapter folder is detected
+        coefficient: 0.5
+    parameters: {drop_rate: 0.8, direction: vertical}
+    compute_dtype: float32                    # precision of the merge math
+    out_dtype: bfloat16                       # default: each base tensor's dtype
+    routing: {ignore: ["score\\\\."]}             # regexes (include / exclude / ignore)
+    seed: 0                                   # randomness of DARE, per tensor
+
+mergekit spellings are accepted as aliases: ``merge_method`` for ``method``, ``base_model``
+for ``base``, ``models`` for ``branches``, ``model`` for ``path``, ``weight`` (also nested
+under a branch's ``parameters``) for ``coefficient`` and ``dtype`` for ``compute_dtype``.
+Relative paths are resolved against the current working directory, as in mergekit.
+
+Every mistake is reported at once, each with its field path (``branches[1].coefficient:
+must be >= 0 (got -0.5)``); unknown keys, method names and method parameters come with the
+closest valid names. Validation reads no weights: it checks that the paths exist and the
+method parameters are valid; :func:`drm_lightning.merge.plan_merge` then checks the tensors'
+metadata.
+
+Example:
+    >>> cfg = MergeConfig.model_validate(
+    ...     {"method": "drm", "base": ".", "branches": [".", {"path": ".", "coefficient": 0.5}],
+    ...      "parameters": {"drop_rate": 0.5}}
+    ... )
+    >>> cfg.resolved_coefficients()
+    [1.0, 0.5]
+    >>> cfg.build_method()
+    DRM(drop_rate=0.5, direction='vertical', renormalize=True, rank_rtol=0.01, reference_compat=False, tie_break='majority', disjoint_mean=True, elect_signs=True, fallback_trim_rate=0.0, solver='auto')
+    >>> try:
+    ...     MergeConfig.model_validate({"method": "drn", "base": ".", "branches": ["."]})
+    ... except ValidationError as err:
+    ...     print(format_validation_error(err))
+    method: unknown merge method 'drn' (did you mean 'drm'? valid: ...)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+import yaml
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from drm_lightning.methods import MergeMethod, available_methods, get_method
+from drm_lightning.methods.base import closest_names, method_class
+from drm_lightning.routing import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, Routing
+
+ComputeDType = Literal["float32", "float64"]
+OutDType = Literal["float16", "bfloat16", "float32", "float64"]
+
+_DTYPE_ALIASES: dict[str, str] = {
+    "fp32": "float32",
+    "float": "float32",
+    "f32": "float32",
+    "fp64": "float64",
+    "double": "float64",
+    "f64": "float64",
+    "fp16": "float16",
+    "half": "float16",
+    "f16": "float16",
+    "bf16": "bfloat16",
+}
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already formatted for the user (file, line or field path)."""
+
+
+# --------------------------------------------------------------------------- error helpers
+
+
+def format_loc(loc: Sequence[str | int]) -> str:
+    """``("branches", 1, "coefficient")`` -> ``"branches[1].coefficient"``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _friendly_message(error: Mapping[str, Any]) -> str:
+    """A short message for one pydantic error, with the offending value."""
+    kind, ctx = error["type"], error.get("ctx") or {}
+    simple = {
+        "greater_than_equal": "must be >= {ge}",
+        "greater_than": "must be > {gt}",
+        "less_than": "must be < {lt}",
+        "less_than_equal": "must be <= {le}",
+        "finite_number": "must be a finite number",
+        "missing": "required field is missing",
+        "too_short": "needs at least {min_length} item(s)",
+    }
+    if kind in simple:
+        msg = simple[kind].format(**ctx)
+    else:
+        msg = str(error["msg"])
+        msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    value = error.get("input")
+    if kind not in ("missing", "extra_forbidden") and not (kind == "config" and value is None):
+        shown = repr(str(value)) if isinstance(value, Path) else repr(value)
+        if (not isinstance(value, (Mapping, list)) or len(shown) < 60) and shown not in msg:
+            msg += f" (got {shown})"
+    return msg
+
+
+def format_validation_error(err: ValidationError, *, source: str | None = None) -> str:
+    """One line per problem, ``field.path: message``, prefixed by the config file if known."""
+    lines = []
+    for e in err.errors():
+        loc = format_loc(e["loc"])
+        msg = _friendly_message(e)
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    head = f"invalid configuration {source}" if source else "invalid configuration"
+    if len(lines) == 1:
+        return f"{head}: {lines[0]}" if source else lines[0]
+    return f"{head} ({len(lines)} problems):\n  " + "\n  ".join(lines)
+
+
+def _error(loc: tuple[str | int, ...], message: str, value: Any = None) -> InitErrorDetails:
+    # ``message`` is a finished sentence: braces are escaped so pydantic does not format them.
+    text = message.replace("{", "{{").replace("}", "}}")
+    return InitErrorDetails(type=PydanticCustomError("config", text), loc=loc, input=value)
+
+
+def _reraise(title: str, errors: list[InitErrorDetails]) -> None:
+    if errors:
+        raise ValidationError.from_exception_data(title, errors)
+
+
+def _passthrough(e: Mapping[str, Any]) -> InitErrorDetails:
+    return InitErrorDetails(
+        type=PydanticCustomError(str(e["type"]), str(e["msg"]).replace("{", "{{").replace("}", "}}"), e.get("ctx")),
+        loc=tuple(e["loc"]),
+        input=e.get("input"),
+    )
+
+
+class _Section(BaseModel):
+    """A config section: unknown keys rejected with the closest valid names, all errors at once.
+
+    Subclasses add checks that need the whole section in :meth:`_more_errors`; their errors are
+    reported together with pydantic's own, each at its exact field path.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    aliases: ClassVar[dict[str, str]] = {}
+    """Accepted alternative spellings (mergekit's) -> field name."""
+
+    @classmethod
+    def _field_names(cls) -> list[str]:
+        return list(cls.model_fields)
+
+    @classmethod
+    def _more_errors(cls, data: Mapping[str, Any]) -> list[InitErrorDetails]:
+        return []
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _collect_errors(cls, data: Any, handler: Any) -> Any:
+        errors: list[InitErrorDetails] = []
+        model = None
+        try:
+            model = handler(data)
+        except ValidationError as err:
+            for e in err.errors():
+                loc = tuple(e["loc"])
+                if e["type"] == "extra_forbidden" and len(loc) == 1 and isinstance(loc[0], str):
+                    errors.append(_error(loc, cls._unknown_key_message(loc[0], data)))
+                else:
+                    errors.append(_passthrough(e))
+        if isinstance(data, Mapping):
+            errors.extend(cls._more_errors(data))
+        _reraise(cls.__name__, errors)
+        return model
+
+    @classmethod
+    def _unknown_key_message(cls, key: str, data: Any) -> str:
+        target = cls.aliases.get(key)
+        if target is not None and isinstance(data, Mapping) and target in data:
+            return f"both {key!r} and {target!r} given (the same setting); keep one"
+        return f"unknown key ({closest_names(key, cls._field_names())})"
+
+
+def _normalize_dtype(value: Any) -> Any:
+    if isinstance(value, str):
+        low = value.strip().lower().removeprefix("torch.")
+        return _DTYPE_ALIASES.get(low, low)
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return value
+
+
+def _check_path(value: Path, what: str) -> Path:
+    if not value.exists():
+        hint = (
+            " (paths are local files or folders; download Hub models first, e.g. with "
+            "`huggingface-cli download`)"
+            if not value.is_absolute() and str(value).count("/") == 1
+            else ""
+        )
+        raise ValueError(f"{what} not found: {str(value)!r}{hint}")
+    return value
+
+
+# --------------------------------------------------------------------------------- sections
+
+
+class BranchConfig(_Section):
+    """One branch: a checkpoint (or PEFT LoRA adapter folder) and its coefficient λ.
+
+    A bare string is accepted for ``{path: ...}``; mergekit's ``{model: ..., parameters:
+    {weight: ...}}`` is accepted too.
+    """
+
+    aliases: ClassVar[dict[str, str]] = {"model": "path", "weight": "coefficient"}
+
+    path: Path = Field(validation_alias=AliasChoices("path", "model"))
+    coefficient: float | None = Field(
+        None,
+        ge=0.0,
+        allow_inf_nan=False,
+        validation_alias=AliasChoices("coefficient", "weight"),
+        description="λ_i, the branch's weight (default 1.0)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path_or_mergekit(cls, data: Any) -> Any:
+        if isinstance(data, (str, Path)):
+            return {"path": data}
+        if isinstance(data, Mapping) and isinstance(data.get("parameters"), Mapping):
+            flat = {k: v for k, v in data.items() if k != "parameters"}
+            for key, value in data["parameters"].items():
+                flat.setdefault(key, value)
+            return flat
+        return data
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: Path) -> Path:
+        return _check_path(value, "branch")
+
+    @property
+    def is_lora(self) -> bool:
+        """True if the path is a PEFT adapter folder (it holds ``adapter_config.json``)."""
+        return self.path.is_dir() and (self.path / ADAPTER_CONFIG).is_file()
+
+
+class RoutingConfig(_Section):
+    """Name patterns (Python regexes, matched at the start of the name) for each route.
+
+    ``include``/``exclude`` decide which 2-D tensors take the method's matrix path (omit
+    them for the defaults, which send embeddings and output heads to the fallback path);
+    tensors matching ``ignore`` keep the base value bit for bit.
+    """
+
+    include: list[str] | None = Field(None, description=f"default: {list(DEFAULT_INCLUDE)}")
+    exclude: list[str] | None = Field(None, description=f"default: {list(DEFAULT_EXCLUDE)}")
+    ignore: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def _more_errors(cls, data: Mapping[str, Any]) -> list[InitErrorDetails]:
+        errors = []
+        for key in ("include", "exclude", "ignore"):
+            patterns = data.get(key)
+            if not isinstance(patterns, list):
+                continue
+            for i, pattern in enumerate(patterns):
+                if isinstance(pattern, str):
+                    try:
+                        re.compile(pattern)
+                    except re.error as err:
+                        errors.append(_error((key, i), f"invalid regular expression: {err}", pattern))
+        return errors
+
+    @field_validator("include", "exclude", "ignore", mode="before")
+    @classmethod
+    def _not_a_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError(f"must be a list of regexes, e.g. [{value!r}]")
+        return value
+
+    def build(self) -> Routing:
+        """The :class:`~drm_lightning.routing.Routing` these patterns describe."""
+        return Routing(
+            include=DEFAULT_INCLUDE if self.include is None else self.include,
+            exclude=DEFAULT_EXCLUDE if self.exclude is None else self.exclude,
+            ignore=self.ignore,
+        )
+
+
+class MergeConfig(_Section):
+    """A ``drm-merge`` configuration (see the module docstring for the YAML shape)."""
+
+    aliases: ClassVar[dict[str, str]] = {
+        "merge_method": "method",
+        "base_model": "base",
+        "models": "branches",
+        "dtype": "compute_dtype",
+    }
+
+    method: str = Field(
+        validation_alias=AliasChoices("method", "merge_method"),
+        description="a registered method: drm, ties, task_arithmetic, dare_ties, dare_linear, linear",
+    )
+    base: Path = Field(validation_alias=AliasChoices("base", "base_model"))
+    branches: list[BranchConfig] = Field(
+        min_length=1, validation_alias=AliasChoices("branches", "models")
+    )
+    coefficients: list[float] | None = Field(
+        None, description="λ per branch, as a list (alternative to branches[i].coefficient)"
+    )
+    parameters: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
+    compute_dtype: ComputeDType = Field(
+        "float32", validation_alias=AliasChoices("compute_dtype", "dtype")
+    )
+    out_dtype: OutDType | None = Field(None, description="default: each base tensor's dtype")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    seed: int = Field(0, ge=0, description="seed of the per-tensor generators (DARE)")
+
+    @field_validator("compute_dtype", "out_dtype", mode="before")
+    @classmethod
+    def _dtype_names(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return value
+        name = _normalize_dtype(value)
+        valid = ("float32", "float64") if info.field_name == "compute_dtype" else tuple(TORCH_DTYPES)
+        if name not in valid:
+            why = (
+                "; the merge math runs in float32 or float64 (half-precision inputs are upcast, "
+                "set out_dtype to write them back in half precision)"
+                if info.field_name == "compute_dtype" and name in TORCH_DTYPES
+                else ""
+            )
+            raise ValueError(f"unsupported dtype {value!r} (valid: {', '.join(valid)}){why}")
+        return name
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        method_class(value)  # ValueError with the closest names
+        return value
+
+    @field_validator("base")
+    @classmethod
+    def _base_exists(cls, value: Path) -> Path:
+        _check_path(value, "base")
+        if value.is_dir() and (value / ADAPTER_CONFIG).is_file():
+            raise ValueError(
+                f"{str(value)!r} is a LoRA adapter; the base must be a full model "
+                "(list adapters under branches)"
+            )
+        return value
+
+    @classmethod
+    def _more_errors(cls, data: Mapping[str, Any]) -> list[InitErrorDetails]:
+        errors = _parameter_errors(data)
+        branches = data.get("branches", data.get("models"))
+        coefficients = data.get("coefficients")
+        if isinstance(branches, list) and isinstance(coefficients, list):
+            if len(coefficients) != len(branches):
+                errors.append(
+                    _error(
+                        ("coefficients",),
+                        f"has {len(coefficients)} value(s) but there are {len(branches)} branches; "
+                        "give one coefficient per branch",
+                    )
+                )
+            for i, value in enumerate(coefficients):
+                number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+                if number is not None and not (math.isfinite(number) and number >= 0):
+                    errors.append(_error(("coefficients", i), "must be a finite number >= 0", value))
+            per_branch = [
+                i
+                for i, b in enumerate(branches)
+                if isinstance(b, Mapping)
+                and any(
+                    k in b or k in (b.get("parameters") or {}) for k in ("coefficient", "weight")
+                )
+            ]
+            if per_branch:
+                errors.append(
+                    _error(
+                        ("coefficients",),
+                        "given both as a list and per branch (branches "
+                        + ", ".join(f"[{i}]" for i in per_branch)
+                        + "); use one of the two",
+                    )
+                )
+        return errors
+
+    def resolved_coefficients(self) -> list[float]:
+        """λ per branch: the ``coefficients`` list, else each branch's value, default 1.0."""
+        if self.coefficients is not None:
+            return [float(c) for c in self.coefficients]
+        return [1.0 if b.coefficient is None else float(b.coefficient) for b in self.branches]
+
+    def build_method(self) -> MergeMethod:
+        """The configured method instance (parameters already validated)."""
+        return get_method(self.method, **self.parameters)
+
+    def build_routing(self) -> Routing:
+        """The tensor routing described by ``routing``."""
+        return self.routing.build()
+
+    @property
+    def compute_torch_dtype(self) -> torch.dtype:
+        """``compute_dtype`` as a torch dtype."""
+        return TORCH_DTYPES[self.compute_dtype]
+
+    @property
+    def out_torch_dtype(self) -> torch.dtype | None:
+        """``out_dtype`` as a torch dtype (``None``: keep each base tensor's dtype)."""
+        return None if self.out_dtype is None else TORCH_DTYPES[self.out_dtype]
+
+
+def _parameter_errors(data: Mapping[str, Any]) -> list[InitErrorDetails]:
+    """Errors of ``parameters`` against the method's declared parameters, one per key."""
+    name = data.get("method", data.get("merge_method"))
+    params = data.get("parameters")
+    if not isinstance(name, str) or name not in available_methods() or not isinstance(params, Mapping):
+        return []
+    cls, preset = method_class(name)
+    fields = cls.Params.model_fields
+    settable = [k for k in fields if k not in preset]
+    errors: list[InitErrorDetails] = []
+    for key in params:
+        if key in preset:
+            errors.append(
+                _error(
+                    ("parameters", key),
+                    f"fixed to {preset[key]!r} by method {name!r} (settable: {', '.join(sorted(settable))})",
+                    params[key],
+                )
+            )
+        elif key not in fields:
+            errors.append(
+                _error(
+                    ("parameters", key),
+                    f"unknown parameter for method {name!r} ({closest_names(str(key), settable)})",
+                )
+            )
+    if errors:
+        return errors
+    try:
+        cls.Params(**preset, **params)
+    except ValidationError as err:
+        for e in err.errors():
+            detail = dict(e)
+            detail["loc"] = ("parameters", *e["loc"])
+            message = _friendly_message(detail)
+            # the value is already in the message
+            errors.append(_error(tuple(detail["loc"]), message))
+    return errors
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read and validate a YAML config file.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, is not valid YAML (the message names
+            the file, line and column), is not a mapping, or fails validation (every problem
+            with its field path).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {str(path)!r}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {err}") from None
+    return parse_config(text, source=str(path))
+
+
+def parse_config(text: str, *, source: str = "<config>") -> MergeConfig:
+    """Validate YAML ``text``; ``source`` names it in error messages."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        problem = getattr(err, "problem", None) or str(err)
+        context = getattr(err, "context", None)
+        detail = f"{problem} ({context})" if context else problem
+        raise ConfigError(f"{where}: YAML syntax error: {detail}") from None
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(
+            f"{source}: the config must be a mapping with at least 'method', 'base' and "
+            f"'branches', but the file is {kind}"
+        )
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source=source)) from None
