@@ -17,8 +17,14 @@ from drm_lightning.methods.base import (
     register_method,
 )
 from drm_lightning.methods.drm import DRM, drm_merge, drm_merge_lowrank, shared_basis
+from drm_lightning.methods.task_vector import TaskVectorMethod, task_vector_merge
 
 register_method("drm", DRM)
+register_method("task_arithmetic", TaskVectorMethod, sparsify="none", elect_signs=False)
+register_method("ties", TaskVectorMethod, sparsify="magnitude", elect_signs=True)
+register_method("dare_ties", TaskVectorMethod, sparsify="random", elect_signs=True)
+register_method("dare_linear", TaskVectorMethod, sparsify="random", elect_signs=False)
+register_method("linear", TaskVectorMethod, sparsify="none", elect_signs=False, normalize=True)
 
 __all__ = [
     "DRM",
@@ -26,6 +32,7 @@ __all__ = [
     "MergeMethod",
     "MethodParams",
     "Route",
+    "TaskVectorMethod",
     "available_methods",
     "drm_merge",
     "drm_merge_lowrank",
@@ -33,4 +40,5 @@ __all__ = [
     "method_parameters",
     "register_method",
     "shared_basis",
+    "task_vector_merge",
 ]

@@ -1,0 +1,122 @@
+"""Per-branch sparsification of task vectors: magnitude trim (TIES) and random drop (DARE).
+
+Each function works on ONE branch delta at a time (any shape), as PEFT and mergekit do, so a
+branch's mask never depends on the other branches. The count and rescale conventions of the
+two libraries are both available (see :mod:`drm_lightning.methods.task_vector`).
+
+Example:
+    >>> import torch
+    >>> x = torch.tensor([0.1, -3.0, 2.0, 0.5])
+    >>> kept = x * magnitude_mask(x, keep_count(x.numel(), 0.5, rule="floor"))
+    >>> kept
+    tensor([ 0., -3.,  2.,  0.])
+    >>> rescale_masked(x, kept, how="l1", density=0.5)
+    tensor([ 0.0000, -3.3600,  2.2400,  0.0000])
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+CountRule = Literal["floor", "floor_min1"]
+"""``floor``: ``int(density * numel)`` (PEFT, may keep nothing); ``floor_min1``: at least one
+entry of a non-empty tensor is kept (mergekit)."""
+
+RescaleRule = Literal["inverse_density", "l1", "none"]
+"""``inverse_density``: divide the kept entries by the density (DARE paper, PEFT);
+``l1``: scale so the kept entries have the L1 norm of the whole delta (mergekit);
+``none``: keep the surviving values unchanged."""
+
+L1_RESCALE_EPS = 1e-7
+"""Below this L1 norm (before or after masking) mergekit leaves the masked delta unscaled."""
+
+
+def keep_count(numel: int, density: float, *, rule: CountRule) -> int:
+    """How many entries a magnitude trim of one tensor keeps.
+
+    Uses the same float expression as both libraries, ``int(density * numel)``, so it also
+    matches them where rounding bites (``int(0.29 * 100) == 28``).
+
+    Example:
+        >>> keep_count(10, 0.05, rule="floor"), keep_count(10, 0.05, rule="floor_min1")
+        (0, 1)
+    """
+    if density >= 1:
+        return numel
+    count = int(density * numel)
+    if rule == "floor_min1" and numel > 0:
+        count = max(1, count)
+    elif rule != "floor" and rule != "floor_min1":
+        raise ValueError(f"count rule must be 'floor' or 'floor_min1', got {rule!r}")
+    return count
+
+
+def magnitude_mask(x: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` largest-magnitude entries of one tensor.
+
+    Selection by :func:`torch.topk` on the flattened magnitudes in the tensor's own dtype,
+    the call PEFT makes, so ties at the cut resolve as in PEFT.
+
+    Example:
+        >>> magnitude_mask(torch.tensor([[1.0, -5.0], [2.0, 0.0]]), 2)
+        tensor([[False,  True],
+                [ True, False]])
+    """
+    flat = x.detach().abs().reshape(-1)
+    if k >= flat.numel():
+        return torch.ones_like(x, dtype=torch.bool)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        mask[torch.topk(flat, k, largest=True).indices] = True
+    return mask.reshape(x.shape)
+
+
+def bernoulli_mask(
+    shape: torch.Size | tuple[int, ...],
+    density: float,
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Random keep-mask: each entry kept with probability ``density`` (DARE).
+
+    Drawn with ``torch.bernoulli`` on a tensor of probabilities of ``dtype`` on the
+    generator's device — the same draws as PEFT (``dtype`` = the delta's dtype) and mergekit
+    on CPU (``dtype=torch.float32``) when the global RNG there is seeded like ``generator``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> bernoulli_mask((2, 3), 0.5, generator=g, dtype=torch.float32).dtype
+        torch.bool
+    """
+    probs = torch.full(tuple(shape), density, dtype=dtype, device=generator.device)
+    return torch.bernoulli(probs, generator=generator).bool()
+
+
+def rescale_masked(original: Tensor, masked: Tensor, *, how: RescaleRule, density: float) -> Tensor:
+    """Rescale a sparsified delta so it keeps the scale of the ``original`` one.
+
+    ``inverse_density`` divides by ``density`` (unbiased in expectation, DARE paper and
+    PEFT). ``l1`` multiplies by ``‖original‖₁ / ‖masked‖₁`` — what mergekit's ``rescale:
+    true`` actually does (it is not ``1/density``: the factor depends on which entries the
+    mask kept) — and leaves the delta unscaled when either norm is below 1e-7, as mergekit.
+
+    Example:
+        >>> rescale_masked(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 3.0]),
+        ...                how="inverse_density", density=0.5)
+        tensor([0., 6.])
+    """
+    if how == "none":
+        return masked
+    if how == "inverse_density":
+        return masked / density
+    if how != "l1":
+        raise ValueError(f"rescale must be 'inverse_density', 'l1' or 'none', got {how!r}")
+    before = original.abs().sum()
+    after = masked.abs().sum()
+    if bool(before < L1_RESCALE_EPS) or bool(after < L1_RESCALE_EPS):
+        return masked
+    return masked * (before / after)

@@ -1,0 +1,430 @@
+"""Task-vector merging: task arithmetic, TIES, DARE and the weighted average as one method.
+
+Every baseline is the same recipe on the branch deltas (task vectors) ``Δ_i`` of one tensor,
+with steps switched on or off:
+
+1. sparsify each branch on its own — ``magnitude`` (TIES: keep the largest ``density``
+   fraction of ``|Δ_i|``) or ``random`` (DARE: keep each entry with probability
+   ``density``), optionally rescaled;
+2. elect a sign per entry by mass and drop the entries that disagree (TIES);
+3. multiply branch i by its coefficient ``w_i`` and sum;
+4. optionally normalise (disjoint mean, or division by the weight sum);
+5. multiply by the global ``scaling`` λ.
+
+The registered names are presets of :class:`TaskVectorMethod`:
+
+================  ===========  =====  ==================================================
+name              sparsify     elect  paper
+================  ===========  =====  ==================================================
+task_arithmetic   none         no     Ilharco et al., arXiv:2212.04089
+ties              magnitude    yes    Yadav et al., arXiv:2306.01708
+dare_ties         random       yes    Yu et al., arXiv:2311.03099 (+ TIES)
+dare_linear       random       no     Yu et al., arXiv:2311.03099
+linear            none         no     Wortsman et al., arXiv:2203.05482 (normalize fixed)
+================  ===========  =====  ==================================================
+
+Example:
+    >>> import torch
+    >>> x = torch.tensor([[1.0, -4.0, -2.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
+    >>> task_vector_merge(x, torch.ones(2, dtype=x.dtype), elect_signs=True, normalize=True)
+    tensor([ 1.0000, -2.5000, -1.5000], dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import Tensor
+
+from drm_lightning.methods._ops import broadcast_coefficients, elect_signs as _elect_signs
+from drm_lightning.methods._sparsify import (
+    CountRule,
+    RescaleRule,
+    bernoulli_mask,
+    keep_count,
+    magnitude_mask,
+    rescale_masked,
+)
+from drm_lightning.methods.base import MergeMethod, MethodParams, Route
+
+Sparsify = Literal["none", "magnitude", "random"]
+Convention = Literal["peft", "mergekit"]
+
+DEFAULT_DENSITY: dict[str, float] = {"none": 1.0, "magnitude": 0.2, "random": 0.5}
+"""Density used when none is given. ``magnitude`` 0.2: the TIES paper keeps the top 20 % and
+PEFT's merging guide uses 0.2. ``random`` 0.5: the DARE paper sweeps drop rates 0.1–0.9 and
+shared mergekit ``dare_ties`` configs cluster around 0.5. (mergekit's own default is 1.0, no
+sparsification, for every method.)"""
+
+WEIGHT_SUM_EPS = 1e-8
+"""Without sign election, a weight sum below this is treated as 1 (as mergekit does)."""
+
+
+def default_normalize(sparsify: Sparsify, elect_signs: bool, convention: Convention) -> bool:
+    """The library default of ``normalize`` for a preset under ``convention``.
+
+    TIES normalises in both libraries; DARE-TIES normalises in PEFT (disjoint mean) but sums
+    in mergekit (``normalize: false`` by default); methods without election sum.
+
+    Example:
+        >>> default_normalize("random", True, "peft"), default_normalize("random", True, "mergekit")
+        (True, False)
+    """
+    if not elect_signs:
+        return False
+    return convention == "peft" or sparsify != "random"
+
+
+def default_rescale(sparsify: Sparsify, convention: Convention) -> RescaleRule:
+    """DARE rescales by ``1/density`` in PEFT and to the branch's L1 norm in mergekit.
+
+    Example:
+        >>> default_rescale("random", "mergekit"), default_rescale("magnitude", "peft")
+        ('l1', 'none')
+    """
+    if sparsify != "random":
+        return "none"
+    return "inverse_density" if convention == "peft" else "l1"
+
+
+def sparsify_branches(
+    deltas: Tensor,
+    *,
+    sparsify: Sparsify,
+    density: float,
+    rescale: RescaleRule = "none",
+    count_rule: CountRule = "floor",
+    generator: torch.Generator | None = None,
+    mask_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Sparsify every branch of an (N, ...) stack on its own; ``density >= 1`` is a no-op.
+
+    Random masks are drawn branch by branch, in order, from ``generator`` (required for
+    ``random``) with probabilities of ``mask_dtype`` (default: the deltas' dtype).
+
+    Example:
+        >>> d = torch.tensor([[3.0, 1.0, 0.5, 2.0], [0.1, 0.2, -0.3, 0.4]])
+        >>> sparsify_branches(d, sparsify="magnitude", density=0.5)
+        tensor([[ 3.0000,  0.0000,  0.0000,  2.0000],
+                [ 0.0000,  0.0000, -0.3000,  0.4000]])
+    """
+    if sparsify == "none" or density >= 1:
+        return deltas
+    if sparsify == "random" and generator is None:
+        raise ValueError("random sparsification (DARE) needs a torch.Generator")
+    out = torch.empty_like(deltas)
+    for i, delta in enumerate(deltas):
+        if sparsify == "magnitude":
+            mask = magnitude_mask(delta, keep_count(delta.numel(), density, rule=count_rule))
+        elif sparsify == "random":
+            assert generator is not None
+            mask = bernoulli_mask(
+                delta.shape, density, generator=generator, dtype=mask_dtype or delta.dtype
+            ).to(delta.device)
+        else:
+            raise ValueError(f"sparsify must be 'none', 'magnitude' or 'random', got {sparsify!r}")
+        out[i] = rescale_masked(delta, delta * mask, how=rescale, density=density)
+    return out
+
+
+def combine_branches(
+    deltas: Tensor,
+    coefficients: Tensor,
+    *,
+    elect_signs: bool,
+    normalize: bool,
+    convention: Convention = "peft",
+) -> Tensor:
+    """Weight, optionally elect signs, sum and optionally normalise an (N, ...) stack.
+
+    With ``elect_signs`` the sign of each entry is that of the summed mass (``+1`` on an exact
+    zero sum, as both libraries); ``peft`` votes with the unweighted deltas and normalises by
+    the number of agreeing non-zero entries, ``mergekit`` votes with the weighted deltas and
+    normalises by the sum of the agreeing weights. Without election, ``normalize`` divides by
+    the sum of all weights (a weighted average).
+
+    Example:
+        >>> d = torch.tensor([[2.0, 1.0], [-4.0, 3.0]])
+        >>> w = torch.tensor([3.0, 1.0])
+        >>> combine_branches(d, w, elect_signs=True, normalize=True, convention="peft")
+        tensor([-4.,  3.])
+        >>> combine_branches(d, w, elect_signs=True, normalize=True, convention="mergekit")
+        tensor([2.0000, 1.5000])
+    """
+    weights = broadcast_coefficients(coefficients, deltas)
+    weighted = deltas * weights
+    if not elect_signs:
+        total = weighted.sum(dim=0)
+        if not normalize:
+            return total
+        weight_sum = coefficients.to(deltas.dtype).sum()
+        if bool(weight_sum.abs() < WEIGHT_SUM_EPS):
+            return total
+        return total / weight_sum
+    if convention not in ("peft", "mergekit"):
+        raise ValueError(f"convention must be 'peft' or 'mergekit', got {convention!r}")
+    voters = deltas if convention == "peft" else weighted
+    agree = torch.sign(voters) == _elect_signs(voters, tie_break="positive")
+    zero = torch.zeros((), dtype=deltas.dtype, device=deltas.device)
+    total = torch.where(agree, weighted, zero).sum(dim=0)
+    if not normalize:
+        return total
+    if convention == "peft":
+        return total / agree.sum(dim=0).clamp(min=1).to(deltas.dtype)
+    divisor = torch.where(agree, weights, zero).sum(dim=0)
+    return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+def task_vector_merge(
+    deltas: Tensor,
+    coefficients: Tensor,
+    *,
+    sparsify: Sparsify = "none",
+    density: float = 1.0,
+    elect_signs: bool = False,
+    normalize: bool = False,
+    rescale: RescaleRule = "none",
+    convention: Convention = "peft",
+    scaling: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Merge the (N, ...) branch deltas of one tensor into one delta (the whole recipe).
+
+    Args:
+        deltas: (N, ...) task vectors, branches on dim 0.
+        coefficients: (N,) per-branch weights ``w_i``.
+        sparsify: ``none``, ``magnitude`` (TIES trim) or ``random`` (DARE drop).
+        density: fraction of entries kept per branch, in (0, 1].
+        elect_signs: TIES sign election and disjoint merge.
+        normalize: disjoint mean / weight-sum division (see :func:`combine_branches`).
+        rescale: rescale rule of the sparsified branches (see :mod:`._sparsify`).
+        convention: ``peft`` or ``mergekit`` (see :class:`TaskVectorMethod`).
+        scaling: global λ multiplying the merged delta.
+        generator: random source of ``random`` sparsification.
+
+    Returns:
+        The merged delta, shaped like one branch, in the deltas' dtype.
+
+    Example:
+        >>> d = torch.tensor([[1.0, 2.0], [3.0, -2.0]])
+        >>> task_vector_merge(d, torch.tensor([0.5, 0.5]), scaling=2.0)
+        tensor([4., 0.])
+    """
+    if deltas.dim() < 1 or deltas.shape[0] == 0:
+        raise ValueError(f"deltas must be stacked on dim 0 with N >= 1, got shape {tuple(deltas.shape)}")
+    if coefficients.shape != (deltas.shape[0],):
+        raise ValueError(
+            f"coefficients must have shape ({deltas.shape[0]},) to match deltas "
+            f"{tuple(deltas.shape)}, got {tuple(coefficients.shape)}"
+        )
+    mask_dtype = None
+    if convention == "mergekit" and deltas.dtype != torch.bfloat16:
+        mask_dtype = torch.float32  # mergekit draws DARE masks in float32 on CPU
+    sparse = sparsify_branches(
+        deltas, sparsify=sparsify, density=density, rescale=rescale,
+        count_rule="floor" if convention == "peft" else "floor_min1",
+        generator=generator, mask_dtype=mask_dtype,
+    )
+    merged = combine_branches(
+        sparse, coefficients, elect_signs=elect_signs, normalize=normalize, convention=convention
+    )
+    return merged * scaling if scaling != 1 else merged
+
+
+def family_name(sparsify: object, elect_signs: object, normalize: object = None) -> str:
+    """The usual name of a (sparsify, elect_signs) configuration, for messages.
+
+    Example:
+        >>> family_name("random", True)
+        'dare_ties'
+    """
+    names = {
+        ("none", False): "task_arithmetic",
+        ("magnitude", True): "ties",
+        ("random", True): "dare_ties",
+        ("random", False): "dare_linear",
+        ("magnitude", False): "magnitude_prune",
+    }
+    if (sparsify, bool(elect_signs), normalize) == ("none", False, True):
+        return "linear"
+    return names.get((sparsify, bool(elect_signs)), "task_vector")  # type: ignore[call-overload]
+
+
+class TaskVectorParams(MethodParams):
+    """Parameters of the task-vector family; ``None`` means "the default for this name".
+
+    ``sparsify`` and ``elect_signs`` (and ``normalize`` for ``linear``) are fixed by the
+    registered name; the others are user settings.
+    """
+
+    sparsify: Sparsify = Field("none", description="per-branch sparsification (fixed per name)")
+    elect_signs: bool = Field(False, description="TIES sign election (fixed per name)")
+    density: float | None = Field(
+        None,
+        description="fraction of entries kept per branch, in (0, 1]; default 0.2 for ties, "
+        "0.5 for dare_*, unused by task_arithmetic/linear",
+    )
+    scaling: float = Field(1.0, allow_inf_nan=False, description="global λ on the merged delta")
+    normalize: bool | None = Field(
+        None,
+        description="divide by the agreeing count (peft) / agreeing weight sum (mergekit) "
+        "when electing signs, else by the weight sum; default: the library's for this name",
+    )
+    rescale: RescaleRule | None = Field(
+        None,
+        description="rescale of sparsified branches: inverse_density | l1 | none; "
+        "default: inverse_density (peft) or l1 (mergekit) for DARE, none otherwise",
+    )
+    convention: Convention = Field("peft", description="whose TIES/DARE arithmetic: peft | mergekit")
+    seed: int = Field(0, description="DARE seed when the caller passes no generator")
+
+    @field_validator("density")
+    @classmethod
+    def _density_in_range(cls, v: float | None) -> float | None:
+        if v is not None and not (0.0 < v <= 1.0):
+            raise ValueError(
+                f"density is the fraction of entries kept and must be in (0, 1]; got {v} "
+                "(use 1.0 to keep everything)"
+            )
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        sparsify = data.get("sparsify", "none")
+        elect = bool(data.get("elect_signs", False))
+        convention = data.get("convention", "peft")
+        if sparsify not in DEFAULT_DENSITY or convention not in ("peft", "mergekit"):
+            return data  # the field validators report it
+        if sparsify == "none":
+            if data.get("density") not in (None, 1.0):
+                raise ValueError(
+                    "density has no effect without sparsification (task_arithmetic, linear); "
+                    "use ties, dare_ties or dare_linear to sparsify"
+                )
+            if data.get("rescale") not in (None, "none"):
+                raise ValueError("rescale has no effect without sparsification")
+        if data.get("density") is None:
+            data["density"] = DEFAULT_DENSITY[sparsify]
+        if data.get("normalize") is None:
+            data["normalize"] = default_normalize(sparsify, elect, convention)
+        if data.get("rescale") is None:
+            data["rescale"] = default_rescale(sparsify, convention)
+        return data
+
+
+class TaskVectorMethod(MergeMethod):
+    """Task arithmetic, TIES, DARE-TIES, DARE-linear and linear averaging, one class.
+
+    Entry-wise on the branch deltas, so the 2-D route and the fallback route run the same
+    recipe (:func:`task_vector_merge`); LoRA branches are densified per matrix. Runs once per
+    tensor, independently, which makes it safe for any sharding: a tensor only needs its own
+    N deltas. Papers: task arithmetic (Ilharco et al., arXiv:2212.04089), TIES (Yadav et al.,
+    arXiv:2306.01708), DARE (Yu et al., arXiv:2311.03099), model soups / weighted average
+    (Wortsman et al., arXiv:2203.05482).
+
+    Parameters (:class:`TaskVectorParams`): ``density``, ``scaling``, ``normalize``,
+    ``rescale``, ``convention``, ``seed``.
+
+    Conventions (``convention``), measured against PEFT 0.21 ``peft.utils.merge_utils`` and
+    mergekit 0.1.5 ``GeneralizedTaskArithmeticMerge``:
+
+    ========================  ==================================  =================================
+    step                      ``peft`` (default)                  ``mergekit``
+    ========================  ==================================  =================================
+    magnitude keep count      ``int(density·numel)`` per tensor   ``max(1, int(density·numel))``
+                              (may keep nothing)
+    DARE rescale              ``/ density``                       × ``‖Δ‖₁ / ‖masked Δ‖₁`` (L1 match,
+                                                                  skipped when a norm < 1e-7)
+    DARE mask draw            ``bernoulli`` in the delta's dtype  ``bernoulli`` in float32
+    sign election             on UNWEIGHTED trimmed deltas        on WEIGHTED trimmed deltas
+    normalised divisor        number of agreeing non-zero         sum of the weights of agreeing
+    (with election)           entries (a 0-weight branch still    entries (a 0-weight branch
+                              votes and counts)                   does not take part)
+    ``normalize`` default     ties, dare_ties: yes; others: no    ties: yes; others: no
+    ========================  ==================================  =================================
+
+    Shared by both: a zero mass sum elects ``+``; ``normalize=False`` sums the agreeing
+    weighted entries; without election ``normalize`` divides by the weight sum (``linear``,
+    where it is fixed on); ``scaling`` multiplies last (mergekit's ``lambda``). With equal
+    weights of 1 the two conventions give the same TIES result. Known residual differences:
+    mergekit ranks float32-rounded magnitudes on CPU and computes DARE's L1 rescale in
+    float32, so float64 results agree to ~1e-7 relative there (bit-equal in float32); among
+    exactly tied magnitudes at the cut mergekit's unstable sort may keep other entries.
+
+    Randomness (DARE): masks come from the ``generator`` the caller passes (the merge loop
+    seeds one per tensor name), drawn branch by branch in order on the generator's device;
+    with no generator, one seeded with ``seed`` is made per call. Seeding the global RNG of
+    PEFT/mergekit with the same value reproduces their masks bit for bit.
+
+    Example:
+        >>> from drm_lightning.methods import get_method
+        >>> ties = get_method("ties", density=0.5)
+        >>> x = torch.tensor([[1.0, -4.0, -2.0, 0.5], [-1.0, -1.5, -0.5, 3.0]])
+        >>> ties.merge_fallback(x, torch.ones(2))
+        tensor([ 0.0000, -2.7500, -2.0000,  3.0000])
+    """
+
+    name = "task_vector"
+    paper = (
+        "Ilharco et al. arXiv:2212.04089; Yadav et al. arXiv:2306.01708; "
+        "Yu et al. arXiv:2311.03099; Wortsman et al. arXiv:2203.05482"
+    )
+    Params = TaskVectorParams
+
+    def __init__(self, **params: Any) -> None:
+        # Errors name the family the preset selects ("ties.density: ..."), not "task_vector".
+        self.name = family_name(
+            params.get("sparsify", "none"), params.get("elect_signs", False),
+            params.get("normalize"),
+        )
+        super().__init__(**params)
+        self.params: TaskVectorParams
+
+    @property
+    def uses_randomness(self) -> bool:
+        """True for DARE with ``density < 1``."""
+        p = self.params
+        return p.sparsify == "random" and p.density is not None and p.density < 1
+
+    def _merge(self, deltas: Tensor, coefficients: Tensor, generator: torch.Generator | None) -> Tensor:
+        p = self.params
+        if self.uses_randomness and generator is None:
+            generator = torch.Generator().manual_seed(p.seed)
+        assert p.density is not None and p.normalize is not None and p.rescale is not None
+        return task_vector_merge(
+            deltas, coefficients, sparsify=p.sparsify, density=p.density,
+            elect_signs=p.elect_signs, normalize=p.normalize, rescale=p.rescale,
+            convention=p.convention, scaling=p.scaling, generator=generator,
+        )
+
+    def merge_matrix(
+        self, deltas: Tensor, coefficients: Tensor, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Merge the (N, n, m) deltas of one weight matrix (entry-wise, like the fallback)."""
+        return self._merge(deltas, coefficients, generator)
+
+    def merge_fallback(
+        self, deltas: Tensor, coefficients: Tensor, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Merge the (N, *shape) deltas of any other tensor."""
+        return self._merge(deltas, coefficients, generator)
+
+    def cost(self, route: Route, shape: Sequence[int], n_branches: int) -> float:
+        """Entry-wise passes over the stack, plus a top-k per branch for magnitude trims."""
+        if route == "ignore":
+            return 0.0
+        numel = math.prod(int(s) for s in shape)
+        per_entry = 8.0
+        if self.params.sparsify == "magnitude":
+            per_entry += math.log2(max(numel, 2))
+        elif self.params.sparsify == "random":
+            per_entry += 4.0
+        return float(per_entry * numel * n_branches)
