@@ -113,7 +113,8 @@ def format_loc(loc: Sequence[str | int]) -> str:
 
 def _friendly_message(error: Mapping[str, Any]) -> str:
     """A short message for one pydantic error, with the offending value."""
-    kind, ctx = error["type"], error.get("ctx") or {}
+    kind = error["type"]
+    ctx = {k: f"{v:g}" if isinstance(v, float) else v for k, v in (error.get("ctx") or {}).items()}
     simple = {
         "greater_than_equal": "must be >= {ge}",
         "greater_than": "must be > {gt}",
@@ -349,7 +350,9 @@ class MergeConfig(_Section):
     )
     out_dtype: OutDType | None = Field(None, description="default: each base tensor's dtype")
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
-    seed: int = Field(0, ge=0, description="seed of the per-tensor generators (DARE)")
+    seed: int | None = Field(
+        None, ge=0, description="seed of the per-tensor generators (DARE); default 0"
+    )
 
     @field_validator("compute_dtype", "out_dtype", mode="before")
     @classmethod
@@ -393,6 +396,12 @@ class MergeConfig(_Section):
     @classmethod
     def _more_errors(cls, data: Mapping[str, Any]) -> list[InitErrorDetails]:
         errors = _parameter_errors(data)
+        params = data.get("parameters")
+        if isinstance(params, Mapping) and "seed" in params and "seed" in data:
+            if params["seed"] != data["seed"]:
+                errors.append(
+                    _error(("parameters", "seed"), f"differs from the top-level seed {data['seed']!r}; keep one")
+                )
         branches = data.get("branches", data.get("models"))
         coefficients = data.get("coefficients")
         if isinstance(branches, list) and isinstance(coefficients, list):
@@ -432,6 +441,13 @@ class MergeConfig(_Section):
         if self.coefficients is not None:
             return [float(c) for c in self.coefficients]
         return [1.0 if b.coefficient is None else float(b.coefficient) for b in self.branches]
+
+    def resolved_seed(self) -> int:
+        """The merge seed: ``seed``, else the method's ``parameters.seed``, else 0."""
+        if self.seed is not None:
+            return self.seed
+        value = self.parameters.get("seed")
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
 
     def build_method(self) -> MergeMethod:
         """The configured method instance (parameters already validated)."""
