@@ -1,0 +1,114 @@
+"""``open_source``: the right :class:`WeightSource` for a path, a state dict or a module.
+
+Example:
+    >>> import torch
+    >>> open_source({"w": torch.ones(1)}).describe()
+    'in-memory state dict <in-memory> (1 tensors)'
+    >>> open_source("/no/such/model")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: /no/such/model does not exist; expected a .safetensors file, ...
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from drm_lightning.sources.base import WeightSource
+from drm_lightning.sources.hf_folder import EXPECTED_INPUTS, HFFolderSource
+from drm_lightning.sources.lightning_ckpt import LightningCheckpointSource
+from drm_lightning.sources.lora import LoraBranch
+from drm_lightning.sources.memory import StateDictSource
+from drm_lightning.sources.safetensors_file import SafetensorsFileSource
+from drm_lightning.sources.torch_file import TorchFileSource
+
+__all__ = ["open_source", "SourceLike"]
+
+SourceLike = WeightSource | Mapping[str, torch.Tensor] | torch.nn.Module | str | os.PathLike[str]
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def open_source(
+    obj: SourceLike,
+    *,
+    base: SourceLike | None = None,
+    prefix: str | None = None,
+    weights_only: bool | None = None,
+    adapter_name: str | None = None,
+) -> WeightSource:
+    """Open weights from any supported input.
+
+    ========================================  ===============================
+    input                                     source
+    ========================================  ===============================
+    a :class:`WeightSource`                   returned unchanged
+    a mapping of tensors / ``nn.Module``      :class:`StateDictSource`
+    ``*.safetensors`` file                    :class:`SafetensorsFileSource`
+    ``*.ckpt`` file                           :class:`LightningCheckpointSource`
+    ``*.bin`` / ``*.pt`` / ``*.pth`` file     :class:`TorchFileSource`
+    folder with ``adapter_config.json``       :class:`LoraBranch` (needs ``base``)
+    other folder                              :class:`HFFolderSource`
+    ========================================  ===============================
+
+    Args:
+        obj: what to open.
+        base: the base model, required for (and only used by) PEFT adapter folders.
+        prefix: name prefix to strip, for ``.ckpt`` / ``.bin`` / ``.pt`` files only.
+        weights_only: pickle safety for ``.ckpt`` / ``.bin`` / ``.pt`` files (see
+            :func:`~drm_lightning.sources.torch_file.load_pickled`).
+        adapter_name: for adapter files holding several adapters.
+
+    Raises:
+        FileNotFoundError: the path does not exist or holds no weights (says what was expected).
+        ValueError: unsupported file type, adapter folder without ``base``, ``prefix`` where
+            it does not apply.
+        TypeError: ``obj`` is of an unsupported type.
+
+    Example:
+        >>> import tempfile, pathlib, torch
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "model.txt"
+        >>> _ = p.write_text("hello")
+        >>> open_source(p)
+        Traceback (most recent call last):
+        ...
+        ValueError: .../model.txt: unsupported file type '.txt'; expected a .safetensors file, ...
+    """
+    if isinstance(obj, WeightSource):
+        return obj
+    if isinstance(obj, (torch.nn.Module, Mapping)):
+        if prefix:
+            raise ValueError("prefix= is only supported for .ckpt/.bin/.pt files; rename in-memory keys yourself")
+        return StateDictSource(obj)
+    if not isinstance(obj, (str, os.PathLike)):
+        raise TypeError(
+            f"cannot open weights from a {type(obj).__name__}; give a path, a state dict, an nn.Module "
+            "or a WeightSource"
+        )
+    path = Path(obj)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; {EXPECTED_INPUTS}")
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            if base is None:
+                raise ValueError(f"{path} is a PEFT adapter folder; open it with base= the model it was trained on")
+            return LoraBranch(path, open_source(base, weights_only=weights_only), adapter_name=adapter_name)
+        _no_prefix(prefix, path)
+        return HFFolderSource(path, weights_only=weights_only)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        _no_prefix(prefix, path)
+        return SafetensorsFileSource(path)
+    if suffix == ".ckpt":
+        return LightningCheckpointSource(path, prefix=prefix, weights_only=weights_only)
+    if suffix in _PICKLE_SUFFIXES:
+        return TorchFileSource(path, prefix=prefix, weights_only=weights_only)
+    raise ValueError(f"{path}: unsupported file type {suffix!r}; {EXPECTED_INPUTS}")
+
+
+def _no_prefix(prefix: str | None, path: Path) -> None:
+    if prefix:
+        raise ValueError(f"prefix= is only supported for .ckpt/.bin/.pt files, not {path}")

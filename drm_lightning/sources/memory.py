@@ -1,0 +1,83 @@
+"""In-memory weights: a state dict or an ``nn.Module``, exposed without copying.
+
+Example:
+    >>> import torch
+    >>> src = StateDictSource(torch.nn.Linear(3, 2))
+    >>> src.keys(), src.meta("weight").shape
+    (['bias', 'weight'], (2, 3))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from drm_lightning.sources.base import TensorMeta, WeightSource
+
+__all__ = ["StateDictSource"]
+
+
+class StateDictSource(WeightSource):
+    """A mapping of tensors or a module's ``state_dict()``.
+
+    Tensors are detached but not copied: they share memory with the module, so ``get``
+    returns the live values (on whatever device they are). Tied parameters appear under
+    every name, as in ``state_dict()``.
+
+    Args:
+        weights: a mapping ``name -> Tensor`` or an ``nn.Module``.
+        origin: a label for logs and error messages.
+
+    Raises:
+        TypeError: ``weights`` is neither, or holds non-tensor values (all listed).
+
+    Example:
+        >>> import torch
+        >>> w = torch.zeros(2)
+        >>> src = StateDictSource({"w": w})
+        >>> src.get("w").data_ptr() == w.data_ptr()
+        True
+    """
+
+    def __init__(self, weights: Mapping[str, Tensor] | torch.nn.Module, *, origin: str = "<in-memory>") -> None:
+        if isinstance(weights, torch.nn.Module):
+            state: Mapping[str, object] = weights.state_dict(keep_vars=False)
+        elif isinstance(weights, Mapping):
+            state = weights
+        else:
+            raise TypeError(
+                f"StateDictSource expects a mapping of tensors or an nn.Module, got {type(weights).__name__}"
+            )
+        bad = [f"{k!r} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, Tensor) or not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"state dict entries must be str -> Tensor; not tensors: {', '.join(bad[:20])}")
+        self._tensors: dict[str, Tensor] = {k: v.detach() for k, v in state.items()}  # type: ignore[union-attr]
+        self._keys = sorted(self._tensors)
+        self.origin = origin
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def meta(self, name: str) -> TensorMeta:
+        try:
+            return TensorMeta.of(self._tensors[name])
+        except KeyError:
+            raise self._missing(name) from None
+
+    def get(self, name: str) -> Tensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise self._missing(name) from None
+
+    def files(self) -> list[Path]:
+        return []
+
+    def describe(self) -> str:
+        return f"in-memory state dict {self.origin} ({len(self._keys)} tensors)"
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors

@@ -1,0 +1,190 @@
+"""Pickled torch state dicts (``pytorch_model.bin``, ``.pt``, ``.pth``), memory-mapped.
+
+Files are opened with ``torch.load(..., mmap=True, map_location="cpu")``: the pickle is read
+at construction, tensor data stays on disk until a tensor is used. Pickles are first loaded
+with ``weights_only=True``; see :func:`load_pickled` for when (and how loudly) that falls
+back to full unpickling.
+
+Example:
+    >>> import tempfile, pathlib, torch
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "pytorch_model.bin"
+    >>> torch.save({"w": torch.ones(2, 2)}, path)
+    >>> TorchFileSource(path).meta("w")
+    TensorMeta(shape=(2, 2), dtype=torch.float32)
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from drm_lightning.sources.base import TensorMeta, WeightSource
+
+__all__ = ["TorchFileSource", "load_pickled"]
+
+
+def load_pickled(path: str | os.PathLike[str], *, weights_only: bool | None = None) -> Any:
+    """``torch.load`` a file on CPU, memory-mapped when the format allows it.
+
+    Args:
+        path: the pickled file.
+        weights_only: ``True``: only tensors and plain containers (``torch.load``'s safe
+            mode), errors otherwise. ``False``: full unpickling — runs code from the file,
+            use only for files you trust. ``None`` (default): safe mode first; if the file
+            holds other Python objects (Lightning checkpoints often store hyper-parameters
+            as custom classes), warn and fall back to full unpickling.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``weights_only=True`` and the file needs full unpickling, or the file
+            is not a torch pickle.
+
+    Example:
+        >>> import tempfile, pathlib, torch
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "sd.pt"
+        >>> torch.save({"w": torch.zeros(1)}, p)
+        >>> load_pickled(p, weights_only=True)
+        {'w': tensor([0.])}
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"torch checkpoint not found: {p}" + (" (it is a folder)" if p.is_dir() else ""))
+    mmap = zipfile.is_zipfile(p)  # legacy (pre-1.6) pickles cannot be memory-mapped
+    if weights_only is not False:
+        try:
+            return torch.load(p, map_location="cpu", mmap=mmap, weights_only=True)
+        except pickle.UnpicklingError as err:
+            if weights_only:
+                raise ValueError(
+                    f"{p} holds Python objects other than tensors, so it cannot be loaded with "
+                    f"weights_only=True ({str(err).splitlines()[0]}). If you trust this file, load it "
+                    "with weights_only=False"
+                ) from err
+            warnings.warn(
+                f"{p} holds Python objects other than tensors; loading it with full unpickling "
+                "(weights_only=False). Only do this for files you trust; pass weights_only=True to refuse.",
+                UserWarning,
+                stacklevel=3,
+            )
+        except (RuntimeError, EOFError) as err:
+            raise ValueError(f"{p} is not a readable torch checkpoint: {err}") from err
+    try:
+        return torch.load(p, map_location="cpu", mmap=mmap, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{p} is not a readable torch checkpoint: {err}") from err
+
+
+class TorchFileSource(WeightSource):
+    """A pickled state dict file (``torch.save(model.state_dict(), path)``).
+
+    Args:
+        path: the file (``.bin``, ``.pt``, ``.pth``, ``.ckpt``).
+        key: optional top-level entry holding the state dict (``"state_dict"``,
+            ``"model"``...). Without it the file itself must be a mapping of tensors.
+        prefix: optional name prefix: only tensors whose name starts with it are kept,
+            with the prefix removed (``"model."`` turns ``model.fc.weight`` into
+            ``fc.weight``). Names without it are left out and listed in :attr:`skipped`.
+            Nothing is stripped unless asked.
+        weights_only: see :func:`load_pickled`.
+
+    Attributes:
+        skipped: names left out (not matching ``prefix``, or not tensors).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: no state dict of tensors found, or no name starts with ``prefix``.
+
+    Example:
+        >>> import tempfile, pathlib, torch
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "sd.pt"
+        >>> torch.save({"model.fc.weight": torch.ones(1, 2), "loss.w": torch.ones(1)}, p)
+        >>> src = TorchFileSource(p, prefix="model.")
+        >>> src.keys(), src.skipped
+        (['fc.weight'], ['loss.w'])
+    """
+
+    kind = "torch state dict file"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        key: str | None = None,
+        prefix: str | None = None,
+        weights_only: bool | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.origin = str(self.path)
+        self.prefix = prefix
+        payload = load_pickled(self.path, weights_only=weights_only)
+        state = self._select(payload, key)
+        self._tensors: dict[str, Tensor] = {}
+        self.skipped: list[str] = []
+        for name, value in state.items():
+            if not isinstance(name, str) or not isinstance(value, Tensor):
+                self.skipped.append(str(name))
+                continue
+            if prefix:
+                if not name.startswith(prefix):
+                    self.skipped.append(name)
+                    continue
+                name = name[len(prefix) :]
+            self._tensors[name] = value.detach()
+        if prefix and not self._tensors:
+            sample = sorted(str(k) for k in state)[:5]
+            raise ValueError(
+                f"no tensor name in {self.path} starts with prefix {prefix!r}; first names: {sample}. "
+                "Give the prefix the names actually start with, or none"
+            )
+        self._keys = sorted(self._tensors)
+        del payload, state
+
+    def _select(self, payload: Any, key: str | None) -> Mapping[Any, Any]:
+        if key is not None:
+            if not isinstance(payload, Mapping) or key not in payload:
+                top = sorted(str(k) for k in payload) if isinstance(payload, Mapping) else type(payload).__name__
+                raise ValueError(f"{self.path} has no top-level entry {key!r}; top-level entries: {top}")
+            payload = payload[key]
+        if not isinstance(payload, Mapping):
+            raise ValueError(f"{self.path} holds a {type(payload).__name__}, expected a state dict (a mapping of tensors)")
+        if payload and not any(isinstance(v, Tensor) for v in payload.values()):
+            top = sorted(str(k) for k in payload)[:10]
+            raise ValueError(
+                f"{self.path} holds no tensors at the top level (entries: {top}); "
+                "give key= the entry that holds the state dict"
+            )
+        return payload
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def meta(self, name: str) -> TensorMeta:
+        try:
+            return TensorMeta.of(self._tensors[name])
+        except KeyError:
+            raise self._missing(name) from None
+
+    def get(self, name: str) -> Tensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise self._missing(name) from None
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def describe(self) -> str:
+        extra = f", prefix {self.prefix!r} stripped" if self.prefix else ""
+        extra += f", {len(self.skipped)} entries left out" if self.skipped else ""
+        return f"{self.kind} {self.path} ({len(self._keys)} tensors{extra})"
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors

@@ -1,0 +1,398 @@
+"""Write merged weights as a Hugging Face model folder, atomically.
+
+:class:`HFFolderWriter` streams tensors into safetensors shards of at most
+``max_shard_bytes``, then — only when the ``with`` block ends without error — names the
+shards like ``save_pretrained`` (``model-00001-of-00003.safetensors`` + index, or a single
+``model.safetensors``), copies the config and tokenizer files, writes a model card, and
+moves the finished folder into place. Until then everything lives in a hidden sibling
+folder ``<out>.tmp-<pid>-<random>``; on any error (a full disk included) that folder is
+removed and ``out_dir`` is left as it was.
+
+Example:
+    >>> import tempfile, pathlib, torch
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "merged"
+    >>> with HFFolderWriter(out, metadata={"method": "ties"}) as w:
+    ...     w.add("w", torch.ones(2, 2))
+    >>> sorted(p.name for p in out.iterdir())
+    ['README.md', 'model.safetensors']
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+from drm_lightning.sources.base import sha256_of
+
+__all__ = ["HFFolderWriter", "check_free_space", "COPIED_FILES"]
+
+COPIED_FILES: tuple[str, ...] = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "added_tokens.json",
+)
+"""Files copied from ``copy_from`` (the base model folder) when present."""
+
+_GIB = 1024**3
+
+
+def check_free_space(out_dir: str | os.PathLike[str], needed_bytes: int) -> None:
+    """Raise before any work if the file system of ``out_dir`` lacks ``needed_bytes``.
+
+    ``out_dir`` need not exist; its nearest existing parent is measured.
+
+    Args:
+        out_dir: where the output will be written.
+        needed_bytes: bytes the output will take.
+
+    Raises:
+        OSError: (``errno.ENOSPC``) naming the folder, the space needed and the space free.
+
+    Example:
+        >>> import tempfile
+        >>> check_free_space(tempfile.gettempdir(), 1)
+        >>> check_free_space(tempfile.gettempdir(), 10**18)
+        Traceback (most recent call last):
+        ...
+        OSError: [Errno 28] not enough free space to write ...
+    """
+    probe = Path(out_dir).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough free space to write {out_dir}: needs {needed_bytes / _GIB:.2f} GiB, "
+            f"{free / _GIB:.2f} GiB free on the file system of {probe}; free some space or choose "
+            "another output folder",
+        )
+
+
+class HFFolderWriter:
+    """Context manager writing a sharded safetensors HF folder atomically.
+
+    Use it in a ``with`` block; ``add`` each tensor once. The folder appears at ``out_dir``
+    only when the block exits normally.
+
+    Args:
+        out_dir: the folder to create.
+        overwrite: replace an existing ``out_dir`` (only once the new folder is complete).
+            Without it an existing ``out_dir`` raises ``FileExistsError`` at construction.
+        max_shard_bytes: shard size limit; a tensor larger than this gets a shard of its own.
+        copy_from: a folder (usually the base model's) to copy ``config.json``,
+            ``generation_config.json`` and tokenizer files from, when present.
+        metadata: what the model card says. Recognised keys: ``method`` (str),
+            ``parameters`` (mapping), ``base`` (a source, a path, or a string),
+            ``branches`` (list of mappings with ``source``/``path`` and ``coefficient``, or
+            of sources/paths), ``files`` (extra paths to hash). Other keys are listed
+            as-is. Every file of the base and branches is listed with its SHA-256.
+        expected_bytes: if given, :func:`check_free_space` runs at construction.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
+        NotADirectoryError: ``copy_from`` is not a folder, or ``out_dir`` is an existing file.
+        ValueError: ``max_shard_bytes`` is not positive.
+        OSError: not enough free space (with ``expected_bytes``), or any write error.
+
+    Example:
+        >>> import tempfile, pathlib, torch
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "m"
+        >>> with HFFolderWriter(out, max_shard_bytes=64) as w:
+        ...     for i in range(3):
+        ...         w.add(f"layer{i}.weight", torch.zeros(4, 4))
+        >>> sorted(p.name for p in out.glob("*.safetensors"))
+        ['model-00001-of-00003.safetensors', 'model-00002-of-00003.safetensors', 'model-00003-of-00003.safetensors']
+        >>> HFFolderWriter(out)
+        Traceback (most recent call last):
+        ...
+        FileExistsError: output folder .../m already exists; pass overwrite=True (--overwrite) to replace it
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        max_shard_bytes: int = 2 * _GIB,
+        copy_from: str | os.PathLike[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        expected_bytes: int | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir).absolute()
+        self.overwrite = overwrite
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
+        self.max_shard_bytes = int(max_shard_bytes)
+        self.copy_from = Path(copy_from) if copy_from is not None else None
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        if self.out_dir.exists():
+            if not self.out_dir.is_dir():
+                raise NotADirectoryError(f"output path {self.out_dir} exists and is a file, not a folder")
+            if not overwrite:
+                raise FileExistsError(
+                    f"output folder {self.out_dir} already exists; pass overwrite=True (--overwrite) to replace it"
+                )
+        if self.copy_from is not None and not self.copy_from.is_dir():
+            what = "is a file" if self.copy_from.exists() else "does not exist"
+            raise NotADirectoryError(f"copy_from={self.copy_from} {what}; expected the base model folder")
+        if expected_bytes is not None:
+            check_free_space(self.out_dir, expected_bytes)
+        self.tmp_dir: Path | None = None
+        self._buffer: dict[str, Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
+        self._names: set[str] = set()
+        self._sizes: dict[str, int] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------ context manager
+
+    def __enter__(self) -> HFFolderWriter:
+        if self.tmp_dir is not None or self._closed:
+            raise RuntimeError("an HFFolderWriter can be entered only once")
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = self.out_dir.with_name(f"{self.out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        self.tmp_dir.mkdir()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self._finish()
+        except BaseException:
+            self.abort()
+            raise
+
+    # ------------------------------------------------------------------ writing
+
+    @property
+    def names(self) -> list[str]:
+        """Names added so far, in order."""
+        return list(self._sizes)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data added so far."""
+        return sum(self._sizes.values())
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        """Queue one tensor; full shards are written to disk as the buffer fills.
+
+        The tensor is copied (to CPU, contiguous, not sharing memory with anything), so the
+        caller may reuse or modify it right away, and tied weights can be added under each
+        name.
+
+        Raises:
+            RuntimeError: the writer is not inside its ``with`` block.
+            TypeError: ``tensor`` is not a tensor or ``name`` not a non-empty string.
+            ValueError: ``name`` was added before.
+            OSError: writing a shard failed (the ``with`` block then removes everything).
+        """
+        if self.tmp_dir is None or self._closed:
+            raise RuntimeError("HFFolderWriter.add() must be called inside the writer's `with` block")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"tensor name must be a non-empty string, got {name!r}")
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} was already added to {self.out_dir}")
+        owned = tensor.detach().to("cpu", copy=True).contiguous()
+        size = owned.numel() * owned.element_size()
+        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._names.add(name)
+        self._sizes[name] = size
+        self._buffer[name] = owned
+        self._buffer_bytes += size
+
+    def add_all(self, tensors: Mapping[str, Tensor] | Sequence[tuple[str, Tensor]]) -> None:
+        """``add`` every ``(name, tensor)`` of a mapping or an iterable of pairs, in order."""
+        items = tensors.items() if isinstance(tensors, Mapping) else tensors
+        for name, tensor in items:
+            self.add(name, tensor)
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        assert self.tmp_dir is not None
+        filename = f"shard-{len(self._shards) + 1:05d}.safetensors.part"
+        save_file(self._buffer, str(self.tmp_dir / filename), metadata={"format": "pt"})
+        self._shards.append((filename, list(self._buffer)))
+        self._buffer = {}
+        self._buffer_bytes = 0
+
+    def abort(self) -> None:
+        """Drop everything written so far; ``out_dir`` is left untouched. Idempotent."""
+        self._closed = True
+        self._buffer = {}
+        if self.tmp_dir is not None and self.tmp_dir.exists():
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def _finish(self) -> None:
+        if self._closed:
+            raise RuntimeError("HFFolderWriter already closed")
+        if not self._names:
+            raise ValueError(f"no tensors were added; refusing to write an empty model to {self.out_dir}")
+        assert self.tmp_dir is not None
+        self._flush()
+        self._name_shards()
+        self._copy_side_files()
+        (self.tmp_dir / "README.md").write_text(self.model_card(), encoding="utf-8")
+        self._move_into_place()
+        self._closed = True
+
+    def _name_shards(self) -> None:
+        assert self.tmp_dir is not None
+        n = len(self._shards)
+        if n == 1:
+            os.replace(self.tmp_dir / self._shards[0][0], self.tmp_dir / "model.safetensors")
+            return
+        weight_map: dict[str, str] = {}
+        for i, (tmp_name, names) in enumerate(self._shards, start=1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.tmp_dir / tmp_name, self.tmp_dir / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.tmp_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+    def _copy_side_files(self) -> None:
+        if self.copy_from is None:
+            return
+        assert self.tmp_dir is not None
+        for filename in COPIED_FILES:
+            src = self.copy_from / filename
+            if src.is_file():
+                shutil.copyfile(src, self.tmp_dir / filename)
+
+    def _move_into_place(self) -> None:
+        assert self.tmp_dir is not None
+        if not self.out_dir.exists():
+            os.rename(self.tmp_dir, self.out_dir)
+            return
+        if not self.overwrite:
+            raise FileExistsError(
+                f"output folder {self.out_dir} appeared while writing; pass overwrite=True (--overwrite) to replace it"
+            )
+        old = self.out_dir.with_name(f"{self.out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.rename(self.out_dir, old)
+        try:
+            os.rename(self.tmp_dir, self.out_dir)
+        except BaseException:
+            os.rename(old, self.out_dir)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ model card
+
+    def model_card(self) -> str:
+        """The ``README.md`` text: method, parameters, branches, source files with SHA-256."""
+        from drm_lightning import __version__
+
+        meta = dict(self.metadata)
+        method = str(meta.pop("method", "unknown"))
+        params = meta.pop("parameters", None) or {}
+        base = meta.pop("base", None)
+        branches = meta.pop("branches", None) or []
+        extra_files = meta.pop("files", None) or []
+        lines = [
+            "---",
+            "library_name: transformers",
+            "tags:",
+            "- merge",
+            "- drm_lightning",
+            f"- {method}",
+            "---",
+            "",
+            f"# Merged model ({method})",
+            "",
+            f"Produced by drm_lightning {__version__} with the `{method}` method.",
+            "",
+            "## Parameters",
+            "",
+        ]
+        if params:
+            lines += ["| parameter | value |", "|---|---|"]
+            lines += [f"| `{k}` | `{json.dumps(v, default=str)}` |" for k, v in params.items()]
+        else:
+            lines.append("Method defaults.")
+        lines += ["", "## Inputs", ""]
+        if base is not None:
+            lines.append(f"- base: `{_label(base)}`")
+        lines += ["", "| # | branch | coefficient |", "|---|---|---|"]
+        for i, branch in enumerate(branches):
+            source, coefficient = _branch_fields(branch)
+            lines.append(f"| {i} | `{_label(source)}` | {coefficient} |")
+        hashed: list[tuple[str, str]] = []
+        seen: set[Path] = set()
+        for obj in [base, *(_branch_fields(b)[0] for b in branches), *extra_files]:
+            for file in _files_of(obj):
+                if file.resolve() not in seen:
+                    seen.add(file.resolve())
+                    hashed.append((str(file), sha256_of(file)))
+        lines += ["", "## Source files", ""]
+        if hashed:
+            lines += ["| file | sha256 |", "|---|---|"]
+            lines += [f"| `{f}` | `{h}` |" for f, h in hashed]
+        else:
+            lines.append("No source files (in-memory weights).")
+        if meta:
+            lines += ["", "## Other settings", "", "```json", json.dumps(meta, indent=2, default=str), "```"]
+        lines += ["", "## Output", "", f"{len(self._sizes)} tensors, {self.total_bytes} bytes, {max(len(self._shards), 1)} shard(s).", ""]
+        return "\n".join(lines)
+
+
+def _branch_fields(branch: Any) -> tuple[Any, Any]:
+    if isinstance(branch, Mapping):
+        return branch.get("source", branch.get("path")), branch.get("coefficient", 1.0)
+    return branch, 1.0
+
+
+def _label(obj: Any) -> str:
+    describe = getattr(obj, "describe", None)
+    if callable(describe):
+        return str(describe())
+    return str(obj)
+
+
+def _files_of(obj: Any) -> list[Path]:
+    if obj is None:
+        return []
+    files = getattr(obj, "files", None)
+    if callable(files):
+        return [Path(f) for f in files()]
+    if isinstance(obj, (str, os.PathLike)):
+        p = Path(obj)
+        if p.is_file():
+            return [p]
+        if p.is_dir():
+            suffixes = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+            return sorted(
+                f for f in p.iterdir()
+                if f.is_file() and (f.suffix in suffixes or f.name.endswith("index.json") or f.name == "adapter_config.json")
+            )
+    return []
