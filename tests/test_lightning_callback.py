@@ -109,12 +109,12 @@ def test_adopt_consolidates_branches_and_base() -> None:
     assert_state_equal(_sub(after.states[2], "base."), _sub(after.states[2], "branches.a."))
 
 
-def test_no_checkpoint_while_swapped() -> None:
+def test_no_checkpoint_while_swapped(tmp_path: Path) -> None:
     model = branched()
     holder: dict[str, pl.Trainer] = {}
 
     def predict(module: nn.Module, task: str, batch: Any) -> Any:
-        holder["trainer"].save_checkpoint("/nonexistent/never-written.ckpt")
+        holder["trainer"].save_checkpoint(tmp_path / "never-written.ckpt")
         return module.predict_task(task, batch)  # type: ignore[operator]
 
     tasks = {t: TaskSpec(DataLoader(task_data(t, 16), batch_size=16), MulticlassAccuracy(num_classes=CLASSES), predict=predict) for t in TASKS}
@@ -122,7 +122,7 @@ def test_no_checkpoint_while_swapped() -> None:
     holder["trainer"] = tr
     with pytest.raises(RuntimeError, match="swapped into the module"):
         tr.fit(model, train_loaders())
-    assert not Path("/nonexistent/never-written.ckpt").exists()
+    assert not (tmp_path / "never-written.ckpt").exists()
 
 
 def test_model_checkpoint_at_merge_step_holds_live_weights(tmp_path: Path) -> None:
@@ -236,6 +236,22 @@ def test_checkpoints_merged_with_live_model(tmp_path: Path) -> None:
 
     exported = load_file(str(tmp_path / "export" / "model.safetensors"))
     assert_state_equal(exported, oracle)
+    assert "drm" in (tmp_path / "export" / "README.md").read_text()  # the core writer's model card
+
+
+def test_export_live_branches_with_heads(tmp_path: Path) -> None:
+    model = branched()
+    cb = MergeCallback("drm", method_params=DRM, every_n_steps=3, export_dir=tmp_path / "out")
+    trainer(max_steps=4, callbacks=[cb]).fit(model, train_loaders())
+    from safetensors.torch import load_file
+
+    # Step 4 did not merge, so the export is a fresh merge of the final branches.
+    state = clone_state(model)
+    oracle = merge_state_dicts(
+        get_method("drm", **DRM), _sub(state, "base."), [_sub(state, f"branches.{t}.") for t in TASKS], seed=1
+    )
+    assert_state_equal(load_file(str(tmp_path / "out" / "model.safetensors")), oracle)
+    assert_state_equal(load_file(str(tmp_path / "out" / "heads.safetensors")), {f"heads.{k}": v for k, v in _sub(state, "heads.").items()})
 
 
 def test_missing_checkpoint_fails_at_setup(tmp_path: Path) -> None:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -101,33 +98,20 @@ def compute_delta(live: Mapping[str, Tensor], base: Mapping[str, Tensor], dtype:
 
 
 def load_weights(path: Path) -> dict[str, Tensor]:
-    """Floating-point weights of a Lightning ``.ckpt``, a ``.safetensors`` file or a weights folder.
+    """CPU copies of the floating-point weights of a file or folder, through the core's readers.
 
-    A Lightning checkpoint's ``state_dict`` is used (for checkpoints written by
-    ``WeightAveraging`` that is the averaged model). Pickled checkpoints are first read with
-    ``weights_only=True`` and only then, as trusted files, without it.
+    Lightning ``.ckpt`` (its ``state_dict``; for ``WeightAveraging`` checkpoints the averaged
+    model), ``.safetensors``, ``.bin``/``.pt`` or a Hugging Face folder: see
+    :func:`drm_lightning.sources.open_source`.
     """
-    if path.is_dir() or path.suffix == ".safetensors":
-        try:
-            from drm_lightning.sources import open_source  # type: ignore[attr-defined]
-        except ImportError:
-            open_source = None
-        if open_source is not None:
-            source = open_source(path)
-            return {k: source.get(k) for k in source.keys() if source.meta(k).dtype.is_floating_point}
-        if path.is_dir():
-            raise ValueError(f"{path} is a folder; give a .ckpt or .safetensors file")
-        from safetensors.torch import load_file
+    from drm_lightning.sources import open_source
 
-        return {k: v for k, v in load_file(str(path)).items() if v.is_floating_point()}
-    try:
-        payload: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    state = payload.get("state_dict", payload) if isinstance(payload, Mapping) else None
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds no state dict of tensors (expected a Lightning .ckpt or a state dict)")
-    return {k: v for k, v in state.items() if v.is_floating_point()}
+    source = open_source(path)
+    return {
+        name: source.get(name).detach().to("cpu", copy=True)
+        for name in source.keys()
+        if source.meta(name).dtype.is_floating_point
+    }
 
 
 def check_paths(paths: Mapping[str, Path]) -> None:

@@ -159,9 +159,10 @@ class MergeCallback(Callback):
         snapshot_dtype: Store snapshot deltas in this dtype (default: the weights' dtype).
         evaluate_branches: Also score each task's own branch (needed for normalised scores).
         export_dir: On ``on_train_end``, merge once more (unless the last step just merged) and
-            write the merged weights there (through the core's writer when available, else
-            ``model.safetensors``; per-task heads of a ``BranchedModule`` go to
-            ``heads.safetensors``).
+            write the merged weights there as a Hugging Face folder through
+            :class:`~drm_lightning.sources.writer.HFFolderWriter` (``model.safetensors`` or
+            shards + index, model card; replaced atomically). Per-task heads of a
+            ``BranchedModule`` go to ``heads.safetensors`` beside it.
         method_params: Parameters of ``method`` when it is given by name.
 
     Raises:
@@ -371,9 +372,9 @@ class MergeCallback(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Warn if nothing was merged; export the final merge if ``export_dir`` is set."""
-        if self._merges_this_fit == 0:
+        if self._num_merges == 0:
             self._warn_never(
-                f"MergeCallback never merged during this fit (every_n_steps={self.every_n_steps}, "
+                f"MergeCallback never merged (every_n_steps={self.every_n_steps}, "
                 f"every_n_epochs={self.every_n_epochs}, {trainer.global_step} optimizer steps, "
                 f"{trainer.current_epoch} epochs completed)"
             )
@@ -418,8 +419,8 @@ class MergeCallback(Callback):
                 "module for evaluation; it would store merged weights as the live ones. Save from a hook "
                 "that runs outside the merge evaluation (e.g. ModelCheckpoint)."
             )
-        if not self._fitting:
-            return
+        if self.mode != "live" and self._base is None:
+            return  # never set up for fit: nothing to store
         payload: dict[str, Any] = {"mode": self.mode}
         if self.mode != "live":
             if self._base_arg is None:
@@ -763,26 +764,28 @@ class MergeCallback(Callback):
         heads: dict[str, Tensor] = {}
         if isinstance(pl_module, BranchedModule):
             heads = {f"heads.{k}": v for k, v in float_state(pl_module.heads).items()}
-        _write_export(self.export_dir, merged, heads)
+        metadata = {
+            "method": getattr(self.method, "registered_name", self.method.name),
+            "parameters": self.method.params.model_dump(),
+            "trained with": f"drm_lightning MergeCallback, step {trainer.global_step}",
+        }
+        _write_export(self.export_dir, merged, heads, metadata)
         rank_zero_info(f"MergeCallback: exported the merged model to {self.export_dir}")
 
 
-def _write_export(folder: Path, merged: Mapping[str, Tensor], heads: Mapping[str, Tensor]) -> None:
+def _write_export(
+    folder: Path, merged: Mapping[str, Tensor], heads: Mapping[str, Tensor], metadata: Mapping[str, Any]
+) -> None:
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in merged.items()}
-    try:
-        from drm_lightning.sources.writer import HFFolderWriter  # type: ignore[import-not-found]
-    except ImportError:
-        save_file(tensors, str(folder / "model.safetensors"))
-    else:
-        writer = HFFolderWriter(folder, overwrite=True)
-        for name, tensor in tensors.items():
-            writer.add(name, tensor)
-        writer.close()
+    from drm_lightning.sources.writer import HFFolderWriter
+
+    with HFFolderWriter(folder, overwrite=True, metadata=metadata) as writer:
+        for name, tensor in merged.items():
+            writer.add(name, tensor.detach().to("cpu").contiguous())
     if heads:
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in heads.items()}, str(folder / "heads.safetensors"))
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in heads.items()}
+        save_file(tensors, str(folder / "heads.safetensors"))
 
 
 def _check_strategy(trainer: pl.Trainer, *, adopt: bool, live: bool) -> None:
