@@ -57,8 +57,9 @@ def keep_count(numel: int, density: float, *, rule: CountRule) -> int:
 def magnitude_mask(x: Tensor, k: int) -> Tensor:
     """Boolean mask of the ``k`` largest-magnitude entries of one tensor.
 
-    Selection by :func:`torch.topk` on the flattened magnitudes in the tensor's own dtype,
-    the call PEFT makes, so ties at the cut resolve as in PEFT.
+    The set PEFT's ``torch.topk`` selects: a ``kthvalue`` threshold (about twice as fast as
+    ``topk``) when no other entry ties with the k-th largest magnitude, else ``torch.topk``
+    itself on the flattened magnitudes in the tensor's dtype, so ties resolve as in PEFT.
 
     Example:
         >>> magnitude_mask(torch.tensor([[1.0, -5.0], [2.0, 0.0]]), 2)
@@ -66,10 +67,15 @@ def magnitude_mask(x: Tensor, k: int) -> Tensor:
                 [ True, False]])
     """
     flat = x.detach().abs().reshape(-1)
-    if k >= flat.numel():
+    numel = flat.numel()
+    if k >= numel:
         return torch.ones_like(x, dtype=torch.bool)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, numel - k + 1).values  # the k-th largest magnitude
+    mask = flat >= threshold
+    if int(mask.sum()) != k:  # ties at the cut: let topk choose, as PEFT does
+        mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[torch.topk(flat, k, largest=True).indices] = True
     return mask.reshape(x.shape)
 

@@ -40,7 +40,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
-from drm_lightning.methods._ops import broadcast_coefficients, elect_signs as _elect_signs
+from drm_lightning.methods._ops import broadcast_coefficients
 from drm_lightning.methods._sparsify import (
     CountRule,
     RescaleRule,
@@ -127,7 +127,9 @@ def sparsify_branches(
             ).to(delta.device)
         else:
             raise ValueError(f"sparsify must be 'none', 'magnitude' or 'random', got {sparsify!r}")
-        out[i] = rescale_masked(delta, delta * mask, how=rescale, density=density)
+        torch.mul(delta, mask, out=out[i])
+        if rescale != "none":
+            out[i] = rescale_masked(delta, out[i], how=rescale, density=density)
     return out
 
 
@@ -155,27 +157,44 @@ def combine_branches(
         >>> combine_branches(d, w, elect_signs=True, normalize=True, convention="mergekit")
         tensor([2.0000, 1.5000])
     """
-    weights = broadcast_coefficients(coefficients, deltas)
-    weighted = deltas * weights
+    weights = coefficients.to(dtype=deltas.dtype, device=deltas.device)
     if not elect_signs:
-        total = weighted.sum(dim=0)
+        total = (deltas * broadcast_coefficients(weights, deltas)).sum(dim=0)
         if not normalize:
             return total
-        weight_sum = coefficients.to(deltas.dtype).sum()
+        weight_sum = weights.sum()
         if bool(weight_sum.abs() < WEIGHT_SUM_EPS):
             return total
         return total / weight_sum
     if convention not in ("peft", "mergekit"):
         raise ValueError(f"convention must be 'peft' or 'mergekit', got {convention!r}")
-    voters = deltas if convention == "peft" else weighted
-    agree = torch.sign(voters) == _elect_signs(voters, tie_break="positive")
+    # Branch by branch (no N-sized temporaries); sums accumulate in branch order, which
+    # keeps the results bit-equal to the libraries' ``sum(dim=0)``.
+    n_branches = deltas.shape[0]
+    if convention == "peft":
+        mass = deltas.sum(dim=0)
+    else:
+        mass = deltas[0] * weights[0]
+        for i in range(1, n_branches):
+            mass += deltas[i] * weights[i]
+    # The elected sign (+1 on an exact zero sum, both libraries) as a ±1 factor: an entry
+    # agrees when it is non-zero and has that sign.
+    elected = torch.where(mass >= 0, 1.0, -1.0).to(deltas.dtype)
+    del mass
     zero = torch.zeros((), dtype=deltas.dtype, device=deltas.device)
-    total = torch.where(agree, weighted, zero).sum(dim=0)
-    if not normalize:
+    total = torch.zeros_like(deltas[0])
+    divisor = torch.zeros_like(deltas[0]) if normalize else None
+    for i in range(n_branches):
+        weighted = deltas[i] * weights[i]
+        voter = deltas[i] if convention == "peft" else weighted
+        agree = (voter * elected) > 0
+        total += torch.where(agree, weighted, zero)
+        if divisor is not None:
+            divisor += agree if convention == "peft" else torch.where(agree, weights[i], zero)
+    if divisor is None:
         return total
     if convention == "peft":
-        return total / agree.sum(dim=0).clamp(min=1).to(deltas.dtype)
-    divisor = torch.where(agree, weights, zero).sum(dim=0)
+        return total / divisor.clamp_(min=1)
     return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
 
 
@@ -215,7 +234,9 @@ def task_vector_merge(
         tensor([4., 0.])
     """
     if deltas.dim() < 1 or deltas.shape[0] == 0:
-        raise ValueError(f"deltas must be stacked on dim 0 with N >= 1, got shape {tuple(deltas.shape)}")
+        raise ValueError(
+            f"deltas must be stacked on dim 0 with N >= 1, got shape {tuple(deltas.shape)}"
+        )
     if coefficients.shape != (deltas.shape[0],):
         raise ValueError(
             f"coefficients must have shape ({deltas.shape[0]},) to match deltas "
@@ -279,7 +300,9 @@ class TaskVectorParams(MethodParams):
         description="rescale of sparsified branches: inverse_density | l1 | none; "
         "default: inverse_density (peft) or l1 (mergekit) for DARE, none otherwise",
     )
-    convention: Convention = Field("peft", description="whose TIES/DARE arithmetic: peft | mergekit")
+    convention: Convention = Field(
+        "peft", description="whose TIES/DARE arithmetic: peft | mergekit"
+    )
     seed: int = Field(0, description="DARE seed when the caller passes no generator")
 
     @field_validator("density")
@@ -336,20 +359,20 @@ class TaskVectorMethod(MergeMethod):
     Conventions (``convention``), measured against PEFT 0.21 ``peft.utils.merge_utils`` and
     mergekit 0.1.5 ``GeneralizedTaskArithmeticMerge``:
 
-    ========================  ==================================  =================================
-    step                      ``peft`` (default)                  ``mergekit``
-    ========================  ==================================  =================================
-    magnitude keep count      ``int(density·numel)`` per tensor   ``max(1, int(density·numel))``
-                              (may keep nothing)
-    DARE rescale              ``/ density``                       × ``‖Δ‖₁ / ‖masked Δ‖₁`` (L1 match,
-                                                                  skipped when a norm < 1e-7)
-    DARE mask draw            ``bernoulli`` in the delta's dtype  ``bernoulli`` in float32
-    sign election             on UNWEIGHTED trimmed deltas        on WEIGHTED trimmed deltas
-    normalised divisor        number of agreeing non-zero         sum of the weights of agreeing
-    (with election)           entries (a 0-weight branch still    entries (a 0-weight branch
-                              votes and counts)                   does not take part)
-    ``normalize`` default     ties, dare_ties: yes; others: no    ties: yes; others: no
-    ========================  ==================================  =================================
+    =====================  ================================  ================================
+    step                   ``peft`` (default)                ``mergekit``
+    =====================  ================================  ================================
+    magnitude keep count   ``int(density·numel)`` per        ``max(1, int(density·numel))``
+                           tensor (may keep nothing)
+    DARE rescale           ``/ density``                     × ``‖Δ‖₁ / ‖masked Δ‖₁`` (L1
+                                                             match; none if a norm < 1e-7)
+    DARE mask draw         ``bernoulli`` in delta's dtype    ``bernoulli`` in float32
+    sign election          on UNWEIGHTED trimmed deltas      on WEIGHTED trimmed deltas
+    divisor with           number of agreeing non-zero       sum of the agreeing weights
+    ``normalize``          entries (a 0-weight branch        (a 0-weight branch takes no
+                           still votes and counts)           part)
+    ``normalize`` default  ties, dare_ties: on; else off     ties: on; else off
+    =====================  ================================  ================================
 
     Shared by both: a zero mass sum elects ``+``; ``normalize=False`` sums the agreeing
     weighted entries; without election ``normalize`` divides by the weight sum (``linear``,
@@ -394,7 +417,9 @@ class TaskVectorMethod(MergeMethod):
         p = self.params
         return p.sparsify == "random" and p.density is not None and p.density < 1
 
-    def _merge(self, deltas: Tensor, coefficients: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _merge(
+        self, deltas: Tensor, coefficients: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
         p = self.params
         if self.uses_randomness and generator is None:
             generator = torch.Generator().manual_seed(p.seed)
