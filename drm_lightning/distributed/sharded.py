@@ -1,0 +1,353 @@
+"""Merging without gathering: every rank merges the slice of a tensor it already holds.
+
+Under ZeRO-3 a rank holds a flat chunk of every parameter. Two kinds of item can be merged
+from such chunks with only small collectives, so no rank ever holds the whole tensor:
+
+**DRM fallback path (element-wise).** Sign election, coefficients and the disjoint mean act
+entry by entry; the only global quantities are the majority sign of the tie-break (one
+all-reduce of a sign count, batched over a group of items) and, with
+``fallback_trim_rate > 0``, each branch's magnitude threshold (a distributed k-th value,
+:func:`~drm_lightning.distributed.comm.kth_largest`). Works on the flat chunks directly.
+
+**DRM vertical matrix path (row-local).** With ``B`` the shared basis (right singular vectors
+of the row stack ``[Δ_1; …; Δ_N]``), every step but the basis is row-local (spec §4.7):
+
+1. ``G = Σ_i Δ_iᵀΔ_i`` is a sum over rows: each rank adds its rows' m×m Gram, one reduce
+   sends G to the rank that decomposes it (a different rank for each item of a wave of
+   ``world_size`` items, so the eigendecompositions run in parallel), which broadcasts
+   ``B`` (m×r) and σ;
+2. coordinates ``T_i = Δ_i B`` are row-local; the renormalisation and noise-floor norms are
+   column norms over all rows — one all-reduce of N×r sums of squares;
+3. the joint pruning threshold is a distributed k-th value over all N·n·r scores, with ties
+   at the cut broken by global position exactly like the single-process
+   :func:`~drm_lightning.methods._ops.topk_mask`;
+4. sign election is row-local except the global-majority tie-break (one all-reduce);
+5. the disjoint mean and the reconstruction ``merge(T) Bᵀ`` are row-local.
+
+ZeRO-3 chunks are not row-aligned: rank r's chunk ``[r·P, (r+1)·P)`` starts and ends inside
+rows. Each rank therefore works on the rows that *start* in its chunk; the tail of its last
+row (held by the next rank or ranks) comes over point to point before the merge, and the
+pieces of merged rows that belong to other ranks' chunks go back after it
+(:meth:`~drm_lightning.distributed.comm.Comm.redistribute`). At most one row per rank and
+tensor moves each way.
+
+Which items take this route is decided by :func:`sharded_rule`: DRM (not random), matrix
+items only in the vertical direction with the Gram solver (``solver`` "auto" or "gram",
+``N·n ≥ m`` and, for "auto", ``min(N·n, m) ≥ 32`` — exactly when the single-process DRM
+builds the same m×m Gram), and only when the target parameter is ZeRO-3-partitioned.
+Everything else (horizontal DRM, the SVD solver, wide stacks, TIES/DARE/task arithmetic,
+non-partitioned targets) takes the owner route.
+
+Numerics: the fallback path is bit-identical to the single-process merge. The matrix path
+sums the Gram in a different order, so in float32 its basis differs from the
+single-process one by rounding (~1e-7); an entry sitting exactly at the pruning cut can
+then flip, the same sensitivity :func:`~drm_lightning.methods.drm.shared_basis` documents
+between its own solvers. In float64 the two agree to ~1e-12.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from drm_lightning.distributed.comm import Comm, topk_mask_distributed
+from drm_lightning.distributed.plan import MergeItem, ShardablePredicate
+from drm_lightning.distributed.tensors import ParamSet, TensorSet, held_range, partition_size
+from drm_lightning.methods._ops import disjoint_mean
+from drm_lightning.methods.base import MergeMethod, Route
+from drm_lightning.methods.drm import DRM, basis_from_gram, pruning_scores
+
+
+def sharded_rule(
+    method: MergeMethod, n_branches: int, target: TensorSet | None, *, enabled: bool = True
+) -> ShardablePredicate:
+    """The predicate deciding which items take the sharded route (see the module docstring)."""
+
+    def rule(name: str, shape: tuple[int, ...], route: Route) -> bool:
+        if not enabled or not isinstance(method, DRM) or method.uses_randomness:
+            return False
+        if target is None or not isinstance(target, ParamSet) or not target.is_partitioned(name):
+            return False
+        if route == "fallback":
+            return True
+        if route != "matrix" or len(shape) != 2:
+            return False
+        p = method.params
+        if p.direction != "vertical" or p.solver == "svd":
+            return False
+        n, m = shape
+        rows = n_branches * n
+        if rows < m:
+            return False
+        return p.solver == "gram" or min(rows, m) >= 32
+
+    return rule
+
+
+def _guard(comm: Comm, where: str, fn: Callable[[], Any], placeholder: Callable[[], Any]) -> Any:
+    """Run local work; on failure record the error and return a placeholder of the same shape."""
+    if comm.failed:
+        return placeholder()
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - re-raised on every rank at the next check
+        comm.record_error(where, err)
+        return placeholder()
+
+
+class ShardedMerger:
+    """Runs the sharded route for a list of items on every rank (see the module docstring).
+
+    Args:
+        comm: the process group wrapper.
+        method: a :class:`~drm_lightning.methods.drm.DRM` instance.
+        coefficients: (N,) per-branch coefficients.
+        compute_dtype: dtype of the merge maths.
+        on_write: called with ``(name, chunk)`` after a partition is written (optimizer
+            state handling), or ``None``.
+    """
+
+    def __init__(
+        self,
+        comm: Comm,
+        method: DRM,
+        coefficients: Sequence[float],
+        compute_dtype: torch.dtype,
+        on_write: Callable[[str], None] | None = None,
+    ) -> None:
+        self.comm = comm
+        self.method = method
+        self.params = method.params
+        self.coefficients = torch.as_tensor(list(coefficients), dtype=compute_dtype)
+        self.dtype = compute_dtype
+        self.on_write = on_write
+
+    # ------------------------------------------------------------------ entry point
+    def run(self, items: Sequence[MergeItem], target: ParamSet, base: TensorSet, branches: Sequence[TensorSet]) -> None:
+        """Merge every item (all ranks call this with the same items in the same order)."""
+        world = self.comm.world_size
+        fallback = [it for it in items if it.route != "matrix"]
+        matrices = [it for it in items if it.route == "matrix"]
+        for start in range(0, len(fallback), 64):
+            self._fallback_group(fallback[start : start + 64], target, base, branches)
+        for start in range(0, len(matrices), world):
+            self._matrix_wave(matrices[start : start + world], target, base, branches)
+
+    # ------------------------------------------------------------------ common pieces
+    def _held(self, src: TensorSet, item: MergeItem) -> Tensor:
+        """This rank's valid chunk of ``src``'s ``item`` (flat, unpadded)."""
+        world, rank = self.comm.world_size, self.comm.rank
+        lo, hi = held_range(item.numel, world, rank)
+        if src.is_partitioned(item.name):
+            part = src.local_partition(item.name, world, rank)
+            return part[: hi - lo]
+        return src.read_flat(item.name, lo, hi)
+
+    def _read_all(self, items: Sequence[MergeItem], base: TensorSet, branches: Sequence[TensorSet]) -> list[list[Tensor]]:
+        """Chunks of base and branches per item; failures become zero placeholders."""
+        world, rank = self.comm.world_size, self.comm.rank
+        out = []
+        for it in items:
+            lo, hi = held_range(it.numel, world, rank)
+            row = []
+            for k, src in enumerate([base, *branches]):
+                who = "base" if k == 0 else f"branch {k - 1}"
+                row.append(
+                    _guard(
+                        self.comm, f"reading {it.name!r} from {who} ({src.origin})",
+                        lambda src=src, it=it: self._held(src, it),
+                        lambda lo=lo, hi=hi: torch.zeros(hi - lo, dtype=self.dtype),
+                    )
+                )
+            out.append(row)
+        return out
+
+    def _write(self, target: ParamSet, item: MergeItem, flat_valid: Tensor) -> None:
+        """Pad this rank's merged chunk to the partition length and write it."""
+        world = self.comm.world_size
+        chunk = torch.zeros(partition_size(item.numel, world), dtype=flat_valid.dtype)
+        chunk[: flat_valid.numel()] = flat_valid
+        target.write_partition(item.name, chunk)
+        if self.on_write is not None:
+            self.on_write(item.name)
+
+    def _elect(self, coords: Tensor) -> Tensor:
+        """Sign election with the tie-break of the method, the majority taken over all ranks."""
+        signs = torch.sign(coords.sum(dim=0))
+        if self.params.tie_break == "positive":
+            return torch.where(signs == 0, torch.ones_like(signs), signs)
+        return signs
+
+    def _apply_majority(self, signs: Tensor, total: int) -> Tensor:
+        majority = float(math.copysign(1.0, total)) if total != 0 else 0.0
+        return torch.where(signs == 0, torch.full((), majority, dtype=signs.dtype), signs)
+
+    # ------------------------------------------------------------------ fallback (element-wise)
+    def _fallback_group(
+        self, items: Sequence[MergeItem], target: ParamSet, base: TensorSet, branches: Sequence[TensorSet]
+    ) -> None:
+        comm, p = self.comm, self.params
+        chunks = self._read_all(items, base, branches)
+        comm.check("reading the local shards of fallback tensors")
+        deltas: list[Tensor] = []
+        bases: list[Tensor] = []
+        for it, row in zip(items, chunks):
+            base_c = row[0].to(self.dtype)
+            stacked = torch.stack([b.to(self.dtype) - base_c for b in row[1:]])
+            if p.fallback_trim_rate > 0:
+                masks = [
+                    topk_mask_distributed(stacked[i : i + 1], it.numel, 1.0 - p.fallback_trim_rate, comm)
+                    for i in range(stacked.shape[0])
+                ]
+                stacked = stacked * torch.cat(masks)
+            deltas.append(stacked)
+            bases.append(base_c)
+        signs: list[Tensor | None] = [None] * len(items)
+        if p.elect_signs:
+            signs = [self._elect(d) for d in deltas]
+            if p.tie_break == "majority":
+                counts = torch.tensor(
+                    [int((s > 0).sum()) - int((s < 0).sum()) for s in signs], dtype=torch.int64
+                )
+                comm.all_reduce(counts)
+                signs = [self._apply_majority(s, int(c)) for s, c in zip(signs, counts)]
+        for it, base_c, d, s in zip(items, bases, deltas, signs):
+            _guard(
+                comm, f"writing {it.name!r}",
+                lambda it=it, base_c=base_c, d=d, s=s: self._write(
+                    target, it, base_c + disjoint_mean(d, s, self.coefficients, disjoint=p.disjoint_mean)
+                ),
+                lambda: None,
+            )
+        comm.check("writing fallback tensors")
+
+    # ------------------------------------------------------------------ matrix (row-local DRM-V)
+    def _row_ranges(self, n: int, m: int) -> list[tuple[int, int]]:
+        """Flat ranges of the rows each rank works on: the rows that start in its chunk."""
+        world = self.comm.world_size
+        size = partition_size(n * m, world)
+        out = []
+        for r in range(world):
+            first = min(n, -(-r * size // m))
+            last = min(n, -(-(r + 1) * size // m))
+            out.append((first * m, last * m))
+        return out
+
+    def _matrix_wave(
+        self, items: Sequence[MergeItem], target: ParamSet, base: TensorSet, branches: Sequence[TensorSet]
+    ) -> None:
+        comm, p = self.comm, self.params
+        world, rank = comm.world_size, comm.rank
+        n_br = len(branches)
+        chunks = self._read_all(items, base, branches)
+        comm.check("reading the local shards of matrices")
+
+        # 1. Row-aligned local rows (boundary rows come from the neighbours), deltas, Gram.
+        state: list[dict[str, Any]] = []
+        for j, (it, row) in enumerate(zip(items, chunks)):
+            n, m = it.shape
+            held = [held_range(it.numel, world, q) for q in range(world)]
+            wanted = self._row_ranges(n, m)
+            lo, hi = wanted[rank]
+            n_local = (hi - lo) // m
+            rows = [comm.redistribute(c, held, wanted) for c in row]
+            base_c = rows[0].to(self.dtype).reshape(n_local, m)
+            deltas = _guard(
+                comm, f"building the deltas of {it.name!r}",
+                lambda rows=rows, base_c=base_c, n_local=n_local, m=m: torch.stack(
+                    [r.to(self.dtype).reshape(n_local, m) - base_c for r in rows[1:]]
+                ),
+                lambda n_local=n_local, m=m: torch.zeros(n_br, n_local, m, dtype=self.dtype),
+            )
+
+            def partial_gram(deltas: Tensor = deltas, m: int = m) -> Tensor:
+                gram = torch.zeros(m, m, dtype=self.dtype)
+                for delta in deltas:
+                    gram.addmm_(delta.mT, delta)
+                return gram
+
+            gram = _guard(comm, f"the Gram of {it.name!r}", partial_gram, lambda m=m: torch.zeros(m, m, dtype=self.dtype))
+            comm.reduce(gram, dst=j % world)
+            state.append({"item": it, "n": n, "m": m, "base": base_c, "deltas": deltas, "gram": gram if j % world == rank else None,
+                          "held": held, "wanted": wanted})
+            del rows
+
+        # 2. Eigendecompositions in parallel: item j on rank j % world.
+        for j, st in enumerate(state):
+            if j % world == rank:
+                gram = st.pop("gram")
+                st["basis"] = _guard(
+                    comm, f"the basis of {st['item'].name!r}",
+                    lambda gram=gram: basis_from_gram(gram, p.rank_rtol),
+                    lambda: None,
+                )
+            else:
+                st.pop("gram")
+        comm.check("decomposing the Gram matrices")
+
+        # 3. Bases to every rank.
+        for j, st in enumerate(state):
+            src = j % world
+            basis = st.get("basis")
+            m = st["m"]
+            r_t = torch.tensor([basis.rank if basis is not None else 0], dtype=torch.int64)
+            comm.broadcast(r_t, src)
+            r = int(r_t[0])
+            vectors = basis.vectors.to(self.dtype).contiguous() if basis is not None else torch.empty(m, r, dtype=self.dtype)
+            sigma = basis.sigma.to(self.dtype).contiguous() if basis is not None else torch.empty(r, dtype=self.dtype)
+            comm.broadcast(vectors, src)
+            comm.broadcast(sigma, src)
+            st["vectors"], st["sigma"], st["rank"] = vectors, sigma, r
+
+        # 4. Row-local merge in the shared basis, then back to the ZeRO-3 partitions.
+        for st in state:
+            it = st["item"]
+            merged_rows = self._merge_rows(st)
+            out = st["base"] + merged_rows
+            back = comm.redistribute(out.reshape(-1), st["wanted"], st["held"])
+            _guard(comm, f"writing {it.name!r}", lambda it=it, back=back: self._write(target, it, back), lambda: None)
+        comm.check("writing merged matrices")
+
+    def _merge_rows(self, st: dict[str, Any]) -> Tensor:
+        """:func:`~drm_lightning.methods.drm.merge_coordinates` on this rank's rows, then ``@ Bᵀ``."""
+        comm, p = self.comm, self.params
+        deltas, vectors, sigma, r = st["deltas"], st["vectors"], st["sigma"], st["rank"]
+        n, m = st["n"], st["m"]
+        n_br, n_local = deltas.shape[0], deltas.shape[1]
+        if r == 0:
+            return torch.zeros(n_local, m, dtype=self.dtype)
+        coords = deltas @ vectors  # (N, n_local, r)
+        colsq: Tensor | None = None
+        if not p.reference_compat or (p.drop_rate > 0 and p.renormalize):
+            colsq = comm.all_reduce((coords * coords).sum(dim=1))  # (N, r), summed over all rows
+        if not p.reference_compat:
+            # drop_numerical_zeros, with the column and branch norms of the whole matrix.
+            assert colsq is not None
+            branch_norm = colsq.sum(dim=1, keepdim=True).sqrt()
+            eps = torch.finfo(coords.dtype).eps
+            dropped = colsq.sqrt() <= 16 * eps * math.sqrt(n * r) * branch_norm  # (N, r)
+            coords = coords.masked_fill(dropped.reshape(n_br, 1, r), 0)
+            colsq = colsq.masked_fill(dropped, 0)
+        if p.drop_rate > 0:
+            if p.renormalize:
+                assert colsq is not None
+                colnorm = colsq.sqrt().reshape(n_br, 1, r)
+                safe = torch.where(colnorm > 0, colnorm, torch.ones((), dtype=colnorm.dtype))
+                scores = torch.where(colnorm > 0, coords / safe, torch.zeros((), dtype=coords.dtype))
+            else:
+                scores = pruning_scores(coords, sigma, renormalize=False)
+            mask = topk_mask_distributed(
+                scores, n_br * n * r, 1.0 - p.drop_rate, comm, reference_compat=p.reference_compat
+            )
+            coords = coords * mask
+        signs = self._elect(coords)
+        if p.tie_break == "majority":
+            count = torch.tensor([int((signs > 0).sum()) - int((signs < 0).sum())], dtype=torch.int64)
+            comm.all_reduce(count)
+            signs = self._apply_majority(signs, int(count[0]))
+        merged = disjoint_mean(coords, signs, self.coefficients, disjoint=p.disjoint_mean)
+        return merged @ vectors.mT
