@@ -101,6 +101,15 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
     return default
 
 
+def _saved_copy_target(key: str) -> str | None:
+    """The base name of a full weight saved next to the LoRA factors (``...base_layer.weight``)."""
+    name = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
+    name = name.replace(".base_layer.", ".")
+    if any(token in name.split(".") for token in _FACTOR_TOKENS) or "lora_" in name:
+        return None
+    return name
+
+
 class LoraBranch(WeightSource):
     """A PEFT LoRA adapter applied to a base model, read lazily.
 
@@ -109,7 +118,9 @@ class LoraBranch(WeightSource):
     ``delta(name, base_tensor)`` the dense delta; ``get(name)`` the adapted weight
     (``merge_and_unload`` semantics). Everything is checked at construction — config
     options, adapter keys, every module's presence and shape in the base — from metadata
-    only, so a mismatched adapter fails before any merge work.
+    only, so a mismatched adapter fails before any merge work. Full weights PEFT saves
+    next to the factors (``save_embedding_layers``: ``embed_tokens.base_layer.weight``)
+    must equal the base's; that one comparison reads those tensors at construction.
 
     Args:
         adapter_dir: folder written by PEFT's ``save_pretrained`` (``adapter_config.json``
@@ -240,6 +251,12 @@ class LoraBranch(WeightSource):
             kinds[slot] = kind
             if len(self._weights.meta(key).shape) != 2:
                 conv.append(f"{module} ({parts[idx]} shape {list(self._weights.meta(key).shape)})")
+        self._saved_copies: dict[str, str] = {}
+        for key in list(unknown):
+            target = _saved_copy_target(key)
+            if target is not None and target in self.base:
+                self._saved_copies[target] = key  # e.g. PEFT's save_embedding_layers copies
+                unknown.remove(key)
         if unknown:
             raise NotImplementedError(
                 f"LoRA adapter {self.weights_path} holds {len(unknown)} tensor(s) that are not plain LoRA factors "
@@ -315,6 +332,22 @@ class LoraBranch(WeightSource):
             raise ValueError(
                 f"LoRA adapter {self.path} does not match the base {self.base.origin}:\n- " + "\n- ".join(problems)
             )
+        for target, key in self._saved_copies.items():
+            saved_meta, base_meta = self._weights.meta(key), self.base.meta(target)
+            if tuple(saved_meta.shape) != tuple(base_meta.shape):
+                raise ValueError(
+                    f"LoRA adapter {self.path} saved its own {target!r} with shape {list(saved_meta.shape)}, the base "
+                    f"{self.base.origin} has {list(base_meta.shape)}: the vocabulary was resized during fine-tuning. "
+                    "Resize the base the same way, or merge from the full fine-tuned model"
+                )
+            base_t = self.base.get(target)
+            if not torch.equal(self._weights.get(key).to(base_t.dtype), base_t):
+                raise ValueError(
+                    f"LoRA adapter {self.path} saved its own {target!r} and it differs from the base "
+                    f"{self.base.origin}: the adapter was trained on other {target} values (trained or resized "
+                    "embeddings), so it is not a low-rank delta of this base. Use the matching base, or merge "
+                    "from the full fine-tuned model"
+                )
 
     # ------------------------------------------------------------------ public API
 

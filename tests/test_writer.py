@@ -1,0 +1,264 @@
+"""HFFolderWriter: shards + index, side files, model card, atomicity on failure, overwrite, tied weights."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import drm_lightning
+import drm_lightning.sources.writer as writer_module
+from drm_lightning.sources import HFFolderSource, HFFolderWriter, StateDictSource, check_free_space
+
+
+def _tensors(n: int = 10, rows: int = 16, cols: int = 16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {f"layers.{i}.weight": torch.randn(rows, cols, generator=g) for i in range(n)}
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def _write(out: Path, tensors: dict[str, torch.Tensor], **kwargs: object) -> None:
+    with HFFolderWriter(out, **kwargs) as w:  # type: ignore[arg-type]
+        for name, t in tensors.items():
+            w.add(name, t)
+
+
+def test_sharding_and_index(tmp_path: Path) -> None:
+    tensors = _tensors(10)  # 1 KiB each
+    tensors["big.weight"] = torch.randn(40, 40)  # 6400 B > the shard limit: a shard of its own
+    out = tmp_path / "merged"
+    _write(out, tensors, max_shard_bytes=3 * 1024)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    n = len(shards)
+    assert shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert n == 5  # 3 + 3 + 3 + (1 + then big alone) -> [0-2], [3-5], [6-8], [9], [big]
+    assert sorted(index["weight_map"]) == sorted(tensors)
+    assert set(index["weight_map"].values()) == set(shards)
+    assert index["weight_map"]["big.weight"] == shards[-1]
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in tensors.values())
+    for shard in shards:
+        names = [k for k, v in index["weight_map"].items() if v == shard]
+        size = sum(tensors[k].numel() * 4 for k in names)
+        assert size <= 3 * 1024 or names == ["big.weight"]
+    source = HFFolderSource(out)
+    assert source.layout == "safetensors-sharded"
+    for name, t in tensors.items():
+        assert torch.equal(source.get(name), t)
+    assert not (out / "model.safetensors").exists() and _leftovers(tmp_path) == []
+
+
+def test_single_shard_is_model_safetensors(tmp_path: Path) -> None:
+    tensors = _tensors(3)
+    out = tmp_path / "one"
+    _write(out, tensors)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}  # transformers refuses shards without it
+        assert sorted(f.keys()) == sorted(tensors)
+        for name in tensors:
+            assert torch.equal(f.get_tensor(name), tensors[name])
+
+
+def test_copies_config_and_tokenizer_files(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    side = {"config.json": '{"model_type": "llama"}', "generation_config.json": "{}", "tokenizer.json": "{}",
+            "tokenizer_config.json": "{}", "special_tokens_map.json": "{}", "vocab.txt": "a\nb\n",
+            "merges.txt": "#", "tokenizer.model": "\x00\x01"}
+    for name, text in side.items():
+        (base / name).write_text(text)
+    (base / "README.md").write_text("base card")
+    (base / "optimizer.pt").write_bytes(b"not copied")
+    (base / "model.safetensors").write_bytes(b"not copied")
+    out = tmp_path / "out"
+    _write(out, _tensors(2), copy_from=base)
+    for name, text in side.items():
+        assert (out / name).read_text() == text, name
+    assert not (out / "optimizer.pt").exists()
+    assert (out / "README.md").read_text() != "base card"
+    with pytest.raises(NotADirectoryError, match=r"copy_from=.*nope does not exist"):
+        HFFolderWriter(tmp_path / "x", copy_from=tmp_path / "nope")
+
+
+def test_model_card_lists_method_branches_and_hashes(tmp_path: Path) -> None:
+    files = {}
+    for name in ("base", "a", "b"):
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_file({"w": torch.randn(3, 3)}, str(files[name]))
+    from drm_lightning.sources import open_source
+
+    metadata = {
+        "method": "drm",
+        "parameters": {"drop_rate": 0.8, "direction": "vertical"},
+        "base": open_source(files["base"]),
+        "branches": [{"source": open_source(files["a"]), "coefficient": 0.7}, {"path": str(files["b"]), "coefficient": 1.5}],
+        "seed": 123,
+    }
+    out = tmp_path / "out"
+    _write(out, {"w": torch.zeros(3, 3)}, metadata=metadata)
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert "# Merged model (drm)" in card and f"drm_lightning {drm_lightning.__version__}" in card
+    assert "| `drop_rate` | `0.8` |" in card and '| `direction` | `"vertical"` |' in card
+    assert "| 0 | `safetensors file " in card and "| 0.7 |" in card
+    assert f"| 1 | `{files['b']}` | 1.5 |" in card
+    for path in files.values():
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert f"| `{path}` | `{digest}` |" in card
+    assert '"seed": 123' in card
+
+
+def test_enospc_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_save = writer_module.save_file
+    calls = []
+
+    def failing_save(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        calls.append(filename)
+        if len(calls) == 2:
+            Path(filename).write_bytes(b"partial shard")  # a half-written file, as a full disk leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(writer_module, "save_file", failing_save)
+    out = tmp_path / "merged"
+    with pytest.raises(OSError) as info:
+        _write(out, _tensors(10), max_shard_bytes=2048)
+    assert info.value.errno == errno.ENOSPC
+    assert len(calls) == 2  # it failed midway, after one complete shard
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_error_in_the_with_block_or_at_finish_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "merged"
+    with pytest.raises(RuntimeError, match="merge failed"):
+        with HFFolderWriter(out, max_shard_bytes=1024) as w:
+            w.add("a", torch.zeros(512))
+            w.add("b", torch.zeros(512))  # first shard flushed to the temp folder
+            assert len(list(w.tmp_dir.iterdir())) == 1
+            raise RuntimeError("merge failed")
+    assert list(tmp_path.iterdir()) == []
+
+    def broken_copy(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    monkeypatch.setattr(writer_module.shutil, "copyfile", broken_copy)
+    with pytest.raises(OSError, match="No space left"):
+        _write(out, _tensors(2), copy_from=base)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+    with pytest.raises(ValueError, match="no tensors were added"):
+        with HFFolderWriter(out):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_overwrite_semantics(tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(FileExistsError, match=rf"output folder {out} already exists; pass overwrite=True \(--overwrite\)"):
+        HFFolderWriter(out)
+    # a failed overwrite keeps the old folder untouched
+    with pytest.raises(RuntimeError):
+        with HFFolderWriter(out, overwrite=True) as w:
+            w.add("w", torch.ones(2))
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"] and _leftovers(tmp_path) == []
+    # the old folder is replaced only once the new one is complete
+    with HFFolderWriter(out, overwrite=True) as w:
+        w.add("w", torch.ones(2))
+        assert (out / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.safetensors"]
+    assert torch.equal(HFFolderSource(out).get("w"), torch.ones(2))
+    assert _leftovers(tmp_path) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        HFFolderWriter(tmp_path / "file", overwrite=True)
+
+
+def test_tied_and_shared_tensors_are_cloned(tmp_path: Path) -> None:
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied, as in tie_word_embeddings models
+    model = torch.nn.ModuleDict({"embed": emb, "head": head})
+    big = torch.arange(20.0)
+    out = tmp_path / "tied"
+    with HFFolderWriter(out) as w:
+        for name, t in model.state_dict().items():
+            w.add(name, t)
+        w.add("view.first", big[:5])  # views of one storage
+        w.add("view.strided", big[::2])
+        w.add("view.t", torch.randn(3, 5).T)
+        big.zero_()  # the writer copied: later changes by the caller are not written
+    source = HFFolderSource(out)
+    assert torch.equal(source.get("embed.weight"), emb.weight.detach())
+    assert torch.equal(source.get("head.weight"), emb.weight.detach())
+    assert torch.equal(source.get("view.first"), torch.arange(5.0))
+    assert torch.equal(source.get("view.strided"), torch.arange(0.0, 20.0, 2.0))
+    assert source.meta("view.t").shape == (5, 3)
+
+
+def test_add_misuse(tmp_path: Path) -> None:
+    w = HFFolderWriter(tmp_path / "m")
+    with pytest.raises(RuntimeError, match="inside the writer's `with` block"):
+        w.add("a", torch.ones(1))
+    with w:
+        w.add("a", torch.ones(1))
+        with pytest.raises(ValueError, match="'a' was already added"):
+            w.add("a", torch.ones(1))
+        with pytest.raises(TypeError, match="expected a torch.Tensor, got list"):
+            w.add("b", [1.0])  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError):
+        w.add("c", torch.ones(1))
+    with pytest.raises(ValueError, match="max_shard_bytes must be > 0"):
+        HFFolderWriter(tmp_path / "n", max_shard_bytes=0)
+
+
+def test_free_space_checked_before_work(tmp_path: Path) -> None:
+    out = tmp_path / "deep" / "merged"
+    with pytest.raises(OSError, match=r"not enough free space to write .*merged: needs .* GiB") as info:
+        check_free_space(out, 1 << 60)
+    assert info.value.errno == errno.ENOSPC
+    check_free_space(out, 1)
+    with pytest.raises(OSError, match="not enough free space"):
+        HFFolderWriter(out, expected_bytes=1 << 60)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writes_a_folder_transformers_loads(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "base")
+    source = StateDictSource(model)
+    assert source.get("lm_head.weight").data_ptr() == source.get("model.embed_tokens.weight").data_ptr()
+    out = tmp_path / "merged"
+    with HFFolderWriter(out, max_shard_bytes=20_000, copy_from=tmp_path / "base",
+                        metadata={"method": "linear", "base": tmp_path / "base"}) as w:
+        for name in source.keys():
+            w.add(name, source.get(name) * 2)
+    assert (out / "model.safetensors.index.json").is_file()
+    loaded = transformers.LlamaForCausalLM.from_pretrained(out)
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t * 2), name
+    assert loaded.config.tie_word_embeddings
+    card = (out / "README.md").read_text()
+    digest = hashlib.sha256((tmp_path / "base" / "model.safetensors").read_bytes()).hexdigest()
+    assert digest in card
