@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor
 
 from drm_lightning.methods._ops import broadcast_coefficients
@@ -307,12 +307,24 @@ class TaskVectorParams(MethodParams):
 
     @field_validator("density")
     @classmethod
-    def _density_in_range(cls, v: float | None) -> float | None:
+    def _density_in_range(cls, v: float | None, info: ValidationInfo) -> float | None:
         if v is not None and not (0.0 < v <= 1.0):
             raise ValueError(
                 f"density is the fraction of entries kept and must be in (0, 1]; got {v} "
                 "(use 1.0 to keep everything)"
             )
+        if v not in (None, 1.0) and info.data.get("sparsify") == "none":
+            raise ValueError(
+                "density has no effect without sparsification (task_arithmetic, linear); "
+                "use ties, dare_ties or dare_linear to sparsify"
+            )
+        return v
+
+    @field_validator("rescale")
+    @classmethod
+    def _rescale_needs_sparsify(cls, v: RescaleRule | None, info: ValidationInfo) -> Any:
+        if v not in (None, "none") and info.data.get("sparsify") == "none":
+            raise ValueError("rescale has no effect without sparsification")
         return v
 
     @model_validator(mode="before")
@@ -326,14 +338,6 @@ class TaskVectorParams(MethodParams):
         convention = data.get("convention", "peft")
         if sparsify not in DEFAULT_DENSITY or convention not in ("peft", "mergekit"):
             return data  # the field validators report it
-        if sparsify == "none":
-            if data.get("density") not in (None, 1.0):
-                raise ValueError(
-                    "density has no effect without sparsification (task_arithmetic, linear); "
-                    "use ties, dare_ties or dare_linear to sparsify"
-                )
-            if data.get("rescale") not in (None, "none"):
-                raise ValueError("rescale has no effect without sparsification")
         if data.get("density") is None:
             data["density"] = DEFAULT_DENSITY[sparsify]
         if data.get("normalize") is None:
