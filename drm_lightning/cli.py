@@ -36,6 +36,7 @@ from drm_lightning import __version__
 from drm_lightning.config import MergeConfig, load_config
 from drm_lightning.merge import PlannedTensor, iter_merge, plan_merge
 from drm_lightning.methods import MergeMethod
+from drm_lightning.sources import HFFolderWriter, LoraBranch, open_source
 
 EXIT_ERROR = 2
 
@@ -168,14 +169,17 @@ def resolve_device(name: str) -> torch.device:
 
 def open_job(config: MergeConfig) -> MergeJob:
     """Open base and branches lazily (LoRA adapters detected) and plan from metadata only."""
-    from drm_lightning.sources.factory import open_source
-    from drm_lightning.sources.lora import LoraBranch
-
     method = config.build_method()
     base = open_source(config.base)
     branches = [LoraBranch(b.path, base) if b.is_lora else open_source(b.path) for b in config.branches]
     coefficients = config.resolved_coefficients()
-    plan = plan_merge(base, branches, routing=config.build_routing(), coefficients=coefficients)
+    try:
+        plan = plan_merge(base, branches, routing=config.build_routing(), coefficients=coefficients)
+    except ValueError as err:
+        legend = "; ".join(
+            [f"base = {config.base}"] + [f"branch {i} = {b.path}" for i, b in enumerate(config.branches)]
+        )
+        raise ValueError(f"{err}\n(inputs: {legend})") from err
     return MergeJob(config, method, base, branches, coefficients, plan)
 
 
@@ -189,8 +193,6 @@ def run_job(
     max_shard_bytes: int = 2 * 1024**3,
 ) -> None:
     """Stream the merge into ``out`` (temporary folder, renamed when complete)."""
-    from drm_lightning.sources.writer import HFFolderWriter
-
     base, branches = job.base, job.branches
     device = torch.device(device)
     if device.type != "cpu":
@@ -200,13 +202,23 @@ def run_job(
         out, overwrite=overwrite, copy_from=copy_from, metadata=model_card(job),
         max_shard_bytes=max_shard_bytes, expected_bytes=output_bytes(job),
     )
-    with writer:
-        for name, tensor in iter_merge(
-            job.method, base, branches, coefficients=job.coefficients,
-            compute_dtype=job.config.compute_torch_dtype, out_dtype=job.config.out_torch_dtype,
-            seed=job.config.resolved_seed(), plan=job.plan, progress=progress,
-        ):
-            writer.add(name, tensor.cpu())
+    try:
+        with writer:
+            for name, tensor in iter_merge(
+                job.method, base, branches, coefficients=job.coefficients,
+                compute_dtype=job.config.compute_torch_dtype, out_dtype=job.config.out_torch_dtype,
+                seed=job.config.resolved_seed(), plan=job.plan, progress=progress,
+            ):
+                writer.add(name, tensor.cpu())
+    except OSError as err:
+        target = str(out.absolute())
+        if err.filename is None or not str(Path(err.filename).absolute()).startswith(target):
+            raise  # not a write error (an input could not be read): the message says which
+        reason = err.strerror or str(err)
+        raise OSError(
+            err.errno, f"writing {out} failed: {reason} (at {err.filename}); the partial output "
+            f"was removed and {out} was left as it was"
+        ) from err
 
 
 class _OnDevice:

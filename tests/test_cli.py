@@ -352,6 +352,7 @@ def test_shape_mismatch_lists_every_key_and_shape(zoo: dict[str, Any], tmp_path:
     assert "shape mismatch in 2 tensor(s)" in err
     assert "model.layers.0.self_attn.q_proj.weight: base [32, 32], branch 0 [32, 32], branch 1 [16, 32]" in err
     assert "model.layers.1.post_attention_layernorm.weight: base [32], branch 0 [32], branch 1 [30]" in err
+    assert f"base = {zoo['root'] / 'base'}" in err and f"branch 1 = {folder}" in err
 
 
 def test_vocab_size_mismatch(zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any) -> None:
@@ -383,6 +384,7 @@ def test_non_float_tensor(zoo: dict[str, Any], tmp_path: Path, out: Path, capsys
     folder = _branch_folder(zoo, "int", edit)
     err = _fails([str(_with_branch(tmp_path, zoo, folder)), "-o", str(out)], capsys, out)
     assert "'model.layers.0.mlp.gate_proj.weight' in branch 1 has non-float dtype torch.int64" in err
+    assert f"branch 1 = {folder}" in err  # the file behind "branch 1"
 
 
 def test_unsupported_dtype(zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any) -> None:
@@ -395,7 +397,7 @@ def test_unsupported_dtype(zoo: dict[str, Any], tmp_path: Path, out: Path, capsy
     folder = _branch_folder(zoo, "fp8", edit)
     err = _fails([str(_with_branch(tmp_path, zoo, folder)), "-o", str(out)], capsys, out)
     assert "'model.layers.0.mlp.up_proj.weight' in branch 1" in err
-    assert "unsupported dtype torch.float8_e4m3fn" in err
+    assert "unsupported dtype torch.float8_e4m3fn" in err and f"branch 1 = {folder}" in err
 
 
 def test_lora_adapter_with_mismatched_base(zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any) -> None:
@@ -462,6 +464,7 @@ def test_out_of_disk_space_leaves_nothing(
     monkeypatch.setattr(writer, "save_file", full_disk)
     err = _fails([str(_write_config(tmp_path, zoo)), "-o", str(out), "--no-progress"], capsys, out)
     assert calls and "No space left on device" in err
+    assert f"writing {out} failed" in err and "partial output was removed" in err
 
 
 def test_not_enough_free_space_is_checked_first(
