@@ -196,10 +196,9 @@ def merge_tensor(
     Example:
         >>> from drm_lightning.methods import get_method
         >>> base = torch.zeros(3, 2)
-        >>> merge_tensor(get_method("drm", drop_rate=0.0), "matrix", base, [torch.ones(3, 2)], [1.0])
-        tensor([[1., 1.],
-                [1., 1.],
-                [1., 1.]])
+        >>> merged = merge_tensor(get_method("drm", drop_rate=0.0), "matrix", base, [torch.ones(3, 2)], [1.0])
+        >>> torch.allclose(merged, torch.ones(3, 2))
+        True
     """
     out_dtype = out_dtype or base.dtype
     if route == "ignore":
@@ -243,15 +242,19 @@ def iter_merge(
     routing: Routing | None = None,
     compute_dtype: torch.dtype = torch.float32,
     out_dtype: torch.dtype | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     plan: Sequence[PlannedTensor] | None = None,
     progress: bool = False,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, merged tensor)`` for every base tensor, reading one tensor at a time.
 
     Inputs are validated with :func:`plan_merge` first (unless a ``plan`` is given); NaN/Inf
-    in a tensor raise before that tensor is merged.
+    in a tensor raise before that tensor is merged. Random methods (DARE) draw from a
+    generator seeded by ``(seed, tensor name)``; ``seed=None`` uses the method's ``seed``
+    parameter (or 0), so the result is the same on every rank and every run.
     """
+    if seed is None:
+        seed = int(getattr(method.params, "seed", 0) or 0)
     coefs = validate_coefficients(coefficients, len(branches))
     plan = plan if plan is not None else plan_merge(base, branches, routing=routing, coefficients=coefs)
     items: Any = plan
@@ -315,7 +318,7 @@ def merge_state_dicts(
     routing: Routing | None = None,
     compute_dtype: torch.dtype = torch.float32,
     out_dtype: torch.dtype | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     progress: bool = False,
 ) -> dict[str, Tensor]:
     """Merge in-memory state dicts (or modules, or sources) into a new state dict.
