@@ -61,15 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``drm-merge`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="drm-merge",
-        description="Merge fine-tuned checkpoints (DRM, TIES, DARE, task arithmetic) from a YAML config.",
+        description="Merge fine-tuned checkpoints (DRM, TIES, DARE, task arithmetic) "
+        "from a YAML config.",
     )
-    parser.add_argument("config", type=Path, help="YAML config (see configs/ for one example per method)")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="output folder (HF layout)")
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; read no weights")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the merge math runs")
     parser.add_argument(
-        "--max-shard-size", type=parse_size, default=2 * 1024**3, metavar="SIZE",
+        "config", type=Path, help="YAML config (see configs/ for one example per method)"
+    )
+    parser.add_argument(
+        "-o", "--output", type=Path, required=True, help="output folder (HF layout)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate and print the plan; read no weights"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where the merge math runs"
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default=2 * 1024**3,
+        metavar="SIZE",
         help="largest output shard, e.g. 5GB, 500MiB or a byte count (default 2GiB)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -90,8 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe_plan(job, args.output))
             return 0
         run_job(
-            job, args.output, overwrite=args.overwrite, device=device,
-            progress=not args.no_progress, max_shard_bytes=args.max_shard_size,
+            job,
+            args.output,
+            overwrite=args.overwrite,
+            device=device,
+            progress=not args.no_progress,
+            max_shard_bytes=args.max_shard_size,
         )
     except KeyboardInterrupt:
         print("drm-merge: interrupted; nothing was written", file=sys.stderr)
@@ -124,7 +140,9 @@ def parse_size(text: str) -> int:
     """
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
     if not match:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}; use e.g. 5GB, 500MiB or a byte count")
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}; use e.g. 5GB, 500MiB or a byte count"
+        )
     number, prefix, binary = match.groups()
     base = 1024 if binary else 1000
     size = int(float(number) * base ** "_kmgt".index(prefix or "_"))
@@ -162,8 +180,10 @@ def check_output(out: Path, config: MergeConfig, *, overwrite: bool) -> None:
 def resolve_device(name: str) -> torch.device:
     """``cpu`` or ``cuda``; ``cuda`` without a GPU is an error, not a silent fallback."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda was requested but no CUDA device is available (torch "
-                       f"{torch.__version__}); use --device cpu")
+        raise CLIError(
+            "--device cuda was requested but no CUDA device is available (torch "
+            f"{torch.__version__}); use --device cpu"
+        )
     return torch.device(name)
 
 
@@ -171,13 +191,16 @@ def open_job(config: MergeConfig) -> MergeJob:
     """Open base and branches lazily (LoRA adapters detected) and plan from metadata only."""
     method = config.build_method()
     base = open_source(config.base)
-    branches = [LoraBranch(b.path, base) if b.is_lora else open_source(b.path) for b in config.branches]
+    branches = [
+        LoraBranch(b.path, base) if b.is_lora else open_source(b.path) for b in config.branches
+    ]
     coefficients = config.resolved_coefficients()
     try:
         plan = plan_merge(base, branches, routing=config.build_routing(), coefficients=coefficients)
     except ValueError as err:
         legend = "; ".join(
-            [f"base = {config.base}"] + [f"branch {i} = {b.path}" for i, b in enumerate(config.branches)]
+            [f"base = {config.base}"]
+            + [f"branch {i} = {b.path}" for i, b in enumerate(config.branches)]
         )
         raise ValueError(f"{err}\n(inputs: {legend})") from err
     return MergeJob(config, method, base, branches, coefficients, plan)
@@ -199,15 +222,25 @@ def run_job(
         base, branches = _OnDevice(base, device), [_OnDevice(b, device) for b in branches]
     copy_from = job.config.base if job.config.base.is_dir() else None
     writer = HFFolderWriter(
-        out, overwrite=overwrite, copy_from=copy_from, metadata=model_card(job),
-        max_shard_bytes=max_shard_bytes, expected_bytes=output_bytes(job),
+        out,
+        overwrite=overwrite,
+        copy_from=copy_from,
+        metadata=model_card(job),
+        max_shard_bytes=max_shard_bytes,
+        expected_bytes=output_bytes(job),
     )
     try:
         with writer:
             for name, tensor in iter_merge(
-                job.method, base, branches, coefficients=job.coefficients,
-                compute_dtype=job.config.compute_torch_dtype, out_dtype=job.config.out_torch_dtype,
-                seed=job.config.resolved_seed(), plan=job.plan, progress=progress,
+                job.method,
+                base,
+                branches,
+                coefficients=job.coefficients,
+                compute_dtype=job.config.compute_torch_dtype,
+                out_dtype=job.config.out_torch_dtype,
+                seed=job.config.resolved_seed(),
+                plan=job.plan,
+                progress=progress,
             ):
                 writer.add(name, tensor.cpu())
     except OSError as err:
@@ -216,8 +249,9 @@ def run_job(
             raise  # not a write error (an input could not be read): the message says which
         reason = err.strerror or str(err)
         raise OSError(
-            err.errno, f"writing {out} failed: {reason} (at {err.filename}); the partial output "
-            f"was removed and {out} was left as it was"
+            err.errno,
+            f"writing {out} failed: {reason} (at {err.filename}); the partial output "
+            f"was removed and {out} was left as it was",
         ) from err
 
 
@@ -256,12 +290,12 @@ def model_card(job: MergeJob) -> dict[str, Any]:
         "base": job.base,
         "branches": [
             {"source": source, "coefficient": coefficient}
-            for source, coefficient in zip(job.branches, job.coefficients)
+            for source, coefficient in zip(job.branches, job.coefficients, strict=True)
         ],
         "paper": job.method.paper,
         "branch_paths": [
             {"path": str(b.path), "kind": "lora" if b.is_lora else "full", "coefficient": c}
-            for b, c in zip(cfg.branches, job.coefficients)
+            for b, c in zip(cfg.branches, job.coefficients, strict=True)
         ],
         "compute_dtype": cfg.compute_dtype,
         "out_dtype": cfg.out_dtype or "as the base",
@@ -331,9 +365,11 @@ def describe_plan(job: MergeJob, out: Path) -> str:
         f"method: {cfg.method} ({params}); {job.method.paper}",
         f"base: {_describe(job.base)}",
     ]
-    for i, (branch, coefficient) in enumerate(zip(job.branches, job.coefficients)):
+    for i, (branch, coefficient) in enumerate(zip(job.branches, job.coefficients, strict=True)):
         lines.append(f"branch {i}: coefficient {coefficient:g}, {_describe(branch)}")
-    lines.append(f"compute dtype: {cfg.compute_dtype}; output dtype: {cfg.out_dtype or 'as the base'}")
+    lines.append(
+        f"compute dtype: {cfg.compute_dtype}; output dtype: {cfg.out_dtype or 'as the base'}"
+    )
     lines.append("")
     lines.append(f"{'route':<10}{'tensors':>9}{'parameters':>14}{'est. GFLOP':>13}")
     total_cost = 0.0
@@ -345,7 +381,8 @@ def describe_plan(job: MergeJob, out: Path) -> str:
         total_cost += cost
         numel = sum(item.numel for item in items)
         lines.append(f"{route:<10}{len(items):>9}{numel:>14,}{cost / 1e9:>13.3f}")
-    lines.append(f"{'total':<10}{len(job.plan):>9}{sum(i.numel for i in job.plan):>14,}{total_cost / 1e9:>13.3f}")
+    total_numel = sum(i.numel for i in job.plan)
+    lines.append(f"{'total':<10}{len(job.plan):>9}{total_numel:>14,}{total_cost / 1e9:>13.3f}")
     costly = sorted(per_route["matrix"], key=lambda i: -job.method.cost("matrix", i.shape, n))[:5]
     if costly:
         lines.append("")
@@ -356,7 +393,9 @@ def describe_plan(job: MergeJob, out: Path) -> str:
     peak, where = estimate_peak_bytes(job)
     out_bytes = output_bytes(job)
     lines.append("")
-    lines.append(f"estimated peak memory of the merge loop: {_human(peak)} (at {where}; plus the runtime)")
+    lines.append(
+        f"estimated peak memory of the merge loop: {_human(peak)} (at {where}; plus the runtime)"
+    )
     lines.append(f"output size: {_human(out_bytes)}")
     return "\n".join(lines)
 

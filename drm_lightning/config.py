@@ -35,7 +35,7 @@ Example:
     >>> cfg.resolved_coefficients()
     [1.0, 0.5]
     >>> cfg.build_method()
-    DRM(drop_rate=0.5, direction='vertical', renormalize=True, rank_rtol=0.01, reference_compat=False, tie_break='majority', disjoint_mean=True, elect_signs=True, fallback_trim_rate=0.0, solver='auto')
+    DRM(drop_rate=0.5, direction='vertical', ...)
     >>> try:
     ...     MergeConfig.model_validate({"method": "drn", "base": ".", "branches": ["."]})
     ... except ValidationError as err:
@@ -163,7 +163,9 @@ def _reraise(title: str, errors: list[InitErrorDetails]) -> None:
 
 def _passthrough(e: Mapping[str, Any]) -> InitErrorDetails:
     return InitErrorDetails(
-        type=PydanticCustomError(str(e["type"]), str(e["msg"]).replace("{", "{{").replace("}", "}}"), e.get("ctx")),
+        type=PydanticCustomError(
+            str(e["type"]), str(e["msg"]).replace("{", "{{").replace("}", "}}"), e.get("ctx")
+        ),
         loc=tuple(e["loc"]),
         input=e.get("input"),
     )
@@ -304,7 +306,9 @@ class RoutingConfig(_Section):
                     try:
                         re.compile(pattern)
                     except re.error as err:
-                        errors.append(_error((key, i), f"invalid regular expression: {err}", pattern))
+                        errors.append(
+                            _error((key, i), f"invalid regular expression: {err}", pattern)
+                        )
         return errors
 
     @field_validator("include", "exclude", "ignore", mode="before")
@@ -335,7 +339,8 @@ class MergeConfig(_Section):
 
     method: str = Field(
         validation_alias=AliasChoices("method", "merge_method"),
-        description="a registered method: drm, ties, task_arithmetic, dare_ties, dare_linear, linear",
+        description="a registered method: drm, ties, task_arithmetic, dare_ties, dare_linear, "
+        "linear",
     )
     base: Path = Field(validation_alias=AliasChoices("base", "base_model"))
     branches: list[BranchConfig] = Field(
@@ -360,7 +365,9 @@ class MergeConfig(_Section):
         if value is None:
             return value
         name = _normalize_dtype(value)
-        valid = ("float32", "float64") if info.field_name == "compute_dtype" else tuple(TORCH_DTYPES)
+        valid = (
+            ("float32", "float64") if info.field_name == "compute_dtype" else tuple(TORCH_DTYPES)
+        )
         if name not in valid:
             why = (
                 "; the merge math runs in float32 or float64 (half-precision inputs are upcast, "
@@ -400,7 +407,10 @@ class MergeConfig(_Section):
         if isinstance(params, Mapping) and "seed" in params and "seed" in data:
             if params["seed"] != data["seed"]:
                 errors.append(
-                    _error(("parameters", "seed"), f"differs from the top-level seed {data['seed']!r}; keep one")
+                    _error(
+                        ("parameters", "seed"),
+                        f"differs from the top-level seed {data['seed']!r}; keep one",
+                    )
                 )
         branches = data.get("branches", data.get("models"))
         coefficients = data.get("coefficients")
@@ -414,9 +424,15 @@ class MergeConfig(_Section):
                     )
                 )
             for i, value in enumerate(coefficients):
-                number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+                number = (
+                    value
+                    if isinstance(value, (int, float)) and not isinstance(value, bool)
+                    else None
+                )
                 if number is not None and not (math.isfinite(number) and number >= 0):
-                    errors.append(_error(("coefficients", i), "must be a finite number >= 0", value))
+                    errors.append(
+                        _error(("coefficients", i), "must be a finite number >= 0", value)
+                    )
             per_branch = [
                 i
                 for i, b in enumerate(branches)
@@ -472,7 +488,11 @@ def _parameter_errors(data: Mapping[str, Any]) -> list[InitErrorDetails]:
     """Errors of ``parameters`` against the method's declared parameters, one per key."""
     name = data.get("method", data.get("merge_method"))
     params = data.get("parameters")
-    if not isinstance(name, str) or name not in available_methods() or not isinstance(params, Mapping):
+    if (
+        not isinstance(name, str)
+        or name not in available_methods()
+        or not isinstance(params, Mapping)
+    ):
         return []
     cls, preset = method_class(name)
     fields = cls.Params.model_fields
@@ -483,7 +503,8 @@ def _parameter_errors(data: Mapping[str, Any]) -> list[InitErrorDetails]:
             errors.append(
                 _error(
                     ("parameters", key),
-                    f"fixed to {preset[key]!r} by method {name!r} (settable: {', '.join(sorted(settable))})",
+                    f"fixed to {preset[key]!r} by method {name!r} "
+                    f"(settable: {', '.join(sorted(settable))})",
                     params[key],
                 )
             )

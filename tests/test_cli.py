@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from drm_lightning.cli import main, parse_size
@@ -37,14 +36,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _llama_config(**overrides: Any) -> Any:
     kwargs: dict[str, Any] = dict(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
     )
     kwargs.update(overrides)
     return transformers.LlamaConfig(**kwargs)
 
 
-def _save_model(state: dict[str, torch.Tensor], folder: Path, config: Any, **save_kwargs: Any) -> Path:
+def _save_model(
+    state: dict[str, torch.Tensor], folder: Path, config: Any, **save_kwargs: Any
+) -> Path:
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(state)
@@ -80,7 +85,10 @@ def lora_adapter(zoo: dict[str, Any]) -> Path:
     model = transformers.LlamaForCausalLM(zoo["config"])
     model.load_state_dict(zoo["base_sd"])
     lora = peft.get_peft_model(
-        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model,
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
     )
     out = zoo["root"] / "lora"
     lora.save_pretrained(out)
@@ -93,7 +101,7 @@ def _write_config(tmp_path: Path, zoo: dict[str, Any], **overrides: Any) -> Path
         "base": str(zoo["root"] / "base"),
         "branches": [
             {"path": str(zoo["root"] / f"branch{i}"), "coefficient": c}
-            for i, c in zip(range(N_BRANCHES), (1.0, 0.5, 0.8))
+            for i, c in zip(range(N_BRANCHES), (1.0, 0.5, 0.8), strict=True)
         ],
         "parameters": {"drop_rate": 0.5},
         "routing": {"ignore": [r"lm_head\."]},
@@ -141,7 +149,12 @@ def test_merge_writes_hf_folder_equal_to_state_dict_merge(
     assert main([str(cfg), "-o", str(out), "--no-progress", "--max-shard-size", "60KB"]) == 0
     assert "wrote" in capsys.readouterr().out
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "tokenizer_config.json", "README.md", "model.safetensors.index.json"} <= names
+    assert {
+        "config.json",
+        "tokenizer_config.json",
+        "README.md",
+        "model.safetensors.index.json",
+    } <= names
     assert not any(n.startswith(".") or "tmp" in n for n in names)
     assert (out / "config.json").read_text() == (zoo["root"] / "base" / "config.json").read_text()
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -150,12 +163,20 @@ def test_merge_writes_hf_folder_equal_to_state_dict_merge(
     merged = _read_folder(out)
     assert set(merged) == set(zoo["base_sd"])
     for name, tensor in merged.items():
-        assert tensor.dtype == zoo["base_sd"][name].dtype and tensor.shape == zoo["base_sd"][name].shape
+        assert (
+            tensor.dtype == zoo["base_sd"][name].dtype
+            and tensor.shape == zoo["base_sd"][name].shape
+        )
         assert torch.isfinite(tensor).all(), name
-    assert torch.equal(merged["lm_head.weight"], zoo["base_sd"]["lm_head.weight"])  # ignored: bit-identical
+    assert torch.equal(
+        merged["lm_head.weight"], zoo["base_sd"]["lm_head.weight"]
+    )  # ignored: bit-identical
     expected = merge_state_dicts(
-        get_method("drm", drop_rate=0.5), zoo["base_sd"], zoo["branches"],
-        coefficients=[1.0, 0.5, 0.8], routing=Routing(ignore=[r"lm_head\."]),
+        get_method("drm", drop_rate=0.5),
+        zoo["base_sd"],
+        zoo["branches"],
+        coefficients=[1.0, 0.5, 0.8],
+        routing=Routing(ignore=[r"lm_head\."]),
     )
     for name in expected:
         torch.testing.assert_close(merged[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -163,29 +184,45 @@ def test_merge_writes_hf_folder_equal_to_state_dict_merge(
     assert "model.layers.0.self_attn.q_proj.weight" in changed and "lm_head.weight" not in changed
     card = (out / "README.md").read_text()
     assert "drm" in card and "drop_rate" in card and "0.8" in card  # coefficient of branch 2
-    assert str(zoo["root"] / "branch1" / "model.safetensors.index.json") in card  # files with sha256
+    assert (
+        str(zoo["root"] / "branch1" / "model.safetensors.index.json") in card
+    )  # files with sha256
     assert card.count("| `") >= N_BRANCHES + 1
 
 
 def test_subprocess_entry_point(zoo: dict[str, Any], tmp_path: Path, out: Path) -> None:
-    cfg = _write_config(tmp_path, zoo, method="ties", parameters={"density": 0.5}, out_dtype="bfloat16")
+    cfg = _write_config(
+        tmp_path, zoo, method="ties", parameters={"density": 0.5}, out_dtype="bfloat16"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [sys.executable, "-m", "drm_lightning.cli", str(cfg), "-o", str(out), "--no-progress"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     merged = _read_folder(out)
     assert all(t.dtype == torch.bfloat16 for t in merged.values())
     expected = merge_state_dicts(
-        get_method("ties", density=0.5), zoo["base_sd"], zoo["branches"],
-        coefficients=[1.0, 0.5, 0.8], routing=Routing(ignore=[r"lm_head\."]), out_dtype=torch.bfloat16,
+        get_method("ties", density=0.5),
+        zoo["base_sd"],
+        zoo["branches"],
+        coefficients=[1.0, 0.5, 0.8],
+        routing=Routing(ignore=[r"lm_head\."]),
+        out_dtype=torch.bfloat16,
     )
     for name in expected:
         torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=0, msg=name)
     bad = subprocess.run(
         [sys.executable, "-m", "drm_lightning.cli", str(cfg), "-o", str(out)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
     )
     assert bad.returncode == 2 and "already exists" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -207,8 +244,12 @@ def _forbid_reading(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_dry_run_prints_plan_without_reading_weights(
-    zoo: dict[str, Any], lora_adapter: Path, tmp_path: Path, out: Path,
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    zoo: dict[str, Any],
+    lora_adapter: Path,
+    tmp_path: Path,
+    out: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _forbid_reading(monkeypatch)
     branches = [str(zoo["root"] / "branch0"), {"path": str(lora_adapter), "coefficient": 0.5}]
@@ -232,21 +273,32 @@ def test_yaml_settings_change_the_output(
         "default": {},
         "direction": {"parameters": {"drop_rate": 0.5, "direction": "horizontal"}},
         "drop_rate": {"parameters": {"drop_rate": 0.9}},
-        "coefficients": {"branches": [
-            {"path": str(zoo["root"] / f"branch{i}"), "coefficient": c} for i, c in enumerate((0.2, 1.0, 0.3))
-        ]},
+        "coefficients": {
+            "branches": [
+                {"path": str(zoo["root"] / f"branch{i}"), "coefficient": c}
+                for i, c in enumerate((0.2, 1.0, 0.3))
+            ]
+        },
     }
     outputs = {}
     for label, overrides in variants.items():
         folder = tmp_path / label
-        assert main([str(_write_config(tmp_path, zoo, **overrides)), "-o", str(folder), "--no-progress"]) == 0
+        assert (
+            main(
+                [str(_write_config(tmp_path, zoo, **overrides)), "-o", str(folder), "--no-progress"]
+            )
+            == 0
+        )
         outputs[label] = _read_folder(folder)
     key = "model.layers.1.mlp.down_proj.weight"
     for label in ("direction", "drop_rate", "coefficients"):
         assert not torch.equal(outputs[label][key], outputs["default"][key]), f"{label} was ignored"
     expected = merge_state_dicts(
-        get_method("drm", drop_rate=0.5, direction="horizontal"), zoo["base_sd"], zoo["branches"],
-        coefficients=[1.0, 0.5, 0.8], routing=Routing(ignore=[r"lm_head\."]),
+        get_method("drm", drop_rate=0.5, direction="horizontal"),
+        zoo["base_sd"],
+        zoo["branches"],
+        coefficients=[1.0, 0.5, 0.8],
+        routing=Routing(ignore=[r"lm_head\."]),
     )
     torch.testing.assert_close(outputs["direction"][key], expected[key], rtol=1e-5, atol=1e-6)
     capsys.readouterr()
@@ -257,7 +309,9 @@ def test_lora_branch_merges_like_the_dense_adapter(
 ) -> None:
     peft = pytest.importorskip("peft")
     cfg = _write_config(
-        tmp_path, zoo, compute_dtype="float64",
+        tmp_path,
+        zoo,
+        compute_dtype="float64",
         branches=[str(zoo["root"] / "branch0"), {"path": str(lora_adapter), "coefficient": 0.5}],
     )
     assert main([str(cfg), "-o", str(out), "--no-progress"]) == 0
@@ -266,15 +320,22 @@ def test_lora_branch_merges_like_the_dense_adapter(
     model.load_state_dict(zoo["base_sd"])
     dense = peft.PeftModel.from_pretrained(model, lora_adapter).merge_and_unload().state_dict()
     expected = merge_state_dicts(
-        get_method("drm", drop_rate=0.5), zoo["base_sd"], [zoo["branches"][0], dense],
-        coefficients=[1.0, 0.5], routing=Routing(ignore=[r"lm_head\."]), compute_dtype=torch.float64,
+        get_method("drm", drop_rate=0.5),
+        zoo["base_sd"],
+        [zoo["branches"][0], dense],
+        coefficients=[1.0, 0.5],
+        routing=Routing(ignore=[r"lm_head\."]),
+        compute_dtype=torch.float64,
     )
     for name in expected:
         torch.testing.assert_close(merged[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_overwrite_replaces_existing_output(
-    zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: pytest.CaptureFixture[str],
+    zoo: dict[str, Any],
+    tmp_path: Path,
+    out: Path,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out.mkdir()
@@ -299,9 +360,7 @@ def test_parse_size() -> None:
 # ----------------------------------------------------------------------------- bad inputs
 
 
-def _branch_folder(
-    zoo: dict[str, Any], name: str, edit: Any, config: Any = None
-) -> Path:
+def _branch_folder(zoo: dict[str, Any], name: str, edit: Any, config: Any = None) -> Path:
     """A branch saved with safetensors after ``edit(state_dict)``; config.json from the base."""
     folder = zoo["root"] / name
     if not folder.exists():
@@ -318,7 +377,9 @@ def _with_branch(tmp_path: Path, zoo: dict[str, Any], folder: Path, **overrides:
     return _write_config(tmp_path, zoo, branches=branches, **overrides)
 
 
-def test_missing_file_or_folder(zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any) -> None:
+def test_missing_file_or_folder(
+    zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any
+) -> None:
     missing = tmp_path / "no-such-model"
     err = _fails([str(_with_branch(tmp_path, zoo, missing)), "-o", str(out)], capsys, out)
     assert f"branches[1].path: branch not found: '{missing}'" in err
@@ -330,7 +391,9 @@ def test_missing_file_or_folder(zoo: dict[str, Any], tmp_path: Path, out: Path, 
     assert "config file not found" in err and "nope.yaml" in err
 
 
-def test_branch_with_missing_and_extra_keys(zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any) -> None:
+def test_branch_with_missing_and_extra_keys(
+    zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any
+) -> None:
     def edit(sd: dict[str, torch.Tensor]) -> None:
         del sd["model.layers.1.mlp.up_proj.weight"]
         sd["model.layers.1.mlp.extra_proj.weight"] = torch.zeros(4, 4)
@@ -342,7 +405,9 @@ def test_branch_with_missing_and_extra_keys(zoo: dict[str, Any], tmp_path: Path,
     assert "1 key(s) not in the base: model.layers.1.mlp.extra_proj.weight" in err
 
 
-def test_shape_mismatch_lists_every_key_and_shape(zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any) -> None:
+def test_shape_mismatch_lists_every_key_and_shape(
+    zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any
+) -> None:
     def edit(sd: dict[str, torch.Tensor]) -> None:
         sd["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(16, 32)
         sd["model.layers.1.post_attention_layernorm.weight"] = torch.ones(30)
@@ -350,8 +415,14 @@ def test_shape_mismatch_lists_every_key_and_shape(zoo: dict[str, Any], tmp_path:
     folder = _branch_folder(zoo, "shapes", edit)
     err = _fails([str(_with_branch(tmp_path, zoo, folder)), "-o", str(out)], capsys, out)
     assert "shape mismatch in 2 tensor(s)" in err
-    assert "model.layers.0.self_attn.q_proj.weight: base [32, 32], branch 0 [32, 32], branch 1 [16, 32]" in err
-    assert "model.layers.1.post_attention_layernorm.weight: base [32], branch 0 [32], branch 1 [30]" in err
+    assert (
+        "model.layers.0.self_attn.q_proj.weight: "
+        "base [32, 32], branch 0 [32, 32], branch 1 [16, 32]" in err
+    )
+    assert (
+        "model.layers.1.post_attention_layernorm.weight: base [32], branch 0 [32], branch 1 [30]"
+        in err
+    )
     assert f"base = {zoo['root'] / 'base'}" in err and f"branch 1 = {folder}" in err
 
 
@@ -362,17 +433,23 @@ def test_vocab_size_mismatch(zoo: dict[str, Any], tmp_path: Path, out: Path, cap
 
     folder = _branch_folder(zoo, "vocab", edit)
     err = _fails([str(_with_branch(tmp_path, zoo, folder)), "-o", str(out)], capsys, out)
-    assert "model.embed_tokens.weight: base [128, 32], branch 0 [128, 32], branch 1 [130, 32]" in err
+    assert (
+        "model.embed_tokens.weight: base [128, 32], branch 0 [128, 32], branch 1 [130, 32]" in err
+    )
     assert "vocabulary size differs" in err
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nan_or_inf_in_a_branch(zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any, bad: float) -> None:
+def test_nan_or_inf_in_a_branch(
+    zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any, bad: float
+) -> None:
     def edit(sd: dict[str, torch.Tensor]) -> None:
         sd["model.layers.1.self_attn.o_proj.weight"][3, 5] = bad
 
     folder = _branch_folder(zoo, f"nonfinite-{bad}", edit)
-    err = _fails([str(_with_branch(tmp_path, zoo, folder)), "-o", str(out), "--no-progress"], capsys, out)
+    err = _fails(
+        [str(_with_branch(tmp_path, zoo, folder)), "-o", str(out), "--no-progress"], capsys, out
+    )
     assert "'model.layers.1.self_attn.o_proj.weight' in branch 1" in err and str(folder) in err
     assert ("1 NaN" if bad != bad else "1 Inf") in err
 
@@ -383,7 +460,9 @@ def test_non_float_tensor(zoo: dict[str, Any], tmp_path: Path, out: Path, capsys
 
     folder = _branch_folder(zoo, "int", edit)
     err = _fails([str(_with_branch(tmp_path, zoo, folder)), "-o", str(out)], capsys, out)
-    assert "'model.layers.0.mlp.gate_proj.weight' in branch 1 has non-float dtype torch.int64" in err
+    assert (
+        "'model.layers.0.mlp.gate_proj.weight' in branch 1 has non-float dtype torch.int64" in err
+    )
     assert f"branch 1 = {folder}" in err  # the file behind "branch 1"
 
 
@@ -392,7 +471,9 @@ def test_unsupported_dtype(zoo: dict[str, Any], tmp_path: Path, out: Path, capsy
         pytest.skip("torch without float8")
 
     def edit(sd: dict[str, torch.Tensor]) -> None:
-        sd["model.layers.0.mlp.up_proj.weight"] = sd["model.layers.0.mlp.up_proj.weight"].to(torch.float8_e4m3fn)
+        sd["model.layers.0.mlp.up_proj.weight"] = sd["model.layers.0.mlp.up_proj.weight"].to(
+            torch.float8_e4m3fn
+        )
 
     folder = _branch_folder(zoo, "fp8", edit)
     err = _fails([str(_with_branch(tmp_path, zoo, folder)), "-o", str(out)], capsys, out)
@@ -400,10 +481,14 @@ def test_unsupported_dtype(zoo: dict[str, Any], tmp_path: Path, out: Path, capsy
     assert "unsupported dtype torch.float8_e4m3fn" in err and f"branch 1 = {folder}" in err
 
 
-def test_lora_adapter_with_mismatched_base(zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any) -> None:
+def test_lora_adapter_with_mismatched_base(
+    zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any
+) -> None:
     peft = pytest.importorskip("peft")
     other = transformers.LlamaForCausalLM(_llama_config(hidden_size=48, num_attention_heads=4))
-    lora = peft.get_peft_model(other, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora = peft.get_peft_model(
+        other, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    )
     folder = tmp_path / "foreign-lora"
     lora.save_pretrained(folder)
     err = _fails([str(_with_branch(tmp_path, zoo, folder)), "-o", str(out)], capsys, out)
@@ -411,24 +496,38 @@ def test_lora_adapter_with_mismatched_base(zoo: dict[str, Any], tmp_path: Path, 
     assert "model.layers.0.self_attn.q_proj" in err and "[48, 48]" in err and "[32, 32]" in err
 
 
-def test_unknown_method_and_parameter(zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any) -> None:
-    err = _fails([str(_write_config(tmp_path, zoo, method="dare_tie")), "-o", str(out)], capsys, out)
+def test_unknown_method_and_parameter(
+    zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any
+) -> None:
+    err = _fails(
+        [str(_write_config(tmp_path, zoo, method="dare_tie")), "-o", str(out)], capsys, out
+    )
     assert "method: unknown merge method 'dare_tie' (did you mean 'dare_ties'" in err
     cfg = _write_config(tmp_path, zoo, parameters={"drop_rte": 0.5})
     err = _fails([str(cfg), "-o", str(out)], capsys, out)
-    assert "parameters.drop_rte: unknown parameter for method 'drm' (did you mean 'drop_rate'?" in err
+    assert (
+        "parameters.drop_rte: unknown parameter for method 'drm' (did you mean 'drop_rate'?" in err
+    )
     assert str(cfg) in err
 
 
 @pytest.mark.parametrize("rate", [1.0, -0.2])
-def test_drop_rate_outside_range(zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any, rate: float) -> None:
-    err = _fails([str(_write_config(tmp_path, zoo, parameters={"drop_rate": rate})), "-o", str(out)], capsys, out)
+def test_drop_rate_outside_range(
+    zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any, rate: float
+) -> None:
+    err = _fails(
+        [str(_write_config(tmp_path, zoo, parameters={"drop_rate": rate})), "-o", str(out)],
+        capsys,
+        out,
+    )
     assert "parameters.drop_rate: must be" in err and str(rate) in err
 
 
 def test_bad_coefficients(zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any) -> None:
     paths = [str(zoo["root"] / f"branch{i}") for i in range(N_BRANCHES)]
-    cfg = _write_config(tmp_path, zoo, branches=[paths[0], {"path": paths[1], "coefficient": -1.0}, paths[2]])
+    cfg = _write_config(
+        tmp_path, zoo, branches=[paths[0], {"path": paths[1], "coefficient": -1.0}, paths[2]]
+    )
     err = _fails([str(cfg), "-o", str(out)], capsys, out)
     assert "branches[1].coefficient: must be >= 0 (got -1.0)" in err
     cfg = _write_config(tmp_path, zoo, branches=paths, coefficients=[1.0, 0.5])
@@ -436,7 +535,9 @@ def test_bad_coefficients(zoo: dict[str, Any], tmp_path: Path, out: Path, capsys
     assert "coefficients: has 2 value(s) but there are 3 branches" in err
 
 
-def test_output_inside_an_input_is_refused(zoo: dict[str, Any], tmp_path: Path, capsys: Any) -> None:
+def test_output_inside_an_input_is_refused(
+    zoo: dict[str, Any], tmp_path: Path, capsys: Any
+) -> None:
     cfg = str(_write_config(tmp_path, zoo))
     inside = zoo["root"] / "base" / "merged"
     err = _fails([cfg, "-o", str(inside), "--overwrite"], capsys, inside)
@@ -481,12 +582,18 @@ def test_not_enough_free_space_is_checked_first(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
-def test_cuda_requested_without_gpu(zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any) -> None:
-    err = _fails([str(_write_config(tmp_path, zoo)), "-o", str(out), "--device", "cuda"], capsys, out)
+def test_cuda_requested_without_gpu(
+    zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any
+) -> None:
+    err = _fails(
+        [str(_write_config(tmp_path, zoo)), "-o", str(out), "--device", "cuda"], capsys, out
+    )
     assert "no CUDA device is available" in err
 
 
-def test_verbose_shows_traceback(zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any) -> None:
+def test_verbose_shows_traceback(
+    zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any
+) -> None:
     cfg = _write_config(tmp_path, zoo, method="nope")
     assert main([str(cfg), "-o", str(out), "--verbose"]) == 2
     assert "Traceback" in capsys.readouterr().err

@@ -73,27 +73,36 @@ def test_parameters_reach_the_method(models: dict[str, Path], tmp_path: Path) ->
     """Regression for the reference's B8: nested settings are read, not replaced by defaults."""
     data = _config(
         models,
-        parameters={"drop_rate": 0.3, "direction": "horizontal", "renormalize": False,
-                    "rank_rtol": 0.05, "reference_compat": True},
+        parameters={
+            "drop_rate": 0.3,
+            "direction": "horizontal",
+            "renormalize": False,
+            "rank_rtol": 0.05,
+            "reference_compat": True,
+        },
     )
     method = load_config(_write(tmp_path, data)).build_method()
     p = method.params
     assert (p.drop_rate, p.direction, p.renormalize, p.rank_rtol, p.reference_compat) == (
-        0.3, "horizontal", False, 0.05, True
+        0.3,
+        "horizontal",
+        False,
+        0.05,
+        True,
     )
 
 
 def test_mergekit_spelling_is_accepted(models: dict[str, Path], tmp_path: Path) -> None:
     text = f"""
 merge_method: ties
-base_model: {models['base']}
+base_model: {models["base"]}
 models:
-  - model: {models['b0']}
+  - model: {models["b0"]}
     parameters:
       weight: 0.7
-  - model: {models['b1']}
+  - model: {models["b1"]}
     weight: 0.2
-  - {models['b2']}
+  - {models["b2"]}
 dtype: fp64
 out_dtype: bf16
 parameters:
@@ -112,7 +121,9 @@ def test_coefficients_as_a_list(models: dict[str, Path], tmp_path: Path) -> None
 
 
 def test_routing_and_seed(models: dict[str, Path], tmp_path: Path) -> None:
-    data = _config(models, method="dare_ties", routing={"ignore": ["lm_head"], "exclude": []}, seed=7)
+    data = _config(
+        models, method="dare_ties", routing={"ignore": ["lm_head"], "exclude": []}, seed=7
+    )
     cfg = load_config(_write(tmp_path, data))
     routing = cfg.build_routing()
     assert routing.route("lm_head.weight", (8, 4)) == "ignore"
@@ -184,14 +195,20 @@ def test_parameter_fixed_by_the_method_name(models: dict[str, Path], tmp_path: P
     assert "parameters.sparsify: fixed to 'magnitude' by method 'ties'" in msg
 
 
-@pytest.mark.parametrize("value, expected", [(1.0, "must be < 1"), (-0.1, "must be >= 0"), (1.5, "must be < 1")])
-def test_drop_rate_outside_unit_interval(models: dict[str, Path], tmp_path: Path, value: float, expected: str) -> None:
+@pytest.mark.parametrize(
+    "value, expected", [(1.0, "must be < 1"), (-0.1, "must be >= 0"), (1.5, "must be < 1")]
+)
+def test_drop_rate_outside_unit_interval(
+    models: dict[str, Path], tmp_path: Path, value: float, expected: str
+) -> None:
     msg = _error(tmp_path, _config(models, parameters={"drop_rate": value}))
     assert f"parameters.drop_rate: {expected}" in msg and repr(value) in msg
 
 
 def test_bad_parameter_values(models: dict[str, Path], tmp_path: Path) -> None:
-    msg = _error(tmp_path, _config(models, parameters={"direction": "diagonal", "renormalize": "maybe"}))
+    msg = _error(
+        tmp_path, _config(models, parameters={"direction": "diagonal", "renormalize": "maybe"})
+    )
     assert "parameters.direction:" in msg and "'diagonal'" in msg and "horizontal" in msg
     assert "parameters.renormalize:" in msg
     msg = _error(tmp_path, _config(models, method="ties", parameters={"density": 0.0}))
@@ -205,12 +222,16 @@ def test_negative_and_non_finite_coefficients(models: dict[str, Path], tmp_path:
     assert "branches[1].coefficient: must be >= 0" in msg and "-0.5" in msg
     data["branches"][1]["coefficient"] = float("nan")
     assert "branches[1].coefficient: must be a finite number" in _error(tmp_path, data)
-    data = _config(models, branches=[str(models["b0"]), str(models["b1"])], coefficients=[1.0, -2.0])
+    data = _config(
+        models, branches=[str(models["b0"]), str(models["b1"])], coefficients=[1.0, -2.0]
+    )
     assert "coefficients[1]: must be a finite number >= 0 (got -2.0)" in _error(tmp_path, data)
 
 
 def test_coefficient_list_length(models: dict[str, Path], tmp_path: Path) -> None:
-    data = _config(models, branches=[str(models["b0"]), str(models["b1"])], coefficients=[1.0, 0.5, 0.2])
+    data = _config(
+        models, branches=[str(models["b0"]), str(models["b1"])], coefficients=[1.0, 0.5, 0.2]
+    )
     msg = _error(tmp_path, data)
     assert "coefficients: has 3 value(s) but there are 2 branches" in msg
     msg = _error(tmp_path, _config(models, coefficients=[1.0, 0.5]))  # branches[1] has one too
@@ -259,12 +280,17 @@ def test_alias_and_name_both_given(models: dict[str, Path], tmp_path: Path) -> N
 def test_dtypes(models: dict[str, Path], tmp_path: Path) -> None:
     msg = _error(tmp_path, _config(models, compute_dtype="bfloat16", out_dtype="float8_e4m3fn"))
     assert "compute_dtype: unsupported dtype 'bfloat16' (valid: float32, float64)" in msg
-    assert "out_dtype: unsupported dtype 'float8_e4m3fn' (valid: float16, bfloat16, float32, float64)" in msg
+    assert (
+        "out_dtype: unsupported dtype 'float8_e4m3fn' (valid: float16, bfloat16, float32, float64)"
+        in msg
+    )
     assert "int8" in _error(tmp_path, _config(models, out_dtype="int8"))
 
 
 def test_routing_errors(models: dict[str, Path], tmp_path: Path) -> None:
-    msg = _error(tmp_path, _config(models, routing={"exclude": "lm_head", "ignore": ["ok", "(bad"]}))
+    msg = _error(
+        tmp_path, _config(models, routing={"exclude": "lm_head", "ignore": ["ok", "(bad"]})
+    )
     assert "routing.exclude: must be a list of regexes, e.g. ['lm_head']" in msg
     assert "routing.ignore[1]: invalid regular expression" in msg and "'(bad'" in msg
 
