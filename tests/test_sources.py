@@ -6,6 +6,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -27,10 +28,14 @@ from drm_lightning.sources import (
 
 transformers = pytest.importorskip("transformers")
 
-LLAMA = dict(
-    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=4,
-)
+LLAMA = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}
 
 
 def _llama(seed: int = 0, **overrides: object) -> torch.nn.Module:
@@ -79,7 +84,10 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     ckpt = {
         "epoch": 2,
         "global_step": 10,
-        "state_dict": {**{f"model.{k}": v for k, v in state.items()}, "loss_fn.pos_weight": torch.ones(1)},
+        "state_dict": {
+            **{f"model.{k}": v for k, v in state.items()},
+            "loss_fn.pos_weight": torch.ones(1),
+        },
         "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.1}]}],
         "hyper_parameters": {"lr": 0.1},
     }
@@ -126,7 +134,9 @@ def test_sharded_folder_lists_index_and_every_shard(llama: dict) -> None:
     shards = sorted({folder / f for f in index["weight_map"].values()})
     assert len(shards) > 1
     assert source.files() == [folder / "model.safetensors.index.json", *shards]
-    assert HFFolderSource(llama["root"] / "single").files() == [llama["root"] / "single" / "model.safetensors"]
+    assert HFFolderSource(llama["root"] / "single").files() == [
+        llama["root"] / "single" / "model.safetensors"
+    ]
 
 
 def test_safetensors_file_round_trip(llama: dict) -> None:
@@ -135,7 +145,9 @@ def test_safetensors_file_round_trip(llama: dict) -> None:
     assert isinstance(source, SafetensorsFileSource)
     _assert_same_weights(source, llama["state"])
     assert source.files() == [path]
-    assert source.total_bytes() == sum(t.numel() * t.element_size() for t in llama["state"].values())
+    assert source.total_bytes() == sum(
+        t.numel() * t.element_size() for t in llama["state"].values()
+    )
 
 
 def test_lightning_checkpoint_with_prefix(llama: dict) -> None:
@@ -146,7 +158,9 @@ def test_lightning_checkpoint_with_prefix(llama: dict) -> None:
     assert "prefix 'model.' stripped" in source.describe()
     unprefixed = LightningCheckpointSource(llama["root"] / "plain.ckpt")
     assert "model.lm_head.weight" in unprefixed and "loss_fn.pos_weight" in unprefixed
-    with pytest.raises(ValueError, match=r"no tensor name in .*plain\.ckpt starts with prefix 'encoder\.'"):
+    with pytest.raises(
+        ValueError, match=r"no tensor name in .*plain\.ckpt starts with prefix 'encoder\.'"
+    ):
         LightningCheckpointSource(llama["root"] / "plain.ckpt", prefix="encoder.")
 
 
@@ -163,7 +177,9 @@ def test_lightning_checkpoint_with_python_objects(llama: dict) -> None:
 
 
 def test_lightning_checkpoint_refuses_plain_state_dict(llama: dict) -> None:
-    with pytest.raises(ValueError, match=r"weights\.pt is not a Lightning checkpoint: it has no 'state_dict'"):
+    with pytest.raises(
+        ValueError, match=r"weights\.pt is not a Lightning checkpoint: it has no 'state_dict'"
+    ):
         LightningCheckpointSource(llama["root"] / "weights.pt")
     source = open_source(llama["root"] / "weights.pt")
     assert type(source) is TorchFileSource
@@ -237,7 +253,7 @@ class _NoDataSafeOpen:
 
         return Guard()
 
-    reads: list[str] = []
+    reads: ClassVar[list[str]] = []
 
 
 def test_meta_reads_no_tensor_data(llama: dict, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,8 +273,11 @@ def test_meta_reads_no_tensor_data(llama: dict, monkeypatch: pytest.MonkeyPatch)
 
 def test_safetensors_dtype_mapping(tmp_path: Path) -> None:
     tensors = {
-        "bf16": torch.ones(2, dtype=torch.bfloat16), "f16": torch.ones(1, dtype=torch.float16),
-        "i64": torch.arange(3), "b": torch.tensor([True]), "u8": torch.zeros(2, dtype=torch.uint8),
+        "bf16": torch.ones(2, dtype=torch.bfloat16),
+        "f16": torch.ones(1, dtype=torch.float16),
+        "i64": torch.arange(3),
+        "b": torch.tensor([True]),
+        "u8": torch.zeros(2, dtype=torch.uint8),
         "f64": torch.zeros((), dtype=torch.float64),
     }
     save_file(tensors, str(tmp_path / "x.safetensors"))
@@ -278,7 +297,10 @@ def test_missing_paths_name_the_path_and_what_was_expected(tmp_path: Path, llama
         open_source(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
-    with pytest.raises(FileNotFoundError, match=rf"no model weights in {tmp_path}/empty: {expected}; the folder holds \['notes.txt'\]"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"no model weights in {tmp_path}/empty: {expected}; the folder holds \['notes.txt'\]",
+    ):
         open_source(tmp_path / "empty")
     (tmp_path / "model.onnx").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"model\.onnx: unsupported file type '\.onnx'"):
@@ -297,7 +319,9 @@ def test_sharded_folder_with_missing_shard(tmp_path: Path, llama: dict) -> None:
     folder = tmp_path / "broken"
     shutil.copytree(llama["root"] / "sharded", folder)
     (folder / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=r"missing from .*broken: \['model-00002-of-00003.safetensors'\]"):
+    with pytest.raises(
+        FileNotFoundError, match=r"missing from .*broken: \['model-00002-of-00003.safetensors'\]"
+    ):
         HFFolderSource(folder)
 
 
@@ -313,7 +337,10 @@ def test_corrupt_files(tmp_path: Path) -> None:
 
 def test_unknown_tensor_name_lists_closest(llama: dict) -> None:
     source = HFFolderSource(llama["root"] / "sharded")
-    with pytest.raises(KeyError, match=r"'model.norm.wieght' not found in .*sharded.*closest: \['model.norm.weight'"):
+    with pytest.raises(
+        KeyError,
+        match=r"'model.norm.wieght' not found in .*sharded.*closest: \['model.norm.weight'",
+    ):
         source.get("model.norm.wieght")
     with pytest.raises(KeyError, match="not found"):
         SafetensorsFileSource(llama["root"] / "single" / "model.safetensors").meta("nope")
@@ -343,16 +370,26 @@ def _randomise_lora(model: torch.nn.Module, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def peft_adapters(llama: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+def peft_adapters(
+    llama: dict, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, dict]]:
     """Adapters saved by PEFT, with the weights PEFT's merge_and_unload gives for each."""
     peft = pytest.importorskip("peft")
     root = tmp_path_factory.mktemp("adapters")
     configs = {
-        "patterns": dict(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
-            rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 3}, alpha_pattern={"down_proj": 3},
-        ),
-        "rslora": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["k_proj", "up_proj"]),
+        "patterns": {
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": ["q_proj", "v_proj", "down_proj", "embed_tokens"],
+            "rank_pattern": {"v_proj": 2, "layers.1.self_attn.q_proj": 3},
+            "alpha_pattern": {"down_proj": 3},
+        },
+        "rslora": {
+            "r": 8,
+            "lora_alpha": 4,
+            "use_rslora": True,
+            "target_modules": ["k_proj", "up_proj"],
+        },
     }
     out = {}
     for i, (label, kwargs) in enumerate(configs.items()):
@@ -389,7 +426,9 @@ def test_lora_matches_peft_merge_and_unload(llama: dict, peft_adapters: dict, la
         true_delta = merged[name].double() - base_t.double()
         assert true_delta.abs().max() > 1e-3  # the adapter really changes this weight
         torch.testing.assert_close((b @ a).double(), true_delta, atol=1e-6, rtol=0)
-        torch.testing.assert_close(branch.delta(name, base_t).double(), true_delta, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            branch.delta(name, base_t).double(), true_delta, atol=1e-6, rtol=0
+        )
     assert changed == len(branch.targets()) > 0
 
 
@@ -404,9 +443,13 @@ def test_lora_patterns_and_scaling(llama: dict, peft_adapters: dict) -> None:
     emb = mods["model.embed_tokens.weight"]
     assert emb.kind == "embedding" and emb.transpose
     rs = LoraBranch(peft_adapters["rslora"][0], HFFolderSource(llama["root"] / "single"))
-    assert rs.modules["model.layers.0.mlp.up_proj.weight"].scaling == pytest.approx(4 / math.sqrt(8))
-    assert rs.files() == [peft_adapters["rslora"][0] / "adapter_config.json",
-                          peft_adapters["rslora"][0] / "adapter_model.safetensors"]
+    assert rs.modules["model.layers.0.mlp.up_proj.weight"].scaling == pytest.approx(
+        4 / math.sqrt(8)
+    )
+    assert rs.files() == [
+        peft_adapters["rslora"][0] / "adapter_config.json",
+        peft_adapters["rslora"][0] / "adapter_model.safetensors",
+    ]
 
 
 def test_lora_gpt2_conv1d_fan_in_fan_out(tmp_path: Path) -> None:
@@ -417,13 +460,18 @@ def test_lora_gpt2_conv1d_fan_in_fan_out(tmp_path: Path) -> None:
     base = StateDictSource({k: v.detach().clone() for k, v in model.state_dict().items()})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT warns that it sets fan_in_fan_out for Conv1D
-        peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"]))
+        peft_model = peft.get_peft_model(
+            model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"])
+        )
     _randomise_lora(peft_model, seed=5)
     peft_model.save_pretrained(tmp_path / "gpt2")
     merged = peft_model.merge_and_unload().state_dict()
     branch = LoraBranch(tmp_path / "gpt2", base)
-    assert branch.targets() == ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
-                                "transformer.h.0.mlp.c_proj.weight"]
+    assert branch.targets() == [
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.0.attn.c_proj.weight",
+        "transformer.h.0.mlp.c_proj.weight",
+    ]
     for name in branch.targets():
         assert branch.modules[name].transpose
         torch.testing.assert_close(branch.get(name), merged[name], atol=1e-6, rtol=0)
@@ -432,12 +480,16 @@ def test_lora_gpt2_conv1d_fan_in_fan_out(tmp_path: Path) -> None:
 
 def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, **config}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, **config})
+    )
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     return folder
 
 
-def _factors(module: str, out_dim: int, in_dim: int, r: int = 2, adapter: str = "") -> dict[str, torch.Tensor]:
+def _factors(
+    module: str, out_dim: int, in_dim: int, r: int = 2, adapter: str = ""
+) -> dict[str, torch.Tensor]:
     seg = f".{adapter}" if adapter else ""
     return {
         f"base_model.model.{module}.lora_A{seg}.weight": torch.randn(r, in_dim),
@@ -445,20 +497,31 @@ def _factors(module: str, out_dim: int, in_dim: int, r: int = 2, adapter: str = 
     }
 
 
-def test_lora_base_mismatch_is_caught_at_construction(llama: dict, peft_adapters: dict, tmp_path: Path) -> None:
+def test_lora_base_mismatch_is_caught_at_construction(
+    llama: dict, peft_adapters: dict, tmp_path: Path
+) -> None:
     adapter_dir = peft_adapters["patterns"][0]
     state = dict(llama["state"])
     state["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(32, 16)
-    with pytest.raises(ValueError, match=(
-        r"does not match the base .*\n- module 'model.layers.0.self_attn.q_proj': adapter delta shape \[32, 32\] "
-        r"from lora_B \[32, 4\] @ lora_A \[4, 32\] vs base 'model.layers.0.self_attn.q_proj.weight' shape \[32, 16\]"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"does not match the base .*\n- module 'model.layers.0.self_attn.q_proj': adapter delta shape \[32, 32\] "
+            r"from lora_B \[32, 4\] @ lora_A \[4, 32\] vs base 'model.layers.0.self_attn.q_proj.weight' shape \[32, 16\]"
+        ),
+    ):
         LoraBranch(adapter_dir, StateDictSource(state))
     bigger = _llama(hidden_size=48)
-    with pytest.raises(ValueError, match=r"module 'model.embed_tokens'.*\[128, 32\].*vs base 'model.embed_tokens.weight' shape \[128, 48\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"module 'model.embed_tokens'.*\[128, 32\].*vs base 'model.embed_tokens.weight' shape \[128, 48\]",
+    ):
         LoraBranch(adapter_dir, StateDictSource(bigger))
     del state["model.layers.1.mlp.down_proj.weight"]
-    with pytest.raises(ValueError, match=r"1 module\(s\) whose weight is not in the base.*model.layers.1.mlp.down_proj.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 module\(s\) whose weight is not in the base.*model.layers.1.mlp.down_proj.weight",
+    ):
         LoraBranch(adapter_dir, StateDictSource(state))
 
 
@@ -466,10 +529,15 @@ def test_lora_adapter_name_segments(tmp_path: Path) -> None:
     base = StateDictSource({"fc.weight": torch.zeros(3, 5), "fc.bias": torch.zeros(3)})
     tensors = {**_factors("fc", 3, 5, adapter="task_a"), **_factors("fc", 3, 5, adapter="task_b")}
     folder = _write_adapter(tmp_path / "multi", {}, tensors)
-    with pytest.raises(ValueError, match=r"several adapters \['task_a', 'task_b'\]; choose one with adapter_name="):
+    with pytest.raises(
+        ValueError, match=r"several adapters \['task_a', 'task_b'\]; choose one with adapter_name="
+    ):
         LoraBranch(folder, base)
     branch = LoraBranch(folder, base, adapter_name="task_b")
-    a, b = tensors["base_model.model.fc.lora_A.task_b.weight"], tensors["base_model.model.fc.lora_B.task_b.weight"]
+    a, b = (
+        tensors["base_model.model.fc.lora_A.task_b.weight"],
+        tensors["base_model.model.fc.lora_B.task_b.weight"],
+    )
     torch.testing.assert_close(branch.get("fc.weight"), b @ a)  # alpha / r = 1
     with pytest.raises(ValueError, match="adapter_name='task_c' not found"):
         LoraBranch(folder, base, adapter_name="task_c")
@@ -480,19 +548,28 @@ def test_lora_adapter_bin_and_errors(tmp_path: Path) -> None:
     tensors = _factors("fc", 3, 5)
     folder = tmp_path / "bin"
     folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 6}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 6})
+    )
     torch.save(tensors, folder / "adapter_model.bin")
     branch = LoraBranch(folder, base)
-    a, b = tensors["base_model.model.fc.lora_A.weight"], tensors["base_model.model.fc.lora_B.weight"]
+    a, b = (
+        tensors["base_model.model.fc.lora_A.weight"],
+        tensors["base_model.model.fc.lora_B.weight"],
+    )
     torch.testing.assert_close(branch.delta("fc.weight", torch.zeros(3, 5)), 3 * b @ a)
     assert branch.files()[1] == folder / "adapter_model.bin"
 
     with pytest.raises(ValueError, match="is a PEFT adapter folder; open it with base="):
         open_source(folder)
     wrong_rank = _write_adapter(tmp_path / "rank", {"r": 4}, tensors)
-    with pytest.raises(ValueError, match=r"module 'fc': factors have rank 2 but the config gives r=4"):
+    with pytest.raises(
+        ValueError, match=r"module 'fc': factors have rank 2 but the config gives r=4"
+    ):
         LoraBranch(wrong_rank, base)
-    unpaired = _write_adapter(tmp_path / "unpaired", {}, {"base_model.model.fc.lora_A.weight": torch.ones(2, 5)})
+    unpaired = _write_adapter(
+        tmp_path / "unpaired", {}, {"base_model.model.fc.lora_A.weight": torch.ones(2, 5)}
+    )
     with pytest.raises(ValueError, match=r"unpaired factors: \['fc \(only lora_A\)'\]"):
         LoraBranch(unpaired, base)
     no_weights = tmp_path / "noweights"
@@ -500,8 +577,12 @@ def test_lora_adapter_bin_and_errors(tmp_path: Path) -> None:
     (no_weights / "adapter_config.json").write_text("{}")
     with pytest.raises(NotImplementedError, match="peft_type is None"):
         LoraBranch(no_weights, base)
-    (no_weights / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
-    with pytest.raises(FileNotFoundError, match="has no adapter_model.safetensors or adapter_model.bin"):
+    (no_weights / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2})
+    )
+    with pytest.raises(
+        FileNotFoundError, match="has no adapter_model.safetensors or adapter_model.bin"
+    ):
         LoraBranch(no_weights, base)
     with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
         LoraBranch(tmp_path, base)
@@ -510,16 +591,26 @@ def test_lora_adapter_bin_and_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "extra", "match"),
     [
-        ({"use_dora": True}, {"base_model.model.fc.lora_magnitude_vector": torch.ones(3)}, "use_dora=true"),
+        (
+            {"use_dora": True},
+            {"base_model.model.fc.lora_magnitude_vector": torch.ones(3)},
+            "use_dora=true",
+        ),
         ({"modules_to_save": ["head"]}, {}, r"modules_to_save=\['head'\]"),
         ({"bias": "lora_only"}, {}, "bias='lora_only'"),
         ({"init_lora_weights": "pissa"}, {}, "path_initial_model_for_weight_conversion"),
         ({"peft_type": "IA3"}, {}, "peft_type is 'IA3'"),
-        ({}, {"base_model.model.fc.lora_magnitude_vector": torch.ones(3)}, "not plain LoRA factors"),
+        (
+            {},
+            {"base_model.model.fc.lora_magnitude_vector": torch.ones(3)},
+            "not plain LoRA factors",
+        ),
         ({}, {"base_model.model.fc.lora_B.bias": torch.ones(3)}, r"lora_B\.bias"),
     ],
 )
-def test_lora_unsupported_variants_are_refused(tmp_path: Path, config: dict, extra: dict, match: str) -> None:
+def test_lora_unsupported_variants_are_refused(
+    tmp_path: Path, config: dict, extra: dict, match: str
+) -> None:
     base = StateDictSource({"fc.weight": torch.zeros(3, 5)})
     folder = _write_adapter(tmp_path / "a", config, {**_factors("fc", 3, 5), **extra})
     with pytest.raises(NotImplementedError, match=match):
@@ -528,8 +619,10 @@ def test_lora_unsupported_variants_are_refused(tmp_path: Path, config: dict, ext
 
 def test_lora_conv_targets_are_refused(tmp_path: Path) -> None:
     base = StateDictSource({"conv.weight": torch.zeros(4, 3, 3, 3)})
-    tensors = {"base_model.model.conv.lora_A.weight": torch.ones(2, 3, 3, 3),
-               "base_model.model.conv.lora_B.weight": torch.ones(4, 2, 1, 1)}
+    tensors = {
+        "base_model.model.conv.lora_A.weight": torch.ones(2, 3, 3, 3),
+        "base_model.model.conv.lora_B.weight": torch.ones(4, 2, 1, 1),
+    }
     with pytest.raises(NotImplementedError, match="LoRA on convolution modules is not supported"):
         LoraBranch(_write_adapter(tmp_path / "c", {}, tensors), base)
 
@@ -539,18 +632,62 @@ def test_lora_unknown_name(tmp_path: Path) -> None:
     branch = LoraBranch(_write_adapter(tmp_path / "a", {}, _factors("fc", 3, 5)), base)
     with pytest.raises(KeyError, match="'fc.wieght' not found"):
         branch.lowrank("fc.wieght")
-    assert load_file(str(tmp_path / "a" / "adapter_model.safetensors")).keys() == _factors("fc", 3, 5).keys()
+    assert (
+        load_file(str(tmp_path / "a" / "adapter_model.safetensors")).keys()
+        == _factors("fc", 3, 5).keys()
+    )
 
 
-def test_lora_saved_embedding_copy_must_equal_base(llama: dict, peft_adapters: dict, tmp_path: Path) -> None:
+def test_lora_saved_embedding_copy_must_equal_base(
+    llama: dict, peft_adapters: dict, tmp_path: Path
+) -> None:
     import shutil
 
     adapter_dir = tmp_path / "edited"
     shutil.copytree(peft_adapters["patterns"][0], adapter_dir)
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     copy_key = "base_model.model.model.embed_tokens.base_layer.weight"
-    assert torch.equal(tensors[copy_key], llama["state"]["model.embed_tokens.weight"])  # PEFT saved the base copy
+    assert torch.equal(
+        tensors[copy_key], llama["state"]["model.embed_tokens.weight"]
+    )  # PEFT saved the base copy
     tensors[copy_key] = tensors[copy_key] + 1.0  # as if new token rows were trained
     save_file(tensors, str(adapter_dir / "adapter_model.safetensors"))
-    with pytest.raises(ValueError, match=r"saved its own 'model.embed_tokens.weight' and it differs from the base"):
+    with pytest.raises(
+        ValueError, match=r"saved its own 'model.embed_tokens.weight' and it differs from the base"
+    ):
         LoraBranch(adapter_dir, StateDictSource(llama["state"]))
+
+
+def test_merge_loop_with_lora_branch_and_writer(
+    llama: dict, peft_adapters: dict, tmp_path: Path
+) -> None:
+    """Sources + merge loop + writer: task arithmetic of one LoRA branch equals PEFT's merge."""
+    from drm_lightning.merge import iter_merge
+    from drm_lightning.methods import get_method
+    from drm_lightning.sources import HFFolderWriter
+
+    adapter_dir, merged = peft_adapters["rslora"]
+    base = open_source(llama["root"] / "sharded")
+    branch = open_source(adapter_dir, base=base)
+    out = tmp_path / "merged"
+    with HFFolderWriter(
+        out,
+        max_shard_bytes=40_000,
+        copy_from=llama["root"] / "sharded",
+        metadata={
+            "method": "task_arithmetic",
+            "base": base,
+            "branches": [{"source": branch, "coefficient": 1.0}],
+        },
+    ) as w:
+        for name, tensor in iter_merge(get_method("task_arithmetic"), base, [branch]):
+            w.add(name, tensor)
+    result = HFFolderSource(out)
+    assert result.keys() == sorted(merged)
+    for name, ref in merged.items():
+        torch.testing.assert_close(result.get(name), ref, atol=1e-6, rtol=0, msg=name)
+    card = (out / "README.md").read_text()
+    assert sha256_of(adapter_dir / "adapter_model.safetensors") in card
+    assert (out / "config.json").read_bytes() == (
+        llama["root"] / "sharded" / "config.json"
+    ).read_bytes()

@@ -73,9 +73,16 @@ def test_single_shard_is_model_safetensors(tmp_path: Path) -> None:
 def test_copies_config_and_tokenizer_files(tmp_path: Path) -> None:
     base = tmp_path / "base"
     base.mkdir()
-    side = {"config.json": '{"model_type": "llama"}', "generation_config.json": "{}", "tokenizer.json": "{}",
-            "tokenizer_config.json": "{}", "special_tokens_map.json": "{}", "vocab.txt": "a\nb\n",
-            "merges.txt": "#", "tokenizer.model": "\x00\x01"}
+    side = {
+        "config.json": '{"model_type": "llama"}',
+        "generation_config.json": "{}",
+        "tokenizer.json": "{}",
+        "tokenizer_config.json": "{}",
+        "special_tokens_map.json": "{}",
+        "vocab.txt": "a\nb\n",
+        "merges.txt": "#",
+        "tokenizer.model": "\x00\x01",
+    }
     for name, text in side.items():
         (base / name).write_text(text)
     (base / "README.md").write_text("base card")
@@ -102,7 +109,10 @@ def test_model_card_lists_method_branches_and_hashes(tmp_path: Path) -> None:
         "method": "drm",
         "parameters": {"drop_rate": 0.8, "direction": "vertical"},
         "base": open_source(files["base"]),
-        "branches": [{"source": open_source(files["a"]), "coefficient": 0.7}, {"path": str(files["b"]), "coefficient": 1.5}],
+        "branches": [
+            {"source": open_source(files["a"]), "coefficient": 0.7},
+            {"path": str(files["b"]), "coefficient": 1.5},
+        ],
         "seed": 123,
     }
     out = tmp_path / "out"
@@ -126,7 +136,9 @@ def test_enospc_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
     def failing_save(tensors: dict, filename: str, metadata: dict | None = None) -> None:
         calls.append(filename)
         if len(calls) == 2:
-            Path(filename).write_bytes(b"partial shard")  # a half-written file, as a full disk leaves
+            Path(filename).write_bytes(
+                b"partial shard"
+            )  # a half-written file, as a full disk leaves
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(tensors, filename, metadata=metadata)
 
@@ -140,7 +152,9 @@ def test_enospc_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
     assert list(tmp_path.iterdir()) == []
 
 
-def test_error_in_the_with_block_or_at_finish_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_error_in_the_with_block_or_at_finish_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "merged"
     with pytest.raises(RuntimeError, match="merge failed"):
         with HFFolderWriter(out, max_shard_bytes=1024) as w:
@@ -161,9 +175,8 @@ def test_error_in_the_with_block_or_at_finish_leaves_nothing(tmp_path: Path, mon
         _write(out, _tensors(2), copy_from=base)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
 
-    with pytest.raises(ValueError, match="no tensors were added"):
-        with HFFolderWriter(out):
-            pass
+    with pytest.raises(ValueError, match="no tensors were added"), HFFolderWriter(out):
+        pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
 
 
@@ -171,13 +184,15 @@ def test_overwrite_semantics(tmp_path: Path) -> None:
     out = tmp_path / "merged"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pytest.raises(FileExistsError, match=rf"output folder {out} already exists; pass overwrite=True \(--overwrite\)"):
+    with pytest.raises(
+        FileExistsError,
+        match=rf"output folder {out} already exists; pass overwrite=True \(--overwrite\)",
+    ):
         HFFolderWriter(out)
     # a failed overwrite keeps the old folder untouched
-    with pytest.raises(RuntimeError):
-        with HFFolderWriter(out, overwrite=True) as w:
-            w.add("w", torch.ones(2))
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), HFFolderWriter(out, overwrite=True) as w:
+        w.add("w", torch.ones(2))
+        raise RuntimeError("boom")
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"] and _leftovers(tmp_path) == []
     # the old folder is replaced only once the new one is complete
     with HFFolderWriter(out, overwrite=True) as w:
@@ -231,7 +246,9 @@ def test_add_misuse(tmp_path: Path) -> None:
 
 def test_free_space_checked_before_work(tmp_path: Path) -> None:
     out = tmp_path / "deep" / "merged"
-    with pytest.raises(OSError, match=r"not enough free space to write .*merged: needs .* GiB") as info:
+    with pytest.raises(
+        OSError, match=r"not enough free space to write .*merged: needs .* GiB"
+    ) as info:
         check_free_space(out, 1 << 60)
     assert info.value.errno == errno.ENOSPC
     check_free_space(out, 1)
@@ -242,16 +259,30 @@ def test_free_space_checked_before_work(tmp_path: Path) -> None:
 
 def test_writes_a_folder_transformers_loads(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     model.save_pretrained(tmp_path / "base")
     source = StateDictSource(model)
-    assert source.get("lm_head.weight").data_ptr() == source.get("model.embed_tokens.weight").data_ptr()
+    assert (
+        source.get("lm_head.weight").data_ptr()
+        == source.get("model.embed_tokens.weight").data_ptr()
+    )
     out = tmp_path / "merged"
-    with HFFolderWriter(out, max_shard_bytes=20_000, copy_from=tmp_path / "base",
-                        metadata={"method": "linear", "base": tmp_path / "base"}) as w:
+    with HFFolderWriter(
+        out,
+        max_shard_bytes=20_000,
+        copy_from=tmp_path / "base",
+        metadata={"method": "linear", "base": tmp_path / "base"},
+    ) as w:
         for name in source.keys():
             w.add(name, source.get(name) * 2)
     assert (out / "model.safetensors.index.json").is_file()

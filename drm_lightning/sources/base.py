@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["TensorMeta", "WeightSource", "sha256_of", "dtype_from_safetensors"]
+__all__ = ["TensorMeta", "WeightSource", "dtype_from_safetensors", "sha256_of"]
 
 _SAFETENSORS_DTYPES: dict[str, str] = {
     "F64": "float64",
@@ -71,7 +71,9 @@ def dtype_from_safetensors(code: str, *, where: str = "") -> torch.dtype:
     dtype = getattr(torch, attr, None) if attr else None
     if not isinstance(dtype, torch.dtype):
         known = ", ".join(sorted(_SAFETENSORS_DTYPES))
-        raise ValueError(f"unsupported safetensors dtype {code!r}{f' in {where}' if where else ''}; known: {known}")
+        raise ValueError(
+            f"unsupported safetensors dtype {code!r}{f' in {where}' if where else ''}; known: {known}"
+        )
     return dtype
 
 

@@ -26,7 +26,7 @@ from drm_lightning.sources.memory import StateDictSource
 from drm_lightning.sources.safetensors_file import SafetensorsFileSource
 from drm_lightning.sources.torch_file import TorchFileSource
 
-__all__ = ["open_source", "SourceLike"]
+__all__ = ["SourceLike", "open_source"]
 
 SourceLike = WeightSource | Mapping[str, torch.Tensor] | torch.nn.Module | str | os.PathLike[str]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -81,7 +81,9 @@ def open_source(
         return obj
     if isinstance(obj, (torch.nn.Module, Mapping)):
         if prefix:
-            raise ValueError("prefix= is only supported for .ckpt/.bin/.pt files; rename in-memory keys yourself")
+            raise ValueError(
+                "prefix= is only supported for .ckpt/.bin/.pt files; rename in-memory keys yourself"
+            )
         return StateDictSource(obj)
     if not isinstance(obj, (str, os.PathLike)):
         raise TypeError(
@@ -94,8 +96,12 @@ def open_source(
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
             if base is None:
-                raise ValueError(f"{path} is a PEFT adapter folder; open it with base= the model it was trained on")
-            return LoraBranch(path, open_source(base, weights_only=weights_only), adapter_name=adapter_name)
+                raise ValueError(
+                    f"{path} is a PEFT adapter folder; open it with base= the model it was trained on"
+                )
+            return LoraBranch(
+                path, open_source(base, weights_only=weights_only), adapter_name=adapter_name
+            )
         _no_prefix(prefix, path)
         return HFFolderSource(path, weights_only=weights_only)
     suffix = path.suffix.lower()

@@ -33,7 +33,7 @@ from drm_lightning.sources.base import TensorMeta, WeightSource
 from drm_lightning.sources.safetensors_file import SafetensorsFileSource
 from drm_lightning.sources.torch_file import TorchFileSource
 
-__all__ = ["HFFolderSource", "EXPECTED_INPUTS"]
+__all__ = ["EXPECTED_INPUTS", "HFFolderSource"]
 
 Layout = Literal["safetensors-sharded", "safetensors", "bin-sharded", "bin"]
 
@@ -83,7 +83,9 @@ class HFFolderSource(WeightSource):
         if not self.path.exists():
             raise FileNotFoundError(f"model folder not found: {self.path}; {EXPECTED_INPUTS}")
         if not self.path.is_dir():
-            raise NotADirectoryError(f"{self.path} is a file, not a model folder; {EXPECTED_INPUTS}")
+            raise NotADirectoryError(
+                f"{self.path} is a file, not a model folder; {EXPECTED_INPUTS}"
+            )
         for filename, layout in _CANDIDATES:
             if (self.path / filename).is_file():
                 self.layout: Layout = layout
@@ -91,7 +93,9 @@ class HFFolderSource(WeightSource):
                 break
         else:
             present = sorted(p.name for p in self.path.iterdir())[:20]
-            raise FileNotFoundError(f"no model weights in {self.path}: {EXPECTED_INPUTS}; the folder holds {present}")
+            raise FileNotFoundError(
+                f"no model weights in {self.path}: {EXPECTED_INPUTS}; the folder holds {present}"
+            )
         self._shards: dict[str, WeightSource] = {}
         self._weight_map: dict[str, str]
         if self.layout.endswith("sharded"):
@@ -106,17 +110,23 @@ class HFFolderSource(WeightSource):
             data = json.loads(index.read_text(encoding="utf-8"))
             weight_map = data["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{index} is not a valid shard index (needs a 'weight_map' object): {err}") from err
+            raise ValueError(
+                f"{index} is not a valid shard index (needs a 'weight_map' object): {err}"
+            ) from err
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
             raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
         bad = sorted({v for v in weight_map.values() if Path(v).name != v})
         if bad:
-            raise ValueError(f"{index}: shard file names must be plain names inside the folder, got {bad}")
+            raise ValueError(
+                f"{index}: shard file names must be plain names inside the folder, got {bad}"
+            )
         missing = sorted({v for v in weight_map.values() if not (self.path / v).is_file()})
         if missing:
-            raise FileNotFoundError(f"{index} names shard file(s) missing from {self.path}: {missing}")
+            raise FileNotFoundError(
+                f"{index} names shard file(s) missing from {self.path}: {missing}"
+            )
         return dict(weight_map)
 
     def _open_shard(self, filename: str) -> WeightSource:
@@ -136,7 +146,9 @@ class HFFolderSource(WeightSource):
             raise self._missing(name)
         shard = self._open_shard(filename)
         if name not in shard:
-            raise ValueError(f"{self._main} maps {name!r} to {filename}, but that shard does not contain it")
+            raise ValueError(
+                f"{self._main} maps {name!r} to {filename}, but that shard does not contain it"
+            )
         return shard
 
     def keys(self) -> list[str]:
@@ -154,7 +166,9 @@ class HFFolderSource(WeightSource):
 
     def describe(self) -> str:
         n_files = len(set(self._weight_map.values()))
-        return f"HF folder {self.path} ({self.layout}, {n_files} file(s), {len(self._keys)} tensors)"
+        return (
+            f"HF folder {self.path} ({self.layout}, {n_files} file(s), {len(self._keys)} tensors)"
+        )
 
     def __contains__(self, name: object) -> bool:
         return name in self._weight_map

@@ -67,7 +67,11 @@ class LightningCheckpointSource(TorchFileSource):
 
     def _select(self, payload: Any, key: str | None) -> Mapping[Any, Any]:
         if not isinstance(payload, Mapping) or "state_dict" not in payload:
-            top = sorted(str(k) for k in payload) if isinstance(payload, Mapping) else type(payload).__name__
+            top = (
+                sorted(str(k) for k in payload)
+                if isinstance(payload, Mapping)
+                else type(payload).__name__
+            )
             raise ValueError(
                 f"{self.path} is not a Lightning checkpoint: it has no 'state_dict' entry "
                 f"(top-level entries: {top}). For a plain state dict file use TorchFileSource"

@@ -57,12 +57,24 @@ from drm_lightning.sources.torch_file import TorchFileSource
 __all__ = ["LoraBranch", "LoraModule"]
 
 _PEFT_PREFIX = "base_model.model."
-_FACTOR_TOKENS = {"lora_A": ("linear", "A"), "lora_B": ("linear", "B"),
-                  "lora_embedding_A": ("embedding", "A"), "lora_embedding_B": ("embedding", "B")}
+_FACTOR_TOKENS = {
+    "lora_A": ("linear", "A"),
+    "lora_B": ("linear", "B"),
+    "lora_embedding_A": ("embedding", "A"),
+    "lora_embedding_B": ("embedding", "B"),
+}
 _REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 _UNSUPPORTED_OPTIONS = (
-    "trainable_token_indices", "layer_replication", "target_parameters", "alora_invocation_tokens",
-    "use_qalora", "velora_config", "monteclora_config", "use_bdlora", "kasa_config", "arrow_config",
+    "trainable_token_indices",
+    "layer_replication",
+    "target_parameters",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "velora_config",
+    "monteclora_config",
+    "use_bdlora",
+    "kasa_config",
+    "arrow_config",
     "lora_bias",
 )
 
@@ -103,7 +115,7 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
 
 def _saved_copy_target(key: str) -> str | None:
     """The base name of a full weight saved next to the LoRA factors (``...base_layer.weight``)."""
-    name = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
+    name = key.removeprefix(_PEFT_PREFIX)
     name = name.replace(".base_layer.", ".")
     if any(token in name.split(".") for token in _FACTOR_TOKENS) or "lora_" in name:
         return None
@@ -160,7 +172,9 @@ class LoraBranch(WeightSource):
         self.base = base
         if not self.path.is_dir():
             what = "is a file" if self.path.exists() else "does not exist"
-            raise FileNotFoundError(f"LoRA adapter folder {self.path} {what}; expected a folder with adapter_config.json")
+            raise FileNotFoundError(
+                f"LoRA adapter folder {self.path} {what}; expected a folder with adapter_config.json"
+            )
         self.config_path = self.path / "adapter_config.json"
         if not self.config_path.is_file():
             raise FileNotFoundError(
@@ -188,7 +202,9 @@ class LoraBranch(WeightSource):
             )
         problems: list[str] = []
         if cfg.get("use_dora"):
-            problems.append("use_dora=true (DoRA rescales the merged weight by a learned magnitude)")
+            problems.append(
+                "use_dora=true (DoRA rescales the merged weight by a learned magnitude)"
+            )
         if cfg.get("modules_to_save"):
             problems.append(
                 f"modules_to_save={cfg['modules_to_save']} (fully trained modules are not low-rank deltas)"
@@ -213,7 +229,9 @@ class LoraBranch(WeightSource):
             )
         r, alpha = cfg.get("r"), cfg.get("lora_alpha")
         if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
-            raise ValueError(f"{self.config_path}: 'r' must be a positive int and 'lora_alpha' a number, got r={r!r}, lora_alpha={alpha!r}")
+            raise ValueError(
+                f"{self.config_path}: 'r' must be a positive int and 'lora_alpha' a number, got r={r!r}, lora_alpha={alpha!r}"
+            )
 
     def _open_weights(self) -> tuple[Path, WeightSource]:
         st, pt = self.path / "adapter_model.safetensors", self.path / "adapter_model.bin"
@@ -221,7 +239,9 @@ class LoraBranch(WeightSource):
             return st, SafetensorsFileSource(st)
         if pt.is_file():
             return pt, TorchFileSource(pt, weights_only=True)
-        raise FileNotFoundError(f"LoRA adapter {self.path} has no adapter_model.safetensors or adapter_model.bin")
+        raise FileNotFoundError(
+            f"LoRA adapter {self.path} has no adapter_model.safetensors or adapter_model.bin"
+        )
 
     def _parse_keys(self, adapter_name: str | None) -> dict[str, LoraModule]:
         factors: dict[tuple[str, str | None], dict[str, str]] = {}
@@ -245,7 +265,7 @@ class LoraBranch(WeightSource):
                 unknown.append(key)
                 continue
             module = ".".join(parts[:idx])
-            module = module[len(_PEFT_PREFIX) :] if module.startswith(_PEFT_PREFIX) else module
+            module = module.removeprefix(_PEFT_PREFIX)
             slot = (module, tail[0] if tail else None)
             factors.setdefault(slot, {})[which] = key
             kinds[slot] = kind
@@ -263,11 +283,15 @@ class LoraBranch(WeightSource):
                 f"(DoRA magnitudes, saved modules, biases...): {unknown[:10]}"
             )
         if conv:
-            raise NotImplementedError(f"LoRA on convolution modules is not supported; adapter {self.path}: {conv[:10]}")
+            raise NotImplementedError(
+                f"LoRA on convolution modules is not supported; adapter {self.path}: {conv[:10]}"
+            )
         names = sorted({n for _, n in factors if n is not None})
         if adapter_name is not None:
             if adapter_name not in names:
-                raise ValueError(f"adapter_name={adapter_name!r} not found in {self.weights_path}; names present: {names or 'none'}")
+                raise ValueError(
+                    f"adapter_name={adapter_name!r} not found in {self.weights_path}; names present: {names or 'none'}"
+                )
             factors = {s: f for s, f in factors.items() if s[1] == adapter_name}
         elif len(names) > 1 or (names and any(n is None for _, n in factors)):
             raise ValueError(
@@ -286,10 +310,20 @@ class LoraBranch(WeightSource):
             scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
             transpose = kind == "embedding" or bool(cfg.get("fan_in_fan_out"))
             modules[f"{module}.weight"] = LoraModule(
-                module, f"{module}.weight", kind, pair["A"], pair["B"], rank, alpha, scaling, transpose  # type: ignore[arg-type]
+                module,
+                f"{module}.weight",
+                kind,
+                pair["A"],
+                pair["B"],
+                rank,
+                alpha,
+                scaling,
+                transpose,  # type: ignore[arg-type]
             )
         if unpaired:
-            raise ValueError(f"LoRA adapter {self.weights_path} has unpaired factors: {unpaired[:10]}")
+            raise ValueError(
+                f"LoRA adapter {self.weights_path} has unpaired factors: {unpaired[:10]}"
+            )
         if not modules:
             raise ValueError(f"LoRA adapter {self.weights_path} holds no LoRA factors")
         return modules
@@ -313,7 +347,9 @@ class LoraBranch(WeightSource):
             b = tuple(self._weights.meta(m.b_key).shape)
             base_shape = tuple(self.base.meta(m.target).shape)
             if a[0] != b[1]:
-                problems.append(f"module {m.module!r}: lora_A {list(a)} and lora_B {list(b)} have different ranks")
+                problems.append(
+                    f"module {m.module!r}: lora_A {list(a)} and lora_B {list(b)} have different ranks"
+                )
                 continue
             if a[0] != m.rank:
                 problems.append(
@@ -330,7 +366,8 @@ class LoraBranch(WeightSource):
                 )
         if problems:
             raise ValueError(
-                f"LoRA adapter {self.path} does not match the base {self.base.origin}:\n- " + "\n- ".join(problems)
+                f"LoRA adapter {self.path} does not match the base {self.base.origin}:\n- "
+                + "\n- ".join(problems)
             )
         for target, key in self._saved_copies.items():
             saved_meta, base_meta = self._weights.meta(key), self.base.meta(target)
@@ -392,11 +429,15 @@ class LoraBranch(WeightSource):
         factors = self.lowrank(name)
         if factors is None:
             ref = base_tensor if base_tensor is not None else self.base.get(name)
-            return torch.zeros(ref.shape, dtype=torch.promote_types(ref.dtype, torch.float32), device=ref.device)
+            return torch.zeros(
+                ref.shape, dtype=torch.promote_types(ref.dtype, torch.float32), device=ref.device
+            )
         b, a = factors
         out = b @ a
         if base_tensor is not None and tuple(base_tensor.shape) != tuple(out.shape):
-            raise ValueError(f"{name!r}: LoRA delta shape {list(out.shape)} vs given base tensor {list(base_tensor.shape)}")
+            raise ValueError(
+                f"{name!r}: LoRA delta shape {list(out.shape)} vs given base tensor {list(base_tensor.shape)}"
+            )
         return out if base_tensor is None else out.to(base_tensor.device)
 
     def keys(self) -> list[str]:
@@ -410,7 +451,9 @@ class LoraBranch(WeightSource):
         base_t = self.base.get(name)
         if name not in self._modules:
             return base_t
-        return (base_t.to(torch.promote_types(base_t.dtype, torch.float32)) + self.delta(name, base_t)).to(base_t.dtype)
+        return (
+            base_t.to(torch.promote_types(base_t.dtype, torch.float32)) + self.delta(name, base_t)
+        ).to(base_t.dtype)
 
     def files(self) -> list[Path]:
         return [self.config_path, self.weights_path]

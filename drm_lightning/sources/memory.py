@@ -42,7 +42,9 @@ class StateDictSource(WeightSource):
         True
     """
 
-    def __init__(self, weights: Mapping[str, Tensor] | torch.nn.Module, *, origin: str = "<in-memory>") -> None:
+    def __init__(
+        self, weights: Mapping[str, Tensor] | torch.nn.Module, *, origin: str = "<in-memory>"
+    ) -> None:
         if isinstance(weights, torch.nn.Module):
             state: Mapping[str, object] = weights.state_dict(keep_vars=False)
         elif isinstance(weights, Mapping):
@@ -51,9 +53,15 @@ class StateDictSource(WeightSource):
             raise TypeError(
                 f"StateDictSource expects a mapping of tensors or an nn.Module, got {type(weights).__name__}"
             )
-        bad = [f"{k!r} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, Tensor) or not isinstance(k, str)]
+        bad = [
+            f"{k!r} ({type(v).__name__})"
+            for k, v in state.items()
+            if not isinstance(v, Tensor) or not isinstance(k, str)
+        ]
         if bad:
-            raise TypeError(f"state dict entries must be str -> Tensor; not tensors: {', '.join(bad[:20])}")
+            raise TypeError(
+                f"state dict entries must be str -> Tensor; not tensors: {', '.join(bad[:20])}"
+            )
         self._tensors: dict[str, Tensor] = {k: v.detach() for k, v in state.items()}  # type: ignore[union-attr]
         self._keys = sorted(self._tensors)
         self.origin = origin

@@ -56,7 +56,9 @@ def load_pickled(path: str | os.PathLike[str], *, weights_only: bool | None = No
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"torch checkpoint not found: {p}" + (" (it is a folder)" if p.is_dir() else ""))
+        raise FileNotFoundError(
+            f"torch checkpoint not found: {p}" + (" (it is a folder)" if p.is_dir() else "")
+        )
     mmap = zipfile.is_zipfile(p)  # legacy (pre-1.6) pickles cannot be memory-mapped
     if weights_only is not False:
         try:
@@ -150,11 +152,19 @@ class TorchFileSource(WeightSource):
     def _select(self, payload: Any, key: str | None) -> Mapping[Any, Any]:
         if key is not None:
             if not isinstance(payload, Mapping) or key not in payload:
-                top = sorted(str(k) for k in payload) if isinstance(payload, Mapping) else type(payload).__name__
-                raise ValueError(f"{self.path} has no top-level entry {key!r}; top-level entries: {top}")
+                top = (
+                    sorted(str(k) for k in payload)
+                    if isinstance(payload, Mapping)
+                    else type(payload).__name__
+                )
+                raise ValueError(
+                    f"{self.path} has no top-level entry {key!r}; top-level entries: {top}"
+                )
             payload = payload[key]
         if not isinstance(payload, Mapping):
-            raise ValueError(f"{self.path} holds a {type(payload).__name__}, expected a state dict (a mapping of tensors)")
+            raise ValueError(
+                f"{self.path} holds a {type(payload).__name__}, expected a state dict (a mapping of tensors)"
+            )
         if payload and not any(isinstance(v, Tensor) for v in payload.values()):
             top = sorted(str(k) for k in payload)[:10]
             raise ValueError(

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from drm_lightning.sources.base import sha256_of
 
-__all__ = ["HFFolderWriter", "check_free_space", "COPIED_FILES"]
+__all__ = ["COPIED_FILES", "HFFolderWriter", "check_free_space"]
 
 COPIED_FILES: tuple[str, ...] = (
     "config.json",
@@ -145,14 +145,18 @@ class HFFolderWriter:
         self.metadata: dict[str, Any] = dict(metadata or {})
         if self.out_dir.exists():
             if not self.out_dir.is_dir():
-                raise NotADirectoryError(f"output path {self.out_dir} exists and is a file, not a folder")
+                raise NotADirectoryError(
+                    f"output path {self.out_dir} exists and is a file, not a folder"
+                )
             if not overwrite:
                 raise FileExistsError(
                     f"output folder {self.out_dir} already exists; pass overwrite=True (--overwrite) to replace it"
                 )
         if self.copy_from is not None and not self.copy_from.is_dir():
             what = "is a file" if self.copy_from.exists() else "does not exist"
-            raise NotADirectoryError(f"copy_from={self.copy_from} {what}; expected the base model folder")
+            raise NotADirectoryError(
+                f"copy_from={self.copy_from} {what}; expected the base model folder"
+            )
         if expected_bytes is not None:
             check_free_space(self.out_dir, expected_bytes)
         self.tmp_dir: Path | None = None
@@ -169,7 +173,9 @@ class HFFolderWriter:
         if self.tmp_dir is not None or self._closed:
             raise RuntimeError("an HFFolderWriter can be entered only once")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = self.out_dir.with_name(f"{self.out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        self.tmp_dir = self.out_dir.with_name(
+            f"{self.out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        )
         self.tmp_dir.mkdir()
         return self
 
@@ -214,7 +220,9 @@ class HFFolderWriter:
             OSError: writing a shard failed (the ``with`` block then removes everything).
         """
         if self.tmp_dir is None or self._closed:
-            raise RuntimeError("HFFolderWriter.add() must be called inside the writer's `with` block")
+            raise RuntimeError(
+                "HFFolderWriter.add() must be called inside the writer's `with` block"
+            )
         if not isinstance(name, str) or not name:
             raise TypeError(f"tensor name must be a non-empty string, got {name!r}")
         if not isinstance(tensor, Tensor):
@@ -257,7 +265,9 @@ class HFFolderWriter:
         if self._closed:
             raise RuntimeError("HFFolderWriter already closed")
         if not self._names:
-            raise ValueError(f"no tensors were added; refusing to write an empty model to {self.out_dir}")
+            raise ValueError(
+                f"no tensors were added; refusing to write an empty model to {self.out_dir}"
+            )
         assert self.tmp_dir is not None
         self._flush()
         self._name_shards()
@@ -277,8 +287,13 @@ class HFFolderWriter:
             final = f"model-{i:05d}-of-{n:05d}.safetensors"
             os.replace(self.tmp_dir / tmp_name, self.tmp_dir / final)
             weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.tmp_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        index = {
+            "metadata": {"total_size": self.total_bytes},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (self.tmp_dir / "model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2) + "\n", encoding="utf-8"
+        )
 
     def _copy_side_files(self) -> None:
         if self.copy_from is None:
@@ -298,7 +313,9 @@ class HFFolderWriter:
             raise FileExistsError(
                 f"output folder {self.out_dir} appeared while writing; pass overwrite=True (--overwrite) to replace it"
             )
-        old = self.out_dir.with_name(f"{self.out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        old = self.out_dir.with_name(
+            f"{self.out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        )
         os.rename(self.out_dir, old)
         try:
             os.rename(self.tmp_dir, self.out_dir)
@@ -361,8 +378,21 @@ class HFFolderWriter:
         else:
             lines.append("No source files (in-memory weights).")
         if meta:
-            lines += ["", "## Other settings", "", "```json", json.dumps(meta, indent=2, default=str), "```"]
-        lines += ["", "## Output", "", f"{len(self._sizes)} tensors, {self.total_bytes} bytes, {max(len(self._shards), 1)} shard(s).", ""]
+            lines += [
+                "",
+                "## Other settings",
+                "",
+                "```json",
+                json.dumps(meta, indent=2, default=str),
+                "```",
+            ]
+        lines += [
+            "",
+            "## Output",
+            "",
+            f"{len(self._sizes)} tensors, {self.total_bytes} bytes, {max(len(self._shards), 1)} shard(s).",
+            "",
+        ]
         return "\n".join(lines)
 
 
@@ -392,7 +422,13 @@ def _files_of(obj: Any) -> list[Path]:
         if p.is_dir():
             suffixes = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
             return sorted(
-                f for f in p.iterdir()
-                if f.is_file() and (f.suffix in suffixes or f.name.endswith("index.json") or f.name == "adapter_config.json")
+                f
+                for f in p.iterdir()
+                if f.is_file()
+                and (
+                    f.suffix in suffixes
+                    or f.name.endswith("index.json")
+                    or f.name == "adapter_config.json"
+                )
             )
     return []
