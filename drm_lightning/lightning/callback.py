@@ -290,6 +290,16 @@ class MergeCallback(Callback):
         self._num_merges = 0
         self._merges_this_fit = 0
 
+    @property
+    def state_key(self) -> str:
+        """Unique per configuration, so that several merge callbacks can share a checkpoint."""
+        return self._generate_state_key(
+            method=getattr(self.method, "registered_name", self.method.name),
+            branches=self.mode if self.mode != "checkpoints" else sorted(self._paths),
+            every_n_steps=self.every_n_steps,
+            every_n_epochs=self.every_n_epochs,
+        )
+
     # ------------------------------------------------------------------ extension points
 
     def should_merge(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
