@@ -465,10 +465,13 @@ class MergeCallback(Callback):
                     + " and no snapshot is restored"
                 )
             self._snapshots = []
-            rank_zero_warn(
-                f"MergeCallback: the checkpoint was not written with this callback; {detail}; merge "
-                "counters start from zero."
+            others = list(checkpoint.get(CHECKPOINT_KEY, {}))
+            origin = (
+                f"holds the merge state of other MergeCallback configurations {others}, not of {self.state_key}"
+                if others
+                else "was not written with this callback"
             )
+            rank_zero_warn(f"MergeCallback: the checkpoint {origin}; {detail}; merge counters start from zero.")
             return
         if payload.get("mode") != self.mode:
             raise ValueError(
