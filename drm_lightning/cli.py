@@ -35,7 +35,7 @@ from torch import Tensor
 from drm_lightning import __version__
 from drm_lightning.config import MergeConfig, load_config
 from drm_lightning.merge import PlannedTensor, iter_merge, plan_merge
-from drm_lightning.methods import MergeMethod
+from drm_lightning.methods import MergeMethod, Route
 from drm_lightning.sources import HFFolderWriter, LoraBranch, open_source
 
 EXIT_ERROR = 2
@@ -373,11 +373,11 @@ def describe_plan(job: MergeJob, out: Path) -> str:
     lines.append("")
     lines.append(f"{'route':<10}{'tensors':>9}{'parameters':>14}{'est. GFLOP':>13}")
     total_cost = 0.0
-    per_route: dict[str, list[PlannedTensor]] = {"matrix": [], "fallback": [], "ignore": []}
+    per_route: dict[Route, list[PlannedTensor]] = {"matrix": [], "fallback": [], "ignore": []}
     for item in job.plan:
         per_route[item.route].append(item)
     for route, items in per_route.items():
-        cost = sum(job.method.cost(route, item.shape, n) for item in items)
+        cost = sum((job.method.cost(route, item.shape, n) for item in items), 0.0)
         total_cost += cost
         numel = sum(item.numel for item in items)
         lines.append(f"{route:<10}{len(items):>9}{numel:>14,}{cost / 1e9:>13.3f}")

@@ -354,7 +354,7 @@ class MergeConfig(_Section):
         "float32", validation_alias=AliasChoices("compute_dtype", "dtype")
     )
     out_dtype: OutDType | None = Field(None, description="default: each base tensor's dtype")
-    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    routing: RoutingConfig = Field(default_factory=lambda: RoutingConfig.model_validate({}))
     seed: int | None = Field(
         None, ge=0, description="seed of the per-tensor generators (DARE); default 0"
     )
@@ -521,11 +521,8 @@ def _parameter_errors(data: Mapping[str, Any]) -> list[InitErrorDetails]:
         cls.Params(**preset, **params)
     except ValidationError as err:
         for e in err.errors():
-            detail = dict(e)
-            detail["loc"] = ("parameters", *e["loc"])
-            message = _friendly_message(detail)
-            # the value is already in the message
-            errors.append(_error(tuple(detail["loc"]), message))
+            loc = ("parameters", *e["loc"])
+            errors.append(_error(loc, _friendly_message(e)))  # the value is in the message
     return errors
 
 
