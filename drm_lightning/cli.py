@@ -34,6 +34,7 @@ from torch import Tensor
 
 from drm_lightning import __version__
 from drm_lightning.config import MergeConfig, load_config
+from drm_lightning.distributed.plan import build_plan
 from drm_lightning.merge import PlannedTensor, iter_merge, plan_merge
 from drm_lightning.methods import MergeMethod, Route
 from drm_lightning.sources import HFFolderWriter, LoraBranch, open_source
@@ -390,11 +391,22 @@ def describe_plan(job: MergeJob, out: Path) -> str:
         for item in costly:
             gflop = job.method.cost("matrix", item.shape, n) / 1e9
             lines.append(f"  {item.name} {list(item.shape)}: {gflop:.3f} GFLOP")
+    schedule = build_plan(
+        [(item.name, item.shape, item.route, item.dtype) for item in job.plan],
+        job.method,
+        n_branches=n,
+        world_size=1,
+        engine="single",
+        compute_dtype=cfg.compute_torch_dtype,
+    )
+    lines.append("")
+    lines.append(schedule.summary())
     peak, where = estimate_peak_bytes(job)
     out_bytes = output_bytes(job)
     lines.append("")
     lines.append(
-        f"estimated peak memory of the merge loop: {_human(peak)} (at {where}; plus the runtime)"
+        f"estimated peak memory of the merge loop: {_human(peak)} at {where} (inputs, compute "
+        "copies and decomposition workspace; plus the Python/torch runtime)"
     )
     lines.append(f"output size: {_human(out_bytes)}")
     return "\n".join(lines)

@@ -260,6 +260,7 @@ def test_dry_run_prints_plan_without_reading_weights(
     assert "no weight was read" in text
     assert "matrix" in text and "fallback" in text and "ignore" in text and "GFLOP" in text
     assert "estimated peak memory" in text and "coefficient 0.5" in text
+    assert "merge plan: 21 tensors" in text and "engine single" in text  # the distributed planner
     n_matrix = 2 * 7  # q k v o gate up down per layer
     assert any(line.split()[:2] == ["matrix", str(n_matrix)] for line in text.splitlines()), text
     assert any(line.split()[:2] == ["ignore", "1"] for line in text.splitlines()), text
