@@ -107,7 +107,7 @@ def batch(seed: int = 0) -> tuple[torch.Tensor, ...]:
 
 def reference(method: Any, full: dict[str, torch.Tensor], compute_dtype: torch.dtype, names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Single-process merge_tensor of every base tensor (ignored ones keep the base value)."""
-    from drm_lightning.merge import merge_tensor
+    from drm_lightning.merge import merge_tensor, tensor_generator
     from drm_lightning.routing import Routing
 
     routing = Routing(ignore=IGNORE)
@@ -118,7 +118,9 @@ def reference(method: Any, full: dict[str, torch.Tensor], compute_dtype: torch.d
         short = name[len("base."):]
         branches = [full[f"branches.{i}.{short}"] for i in range(N_BRANCHES)]
         route = routing.route(short, tuple(base.shape))
-        out[short] = merge_tensor(method, route, base, branches, COEFFICIENTS, compute_dtype=compute_dtype)
+        generator = tensor_generator(0, short) if method.uses_randomness else None  # as iter_merge does
+        out[short] = merge_tensor(method, route, base, branches, COEFFICIENTS, compute_dtype=compute_dtype,
+                                  generator=generator)
     return out
 
 
