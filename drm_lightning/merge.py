@@ -203,12 +203,15 @@ def merge_tensor(
     out_dtype = out_dtype or base.dtype
     if route == "ignore":
         return base.detach().clone().to(out_dtype)
-    coef = torch.as_tensor(coefficients, dtype=compute_dtype).reshape(-1)
+    coef = torch.as_tensor(coefficients, dtype=compute_dtype, device=base.device).reshape(-1)
     base_c = base.detach().to(compute_dtype)
     dense = [t for t in branch_tensors if isinstance(t, Tensor)]
     if route == "matrix" and len(dense) < len(branch_tensors):
         if not dense:
-            factors = [None if t is None else (t[0].to(compute_dtype), t[1].to(compute_dtype)) for t in branch_tensors]
+            factors = [
+                None if t is None else (t[0].to(base.device, compute_dtype), t[1].to(base.device, compute_dtype))
+                for t in branch_tensors
+            ]
             delta = method.merge_lowrank(factors, coef, tuple(base.shape), generator=generator)
             return (base_c + delta).to(out_dtype)
     deltas = torch.stack([_as_delta(t, base_c, compute_dtype) for t in branch_tensors])

@@ -85,7 +85,7 @@ def elect_signs(x: Tensor, *, tie_break: TieBreak = "majority") -> Tensor:
 
 def broadcast_coefficients(coefficients: Tensor, like: Tensor) -> Tensor:
     """Reshape a length-N coefficient vector so it broadcasts over ``like`` (N, ...)."""
-    return coefficients.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+    return coefficients.to(device=like.device, dtype=like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
 
 
 def disjoint_mean(
@@ -103,7 +103,7 @@ def disjoint_mean(
         tensor([3., 1.])
     """
     if signs is not None:
-        x = torch.where(torch.sign(x) == signs, x, torch.zeros((), dtype=x.dtype))
+        x = torch.where(torch.sign(x) == signs, x, x.new_zeros(()))
     weighted = x * broadcast_coefficients(coefficients, x)
     total = weighted.sum(dim=0)
     if not disjoint:

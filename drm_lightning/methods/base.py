@@ -93,10 +93,10 @@ class MergeMethod(ABC):
         The default densifies; methods with an exact factored path override it.
         """
         dtype = coefficients.dtype
-        dense = torch.zeros((len(factors), *shape), dtype=dtype)
+        dense = coefficients.new_zeros((len(factors), *shape))
         for i, pair in enumerate(factors):
             if pair is not None:
-                dense[i] = pair[0].to(dtype) @ pair[1].to(dtype)
+                dense[i] = pair[0].to(coefficients.device, dtype) @ pair[1].to(coefficients.device, dtype)
         return self.merge_matrix(dense, coefficients, generator=generator)
 
     def cost(self, route: Route, shape: Sequence[int], n_branches: int) -> float:

@@ -148,7 +148,7 @@ def shared_basis(deltas: Tensor, *, rank_rtol: float = 1e-2, solver: Solver = "a
     if solver != "gram":
         raise ValueError(f"solver must be 'auto', 'svd' or 'gram', got {solver!r}")
     if rows >= m:
-        gram = torch.zeros(m, m, dtype=deltas.dtype)
+        gram = deltas.new_zeros(m, m)
         for delta in deltas:
             gram.addmm_(delta.mT, delta)
         return basis_from_gram(gram, rank_rtol)
@@ -161,8 +161,8 @@ def shared_basis(deltas: Tensor, *, rank_rtol: float = 1e-2, solver: Solver = "a
 
 def _safe_divide(values: Tensor, scale: Tensor) -> Tensor:
     """``values / scale`` with zero where the scale is zero."""
-    safe = torch.where(scale > 0, scale, torch.ones((), dtype=scale.dtype))
-    return torch.where(scale > 0, values / safe, torch.zeros((), dtype=values.dtype))
+    safe = torch.where(scale > 0, scale, scale.new_ones(()))
+    return torch.where(scale > 0, values / safe, values.new_zeros(()))
 
 
 def drop_numerical_zeros(coords: Tensor) -> Tensor:
@@ -254,7 +254,7 @@ def drm_merge(
     _, n, m = deltas.shape
     basis = shared_basis(deltas, rank_rtol=rank_rtol, solver=solver)
     if basis.rank == 0:
-        return torch.zeros(n, m, dtype=deltas.dtype)
+        return deltas.new_zeros(n, m)
     coords = deltas @ basis.vectors
     merged = merge_coordinates(
         coords, basis.sigma, coefficients, drop_rate=drop_rate, renormalize=renormalize,
@@ -275,7 +275,7 @@ def lowrank_shared_basis(
     a_stack = torch.cat([a for _, a in factors], dim=0)  # (Σρ, m)
     q, r = torch.linalg.qr(a_stack.mT)  # q: (m, Σρ), r: (Σρ, Σρ)
     rt = r.mT
-    gram = torch.zeros(rt.shape[1], rt.shape[1], dtype=a_stack.dtype)
+    gram = a_stack.new_zeros(rt.shape[1], rt.shape[1])
     offset = 0
     for b, a in factors:
         rows = rt[offset : offset + a.shape[0]]  # (ρ_i, Σρ)
@@ -313,17 +313,17 @@ def drm_merge_lowrank(
             renormalize=renormalize, rank_rtol=rank_rtol, reference_compat=reference_compat,
             tie_break=tie_break, disjoint=disjoint,
         ).mT
-    present = [(b.to(dtype), a.to(dtype)) for f in factors if f is not None for b, a in [f]]
+    present = [(b.to(coefficients.device, dtype), a.to(coefficients.device, dtype)) for f in factors if f is not None for b, a in [f]]
     present = [(b, a) for b, a in present if a.shape[0] > 0]
     if not present:
-        return torch.zeros(n, m, dtype=dtype)
+        return coefficients.new_zeros(n, m)
     basis = lowrank_shared_basis(present, rank_rtol=rank_rtol)
     if basis.rank == 0:
-        return torch.zeros(n, m, dtype=dtype)
-    coords = torch.zeros(len(factors), n, basis.rank, dtype=dtype)
+        return coefficients.new_zeros(n, m)
+    coords = coefficients.new_zeros(len(factors), n, basis.rank)
     for i, f in enumerate(factors):
         if f is not None and f[1].shape[0] > 0:
-            b, a = f[0].to(dtype), f[1].to(dtype)
+            b, a = f[0].to(coefficients.device, dtype), f[1].to(coefficients.device, dtype)
             coords[i] = b @ (a @ basis.vectors)
     merged = merge_coordinates(
         coords, basis.sigma, coefficients, drop_rate=drop_rate, renormalize=renormalize,
