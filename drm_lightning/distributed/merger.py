@@ -73,7 +73,8 @@ class DistributedMerger:
             (:mod:`~drm_lightning.distributed.sharded`); ``False`` sends everything to owners.
         optimizer_state: ``"keep"`` the optimizer moments of merged parameters, or
             ``"reset"`` (zero) them.
-        group: process group (default: the world).
+        group: process group (default: the world). The engines exchange CPU tensors, so
+            under NCCL pass a gloo group: ``torch.distributed.new_group(backend="gloo")``.
 
     Sharding caveats: under ZeRO-3 call it on every rank, outside any
     ``GatheredParameters`` context, between optimizer steps (not between ``backward`` and

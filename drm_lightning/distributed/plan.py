@@ -369,7 +369,8 @@ def build_plan(
         mode: Mode = "sharded" if shardable is not None and shardable(name, shape, route) else "owner"
         raw.append(MergeItem(name, shape, route, cost, _numel(shape) * _itemsize(dtype), mode))
     sharded_cost = sum(it.cost for it in raw if it.mode == "sharded") / world_size
-    owner_idx = [i for i, it in enumerate(raw) if it.mode == "owner"]
+    # Name order first, so equal costs tie-break by name whatever the input order.
+    owner_idx = sorted((i for i, it in enumerate(raw) if it.mode == "owner"), key=lambda i: raw[i].name)
     owners = assign_longest_first([raw[i].cost for i in owner_idx], world_size, base_load=sharded_cost)
     for i, r in zip(owner_idx, owners):
         it = raw[i]

@@ -146,14 +146,14 @@ class ParamSet(TensorSet):
         p = self.params[name]
         if is_zero3_param(p):
             check_partition_layout(name, p, world_size)
-            return p.ds_tensor.detach().reshape(-1)
+            return p.ds_tensor.detach().reshape(-1).cpu()  # no copy on CPU; merge maths runs on CPU
         return super().local_partition(name, world_size, rank)
 
     def read_full(self, name: str) -> Tensor:  # noqa: D102
         p = self.params[name]
         if is_zero3_param(p) and not getattr(p, "ds_persist", False):
             raise NotImplementedError(f"{name!r} is ZeRO-3 partitioned; only its partition can be read")
-        return p.detach()
+        return p.detach().cpu()
 
     # ------------------------------------------------------------------ writing
     def write_full(self, name: str, value: Tensor, world_size: int = 1, rank: int = 0) -> None:
