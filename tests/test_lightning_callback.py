@@ -331,6 +331,32 @@ def test_constructor_errors() -> None:
         trainer(max_steps=1, callbacks=[MergeCallback("drm", every_n_steps=1)]).fit(MultiHead(), train_loaders())
 
 
+def test_snapshot_mode_needs_a_snapshot_before_merging() -> None:
+    with pytest.raises(ValueError, match="without a snapshot schedule"):
+        trainer(max_steps=1, callbacks=[MergeCallback("drm", branches="snapshots", every_n_steps=1)]).fit(
+            MultiHead(), train_loaders(n=32)
+        )
+    cb = MergeCallback("drm", branches="snapshots", every_n_steps=1, snapshot_every_n_steps=2)
+    with pytest.warns(UserWarning, match="merge skipped at step 1: no snapshot captured yet"):
+        trainer(max_steps=2, callbacks=[cb]).fit(MultiHead(), train_loaders(n=32))
+    assert [r["step"] for r in cb.history] == [2]
+
+
+def test_coefficients_by_task() -> None:
+    model = branched()
+    before = Probe()
+    coefficients = {"a": 0.5, "c": 2.0}  # b gets 1.0
+    cb = MergeCallback("drm", method_params=DRM, every_n_steps=2, coefficients=coefficients)
+    trainer(max_steps=2, callbacks=[before, cb]).fit(model, train_loaders())
+    state = before.states[2]
+    oracle = merge_state_dicts(
+        get_method("drm", **DRM), _sub(state, "base."), [_sub(state, f"branches.{t}.") for t in TASKS],
+        coefficients=[0.5, 1.0, 2.0],
+    )
+    assert cb.last_merged is not None
+    assert_state_equal(cb.last_merged, oracle)
+
+
 def _stub_trainer(strategy: Any) -> Any:
     return SimpleNamespace(strategy=strategy)
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch import Tensor, nn
+from torch import Tensor
 
 from drm_lightning.evaluation import TaskSpec, evaluate_task, summarize_scores
 from drm_lightning.lightning._weights import (
@@ -282,6 +282,7 @@ class MergeCallback(Callback):
         self._checkpoints: dict[str, dict[str, Tensor]] = {}
         self._score_cache: dict[str, dict[str, float]] = {}
         self._warned_never = False
+        self._warned_empty = False
         # Like WeightAveraging: 0 and -1 so that the first step / epoch may already act.
         self._latest_merge_step = 0
         self._latest_merge_epoch = -1
@@ -546,6 +547,17 @@ class MergeCallback(Callback):
         plan_merge(StateSource(self._base, "base"), sources, routing=self.routing)
         if self.snapshot_dir is not None:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        if (
+            self.mode == "snapshots"
+            and not self.include_live
+            and self.snapshot_every_n_steps is None
+            and self.snapshot_every_n_epochs is None
+            and not is_overridden("should_snapshot", self, MergeCallback)
+        ):
+            raise ValueError(
+                "branches='snapshots' without a snapshot schedule: set snapshot_every_n_steps or "
+                "snapshot_every_n_epochs, override should_snapshot, or pass include_live=True"
+            )
 
     def _never_fires_reason(self, trainer: pl.Trainer) -> str | None:
         if is_overridden("should_merge", self, MergeCallback):
@@ -639,11 +651,6 @@ class MergeCallback(Callback):
         else:
             assert self._base is not None
             base = self._base
-        if not branches:
-            raise RuntimeError(
-                "MergeCallback: nothing to merge yet (no snapshot captured and include_live=False); "
-                "make should_snapshot fire before should_merge"
-            )
         distributed = trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
         merged: dict[str, Tensor] | None = None
         if not distributed or trainer.global_rank == 0:
@@ -664,6 +671,14 @@ class MergeCallback(Callback):
     def _merge_and_evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.perf_counter()
         branches = self._branches(pl_module)
+        if not branches:
+            if not self._warned_empty:
+                self._warned_empty = True
+                rank_zero_warn(
+                    f"MergeCallback: merge skipped at step {trainer.global_step}: no snapshot captured yet and "
+                    "include_live=False (should_merge fired before should_snapshot)"
+                )
+            return
         merged = self._compute_merge(trainer, pl_module, branches)
         merge_seconds = time.perf_counter() - start
         scores: dict[str, float] = {}
