@@ -825,8 +825,10 @@ def _check_strategy(trainer: pl.Trainer, *, adopt: bool, live: bool) -> None:
         if strategy.zero_stage_3:
             raise NotImplementedError(
                 "MergeCallback does not support DeepSpeed ZeRO-3 yet: its parameters are partitioned across "
-                "ranks and the sharded merge engine (drm_lightning.distributed) is not available; refusing to "
-                "gather the whole model silently. Use ZeRO stage 1/2 with adopt=False, or DDP."
+                "ranks, and scoring a merge needs the merged weights swapped into those partitions (and the "
+                "fp32 master) and restored afterwards, which the callback does not do yet; refusing to gather "
+                "the whole model silently. Use ZeRO stage 1/2 with adopt=False, or DDP; to merge a ZeRO-3 "
+                "model, call drm_lightning.distributed.DistributedMerger from your own hook."
             )
         if adopt:
             raise NotImplementedError(
