@@ -192,7 +192,8 @@ def test_sharded_rule() -> None:
     """Which items may skip the gather (see drm_lightning.distributed.sharded)."""
     target = _FlatTarget({"w": nn.Parameter(torch.zeros(1))}, "t")
     drm = sharded_rule(get_method("drm"), 4, target)
-    assert drm("w", (64, 64), "matrix")  # 4·64 >= 64, min >= 32
+    assert drm("w", (64, 64), "matrix")  # 4·64 >= 64, min >= 32, Gram cheaper than gathering
+    assert not drm("w", (64, 200), "matrix")  # N·n >= m but the 200×200 Gram outweighs the tensors
     assert drm("w", (64,), "fallback")
     assert not drm("w", (8, 512), "matrix")  # N·n < m: the single-process merge uses the n×n Gram
     assert not drm("w", (8, 16), "matrix")  # tiny: the single-process merge uses the SVD

@@ -34,7 +34,10 @@ tensor moves each way.
 Which items take this route is decided by :func:`sharded_rule`: DRM (not random), matrix
 items only in the vertical direction with the Gram solver (``solver`` "auto" or "gram",
 ``N·n ≥ m`` and, for "auto", ``min(N·n, m) ≥ 32`` — exactly when the single-process DRM
-builds the same m×m Gram), and only when the target parameter is ZeRO-3-partitioned.
+builds the same m×m Gram) and where moving the Gram and the basis (≈ 8·m² bytes) costs less
+than gathering the N + 1 inputs and scattering the fp32 result (``((N+1)·itemsize + 4)·n·m``
+bytes) — for Llama-8B with 4 bf16 branches: q/o/gate/up sharded, k/v (1024×4096) and
+down_proj (4096×14336) to owners — and only when the target parameter is ZeRO-3-partitioned.
 Everything else (horizontal DRM, the SVD solver, wide stacks, TIES/DARE/task arithmetic,
 non-partitioned targets) takes the owner route.
 
@@ -81,9 +84,14 @@ def sharded_rule(
             return False
         n, m = shape
         rows = n_branches * n
-        if rows < m:
+        if rows < m or (p.solver != "gram" and min(rows, m) < 32):
             return False
-        return p.solver == "gram" or min(rows, m) >= 32
+        # Moving the m×m Gram (reduce) and the basis (broadcast, ≤ m×m) must be cheaper than
+        # gathering N + 1 tensors to an owner and scattering the fp32 result back.
+        itemsize = torch.empty((), dtype=target.dtype(name)).element_size()
+        return 8 * m * m <= ((n_branches + 1) * itemsize + 4) * n * m
+
+    return rule
 
     return rule
 
