@@ -31,9 +31,9 @@ class MultitaskDemoModule(BranchedModule):
     Example:
         >>> import torch
         >>> module = MultitaskDemoModule(nn.Linear(4, 8), {"a": nn.Linear(8, 2)}, {"a": nn.Linear(8, 2)})
+        >>> sorted(name for name, _ in module.named_children())
+        ['base', 'branches', 'heads', 'joint', 'joint_heads']
         >>> batch = {"a": (torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))}
-        >>> module.training_step(batch, 0).shape
-        torch.Size([])
         >>> module.predict_joint("a", batch["a"])[0].shape
         torch.Size([3, 2])
     """

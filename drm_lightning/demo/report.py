@@ -242,12 +242,12 @@ def plot(data: Mapping[str, Any], path: Path) -> None:
     low = min(m - s for m, s in zip(means, stds))
     left.set_xlim(max(0.0, low - 5.0), 102.0)
     left.set_xlabel("normalised accuracy (% of each task's own branch), mean ± std over seeds")
-    for y, m in zip(positions, means):
-        left.text(m + 0.3, y, f"{m:.1f}", va="center", fontsize=8)
+    for y, m, s in zip(positions, means, stds):
+        left.text(m + s + 0.4, y, f"{m:.1f}", va="center", fontsize=8)
     for label, per_seed in data["curves"].items():
         steps = [step for step, _ in per_seed[0]]
         values = [math.fsum(c[i][1] for c in per_seed) / len(per_seed) * 100.0 for i in range(len(steps))]
-        style = "-" if label.startswith("drm") else "--"
+        style = ":" if "norenorm" in label else "-" if label.startswith("drm") else "--"
         right.plot(steps, values, style, marker="o", markersize=3, label=data["display"].get(label, label))
     right.set_xlabel("optimizer step of the fit (merge points)")
     right.set_ylabel("normalised accuracy of the merge (%)")

@@ -46,6 +46,7 @@ class SeedResult:
         fit_seconds: Wall time of ``Trainer.fit`` (training and every callback).
         callback_seconds: ``{method label: seconds}`` spent in that callback's merges and scoring.
         merge_seconds: ``{method label: seconds}`` spent in the merge arithmetic alone.
+        module: The trained module (only with ``run_seed(..., keep_module=True)``).
     """
 
     seed: int
@@ -54,6 +55,7 @@ class SeedResult:
     fit_seconds: float = 0.0
     callback_seconds: dict[str, float] = field(default_factory=dict)
     merge_seconds: dict[str, float] = field(default_factory=dict)
+    module: MultitaskDemoModule | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -188,6 +190,7 @@ def run_seed(
     config: DemoConfig,
     *,
     bar: Any = None,
+    keep_module: bool = False,
 ) -> SeedResult:
     """Fine-tune the K branches and the joint model in one ``Trainer.fit``; merge with every method.
 
@@ -197,6 +200,7 @@ def run_seed(
         seed: Seed of the heads' initialisation, the batch order and the DARE masks.
         config: The run's configuration.
         bar: A tqdm-like progress bar advanced once per optimizer step (optional).
+        keep_module: Return the trained module too (for checks; it holds K + 2 backbones).
 
     Returns:
         The final scores of every row, the curves of every method, and timings.
@@ -279,6 +283,7 @@ def run_seed(
         fit_seconds=fit_seconds,
         callback_seconds=callback_seconds,
         merge_seconds=merge_seconds,
+        module=module if keep_module else None,
     )
 
 
