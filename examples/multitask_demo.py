@@ -13,6 +13,7 @@ branches periodically and score the merge on every task. Prints the table and wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from drm_lightning.demo import DemoConfig, format_table, format_targets, run_demo, run_to_dict
 
@@ -24,6 +25,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, or 5 with --large)")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--threads", type=int, default=None, help="torch and BLAS threads (default 1)")
+    parser.add_argument(
+        "--consolidate",
+        nargs="*",
+        default=None,
+        metavar="METHOD",
+        help="methods (e.g. drm_v ties) that also get a periodic-consolidation fit (adopt=True)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
 
@@ -31,7 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.seeds is not None:
         config = config.with_seeds(args.seeds)
     if args.threads is not None:
-        config = DemoConfig(**{**config.__dict__, "threads": args.threads})
+        config = dataclasses.replace(config, threads=args.threads)
+    if args.consolidate is not None:
+        config = dataclasses.replace(config, consolidate=tuple(args.consolidate))
     run = run_demo(config, progress=not args.no_progress, out_dir=args.out)
     data = run_to_dict(run)
     print(format_table(data))

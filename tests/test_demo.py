@@ -152,6 +152,22 @@ def test_run_demo_writes_consistent_report(tmp_path: Path) -> None:
     assert "DRM ≥ TIES + 1 point" in targets and "DRM > DRM without renorm" in targets
 
 
+def test_consolidation_fit_adopts_the_merge() -> None:
+    """With ``consolidate``, a second fit resets branches and base to each merge (adopt=True)."""
+    drm = tuple(m for m in DEFAULT_METHODS if m.label == "drm_v")
+    config = DemoConfig.tiny(methods=drm, consolidate=("drm_v",), finetune_steps=20, merges=2)
+    suite = build_suite(config.tasks, data_seed=config.data_seed)
+    torch.manual_seed(0)
+    pretrained = ResidualMLP(config.hidden, config.depth).state_dict()
+    result = run_seed(suite, pretrained, seed=0, config=config)
+    assert set(result.scores) == {"drm_v", "drm_v_consolidated", "branch", "joint", "base_heads"}
+    assert [s for s, _ in result.curves["drm_v_consolidated"]] == [10, 20]
+    # the first merge happens before any consolidation: both fits merge identical branches
+    assert result.curves["drm_v_consolidated"][0] == pytest.approx(result.curves["drm_v"][0])
+    with pytest.raises(ValueError, match="consolidate names unknown"):
+        DemoConfig.tiny(consolidate=("nope",))
+
+
 def test_paired_differences_and_target_verdicts() -> None:
     data = {
         "tasks": ["a"],

@@ -88,6 +88,9 @@ class DemoConfig:
         seeds: Fine-tuning seeds (head initialisation, batch order, DARE masks).
         data_seed: Seed of the pretrain/train/val split.
         methods: The compared merge methods.
+        consolidate: Labels of methods that also get a periodic-consolidation fit of their
+            own (``adopt=True``: after every merge the branches and the base restart from the
+            merged backbone); rows ``<label>_consolidated``.
         threads: Threads of torch and of the BLAS/LAPACK pools during the run (default 1: the
             demo's matrices are small, and one thread is the fastest on a shared 2-core
             machine); ``None`` keeps the process's settings.
@@ -112,6 +115,7 @@ class DemoConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     data_seed: int = 0
     methods: tuple[MethodSpec, ...] = DEFAULT_METHODS
+    consolidate: tuple[str, ...] = ()
     threads: int | None = 1
 
     def __post_init__(self) -> None:
@@ -132,6 +136,9 @@ class DemoConfig:
         labels = [m.label for m in self.methods]
         if len(set(labels)) != len(labels) or set(labels) & set(REFERENCE_ROWS):
             problems.append(f"method labels must be unique and differ from {list(REFERENCE_ROWS)}: {labels}")
+        unknown = [c for c in self.consolidate if c not in labels]
+        if unknown:
+            problems.append(f"consolidate names unknown method labels {unknown} (valid: {labels})")
         if problems:
             raise ValueError("DemoConfig: " + "; ".join(problems))
 
@@ -170,4 +177,5 @@ class DemoConfig:
         out["tasks"] = [t.name for t in self.tasks]
         out["methods"] = [{"label": m.label, "method": m.method, "params": m.params} for m in self.methods]
         out["seeds"] = list(self.seeds)
+        out["consolidate"] = list(self.consolidate)
         return out

@@ -95,19 +95,25 @@ def paired_differences(data: Mapping[str, Any]) -> list[dict[str, Any]]:
 def run_to_dict(run: Any) -> dict[str, Any]:
     """JSON-ready record of a :class:`~drm_lightning.demo.runner.DemoRun`."""
     config = run.config
-    rows = ["branch", "joint"] + [m.label for m in config.methods] + ["base_heads"]
+    from drm_lightning.demo.runner import CONSOLIDATED_SUFFIX
+
+    consolidated = [f"{label}{CONSOLIDATED_SUFFIX}" for label in config.consolidate]
+    rows = ["branch", "joint"] + [m.label for m in config.methods] + consolidated + ["base_heads"]
+    display = {**REFERENCE_ROWS, **{k: v["display"] for k, v in run.methods.items()}}
+    for label in config.consolidate:
+        display[f"{label}{CONSOLIDATED_SUFFIX}"] = f"{display[label]}, consolidated"
     per_seed = [s.scores for s in run.seeds]
     data: dict[str, Any] = {
         "suite": "digits views (scikit-learn load_digits), residual-MLP backbone pretrained by the demo",
         "tasks": run.tasks,
         "rows": rows,
-        "display": {**REFERENCE_ROWS, **{k: v["display"] for k, v in run.methods.items()}},
+        "display": display,
         "methods": run.methods,
         "config": config.to_dict(),
         "seeds": [s.seed for s in run.seeds],
         "per_seed": per_seed,
         "curves": {
-            label: [s.curves[label] for s in run.seeds] for label in run.methods
+            label: [s.curves[label] for s in run.seeds] for label in run.seeds[0].curves
         },
     }
     data["summary"] = summarize(data)
@@ -248,6 +254,8 @@ def plot(data: Mapping[str, Any], path: Path) -> None:
         steps = [step for step, _ in per_seed[0]]
         values = [math.fsum(c[i][1] for c in per_seed) / len(per_seed) * 100.0 for i in range(len(steps))]
         style = ":" if "norenorm" in label else "-" if label.startswith("drm") else "--"
+        if label.endswith("_consolidated"):
+            style = "-."
         right.plot(steps, values, style, marker="o", markersize=3, label=data["display"].get(label, label))
     right.set_xlabel("optimizer step of the fit (merge points)")
     right.set_ylabel("normalised accuracy of the merge (%)")

@@ -29,6 +29,10 @@ from drm_lightning.demo.backbone import ResidualMLP, pretrain_backbone
 from drm_lightning.demo.config import DemoConfig, MethodSpec
 from drm_lightning.demo.module import MultitaskDemoModule
 from drm_lightning.demo.tasks import Suite, build_suite
+from drm_lightning.lightning import BranchedModule
+
+CONSOLIDATED_SUFFIX = "_consolidated"
+"""Row suffix of a method's periodic-consolidation fit (``adopt=True``)."""
 
 METRIC = "acc"
 """Name of every task's metric: multiclass accuracy (micro average)."""
@@ -213,7 +217,66 @@ def run_seed(
     heads = {name: nn.Linear(config.hidden, task.num_classes) for name, task in suite.tasks.items()}
     joint_heads = {name: nn.Linear(config.hidden, task.num_classes) for name, task in suite.tasks.items()}
     module = MultitaskDemoModule(backbone, heads, joint_heads, lr=config.finetune_lr)
-    loaders = {
+    # Every callback merges the same live branches; the first one also scores the branches
+    # themselves (the denominators of the normalised scores), the others skip that repeat.
+    callbacks = {
+        spec.label: _merge_callback(spec, suite, config, seed, evaluate_branches=index == 0)
+        for index, spec in enumerate(config.methods)
+    }
+    start = time.perf_counter()
+    _fit(module, list(callbacks.values()), _train_loaders(suite, config, seed), config, bar)
+    fit_seconds = time.perf_counter() - start
+
+    tasks = suite.names
+    scores: dict[str, dict[str, float]] = {}
+    curves: dict[str, list[tuple[int, float]]] = {}
+    callback_seconds: dict[str, float] = {}
+    merge_seconds: dict[str, float] = {}
+    branch_history = {int(r["step"]): r for r in next(iter(callbacks.values())).history}
+    for label, callback in callbacks.items():
+        final = _final_record(label, callback, config)
+        scores[label] = {t: float(final[f"merged/{t}/{METRIC}"]) for t in tasks}
+        curves[label] = [
+            (int(r["step"]), _normalized_average(r, branch_history[int(r["step"])], tasks)) for r in callback.history
+        ]
+        callback_seconds[label] = sum(float(r["merge/total_seconds"]) for r in callback.history)
+        merge_seconds[label] = sum(float(r["merge/seconds"]) for r in callback.history)
+    scores["branch"] = {t: float(branch_history[config.finetune_steps][f"branch/{t}/{METRIC}"]) for t in tasks}
+    scores["joint"] = _evaluate(module, suite, lambda m, t, b: m.predict_joint(t, b))
+    scores["base_heads"] = _evaluate(module, suite, lambda m, t, b: m.predict_base(t, b))
+
+    # Periodic consolidation: one more fit per listed method, whose callback adopts the merge
+    # (branches and base reset to it) at every merge; scored against the same branch-alone
+    # accuracies as the rest of the table.
+    specs = {spec.label: spec for spec in config.methods}
+    for label in config.consolidate:
+        pl.seed_everything(seed, verbose=False)
+        backbone = ResidualMLP(config.hidden, config.depth)
+        backbone.load_state_dict(pretrained)
+        heads = {name: nn.Linear(config.hidden, task.num_classes) for name, task in suite.tasks.items()}
+        branched = BranchedModule(backbone, heads, lr=config.finetune_lr)
+        callback = _merge_callback(specs[label], suite, config, seed, evaluate_branches=False, adopt=True)
+        _fit(branched, [callback], _train_loaders(suite, config, seed), config, bar)
+        _final_record(label, callback, config)
+        row = f"{label}{CONSOLIDATED_SUFFIX}"
+        scores[row] = {t: float(callback.history[-1][f"merged/{t}/{METRIC}"]) for t in tasks}
+        curves[row] = [
+            (int(r["step"]), _normalized_average(r, branch_history[int(r["step"])], tasks)) for r in callback.history
+        ]
+    return SeedResult(
+        seed=seed,
+        scores=scores,
+        curves=curves,
+        fit_seconds=fit_seconds,
+        callback_seconds=callback_seconds,
+        merge_seconds=merge_seconds,
+        module=module if keep_module else None,
+    )
+
+
+def _train_loaders(suite: Suite, config: DemoConfig, seed: int) -> dict[str, DataLoader]:
+    """One shuffled training loader a task, each with its own seeded generator."""
+    return {
         name: DataLoader(
             TensorDataset(task.train_x, task.train_y),
             batch_size=config.batch_size,
@@ -223,24 +286,36 @@ def run_seed(
         )
         for index, (name, task) in enumerate(suite.tasks.items())
     }
-    callback_cls = _labelled_callback_class()
-    # Every callback merges the same live branches; the first one also scores the branches
-    # themselves (the denominators of the normalised scores), the others skip that repeat.
-    callbacks = {
-        spec.label: callback_cls(
-            spec.label,
-            spec.method,
-            method_params=spec.params,
-            tasks=task_specs(suite),
-            branches="live",
-            every_n_steps=config.merge_every,
-            seed=seed,
-            evaluate_branches=index == 0,
-        )
-        for index, spec in enumerate(config.methods)
-    }
+
+
+def _merge_callback(
+    spec: MethodSpec,
+    suite: Suite,
+    config: DemoConfig,
+    seed: int,
+    *,
+    evaluate_branches: bool,
+    adopt: bool = False,
+) -> Any:
+    """The method's MergeCallback: live branches, every ``merge_every`` steps, every task scored."""
+    return _labelled_callback_class()(
+        spec.label,
+        spec.method,
+        method_params=spec.params,
+        tasks=task_specs(suite),
+        branches="live",
+        every_n_steps=config.merge_every,
+        adopt=adopt,
+        seed=seed,
+        evaluate_branches=evaluate_branches,
+    )
+
+
+def _fit(module: Any, callbacks: list[Any], loaders: dict[str, DataLoader], config: DemoConfig, bar: Any) -> None:
+    """One quiet CPU ``Trainer.fit`` of ``finetune_steps`` optimizer steps."""
+    import lightning.pytorch as pl
+
     extra = [_progress_callback(bar)] if bar is not None else []
-    start = time.perf_counter()
     with _quiet_lightning():
         trainer = pl.Trainer(
             accelerator="cpu",
@@ -252,39 +327,16 @@ def run_seed(
             enable_model_summary=False,
             num_sanity_val_steps=0,
             limit_val_batches=0,
-            callbacks=[*callbacks.values(), *extra],
+            callbacks=[*callbacks, *extra],
         )
         trainer.fit(module, train_dataloaders=loaders)
-    fit_seconds = time.perf_counter() - start
 
-    tasks = suite.names
-    scores: dict[str, dict[str, float]] = {}
-    curves: dict[str, list[tuple[int, float]]] = {}
-    callback_seconds: dict[str, float] = {}
-    merge_seconds: dict[str, float] = {}
-    branch_history = {int(r["step"]): r for r in next(iter(callbacks.values())).history}
-    for label, callback in callbacks.items():
-        if not callback.history or callback.history[-1]["step"] != config.finetune_steps:
-            raise RuntimeError(f"method {label!r}: no merge at the final step {config.finetune_steps}")
-        final = callback.history[-1]
-        scores[label] = {t: float(final[f"merged/{t}/{METRIC}"]) for t in tasks}
-        curves[label] = [
-            (int(r["step"]), _normalized_average(r, branch_history[int(r["step"])], tasks)) for r in callback.history
-        ]
-        callback_seconds[label] = sum(float(r["merge/total_seconds"]) for r in callback.history)
-        merge_seconds[label] = sum(float(r["merge/seconds"]) for r in callback.history)
-    scores["branch"] = {t: float(branch_history[config.finetune_steps][f"branch/{t}/{METRIC}"]) for t in tasks}
-    scores["joint"] = _evaluate(module, suite, lambda m, t, b: m.predict_joint(t, b))
-    scores["base_heads"] = _evaluate(module, suite, lambda m, t, b: m.predict_base(t, b))
-    return SeedResult(
-        seed=seed,
-        scores=scores,
-        curves=curves,
-        fit_seconds=fit_seconds,
-        callback_seconds=callback_seconds,
-        merge_seconds=merge_seconds,
-        module=module if keep_module else None,
-    )
+
+def _final_record(label: str, callback: Any, config: DemoConfig) -> dict[str, Any]:
+    """The callback's record of the merge at the last step (an error if it did not merge there)."""
+    if not callback.history or callback.history[-1]["step"] != config.finetune_steps:
+        raise RuntimeError(f"method {label!r}: no merge at the final step {config.finetune_steps}")
+    return callback.history[-1]
 
 
 def _normalized_average(merged: dict[str, Any], branch: dict[str, Any], tasks: list[str]) -> float:
@@ -334,7 +386,8 @@ def run_demo(
     with _thread_limits(config.threads):
         suite = build_suite(config.tasks, data_seed=config.data_seed)
         methods = {spec.label: _describe_method(spec) for spec in config.methods}
-        total = config.pretrain_steps + len(config.seeds) * config.finetune_steps
+        fits = 1 + len(config.consolidate)
+        total = config.pretrain_steps + len(config.seeds) * fits * config.finetune_steps
         with tqdm(total=total, unit="step", disable=not progress, dynamic_ncols=True) as bar:
             bar.set_description("pretrain")
             t0 = time.perf_counter()
