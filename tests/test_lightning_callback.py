@@ -361,12 +361,18 @@ def _stub_trainer(strategy: Any) -> Any:
     return SimpleNamespace(strategy=strategy)
 
 
-def test_zero3_and_sharded_strategies_refused() -> None:
+def test_zero3_limits_and_sharded_strategies_refused(tmp_path: Path) -> None:
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
     cb = MergeCallback("drm", every_n_steps=1)
-    with pytest.raises(NotImplementedError, match="ZeRO-3.*refusing to gather the whole model"):
-        cb.setup(_stub_trainer(DeepSpeedStrategy(stage=3)), branched(), "fit")
+    cb.setup(_stub_trainer(DeepSpeedStrategy(stage=3)), branched(), "fit")  # ZeRO-3 goes through the engine
+    assert cb._zero3
+    # What the ZeRO-3 route cannot do is refused at setup, all of it in one message.
+    ckpt = tmp_path / "a.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    zero3 = MergeCallback("drm", branches={"a": ckpt}, export_dir=tmp_path / "out", snapshot_dir=None)
+    with pytest.raises(NotImplementedError, match=r"(?s)ZeRO-3.*export_dir=.*'a'.*not safetensors"):
+        zero3.setup(_stub_trainer(DeepSpeedStrategy(stage=3)), MultiHead(), "fit")
     with pytest.raises(NotImplementedError, match=r"adopt=True\) is not supported with DeepSpeed"):
         MergeCallback("drm", adopt=True).setup(_stub_trainer(DeepSpeedStrategy(stage=2)), branched(), "fit")
     with pytest.raises(NotImplementedError, match="FSDPStrategy"):

@@ -1,4 +1,4 @@
-"""MergeCallback under DDP: 2 CPU processes (``ddp_spawn``, gloo); merges identical on every rank."""
+"""MergeCallback under DDP: 2 CPU processes (``ddp_spawn``, gloo); replica engine, merges identical on every rank."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ MERGE_STEPS = (2, 4)
 class DriftOnRankOne(Callback):
     """Runs before the merge callback: on rank 1 only, the branches drift right before a merge.
 
-    If a rank merged its own inputs, rank 1's merge would differ; rank 0's merge must win.
+    The replica engine merges each tensor on one owner rank and broadcasts it: even with
+    inputs that differ between ranks, every rank ends up with bit-identical merged weights.
     """
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

@@ -23,18 +23,26 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 
+from drm_lightning.distributed import (
+    CheckpointShards,
+    DistributedMerger,
+    ParamSet,
+    ShardSnapshot,
+    TensorDictSet,
+    TensorSet,
+)
 from drm_lightning.evaluation import TaskSpec, evaluate_task, summarize_scores
 from drm_lightning.lightning._weights import (
     DeltaSource,
     StateSource,
     WeightSwap,
-    broadcast_from_rank_zero,
     check_paths,
     compute_delta,
     cpu_clone,
     float_state,
     load_weights,
 )
+from drm_lightning.lightning._zero3 import MergedShards, adopt_values, local_values, metrics_unsynced, swapped
 from drm_lightning.lightning.branched import BranchedModule
 from drm_lightning.merge import merge_state_dicts, plan_merge
 from drm_lightning.methods import MergeMethod, get_method
@@ -54,6 +62,7 @@ class _Snapshot:
     epoch: int
     delta: dict[str, Tensor] | None = None  # in memory ...
     path: str | None = None  # ... or a safetensors file of the delta
+    shards: ShardSnapshot | None = None  # ... or, under ZeRO-3, this rank's partitions
 
     def source(self, base: Mapping[str, Tensor], index: int) -> DeltaSource:
         delta: Any = Path(self.path) if self.path is not None else self.delta
@@ -275,8 +284,16 @@ class MergeCallback(Callback):
         #: The weights of the latest merge (merge scope only), on the device they were merged on.
         self.last_merged: dict[str, Tensor] | None = None
 
+        #: Under ZeRO-3: this rank's share of the latest merge (partitions; full persistent params).
+        self.last_merged_shards: MergedShards | None = None
+
         self._fitting = False
         self._swapped = False
+        self._zero3 = False
+        self._group: Any = None  # gloo group for the merge engines (None: the default group)
+        self._base_set: TensorSet | None = None  # ZeRO-3 single-model modes
+        self._checkpoint_sets: dict[str, TensorSet] = {}
+        self._warned_zero3_ckpt = False
         self._base: dict[str, Tensor] | None = None  # single-model modes, CPU
         self._snapshots: list[_Snapshot] = []
         self._checkpoints: dict[str, dict[str, Tensor]] = {}
@@ -339,9 +356,11 @@ class MergeCallback(Callback):
         """Check strategy, tasks, branches and paths; record the base (``fit`` only)."""
         if stage != "fit":
             return
-        _check_strategy(trainer, adopt=self.adopt, live=self.mode == "live")
+        self._zero3 = _check_strategy(trainer, adopt=self.adopt, live=self.mode == "live")
         self._check_tasks(pl_module)
-        if self.mode == "live":
+        if self._zero3:
+            self._check_zero3_arguments(pl_module)
+        elif self.mode == "live":
             self._setup_live(pl_module)
         else:
             self._setup_single(pl_module)
@@ -354,7 +373,18 @@ class MergeCallback(Callback):
             self._fitting = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Warn once when the merge schedule can never fire in this run."""
+        """Warn once when the merge schedule can never fire; under ZeRO-3, record the base and check inputs.
+
+        Under ZeRO-3 this is the first hook where the parameters are partitioned (the strategy
+        wraps the model after ``setup``), so the base snapshot and the plan check happen here,
+        still before the first training step.
+        """
+        self._group = None
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_backend() != "gloo":  # the merge engines exchange CPU tensors
+                self._group = torch.distributed.new_group(backend="gloo")
+        if self._zero3:
+            self._setup_zero3(pl_module)
         reason = self._never_fires_reason(trainer)
         if reason:
             self._warn_never(reason)
@@ -430,6 +460,17 @@ class MergeCallback(Callback):
                 "module for evaluation; it would store merged weights as the live ones. Save from a hook "
                 "that runs outside the merge evaluation (e.g. ModelCheckpoint)."
             )
+        if self._zero3:
+            # Snapshots and the base are per-rank partitions; the checkpoint dict is written by one rank.
+            if self.mode != "live" and not self._warned_zero3_ckpt:
+                self._warned_zero3_ckpt = True
+                rank_zero_warn(
+                    "MergeCallback under ZeRO-3: the checkpoint stores the merge counters and history but not "
+                    "the base or the snapshots (they are per-rank partitions); after a resume the base is the "
+                    "resumed weights and snapshots start afresh."
+                )
+            checkpoint.setdefault(CHECKPOINT_KEY, {})[self.state_key] = {"mode": self.mode, "zero3": True}
+            return
         if self.mode != "live" and self._base is None:
             return  # never set up for fit: nothing to store
         payload: dict[str, Any] = {"mode": self.mode}
@@ -479,7 +520,9 @@ class MergeCallback(Callback):
                 f"MergeCallback: checkpoint written with branches mode {payload.get('mode')!r}, this "
                 f"callback uses {self.mode!r}; use the same mode to resume"
             )
-        if self.mode != "live":
+        if self.mode != "live" and payload.get("zero3"):
+            self._snapshots = []  # ZeRO-3 checkpoints hold no snapshot; on_fit_start records the base
+        elif self.mode != "live":
             if "base" in payload and payload["base"] is not None:
                 self._base = payload["base"]
             self._snapshots = [_Snapshot(**s) for s in payload.get("snapshots", [])]
@@ -559,6 +602,84 @@ class MergeCallback(Callback):
                 "snapshot_every_n_epochs, override should_snapshot, or pass include_live=True"
             )
 
+    def _check_zero3_arguments(self, pl_module: pl.LightningModule) -> None:
+        """Refuse, at ``setup``, what the ZeRO-3 route cannot do (one message listing all of it)."""
+        problems: list[str] = []
+        if self.mode == "live" and not isinstance(pl_module, BranchedModule):
+            raise TypeError(
+                f"branches='live' needs a BranchedModule (got {type(pl_module).__name__}); use "
+                "branches='snapshots' or a list of checkpoint paths for a single model"
+            )
+        if self.export_dir is not None:
+            problems.append(
+                "export_dir= (exporting would assemble the whole merged model on one rank; export after "
+                "training from a consolidated checkpoint instead)"
+            )
+        if self.snapshot_dir is not None:
+            problems.append("snapshot_dir= (ZeRO-3 snapshots stay in CPU memory, each rank its own partition)")
+        if self.mode == "checkpoints":
+            check_paths(self._paths)
+            problems += [
+                f"checkpoint {task!r} ({os.fspath(path)}) is not safetensors: under ZeRO-3 branches are read "
+                "shard-wise from .safetensors files or folders only"
+                for task, path in self._paths.items()
+                if not _is_safetensors(path)
+            ]
+        if self._base_arg is not None and not isinstance(self._base_arg, Mapping):
+            path = Path(self._base_arg)
+            if not path.exists():
+                raise FileNotFoundError(f"MergeCallback(base={os.fspath(path)!r}): the file does not exist")
+            if not _is_safetensors(path):
+                problems.append(f"base={os.fspath(path)!r} is not safetensors (read shard-wise under ZeRO-3)")
+        if problems:
+            raise NotImplementedError("MergeCallback under DeepSpeed ZeRO-3 does not support:\n- " + "\n- ".join(problems))
+        if self.mode == "live" and self.adopt:
+            rank_zero_warn(
+                "MergeCallback(adopt=True) with live branches: after every merge, each branch and the base "
+                "are overwritten with the merged backbone (periodic consolidation); heads and optimizer "
+                "moments are kept."
+            )
+
+    def _merger(self, *, seed: int | None = None) -> DistributedMerger:
+        return DistributedMerger(
+            self.method,
+            routing=self.routing,
+            compute_dtype=self.compute_dtype,
+            seed=self.seed if seed is None else seed,
+            engine="zero3",
+            group=self._group,
+        )
+
+    def _setup_zero3(self, pl_module: pl.LightningModule) -> None:
+        """Record the base as shards and check every input's names and shapes from metadata."""
+        params = ParamSet.from_module(pl_module, origin="live model")
+        if self.mode == "live":
+            assert isinstance(pl_module, BranchedModule)
+            first = pl_module.branches[pl_module.task_names[0]]
+            target = MergedShards(dict(first.named_parameters()), "merged backbone")
+            base: TensorSet = ParamSet.from_module(pl_module.base, origin="BranchedModule.base")
+            inputs: list[TensorSet] = [
+                ParamSet.from_module(pl_module.branches[t], origin=f"branch {t!r}") for t in pl_module.task_names
+            ]
+        else:
+            if isinstance(self._base_arg, Mapping):
+                floats = {k: v for k, v in self._base_arg.items() if torch.is_floating_point(v)}
+                self._base_set = TensorDictSet(cpu_clone(floats), "base")
+            elif self._base_arg is not None:
+                self._base_set = CheckpointShards(Path(self._base_arg), origin="base")
+            else:
+                self._base_set = ShardSnapshot.capture(params, origin="base (weights at the start of fit)")
+            self._snapshots = []
+            self._score_cache.clear()
+            self._checkpoint_sets = {
+                task: CheckpointShards(path, origin=f"checkpoint {task!r} ({os.fspath(path)})")
+                for task, path in self._paths.items()
+            }
+            target = MergedShards(params.params, "merged model")
+            base = self._base_set
+            inputs = [*self._checkpoint_sets.values(), params]
+        self._merger().plan(target, base, inputs)  # metadata only, no collective: raises ValueError early
+
     def _never_fires_reason(self, trainer: pl.Trainer) -> str | None:
         if is_overridden("should_merge", self, MergeCallback):
             return None
@@ -595,6 +716,8 @@ class MergeCallback(Callback):
         return str(label) if label is not None else default
 
     def _branches(self, pl_module: pl.LightningModule) -> list[_Branch]:
+        if self._zero3:
+            return self._zero3_branches(pl_module)
         if self.mode == "live":
             assert isinstance(pl_module, BranchedModule)
             return [
@@ -617,6 +740,21 @@ class MergeCallback(Callback):
             )
         return out
 
+    def _zero3_branches(self, pl_module: pl.LightningModule) -> list[_Branch]:
+        """The same branches as tensor sets that hold this rank's partitions (no gather)."""
+        if self.mode == "live":
+            assert isinstance(pl_module, BranchedModule)
+            return [
+                _Branch(t, f"live:{t}", ParamSet.from_module(pl_module.branches[t], origin=f"branch {t!r}"), live=True)
+                for t in pl_module.task_names
+            ]
+        out = [_Branch(t, f"checkpoint:{t}", source) for t, source in self._checkpoint_sets.items()]
+        out += [_Branch(s.task, f"snapshot:{i}", s.shards) for i, s in enumerate(self._snapshots)]
+        if self.include_live:
+            live = ParamSet.from_module(pl_module, origin="live model")
+            out.append(_Branch(self._live_label(pl_module, "live"), "live", live, live=True))
+        return out
+
     def _coefficient_list(self, branches: Sequence[_Branch]) -> list[float] | None:
         if self.coefficients is None:
             return None
@@ -625,11 +763,17 @@ class MergeCallback(Callback):
         return [float(c) for c in self.coefficients]
 
     def _capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self._base is not None
         index = len(self._snapshots)
         task = self._live_label(pl_module, f"snapshot_{index}")
-        delta = compute_delta(float_state(pl_module), self._base, self.snapshot_dtype)
         snapshot = _Snapshot(task=task, step=trainer.global_step, epoch=trainer.current_epoch)
+        if self._zero3:  # each rank copies its own partitions; no delta (that would need the full base)
+            snapshot.shards = ShardSnapshot.capture(
+                ParamSet.from_module(pl_module), dtype=self.snapshot_dtype, origin=f"snapshot {index} ({task})"
+            )
+            self._snapshots.append(snapshot)
+            return
+        assert self._base is not None
+        delta = compute_delta(float_state(pl_module), self._base, self.snapshot_dtype)
         if self.snapshot_dir is None:
             snapshot.delta = delta
         else:
@@ -652,9 +796,8 @@ class MergeCallback(Callback):
             assert self._base is not None
             base = self._base
         distributed = trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-        merged: dict[str, Tensor] | None = None
-        if not distributed or trainer.global_rank == 0:
-            merged = merge_state_dicts(
+        if not distributed:
+            return merge_state_dicts(
                 self.method,
                 StateSource(base, "base"),
                 [b.source for b in branches],
@@ -663,10 +806,39 @@ class MergeCallback(Callback):
                 compute_dtype=self.compute_dtype,
                 seed=self.seed + self._num_merges,
             )
-        if distributed:
-            merged = broadcast_from_rank_zero(merged, base, trainer.strategy.root_device)
-        assert merged is not None
-        return merged
+        # DDP: every rank merges its share of the tensors (the plan), owners broadcast the results.
+        result = DistributedMerger(
+            self.method,
+            routing=self.routing,
+            compute_dtype=self.compute_dtype,
+            seed=self.seed + self._num_merges,
+            engine="replica",
+            group=self._group,
+        ).merge(
+            None,
+            StateSource(base, "base"),
+            [b.source for b in branches],
+            coefficients=self._coefficient_list(branches),
+            collect=True,
+        )
+        assert result.merged is not None
+        return result.merged
+
+    def _compute_merge_zero3(self, pl_module: pl.LightningModule, branches: list[_Branch]) -> MergedShards:
+        """Merge on the partitions where they live; returns this rank's share of the result."""
+        if self.mode == "live":
+            assert isinstance(pl_module, BranchedModule)
+            first = pl_module.branches[pl_module.task_names[0]]
+            target = MergedShards(dict(first.named_parameters()), "merged backbone")
+            base: TensorSet = ParamSet.from_module(pl_module.base, origin="BranchedModule.base")
+        else:
+            assert self._base_set is not None
+            target = MergedShards(dict(pl_module.named_parameters()), "merged model")
+            base = self._base_set
+        self._merger(seed=self.seed + self._num_merges).merge(
+            target, base, [b.source for b in branches], coefficients=self._coefficient_list(branches)
+        )
+        return target
 
     def _merge_and_evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.perf_counter()
@@ -679,7 +851,11 @@ class MergeCallback(Callback):
                     "include_live=False (should_merge fired before should_snapshot)"
                 )
             return
-        merged = self._compute_merge(trainer, pl_module, branches)
+        merged: Any = (
+            self._compute_merge_zero3(pl_module, branches)
+            if self._zero3
+            else self._compute_merge(trainer, pl_module, branches)
+        )
         merge_seconds = time.perf_counter() - start
         scores: dict[str, float] = {}
         if self.tasks:
@@ -689,7 +865,10 @@ class MergeCallback(Callback):
             scores = summarize_scores(merged_scores, branch_scores, primary=primary)
         if self.adopt:
             self._adopt(pl_module, merged)
-        self.last_merged = merged
+        if self._zero3:
+            self.last_merged_shards = merged
+        else:
+            self.last_merged = merged
         self._num_merges += 1
         self._merges_this_fit += 1
         record: dict[str, Any] = {
@@ -707,43 +886,77 @@ class MergeCallback(Callback):
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
 
     @contextmanager
-    def _swap(self, pl_module: pl.LightningModule) -> Iterator[WeightSwap]:
-        swap = WeightSwap(pl_module)
+    def _swap(self, pl_module: pl.LightningModule) -> Iterator[Any]:
+        """Weights loaded for scoring, restored bit for bit on exit.
+
+        Under ZeRO-3 only the working partitions are touched (never the fp32 master), so the
+        restore is exact and the optimizer never sees the swapped values.
+        """
         self._swapped = True
         try:
-            yield swap
+            if self._zero3:
+                with swapped(ParamSet.from_module(pl_module)) as zero3_swap:
+                    yield zero3_swap
+            else:
+                swap = WeightSwap(pl_module)
+                try:
+                    yield swap
+                finally:
+                    swap.restore()
         finally:
-            swap.restore()
             self._swapped = False
+
+    def _values(self, pl_module: pl.LightningModule, source: Any, names: Sequence[str]) -> dict[str, Tensor]:
+        """``names`` read from a branch source, as :meth:`_swap`'s ``load`` takes them."""
+        if self._zero3:
+            return local_values(source, ParamSet.from_module(pl_module), names)
+        return {k: source.get(k) for k in names}
 
     def _shard(self, trainer: pl.Trainer) -> tuple[int, int] | None:
         return (trainer.global_rank, trainer.world_size) if trainer.world_size > 1 else None
 
     def _score(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: str) -> dict[str, float]:
-        return evaluate_task(pl_module, task, self.tasks[task], device=pl_module.device, shard=self._shard(trainer))
+        spec = self.tasks[task]
+        if not self._zero3 or trainer.world_size == 1:
+            return evaluate_task(pl_module, task, spec, device=pl_module.device, shard=self._shard(trainer))
+        # ZeRO-3: every forward gathers parameters collectively, so every rank must run the same
+        # number of forwards. Split the batches only when they divide evenly; otherwise every
+        # rank scores every batch with torchmetrics' sync off (identical weights: identical scores).
+        loader = spec.batches()
+        length = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+        if length is not None and length % trainer.world_size == 0:
+            return evaluate_task(pl_module, task, spec, device=pl_module.device, shard=self._shard(trainer))
+        with metrics_unsynced(spec.collection):
+            return evaluate_task(pl_module, task, spec, device=pl_module.device, shard=None)
 
     def _own_branch(self, branches: Sequence[_Branch], task: str) -> _Branch | None:
         own = [b for b in branches if b.task == task]
         return own[-1] if own else None
 
     def _score_merged(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Mapping[str, Tensor], branches: list[_Branch]
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, merged: Any, branches: list[_Branch]
     ) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
+        values: Mapping[str, Tensor] = merged.values if self._zero3 else merged
         with self._swap(pl_module) as swap:
             if self.mode == "live":
                 assert isinstance(pl_module, BranchedModule)
-                swap.load({f"branches.{t}.{k}": v for t in pl_module.task_names for k, v in merged.items()})
+                swap.load({f"branches.{t}.{k}": v for t in pl_module.task_names for k, v in values.items()})
                 for task in self.tasks:
                     out[task] = self._score(trainer, pl_module, task)
                 return out
-            ignored = [k for k, v in merged.items() if self.routing.route(k, tuple(v.shape)) == "ignore"]
-            live_ignored = {k: v.clone() for k, v in float_state(pl_module).items() if k in ignored}
-            swap.load(merged)
+            if self._zero3:  # merged holds no ignored tensor: find them among the parameters
+                params = ParamSet.from_module(pl_module)
+                ignored = [k for k in params.names() if self.routing.route(k, params.shape(k)) == "ignore"]
+                live_ignored = {k: v.clone() for k, v in local_values(params, params, ignored).items()}
+            else:
+                ignored = [k for k, v in values.items() if self.routing.route(k, tuple(v.shape)) == "ignore"]
+                live_ignored = {k: v.clone() for k, v in float_state(pl_module).items() if k in ignored}
+            swap.load(values)
             for task in self.tasks:
                 own = self._own_branch(branches, task)
                 if ignored:
-                    heads = live_ignored if own is None or own.live else {k: own.source.get(k) for k in ignored}
+                    heads = live_ignored if own is None or own.live else self._values(pl_module, own.source, ignored)
                     swap.load(heads)
                 out[task] = self._score(trainer, pl_module, task)
         return out
@@ -760,12 +973,23 @@ class MergeCallback(Callback):
                 out[task] = self._score_cache[own.key]
             else:
                 with self._swap(pl_module) as swap:
-                    swap.load({k: own.source.get(k) for k in own.source.keys()})
+                    names = own.source.names() if self._zero3 else own.source.keys()
+                    if self._zero3:  # parameters only: ZeRO-3 merges and swaps parameters, not buffers
+                        names = [k for k in names if k in ParamSet.from_module(pl_module).params]
+                    swap.load(self._values(pl_module, own.source, names))
                     out[task] = self._score_cache[own.key] = self._score(trainer, pl_module, task)
         return out
 
     @torch.no_grad()
-    def _adopt(self, pl_module: pl.LightningModule, merged: Mapping[str, Tensor]) -> None:
+    def _adopt(self, pl_module: pl.LightningModule, merged: Any) -> None:
+        if self._zero3:  # partitions and fp32 masters (so the next optimizer step starts from them)
+            if self.mode == "live":
+                assert isinstance(pl_module, BranchedModule)
+                modules = [pl_module.base] + [pl_module.branches[t] for t in pl_module.task_names]
+                adopt_values([ParamSet.from_module(m) for m in modules], merged.values)
+            else:
+                adopt_values([ParamSet.from_module(pl_module)], merged.values)  # ignored tensors are not in it
+            return
         if self.mode == "live":
             assert isinstance(pl_module, BranchedModule)
             targets = [pl_module.base] + [pl_module.branches[t] for t in pl_module.task_names]
@@ -816,26 +1040,26 @@ def _write_export(
         save_file(tensors, str(folder / "heads.safetensors"))
 
 
-def _check_strategy(trainer: pl.Trainer, *, adopt: bool, live: bool) -> None:
+def _is_safetensors(path: Path) -> bool:
+    return path.suffix == ".safetensors" or (path.is_dir() and any(path.glob("*.safetensors")))
+
+
+def _check_strategy(trainer: pl.Trainer, *, adopt: bool, live: bool) -> bool:
+    """Refuse unsupported strategies; returns whether the strategy is DeepSpeed ZeRO-3."""
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
 
     strategy = trainer.strategy
     name = type(strategy).__name__
     if isinstance(strategy, DeepSpeedStrategy):
         if strategy.zero_stage_3:
-            raise NotImplementedError(
-                "MergeCallback does not support DeepSpeed ZeRO-3 yet: its parameters are partitioned across "
-                "ranks, and scoring a merge needs the merged weights swapped into those partitions (and the "
-                "fp32 master) and restored afterwards, which the callback does not do yet; refusing to gather "
-                "the whole model silently. Use ZeRO stage 1/2 with adopt=False, or DDP; to merge a ZeRO-3 "
-                "model, call drm_lightning.distributed.DistributedMerger from your own hook."
-            )
+            return True
         if adopt:
             raise NotImplementedError(
-                "MergeCallback(adopt=True) is not supported with DeepSpeed: the optimizer's fp32 master "
-                "weights would overwrite the adopted weights at the next step. Use adopt=False or DDP."
+                "MergeCallback(adopt=True) is not supported with DeepSpeed ZeRO-1/2: the optimizer's fp32 "
+                "master weights would overwrite the adopted weights at the next step. Use adopt=False, "
+                "ZeRO-3 or DDP."
             )
-        return
+        return False
     try:
         from lightning.pytorch.strategies import ModelParallelStrategy
     except ImportError:  # older Lightning
@@ -847,6 +1071,7 @@ def _check_strategy(trainer: pl.Trainer, *, adopt: bool, live: bool) -> None:
         )
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise NotImplementedError(
-            f"MergeCallback supports single-device, DDP (ddp, ddp_spawn) and DeepSpeed ZeRO-1/2 strategies; "
-            f"got {name}"
+            f"MergeCallback supports single-device, DDP (ddp, ddp_spawn) and DeepSpeed (ZeRO-1/2/3) "
+            f"strategies; got {name}"
         )
+    return False

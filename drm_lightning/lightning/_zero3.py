@@ -1,0 +1,150 @@
+"""Private ZeRO-3 helpers of the callback: merged partitions, partition swaps, adoption.
+
+Under DeepSpeed ZeRO-3 every rank holds only its flat partition ``p.ds_tensor`` of each
+parameter (``p.shape == (0,)`` outside a gather). The callback never gathers the whole model:
+
+* :class:`MergedShards` is the target handed to
+  :class:`~drm_lightning.distributed.DistributedMerger`: it looks like the module's
+  parameters (names, shapes, dtypes, partitioning) but *keeps* the merged values — this
+  rank's fp32 partition, or the full value of a persistent parameter — instead of writing
+  them, so one merge serves evaluation and adoption.
+* :class:`PartitionSwap` writes values into the working partitions only (never the fp32
+  master) for evaluation and puts the saved partitions back bit for bit.
+* :func:`adopt_values` writes merged values into partitions **and** the optimizer's fp32
+  master (``safe_set_local_fp32_param`` through :meth:`ParamSet.write_partition`), so the
+  next optimizer step continues from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from drm_lightning.distributed import ParamSet, TensorSet
+from drm_lightning.distributed.tensors import is_zero3_param
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class MergedShards(ParamSet):
+    """A merge target that stores the merged values instead of writing them.
+
+    ``values[name]`` is this rank's padded flat partition (fp32 or wider) for partitioned
+    parameters and the full merged tensor for persistent ones (``ds_persist``, full on every
+    rank). Ignored tensors never reach it.
+    """
+
+    def __init__(self, params: Mapping[str, Tensor], origin: str = "merge target") -> None:
+        super().__init__(params, origin)
+        self.values: dict[str, Tensor] = {}
+
+    def write_full(self, name: str, value: Tensor, world_size: int = 1, rank: int = 0) -> None:  # noqa: D102
+        self.values[name] = value.detach().clone()
+
+    def write_partition(self, name: str, chunk: Tensor) -> None:  # noqa: D102
+        self.values[name] = chunk.detach().reshape(-1).clone()
+
+    def reset_optimizer_state(self, name: str, optimizer: Any | None, keys: Iterable[str]) -> None:  # noqa: D102
+        return None
+
+
+def local_values(source: TensorSet, params: ParamSet, names: Iterable[str]) -> dict[str, Tensor]:
+    """What this rank writes for ``names`` from ``source``: partitions where ``params`` are partitioned."""
+    rank, world = rank_and_world()
+    return {
+        name: source.local_partition(name, world, rank) if params.is_partitioned(name) else source.read_full(name)
+        for name in names
+    }
+
+
+def release_gathered(params: Iterable[Tensor]) -> None:
+    """Re-partition parameters left gathered (prefetch / reuse distance) so partitions are the truth."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    for p in params:
+        if is_zero3_param(p) and not getattr(p, "ds_persist", False) and p.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+            if not getattr(p, "ds_active_sub_modules", None):
+                p.partition()
+
+
+class PartitionSwap:
+    """Load values into the working parameters (partitions only, no fp32 master), restore exactly.
+
+    ``load`` may be called several times; :meth:`restore` puts back every tensor touched since
+    the swap began (the partition of a partitioned parameter, the full data of a persistent or
+    ordinary one).
+    """
+
+    def __init__(self, params: ParamSet) -> None:
+        self.params = params
+        self._backup: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def load(self, values: Mapping[str, Tensor]) -> None:
+        unknown = [k for k in values if k not in self.params.params]
+        if unknown:
+            raise KeyError(f"cannot load weights for unknown parameters: {unknown[:10]}")
+        for name, value in values.items():
+            p = self.params.params[name]
+            held = p.ds_tensor if self.params.is_partitioned(name) else p.data
+            if name not in self._backup:
+                self._backup[name] = held.detach().clone()
+            held.copy_(value.to(held.dtype).reshape(held.shape))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, saved in self._backup.items():
+            p = self.params.params[name]
+            (p.ds_tensor if self.params.is_partitioned(name) else p.data).copy_(saved)
+        self._backup.clear()
+
+
+@contextmanager
+def swapped(params: ParamSet) -> Iterator[PartitionSwap]:
+    """A :class:`PartitionSwap` restored on exit (exceptions included)."""
+    release_gathered(params.params.values())
+    swap = PartitionSwap(params)
+    try:
+        yield swap
+    finally:
+        swap.restore()
+
+
+@torch.no_grad()
+def adopt_values(targets: Iterable[ParamSet], values: Mapping[str, Tensor]) -> None:
+    """Make ``values`` the live weights of every target: partitions, persistent data and fp32 masters."""
+    rank, world = rank_and_world()
+    for target in targets:
+        release_gathered(target.params.values())
+        for name, value in values.items():
+            if target.is_partitioned(name):
+                target.write_partition(name, value)
+            else:
+                target.write_full(name, value, world, rank)
+
+
+@contextmanager
+def metrics_unsynced(collection: nn.Module) -> Iterator[None]:
+    """Turn off torchmetrics' cross-rank sync (every rank scores every batch itself)."""
+    from torchmetrics import Metric
+
+    metrics = [m for m in collection.modules() if isinstance(m, Metric)]
+    saved = [m.sync_on_compute for m in metrics]
+    for m in metrics:
+        m.sync_on_compute = False
+    try:
+        yield
+    finally:
+        for m, s in zip(metrics, saved):
+            m.sync_on_compute = s
