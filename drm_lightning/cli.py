@@ -12,6 +12,14 @@ Usage::
     drm-merge configs/drm.yaml -o merged/ --dry-run     # validate, print the plan
     drm-merge configs/drm.yaml -o merged/               # merge
     drm-merge configs/drm.yaml -o merged/ --overwrite --device cuda --no-progress
+    torchrun --nproc_per_node 4 -m drm_lightning.cli configs/drm.yaml -o merged/
+    drm-merge configs/drm.yaml -o merged/ --dry-run --ranks 4   # the 4-rank plan, no launch
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the merge is rank-parallel, see
+:func:`run_job_distributed`: every rank validates the config and the plan (an error on any
+rank stops every rank with the same message before any weight is read), merges the
+tensors the cost-balanced plan gives it, and sends each result to rank 0, which alone writes
+``OUT``. The output is identical to the single-process run.
 
 Example:
     >>> build_parser().parse_args(["cfg.yaml", "-o", "out", "--dry-run"]).dry_run
@@ -21,20 +29,23 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from drm_lightning import __version__
 from drm_lightning.config import MergeConfig, load_config
-from drm_lightning.distributed.plan import build_plan
+from drm_lightning.distributed.comm import Comm
+from drm_lightning.distributed.plan import MergePlan, build_plan
 from drm_lightning.merge import PlannedTensor, iter_merge, plan_merge
 from drm_lightning.methods import MergeMethod, Route
 from drm_lightning.sources import HFFolderWriter, LoraBranch, open_source
@@ -85,6 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="largest output shard, e.g. 5GB, 500MiB or a byte count (default 2GiB)",
     )
+    parser.add_argument(
+        "--ranks",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="with --dry-run: print the plan for N ranks without launching them "
+        "(default: the ranks of the torchrun launch, else 1)",
+    )
+    parser.add_argument(
+        "--max-pending",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="under torchrun: merged tensors rank 0 may hold before writing them "
+        "(bounds its memory; default 2 x ranks)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="show the traceback of errors")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -94,13 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``drm-merge``; returns the exit status (0 ok, 2 error)."""
     args = build_parser().parse_args(argv)
+    if launched_world_size() > 1 or (dist.is_available() and dist.is_initialized()
+                                     and dist.get_world_size() > 1):
+        return _main_distributed(args)
     try:
         config = load_config(args.config)
         check_output(args.output, config, overwrite=args.overwrite)
         device = resolve_device(args.device)
         job = open_job(config)
         if args.dry_run:
-            print(describe_plan(job, args.output))
+            print(describe_plan(job, args.output, world_size=args.ranks or 1,
+                                max_pending=args.max_pending))
             return 0
         run_job(
             job,
@@ -122,6 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     print(f"drm-merge: wrote {args.output}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _message(err: BaseException) -> str:
@@ -178,13 +219,19 @@ def check_output(out: Path, config: MergeConfig, *, overwrite: bool) -> None:
             )
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu`` or ``cuda``; ``cuda`` without a GPU is an error, not a silent fallback."""
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``cpu`` or ``cuda``; ``cuda`` without a GPU is an error, not a silent fallback.
+
+    Under a launcher (``local_rank`` given) ``cuda`` means this rank's GPU,
+    ``cuda:<local_rank mod GPU count>``: one GPU per rank, or ranks sharing GPUs round-robin.
+    """
     if name == "cuda" and not torch.cuda.is_available():
         raise CLIError(
             "--device cuda was requested but no CUDA device is available (torch "
             f"{torch.__version__}); use --device cpu"
         )
+    if name == "cuda" and local_rank is not None:
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(name)
 
 
@@ -221,15 +268,7 @@ def run_job(
     device = torch.device(device)
     if device.type != "cpu":
         base, branches = _OnDevice(base, device), [_OnDevice(b, device) for b in branches]
-    copy_from = job.config.base if job.config.base.is_dir() else None
-    writer = HFFolderWriter(
-        out,
-        overwrite=overwrite,
-        copy_from=copy_from,
-        metadata=model_card(job),
-        max_shard_bytes=max_shard_bytes,
-        expected_bytes=output_bytes(job),
-    )
+    writer = make_writer(job, out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     try:
         with writer:
             for name, tensor in iter_merge(
@@ -273,6 +312,354 @@ class _OnDevice:
     def _lowrank(self, name: str) -> tuple[Tensor, Tensor] | None:
         pair = self._source.lowrank(name)
         return None if pair is None else (pair[0].to(self._device), pair[1].to(self._device))
+
+
+# ------------------------------------------------------------------ torchrun: rank-parallel merge
+
+
+def launched_world_size() -> int:
+    """``WORLD_SIZE`` set by ``torchrun``/``deepspeed``/``accelerate`` (1 when not launched)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _local_rank() -> int:
+    try:
+        return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    except ValueError:
+        return 0
+
+
+def init_process_group(device: str) -> bool:
+    """Join the launcher's process group unless one exists; returns True if it was created here.
+
+    The rendezvous comes from the launcher's environment (``MASTER_ADDR``, ``MASTER_PORT``,
+    ``RANK``, ``WORLD_SIZE``). Backend: ``gloo``; with ``--device cuda`` on a machine with
+    GPUs, ``cpu:gloo,cuda:nccl``. Every tensor the CLI exchanges (merged results on their
+    way to the writer, error reports) is a CPU tensor or object, so gloo carries all of it;
+    the NCCL half is there for GPU collectives only and is created lazily (two ranks sharing
+    one GPU therefore work too).
+    """
+    if not dist.is_available():
+        raise CLIError("this torch build has no torch.distributed; run drm-merge without torchrun")
+    if dist.is_initialized():
+        return False
+    backend = "gloo"
+    if device == "cuda" and torch.cuda.is_available():
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def _main_distributed(args: argparse.Namespace) -> int:
+    """``main`` under a launcher: validate everywhere, agree, then merge rank-parallel."""
+    created = False
+    tag = "drm-merge"
+    try:
+        try:
+            created = init_process_group(args.device)
+        except Exception as err:  # noqa: BLE001 - without a group there is nothing to agree on
+            print(f"{tag}: error: cannot join the process group: {_message(err)}", file=sys.stderr)
+            return EXIT_ERROR
+        comm = Comm(None)
+        rank, world = comm.rank, comm.world_size
+        tag = f"drm-merge [rank {rank}/{world}]"
+        # 1. Every rank validates the config, the inputs and the plan from metadata; rank 0
+        #    also prepares the writer (output folder, free space). Nothing is read yet.
+        job: MergeJob | None = None
+        writer: HFFolderWriter | None = None
+        device = torch.device("cpu")
+        local: BaseException | None = None
+        try:
+            config = load_config(args.config)
+            check_output(args.output, config, overwrite=args.overwrite)
+            device = resolve_device(args.device, _local_rank())
+            job = open_job(config)
+            if rank == 0 and not args.dry_run:
+                writer = make_writer(job, args.output, overwrite=args.overwrite,
+                                     max_shard_bytes=args.max_shard_size)
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # noqa: BLE001 - shared with every rank below
+            local = err
+        reports = comm.all_gather_object(None if local is None else _message(local))
+        failures = [(r, m) for r, m in enumerate(reports) if m is not None]
+        if failures:
+            first, message = failures[0]
+            if len(failures) < world:
+                message = f"{message} (on rank {first})"
+            print(f"{tag}: error: {message}", file=sys.stderr)
+            if args.verbose and local is not None:
+                traceback.print_exception(local)
+            elif rank == 0:
+                print("(run with --verbose for the traceback)", file=sys.stderr)
+            return EXIT_ERROR
+        assert job is not None
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # 2. The plan is a pure function of metadata: check that every rank built the same.
+        plan = distributed_plan(job, world)
+        prints = comm.all_gather_object(plan.fingerprint())
+        if len(set(prints)) > 1:
+            raise ValueError(
+                f"ranks built different merge plans (fingerprints {prints}): the inputs differ "
+                "between ranks (different files or configs on different machines?)"
+            )
+        if args.dry_run:
+            if rank == 0:
+                print(describe_plan(job, args.output, world_size=world, max_pending=args.max_pending))
+            return 0
+        stats = run_job_distributed(
+            job, comm, writer, device=device, progress=not args.no_progress,
+            max_pending=args.max_pending,
+        )
+        if rank == 0:
+            print(
+                f"drm-merge: wrote {args.output} ({world} ranks, {stats['rounds']} rounds, "
+                f"{stats['received_bytes'] / 2**20:.1f} MiB received by rank 0)"
+            )
+        return 0
+    except KeyboardInterrupt:
+        print(f"{tag}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - same message and status on every rank
+        print(f"{tag}: error: {_message(err)}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return EXIT_ERROR
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def make_writer(
+    job: MergeJob, out: Path, *, overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3
+) -> HFFolderWriter:
+    """The output writer of a job (refuses an existing ``out``; checks free space)."""
+    return HFFolderWriter(
+        out,
+        overwrite=overwrite,
+        copy_from=job.config.base if job.config.base.is_dir() else None,
+        metadata=model_card(job),
+        max_shard_bytes=max_shard_bytes,
+        expected_bytes=output_bytes(job),
+    )
+
+
+def distributed_plan(job: MergeJob, world_size: int) -> MergePlan:
+    """Owners of the tensors, balanced by cost (:func:`build_plan`); same on every rank."""
+    return build_plan(
+        [(item.name, item.shape, item.route, item.dtype) for item in job.plan],
+        job.method,
+        n_branches=len(job.branches),
+        world_size=world_size,
+        engine="single" if world_size == 1 else "replica",
+        compute_dtype=job.config.compute_torch_dtype,
+    )
+
+
+@dataclass
+class StreamSchedule:
+    """When each tensor is merged under torchrun, so that rank 0 writes in the base's order.
+
+    Attributes:
+        owners: rank merging each tensor, by position in the base's order; ``-1`` for
+            ignored tensors, which rank 0 copies from the base when their turn comes.
+        rounds: positions merged in each round, at most one per rank, ascending.
+        max_pending: window: a rank may merge position ``p`` only if
+            ``p < first unwritten position + max_pending``, so rank 0 never holds more than
+            ``max_pending`` merged tensors waiting to be written.
+        peak_pending_bytes: the most bytes of merged tensors rank 0 holds at once.
+    """
+
+    owners: list[int]
+    rounds: list[list[int]]
+    max_pending: int
+    peak_pending_bytes: int
+
+
+def stream_schedule(job: MergeJob, plan: MergePlan, max_pending: int | None = None) -> StreamSchedule:
+    """Rounds of the rank-parallel merge: the owners of ``plan`` in the base's order.
+
+    Round by round, every rank takes its next tensor (base order) if it lies in the window
+    of ``max_pending`` positions after the first unwritten one; the owner of that first
+    unwritten tensor always can, so every round makes progress. Deterministic: every rank
+    computes the same schedule.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> from drm_lightning.distributed.plan import MergeItem
+        >>> items = [MergeItem(n, (2, 2), "matrix", 1.0, 16, "owner", o)
+        ...          for n, o in zip("abcd", [0, 0, 1, 1])]
+        >>> plan = MergePlan(items, world_size=2, n_branches=1)
+        >>> job = SimpleNamespace(config=SimpleNamespace(out_torch_dtype=None), plan=[
+        ...     PlannedTensor(n, (2, 2), torch.float32, "matrix") for n in "abcd"])
+        >>> stream_schedule(job, plan, 2).rounds, stream_schedule(job, plan, 4).rounds
+        ([[0], [1, 2], [3]], [[0, 2], [1, 3]])
+    """
+    world = plan.world_size
+    window = max_pending or 2 * world
+    owner_of = {it.name: it.owner for it in plan.items}
+    planned = list(job.plan)
+    owners = [-1 if t.route == "ignore" else owner_of[t.name] for t in planned]
+    out_dtype = job.config.out_torch_dtype
+    sizes = [t.numel * _itemsize(out_dtype or t.dtype) for t in planned]
+    queues = [[p for p, o in enumerate(owners) if o == r] for r in range(world)]
+    heads = [0] * world
+    done = [o == -1 for o in owners]
+    cursor, rounds, peak = 0, [], 0
+    while cursor < len(planned) and done[cursor]:
+        cursor += 1
+    while any(heads[r] < len(queues[r]) for r in range(world)):
+        this_round = []
+        for r in range(world):
+            if heads[r] < len(queues[r]) and queues[r][heads[r]] < cursor + window:
+                this_round.append(queues[r][heads[r]])
+                heads[r] += 1
+        assert this_round, "stream schedule stalled"  # the owner of `cursor` always fits
+        this_round.sort()
+        for p in this_round:
+            done[p] = True
+        held = sum(sizes[p] for p in range(cursor, min(len(planned), cursor + window))
+                   if done[p] and owners[p] != -1)
+        peak = max(peak, held)
+        rounds.append(this_round)
+        while cursor < len(planned) and done[cursor]:
+            cursor += 1
+    return StreamSchedule(owners, rounds, window, peak)
+
+
+def run_job_distributed(
+    job: MergeJob,
+    comm: Comm,
+    writer: HFFolderWriter | None,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    max_pending: int | None = None,
+) -> dict[str, int]:
+    """The rank-parallel merge; call it on every rank (``writer`` on rank 0 only).
+
+    Round by round (:func:`stream_schedule`): every rank reads and merges its next tensor
+    (exactly what the single-process loop computes for it, on ``device``), a check makes
+    every rank raise the same :class:`~drm_lightning.distributed.comm.DistributedMergeError`
+    if any failed, then the owners send their results to rank 0 one tensor at a time
+    (point to point), and rank 0 writes every tensor whose turn has come, in the base's
+    order, so the output equals the single-process output file for file. Memory: a rank
+    holds one merged tensor; rank 0 at most ``max_pending``. Rank 0 writes into a
+    temporary folder and renames it into place only after the last tensor; a failure on
+    any rank removes it on rank 0 and raises on every rank.
+
+    Returns:
+        ``{"rounds": ..., "sent_bytes": ..., "received_bytes": ...}`` for this rank.
+    """
+    rank = comm.rank
+    if (writer is None) != (rank != 0):
+        raise ValueError("run_job_distributed needs the writer on rank 0 and only there")
+    plan = distributed_plan(job, comm.world_size)
+    schedule = stream_schedule(job, plan, max_pending)
+    device = torch.device(device)
+    base, branches = job.base, job.branches
+    if device.type != "cpu":
+        base, branches = _OnDevice(base, device), [_OnDevice(b, device) for b in branches]
+    out_dtype = job.config.out_torch_dtype
+    stats = {"rounds": len(schedule.rounds), "sent_bytes": 0, "received_bytes": 0}
+
+    def merge_one(position: int) -> Tensor:
+        item = job.plan[position]
+        (_, value), = iter_merge(
+            job.method, base, branches, coefficients=job.coefficients,
+            compute_dtype=job.config.compute_torch_dtype, out_dtype=out_dtype,
+            seed=job.config.resolved_seed(), plan=[item],
+        )
+        value = value.detach().to("cpu").contiguous()
+        expected = out_dtype or item.dtype
+        if tuple(value.shape) != item.shape or value.dtype != expected:
+            raise ValueError(f"merged {item.name!r} is {value.dtype} {list(value.shape)}, "
+                             f"expected {expected} {list(item.shape)}")
+        return value
+
+    pending: dict[int, Tensor] = {}
+    cursor = 0
+    bar = None
+    if rank == 0 and progress:
+        from tqdm.auto import tqdm
+
+        name = getattr(job.method, "registered_name", job.method.name)
+        bar = tqdm(total=len(job.plan), desc=f"merging ({name}, {comm.world_size} ranks)", unit="tensor")
+
+    def drain() -> None:
+        """Rank 0: write every tensor whose turn has come (ignored ones copied from the base)."""
+        nonlocal cursor
+        assert writer is not None
+        while cursor < len(job.plan):
+            if schedule.owners[cursor] == -1:
+                value = merge_one(cursor)
+            elif cursor in pending:
+                value = pending.pop(cursor)
+            else:
+                return
+            writer.add(job.plan[cursor].name, value)
+            del value
+            cursor += 1
+            if bar is not None:
+                bar.update(1)
+
+    try:
+        if writer is not None:
+            _guard(comm, "creating the temporary output folder", writer.__enter__, lambda: None)
+        comm.check("creating the temporary output folder")
+        for positions in schedule.rounds:
+            mine = [p for p in positions if schedule.owners[p] == rank]
+            value = None
+            if mine:
+                value = _guard(comm, f"merging {job.plan[mine[0]].name!r}",
+                               lambda p=mine[0]: merge_one(p), lambda: None)
+            comm.check(f"merging {[job.plan[p].name for p in positions]}")
+            for p in positions:
+                owner, item = schedule.owners[p], job.plan[p]
+                if rank == 0 and owner == 0:
+                    assert value is not None
+                    pending[p] = value
+                elif rank == 0:
+                    buffer = torch.empty(item.shape, dtype=out_dtype or item.dtype)
+                    dist.recv(buffer, src=owner)
+                    stats["received_bytes"] += buffer.numel() * buffer.element_size()
+                    pending[p] = buffer
+                elif rank == owner:
+                    assert value is not None
+                    dist.send(value, dst=0)
+                    stats["sent_bytes"] += value.numel() * value.element_size()
+            value = None
+            if writer is not None:
+                _guard(comm, "writing the output", drain, lambda: None)
+        if writer is not None:
+            _guard(comm, "writing the output", drain, lambda: None)
+            if not comm.failed:
+                _guard(comm, f"finishing {writer.out_dir}",
+                       lambda: writer.__exit__(None, None, None), lambda: None)
+        comm.check("writing the output folder")
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return stats
+
+
+def _guard(comm: Comm, where: str, fn: Callable[[], Any], placeholder: Callable[[], Any]) -> Any:
+    """Run local work; on failure record it (raised on every rank at the next check)."""
+    if comm.failed:
+        return placeholder()
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - re-raised on every rank by comm.check
+        comm.record_error(f"{where} (rank {comm.rank})", err)
+        return placeholder()
 
 
 # ---------------------------------------------------------------------- plan and model card
@@ -357,8 +744,15 @@ def output_bytes(job: MergeJob) -> int:
     return sum(item.numel * _itemsize(out_dtype or item.dtype) for item in job.plan)
 
 
-def describe_plan(job: MergeJob, out: Path) -> str:
-    """The ``--dry-run`` report: inputs, tensors per route, estimated cost and peak memory."""
+def describe_plan(
+    job: MergeJob, out: Path, *, world_size: int = 1, max_pending: int | None = None
+) -> str:
+    """The ``--dry-run`` report: inputs, tensors per route, estimated cost and peak memory.
+
+    With ``world_size`` > 1, the rank-parallel plan of a ``torchrun`` launch: per rank the
+    tensors it merges, their cost, the bytes it reads and sends to (or rank 0 receives),
+    and the schedule's rounds and rank 0's write buffer.
+    """
     cfg, n = job.config, len(job.branches)
     params = ", ".join(f"{k}={v}" for k, v in cfg.parameters.items()) or "defaults"
     lines = [
@@ -391,16 +785,12 @@ def describe_plan(job: MergeJob, out: Path) -> str:
         for item in costly:
             gflop = job.method.cost("matrix", item.shape, n) / 1e9
             lines.append(f"  {item.name} {list(item.shape)}: {gflop:.3f} GFLOP")
-    schedule = build_plan(
-        [(item.name, item.shape, item.route, item.dtype) for item in job.plan],
-        job.method,
-        n_branches=n,
-        world_size=1,
-        engine="single",
-        compute_dtype=cfg.compute_torch_dtype,
-    )
+    schedule = distributed_plan(job, world_size)
     lines.append("")
-    lines.append(schedule.summary())
+    if world_size == 1:
+        lines.append(schedule.summary())
+    else:
+        lines.extend(_describe_ranks(job, schedule, max_pending))
     peak, where = estimate_peak_bytes(job)
     out_bytes = output_bytes(job)
     lines.append("")
@@ -410,6 +800,55 @@ def describe_plan(job: MergeJob, out: Path) -> str:
     )
     lines.append(f"output size: {_human(out_bytes)}")
     return "\n".join(lines)
+
+
+def _describe_ranks(job: MergeJob, plan: MergePlan, max_pending: int | None) -> list[str]:
+    """Per-rank table of the torchrun plan (reads, traffic to rank 0, rounds, buffer)."""
+    stream = stream_schedule(job, plan, max_pending)
+    n_full = sum(not callable(getattr(b, "lowrank", None)) for b in job.branches)
+    out_dtype = job.config.out_torch_dtype
+    world = plan.world_size
+    items = [0] * world
+    read = [0] * world
+    sent = [0] * world
+    for item, owner in zip(job.plan, stream.owners):
+        size = item.numel * _itemsize(item.dtype)
+        out_size = item.numel * _itemsize(out_dtype or item.dtype)
+        if owner == -1:
+            read[0] += size
+            continue
+        items[owner] += 1
+        read[owner] += size * (1 + n_full)
+        if owner != 0:
+            sent[owner] += out_size
+    cost = {ld.rank: ld.cost for ld in plan.loads}
+    by_name = {it.name: it.cost for it in plan.items}
+    critical = sum(max(by_name[job.plan[p].name] for p in rnd) for rnd in stream.rounds)
+    ideal = max(cost.values(), default=0.0)
+    header = plan.summary().splitlines()[0]
+    lines = [
+        header,
+        f"{'rank':>4}  {'items':>5}  {'GFLOP':>10}  {'read MiB':>10}  {'to rank 0 MiB':>13}",
+    ]
+    for r in range(world):
+        to_zero = f"{-sum(sent) / 2**20:>13.1f}" if r == 0 else f"{sent[r] / 2**20:>13.1f}"
+        lines.append(
+            f"{r:>4}  {items[r]:>5}  {cost[r] / 1e9:>10.2f}  {read[r] / 2**20:>10.1f}  {to_zero}"
+        )
+    lines.append(
+        "(rank 0 writes the output; a negative 'to rank 0' is what it receives. Every rank "
+        "reads only the tensors it merges.)"
+    )
+    lines.append(
+        f"schedule: {len(stream.rounds)} rounds; rank 0 holds at most {stream.max_pending} "
+        f"merged tensors ({_human(stream.peak_pending_bytes)}) before writing them; "
+        f"critical path {critical / 1e9:.2f} GFLOP against {ideal / 1e9:.2f} for the most "
+        "loaded rank"
+    )
+    warning = plan.imbalance()
+    if warning:
+        lines.append(f"note: {warning}")
+    return lines
 
 
 def _describe(source: Any) -> str:
