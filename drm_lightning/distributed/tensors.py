@@ -138,9 +138,15 @@ class ParamSet(TensorSet):
         return p.ds_tensor.dtype if is_zero3_param(p) else p.dtype
 
     def is_partitioned(self, name: str) -> bool:
-        """Partitioned ZeRO-3 parameters, except persistent ones (full on every rank)."""
+        """Partitioned ZeRO-3 parameters, except persistent ones while they are full on every rank.
+
+        A persistent parameter holds only its partition until its first forward fetches it, and
+        again after a ``GatheredParameters`` exit re-partitioned it: then it counts as partitioned.
+        """
         p = self.params[name]
-        return is_zero3_param(p) and not getattr(p, "ds_persist", False)
+        if not is_zero3_param(p):
+            return False
+        return not getattr(p, "ds_persist", False) or p.data.numel() != int(p.ds_numel)
 
     def local_partition(self, name: str, world_size: int, rank: int) -> Tensor:  # noqa: D102
         p = self.params[name]
@@ -151,7 +157,7 @@ class ParamSet(TensorSet):
 
     def read_full(self, name: str) -> Tensor:  # noqa: D102
         p = self.params[name]
-        if is_zero3_param(p) and not getattr(p, "ds_persist", False):
+        if self.is_partitioned(name):
             raise NotImplementedError(f"{name!r} is ZeRO-3 partitioned; only its partition can be read")
         return p.detach().cpu()
 

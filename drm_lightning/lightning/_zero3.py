@@ -60,60 +60,90 @@ class MergedShards(ParamSet):
 
 
 def local_values(source: TensorSet, params: ParamSet, names: Iterable[str]) -> dict[str, Tensor]:
-    """What this rank writes for ``names`` from ``source``: partitions where ``params`` are partitioned."""
+    """What :class:`PartitionSwap` loads for ``names`` from ``source``: this rank's partition of
+    every ZeRO-3 parameter (persistent ones included), the full tensor of ordinary ones."""
     rank, world = rank_and_world()
     return {
-        name: source.local_partition(name, world, rank) if params.is_partitioned(name) else source.read_full(name)
+        name: source.local_partition(name, world, rank)
+        if is_zero3_param(params.params[name])
+        else source.read_full(name)
         for name in names
     }
 
 
-def release_gathered(params: Iterable[Tensor]) -> None:
-    """Re-partition parameters left gathered (prefetch / reuse distance) so partitions are the truth."""
+def release_gathered(params: Iterable[Tensor], *, persistent_too: bool = False) -> None:
+    """Re-partition parameters left gathered (prefetch, reuse distance) so partitions are the truth.
+
+    Local (no collective): dropping a gathered copy that was not modified only frees it.
+    Persistent parameters stay full unless ``persistent_too``.
+    """
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     for p in params:
-        if is_zero3_param(p) and not getattr(p, "ds_persist", False) and p.ds_status != ZeroParamStatus.NOT_AVAILABLE:
-            if not getattr(p, "ds_active_sub_modules", None):
-                p.partition()
+        if not is_zero3_param(p) or p.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+            continue
+        if getattr(p, "ds_persist", False) and not persistent_too:
+            continue
+        if not getattr(p, "ds_active_sub_modules", None):
+            p.partition(has_been_updated=False)
 
 
 class PartitionSwap:
-    """Load values into the working parameters (partitions only, no fp32 master), restore exactly.
+    """Load values into the working partitions (never the fp32 master); restore them exactly.
 
-    ``load`` may be called several times; :meth:`restore` puts back every tensor touched since
-    the swap began (the partition of a partitioned parameter, the full data of a persistent or
-    ordinary one).
+    During a swap every ZeRO-3 parameter that is loaded is held as its partition only:
+    persistent parameters are re-partitioned first (their next fetch reads the swapped
+    partition), and a full value (a persistent parameter's merge result) is cut to this rank's
+    partition. ``load`` may be called several times; :meth:`restore` puts back every partition
+    (or, for ordinary parameters, every tensor) touched since the swap began and drops any
+    gathered copy made meanwhile, so the next forward gathers the restored partitions.
     """
 
     def __init__(self, params: ParamSet) -> None:
         self.params = params
         self._backup: dict[str, Tensor] = {}
 
+    def _held(self, name: str) -> Tensor:
+        p = self.params.params[name]
+        return p.ds_tensor if is_zero3_param(p) else p.data
+
     @torch.no_grad()
     def load(self, values: Mapping[str, Tensor]) -> None:
         unknown = [k for k in values if k not in self.params.params]
         if unknown:
             raise KeyError(f"cannot load weights for unknown parameters: {unknown[:10]}")
+        release_gathered([self.params.params[k] for k in values], persistent_too=True)
         for name, value in values.items():
-            p = self.params.params[name]
-            held = p.ds_tensor if self.params.is_partitioned(name) else p.data
+            held = self._held(name)
             if name not in self._backup:
                 self._backup[name] = held.detach().clone()
+            if held is not self.params.params[name].data:
+                value = as_partition(value, held.numel())
             held.copy_(value.to(held.dtype).reshape(held.shape))
 
     @torch.no_grad()
     def restore(self) -> None:
         for name, saved in self._backup.items():
-            p = self.params.params[name]
-            (p.ds_tensor if self.params.is_partitioned(name) else p.data).copy_(saved)
+            self._held(name).copy_(saved)
+        release_gathered([self.params.params[k] for k in self._backup], persistent_too=True)
         self._backup.clear()
+
+
+def as_partition(value: Tensor, size: int) -> Tensor:
+    """This rank's padded flat partition of ``value`` (returned as is when it already is one)."""
+    flat = value.reshape(-1)
+    if flat.numel() == size:
+        return flat
+    rank, _ = rank_and_world()
+    chunk = torch.zeros(size, dtype=flat.dtype)
+    piece = flat[rank * size : (rank + 1) * size]
+    chunk[: piece.numel()] = piece
+    return chunk
 
 
 @contextmanager
 def swapped(params: ParamSet) -> Iterator[PartitionSwap]:
     """A :class:`PartitionSwap` restored on exit (exceptions included)."""
-    release_gathered(params.params.values())
     swap = PartitionSwap(params)
     try:
         yield swap
@@ -126,10 +156,13 @@ def adopt_values(targets: Iterable[ParamSet], values: Mapping[str, Tensor]) -> N
     """Make ``values`` the live weights of every target: partitions, persistent data and fp32 masters."""
     rank, world = rank_and_world()
     for target in targets:
-        release_gathered(target.params.values())
+        # Persistent parameters too: every ZeRO-3 parameter is then written as its partition
+        # (and master); the next forward gathers the adopted values.
+        release_gathered(target.params.values(), persistent_too=True)
         for name, value in values.items():
-            if target.is_partitioned(name):
-                target.write_partition(name, value)
+            p = target.params[name]
+            if is_zero3_param(p):
+                target.write_partition(name, as_partition(value, p.ds_tensor.numel()))
             else:
                 target.write_full(name, value, world, rank)
 
