@@ -44,7 +44,7 @@ from torch import Tensor
 
 from drm_lightning import __version__
 from drm_lightning.config import MergeConfig, load_config
-from drm_lightning.distributed.comm import Comm
+from drm_lightning.distributed.comm import Comm, DistributedMergeError
 from drm_lightning.distributed.plan import MergePlan, build_plan
 from drm_lightning.merge import PlannedTensor, iter_merge, plan_merge
 from drm_lightning.methods import MergeMethod, Route
@@ -357,6 +357,7 @@ def _main_distributed(args: argparse.Namespace) -> int:
     """``main`` under a launcher: validate everywhere, agree, then merge rank-parallel."""
     created = False
     tag = "drm-merge"
+    comm: Comm | None = None
     try:
         try:
             created = init_process_group(args.device)
@@ -390,11 +391,13 @@ def _main_distributed(args: argparse.Namespace) -> int:
             first, message = failures[0]
             if len(failures) < world:
                 message = f"{message} (on rank {first})"
+            _exit_on_sigterm(EXIT_ERROR)
             print(f"{tag}: error: {message}", file=sys.stderr)
             if args.verbose and local is not None:
                 traceback.print_exception(local)
             elif rank == 0:
                 print("(run with --verbose for the traceback)", file=sys.stderr)
+            _leave_together(comm)
             return EXIT_ERROR
         assert job is not None
         if device.type == "cuda":
@@ -403,7 +406,7 @@ def _main_distributed(args: argparse.Namespace) -> int:
         plan = distributed_plan(job, world)
         prints = comm.all_gather_object(plan.fingerprint())
         if len(set(prints)) > 1:
-            raise ValueError(
+            raise DistributedMergeError(
                 f"ranks built different merge plans (fingerprints {prints}): the inputs differ "
                 "between ranks (different files or configs on different machines?)"
             )
@@ -424,7 +427,15 @@ def _main_distributed(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"{tag}: interrupted; nothing was written", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - same message and status on every rank
+    except DistributedMergeError as err:  # raised on every rank together: leave together
+        _exit_on_sigterm(EXIT_ERROR)
+        print(f"{tag}: error: {err}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        _leave_together(comm)
+        return EXIT_ERROR
+    except Exception as err:  # noqa: BLE001 - unexpected, on this rank only: the launcher stops the others
+        _exit_on_sigterm(EXIT_ERROR)
         print(f"{tag}: error: {_message(err)}", file=sys.stderr)
         if args.verbose:
             traceback.print_exc()
@@ -432,6 +443,39 @@ def _main_distributed(args: argparse.Namespace) -> int:
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _leave_together(comm: Comm | None) -> None:
+    """After an error every rank agreed on (and cleaned up after): wait for the others.
+
+    Every rank has installed :func:`_exit_on_sigterm` before it gets here, so when the first
+    rank exits and the launcher terminates the rest, each of them still exits with the same
+    status instead of being reported as killed.
+    """
+    if comm is None or comm.world_size == 1:
+        return
+    try:
+        comm.all_gather_object(None)
+    except Exception:  # noqa: BLE001 - a peer already gone: nothing left to wait for
+        pass
+
+
+def _exit_on_sigterm(status: int) -> None:
+    """After a failure every rank reports: let the launcher's SIGTERM not change ``status``.
+
+    ``torchrun`` sends SIGTERM to the other ranks as soon as one rank exits with an error;
+    a rank that has already printed the shared error and is only tearing down would be
+    reported as killed (-15) instead of failed with the same status. SIGTERM is ignored
+    from here on (the process is exiting anyway; the launcher still SIGKILLs it after its
+    grace period should it hang). ``status`` documents the intent; the return value of
+    :func:`main` is the exit status.
+    """
+    import signal
+    import threading
+
+    del status
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_writer(

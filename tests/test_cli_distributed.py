@@ -77,6 +77,14 @@ def _torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[s
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
+def _rank_exit_codes(text: str) -> list[int]:
+    """Exit codes of the ranks from torchrun's failure summary (both ranks, by rank)."""
+    import re
+
+    found = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", text)
+    return [code for _, code in sorted((int(r), int(c)) for r, c in found)]
+
+
 def _read(folder: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
@@ -127,7 +135,7 @@ def test_bad_branch_path_fails_on_every_rank(zoo: Path, tmp_path: Path) -> None:
     for rank in (0, 1):
         assert f"drm-merge [rank {rank}/2]: error:" in text, text
         assert f"branch not found: '{missing}'" in text
-    assert text.count("exitcode  : 2") + text.count("exitcode: 2") >= 1, text
+    assert _rank_exit_codes(text) == [2, 2], text
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
 
 
@@ -150,6 +158,7 @@ def test_a_rank_failing_mid_merge_stops_every_rank(zoo: Path, tmp_path: Path) ->
     run = _torchrun(str(cfg), "-o", str(out))
     assert run.returncode != 0
     text = run.stdout + run.stderr
+    assert _rank_exit_codes(text) == [2, 2], text
     message = "distributed merge failed on rank 1 during merging"
     for rank in (0, 1):
         line = next(line for line in text.splitlines() if f"drm-merge [rank {rank}/2]: error:" in line)
