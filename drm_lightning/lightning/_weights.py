@@ -1,4 +1,4 @@
-"""Private helpers of the callback: weight sources for the merge loop, swapping, broadcasting."""
+"""Private helpers of the callback: weight sources for the merge loop, swapping."""
 
 from __future__ import annotations
 
@@ -149,21 +149,3 @@ class WeightSwap:
             self._targets[name].copy_(saved)
         self._backup.clear()
 
-
-def broadcast_from_rank_zero(
-    merged: dict[str, Tensor] | None, like: Mapping[str, Tensor], device: torch.device
-) -> dict[str, Tensor]:
-    """Rank 0's ``merged`` on every rank, tensor by tensor (``like`` gives names, shapes, dtypes)."""
-    import torch.distributed as dist
-
-    out: dict[str, Tensor] = {}
-    rank = dist.get_rank()
-    for name, ref in like.items():
-        if rank == 0:
-            assert merged is not None
-            buf = merged[name].to(device)
-        else:
-            buf = torch.empty(ref.shape, dtype=ref.dtype, device=device)
-        dist.broadcast(buf, src=0)
-        out[name] = buf
-    return out

@@ -119,7 +119,9 @@ class MergeCallback(Callback):
 
     * ``setup("fit")`` — refuses unsupported strategies, checks tasks, branch parameter sets
       and checkpoint paths (all before the first step), records the base.
-    * ``on_fit_start`` — warns once if the schedule can never fire.
+    * ``on_fit_start`` — warns once if the schedule can never fire; under ZeRO-3 (the first hook
+      where parameters are partitioned) records the base as shards and checks every input's
+      names and shapes from metadata, still before the first step.
     * ``on_train_batch_end`` — after each optimizer step (``global_step`` guards gradient
       accumulation): snapshot if :meth:`should_snapshot`, then merge if :meth:`should_merge`.
     * ``on_train_epoch_end`` — the same with ``epoch_idx``.
@@ -129,12 +131,40 @@ class MergeCallback(Callback):
       ``on_save_checkpoint`` / ``on_load_checkpoint`` — base and snapshot tensors under
       ``checkpoint["merge_callback"]``; refuses to save while merged weights are swapped in.
 
-    Strategies: single device and DDP (``ddp``, ``ddp_spawn``): rank 0 merges and broadcasts,
-    so the merged weights are identical on every rank, and each rank scores a share of the
-    validation batches (torchmetrics synchronises). DeepSpeed ZeRO-3, FSDP and model-parallel
-    strategies raise ``NotImplementedError`` at setup (no silent whole-model gather);
-    DeepSpeed ZeRO-1/2 only with ``adopt=False`` (the optimizer's fp32 master copy would
-    overwrite adopted weights).
+    Strategies:
+
+    * single device: :func:`~drm_lightning.merge.merge_state_dicts`.
+    * DDP (``ddp``, ``ddp_spawn``): the replica engine of
+      :class:`~drm_lightning.distributed.DistributedMerger` — each rank merges its share of the
+      tensors (a cost-balanced plan), owners broadcast the results, so the merged weights are
+      bit-identical on every rank; each rank scores a share of the validation batches
+      (torchmetrics synchronises).
+    * DeepSpeed ZeRO-3: the ``zero3`` engine, on the partitions where they live — the whole
+      model is never gathered (one tensor at a time reaches its owner rank, or none for the
+      sharded DRM route). Live branches are the partitioned parameter sets
+      ``BranchedModule.branches[t]``; snapshots are
+      :class:`~drm_lightning.distributed.ShardSnapshot` copies (each rank keeps its own
+      partitions, in CPU memory); checkpoint branches and a ``base=`` path are read shard-wise
+      from ``.safetensors`` files or folders. Scoring writes the merged partitions into the
+      working parameters only (never the fp32 master) and restores them bit for bit; every
+      rank runs the same number of forward passes (batches are split only when they divide
+      evenly, otherwise every rank scores every batch with torchmetrics' sync off), so scores
+      are identical on every rank. ``adopt=True`` writes the merged partitions *and* the
+      optimizer's fp32 master (``safe_set_local_fp32_param``), so the next step continues from
+      them; optimizer moments are kept. Caveats: only parameters are merged (buffers keep their
+      live values); persistent parameters (``stage3_param_persistence_threshold``) are
+      re-partitioned around a swap or an adoption and fetched again by the next forward;
+      :attr:`last_merged` stays ``None`` (this rank's share is in :attr:`last_merged_shards`);
+      checkpoints keep counters and history but not the base or snapshots (per-rank
+      partitions): after a resume the base is the resumed weights; MiCS/hpZ partition groups
+      are refused by the engine. Not supported under ZeRO-3 (``NotImplementedError`` at
+      ``setup``): ``export_dir`` (it would assemble the whole model on one rank),
+      ``snapshot_dir``, ``.ckpt``/``.bin`` checkpoint branches or base (not readable
+      shard-wise).
+    * DeepSpeed ZeRO-1/2: as DDP, only with ``adopt=False`` (the optimizer's fp32 master copy
+      would overwrite adopted weights).
+    * FSDP and model-parallel strategies: ``NotImplementedError`` at ``setup`` (no silent
+      whole-model gather).
 
     Paper: *Decom-Renorm-Merge: Model Merging on the Right Space Improves Multitasking*
     (DRM); TIES-Merging (Yadav et al., 2023); DARE (Yu et al., 2024); task arithmetic
