@@ -403,8 +403,8 @@ def _main_distributed(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         # 2. The plan is a pure function of metadata: check that every rank built the same.
-        plan = distributed_plan(job, world)
-        prints = comm.all_gather_object(plan.fingerprint())
+        schedule = stream_schedule(job, world, args.max_pending)
+        prints = comm.all_gather_object(schedule.fingerprint())
         if len(set(prints)) > 1:
             raise DistributedMergeError(
                 f"ranks built different merge plans (fingerprints {prints}): the inputs differ "
@@ -420,7 +420,7 @@ def _main_distributed(args: argparse.Namespace) -> int:
         )
         if rank == 0:
             print(
-                f"drm-merge: wrote {args.output} ({world} ranks, {stats['rounds']} rounds, "
+                f"drm-merge: wrote {args.output} ({world} ranks, {stats['chunks']} chunks, "
                 f"{stats['received_bytes'] / 2**20:.1f} MiB received by rank 0)"
             )
         return 0
@@ -492,10 +492,12 @@ def make_writer(
     )
 
 
-def distributed_plan(job: MergeJob, world_size: int) -> MergePlan:
-    """Owners of the tensors, balanced by cost (:func:`build_plan`); same on every rank."""
+def distributed_plan(job: MergeJob, world_size: int, positions: Sequence[int] | None = None) -> MergePlan:
+    """Owners of the tensors (all, or those at ``positions``), balanced by cost with
+    :func:`build_plan`; the same on every rank."""
+    chosen = job.plan if positions is None else [job.plan[p] for p in positions]
     return build_plan(
-        [(item.name, item.shape, item.route, item.dtype) for item in job.plan],
+        [(item.name, item.shape, item.route, item.dtype) for item in chosen],
         job.method,
         n_branches=len(job.branches),
         world_size=world_size,
@@ -506,73 +508,87 @@ def distributed_plan(job: MergeJob, world_size: int) -> MergePlan:
 
 @dataclass
 class StreamSchedule:
-    """When each tensor is merged under torchrun, so that rank 0 writes in the base's order.
+    """Who merges what under torchrun, chunk by chunk, so that rank 0 writes in base order.
 
     Attributes:
+        world_size: ranks.
         owners: rank merging each tensor, by position in the base's order; ``-1`` for
             ignored tensors, which rank 0 copies from the base when their turn comes.
-        rounds: positions merged in each round, at most one per rank, ascending.
-        max_pending: window: a rank may merge position ``p`` only if
-            ``p < first unwritten position + max_pending``, so rank 0 never holds more than
-            ``max_pending`` merged tensors waiting to be written.
+        chunks: positions of each chunk (consecutive merged tensors of the base's order, at
+            most ``max_pending``), ascending. Within a chunk the owners come from
+            :func:`build_plan` (longest job first, by cost).
+        costs: estimated FLOPs of each tensor (0 for ignored ones).
+        max_pending: tensors per chunk: rank 0 never holds more merged tensors than this.
         peak_pending_bytes: the most bytes of merged tensors rank 0 holds at once.
     """
 
+    world_size: int
     owners: list[int]
-    rounds: list[list[int]]
+    chunks: list[list[int]]
+    costs: list[float]
     max_pending: int
     peak_pending_bytes: int
 
+    def rank_costs(self) -> list[float]:
+        """Total estimated FLOPs per rank."""
+        out = [0.0] * self.world_size
+        for owner, cost in zip(self.owners, self.costs):
+            if owner >= 0:
+                out[owner] += cost
+        return out
 
-def stream_schedule(job: MergeJob, plan: MergePlan, max_pending: int | None = None) -> StreamSchedule:
-    """Rounds of the rank-parallel merge: the owners of ``plan`` in the base's order.
+    def critical_cost(self) -> float:
+        """Sum over chunks of the most loaded rank's FLOPs (chunks run one after another)."""
+        total = 0.0
+        for chunk in self.chunks:
+            per_rank = [0.0] * self.world_size
+            for p in chunk:
+                per_rank[self.owners[p]] += self.costs[p]
+            total += max(per_rank)
+        return total
 
-    Round by round, every rank takes its next tensor (base order) if it lies in the window
-    of ``max_pending`` positions after the first unwritten one; the owner of that first
-    unwritten tensor always can, so every round makes progress. Deterministic: every rank
-    computes the same schedule.
+    def fingerprint(self) -> str:
+        """Short hash; ranks compare it before the first tensor is read."""
+        import hashlib
+
+        text = f"{self.world_size}|{self.owners}|{self.chunks}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stream_schedule(job: MergeJob, world_size: int, max_pending: int | None = None) -> StreamSchedule:
+    """Chunks of the rank-parallel merge and the owner of every tensor.
+
+    The merged tensors, in the base's order, are cut into chunks of ``max_pending``
+    (default 8 x ranks); each chunk's tensors are given to ranks by :func:`build_plan`
+    (cost-balanced, deterministic). Chunks run one after another, so rank 0 can write every
+    tensor in the base's order while holding at most one chunk.
 
     Example:
         >>> from types import SimpleNamespace
-        >>> from drm_lightning.distributed.plan import MergeItem
-        >>> items = [MergeItem(n, (2, 2), "matrix", 1.0, 16, "owner", o)
-        ...          for n, o in zip("abcd", [0, 0, 1, 1])]
-        >>> plan = MergePlan(items, world_size=2, n_branches=1)
-        >>> job = SimpleNamespace(config=SimpleNamespace(out_torch_dtype=None), plan=[
-        ...     PlannedTensor(n, (2, 2), torch.float32, "matrix") for n in "abcd"])
-        >>> stream_schedule(job, plan, 2).rounds, stream_schedule(job, plan, 4).rounds
-        ([[0], [1, 2], [3]], [[0, 2], [1, 3]])
+        >>> from drm_lightning.methods import get_method
+        >>> job = SimpleNamespace(method=get_method("ties"), branches=[0, 0],
+        ...     config=SimpleNamespace(out_torch_dtype=None, compute_torch_dtype=torch.float32),
+        ...     plan=[PlannedTensor(n, (8, 8), torch.float32, "matrix") for n in "abcde"])
+        >>> s = stream_schedule(job, 2, 4)
+        >>> s.chunks, s.owners
+        ([[0, 1, 2, 3], [4]], [0, 1, 0, 1, 0])
     """
-    world = plan.world_size
-    window = max_pending or 2 * world
-    owner_of = {it.name: it.owner for it in plan.items}
+    window = max_pending or 8 * world_size
     planned = list(job.plan)
-    owners = [-1 if t.route == "ignore" else owner_of[t.name] for t in planned]
     out_dtype = job.config.out_torch_dtype
-    sizes = [t.numel * _itemsize(out_dtype or t.dtype) for t in planned]
-    queues = [[p for p, o in enumerate(owners) if o == r] for r in range(world)]
-    heads = [0] * world
-    done = [o == -1 for o in owners]
-    cursor, rounds, peak = 0, [], 0
-    while cursor < len(planned) and done[cursor]:
-        cursor += 1
-    while any(heads[r] < len(queues[r]) for r in range(world)):
-        this_round = []
-        for r in range(world):
-            if heads[r] < len(queues[r]) and queues[r][heads[r]] < cursor + window:
-                this_round.append(queues[r][heads[r]])
-                heads[r] += 1
-        assert this_round, "stream schedule stalled"  # the owner of `cursor` always fits
-        this_round.sort()
-        for p in this_round:
-            done[p] = True
-        held = sum(sizes[p] for p in range(cursor, min(len(planned), cursor + window))
-                   if done[p] and owners[p] != -1)
-        peak = max(peak, held)
-        rounds.append(this_round)
-        while cursor < len(planned) and done[cursor]:
-            cursor += 1
-    return StreamSchedule(owners, rounds, window, peak)
+    merged = [p for p, t in enumerate(planned) if t.route != "ignore"]
+    chunks = [merged[i : i + window] for i in range(0, len(merged), window)]
+    owners = [-1] * len(planned)
+    costs = [0.0] * len(planned)
+    peak = 0
+    for chunk in chunks:
+        plan = distributed_plan(job, world_size, chunk)
+        by_name = {it.name: it for it in plan.items}
+        for p in chunk:
+            item = by_name[planned[p].name]
+            owners[p], costs[p] = item.owner, item.cost
+        peak = max(peak, sum(planned[p].numel * _itemsize(out_dtype or planned[p].dtype) for p in chunk))
+    return StreamSchedule(world_size, owners, chunks, costs, window, peak)
 
 
 def run_job_distributed(
@@ -586,30 +602,29 @@ def run_job_distributed(
 ) -> dict[str, int]:
     """The rank-parallel merge; call it on every rank (``writer`` on rank 0 only).
 
-    Round by round (:func:`stream_schedule`): every rank reads and merges its next tensor
-    (exactly what the single-process loop computes for it, on ``device``), a check makes
-    every rank raise the same :class:`~drm_lightning.distributed.comm.DistributedMergeError`
-    if any failed, then the owners send their results to rank 0 one tensor at a time
-    (point to point), and rank 0 writes every tensor whose turn has come, in the base's
-    order, so the output equals the single-process output file for file. Memory: a rank
-    holds one merged tensor; rank 0 at most ``max_pending``. Rank 0 writes into a
-    temporary folder and renames it into place only after the last tensor; a failure on
-    any rank removes it on rank 0 and raises on every rank.
+    Chunk by chunk (:func:`stream_schedule`): every rank reads and merges the tensors of
+    the chunk it owns (exactly what the single-process loop computes for each, on
+    ``device``); a check makes every rank raise the same
+    :class:`~drm_lightning.distributed.comm.DistributedMergeError` if any failed; then the
+    owners send their results to rank 0 one tensor at a time (point to point, in the base's
+    order) and rank 0 writes them, so the output equals the single-process output file for
+    file. Memory: a rank holds its share of one chunk; rank 0 at most one chunk
+    (``max_pending`` tensors). Rank 0 writes into a temporary folder and renames it into
+    place after the last tensor; a failure on any rank removes it and raises everywhere.
 
     Returns:
-        ``{"rounds": ..., "sent_bytes": ..., "received_bytes": ...}`` for this rank.
+        ``{"chunks": ..., "sent_bytes": ..., "received_bytes": ...}`` for this rank.
     """
     rank = comm.rank
     if (writer is None) != (rank != 0):
         raise ValueError("run_job_distributed needs the writer on rank 0 and only there")
-    plan = distributed_plan(job, comm.world_size)
-    schedule = stream_schedule(job, plan, max_pending)
+    schedule = stream_schedule(job, comm.world_size, max_pending)
     device = torch.device(device)
     base, branches = job.base, job.branches
     if device.type != "cpu":
         base, branches = _OnDevice(base, device), [_OnDevice(b, device) for b in branches]
     out_dtype = job.config.out_torch_dtype
-    stats = {"rounds": len(schedule.rounds), "sent_bytes": 0, "received_bytes": 0}
+    stats = {"chunks": len(schedule.chunks), "sent_bytes": 0, "received_bytes": 0}
 
     def merge_one(position: int) -> Tensor:
         item = job.plan[position]
@@ -655,30 +670,31 @@ def run_job_distributed(
         if writer is not None:
             _guard(comm, "creating the temporary output folder", writer.__enter__, lambda: None)
         comm.check("creating the temporary output folder")
-        for positions in schedule.rounds:
-            mine = [p for p in positions if schedule.owners[p] == rank]
-            value = None
-            if mine:
-                value = _guard(comm, f"merging {job.plan[mine[0]].name!r}",
-                               lambda p=mine[0]: merge_one(p), lambda: None)
-            comm.check(f"merging {[job.plan[p].name for p in positions]}")
-            for p in positions:
+        for chunk in schedule.chunks:
+            mine: dict[int, Tensor | None] = {}
+            for p in chunk:
+                if schedule.owners[p] == rank:
+                    mine[p] = _guard(comm, f"merging {job.plan[p].name!r}",
+                                     lambda p=p: merge_one(p), lambda: None)
+            first, last = job.plan[chunk[0]].name, job.plan[chunk[-1]].name
+            comm.check(f"merging tensors {first!r} to {last!r}")
+            for p in chunk:
                 owner, item = schedule.owners[p], job.plan[p]
                 if rank == 0 and owner == 0:
-                    assert value is not None
-                    pending[p] = value
+                    pending[p] = mine.pop(p)  # type: ignore[assignment]
                 elif rank == 0:
                     buffer = torch.empty(item.shape, dtype=out_dtype or item.dtype)
                     dist.recv(buffer, src=owner)
                     stats["received_bytes"] += buffer.numel() * buffer.element_size()
                     pending[p] = buffer
                 elif rank == owner:
+                    value = mine.pop(p)
                     assert value is not None
                     dist.send(value, dst=0)
                     stats["sent_bytes"] += value.numel() * value.element_size()
-            value = None
-            if writer is not None:
-                _guard(comm, "writing the output", drain, lambda: None)
+                    del value
+                if writer is not None:
+                    _guard(comm, "writing the output", drain, lambda: None)
         if writer is not None:
             _guard(comm, "writing the output", drain, lambda: None)
             if not comm.failed:
@@ -829,12 +845,11 @@ def describe_plan(
         for item in costly:
             gflop = job.method.cost("matrix", item.shape, n) / 1e9
             lines.append(f"  {item.name} {list(item.shape)}: {gflop:.3f} GFLOP")
-    schedule = distributed_plan(job, world_size)
     lines.append("")
     if world_size == 1:
-        lines.append(schedule.summary())
+        lines.append(distributed_plan(job, 1).summary())
     else:
-        lines.extend(_describe_ranks(job, schedule, max_pending))
+        lines.extend(_describe_ranks(job, world_size, max_pending))
     peak, where = estimate_peak_bytes(job)
     out_bytes = output_bytes(job)
     lines.append("")
@@ -846,52 +861,51 @@ def describe_plan(
     return "\n".join(lines)
 
 
-def _describe_ranks(job: MergeJob, plan: MergePlan, max_pending: int | None) -> list[str]:
-    """Per-rank table of the torchrun plan (reads, traffic to rank 0, rounds, buffer)."""
-    stream = stream_schedule(job, plan, max_pending)
+def _describe_ranks(job: MergeJob, world: int, max_pending: int | None) -> list[str]:
+    """Per-rank table of the torchrun plan (cost, reads, traffic to rank 0, chunks)."""
+    stream = stream_schedule(job, world, max_pending)
     n_full = sum(not callable(getattr(b, "lowrank", None)) for b in job.branches)
     out_dtype = job.config.out_torch_dtype
-    world = plan.world_size
     items = [0] * world
     read = [0] * world
     sent = [0] * world
     for item, owner in zip(job.plan, stream.owners):
         size = item.numel * _itemsize(item.dtype)
-        out_size = item.numel * _itemsize(out_dtype or item.dtype)
         if owner == -1:
             read[0] += size
             continue
         items[owner] += 1
         read[owner] += size * (1 + n_full)
         if owner != 0:
-            sent[owner] += out_size
-    cost = {ld.rank: ld.cost for ld in plan.loads}
-    by_name = {it.name: it.cost for it in plan.items}
-    critical = sum(max(by_name[job.plan[p].name] for p in rnd) for rnd in stream.rounds)
-    ideal = max(cost.values(), default=0.0)
-    header = plan.summary().splitlines()[0]
+            sent[owner] += item.numel * _itemsize(out_dtype or item.dtype)
+    cost = stream.rank_costs()
+    mean = sum(cost) / world
+    n_skip = sum(o == -1 for o in stream.owners)
     lines = [
-        header,
+        f"merge plan: {len(job.plan)} tensors ({len(job.plan) - n_skip} merged, {n_skip} "
+        f"ignored), {len(job.branches)} branches, {world} ranks (torchrun); max/mean cost "
+        f"{max(cost) / mean if mean > 0 else 1.0:.3f}",
         f"{'rank':>4}  {'items':>5}  {'GFLOP':>10}  {'read MiB':>10}  {'to rank 0 MiB':>13}",
     ]
     for r in range(world):
-        to_zero = f"{-sum(sent) / 2**20:>13.1f}" if r == 0 else f"{sent[r] / 2**20:>13.1f}"
+        to_zero = -sum(sent) if r == 0 else sent[r]
         lines.append(
-            f"{r:>4}  {items[r]:>5}  {cost[r] / 1e9:>10.2f}  {read[r] / 2**20:>10.1f}  {to_zero}"
+            f"{r:>4}  {items[r]:>5}  {cost[r] / 1e9:>10.2f}  {read[r] / 2**20:>10.1f}  "
+            f"{to_zero / 2**20:>13.1f}"
         )
+    critical = stream.critical_cost()
+    total = sum(cost)
     lines.append(
-        "(rank 0 writes the output; a negative 'to rank 0' is what it receives. Every rank "
-        "reads only the tensors it merges.)"
+        "(every rank reads only the tensors it merges; rank 0 writes the output, and a negative "
+        "'to rank 0' is what it receives)"
     )
     lines.append(
-        f"schedule: {len(stream.rounds)} rounds; rank 0 holds at most {stream.max_pending} "
-        f"merged tensors ({_human(stream.peak_pending_bytes)}) before writing them; "
-        f"critical path {critical / 1e9:.2f} GFLOP against {ideal / 1e9:.2f} for the most "
-        "loaded rank"
+        f"schedule: {len(stream.chunks)} chunk(s) of at most {stream.max_pending} tensors, owners "
+        f"balanced by cost within each chunk; rank 0 holds at most "
+        f"{_human(stream.peak_pending_bytes)} of merged tensors; critical path "
+        f"{critical / 1e9:.2f} GFLOP of {total / 1e9:.2f} (estimated speed-up "
+        f"{total / critical if critical > 0 else 1.0:.2f}x on {world} ranks)"
     )
-    warning = plan.imbalance()
-    if warning:
-        lines.append(f"note: {warning}")
     return lines
 
 

@@ -150,8 +150,8 @@ def test_a_rank_failing_mid_merge_stops_every_rank(zoo: Path, tmp_path: Path) ->
     tensors = load_file(bad / "model.safetensors")
     cfg = _config(zoo, tmp_path, "drm", {"drop_rate": 0.5}, branch0=bad)
     job = cli.open_job(cli.load_config(cfg))
-    plan = cli.distributed_plan(job, 2)
-    victim = next(it.name for it in plan.items if it.owner == 1 and it.mode == "owner")
+    schedule = cli.stream_schedule(job, 2)
+    victim = next(job.plan[p].name for p, owner in enumerate(schedule.owners) if owner == 1)
     tensors[victim][0, 0] = float("nan")
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out"
@@ -174,29 +174,24 @@ def test_dry_run_prints_per_rank_plan(zoo: Path, tmp_path: Path, capsys: Any) ->
     out = tmp_path / "out"
     assert main([str(cfg), "-o", str(out), "--dry-run", "--ranks", "2"]) == 0
     text = capsys.readouterr().out
-    assert "2 rank(s), engine replica" in text and "to rank 0 MiB" in text
-    assert "schedule:" in text and "rounds" in text
+    assert "2 ranks (torchrun)" in text and "to rank 0 MiB" in text
+    assert "schedule: 2 chunk(s) of at most 16 tensors" in text and "speed-up" in text
     assert not out.exists()
 
 
-def test_schedule_is_bounded_ordered_and_complete(zoo: Path, tmp_path: Path) -> None:
+def test_schedule_is_bounded_ordered_balanced_and_complete(zoo: Path, tmp_path: Path) -> None:
     job = cli.open_job(cli.load_config(_config(zoo, tmp_path, "drm", {"drop_rate": 0.5})))
-    for world in (2, 3, 5, 40):
-        plan = cli.distributed_plan(job, world)
+    for world in (1, 2, 3, 5, 40):
         for window in (1, 2, 7, None):
-            s = cli.stream_schedule(job, plan, window)
-            merged = [p for rnd in s.rounds for p in rnd]
-            assert sorted(merged) == [p for p, o in enumerate(s.owners) if o != -1]
-            cursor = 0
-            for rnd in s.rounds:
-                owners = [s.owners[p] for p in rnd]
-                assert len(set(owners)) == len(owners)  # at most one tensor per rank and round
-                assert all(p < cursor + s.max_pending for p in rnd)
-                done = {p for r in s.rounds[: s.rounds.index(rnd) + 1] for p in r}
-                while cursor < len(s.owners) and (s.owners[cursor] == -1 or cursor in done):
-                    cursor += 1
-            if window == 1:
-                assert all(len(rnd) == 1 for rnd in s.rounds)
+            s = cli.stream_schedule(job, world, window)
+            merged = [p for chunk in s.chunks for p in chunk]
+            assert merged == [p for p, o in enumerate(s.owners) if o != -1]  # base order
+            assert all(0 < len(chunk) <= s.max_pending for chunk in s.chunks)
+            assert all(0 <= s.owners[p] < world for p in merged)
+            assert s.fingerprint() == cli.stream_schedule(job, world, window).fingerprint()
+    s = cli.stream_schedule(job, 2)
+    costs = s.rank_costs()
+    assert max(costs) / (sum(costs) / 2) < 1.1 and s.critical_cost() < 0.6 * sum(costs)
 
 
 def test_cuda_device_is_chosen_per_local_rank(monkeypatch: pytest.MonkeyPatch) -> None:
