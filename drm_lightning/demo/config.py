@@ -115,7 +115,7 @@ class DemoConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     data_seed: int = 0
     methods: tuple[MethodSpec, ...] = DEFAULT_METHODS
-    consolidate: tuple[str, ...] = ()
+    consolidate: tuple[str, ...] = ("ties", "drm_v")
     threads: int | None = 1
 
     def __post_init__(self) -> None:
@@ -162,7 +162,7 @@ class DemoConfig:
         """A seconds-long configuration for tests: narrow backbone, few steps, one seed."""
         values: dict[str, Any] = dict(
             tasks=DEFAULT_TASKS[:4], hidden=16, depth=1, pretrain_steps=30, finetune_steps=20,
-            merges=2, seeds=(0,),
+            merges=2, seeds=(0,), consolidate=(),
         )
         values.update(overrides)
         return cls(**values)
