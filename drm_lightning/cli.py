@@ -120,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``drm-merge``; returns the exit status (0 ok, 2 error)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.ranks is not None and not args.dry_run:
+        parser.error("--ranks only applies with --dry-run; launch with torchrun "
+                     "--nproc_per_node N to merge on N ranks")
     if launched_world_size() > 1 or (dist.is_available() and dist.is_initialized()
                                      and dist.get_world_size() > 1):
         return _main_distributed(args)

@@ -140,6 +140,7 @@ def test_bad_branch_path_fails_on_every_rank(zoo: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_rank_failing_mid_merge_stops_every_rank(zoo: Path, tmp_path: Path) -> None:
     """A NaN in a tensor that rank 1 merges: every rank raises the same error, nothing written."""
@@ -211,6 +212,13 @@ def test_on_device_wrapper_moves_reads(zoo: Path) -> None:
     wrapped = cli._OnDevice(source, torch.device("cpu"))
     name = source.keys()[0]
     assert torch.equal(wrapped.get(name), source.get(name)) and wrapped.keys() == source.keys()
+
+
+def test_ranks_needs_dry_run(zoo: Path, tmp_path: Path, capsys: Any) -> None:
+    cfg = _config(zoo, tmp_path, "drm", {"drop_rate": 0.5})
+    with pytest.raises(SystemExit) as exc:
+        main([str(cfg), "-o", str(tmp_path / "out"), "--ranks", "2"])
+    assert exc.value.code == 2 and "--ranks only applies with --dry-run" in capsys.readouterr().err
 
 
 def test_world_size_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
