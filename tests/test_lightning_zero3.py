@@ -221,6 +221,7 @@ def _worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) -> Non
         results["live"] = {
             "before": before.states, "after": after.states, "after_masters": after.masters,
             "after_shapes": after.shapes, "history": _history(live), "zero3": live._zero3,
+            "stats": vars(live.last_merge_stats),
             "global_rank": trainer.global_rank,
         }
 
@@ -304,6 +305,16 @@ def test_live_consolidation_equals_single_process(zero3_fits: list[dict[str, Any
             _assert_close(_sub(adopted, target), expected, list(expected))
         heads = [k for k in state if k.startswith("heads.")]
         assert all(torch.equal(adopted[k], state[k]) for k in heads)  # heads stay per task
+
+
+def test_merge_never_holds_the_whole_model(zero3_fits: list[dict[str, Any]]) -> None:
+    """At most one item's inputs and result (N branches + base + merged) in full at a time."""
+    for res in zero3_fits:
+        live = res["live"]
+        largest = max(v.numel() for v in live["before"]["start"].values())
+        assert live["stats"]["max_full_numel"] <= (len(TASKS) + 2) * largest
+        inputs = sum(v.numel() for k, v in live["before"]["start"].items() if not k.startswith("heads."))
+        assert live["stats"]["max_full_numel"] < inputs  # never base + every branch at once
 
 
 def test_live_training_continues_from_merged_weights(zero3_fits: list[dict[str, Any]]) -> None:

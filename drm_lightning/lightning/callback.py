@@ -26,6 +26,7 @@ from torch import Tensor
 from drm_lightning.distributed import (
     CheckpointShards,
     DistributedMerger,
+    EngineStats,
     ParamSet,
     ShardSnapshot,
     TensorDictSet,
@@ -156,7 +157,9 @@ class MergeCallback(Callback):
       re-partitioned around a swap or an adoption and fetched again by the next forward;
       :attr:`last_merged` stays ``None`` (this rank's share is in :attr:`last_merged_shards`);
       checkpoints keep counters and history but not the base or snapshots (per-rank
-      partitions): after a resume the base is the resumed weights; MiCS/hpZ partition groups
+      partitions): after a resume the base is the module's weights when ``fit`` starts, before
+      DeepSpeed loads the checkpoint (the original base if the module is built the same way),
+      and snapshots start afresh; MiCS/hpZ partition groups
       are refused by the engine. Not supported under ZeRO-3 (``NotImplementedError`` at
       ``setup``): ``export_dir`` (it would assemble the whole model on one rank),
       ``snapshot_dir``, ``.ckpt``/``.bin`` checkpoint branches or base (not readable
@@ -316,6 +319,9 @@ class MergeCallback(Callback):
 
         #: Under ZeRO-3: this rank's share of the latest merge (partitions; full persistent params).
         self.last_merged_shards: MergedShards | None = None
+        #: DDP / ZeRO-3: this rank's engine statistics of the latest merge (items owned, the most
+        #: elements of full tensors held at once, communication time and bytes).
+        self.last_merge_stats: EngineStats | None = None
 
         self._fitting = False
         self._swapped = False
@@ -497,7 +503,8 @@ class MergeCallback(Callback):
                 rank_zero_warn(
                     "MergeCallback under ZeRO-3: the checkpoint stores the merge counters and history but not "
                     "the base or the snapshots (they are per-rank partitions); after a resume the base is the "
-                    "resumed weights and snapshots start afresh."
+                    "module's weights when fit starts, before DeepSpeed loads the checkpoint (the original base "
+                    "if the module is built the same way), and snapshots start afresh."
                 )
             checkpoint.setdefault(CHECKPOINT_KEY, {})[self.state_key] = {"mode": self.mode, "zero3": True}
             return
@@ -528,6 +535,8 @@ class MergeCallback(Callback):
         if payload is None:
             if self.mode == "live":
                 detail = "the branches and the base are those of the loaded BranchedModule"
+            elif self._zero3:
+                detail = "the merge base is the weights at the start of fit and no snapshot is restored"
             else:
                 if self._base_arg is None:
                     self._base = cpu_clone(float_state(pl_module))
@@ -620,6 +629,9 @@ class MergeCallback(Callback):
         plan_merge(StateSource(self._base, "base"), sources, routing=self.routing)
         if self.snapshot_dir is not None:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        self._check_snapshot_schedule()
+
+    def _check_snapshot_schedule(self) -> None:
         if (
             self.mode == "snapshots"
             and not self.include_live
@@ -663,6 +675,7 @@ class MergeCallback(Callback):
                 problems.append(f"base={os.fspath(path)!r} is not safetensors (read shard-wise under ZeRO-3)")
         if problems:
             raise NotImplementedError("MergeCallback under DeepSpeed ZeRO-3 does not support:\n- " + "\n- ".join(problems))
+        self._check_snapshot_schedule()
         if self.mode == "live" and self.adopt:
             rank_zero_warn(
                 "MergeCallback(adopt=True) with live branches: after every merge, each branch and the base "
@@ -852,6 +865,7 @@ class MergeCallback(Callback):
             collect=True,
         )
         assert result.merged is not None
+        self.last_merge_stats = result.stats
         return result.merged
 
     def _compute_merge_zero3(self, pl_module: pl.LightningModule, branches: list[_Branch]) -> MergedShards:
@@ -865,9 +879,10 @@ class MergeCallback(Callback):
             assert self._base_set is not None
             target = MergedShards(dict(pl_module.named_parameters()), "merged model")
             base = self._base_set
-        self._merger(seed=self.seed + self._num_merges).merge(
+        result = self._merger(seed=self.seed + self._num_merges).merge(
             target, base, [b.source for b in branches], coefficients=self._coefficient_list(branches)
         )
+        self.last_merge_stats = result.stats
         return target
 
     def _merge_and_evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
