@@ -17,9 +17,11 @@ Usage::
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the merge is rank-parallel, see
 :func:`run_job_distributed`: every rank validates the config and the plan (an error on any
-rank stops every rank with the same message before any weight is read), merges the
-tensors the cost-balanced plan gives it, and sends each result to rank 0, which alone writes
-``OUT``. The output is identical to the single-process run.
+rank stops every rank with the same message before any weight is read), reads and merges
+only the tensors the schedule gives it (:func:`stream_schedule`: chunks of the base's
+order, owners balanced by cost with :func:`~drm_lightning.distributed.plan.build_plan`),
+and sends each result to rank 0, which alone writes ``OUT`` (temporary folder, renamed when
+complete). The output is identical to the single-process run, file for file.
 
 Example:
     >>> build_parser().parse_args(["cfg.yaml", "-o", "out", "--dry-run"]).dry_run
@@ -109,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="K",
-        help="under torchrun: merged tensors rank 0 may hold before writing them "
-        "(bounds its memory; default 2 x ranks)",
+        help="under torchrun: tensors per chunk of the schedule; rank 0 holds at most K "
+        "merged tensors before writing them (default 8 x ranks)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="show the traceback of errors")
@@ -416,7 +418,8 @@ def _main_distributed(args: argparse.Namespace) -> int:
             )
         if args.dry_run:
             if rank == 0:
-                print(describe_plan(job, args.output, world_size=world, max_pending=args.max_pending))
+                print(describe_plan(job, args.output, world_size=world,
+                                    max_pending=args.max_pending))
             return 0
         stats = run_job_distributed(
             job, comm, writer, device=device, progress=not args.no_progress,
@@ -438,7 +441,7 @@ def _main_distributed(args: argparse.Namespace) -> int:
             traceback.print_exc()
         _leave_together(comm)
         return EXIT_ERROR
-    except Exception as err:  # noqa: BLE001 - unexpected, on this rank only: the launcher stops the others
+    except Exception as err:  # noqa: BLE001 - on this rank only: the launcher stops the others
         _exit_on_sigterm(EXIT_ERROR)
         print(f"{tag}: error: {_message(err)}", file=sys.stderr)
         if args.verbose:
@@ -496,7 +499,9 @@ def make_writer(
     )
 
 
-def distributed_plan(job: MergeJob, world_size: int, positions: Sequence[int] | None = None) -> MergePlan:
+def distributed_plan(
+    job: MergeJob, world_size: int, positions: Sequence[int] | None = None
+) -> MergePlan:
     """Owners of the tensors (all, or those at ``positions``), balanced by cost with
     :func:`build_plan`; the same on every rank."""
     chosen = job.plan if positions is None else [job.plan[p] for p in positions]
@@ -559,7 +564,9 @@ class StreamSchedule:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def stream_schedule(job: MergeJob, world_size: int, max_pending: int | None = None) -> StreamSchedule:
+def stream_schedule(
+    job: MergeJob, world_size: int, max_pending: int | None = None
+) -> StreamSchedule:
     """Chunks of the rank-parallel merge and the owner of every tensor.
 
     The merged tensors, in the base's order, are cut into chunks of ``max_pending``
@@ -591,7 +598,8 @@ def stream_schedule(job: MergeJob, world_size: int, max_pending: int | None = No
         for p in chunk:
             item = by_name[planned[p].name]
             owners[p], costs[p] = item.owner, item.cost
-        peak = max(peak, sum(planned[p].numel * _itemsize(out_dtype or planned[p].dtype) for p in chunk))
+        held = sum(planned[p].numel * _itemsize(out_dtype or planned[p].dtype) for p in chunk)
+        peak = max(peak, held)
     return StreamSchedule(world_size, owners, chunks, costs, window, peak)
 
 
@@ -651,7 +659,8 @@ def run_job_distributed(
         from tqdm.auto import tqdm
 
         name = getattr(job.method, "registered_name", job.method.name)
-        bar = tqdm(total=len(job.plan), desc=f"merging ({name}, {comm.world_size} ranks)", unit="tensor")
+        bar = tqdm(total=len(job.plan), desc=f"merging ({name}, {comm.world_size} ranks)",
+                   unit="tensor")
 
     def drain() -> None:
         """Rank 0: write every tensor whose turn has come (ignored ones copied from the base)."""

@@ -49,7 +49,9 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _config(root: Path, tmp_path: Path, method: str, parameters: dict[str, Any], **extra: Any) -> Path:
+def _config(
+    root: Path, tmp_path: Path, method: str, parameters: dict[str, Any], **extra: Any
+) -> Path:
     data: dict[str, Any] = {
         "method": method,
         "base": str(root / "base"),
@@ -162,7 +164,8 @@ def test_a_rank_failing_mid_merge_stops_every_rank(zoo: Path, tmp_path: Path) ->
     assert _rank_exit_codes(text) == [2, 2], text
     message = "distributed merge failed on rank 1 during merging"
     for rank in (0, 1):
-        line = next(line for line in text.splitlines() if f"drm-merge [rank {rank}/2]: error:" in line)
+        tag = f"drm-merge [rank {rank}/2]: error:"
+        line = next(line for line in text.splitlines() if tag in line)
         assert message in line and victim in line and "NaN" in line, text
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
 
