@@ -420,3 +420,24 @@ def test_real_deepspeed_strategy_live_consolidation() -> None:
     assert all(torch.equal(before.states[MERGE_STEP + 1][k], after.states[MERGE_STEP][k]) for k in adopted)
     assert f"merged/{TASKS[0]}/acc" in live.history[-1]
 
+
+
+def test_single_model_scores_use_each_tasks_own_heads(zero3_fits: list[dict[str, Any]]) -> None:
+    """Scores logged under ZeRO-3 equal a one-process evaluation of the merged backbone with each
+    task's heads taken from its own branch (snapshot / checkpoint) or from the live model."""
+    from drm_lightning.evaluation import evaluate_task
+
+    single = zero3_fits[0]["single"]
+    live = single["before"][MERGE_STEP]
+    snapshots = dict(zip(single["snap_tasks"], (single["before"][1], single["before"][2])))  # last one wins
+    checkpoints = {t: {k: v.float() for k, v in s.items()} for t, s in checkpoint_states().items()}
+    for merged_key, history_key, owners in (
+        ("snap_merged", "snap_history", snapshots),
+        ("ckpt_merged", "ckpt_history", checkpoints),
+    ):
+        for t in TASKS:
+            heads = {k: v for k, v in owners.get(t, live).items() if k.startswith("heads.")}
+            model = HeadsModel()
+            model.load_state_dict({**live, **heads, **single[merged_key][MERGE_STEP]})
+            expected = evaluate_task(model, t, specs()[t])
+            assert single[history_key][0][f"merged/{t}/acc"] == pytest.approx(expected["acc"], abs=1e-6), (merged_key, t)
