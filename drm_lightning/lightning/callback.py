@@ -349,6 +349,7 @@ class MergeCallback(Callback):
         """Unique per configuration, so that several merge callbacks can share a checkpoint."""
         return self._generate_state_key(
             method=getattr(self.method, "registered_name", self.method.name),
+            params=repr(sorted(self.method.params.model_dump().items())),
             branches=self.mode if self.mode != "checkpoints" else sorted(self._paths),
             every_n_steps=self.every_n_steps,
             every_n_epochs=self.every_n_epochs,

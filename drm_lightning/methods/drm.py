@@ -24,10 +24,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -77,6 +78,15 @@ def _rayleigh_lower_bound(gram: Tensor, iterations: int = 8) -> float:
     return float((x @ (gram @ x)) / (norm * norm)) if bool(norm > 0) else 0.0
 
 
+def _blas_threads(limit: int) -> Any:
+    """Limit the BLAS threads of non-torch libraries (scipy) for the duration of a block."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - declared dependency; degrade to no limit
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=limit, user_api="blas")
+
+
 def _top_eigenpairs_scipy(gram: Tensor, rank_rtol: float) -> tuple[Tensor, Tensor] | None:
     """Only the eigenpairs above the rank threshold, with LAPACK ``syevr`` (CPU).
 
@@ -93,9 +103,12 @@ def _top_eigenpairs_scipy(gram: Tensor, rank_rtol: float) -> tuple[Tensor, Tenso
     if lower <= 0:
         return gram.new_zeros(0), gram.new_zeros(gram.shape[0], 0)
     cut = 0.999 * rank_rtol * rank_rtol * lower
-    evals, evecs = scipy.linalg.eigh(
-        gram.numpy(), subset_by_value=(cut, float("inf")), driver="evr", check_finite=False
-    )
+    # scipy's LAPACK has its own BLAS thread pool: keep it to torch's thread budget, or two
+    # ranks on two cores oversubscribe and the eigensolver slows down by an order of magnitude
+    with _blas_threads(torch.get_num_threads()):
+        evals, evecs = scipy.linalg.eigh(
+            gram.numpy(), subset_by_value=(cut, float("inf")), driver="evr", check_finite=False
+        )
     return torch.from_numpy(evals.copy()), torch.from_numpy(evecs.copy())
 
 
