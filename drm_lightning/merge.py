@@ -162,7 +162,15 @@ def _short(names: Sequence[str], limit: int = 20) -> str:
 
 def check_finite(name: str, tensor: Tensor, origin: str) -> None:
     """Raise ``ValueError`` naming the tensor and its origin if it holds NaN or Inf."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not tensor.is_floating_point():
+        return
+    # A finite sum proves every entry finite (one vectorised pass, no boolean temporary);
+    # only a non-finite sum — a real NaN/Inf, or an overflow of huge values — pays for the
+    # exact check.
+    acc = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
+    if bool(torch.isfinite(tensor.sum(dtype=acc))):
+        return
+    if not bool(torch.isfinite(tensor).all()):
         nan = int(torch.isnan(tensor).sum())
         inf = int(torch.isinf(tensor).sum())
         raise ValueError(f"{name!r} in {origin} contains {nan} NaN and {inf} Inf value(s)")
@@ -214,7 +222,9 @@ def merge_tensor(
             ]
             delta = method.merge_lowrank(factors, coef, tuple(base.shape), generator=generator)
             return (base_c + delta).to(out_dtype)
-    deltas = torch.stack([_as_delta(t, base_c, compute_dtype) for t in branch_tensors])
+    deltas = base_c.new_empty((len(branch_tensors), *base_c.shape))
+    for i, t in enumerate(branch_tensors):
+        _as_delta(t, base_c, compute_dtype, out=deltas[i])
     if route == "matrix":
         delta = method.merge_matrix(deltas, coef, generator=generator)
     else:
@@ -222,12 +232,13 @@ def merge_tensor(
     return (base_c + delta).to(out_dtype)
 
 
-def _as_delta(t: BranchTensor, base: Tensor, dtype: torch.dtype) -> Tensor:
+def _as_delta(t: BranchTensor, base: Tensor, dtype: torch.dtype, *, out: Tensor) -> Tensor:
+    """Write one branch's delta into ``out`` (a slice of the preallocated stack)."""
     if t is None:
-        return torch.zeros_like(base)
+        return out.zero_()
     if isinstance(t, Tensor):
-        return t.detach().to(dtype) - base
-    return t[0].to(dtype) @ t[1].to(dtype)
+        return torch.sub(t.detach().to(base.device, dtype), base, out=out)
+    return torch.matmul(t[0].to(base.device, dtype), t[1].to(base.device, dtype), out=out)
 
 
 def _branch_tensor(branch: Any, name: str, route: Route) -> BranchTensor:

@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from drm_lightning.methods._ops import largest_mask
+
 CountRule = Literal["floor", "floor_min1"]
 """``floor``: ``int(density * numel)`` (PEFT, may keep nothing); ``floor_min1``: at least one
 entry of a non-empty tensor is kept (mergekit)."""
@@ -57,27 +59,16 @@ def keep_count(numel: int, density: float, *, rule: CountRule) -> int:
 def magnitude_mask(x: Tensor, k: int) -> Tensor:
     """Boolean mask of the ``k`` largest-magnitude entries of one tensor.
 
-    The set PEFT's ``torch.topk`` selects: a ``kthvalue`` threshold (about twice as fast as
-    ``topk``) when no other entry ties with the k-th largest magnitude, else ``torch.topk``
-    itself on the flattened magnitudes in the tensor's dtype, so ties resolve as in PEFT.
+    The set PEFT's ``torch.topk`` selects whenever no other entry ties with the k-th largest
+    magnitude; on ties at the cut the first entries in flattened order are kept (``topk``'s
+    own tie order is unspecified), via :func:`~drm_lightning.methods._ops.largest_mask`.
 
     Example:
         >>> magnitude_mask(torch.tensor([[1.0, -5.0], [2.0, 0.0]]), 2)
         tensor([[False,  True],
                 [ True, False]])
     """
-    flat = x.detach().abs().reshape(-1)
-    numel = flat.numel()
-    if k >= numel:
-        return torch.ones_like(x, dtype=torch.bool)
-    if k <= 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, numel - k + 1).values  # the k-th largest magnitude
-    mask = flat >= threshold
-    if int(mask.sum()) != k:  # ties at the cut: let topk choose, as PEFT does
-        mask = torch.zeros_like(flat, dtype=torch.bool)
-        mask[torch.topk(flat, k, largest=True).indices] = True
-    return mask.reshape(x.shape)
+    return largest_mask(x, k)
 
 
 def bernoulli_mask(
