@@ -225,3 +225,29 @@ def sha256_of(path: str | os.PathLike[str], *, chunk_bytes: int = 8 * 1024 * 102
     with _HASH_LOCK:
         _HASH_CACHE[key] = digest
     return digest
+
+
+class LoadedTensorsMixin:
+    """``keys``/``meta``/``get`` of a source whose tensors sit in ``self._tensors``.
+
+    For sources that hold (memory-mapped or in-memory) tensors in a dict, with their sorted
+    names in ``self._keys``; unknown names raise the source's own ``_missing`` error.
+    """
+
+    _tensors: dict[str, Tensor]
+    _keys: list[str]
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def meta(self, name: str) -> TensorMeta:
+        try:
+            return TensorMeta.of(self._tensors[name])
+        except KeyError:
+            raise self._missing(name) from None
+
+    def get(self, name: str) -> Tensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise self._missing(name) from None

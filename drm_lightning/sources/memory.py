@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from drm_lightning.sources.base import TensorMeta, WeightSource
+from drm_lightning.sources.base import LoadedTensorsMixin, TensorMeta, WeightSource
 
 __all__ = ["StateDictSource"]
 
 
-class StateDictSource(WeightSource):
+class StateDictSource(LoadedTensorsMixin, WeightSource):
     """A mapping of tensors or a module's ``state_dict()``.
 
     Tensors are detached but not copied: they share memory with the module, so ``get``
@@ -65,21 +65,6 @@ class StateDictSource(WeightSource):
         self._tensors: dict[str, Tensor] = {k: v.detach() for k, v in state.items()}  # type: ignore[union-attr]
         self._keys = sorted(self._tensors)
         self.origin = origin
-
-    def keys(self) -> list[str]:
-        return list(self._keys)
-
-    def meta(self, name: str) -> TensorMeta:
-        try:
-            return TensorMeta.of(self._tensors[name])
-        except KeyError:
-            raise self._missing(name) from None
-
-    def get(self, name: str) -> Tensor:
-        try:
-            return self._tensors[name]
-        except KeyError:
-            raise self._missing(name) from None
 
     def files(self) -> list[Path]:
         return []

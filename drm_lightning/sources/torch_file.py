@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from drm_lightning.sources.base import TensorMeta, WeightSource
+from drm_lightning.sources.base import LoadedTensorsMixin, TensorMeta, WeightSource
 
 __all__ = ["TorchFileSource", "load_pickled"]
 
@@ -84,7 +84,7 @@ def load_pickled(path: str | os.PathLike[str], *, weights_only: bool | None = No
         raise ValueError(f"{p} is not a readable torch checkpoint: {err}") from err
 
 
-class TorchFileSource(WeightSource):
+class TorchFileSource(LoadedTensorsMixin, WeightSource):
     """A pickled state dict file (``torch.save(model.state_dict(), path)``).
 
     Args:
@@ -172,21 +172,6 @@ class TorchFileSource(WeightSource):
                 "give key= the entry that holds the state dict"
             )
         return payload
-
-    def keys(self) -> list[str]:
-        return list(self._keys)
-
-    def meta(self, name: str) -> TensorMeta:
-        try:
-            return TensorMeta.of(self._tensors[name])
-        except KeyError:
-            raise self._missing(name) from None
-
-    def get(self, name: str) -> Tensor:
-        try:
-            return self._tensors[name]
-        except KeyError:
-            raise self._missing(name) from None
 
     def files(self) -> list[Path]:
         return [self.path]
