@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from drm_lightning.sources.base import LoadedTensorsMixin, TensorMeta, WeightSource
+from drm_lightning.sources.base import LoadedTensorsMixin, WeightSource
 
 __all__ = ["StateDictSource"]
 
