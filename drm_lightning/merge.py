@@ -26,6 +26,7 @@ from torch import Tensor
 
 from drm_lightning.methods.base import LowRankFactors, MergeMethod, Route
 from drm_lightning.routing import Routing
+from drm_lightning.sources.memory import StateDictSource
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -298,28 +299,9 @@ def iter_merge(
         )
 
 
-class _MappingSource:
-    """Minimal in-memory source over a mapping of tensors (used by :func:`merge_state_dicts`)."""
-
-    def __init__(self, tensors: Mapping[str, Tensor], origin: str) -> None:
-        self._tensors = tensors
-        self.origin = origin
-
-    def keys(self) -> list[str]:
-        return list(self._tensors.keys())
-
-    def meta(self, name: str) -> Tensor:
-        return self._tensors[name]  # a tensor has .shape and .dtype: enough metadata
-
-    def get(self, name: str) -> Tensor:
-        return self._tensors[name]
-
-
 def _as_source(obj: Any, origin: str) -> Any:
-    if isinstance(obj, torch.nn.Module):
-        return _MappingSource(obj.state_dict(keep_vars=False), origin)
-    if isinstance(obj, Mapping):
-        return _MappingSource(obj, origin)
+    if isinstance(obj, (torch.nn.Module, Mapping)):
+        return StateDictSource(obj, origin=origin)
     return obj
 
 

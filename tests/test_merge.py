@@ -118,9 +118,9 @@ def test_vocab_mismatch_and_dtype_errors() -> None:
 
 
 def _src(d):
-    from drm_lightning.merge import _MappingSource
+    from drm_lightning.sources import StateDictSource
 
-    return _MappingSource(d, "test")
+    return StateDictSource(d, origin="test")
 
 
 def test_nan_in_branch_is_named() -> None:
