@@ -3,7 +3,8 @@
 The engines read the base and the branches, and write the target, through
 :class:`TensorSet`. A set tells, per tensor, whether this rank holds only a *partition*
 (DeepSpeed ZeRO-3: the flat chunk ``p.ds_tensor`` of the flattened parameter, rank r holding
-elements ``[r·P, (r+1)·P)`` with ``P = ceil(numel / world)`` and zero padding at the end) or
+elements ``[r·P, (r+1)·P)`` with ``P = ceil(numel / world)``; the padding at the end is
+uninitialised memory under DeepSpeed, so only the valid range is ever read) or
 can read any part of the full tensor (ordinary parameters, CPU snapshots, files on disk).
 
 * :class:`ParamSet` — parameters of a module (ZeRO-3-partitioned or not); also a write target.
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 
 
 def partition_size(numel: int, world_size: int) -> int:
-    """ZeRO-3 partition length: ``ceil(numel / world_size)`` (the last ones zero-padded)."""
+    """ZeRO-3 partition length: ``ceil(numel / world_size)`` (the last ones padded)."""
     return math.ceil(numel / world_size) if numel else 0
 
 
