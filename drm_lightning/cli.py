@@ -802,7 +802,7 @@ def estimate_peak_bytes(job: MergeJob) -> tuple[int, str]:
             size = item.numel * ((1 + n_full) * _itemsize(item.dtype) + (2 * n + 2) * c)
             if item.route == "matrix":
                 rows, cols = item.shape
-                if getattr(job.method.params, "direction", "vertical") == "horizontal":
+                if getattr(job.method.params, "direction", None) == "horizontal":
                     rows, cols = cols, rows
                 rank = min(n * rows, cols)
                 size += (2 * n * rows * rank + cols * rank + rank * rank) * c

@@ -10,7 +10,7 @@ parameters::
       - {path: checkpoints/code, coefficient: 0.7}
       - path: adapters/chat-lora              # a PEFT LoRA adapter folder is detected
         coefficient: 0.5
-    parameters: {drop_rate: 0.8, direction: vertical}
+    parameters: {drop_rate: 0.8, direction: horizontal}
     compute_dtype: float32                    # precision of the merge math
     out_dtype: bfloat16                       # default: each base tensor's dtype
     routing: {ignore: ["score\\\\."]}             # regexes (include / exclude / ignore)
@@ -35,7 +35,7 @@ Example:
     >>> cfg.resolved_coefficients()
     [1.0, 0.5]
     >>> cfg.build_method()
-    DRM(drop_rate=0.5, direction='vertical', ...)
+    DRM(drop_rate=0.5, direction='horizontal', ...)
     >>> try:
     ...     MergeConfig.model_validate({"method": "drn", "base": ".", "branches": ["."]})
     ... except ValidationError as err:

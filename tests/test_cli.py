@@ -272,7 +272,7 @@ def test_yaml_settings_change_the_output(
     """Regression for the reference's B2/B8: direction, drop_rate and λ must reach the merge."""
     variants = {
         "default": {},
-        "direction": {"parameters": {"drop_rate": 0.5, "direction": "horizontal"}},
+        "direction": {"parameters": {"drop_rate": 0.5, "direction": "vertical"}},
         "drop_rate": {"parameters": {"drop_rate": 0.9}},
         "coefficients": {
             "branches": [
@@ -295,7 +295,7 @@ def test_yaml_settings_change_the_output(
     for label in ("direction", "drop_rate", "coefficients"):
         assert not torch.equal(outputs[label][key], outputs["default"][key]), f"{label} was ignored"
     expected = merge_state_dicts(
-        get_method("drm", drop_rate=0.5, direction="horizontal"),
+        get_method("drm", drop_rate=0.5, direction="vertical"),
         zoo["base_sd"],
         zoo["branches"],
         coefficients=[1.0, 0.5, 0.8],

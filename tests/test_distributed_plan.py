@@ -169,7 +169,7 @@ class _FlatTarget(ParamSet):
 ])
 def test_sharded_merger_equals_drm(params: dict) -> None:
     """The sharded route's maths (Gram, norms, distributed top-k, elect) equals DRM, in float64."""
-    method = get_method("drm", **params)
+    method = get_method("drm", direction="vertical", **params)
     gen = torch.Generator().manual_seed(3)
     shapes = {"w": (40, 36), "b": (40,), "z": (33, 32)}
     base = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
@@ -190,7 +190,7 @@ def test_sharded_merger_equals_drm(params: dict) -> None:
 def test_sharded_rule() -> None:
     """Which items may skip the gather (see drm_lightning.distributed.sharded)."""
     target = _FlatTarget({"w": nn.Parameter(torch.zeros(1))}, "t")
-    drm = sharded_rule(get_method("drm"), 4, target)
+    drm = sharded_rule(get_method("drm", direction="vertical"), 4, target)
     assert drm("w", (64, 64), "matrix")  # 4·64 >= 64, min >= 32, Gram cheaper than gathering
     assert not drm("w", (64, 200), "matrix")  # N·n >= m but the 200×200 Gram outweighs the tensors
     assert drm("w", (64,), "fallback")
@@ -198,6 +198,7 @@ def test_sharded_rule() -> None:
     assert not drm("w", (8, 16), "matrix")  # tiny: the single-process merge uses the SVD
     assert not sharded_rule(get_method("drm", direction="horizontal"), 4, target)("w", (64, 64), "matrix")
     assert not sharded_rule(get_method("drm", solver="svd"), 4, target)("w", (64, 64), "matrix")
+    assert sharded_rule(get_method("drm"), 4, target)("w", (64,), "fallback")  # any direction
     assert not sharded_rule(get_method("ties"), 4, target)("w", (64,), "fallback")
     assert not sharded_rule(get_method("drm"), 4, ParamSet({"w": nn.Parameter(torch.zeros(1))}))("w", (64,), "fallback")
 
@@ -275,3 +276,13 @@ def test_dry_run_plan_without_process_group() -> None:
     plan = DistributedMerger(get_method("drm")).plan(None, base, [base, base], world_size=4, engine="replica")
     assert plan.world_size == 4 and plan.engine == "replica"
     assert [len(plan.owned_by(r)) for r in range(4)] in ([3, 2, 2, 2], [2, 2, 2, 3], [2, 3, 2, 2], [2, 2, 3, 2])
+
+
+def test_sharded_merger_refuses_horizontal_matrices() -> None:
+    """DRM-H's basis is not a sum over rows: a matrix routed to the sharded merger is refused."""
+    target = _FlatTarget({"w": nn.Parameter(torch.zeros(4, 4))}, "target")
+    merger = ShardedMerger(Comm(None), get_method("drm", direction="horizontal"), [1.0, 1.0], torch.float64)
+    item = MergeItem("w", (4, 4), "matrix", 1.0, 128, "sharded")
+    base = TensorDictSet({"w": torch.zeros(4, 4)})
+    with pytest.raises(ValueError, match="DRM-V only"):
+        merger.run([item], target, base, [base, base])

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from test_lightning_common import CLASSES, HIDDEN, TASKS, backbone, branched, specs, train_loaders
 
 WORLD = 2
-DRM = {"drop_rate": 0.5}
+DRM = {"drop_rate": 0.5, "direction": "vertical"}  # the sharded (gather-free) route
 IGNORE = [r"heads\."]
 MERGE_STEP = 2
 

@@ -140,6 +140,11 @@ class ShardedMerger:
         world = self.comm.world_size
         fallback = [it for it in items if it.route != "matrix"]
         matrices = [it for it in items if it.route == "matrix"]
+        if matrices and self.params.direction != "vertical":
+            raise ValueError(
+                f"the sharded route merges matrices with DRM-V only; {matrices[0].name!r} was routed "
+                f"here with direction={self.params.direction!r} (see sharded_rule)"
+            )
         for start in range(0, len(fallback), 64):
             self._fallback_group(fallback[start : start + 64], target, base, branches)
         for start in range(0, len(matrices), world):

@@ -245,7 +245,7 @@ def drm_merge(
     coefficients: Tensor,
     *,
     drop_rate: float = 0.8,
-    direction: Direction = "vertical",
+    direction: Direction = "horizontal",
     renormalize: bool = True,
     rank_rtol: float = 1e-2,
     reference_compat: bool = False,
@@ -258,7 +258,7 @@ def drm_merge(
     Example:
         >>> d = torch.randn(2, 6, 4, dtype=torch.float64)
         >>> torch.allclose(drm_merge(d, torch.ones(2, dtype=d.dtype), direction="horizontal"),
-        ...                drm_merge(d.mT, torch.ones(2, dtype=d.dtype)).mT)
+        ...                drm_merge(d.mT, torch.ones(2, dtype=d.dtype), direction="vertical").mT)
         True
     """
     if direction == "horizontal":
@@ -308,7 +308,7 @@ def drm_merge_lowrank(
     shape: tuple[int, int],
     *,
     drop_rate: float = 0.8,
-    direction: Direction = "vertical",
+    direction: Direction = "horizontal",
     renormalize: bool = True,
     rank_rtol: float = 1e-2,
     reference_compat: bool = False,
@@ -349,10 +349,16 @@ def drm_merge_lowrank(
 
 
 class DRMParams(MethodParams):
-    """Parameters of DRM (defaults from the spec, §8)."""
+    """Parameters of DRM (defaults from the spec, §8).
+
+    ``direction`` defaults to horizontal (DRM-H), the reference code's default: the paper
+    does not say which direction it used where, so the spec's rule (take the reference-code
+    default) applies. Because of the reference CLI's config bug (spec B8) every reference
+    run took its horizontal fallback, whatever its YAML asked for.
+    """
 
     drop_rate: float = Field(0.8, ge=0.0, lt=1.0, description="fraction of basis coordinates pruned")
-    direction: Direction = Field("vertical", description="vertical (DRM-V) or horizontal (DRM-H)")
+    direction: Direction = Field("horizontal", description="horizontal (DRM-H) or vertical (DRM-V)")
     renormalize: bool = Field(True, description="prune on unit-normalised blocks (the 'Renorm')")
     rank_rtol: float = Field(1e-2, ge=0.0, lt=1.0, description="keep σ_j > rank_rtol·σ_1")
     reference_compat: bool = Field(
