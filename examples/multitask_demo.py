@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
         nargs="*",
         default=None,
         metavar="METHOD",
-        help="methods (e.g. drm_v ties) that also get a periodic-consolidation fit (adopt=True)",
+        help="methods (e.g. drm_h ties) that also get a periodic-consolidation fit (adopt=True)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)

@@ -32,7 +32,7 @@ from drm_lightning.evaluation import evaluate_tasks  # noqa: E402
 from drm_lightning.merge import merge_state_dicts  # noqa: E402
 from drm_lightning.methods import get_method  # noqa: E402
 
-TINY_METHODS = tuple(m for m in DEFAULT_METHODS if m.label in ("linear", "ties", "drm_v", "drm_v_norenorm"))
+TINY_METHODS = tuple(m for m in DEFAULT_METHODS if m.label in ("linear", "ties", "drm_h", "drm_h_norenorm"))
 
 
 def test_views_are_the_named_image_transforms() -> None:
@@ -124,8 +124,8 @@ def test_run_demo_writes_consistent_report(tmp_path: Path) -> None:
     assert data["tasks"] == tasks and data["seeds"] == [0, 1]
     assert data["rows"] == ["branch", "joint", *[m.label for m in TINY_METHODS], "base_heads"]
     assert data["methods"]["ties"]["params"]["density"] == 0.2  # the library default, recorded
-    assert data["methods"]["drm_v"]["params"]["drop_rate"] == 0.8
-    assert data["methods"]["drm_v_norenorm"]["params"]["renormalize"] is False
+    assert data["methods"]["drm_h"]["params"]["drop_rate"] == 0.8
+    assert data["methods"]["drm_h_norenorm"]["params"]["renormalize"] is False
     for scores in data["per_seed"]:
         assert all(0.0 <= scores[r][t] <= 1.0 for r in data["rows"] for t in tasks)
     summary = data["summary"]
@@ -147,23 +147,23 @@ def test_run_demo_writes_consistent_report(tmp_path: Path) -> None:
     with (tmp_path / "per_seed.csv").open() as handle:
         assert sum(1 for _ in csv.DictReader(handle)) == 2 * len(data["rows"]) * len(tasks)
     table = format_table(data)
-    assert "DRM-V w/o renorm" in table and "Joint multitask" in table
+    assert "DRM-H w/o renorm" in table and "Joint multitask" in table
     targets = {t["target"]: t for t in data["targets"]}
-    assert "DRM ≥ TIES + 1 point" in targets and "DRM > DRM without renorm" in targets
+    assert "DRM-H ≥ TIES + 1 point" in targets and "DRM-H > DRM-H without renorm" in targets
 
 
 def test_consolidation_fit_adopts_the_merge() -> None:
     """With ``consolidate``, a second fit resets branches and base to each merge (adopt=True)."""
-    drm = tuple(m for m in DEFAULT_METHODS if m.label == "drm_v")
-    config = DemoConfig.tiny(methods=drm, consolidate=("drm_v",), finetune_steps=20, merges=2)
+    drm = tuple(m for m in DEFAULT_METHODS if m.label == "drm_h")
+    config = DemoConfig.tiny(methods=drm, consolidate=("drm_h",), finetune_steps=20, merges=2)
     suite = build_suite(config.tasks, data_seed=config.data_seed)
     torch.manual_seed(0)
     pretrained = ResidualMLP(config.hidden, config.depth).state_dict()
     result = run_seed(suite, pretrained, seed=0, config=config)
-    assert set(result.scores) == {"drm_v", "drm_v_consolidated", "branch", "joint", "base_heads"}
-    assert [s for s, _ in result.curves["drm_v_consolidated"]] == [10, 20]
+    assert set(result.scores) == {"drm_h", "drm_h_consolidated", "branch", "joint", "base_heads"}
+    assert [s for s, _ in result.curves["drm_h_consolidated"]] == [10, 20]
     # the first merge happens before any consolidation: both fits merge identical branches
-    assert result.curves["drm_v_consolidated"][0] == pytest.approx(result.curves["drm_v"][0])
+    assert result.curves["drm_h_consolidated"][0] == pytest.approx(result.curves["drm_h"][0])
     with pytest.raises(ValueError, match="consolidate names unknown"):
         DemoConfig.tiny(consolidate=("nope",))
 
@@ -180,9 +180,10 @@ def test_paired_differences_and_target_verdicts() -> None:
         ],
     }
     targets = {t["target"]: t for t in paired_differences(data)}
-    ties = targets["DRM ≥ TIES + 1 point"]
+    assert not any(t.startswith("DRM-H") for t in targets)  # no DRM-H rows in the data
+    ties = targets["DRM-V ≥ TIES + 1 point"]
     assert ties["mean"] == pytest.approx((2.5 + 2.0) / 2) and ties["met"]
-    assert targets["DRM ≥ task arithmetic"]["mean"] == pytest.approx((-7.5 + 2.0) / 2)
-    assert not targets["DRM ≥ task arithmetic"]["met"]
-    assert targets["DRM > DRM without renorm"]["met"]  # +1.0 on average, strict
+    assert targets["DRM-V ≥ task arithmetic"]["mean"] == pytest.approx((-7.5 + 2.0) / 2)
+    assert not targets["DRM-V ≥ task arithmetic"]["met"]
+    assert targets["DRM-V > DRM-V without renorm"]["met"]  # +1.0 on average, strict
     assert summarize(data)["ties"]["average"]["mean"] == pytest.approx(60.0)

@@ -54,12 +54,13 @@ DEFAULT_METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("ties", "ties", {}, "TIES"),
     MethodSpec("dare_ties", "dare_ties", {}, "DARE-TIES"),
     MethodSpec("dare_linear", "dare_linear", {}, "DARE-linear"),
-    MethodSpec("drm_v", "drm", {"direction": "vertical"}, "DRM-V"),
     MethodSpec("drm_h", "drm", {"direction": "horizontal"}, "DRM-H"),
-    MethodSpec("drm_v_norenorm", "drm", {"direction": "vertical", "renormalize": False}, "DRM-V w/o renorm"),
+    MethodSpec("drm_v", "drm", {"direction": "vertical"}, "DRM-V"),
     MethodSpec("drm_h_norenorm", "drm", {"direction": "horizontal", "renormalize": False}, "DRM-H w/o renorm"),
+    MethodSpec("drm_v_norenorm", "drm", {"direction": "vertical", "renormalize": False}, "DRM-V w/o renorm"),
 )
-"""Every method at its library defaults; only DRM's direction and renorm switch are set."""
+"""Every method at its library defaults; only DRM's direction (default: horizontal) and renorm
+switch are set."""
 
 REFERENCE_ROWS: dict[str, str] = {
     "branch": "Branch alone",
@@ -115,7 +116,7 @@ class DemoConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     data_seed: int = 0
     methods: tuple[MethodSpec, ...] = DEFAULT_METHODS
-    consolidate: tuple[str, ...] = ("ties", "drm_v")
+    consolidate: tuple[str, ...] = ("ties", "drm_h")
     threads: int | None = 1
 
     def __post_init__(self) -> None:

@@ -23,12 +23,15 @@ from typing import Any
 from drm_lightning.demo.config import REFERENCE_ROWS
 
 TARGETS: tuple[tuple[str, str, str, float, bool], ...] = (
-    ("drm_v", "ties", "DRM ≥ TIES + 1 point", 1.0, False),
-    ("drm_v", "task_arithmetic", "DRM ≥ task arithmetic", 0.0, False),
-    ("drm_v", "drm_v_norenorm", "DRM > DRM without renorm", 0.0, True),
+    ("drm_{d}", "ties", "{D} ≥ TIES + 1 point", 1.0, False),
+    ("drm_{d}", "task_arithmetic", "{D} ≥ task arithmetic", 0.0, False),
+    ("drm_{d}", "drm_{d}_norenorm", "{D} > {D} without renorm", 0.0, True),
 )
-"""The issue's quality targets: (row, compared row, text, margin in normalised points, strict).
-"DRM" is the library default, DRM-V; the same differences are reported for DRM-H."""
+"""The issue's quality targets: (row, compared row, text, margin in normalised points, strict),
+for each direction ``{d}``. "DRM" is the library default, DRM-H; DRM-V is reported too."""
+
+DIRECTIONS: tuple[tuple[str, str], ...] = (("h", "DRM-H"), ("v", "DRM-V"))
+"""Row suffix and display name of each DRM direction, the library default first."""
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -69,7 +72,7 @@ def summarize(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def paired_differences(data: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per-seed differences of normalised averages for the quality targets (DRM-V and DRM-H).
+    """Per-seed differences of normalised averages for the quality targets (DRM-H and DRM-V).
 
     A difference is computed within each seed (same branches, same heads), then
     ``mean ± std`` over seeds; ``met`` compares the mean with the target's margin.
@@ -79,16 +82,14 @@ def paired_differences(data: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = set(data["rows"])
     out = []
     for row, other, text, margin, strict in TARGETS:
-        for direction in ("v", "h"):
-            a = row.replace("_v", f"_{direction}")
-            b = other.replace("_v", f"_{direction}")
+        for d, display in DIRECTIONS:
+            a, b = row.format(d=d), other.format(d=d)
             if a not in rows or b not in rows:
                 continue
             diffs = [_normalized(s, a, tasks) - _normalized(s, b, tasks) for s in per_seed]
             stats = mean_std(diffs)
             met = stats["mean"] > margin if strict else stats["mean"] >= margin
-            label = text if direction == "v" else text.replace("DRM", "DRM-H", 1)
-            out.append({"target": label, "row": a, "other": b, "margin": margin, **stats, "met": met})
+            out.append({"target": text.format(D=display), "row": a, "other": b, "margin": margin, **stats, "met": met})
     return out
 
 
