@@ -19,25 +19,6 @@ def cpu_clone(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
 
 
-class StateSource:
-    """In-memory weight source (``keys``/``meta``/``get``) over a mapping, with an origin label."""
-
-    def __init__(self, tensors: Mapping[str, Tensor], origin: str, *, device: str | None = None) -> None:
-        self.tensors = tensors
-        self.origin = origin
-        self.device = device
-
-    def keys(self) -> list[str]:
-        return list(self.tensors.keys())
-
-    def meta(self, name: str) -> Tensor:
-        return self.tensors[name]
-
-    def get(self, name: str) -> Tensor:
-        tensor = self.tensors[name]
-        return tensor if self.device is None else tensor.to(self.device)
-
-
 class DeltaSource:
     """Weights stored as ``base + delta``; tensors absent from ``delta`` equal the base.
 

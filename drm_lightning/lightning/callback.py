@@ -35,7 +35,6 @@ from drm_lightning.distributed import (
 from drm_lightning.evaluation import TaskSpec, evaluate_task, summarize_scores
 from drm_lightning.lightning._weights import (
     DeltaSource,
-    StateSource,
     WeightSwap,
     check_paths,
     compute_delta,
@@ -48,6 +47,7 @@ from drm_lightning.lightning.branched import BranchedModule
 from drm_lightning.merge import merge_state_dicts, plan_merge
 from drm_lightning.methods import MergeMethod, get_method
 from drm_lightning.routing import Routing
+from drm_lightning.sources import StateDictSource
 
 PathLike = str | os.PathLike[str]
 BranchesArg = Literal["live", "snapshots"] | Sequence[PathLike] | Mapping[str, PathLike]
@@ -599,8 +599,8 @@ class MergeCallback(Callback):
                 f"branches='live' needs a BranchedModule (got {type(pl_module).__name__}); use "
                 "branches='snapshots' or a list of checkpoint paths for a single model"
             )
-        sources = [StateSource(float_state(pl_module.branches[t]), f"branch {t!r}") for t in pl_module.task_names]
-        plan_merge(StateSource(float_state(pl_module.base), "BranchedModule.base"), sources, routing=self.routing)
+        sources = [StateDictSource(float_state(pl_module.branches[t]), origin=f"branch {t!r}") for t in pl_module.task_names]
+        plan_merge(StateDictSource(float_state(pl_module.base), origin="BranchedModule.base"), sources, routing=self.routing)
         if self.adopt:
             rank_zero_warn(
                 "MergeCallback(adopt=True) with live branches: after every merge, each of the "
@@ -621,13 +621,13 @@ class MergeCallback(Callback):
             self._base = cpu_clone(float_state(pl_module))
         self._snapshots = []
         self._score_cache.clear()
-        live = StateSource(float_state(pl_module), "live model")
+        live = StateDictSource(float_state(pl_module), origin="live model")
         sources: list[Any] = [live]
         if self.mode == "checkpoints":
             check_paths(self._paths)
             self._checkpoints = {task: load_weights(p) for task, p in self._paths.items()}
-            sources += [StateSource(w, f"checkpoint {t!r} ({self._paths[t]})") for t, w in self._checkpoints.items()]
-        plan_merge(StateSource(self._base, "base"), sources, routing=self.routing)
+            sources += [StateDictSource(w, origin=f"checkpoint {t!r} ({self._paths[t]})") for t, w in self._checkpoints.items()]
+        plan_merge(StateDictSource(self._base, origin="base"), sources, routing=self.routing)
         if self.snapshot_dir is not None:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         self._check_snapshot_schedule()
@@ -765,12 +765,12 @@ class MergeCallback(Callback):
         if self.mode == "live":
             assert isinstance(pl_module, BranchedModule)
             return [
-                _Branch(t, f"live:{t}", StateSource(float_state(pl_module.branches[t]), f"branch {t!r}"), live=True)
+                _Branch(t, f"live:{t}", StateDictSource(float_state(pl_module.branches[t]), origin=f"branch {t!r}"), live=True)
                 for t in pl_module.task_names
             ]
         assert self._base is not None
         out = [
-            _Branch(t, f"checkpoint:{t}", StateSource(w, f"checkpoint {t!r}")) for t, w in self._checkpoints.items()
+            _Branch(t, f"checkpoint:{t}", StateDictSource(w, origin=f"checkpoint {t!r}")) for t, w in self._checkpoints.items()
         ]
         out += [_Branch(s.task, f"snapshot:{i}", s.source(self._base, i)) for i, s in enumerate(self._snapshots)]
         if self.include_live:
@@ -778,7 +778,7 @@ class MergeCallback(Callback):
                 _Branch(
                     self._live_label(pl_module, "live"),
                     "live",
-                    StateSource(float_state(pl_module), "live model", device="cpu"),
+                    StateDictSource(float_state(pl_module), origin="live model", device="cpu"),
                     live=True,
                 )
             )
@@ -843,7 +843,7 @@ class MergeCallback(Callback):
         if not distributed:
             return merge_state_dicts(
                 self.method,
-                StateSource(base, "base"),
+                StateDictSource(base, origin="base"),
                 [b.source for b in branches],
                 coefficients=self._coefficient_list(branches),
                 routing=self.routing,
@@ -860,7 +860,7 @@ class MergeCallback(Callback):
             group=self._group,
         ).merge(
             None,
-            StateSource(base, "base"),
+            StateDictSource(base, origin="base"),
             [b.source for b in branches],
             coefficients=self._coefficient_list(branches),
             collect=True,

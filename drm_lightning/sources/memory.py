@@ -30,6 +30,8 @@ class StateDictSource(LoadedTensorsMixin, WeightSource):
     Args:
         weights: a mapping ``name -> Tensor`` or an ``nn.Module``.
         origin: a label for logs and error messages.
+        device: when given, ``get`` returns each tensor moved there (one at a time, so a
+            GPU module's weights reach a CPU merge without a whole-model copy).
 
     Raises:
         TypeError: ``weights`` is neither, or holds non-tensor values (all listed).
@@ -43,7 +45,11 @@ class StateDictSource(LoadedTensorsMixin, WeightSource):
     """
 
     def __init__(
-        self, weights: Mapping[str, Tensor] | torch.nn.Module, *, origin: str = "<in-memory>"
+        self,
+        weights: Mapping[str, Tensor] | torch.nn.Module,
+        *,
+        origin: str = "<in-memory>",
+        device: torch.device | str | None = None,
     ) -> None:
         if isinstance(weights, torch.nn.Module):
             state: Mapping[str, object] = weights.state_dict(keep_vars=False)
@@ -65,6 +71,11 @@ class StateDictSource(LoadedTensorsMixin, WeightSource):
         self._tensors: dict[str, Tensor] = {k: v.detach() for k, v in state.items()}  # type: ignore[union-attr]
         self._keys = sorted(self._tensors)
         self.origin = origin
+        self.device = device
+
+    def get(self, name: str) -> Tensor:  # noqa: D102
+        tensor = super().get(name)
+        return tensor if self.device is None else tensor.to(self.device)
 
     def files(self) -> list[Path]:
         return []
