@@ -599,8 +599,12 @@ class MergeCallback(Callback):
                 f"branches='live' needs a BranchedModule (got {type(pl_module).__name__}); use "
                 "branches='snapshots' or a list of checkpoint paths for a single model"
             )
-        sources = [StateDictSource(float_state(pl_module.branches[t]), origin=f"branch {t!r}") for t in pl_module.task_names]
-        plan_merge(StateDictSource(float_state(pl_module.base), origin="BranchedModule.base"), sources, routing=self.routing)
+        sources = [
+            StateDictSource(float_state(pl_module.branches[t]), origin=f"branch {t!r}")
+            for t in pl_module.task_names
+        ]
+        base = StateDictSource(float_state(pl_module.base), origin="BranchedModule.base")
+        plan_merge(base, sources, routing=self.routing)
         if self.adopt:
             rank_zero_warn(
                 "MergeCallback(adopt=True) with live branches: after every merge, each of the "
@@ -626,7 +630,10 @@ class MergeCallback(Callback):
         if self.mode == "checkpoints":
             check_paths(self._paths)
             self._checkpoints = {task: load_weights(p) for task, p in self._paths.items()}
-            sources += [StateDictSource(w, origin=f"checkpoint {t!r} ({self._paths[t]})") for t, w in self._checkpoints.items()]
+            sources += [
+                StateDictSource(w, origin=f"checkpoint {t!r} ({self._paths[t]})")
+                for t, w in self._checkpoints.items()
+            ]
         plan_merge(StateDictSource(self._base, origin="base"), sources, routing=self.routing)
         if self.snapshot_dir is not None:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
@@ -765,12 +772,16 @@ class MergeCallback(Callback):
         if self.mode == "live":
             assert isinstance(pl_module, BranchedModule)
             return [
-                _Branch(t, f"live:{t}", StateDictSource(float_state(pl_module.branches[t]), origin=f"branch {t!r}"), live=True)
+                _Branch(
+                    t, f"live:{t}",
+                    StateDictSource(float_state(pl_module.branches[t]), origin=f"branch {t!r}"), live=True,
+                )
                 for t in pl_module.task_names
             ]
         assert self._base is not None
         out = [
-            _Branch(t, f"checkpoint:{t}", StateDictSource(w, origin=f"checkpoint {t!r}")) for t, w in self._checkpoints.items()
+            _Branch(t, f"checkpoint:{t}", StateDictSource(w, origin=f"checkpoint {t!r}"))
+            for t, w in self._checkpoints.items()
         ]
         out += [_Branch(s.task, f"snapshot:{i}", s.source(self._base, i)) for i, s in enumerate(self._snapshots)]
         if self.include_live:
