@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from drm_lightning.methods import get_method
-from drm_lightning.methods._ops import disjoint_mean, elect_signs, kept_count, topk_mask
+from drm_lightning.methods._ops import disjoint_mean, elect_signs, kept_count, kth_smallest, topk_mask
 from drm_lightning.methods.drm import (
     drm_merge,
     drm_merge_lowrank,
@@ -354,3 +354,14 @@ def test_parameter_validation() -> None:
     with pytest.raises(ValueError, match="direction"):
         get_method("drm", direction="diagonal")
     assert get_method("drm", direction="h").params.direction == "horizontal"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_kth_smallest_equals_torch_kthvalue(dtype: torch.dtype) -> None:
+    """The CPU selection (numpy introselect) returns torch.kthvalue's value, ties included."""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(5000, generator=gen, dtype=torch.float64).round(decimals=2).abs().to(dtype)
+    for k in (1, 2, 1234, 2500, 4999, 5000):
+        got = kth_smallest(values, k)
+        assert got.dtype == dtype and got.dim() == 0
+        assert torch.equal(got, torch.kthvalue(values, k).values), k
