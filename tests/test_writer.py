@@ -293,3 +293,26 @@ def test_writes_a_folder_transformers_loads(tmp_path: Path) -> None:
     card = (out / "README.md").read_text()
     digest = hashlib.sha256((tmp_path / "base" / "model.safetensors").read_bytes()).hexdigest()
     assert digest in card
+
+
+def test_background_hashing_matches_hashlib_and_leaves_errors_to_the_caller(tmp_path: Path) -> None:
+    """Digests hashed in the background equal hashlib's; concurrent callers wait for them."""
+    import threading
+
+    from drm_lightning.sources import hash_in_background, sha256_of
+
+    data = bytes(range(256)) * 40_000
+    f = tmp_path / "w.bin"
+    f.write_bytes(data)
+    missing = tmp_path / "missing.bin"
+    thread = hash_in_background([missing, f])
+    results: list[str] = []
+    callers = [threading.Thread(target=lambda: results.append(sha256_of(f, chunk_bytes=4096))) for _ in range(3)]
+    for c in callers:
+        c.start()
+    for c in callers:
+        c.join()
+    thread.join()
+    assert results == [hashlib.sha256(data).hexdigest()] * 3
+    with pytest.raises(FileNotFoundError, match="missing.bin"):
+        sha256_of(missing)

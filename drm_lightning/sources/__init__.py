@@ -12,7 +12,13 @@ Example:
     ['bias', 'weight']
 """
 
-from drm_lightning.sources.base import TensorMeta, WeightSource, dtype_from_safetensors, sha256_of
+from drm_lightning.sources.base import (
+    TensorMeta,
+    WeightSource,
+    dtype_from_safetensors,
+    hash_in_background,
+    sha256_of,
+)
 from drm_lightning.sources.factory import SourceLike, open_source
 from drm_lightning.sources.hf_folder import HFFolderSource
 from drm_lightning.sources.lightning_ckpt import LightningCheckpointSource
@@ -39,5 +45,6 @@ __all__ = [
     "dtype_from_safetensors",
     "load_pickled",
     "open_source",
+    "hash_in_background",
     "sha256_of",
 ]

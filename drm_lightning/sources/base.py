@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["TensorMeta", "WeightSource", "dtype_from_safetensors", "sha256_of"]
+__all__ = ["TensorMeta", "WeightSource", "dtype_from_safetensors", "hash_in_background", "sha256_of"]
 
 _SAFETENSORS_DTYPES: dict[str, str] = {
     "F64": "float64",
@@ -185,6 +185,7 @@ class WeightSource(ABC):
 
 
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
+_HASH_IN_FLIGHT: dict[tuple[str, int, int], threading.Event] = {}
 _HASH_LOCK = threading.Lock()
 
 
@@ -213,18 +214,59 @@ def sha256_of(path: str | os.PathLike[str], *, chunk_bytes: int = 8 * 1024 * 102
         raise IsADirectoryError(f"cannot hash {p}: it is a folder, expected a file")
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    with _HASH_LOCK:
-        cached = _HASH_CACHE.get(key)
-    if cached is not None:
-        return cached
-    h = hashlib.sha256()
-    with p.open("rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    digest = h.hexdigest()
-    with _HASH_LOCK:
-        _HASH_CACHE[key] = digest
-    return digest
+    while True:
+        with _HASH_LOCK:
+            cached = _HASH_CACHE.get(key)
+            in_flight = None if cached is not None else _HASH_IN_FLIGHT.get(key)
+            if cached is None and in_flight is None:
+                _HASH_IN_FLIGHT[key] = done = threading.Event()
+        if cached is not None:
+            return cached
+        if in_flight is None:
+            break
+        in_flight.wait()  # another thread is hashing this file; its result lands in the cache
+    try:
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            while chunk := f.read(chunk_bytes):
+                h.update(chunk)
+        digest = h.hexdigest()
+        with _HASH_LOCK:
+            _HASH_CACHE[key] = digest
+        return digest
+    finally:
+        with _HASH_LOCK:
+            _HASH_IN_FLIGHT.pop(key, None)
+        done.set()
+
+
+def hash_in_background(paths: Iterable[str | os.PathLike[str]]) -> threading.Thread:
+    """Start hashing ``paths`` with :func:`sha256_of` in a daemon thread; returns the thread.
+
+    Later ``sha256_of`` calls take the cached digests, or wait for a file being hashed. Errors
+    are left to those later calls (which raise them with their own messages). hashlib and file
+    reads release the GIL, so the hashing overlaps the merge.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "y.txt"
+        >>> _ = p.write_bytes(b"abc")
+        >>> hash_in_background([p]).join()
+        >>> sha256_of(p)[:16]
+        'ba7816bf8f01cfea'
+    """
+    files = [Path(f) for f in paths]
+
+    def work() -> None:
+        for f in files:
+            try:
+                sha256_of(f)
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=work, name="drm-lightning-sha256", daemon=True)
+    thread.start()
+    return thread
 
 
 class LoadedTensorsMixin:

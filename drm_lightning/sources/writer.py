@@ -32,7 +32,7 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import Tensor
 
-from drm_lightning.sources.base import sha256_of
+from drm_lightning.sources.base import hash_in_background, sha256_of
 
 __all__ = ["COPIED_FILES", "HFFolderWriter", "check_free_space"]
 
@@ -177,6 +177,7 @@ class HFFolderWriter:
             f"{self.out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         )
         self.tmp_dir.mkdir()
+        hash_in_background(self._card_files())  # the model card's digests, while the merge runs
         return self
 
     def __exit__(
@@ -326,6 +327,19 @@ class HFFolderWriter:
 
     # ------------------------------------------------------------------ model card
 
+    def _card_files(self) -> list[Path]:
+        """The source files the model card lists (base, branches, extra files), each once."""
+        meta = self.metadata
+        objects = [meta.get("base"), *(_branch_fields(b)[0] for b in meta.get("branches") or [])]
+        files: list[Path] = []
+        seen: set[Path] = set()
+        for obj in [*objects, *(meta.get("files") or [])]:
+            for file in _files_of(obj):
+                if file.resolve() not in seen:
+                    seen.add(file.resolve())
+                    files.append(file)
+        return files
+
     def model_card(self) -> str:
         """The ``README.md`` text: method, parameters, branches, source files with SHA-256."""
         from drm_lightning import __version__
@@ -335,7 +349,7 @@ class HFFolderWriter:
         params = meta.pop("parameters", None) or {}
         base = meta.pop("base", None)
         branches = meta.pop("branches", None) or []
-        extra_files = meta.pop("files", None) or []
+        meta.pop("files", None)  # listed with the source files
         lines = [
             "---",
             "library_name: transformers",
@@ -364,13 +378,7 @@ class HFFolderWriter:
         for i, branch in enumerate(branches):
             source, coefficient = _branch_fields(branch)
             lines.append(f"| {i} | `{_label(source)}` | {coefficient} |")
-        hashed: list[tuple[str, str]] = []
-        seen: set[Path] = set()
-        for obj in [base, *(_branch_fields(b)[0] for b in branches), *extra_files]:
-            for file in _files_of(obj):
-                if file.resolve() not in seen:
-                    seen.add(file.resolve())
-                    hashed.append((str(file), sha256_of(file)))
+        hashed = [(str(file), sha256_of(file)) for file in self._card_files()]
         lines += ["", "## Source files", ""]
         if hashed:
             lines += ["| file | sha256 |", "|---|---|"]
