@@ -11,6 +11,13 @@ Reports the wall time of the merge call (slowest rank), the speed-up, and the sh
 2-rank time spent inside collectives (which includes waiting for the other rank). Writes
 ``benchmarks/results/scaling_<engine>.json``.
 
+It also measures the machine's own ceiling for this work: the whole single-process merge run
+in 2 independent processes at the same time (no process group, nothing shared). If the two
+CPUs were independent, each copy would take as long as one alone and the ceiling would be
+2.0×; ``ceiling = 2 · t(alone) / t(two copies at once)``. ``speed-up / ceiling`` is then the
+engine's own efficiency, with the machine's limits (SMT siblings, shared memory bandwidth,
+other jobs) factored out.
+
     python benchmarks/distributed_scaling.py --engine replica [--layers 4 --hidden 512 --mlp 1408 --repeats 2]
 """
 
@@ -157,6 +164,26 @@ def single(args: argparse.Namespace) -> tuple[list[float], list[float]]:
     return times, cpus
 
 
+def _single_copy(index: int, args: argparse.Namespace, out: str) -> None:
+    """One independent copy of the single-process merge (for the machine ceiling)."""
+    times, cpus = single(args)
+    Path(out, f"copy{index}.json").write_text(json.dumps({"seconds": times, "cpu_seconds": cpus}))
+
+
+def machine_ceiling(args: argparse.Namespace, alone: float) -> dict[str, Any]:
+    """2 · t(alone) / t(2 copies at once): the best 2-process speed-up this machine allows here."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_single_copy, args=(args, out), nprocs=2, join=True)
+        copies = [json.loads(Path(out, f"copy{i}.json").read_text()) for i in range(2)]
+    together = max(min(c["seconds"]) for c in copies)
+    return {"alone_seconds": alone, "two_copies_seconds": together, "ceiling": 2 * alone / together,
+            "two_copies_cpu_seconds": [min(c["cpu_seconds"]) for c in copies]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--engine", choices=["replica", "zero3"], default="replica")
@@ -164,6 +191,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--mlp", type=int, default=1408)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the machine-ceiling run")
     args = parser.parse_args()
     import tempfile
 
@@ -193,12 +221,20 @@ def main() -> None:
         "all_one_rank_seconds": t1, "all_two_rank_seconds": per_repeat,
         "load_average": os.getloadavg(), "cpus": os.cpu_count(), "threads_per_rank": 1,
     }
+    if not args.no_ceiling:
+        row["machine"] = machine_ceiling(args, min(t1))
+        row["efficiency"] = row["speedup"] / row["machine"]["ceiling"]
     print(f"{'engine':<8} {'1 rank s':>9} {'2 ranks s':>10} {'speed-up':>8} {'CPU speed-up':>12} {'comm share':>10} "
           f"{'owner items':>12} {'sharded':>7} {'MiB sent/rank':>14}")
     print(f"{args.engine:<8} {row['one_rank_seconds']:>9.2f} {t2:>10.2f} {row['speedup']:>8.2f} {row['cpu_speedup']:>12.2f} "
           f"{row['comm_share']:>10.1%} "
           f"{str(row['owner_items_per_rank']):>12} {row['sharded_items']:>7} "
           f"{max(row['bytes_sent_per_rank']) / 2**20:>14.1f}")
+    if "machine" in row:
+        m = row["machine"]
+        print(f"machine ceiling: one copy alone {m['alone_seconds']:.2f} s, two copies at once "
+              f"{m['two_copies_seconds']:.2f} s -> ceiling {m['ceiling']:.2f}x; engine efficiency "
+              f"{row['efficiency']:.0%} (speed-up / ceiling)")
     print(f"load average {row['load_average']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"scaling_{args.engine}.json"
