@@ -361,7 +361,9 @@ def test_kth_smallest_equals_torch_kthvalue(dtype: torch.dtype) -> None:
     """The CPU selection (numpy introselect) returns torch.kthvalue's value, ties included."""
     gen = torch.Generator().manual_seed(0)
     values = torch.randn(5000, generator=gen, dtype=torch.float64).round(decimals=2).abs().to(dtype)
+    values[torch.rand(5000, generator=gen) < 0.4] = 0  # masses of exact zeros, as in pruning scores
     for k in (1, 2, 1234, 2500, 4999, 5000):
         got = kth_smallest(values, k)
         assert got.dtype == dtype and got.dim() == 0
         assert torch.equal(got, torch.kthvalue(values, k).values), k
+    assert torch.equal(kth_smallest(torch.zeros(7, dtype=dtype), 7), torch.zeros((), dtype=dtype))

@@ -54,22 +54,29 @@ def topk_mask(scores: Tensor, density: float, *, reference_compat: bool = False)
     return largest_mask(scores, keep)
 
 
-def kth_smallest(flat: Tensor, k: int) -> Tensor:
-    """The exact ``k``-th smallest entry (1-based) of a 1-D tensor, as a 0-d tensor.
+def kth_smallest(magnitudes: Tensor, k: int) -> Tensor:
+    """The exact ``k``-th smallest (1-based) of a 1-D tensor of magnitudes (>= 0), as a 0-d tensor.
 
-    On CPU this is numpy's introselect (``np.partition``), about 10x faster than
-    ``torch.kthvalue`` on CPU for million-entry tensors; elsewhere ``torch.kthvalue``.
-    Half-precision values are selected in float32, which represents them exactly.
+    On CPU this is numpy's introselect (``np.partition``), 4-10x faster than
+    ``torch.kthvalue`` on CPU for million-entry tensors; elsewhere ``torch.kthvalue``. Exact
+    zeros, common in pruning scores, are counted and left out first: introselect slows down
+    badly on masses of equal values. Half precision is selected in float32 (exact).
 
     Example:
-        >>> kth_smallest(torch.tensor([3.0, 1.0, 2.0]), 2)
+        >>> kth_smallest(torch.tensor([3.0, 0.0, 1.0, 0.0, 2.0]), 4)
         tensor(2.)
     """
-    if flat.device.type != "cpu":
-        return torch.kthvalue(flat, k).values
-    exact = flat if flat.dtype in (torch.float32, torch.float64) else flat.to(torch.float32)
-    value = np.partition(exact.numpy(), k - 1)[k - 1]
-    return torch.tensor(value, dtype=exact.dtype).to(flat.dtype)
+    if magnitudes.device.type != "cpu":
+        return torch.kthvalue(magnitudes, k).values
+    exact = magnitudes if magnitudes.dtype in (torch.float32, torch.float64) else magnitudes.to(torch.float32)
+    values = exact.numpy()
+    zeros = values.size - np.count_nonzero(values)
+    if k <= zeros:
+        return magnitudes.new_zeros(())
+    if zeros:
+        values, k = values[values != 0], k - zeros
+    value = np.partition(values, k - 1)[k - 1]
+    return torch.tensor(value, dtype=exact.dtype).to(magnitudes.dtype)
 
 
 def largest_mask(scores: Tensor, keep: int) -> Tensor:
