@@ -76,6 +76,21 @@ def test_plan_is_deterministic_and_order_free() -> None:
     assert [(it.name, it.owner) for it in a.items] == [(it.name, it.owner) for it in b.items]
 
 
+def test_waves_bound_what_each_rank_holds() -> None:
+    """Waves are whole rounds in plan order, each rank's results per wave fit the budget."""
+    plan = build_plan(llama_entries(4), get_method("drm"), n_branches=4, world_size=4, engine="replica")
+    rounds = plan.rounds()
+    biggest = max(it.numel for it in plan.items) * plan.compute_itemsize
+    for budget in (1, biggest, 4 * biggest, 1 << 40):
+        waves = plan.waves(budget)
+        assert [it.name for w in waves for it in w] == [it.name for r in rounds for it in r]
+        for wave in waves:
+            held = [sum(it.numel * plan.compute_itemsize for it in wave if it.owner == r) for r in range(4)]
+            one_round = any(wave == r for r in rounds)
+            assert one_round or max(held) <= budget
+    assert len(plan.waves(1)) == len(rounds) and len(plan.waves(1 << 40)) == 1
+
+
 def test_plan_more_ranks_than_items() -> None:
     """World size > number of items: idle ranks, an explanation of the imbalance, rounds still well formed."""
     entries = [("a", (64, 64), "matrix"), ("b", (32, 64), "matrix"), ("head", (2, 64), "ignore")]

@@ -6,9 +6,9 @@ every tensor, exactly what :func:`drm_lightning.merge.merge_tensor` produces on 
 tensors — the owner of an item literally calls it.
 
 * :class:`SingleProcessEngine` — one process (CPU or one GPU): items in plan order.
-* :class:`ReplicaEngine` — every rank holds full weights (DDP). Round k: every rank merges its
-  k-th item at the same time, then each result is broadcast from its owner and written on
-  every rank.
+* :class:`ReplicaEngine` — every rank holds full weights (DDP). Wave by wave (consecutive
+  rounds holding at most 1 GiB of results per rank): every rank merges its items of the wave
+  back to back, then each result is broadcast from its owner and written on every rank.
 * :class:`Zero3Engine` — DeepSpeed ZeRO-3, parameters partitioned. Sharded items (see
   :mod:`~drm_lightning.distributed.sharded`) are merged slice by slice with no gather. For
   owner items, round k: every rank sends its partition of the base and of each branch of
@@ -223,22 +223,26 @@ class ReplicaEngine(MergeEngine):
         comm = self.comm
         out: dict[str, Tensor] | None = {} if job.collect else None
         n = len(job.branches)
-        for round_items in plan.rounds():
+        # Waves, not rounds: each rank merges all its items of a wave back to back, so only the
+        # wave's total is synchronised and a round's slow item does not stall the other ranks.
+        for wave in plan.waves():
             results: dict[str, Tensor] = {}
-            for item in round_items:
+            held = 0
+            for item in wave:
                 if item.owner != comm.rank:
                     continue
 
                 def compute(item: MergeItem = item) -> Tensor:
                     base = job.base.read_full(item.name)
                     branches = [b.read_full(item.name) for b in job.branches]
-                    stats.hold((n + 2) * item.numel)
+                    stats.hold(held + (n + 2) * item.numel)
                     return _merge_full(job, item, base, branches)
 
                 results[item.name] = _guard(comm, f"merging {item.name!r}", compute, lambda: None)
+                held += item.numel
                 stats.owner_items += 1
-            comm.check(f"merging round {[it.name for it in round_items]}")
-            for item in round_items:
+            comm.check(f"merging {[it.name for it in wave]}")
+            for item in wave:
                 value = results.pop(item.name, None)
                 if value is None:
                     value = torch.empty(item.shape, dtype=_out_dtype(job, item.name))

@@ -149,6 +149,32 @@ class MergePlan:
         depth = max((len(x) for x in per_rank), default=0)
         return [[x[k] for x in per_rank if k < len(x)] for k in range(depth)]
 
+    def waves(self, max_bytes: int = 1 << 30) -> list[list[MergeItem]]:
+        """Consecutive rounds grouped so that no rank holds more than ``max_bytes`` of results.
+
+        Within a wave every rank merges all its items without waiting for the others, then
+        the results travel; only the wave's total is synchronised, not each round's slowest
+        item. A wave always takes at least one round. The grouping depends on the plan
+        alone, so it is the same on every rank.
+        """
+        waves: list[list[MergeItem]] = []
+        held = [0] * self.world_size
+        current: list[MergeItem] = []
+        for round_items in self.rounds():
+            grown = list(held)
+            for it in round_items:
+                grown[it.owner] += it.numel * self.compute_itemsize
+            if current and max(grown) > max_bytes:
+                waves.append(current)
+                current, grown = [], [0] * self.world_size
+                for it in round_items:
+                    grown[it.owner] += it.numel * self.compute_itemsize
+            current.extend(round_items)
+            held = grown
+        if current:
+            waves.append(current)
+        return waves
+
     def max_over_mean(self) -> float:
         """Most loaded rank's cost divided by the mean cost (1.0 = perfect balance)."""
         costs = [ld.cost for ld in self.loads]
