@@ -101,7 +101,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     from drm_lightning.distributed import DistributedMerger, ParamSet, ShardSnapshot
     from drm_lightning.methods import get_method
 
-    method = get_method("drm", drop_rate=0.8)
+    method = get_method("drm", drop_rate=0.8, direction=args.direction)
     base, branches = make_weights(args.layers, args.hidden, args.mlp)
     records: list[dict[str, Any]] = []
     if args.engine == "zero3":
@@ -158,7 +158,8 @@ def single(args: argparse.Namespace) -> tuple[list[float], list[float]]:
     for _ in range(args.repeats):
         target.load_state_dict(base)
         start, cpu = time.perf_counter(), time.process_time()
-        DistributedMerger(get_method("drm", drop_rate=0.8), engine="single").merge(target, base, branches)
+        method = get_method("drm", drop_rate=0.8, direction=args.direction)
+        DistributedMerger(method, engine="single").merge(target, base, branches)
         times.append(time.perf_counter() - start)
         cpus.append(time.process_time() - cpu)
     return times, cpus
@@ -191,6 +192,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--mlp", type=int, default=1408)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--direction", choices=["horizontal", "vertical"], default="horizontal",
+                        help="DRM direction (vertical: ZeRO-3 merges matrices on the sharded route)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the machine-ceiling run")
     args = parser.parse_args()
     import tempfile
@@ -210,7 +213,7 @@ def main() -> None:
     # CPU time: what each process computed, independent of how many cores other jobs left us.
     cpu2 = [min(r[i]["cpu_seconds"] for i in range(args.repeats)) for r in ranks]
     row = {
-        "engine": args.engine, "layers": args.layers, "hidden": args.hidden, "mlp": args.mlp, "branches": N_BRANCHES,
+        "engine": args.engine, "direction": args.direction, "layers": args.layers, "hidden": args.hidden, "mlp": args.mlp, "branches": N_BRANCHES,
         "one_rank_seconds": min(t1), "two_rank_seconds": t2, "speedup": min(t1) / t2,
         "comm_seconds_max_rank": comm, "comm_share": comm / t2,
         "one_rank_cpu_seconds": min(c1), "two_rank_cpu_seconds_per_rank": cpu2,
@@ -237,7 +240,8 @@ def main() -> None:
               f"{row['efficiency']:.0%} (speed-up / ceiling)")
     print(f"load average {row['load_average']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"scaling_{args.engine}.json"
+    suffix = "" if args.direction == "horizontal" else f"_{args.direction}"
+    path = RESULTS / f"scaling_{args.engine}{suffix}.json"
     path.write_text(json.dumps(row, indent=2))
     print(f"wrote {path}")
 
