@@ -355,6 +355,11 @@ class DRMParams(MethodParams):
     does not say which direction it used where, so the spec's rule (take the reference-code
     default) applies. Because of the reference CLI's config bug (spec B8) every reference
     run took its horizontal fallback, whatever its YAML asked for.
+
+    Measured (``benchmarks/direction_probe.py``): on a wide matrix (more input than output
+    features, e.g. ``down_proj``) DRM-V's joint basis can hold more directions than any one
+    branch spans, and renormalisation then gives each branch's barely-used directions a
+    full share of the pruning budget; DRM-H's basis lives in the smaller output space there.
     """
 
     drop_rate: float = Field(0.8, ge=0.0, lt=1.0, description="fraction of basis coordinates pruned")
