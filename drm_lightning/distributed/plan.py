@@ -158,19 +158,17 @@ class MergePlan:
         alone, so it is the same on every rank.
         """
         waves: list[list[MergeItem]] = []
-        held = [0] * self.world_size
         current: list[MergeItem] = []
+        held = [0] * self.world_size
         for round_items in self.rounds():
-            grown = list(held)
+            added = [0] * self.world_size
             for it in round_items:
-                grown[it.owner] += it.numel * self.compute_itemsize
-            if current and max(grown) > max_bytes:
+                added[it.owner] += it.numel * self.compute_itemsize
+            if current and any(h + a > max_bytes for h, a in zip(held, added)):
                 waves.append(current)
-                current, grown = [], [0] * self.world_size
-                for it in round_items:
-                    grown[it.owner] += it.numel * self.compute_itemsize
+                current, held = [], [0] * self.world_size
             current.extend(round_items)
-            held = grown
+            held = [h + a for h, a in zip(held, added)]
         if current:
             waves.append(current)
         return waves
