@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from drm_lightning.sources.torch_file import TorchFileSource
+from drm_lightning.sources.torch_file import TorchFileSource, top_level_entries
 
 __all__ = ["LightningCheckpointSource"]
 
@@ -67,13 +67,9 @@ class LightningCheckpointSource(TorchFileSource):
 
     def _select(self, payload: Any, key: str | None) -> Mapping[Any, Any]:
         if not isinstance(payload, Mapping) or "state_dict" not in payload:
-            top = (
-                sorted(str(k) for k in payload)
-                if isinstance(payload, Mapping)
-                else type(payload).__name__
-            )
             raise ValueError(
                 f"{self.path} is not a Lightning checkpoint: it has no 'state_dict' entry "
-                f"(top-level entries: {top}). For a plain state dict file use TorchFileSource"
+                f"(top-level entries: {top_level_entries(payload)}). For a plain state dict "
+                "file use TorchFileSource"
             )
         return super()._select(payload, key)

@@ -152,13 +152,9 @@ class TorchFileSource(LoadedTensorsMixin, WeightSource):
     def _select(self, payload: Any, key: str | None) -> Mapping[Any, Any]:
         if key is not None:
             if not isinstance(payload, Mapping) or key not in payload:
-                top = (
-                    sorted(str(k) for k in payload)
-                    if isinstance(payload, Mapping)
-                    else type(payload).__name__
-                )
                 raise ValueError(
-                    f"{self.path} has no top-level entry {key!r}; top-level entries: {top}"
+                    f"{self.path} has no top-level entry {key!r}; top-level entries: "
+                    f"{top_level_entries(payload)}"
                 )
             payload = payload[key]
         if not isinstance(payload, Mapping):
@@ -183,3 +179,8 @@ class TorchFileSource(LoadedTensorsMixin, WeightSource):
 
     def __contains__(self, name: object) -> bool:
         return name in self._tensors
+
+
+def top_level_entries(payload: Any) -> list[str] | str:
+    """What a loaded file holds at its top level, for error messages: sorted keys or a type name."""
+    return sorted(str(k) for k in payload) if isinstance(payload, Mapping) else type(payload).__name__
