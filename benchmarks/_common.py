@@ -15,6 +15,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 # Llama-shaped test models. Untied embeddings, vocab chosen so the total lands on the target.
@@ -239,3 +240,16 @@ def fmt_bytes(n: float) -> str:
     if n is None or (isinstance(n, float) and math.isnan(n)):
         return "-"
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def demo_seed(config: Any, seed: int) -> tuple[Any, Any]:
+    """One seed of the multitask demo, as the demo runs it: ``(suite, trained module)``.
+
+    The module holds the base (``module.base``), the K branches and their heads.
+    """
+    from drm_lightning.demo.runner import pretrain, run_seed
+    from drm_lightning.demo.tasks import build_suite
+
+    suite = build_suite(config.tasks, data_seed=config.data_seed)
+    module = run_seed(suite, pretrain(suite, config), seed, config, keep_module=True).module
+    return suite, module

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from threadpoolctl import threadpool_limits
 
-from drm_lightning.demo.backbone import ResidualMLP, pretrain_backbone
+from _common import demo_seed
+from drm_lightning.demo.backbone import ResidualMLP
 from drm_lightning.demo.config import DEFAULT_METHODS, DemoConfig
-from drm_lightning.demo.runner import _evaluate, run_seed
-from drm_lightning.demo.tasks import build_suite
+from drm_lightning.demo.runner import _evaluate
 from drm_lightning.merge import merge_state_dicts
 from drm_lightning.methods import get_method
 from drm_lightning.methods.drm import shared_basis
@@ -39,14 +39,7 @@ def main() -> None:
     only_drm = tuple(m for m in DEFAULT_METHODS if m.label == "drm_h")
     config = DemoConfig(**{**vars(DemoConfig.large()), "methods": only_drm, "consolidate": (), "seeds": (0,)})
     with threadpool_limits(1):
-        suite = build_suite(config.tasks, data_seed=config.data_seed)
-        torch.manual_seed(config.pretrain_seed)
-        backbone = ResidualMLP(config.hidden, config.depth)
-        pretrained = pretrain_backbone(
-            backbone, suite.pretrain_x, suite.pretrain_y, steps=config.pretrain_steps,
-            lr=config.pretrain_lr, seed=config.pretrain_seed,
-        )
-        module = run_seed(suite, pretrained, 0, config, keep_module=True).module
+        suite, module = demo_seed(config, 0)
         base = {k: v.detach().clone() for k, v in module.base.state_dict().items()}
         branches = [{k: v.detach().clone() for k, v in module.branches[t].state_dict().items()} for t in module.task_names]
         net = ResidualMLP(config.hidden, config.depth)

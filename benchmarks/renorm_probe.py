@@ -32,10 +32,8 @@ from typing import Any
 import torch
 from threadpoolctl import threadpool_limits
 
-from drm_lightning.demo.backbone import ResidualMLP, pretrain_backbone
+from _common import demo_seed
 from drm_lightning.demo.config import DEFAULT_METHODS, DemoConfig
-from drm_lightning.demo.runner import run_seed
-from drm_lightning.demo.tasks import build_suite
 from drm_lightning.methods._ops import elect_signs, topk_mask
 from drm_lightning.methods.drm import drop_numerical_zeros, pruning_scores, shared_basis
 
@@ -44,14 +42,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def trained_branches(config: DemoConfig, seed: int) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """Base and branch state dicts (float64) after one seed's fit of the demo."""
-    suite = build_suite(config.tasks, data_seed=config.data_seed)
-    torch.manual_seed(config.pretrain_seed)
-    backbone = ResidualMLP(config.hidden, config.depth)
-    pretrained = pretrain_backbone(
-        backbone, suite.pretrain_x, suite.pretrain_y, steps=config.pretrain_steps,
-        lr=config.pretrain_lr, seed=config.pretrain_seed,
-    )
-    module = run_seed(suite, pretrained, seed, config, keep_module=True).module
+    _, module = demo_seed(config, seed)
     base = {k: v.detach().double() for k, v in module.base.state_dict().items()}
     branches = [
         {k: v.detach().double() for k, v in module.branches[t].state_dict().items()} for t in module.task_names

@@ -187,6 +187,22 @@ def _evaluate(module: nn.Module, suite: Suite, predict: Callable[..., tuple[Tens
     return {task: values[METRIC] for task, values in scores.items()}
 
 
+def pretrain(suite: Suite, config: DemoConfig, *, on_step: Callable[[int], None] | None = None) -> dict[str, Tensor]:
+    """State dict of the run's pretrained backbone (the same for every seed; global RNG untouched)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(config.pretrain_seed)
+        backbone = ResidualMLP(config.hidden, config.depth)
+    return pretrain_backbone(
+        backbone,
+        suite.pretrain_x,
+        suite.pretrain_y,
+        steps=config.pretrain_steps,
+        lr=config.pretrain_lr,
+        seed=config.pretrain_seed,
+        on_step=on_step,
+    )
+
+
 def run_seed(
     suite: Suite,
     pretrained: dict[str, Tensor],
@@ -391,18 +407,7 @@ def run_demo(
         with tqdm(total=total, unit="step", disable=not progress, dynamic_ncols=True) as bar:
             bar.set_description("pretrain")
             t0 = time.perf_counter()
-            with torch.random.fork_rng():
-                torch.manual_seed(config.pretrain_seed)
-                backbone = ResidualMLP(config.hidden, config.depth)
-            pretrained = pretrain_backbone(
-                backbone,
-                suite.pretrain_x,
-                suite.pretrain_y,
-                steps=config.pretrain_steps,
-                lr=config.pretrain_lr,
-                seed=config.pretrain_seed,
-                on_step=lambda _: bar.update(1),
-            )
+            pretrained = pretrain(suite, config, on_step=lambda _: bar.update(1))
             pretrain_seconds = time.perf_counter() - t0
             results = []
             for seed in config.seeds:
