@@ -31,10 +31,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
-from test_lightning_common import CLASSES, HIDDEN, TASKS, backbone, branched, specs, train_loaders
+from test_lightning_common import TASKS, MultiHead, branched, specs, train_loaders
 
 WORLD = 2
 DRM = {"drop_rate": 0.5, "direction": "vertical"}  # the sharded (gather-free) route
@@ -60,25 +60,14 @@ def perturbed_branches(seed: int = 0) -> pl.LightningModule:
     return model
 
 
-class HeadsModel(pl.LightningModule):
+class HeadsModel(MultiHead):
     """One backbone, one head per task; every step trains every task (no unused parameter)."""
 
     def __init__(self, lr: float = 5e-2) -> None:
-        super().__init__()
-        self.backbone = backbone(0)
-        self.heads = nn.ModuleDict({t: nn.Linear(HIDDEN, CLASSES) for t in TASKS})
-        self.lr = lr
-        self.current_task = TASKS[0]
+        super().__init__(TASKS, seed=0, lr=lr)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.current_task = TASKS[batch_idx % len(TASKS)]
-
-    def forward(self, x: Tensor, task: str) -> Tensor:
-        return self.heads[task](self.backbone(x))
-
-    def predict_task(self, task: str, batch: Any) -> tuple[Tensor, Tensor]:
-        x, y = batch
-        return self(x, task), y
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses = [F.cross_entropy(self(batch[t][0], t), batch[t][1]) for t in TASKS]
