@@ -185,7 +185,7 @@ class WeightSource(ABC):
 
 
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
-_HASH_IN_FLIGHT: dict[tuple[str, int, int], threading.Event] = {}
+_HASH_FILE_LOCKS: dict[tuple[str, int, int], threading.Lock] = {}
 _HASH_LOCK = threading.Lock()
 
 
@@ -214,18 +214,13 @@ def sha256_of(path: str | os.PathLike[str], *, chunk_bytes: int = 8 * 1024 * 102
         raise IsADirectoryError(f"cannot hash {p}: it is a folder, expected a file")
     st = p.stat()
     key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    while True:
+    with _HASH_LOCK:
+        file_lock = _HASH_FILE_LOCKS.setdefault(key, threading.Lock())
+    with file_lock:  # a second caller for the same file waits here, then finds the digest cached
         with _HASH_LOCK:
             cached = _HASH_CACHE.get(key)
-            in_flight = None if cached is not None else _HASH_IN_FLIGHT.get(key)
-            if cached is None and in_flight is None:
-                _HASH_IN_FLIGHT[key] = done = threading.Event()
         if cached is not None:
             return cached
-        if in_flight is None:
-            break
-        in_flight.wait()  # another thread is hashing this file; its result lands in the cache
-    try:
         h = hashlib.sha256()
         with p.open("rb") as f:
             while chunk := f.read(chunk_bytes):
@@ -234,10 +229,6 @@ def sha256_of(path: str | os.PathLike[str], *, chunk_bytes: int = 8 * 1024 * 102
         with _HASH_LOCK:
             _HASH_CACHE[key] = digest
         return digest
-    finally:
-        with _HASH_LOCK:
-            _HASH_IN_FLIGHT.pop(key, None)
-        done.set()
 
 
 def hash_in_background(paths: Iterable[str | os.PathLike[str]]) -> threading.Thread:
