@@ -50,7 +50,9 @@ from drm_lightning.distributed.comm import Comm, DistributedMergeError
 from drm_lightning.distributed.plan import MergePlan, build_plan
 from drm_lightning.merge import PlannedTensor, iter_merge, plan_merge
 from drm_lightning.methods import MergeMethod, Route
-from drm_lightning.sources import HFFolderWriter, LoraBranch, open_source
+from drm_lightning.cli_guard import guard_output, key_mismatch_hint, open_inputs
+from drm_lightning.sources import HFFolderWriter
+from drm_lightning.sources.output_guard import cleanup_on_signals
 
 EXIT_ERROR = 2
 
@@ -87,7 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run", action="store_true", help="validate and print the plan; read no weights"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it is an earlier drm-merge output (never a folder with other "
+        "files); also removes folders left by killed earlier runs",
+    )
+    parser.add_argument(
+        "--trust-pickles",
+        action="store_true",
+        help="allow full unpickling of .ckpt/.bin/.pt inputs that hold more than tensors "
+        "(runs code from the files; trusted files only). Default: refused",
+    )
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where the merge math runs"
     )
@@ -129,24 +142,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "--nproc_per_node N to merge on N ranks")
     if launched_world_size() > 1 or (dist.is_available() and dist.is_initialized()
                                      and dist.get_world_size() > 1):
-        return _main_distributed(args)
+        with cleanup_on_signals():
+            return _main_distributed(args)
     try:
-        config = load_config(args.config)
-        check_output(args.output, config, overwrite=args.overwrite)
+        config = _load_config(args)
+        check_output(args.output, config, overwrite=args.overwrite, dry_run=args.dry_run)
         device = resolve_device(args.device)
         job = open_job(config)
         if args.dry_run:
             print(describe_plan(job, args.output, world_size=args.ranks or 1,
                                 max_pending=args.max_pending))
             return 0
-        run_job(
-            job,
-            args.output,
-            overwrite=args.overwrite,
-            device=device,
-            progress=not args.no_progress,
-            max_shard_bytes=args.max_shard_size,
-        )
+        with cleanup_on_signals():
+            run_job(
+                job,
+                args.output,
+                overwrite=args.overwrite,
+                device=device,
+                progress=not args.no_progress,
+                max_shard_bytes=args.max_shard_size,
+            )
     except KeyboardInterrupt:
         print("drm-merge: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -202,8 +217,20 @@ def parse_size(text: str) -> int:
 # ------------------------------------------------------------------------------ the steps
 
 
-def check_output(out: Path, config: MergeConfig, *, overwrite: bool) -> None:
-    """Refuse an existing ``out`` without ``--overwrite``, and any ``out`` that holds an input."""
+def _load_config(args: argparse.Namespace) -> MergeConfig:
+    """The config file, with ``--trust-pickles`` applied."""
+    config = load_config(args.config)
+    if getattr(args, "trust_pickles", False):
+        config = config.model_copy(update={"trust_pickles": True})
+    return config
+
+
+def check_output(
+    out: Path, config: MergeConfig, *, overwrite: bool, dry_run: bool = False
+) -> None:
+    """Refuse an existing ``out`` without ``--overwrite``, any ``out`` that holds an input,
+    and what ``--overwrite`` must not replace (:func:`~drm_lightning.cli_guard.guard_output`);
+    report leftovers of killed earlier runs."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"output {str(out)!r} exists and is a file, not a folder")
     if out.exists() and not overwrite:
@@ -223,6 +250,11 @@ def check_output(out: Path, config: MergeConfig, *, overwrite: bool) -> None:
                 f"output folder {str(out)!r} is inside the {label} input {str(path)!r}; "
                 "choose a folder outside the inputs"
             )
+    inputs = [config.base, *(b.path for b in config.branches)]
+    notes = guard_output(out, overwrite=overwrite, inputs=inputs, dry_run=dry_run)
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            print(f"drm-merge: note: {note}", file=sys.stderr)
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
@@ -244,10 +276,7 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
 def open_job(config: MergeConfig) -> MergeJob:
     """Open base and branches lazily (LoRA adapters detected) and plan from metadata only."""
     method = config.build_method()
-    base = open_source(config.base)
-    branches = [
-        LoraBranch(b.path, base) if b.is_lora else open_source(b.path) for b in config.branches
-    ]
+    base, branches = open_inputs(config)
     coefficients = config.resolved_coefficients()
     try:
         plan = plan_merge(base, branches, routing=config.build_routing(), coefficients=coefficients)
@@ -256,7 +285,8 @@ def open_job(config: MergeConfig) -> MergeJob:
             [f"base = {config.base}"]
             + [f"branch {i} = {b.path}" for i, b in enumerate(config.branches)]
         )
-        raise ValueError(f"{err}\n(inputs: {legend})") from err
+        hint = key_mismatch_hint(config, base, branches)
+        raise ValueError(f"{err}\n(inputs: {legend}){hint}") from err
     return MergeJob(config, method, base, branches, coefficients, plan)
 
 
@@ -380,8 +410,8 @@ def _main_distributed(args: argparse.Namespace) -> int:
         device = torch.device("cpu")
         local: BaseException | None = None
         try:
-            config = load_config(args.config)
-            check_output(args.output, config, overwrite=args.overwrite)
+            config = _load_config(args)
+            check_output(args.output, config, overwrite=args.overwrite, dry_run=args.dry_run)
             device = resolve_device(args.device, _local_rank())
             job = open_job(config)
             if rank == 0 and not args.dry_run:

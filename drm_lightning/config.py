@@ -10,16 +10,20 @@ parameters::
       - {path: checkpoints/code, coefficient: 0.7}
       - path: adapters/chat-lora              # a PEFT LoRA adapter folder is detected
         coefficient: 0.5
+      - {path: runs/last.ckpt, prefix: model.}  # strip (or add_prefix: add) a name prefix
     parameters: {drop_rate: 0.8, direction: horizontal}
     compute_dtype: float32                    # precision of the merge math
     out_dtype: bfloat16                       # default: each base tensor's dtype
     routing: {ignore: ["score\\\\."]}             # regexes (include / exclude / ignore)
     seed: 0                                   # randomness of DARE, per tensor
+    trust_pickles: false                      # true: unpickle .ckpt/.bin that need it (runs code)
 
 mergekit spellings are accepted as aliases: ``merge_method`` for ``method``, ``base_model``
 for ``base``, ``models`` for ``branches``, ``model`` for ``path``, ``weight`` (also nested
 under a branch's ``parameters``) for ``coefficient`` and ``dtype`` for ``compute_dtype``.
-Relative paths are resolved against the current working directory, as in mergekit.
+Relative paths are resolved against the current working directory (not the config file's
+folder), as in mergekit. A key given twice in one mapping and ``true``/``false`` where a
+number is expected are refused; errors of a config file name the line of the value.
 
 Every mistake is reported at once, each with its field path (``branches[1].coefficient:
 must be >= 0 (got -0.5)``); unknown keys, method names and method parameters come with the
@@ -65,6 +69,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from drm_lightning.config_values import BOOL_NOT_NUMBER, bool_params, bools_where_numbers, check_path
+from drm_lightning.config_yaml import Lines, load_yaml
 from drm_lightning.methods import MergeMethod, available_methods, get_method
 from drm_lightning.methods.base import closest_names, method_class
 from drm_lightning.routing import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, Routing
@@ -137,13 +143,18 @@ def _friendly_message(error: Mapping[str, Any]) -> str:
     return msg
 
 
-def format_validation_error(err: ValidationError, *, source: str | None = None) -> str:
-    """One line per problem, ``field.path: message``, prefixed by the config file if known."""
+def format_validation_error(
+    err: ValidationError, *, source: str | None = None, where: Lines | None = None
+) -> str:
+    """One line per problem, ``field.path: message``, prefixed by the config file if known
+    and by the line of the value when ``where`` (from the YAML text) is given."""
     lines = []
     for e in err.errors():
         loc = format_loc(e["loc"])
         msg = _friendly_message(e)
-        lines.append(f"{loc}: {msg}" if loc else msg)
+        line = f"{loc}: {msg}" if loc else msg
+        number = where.of(e["loc"]) if where is not None else None
+        lines.append(f"line {number}: {line}" if number is not None else line)
     head = f"invalid configuration {source}" if source else "invalid configuration"
     if len(lines) == 1:
         return f"{head}: {lines[0]}" if source else lines[0]
@@ -226,18 +237,6 @@ def _normalize_dtype(value: Any) -> Any:
     return value
 
 
-def _check_path(value: Path, what: str) -> Path:
-    if not value.exists():
-        hint = (
-            " (paths are local files or folders; download Hub models first, e.g. with "
-            "`huggingface-cli download`)"
-            if not value.is_absolute() and str(value).count("/") == 1
-            else ""
-        )
-        raise ValueError(f"{what} not found: {str(value)!r}{hint}")
-    return value
-
-
 # --------------------------------------------------------------------------------- sections
 
 
@@ -251,6 +250,15 @@ class BranchConfig(_Section):
     aliases: ClassVar[dict[str, str]] = {"model": "path", "weight": "coefficient"}
 
     path: Path = Field(validation_alias=AliasChoices("path", "model"))
+    prefix: str | None = Field(
+        None,
+        min_length=1,
+        description="strip this prefix from the branch's tensor names; names without it are "
+        "left out (e.g. 'model.' for a LightningModule holding the network in self.model)",
+    )
+    add_prefix: str | None = Field(
+        None, min_length=1, description="put this prefix in front of every tensor name"
+    )
     coefficient: float | None = Field(
         None,
         ge=0.0,
@@ -274,7 +282,16 @@ class BranchConfig(_Section):
     @field_validator("path")
     @classmethod
     def _exists(cls, value: Path) -> Path:
-        return _check_path(value, "branch")
+        return check_path(value, "branch")
+
+    @model_validator(mode="after")
+    def _prefix_not_for_lora(self) -> BranchConfig:
+        if (self.prefix or self.add_prefix) and self.is_lora:
+            raise ValueError(
+                "prefix/add_prefix do not apply to a LoRA adapter folder (its names are mapped "
+                "to the base's names already)"
+            )
+        return self
 
     @property
     def is_lora(self) -> bool:
@@ -358,6 +375,12 @@ class MergeConfig(_Section):
     seed: int | None = Field(
         None, ge=0, description="seed of the per-tensor generators (DARE); default 0"
     )
+    trust_pickles: bool = Field(
+        False,
+        strict=True,
+        description="allow full unpickling of .ckpt/.bin/.pt inputs that hold more than "
+        "tensors (it can run code from the file); default: refused",
+    )
 
     @field_validator("compute_dtype", "out_dtype", mode="before")
     @classmethod
@@ -392,7 +415,7 @@ class MergeConfig(_Section):
     @field_validator("base")
     @classmethod
     def _base_exists(cls, value: Path) -> Path:
-        _check_path(value, "base")
+        check_path(value, "base")
         if value.is_dir() and (value / ADAPTER_CONFIG).is_file():
             raise ValueError(
                 f"{str(value)!r} is a LoRA adapter; the base must be a full model "
@@ -403,6 +426,7 @@ class MergeConfig(_Section):
     @classmethod
     def _more_errors(cls, data: Mapping[str, Any]) -> list[InitErrorDetails]:
         errors = _parameter_errors(data)
+        errors += [_error(loc, BOOL_NOT_NUMBER, value) for loc, value in bools_where_numbers(data)]
         params = data.get("parameters")
         if isinstance(params, Mapping) and "seed" in params and "seed" in data:
             if params["seed"] != data["seed"]:
@@ -515,6 +539,10 @@ def _parameter_errors(data: Mapping[str, Any]) -> list[InitErrorDetails]:
                     f"unknown parameter for method {name!r} ({closest_names(str(key), settable)})",
                 )
             )
+    errors += [
+        _error(("parameters", key), BOOL_NOT_NUMBER, params[key])
+        for key in bool_params(params, fields)
+    ]
     if errors:
         return errors
     try:
@@ -550,13 +578,15 @@ def load_config(path: str | Path) -> MergeConfig:
 def parse_config(text: str, *, source: str = "<config>") -> MergeConfig:
     """Validate YAML ``text``; ``source`` names it in error messages."""
     try:
-        data = yaml.safe_load(text)
+        data, lines = load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
         problem = getattr(err, "problem", None) or str(err)
         context = getattr(err, "context", None)
         detail = f"{problem} ({context})" if context else problem
+        if isinstance(err, yaml.constructor.ConstructorError) and "duplicate key" in problem:
+            raise ConfigError(f"{where}: {detail}") from None
         raise ConfigError(f"{where}: YAML syntax error: {detail}") from None
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
@@ -567,4 +597,4 @@ def parse_config(text: str, *, source: str = "<config>") -> MergeConfig:
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source=source)) from None
+        raise ConfigError(format_validation_error(err, source=source, where=lines)) from None

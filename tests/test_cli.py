@@ -339,17 +339,17 @@ def test_overwrite_replaces_existing_output(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    out.mkdir()
-    (out / "old.txt").write_text("keep me unless --overwrite")
     cfg = _write_config(tmp_path, zoo, method="linear", parameters={})
+    assert main([str(cfg), "-o", str(out), "--no-progress"]) == 0  # an earlier output
+    first = out.stat().st_ino
     _forbid_reading(monkeypatch)  # refusing must happen before any weight is read
     assert main([str(cfg), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"output folder '{out}' already exists; pass --overwrite" in err
-    assert (out / "old.txt").read_text() == "keep me unless --overwrite"
+    assert out.stat().st_ino == first
     monkeypatch.undo()
     assert main([str(cfg), "-o", str(out), "--overwrite", "--no-progress"]) == 0
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    assert out.stat().st_ino != first and (out / "model.safetensors").is_file()
 
 
 def test_parse_size() -> None:

@@ -21,6 +21,7 @@ from drm_lightning.sources import (
     StateDictSource,
     TensorMeta,
     TorchFileSource,
+    UntrustedPickleError,
     WeightSource,
     open_source,
     sha256_of,
@@ -166,14 +167,12 @@ def test_lightning_checkpoint_with_prefix(llama: dict) -> None:
 
 def test_lightning_checkpoint_with_python_objects(llama: dict) -> None:
     path = llama["root"] / "custom.ckpt"
-    with pytest.raises(ValueError, match=r"custom\.ckpt holds Python objects.*weights_only=False"):
-        LightningCheckpointSource(path, prefix="model.", weights_only=True)
-    with pytest.warns(UserWarning, match=r"custom\.ckpt holds Python objects"):
-        source = LightningCheckpointSource(path, prefix="model.")
-    _assert_same_weights(source, llama["state"])
+    with pytest.raises(UntrustedPickleError, match=r"custom\.ckpt holds Python objects.*--trust-pickles"):
+        LightningCheckpointSource(path, prefix="model.")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        LightningCheckpointSource(path, prefix="model.", weights_only=False)
+        source = LightningCheckpointSource(path, prefix="model.", trust_pickles=True)
+    _assert_same_weights(source, llama["state"])
 
 
 def test_lightning_checkpoint_refuses_plain_state_dict(llama: dict) -> None:

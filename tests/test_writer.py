@@ -182,8 +182,8 @@ def test_error_in_the_with_block_or_at_finish_leaves_nothing(
 
 def test_overwrite_semantics(tmp_path: Path) -> None:
     out = tmp_path / "merged"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    with HFFolderWriter(out) as w:  # an earlier output: the only kind --overwrite replaces
+        w.add("w", torch.zeros(2))
     with pytest.raises(
         FileExistsError,
         match=rf"output folder {out} already exists; pass overwrite=True \(--overwrite\)",
@@ -193,11 +193,11 @@ def test_overwrite_semantics(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), HFFolderWriter(out, overwrite=True) as w:
         w.add("w", torch.ones(2))
         raise RuntimeError("boom")
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"] and _leftovers(tmp_path) == []
+    assert torch.equal(HFFolderSource(out).get("w"), torch.zeros(2)) and _leftovers(tmp_path) == []
     # the old folder is replaced only once the new one is complete
     with HFFolderWriter(out, overwrite=True) as w:
         w.add("w", torch.ones(2))
-        assert (out / "old.txt").read_text() == "old"
+        assert torch.equal(HFFolderSource(out).get("w"), torch.zeros(2))
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.safetensors"]
     assert torch.equal(HFFolderSource(out).get("w"), torch.ones(2))
     assert _leftovers(tmp_path) == []

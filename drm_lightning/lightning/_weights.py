@@ -78,16 +78,17 @@ def compute_delta(live: Mapping[str, Tensor], base: Mapping[str, Tensor], dtype:
     return out
 
 
-def load_weights(path: Path) -> dict[str, Tensor]:
+def load_weights(path: Path, *, trust_pickles: bool = False) -> dict[str, Tensor]:
     """CPU copies of the floating-point weights of a file or folder, through the core's readers.
 
     Lightning ``.ckpt`` (its ``state_dict``; for ``WeightAveraging`` checkpoints the averaged
     model), ``.safetensors``, ``.bin``/``.pt`` or a Hugging Face folder: see
-    :func:`drm_lightning.sources.open_source`.
+    :func:`drm_lightning.sources.open_source`. Pickles that need more than a weights-only
+    load are refused unless ``trust_pickles`` (see :mod:`drm_lightning.sources.trust`).
     """
     from drm_lightning.sources import open_source
 
-    source = open_source(path)
+    source = open_source(path, trust_pickles=trust_pickles)
     return {
         name: source.get(name).detach().to("cpu", copy=True)
         for name in source.keys()

@@ -206,6 +206,9 @@ class MergeCallback(Callback):
             shards + index, model card; replaced atomically). Per-task heads of a
             ``BranchedModule`` go to ``heads.safetensors`` beside it.
         method_params: Parameters of ``method`` when it is given by name.
+        trust_pickles: Allow full unpickling of ``base`` / checkpoint branch files that hold
+            more than tensors (they can run code). Default: pickles load weights-only and
+            anything else is refused (see :mod:`drm_lightning.sources.trust`).
 
     Raises:
         ValueError: at construction, for invalid schedules or method parameters.
@@ -251,6 +254,7 @@ class MergeCallback(Callback):
         evaluate_branches: bool = True,
         export_dir: PathLike | None = None,
         method_params: Mapping[str, Any] | None = None,
+        trust_pickles: bool = False,
     ) -> None:
         if isinstance(method, MergeMethod):
             if method_params:
@@ -311,6 +315,7 @@ class MergeCallback(Callback):
         self.snapshot_dtype = snapshot_dtype
         self.evaluate_branches = evaluate_branches
         self.export_dir = Path(export_dir) if export_dir is not None else None
+        self.trust_pickles = bool(trust_pickles)
 
         #: One record per merge: step, epoch, branch labels, timings and logged scores.
         self.history: list[dict[str, Any]] = []
@@ -620,7 +625,7 @@ class MergeCallback(Callback):
             path = Path(self._base_arg)
             if not path.exists():
                 raise FileNotFoundError(f"MergeCallback(base={os.fspath(path)!r}): the file does not exist")
-            self._base = load_weights(path)
+            self._base = load_weights(path, trust_pickles=self.trust_pickles)
         else:
             self._base = cpu_clone(float_state(pl_module))
         self._snapshots = []
@@ -629,7 +634,9 @@ class MergeCallback(Callback):
         sources: list[Any] = [live]
         if self.mode == "checkpoints":
             check_paths(self._paths)
-            self._checkpoints = {task: load_weights(p) for task, p in self._paths.items()}
+            self._checkpoints = {
+                task: load_weights(p, trust_pickles=self.trust_pickles) for task, p in self._paths.items()
+            }
             sources += [
                 StateDictSource(w, origin=f"checkpoint {t!r} ({self._paths[t]})")
                 for t, w in self._checkpoints.items()

@@ -24,8 +24,10 @@ from drm_lightning.sources.hf_folder import HFFolderSource
 from drm_lightning.sources.lightning_ckpt import LightningCheckpointSource
 from drm_lightning.sources.lora import LoraBranch, LoraModule
 from drm_lightning.sources.memory import StateDictSource
+from drm_lightning.sources.renamed import RenamedSource
 from drm_lightning.sources.safetensors_file import SafetensorsFileSource
 from drm_lightning.sources.torch_file import TorchFileSource, load_pickled
+from drm_lightning.sources.trust import TRUST_OPT_IN, UntrustedPickleError
 from drm_lightning.sources.writer import COPIED_FILES, HFFolderWriter, check_free_space
 
 __all__ = [
@@ -35,11 +37,14 @@ __all__ = [
     "LightningCheckpointSource",
     "LoraBranch",
     "LoraModule",
+    "RenamedSource",
     "SafetensorsFileSource",
     "SourceLike",
     "StateDictSource",
+    "TRUST_OPT_IN",
     "TensorMeta",
     "TorchFileSource",
+    "UntrustedPickleError",
     "WeightSource",
     "check_free_space",
     "dtype_from_safetensors",

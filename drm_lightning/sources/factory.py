@@ -37,7 +37,7 @@ def open_source(
     *,
     base: SourceLike | None = None,
     prefix: str | None = None,
-    weights_only: bool | None = None,
+    trust_pickles: bool = False,
     adapter_name: str | None = None,
 ) -> WeightSource:
     """Open weights from any supported input.
@@ -58,8 +58,9 @@ def open_source(
         obj: what to open.
         base: the base model, required for (and only used by) PEFT adapter folders.
         prefix: name prefix to strip, for ``.ckpt`` / ``.bin`` / ``.pt`` files only.
-        weights_only: pickle safety for ``.ckpt`` / ``.bin`` / ``.pt`` files (see
-            :func:`~drm_lightning.sources.torch_file.load_pickled`).
+        trust_pickles: allow full unpickling of ``.ckpt`` / ``.bin`` / ``.pt`` files that
+            hold more than tensors (they can run code; refused by default, see
+            :mod:`drm_lightning.sources.trust`).
         adapter_name: for adapter files holding several adapters.
 
     Raises:
@@ -100,18 +101,21 @@ def open_source(
                     f"{path} is a PEFT adapter folder; open it with base= the model it was trained on"
                 )
             return LoraBranch(
-                path, open_source(base, weights_only=weights_only), adapter_name=adapter_name
+                path,
+                open_source(base, trust_pickles=trust_pickles),
+                adapter_name=adapter_name,
+                trust_pickles=trust_pickles,
             )
         _no_prefix(prefix, path)
-        return HFFolderSource(path, weights_only=weights_only)
+        return HFFolderSource(path, trust_pickles=trust_pickles)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         _no_prefix(prefix, path)
         return SafetensorsFileSource(path)
     if suffix == ".ckpt":
-        return LightningCheckpointSource(path, prefix=prefix, weights_only=weights_only)
+        return LightningCheckpointSource(path, prefix=prefix, trust_pickles=trust_pickles)
     if suffix in _PICKLE_SUFFIXES:
-        return TorchFileSource(path, prefix=prefix, weights_only=weights_only)
+        return TorchFileSource(path, prefix=prefix, trust_pickles=trust_pickles)
     raise ValueError(f"{path}: unsupported file type {suffix!r}; {EXPECTED_INPUTS}")
 
 

@@ -55,9 +55,9 @@ class HFFolderSource(WeightSource):
 
     Args:
         path: the folder.
-        weights_only: for ``pytorch_model.bin`` files, see
-            :func:`~drm_lightning.sources.torch_file.load_pickled` (default: safe load with a
-            warned fallback).
+        trust_pickles: for ``.bin`` files (``pytorch_model.bin``, or shards an index names),
+            allow full unpickling, see :func:`~drm_lightning.sources.torch_file.load_pickled`
+            (default: weights-only, anything else refused).
 
     Attributes:
         path: the folder.
@@ -76,10 +76,10 @@ class HFFolderSource(WeightSource):
         FileNotFoundError: no model weights in ...: expected a .safetensors file, a folder with model.safetensors[.index.json] or pytorch_model.bin, ...
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, weights_only: bool | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, trust_pickles: bool = False) -> None:
         self.path = Path(path)
         self.origin = str(self.path)
-        self._weights_only = weights_only
+        self._trust_pickles = trust_pickles
         if not self.path.exists():
             raise FileNotFoundError(f"model folder not found: {self.path}; {EXPECTED_INPUTS}")
         if not self.path.is_dir():
@@ -136,7 +136,7 @@ class HFFolderSource(WeightSource):
             if filename.endswith(".safetensors"):
                 shard = SafetensorsFileSource(file)
             else:
-                shard = TorchFileSource(file, weights_only=self._weights_only)
+                shard = TorchFileSource(file, trust_pickles=self._trust_pickles)
             self._shards[filename] = shard
         return shard
 

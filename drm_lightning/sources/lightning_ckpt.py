@@ -35,9 +35,9 @@ class LightningCheckpointSource(TorchFileSource):
         path: the ``.ckpt`` file.
         prefix: remove this prefix from every name, keep only names that have it (e.g.
             ``"model."``). No prefix is stripped unless given.
-        weights_only: ``None`` (default): safe load, falling back with a warning to full
-            unpickling when the checkpoint stores Python objects (hyper-parameters);
-            ``True``: refuse such files; ``False``: full unpickling (trusted files only).
+        trust_pickles: allow full unpickling of checkpoints that store Python objects
+            (custom hyper-parameter classes); refused by default, see
+            :func:`~drm_lightning.sources.torch_file.load_pickled`.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -61,9 +61,9 @@ class LightningCheckpointSource(TorchFileSource):
         path: str | os.PathLike[str],
         *,
         prefix: str | None = None,
-        weights_only: bool | None = None,
+        trust_pickles: bool = False,
     ) -> None:
-        super().__init__(path, key="state_dict", prefix=prefix, weights_only=weights_only)
+        super().__init__(path, key="state_dict", prefix=prefix, trust_pickles=trust_pickles)
 
     def _select(self, payload: Any, key: str | None) -> Mapping[Any, Any]:
         if not isinstance(payload, Mapping) or "state_dict" not in payload:

@@ -142,6 +142,8 @@ class LoraBranch(WeightSource):
             no other renaming is attempted.
         adapter_name: which adapter to use when the keys carry adapter-name segments
             (``lora_A.<name>.weight``) for more than one adapter.
+        trust_pickles: allow full unpickling of an ``adapter_model.bin`` that holds more
+            than tensors (see :mod:`drm_lightning.sources.trust`); refused by default.
 
     Raises:
         FileNotFoundError: the folder, its config or its weights file is missing.
@@ -166,8 +168,10 @@ class LoraBranch(WeightSource):
         base: WeightSource,
         *,
         adapter_name: str | None = None,
+        trust_pickles: bool = False,
     ) -> None:
         self.path = Path(adapter_dir)
+        self._trust_pickles = trust_pickles
         self.origin = str(self.path)
         self.base = base
         if not self.path.is_dir():
@@ -238,7 +242,7 @@ class LoraBranch(WeightSource):
         if st.is_file():
             return st, SafetensorsFileSource(st)
         if pt.is_file():
-            return pt, TorchFileSource(pt, weights_only=True)
+            return pt, TorchFileSource(pt, trust_pickles=self._trust_pickles)
         raise FileNotFoundError(
             f"LoRA adapter {self.path} has no adapter_model.safetensors or adapter_model.bin"
         )

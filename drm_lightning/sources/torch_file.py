@@ -1,9 +1,9 @@
 """Pickled torch state dicts (``pytorch_model.bin``, ``.pt``, ``.pth``), memory-mapped.
 
 Files are opened with ``torch.load(..., mmap=True, map_location="cpu")``: the pickle is read
-at construction, tensor data stays on disk until a tensor is used. Pickles are first loaded
-with ``weights_only=True``; see :func:`load_pickled` for when (and how loudly) that falls
-back to full unpickling.
+at construction, tensor data stays on disk until a tensor is used. Pickles are loaded
+with ``weights_only=True``; files that need full unpickling are refused unless
+``trust_pickles=True`` (see :mod:`drm_lightning.sources.trust`).
 
 Example:
     >>> import tempfile, pathlib, torch
@@ -27,31 +27,34 @@ import torch
 from torch import Tensor
 
 from drm_lightning.sources.base import LoadedTensorsMixin, TensorMeta, WeightSource
+from drm_lightning.sources.trust import UntrustedPickleError
 
 __all__ = ["TorchFileSource", "load_pickled"]
 
 
-def load_pickled(path: str | os.PathLike[str], *, weights_only: bool | None = None) -> Any:
+def load_pickled(path: str | os.PathLike[str], *, trust_pickles: bool = False) -> Any:
     """``torch.load`` a file on CPU, memory-mapped when the format allows it.
+
+    The file is always tried with ``weights_only=True`` first (tensors, numbers, strings and
+    plain containers only; no code runs). A file that needs more is refused with
+    :class:`~drm_lightning.sources.trust.UntrustedPickleError` unless ``trust_pickles`` is
+    true, in which case it is fully unpickled (which runs whatever code the file holds).
 
     Args:
         path: the pickled file.
-        weights_only: ``True``: only tensors and plain containers (``torch.load``'s safe
-            mode), errors otherwise. ``False``: full unpickling — runs code from the file,
-            use only for files you trust. ``None`` (default): safe mode first; if the file
-            holds other Python objects (Lightning checkpoints often store hyper-parameters
-            as custom classes), warn and fall back to full unpickling.
+        trust_pickles: allow full unpickling of files that need it (trusted files only).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``weights_only=True`` and the file needs full unpickling, or the file
-            is not a torch pickle.
+        UntrustedPickleError: (a ``ValueError``) the file needs full unpickling and
+            ``trust_pickles`` is false; the message says how to opt in.
+        ValueError: the file is not a torch checkpoint (not a zip or pickle torch wrote).
 
     Example:
         >>> import tempfile, pathlib, torch
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "sd.pt"
         >>> torch.save({"w": torch.zeros(1)}, p)
-        >>> load_pickled(p, weights_only=True)
+        >>> load_pickled(p)
         {'w': tensor([0.])}
     """
     p = Path(path)
@@ -60,28 +63,37 @@ def load_pickled(path: str | os.PathLike[str], *, weights_only: bool | None = No
             f"torch checkpoint not found: {p}" + (" (it is a folder)" if p.is_dir() else "")
         )
     mmap = zipfile.is_zipfile(p)  # legacy (pre-1.6) pickles cannot be memory-mapped
-    if weights_only is not False:
-        try:
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(p, map_location="cpu", mmap=mmap, weights_only=True)
-        except pickle.UnpicklingError as err:
-            if weights_only:
-                raise ValueError(
-                    f"{p} holds Python objects other than tensors, so it cannot be loaded with "
-                    f"weights_only=True ({str(err).splitlines()[0]}). If you trust this file, load it "
-                    "with weights_only=False"
-                ) from err
-            warnings.warn(
-                f"{p} holds Python objects other than tensors; loading it with full unpickling "
-                "(weights_only=False). Only do this for files you trust; pass weights_only=True to refuse.",
-                UserWarning,
-                stacklevel=3,
-            )
-        except (RuntimeError, EOFError) as err:
-            raise ValueError(f"{p} is not a readable torch checkpoint: {err}") from err
+    except pickle.UnpicklingError as err:
+        if not _looks_like_torch_file(p, mmap):
+            raise _unreadable(p, err) from err
+        if not trust_pickles:
+            raise UntrustedPickleError(p, str(err)) from None
+    except Exception as err:  # noqa: BLE001 - torch raises KeyError, RuntimeError, EOFError...
+        raise _unreadable(p, err) from err
     try:
         return torch.load(p, map_location="cpu", mmap=mmap, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise ValueError(f"{p} is not a readable torch checkpoint: {err}") from err
+    except Exception as err:  # noqa: BLE001 - any failure of a trusted load: say which file
+        raise _unreadable(p, err) from err
+
+
+def _looks_like_torch_file(path: Path, is_zip: bool) -> bool:
+    """A torch zip archive, or a pickle stream (protocol 2+ starts with ``\\x80``)."""
+    if is_zip:
+        return True
+    with path.open("rb") as f:
+        return f.read(1) == b"\x80"
+
+
+def _unreadable(path: Path, err: BaseException) -> ValueError:
+    detail = f"{type(err).__name__}: {err}".strip().splitlines()[0][:200]
+    return ValueError(
+        f"{path} is not a readable torch checkpoint ({detail}); expected a file written by "
+        "torch.save or a Lightning Trainer (for safetensors files use the .safetensors suffix)"
+    )
 
 
 class TorchFileSource(LoadedTensorsMixin, WeightSource):
@@ -95,7 +107,7 @@ class TorchFileSource(LoadedTensorsMixin, WeightSource):
             with the prefix removed (``"model."`` turns ``model.fc.weight`` into
             ``fc.weight``). Names without it are left out and listed in :attr:`skipped`.
             Nothing is stripped unless asked.
-        weights_only: see :func:`load_pickled`.
+        trust_pickles: allow full unpickling, see :func:`load_pickled`.
 
     Attributes:
         skipped: names left out (not matching ``prefix``, or not tensors).
@@ -121,12 +133,12 @@ class TorchFileSource(LoadedTensorsMixin, WeightSource):
         *,
         key: str | None = None,
         prefix: str | None = None,
-        weights_only: bool | None = None,
+        trust_pickles: bool = False,
     ) -> None:
         self.path = Path(path)
         self.origin = str(self.path)
         self.prefix = prefix
-        payload = load_pickled(self.path, weights_only=weights_only)
+        payload = load_pickled(self.path, trust_pickles=trust_pickles)
         state = self._select(payload, key)
         self._tensors: dict[str, Tensor] = {}
         self.skipped: list[str] = []

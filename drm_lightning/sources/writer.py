@@ -6,7 +6,9 @@ shards like ``save_pretrained`` (``model-00001-of-00003.safetensors`` + index, o
 ``model.safetensors``), copies the config and tokenizer files, writes a model card, and
 moves the finished folder into place. Until then everything lives in a hidden sibling
 folder ``<out>.tmp-<pid>-<random>``; on any error (a full disk included) that folder is
-removed and ``out_dir`` is left as it was.
+removed and ``out_dir`` is left as it was. ``overwrite`` replaces only an earlier
+drm_lightning output (see :mod:`drm_lightning.sources.output_guard`); a symlinked
+``out_dir`` is followed, so the link keeps pointing at the new folder.
 
 Example:
     >>> import tempfile, pathlib, torch
@@ -19,12 +21,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
-import secrets
+import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -33,6 +36,13 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from drm_lightning.sources.base import hash_in_background, sha256_of
+from drm_lightning.sources.output_guard import (
+    check_parent,
+    check_replaceable,
+    remove_stale,
+    sibling,
+    stale_leftovers,
+)
 
 __all__ = ["COPIED_FILES", "HFFolderWriter", "check_free_space"]
 
@@ -94,8 +104,11 @@ class HFFolderWriter:
 
     Args:
         out_dir: the folder to create.
-        overwrite: replace an existing ``out_dir`` (only once the new folder is complete).
-            Without it an existing ``out_dir`` raises ``FileExistsError`` at construction.
+        overwrite: replace an existing ``out_dir`` (only once the new folder is complete),
+            if it is an earlier drm_lightning output
+            (:func:`~drm_lightning.sources.output_guard.check_replaceable`); leftovers of
+            killed earlier runs writing the same ``out_dir`` are removed. Without it an
+            existing ``out_dir`` raises ``FileExistsError`` at construction.
         max_shard_bytes: shard size limit; a tensor larger than this gets a shard of its own.
         copy_from: a folder (usually the base model's) to copy ``config.json``,
             ``generation_config.json`` and tokenizer files from, when present.
@@ -107,8 +120,10 @@ class HFFolderWriter:
         expected_bytes: if given, :func:`check_free_space` runs at construction.
 
     Raises:
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
-        NotADirectoryError: ``copy_from`` is not a folder, or ``out_dir`` is an existing file.
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is false, or it holds files
+            drm_lightning did not write.
+        NotADirectoryError: ``copy_from`` is not a folder, ``out_dir`` is an existing file,
+            or a parent of ``out_dir`` is a file.
         ValueError: ``max_shard_bytes`` is not positive.
         OSError: not enough free space (with ``expected_bytes``), or any write error.
 
@@ -137,6 +152,8 @@ class HFFolderWriter:
         expected_bytes: int | None = None,
     ) -> None:
         self.out_dir = Path(out_dir).absolute()
+        if self.out_dir.is_symlink():
+            self.out_dir = self.out_dir.resolve()  # replace the folder it points to, keep the link
         self.overwrite = overwrite
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
@@ -152,6 +169,10 @@ class HFFolderWriter:
                 raise FileExistsError(
                     f"output folder {self.out_dir} already exists; pass overwrite=True (--overwrite) to replace it"
                 )
+            check_replaceable(self.out_dir)
+        check_parent(self.out_dir)
+        if overwrite:
+            remove_stale(stale_leftovers(self.out_dir))
         if self.copy_from is not None and not self.copy_from.is_dir():
             what = "is a file" if self.copy_from.exists() else "does not exist"
             raise NotADirectoryError(
@@ -172,11 +193,12 @@ class HFFolderWriter:
     def __enter__(self) -> HFFolderWriter:
         if self.tmp_dir is not None or self._closed:
             raise RuntimeError("an HFFolderWriter can be entered only once")
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = self.out_dir.with_name(
-            f"{self.out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        )
-        self.tmp_dir.mkdir()
+        tmp_dir = sibling(self.out_dir, "tmp")
+        with _located(tmp_dir):
+            check_parent(self.out_dir)
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp_dir.mkdir()
+        self.tmp_dir = tmp_dir
         hash_in_background(self._card_files())  # the model card's digests, while the merge runs
         return self
 
@@ -250,7 +272,8 @@ class HFFolderWriter:
             return
         assert self.tmp_dir is not None
         filename = f"shard-{len(self._shards) + 1:05d}.safetensors.part"
-        save_file(self._buffer, str(self.tmp_dir / filename), metadata={"format": "pt"})
+        with _located(self.tmp_dir / filename):
+            save_file(self._buffer, str(self.tmp_dir / filename), metadata={"format": "pt"})
         self._shards.append((filename, list(self._buffer)))
         self._buffer = {}
         self._buffer_bytes = 0
@@ -271,10 +294,12 @@ class HFFolderWriter:
             )
         assert self.tmp_dir is not None
         self._flush()
-        self._name_shards()
-        self._copy_side_files()
-        (self.tmp_dir / "README.md").write_text(self.model_card(), encoding="utf-8")
-        self._move_into_place()
+        with _located(self.tmp_dir):
+            self._name_shards()
+            self._copy_side_files()
+            (self.tmp_dir / "README.md").write_text(self.model_card(), encoding="utf-8")
+        with _located(self.out_dir):
+            self._move_into_place()
         self._closed = True
 
     def _name_shards(self) -> None:
@@ -314,9 +339,7 @@ class HFFolderWriter:
             raise FileExistsError(
                 f"output folder {self.out_dir} appeared while writing; pass overwrite=True (--overwrite) to replace it"
             )
-        old = self.out_dir.with_name(
-            f"{self.out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-        )
+        old = sibling(self.out_dir, "old")
         os.rename(self.out_dir, old)
         try:
             os.rename(self.tmp_dir, self.out_dir)
@@ -402,6 +425,23 @@ class HFFolderWriter:
             "",
         ]
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _located(path: Path) -> Iterator[None]:
+    """Name ``path`` in write errors that do not name a file (ENOSPC from safetensors...)."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise  # already located, or one of our own messages
+        raise OSError(err.errno, f"{err.strerror or err} (while writing {path})", str(path)) from err
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        match = re.search(r"os error (\d+)", str(err))
+        code = int(match.group(1)) if match else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} (while writing {path}: {err})", str(path)) from err
 
 
 def _branch_fields(branch: Any) -> tuple[Any, Any]:

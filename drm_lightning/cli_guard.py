@@ -1,0 +1,96 @@
+"""What ``drm-merge`` trusts and guards, kept out of the thin CLI: inputs and the output folder.
+
+* :func:`open_inputs`: base and branches opened with the config's pickle policy
+  (``trust_pickles``, :mod:`drm_lightning.sources.trust`) and each branch's
+  ``prefix`` / ``add_prefix`` (:class:`~drm_lightning.sources.renamed.RenamedSource`).
+* :func:`key_mismatch_hint`: when a branch's names differ from the base's only by a common
+  prefix, the line of config that fixes it.
+* :func:`guard_output`: the checks on ``-o`` made before any weight is read (``--dry-run``
+  too): a parent that is a file, what ``--overwrite`` may replace, and leftovers of killed
+  earlier runs (reported; removed with ``--overwrite``).
+
+Example:
+    >>> import pathlib, tempfile
+    >>> guard_output(pathlib.Path(tempfile.mkdtemp()) / "new", overwrite=False)
+    []
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from drm_lightning.config import MergeConfig
+from drm_lightning.sources import LoraBranch, WeightSource, open_source
+from drm_lightning.sources.output_guard import (
+    check_parent,
+    check_replaceable,
+    remove_stale,
+    stale_leftovers,
+)
+from drm_lightning.sources.renamed import RenamedSource, prefix_hint
+
+__all__ = ["guard_output", "key_mismatch_hint", "open_inputs"]
+
+
+def open_inputs(config: MergeConfig) -> tuple[WeightSource, list[Any]]:
+    """The base and the branches of ``config``, opened lazily (LoRA adapters detected)."""
+    trust = config.trust_pickles
+    base = open_source(config.base, trust_pickles=trust)
+    branches: list[Any] = []
+    for branch in config.branches:
+        if branch.is_lora:
+            branches.append(LoraBranch(branch.path, base, trust_pickles=trust))
+            continue
+        source = open_source(branch.path, trust_pickles=trust)
+        if branch.prefix or branch.add_prefix:
+            source = RenamedSource(source, strip=branch.prefix, add=branch.add_prefix)
+        branches.append(source)
+    return base, branches
+
+
+def key_mismatch_hint(config: MergeConfig, base: Any, branches: Sequence[Any]) -> str:
+    """Hints for branches whose names are the base's up to a prefix ("" if none)."""
+    hints = []
+    for i, (branch, source) in enumerate(zip(config.branches, branches, strict=True)):
+        if branch.is_lora or not callable(getattr(source, "keys", None)):
+            continue
+        hint = prefix_hint(base.keys(), source.keys())
+        if hint:
+            hints.append(f"branch {i} ({branch.path}): {hint}")
+    return "\n" + "\n".join(hints) if hints else ""
+
+
+def guard_output(
+    out: Path,
+    *,
+    overwrite: bool,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    dry_run: bool = False,
+) -> list[str]:
+    """Check ``out`` before any work; returns notes to print (leftovers found or removed).
+
+    With ``overwrite`` (and not ``dry_run``, which changes nothing) leftovers are removed.
+
+    Raises:
+        NotADirectoryError: a parent of ``out`` is a file.
+        ValueError, FileExistsError: ``--overwrite`` would replace something it must not
+            (see :func:`~drm_lightning.sources.output_guard.check_replaceable`).
+    """
+    check_parent(out)
+    if overwrite and out.exists():
+        check_replaceable(out, inputs=inputs)
+    stale = stale_leftovers(out)
+    if not stale:
+        return []
+    names = ", ".join(p.name for p in stale)
+    if overwrite and not dry_run:
+        remove_stale(stale)
+        return [f"removed {len(stale)} folder(s) left by killed earlier runs writing {out}: {names}"]
+    return [
+        f"found {len(stale)} folder(s) left by killed earlier runs writing {out} (their process "
+        f"is gone): {names}; " + ("--overwrite will remove them" if overwrite else
+                                "pass --overwrite to remove them, or delete them")
+    ]
