@@ -53,7 +53,7 @@ def trained_branches(config: DemoConfig, seed: int) -> tuple[dict[str, torch.Ten
 def probe(deltas: torch.Tensor, drop_rate: float = 0.8, rank_rtol: float = 1e-2) -> dict[str, Any]:
     """The statistics of the module docstring for (N, n, m) deltas, vertical layout."""
     basis = shared_basis(deltas, rank_rtol=rank_rtol)
-    coords = drop_numerical_zeros(deltas @ basis.vectors)
+    coords = drop_numerical_zeros(deltas @ basis.vectors.to(deltas.dtype), deltas.shape[-1])
     norms = coords.norm(dim=1)
     top_share = (norms / norms.sum(0, keepdim=True).clamp_min(1e-300)).max(0).values
     out: dict[str, Any] = {"rank": basis.rank, "top_share": float(top_share.median())}

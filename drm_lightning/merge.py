@@ -161,7 +161,7 @@ def _short(names: Sequence[str], limit: int = 20) -> str:
     return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def check_finite(name: str, tensor: Tensor, origin: str) -> None:
+def check_finite(name: str, tensor: Tensor, origin: str, hint: str = "") -> None:
     """Raise ``ValueError`` naming the tensor and its origin if it holds NaN or Inf."""
     if not tensor.is_floating_point():
         return
@@ -174,7 +174,36 @@ def check_finite(name: str, tensor: Tensor, origin: str) -> None:
     if not bool(torch.isfinite(tensor).all()):
         nan = int(torch.isnan(tensor).sum())
         inf = int(torch.isinf(tensor).sum())
-        raise ValueError(f"{name!r} in {origin} contains {nan} NaN and {inf} Inf value(s)")
+        raise ValueError(f"{name!r} in {origin} contains {nan} NaN and {inf} Inf value(s){hint}")
+
+
+RESULT_HINT = (
+    "; the inputs were finite, so the merge overflowed the output dtype: check the branch "
+    "coefficients and the inputs' magnitudes"
+)
+
+
+def check_fits(name: str, value: Tensor, dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` if a finite merged ``value`` would overflow to Inf when cast to ``dtype``."""
+    if not dtype.is_floating_point or torch.finfo(dtype).max >= torch.finfo(value.dtype).max:
+        return
+    largest = float(value.detach().abs().max()) if value.numel() else 0.0
+    if largest > torch.finfo(dtype).max:
+        raise ValueError(
+            f"{name!r}: the merged result reaches {largest:.3g}, beyond the largest {dtype} "
+            f"({torch.finfo(dtype).max:.3g}){RESULT_HINT}"
+        )
+
+
+def check_inputs_finite(
+    name: str, base: Tensor, branch_tensors: Sequence[Any], origins: Sequence[str] | None = None
+) -> None:
+    """:func:`check_finite` on a base tensor and every branch's tensor (or LoRA factors)."""
+    check_finite(name, base, origins[0] if origins else "base")
+    for i, t in enumerate(branch_tensors):
+        origin = origins[i + 1] if origins else f"branch {i}"
+        for part in (t,) if isinstance(t, Tensor) else (t or ()):
+            check_finite(name, part, origin)
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:
@@ -196,11 +225,16 @@ def merge_tensor(
     compute_dtype: torch.dtype = torch.float32,
     out_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
+    name: str = "tensor",
+    origins: Sequence[str] | None = None,
 ) -> Tensor:
     """Merge one tensor: full branch weights, or LoRA factors ``(B, A)`` / ``None`` (= base).
 
     Returns ``base + merged_delta`` in ``out_dtype`` (default: the base's dtype). Ignored
-    tensors come back as an exact copy of the base.
+    tensors come back as an exact copy of the base. Every path that merges calls this, so
+    the finiteness checks live here: NaN/Inf in the base or a branch raise ``ValueError``
+    naming ``name`` and the input (``origins``: labels of base then branches), and so does
+    a non-finite result (an overflow, e.g. from a huge coefficient).
 
     Example:
         >>> from drm_lightning.methods import get_method
@@ -212,6 +246,23 @@ def merge_tensor(
     out_dtype = out_dtype or base.dtype
     if route == "ignore":
         return base.detach().clone().to(out_dtype)
+    check_inputs_finite(name, base, branch_tensors, origins)
+    merged = _merge_checked_inputs(method, route, base, branch_tensors, coefficients, compute_dtype, generator)
+    merged = merged.to(out_dtype)
+    check_finite(name, merged, "the merged result", RESULT_HINT)
+    return merged
+
+
+def _merge_checked_inputs(
+    method: MergeMethod,
+    route: Route,
+    base: Tensor,
+    branch_tensors: Sequence[BranchTensor],
+    coefficients: Sequence[float] | Tensor,
+    compute_dtype: torch.dtype,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """``base + merged delta`` in ``compute_dtype`` (inputs already checked finite)."""
     coef = torch.as_tensor(coefficients, dtype=compute_dtype, device=base.device).reshape(-1)
     base_c = base.detach().to(compute_dtype)
     dense = [t for t in branch_tensors if isinstance(t, Tensor)]
@@ -222,7 +273,7 @@ def merge_tensor(
                 for t in branch_tensors
             ]
             delta = method.merge_lowrank(factors, coef, tuple(base.shape), generator=generator)
-            return (base_c + delta).to(out_dtype)
+            return base_c + delta
     deltas = base_c.new_empty((len(branch_tensors), *base_c.shape))
     for i, t in enumerate(branch_tensors):
         _as_delta(t, base_c, compute_dtype, out=deltas[i])
@@ -230,7 +281,7 @@ def merge_tensor(
         delta = method.merge_matrix(deltas, coef, generator=generator)
     else:
         delta = method.merge_fallback(deltas, coef, generator=generator)
-    return (base_c + delta).to(out_dtype)
+    return base_c + delta
 
 
 def _as_delta(t: BranchTensor, base: Tensor, dtype: torch.dtype, *, out: Tensor) -> Tensor:
@@ -282,20 +333,12 @@ def iter_merge(
         if item.route == "ignore":
             yield item.name, merge_tensor(method, "ignore", base_t, [], coefs, out_dtype=out_dtype)
             continue
-        check_finite(item.name, base_t, _origin(base, None))
-        branch_ts = []
-        for i, branch in enumerate(branches):
-            t = _branch_tensor(branch, item.name, item.route)
-            if isinstance(t, Tensor):
-                check_finite(item.name, t, _origin(branch, i))
-            elif t is not None:
-                check_finite(item.name, t[0], _origin(branch, i))
-                check_finite(item.name, t[1], _origin(branch, i))
-            branch_ts.append(t)
+        origins = [_origin(base, None), *(_origin(b, i) for i, b in enumerate(branches))]
+        branch_ts = [_branch_tensor(branch, item.name, item.route) for branch in branches]
         generator = tensor_generator(seed, item.name) if method.uses_randomness else None
         yield item.name, merge_tensor(
-            method, item.route, base_t, branch_ts, coefs,
-            compute_dtype=compute_dtype, out_dtype=out_dtype, generator=generator,
+            method, item.route, base_t, branch_ts, coefs, compute_dtype=compute_dtype,
+            out_dtype=out_dtype, generator=generator, name=item.name, origins=origins,
         )
 
 

@@ -131,9 +131,10 @@ COEFFICIENTS = [1.0, 0.7, 1.3]
 
 
 class FailingSet:
-    """Wraps a TensorSet; reading ``name`` on ``rank`` raises (a rank failing mid-merge)."""
+    """Wraps a TensorSet; reading ``name`` on ``rank`` raises (a rank failing mid-merge), or
+    with ``nan=True`` returns the values with a NaN in the first entry read."""
 
-    def __new__(cls, inner: Any, name: str, rank: int) -> Any:
+    def __new__(cls, inner: Any, name: str, rank: int, nan: bool = False) -> Any:
         from drm_lightning.distributed import TensorSet
 
         class _Failing(TensorSet):
@@ -151,23 +152,25 @@ class FailingSet:
             def is_partitioned(self, n: str) -> bool:
                 return inner.is_partitioned(n)
 
-            def _check(self, n: str) -> None:
+            def _read(self, n: str, read: Any) -> torch.Tensor:
                 import torch.distributed as dist
 
-                if n == name and dist.get_rank() == rank:
+                if n != name or dist.get_rank() != rank:
+                    return read()
+                if not nan:
                     raise OSError(f"disk read failed for {n}")
+                value = read().clone()
+                value.view(-1)[0] = float("nan")
+                return value
 
             def local_partition(self, n: str, world: int, r: int) -> torch.Tensor:
-                self._check(n)
-                return inner.local_partition(n, world, r)
+                return self._read(n, lambda: inner.local_partition(n, world, r))
 
             def read_full(self, n: str) -> torch.Tensor:
-                self._check(n)
-                return inner.read_full(n)
+                return self._read(n, lambda: inner.read_full(n))
 
             def read_flat(self, n: str, a: int, b: int) -> torch.Tensor:
-                self._check(n)
-                return inner.read_flat(n, a, b)
+                return self._read(n, lambda: inner.read_flat(n, a, b))
 
         return _Failing()
 
@@ -254,7 +257,7 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
 
     def run(key: str, method: Any, *, compute_dtype: torch.dtype = torch.float32, names: list[str] | None = None,
             branches: list[Any] | None = None, sharded: bool = True, optimizer_state: str = "keep",
-            exact_too: bool = False) -> None:
+            coefs: list[float] | None = None) -> None:
         load_base = {k: v for k, v in current().items()}
         for k in list(load_base):
             if k.startswith("base."):
@@ -265,17 +268,24 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
         try:
             merger = DistributedMerger(method, routing=routing, compute_dtype=compute_dtype, sharded=sharded,
                                        optimizer_state=optimizer_state)
-            result = merger.merge(target, base_snapshot, branches or branch_sets, coefficients=coefficients, names=names)
+            result = merger.merge(target, base_snapshot, branches or branch_sets, coefficients=coefs or coefficients,
+                                  names=names)
         except Exception as err:  # noqa: BLE001 - recorded for the test
             results[key] = {"error": f"{type(err).__name__}: {err}",
                             "is_merge_error": isinstance(err, DistributedMergeError)}
             return
         expected = reference(method, inputs, compute_dtype, names)
         entry = compare(expected)
-        if exact_too:  # distance of both results to the float64 merge
-            exact = reference(method, {k: v.double() for k, v in inputs.items()}, torch.float64, names)
-            entry["err_vs_fp64"] = compare(exact)["errs"]
-            entry["single_vs_fp64"] = {n: _rel(expected[n], exact[n]) for n in exact}
+        # Distance of both results to the float64 merge of the same inputs, relative to the merged delta.
+        exact = reference(method, {k: v.double() for k, v in inputs.items()}, torch.float64, names)
+        delta = {n: exact[n] - inputs[f"base.{n}"].double() for n in exact}
+        entry["delta_err_vs_fp64"] = {
+            n: float((gathered(p).double() - exact[n]).norm() / delta[n].norm().clamp(min=1e-30))
+            for n, p in module.base.named_parameters() if n in exact and delta[n].norm() > 0
+        }
+        entry["single_delta_err_vs_fp64"] = {
+            n: float((expected[n].double() - exact[n]).norm() / delta[n].norm()) for n in entry["delta_err_vs_fp64"]
+        }
         entry["stats"] = vars(result.stats)
         entry["modes"] = {it.name: it.mode for it in result.plan.items}
         entry["owners"] = {it.name: it.owner for it in result.plan.items}
@@ -292,8 +302,11 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
         # the single-process float32 merge is.
         load(noisy)
         run("noisy_fp64", drm, compute_dtype=torch.float64)
-        run("noisy_fp32", drm, exact_too=True)
+        run("noisy_fp32", drm)
         load(initial)
+        run("drm_sharded_fp64", drm, compute_dtype=torch.float64)
+        run("drm_horizontal_fp64", get_method("drm", drop_rate=0.7, direction="horizontal"),
+            compute_dtype=torch.float64)
         run("drm_horizontal", get_method("drm", drop_rate=0.7, direction="horizontal"))
         run("drm_trim", get_method("drm", drop_rate=0.5, fallback_trim_rate=0.3, tie_break="positive"))
         run("ties", get_method("ties", density=0.4))
@@ -321,6 +334,12 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
                 return super().merge_matrix(deltas, coefficients, generator=generator)
 
         run("error_compute", Exploding(drop_rate=0.8), sharded=False)
+        # NaN in one branch, on the rank that reads it; a result that overflows.
+        failing[1] = FailingSet(branch_sets[1], "up.weight", 1, nan=True)
+        run("nan_sharded", drm, branches=failing)
+        failing[1] = FailingSet(branch_sets[1], "wide.weight", 1, nan=True)
+        run("nan_owner", drm, branches=failing, sharded=False)
+        run("overflow", get_method("task_arithmetic"), coefs=[1e300, 1.0, 1.0])
         run("after_errors", drm)  # the group is still consistent
 
         # Training continues from the merged weights: a step with lr = 0 keeps them exactly
@@ -383,14 +402,22 @@ def zero3_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, An
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
+# Same code in the same order as the single-process merge_tensor (owner route): equal to 1e-5.
 EXACT = ["drm_owner", "drm_horizontal", "ties", "one_item_owner", "drm_trim"]
-SHARDED = ["drm_sharded", "noisy_fp64", "one_item_sharded", "drm_snapshots", "drm_checkpoints", "after_errors", "before_step", "reset"]
+# The sharded route sums in another order. In float64 it equals the single-process merge to
+# 1e-12; in float32 an entry at the pruning cut may flip, so float32 is held to the bound the
+# package states for float32 DRM: within F32_DELTA_BOUND of the float64 merge of the same
+# inputs, relative to the merged delta (benchmarks/RESULTS.md § Precision).
+FLOAT64 = ["noisy_fp64", "drm_sharded_fp64", "drm_horizontal_fp64"]
+SHARDED = ["drm_sharded", "noisy_fp32", "one_item_sharded", "drm_snapshots", "drm_checkpoints", "after_errors",
+           "before_step", "reset"]
+F32_DELTA_BOUND = 1e-2
 
 
-@pytest.mark.parametrize("key", EXACT + SHARDED)
+@pytest.mark.parametrize("key", EXACT + FLOAT64)
 def test_equals_single_process(zero3_results: list[dict[str, Any]], key: str) -> None:
-    """Every route, both ranks: the merged working weights and fp32 masters match merge_tensor."""
-    tol = 1e-9 if key == "noisy_fp64" else 1e-5
+    """Owner route and every route in float64, both ranks: working weights and fp32 masters match merge_tensor."""
+    tol = 1e-12 if key in FLOAT64 else 1e-5
     for r, res in enumerate(zero3_results):
         entry = res[key]
         assert "error" not in entry, entry
@@ -403,15 +430,31 @@ def test_equals_single_process(zero3_results: list[dict[str, Any]], key: str) ->
         assert entry["ignored_unchanged"]
 
 
-def test_float32_as_accurate_as_single_process(zero3_results: list[dict[str, Any]]) -> None:
-    """Near-degenerate spectra in float32: summation order moves the result by ~1e-5 (the
-    single-process float32 merge is that far from float64 too); the distributed merge is no
-    further from the exact float64 merge than the single-process one (2x slack)."""
-    for res in zero3_results:
-        entry = res["noisy_fp32"]
-        for name, err in entry["err_vs_fp64"].items():
-            single = entry["single_vs_fp64"][name]
-            assert err <= max(2 * single, 1e-6), (name, err, single)
+@pytest.mark.parametrize("key", SHARDED)
+def test_float32_sharded_within_stated_bound(zero3_results: list[dict[str, Any]], key: str) -> None:
+    """Float32 sharded route, both ranks: as close to the float64 merge as the package promises
+    (F32_DELTA_BOUND of the merged delta), like the single-process float32 merge; partitions restored."""
+    for r, res in enumerate(zero3_results):
+        entry = res[key]
+        assert "error" not in entry, entry
+        assert entry["delta_err_vs_fp64"], "nothing compared"
+        bad = {n: e for n, e in entry["delta_err_vs_fp64"].items() if not e <= F32_DELTA_BOUND}
+        assert not bad, f"rank {r}: {bad}"
+        bad = {n: e for n, e in entry["single_delta_err_vs_fp64"].items() if not e <= F32_DELTA_BOUND}
+        assert not bad, f"single process: {bad}"
+        assert entry["partitioned"] and entry["ignored_unchanged"]
+
+
+@pytest.mark.parametrize("key,needle", [
+    ("nan_sharded", "'up.weight' in branch 1 (failing module.branches[1]) contains 1 NaN"),
+    ("nan_owner", "'wide.weight' in branch 1 (failing module.branches[1]) contains 1 NaN"),
+    ("overflow", "the merged result"),
+])
+def test_non_finite_input_or_result_raises_everywhere(zero3_results: list[dict[str, Any]], key: str, needle: str) -> None:
+    """NaN in a branch (sharded and owner routes) or an overflowing result: every rank raises, naming it."""
+    messages = [res[key]["error"] for res in zero3_results]
+    assert all(res[key]["is_merge_error"] for res in zero3_results)
+    assert messages[0] == messages[1] and needle in messages[0], messages[0]
 
 
 def test_routes_taken(zero3_results: list[dict[str, Any]]) -> None:

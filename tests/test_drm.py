@@ -162,7 +162,7 @@ def test_basis_sign_invariance() -> None:
     outs = []
     for vectors in (basis.vectors, basis.vectors * flip):
         coords = d @ vectors
-        merged = merge_coordinates(coords, basis.sigma, _ones(3), drop_rate=0.8)
+        merged = merge_coordinates(coords, basis.sigma, _ones(3), reduced_dim=8, drop_rate=0.8)
         outs.append(merged @ vectors.mT)
     assert torch.allclose(outs[0], outs[1], atol=1e-12)
 
@@ -185,7 +185,7 @@ def test_renormalised_mask_ignores_branch_scale() -> None:
     scaled[1] *= 1000
     mask = topk_mask(pruning_scores(coords, sigma), 0.2)
     assert torch.equal(topk_mask(pruning_scores(scaled, sigma), 0.2), mask)
-    merged = merge_coordinates(scaled, sigma, _ones(3), drop_rate=0.8)
+    merged = merge_coordinates(scaled, sigma, _ones(3), reduced_dim=20, drop_rate=0.8)
     assert torch.equal(merged != 0, mask.any(dim=0) & (merged != 0))
 
 

@@ -48,7 +48,7 @@ from drm_lightning.distributed.comm import Comm
 from drm_lightning.distributed.plan import EngineKind, MergeItem, MergePlan, ShardablePredicate
 from drm_lightning.distributed.sharded import ShardedMerger, _guard, sharded_rule
 from drm_lightning.distributed.tensors import ParamSet, TensorSet, partition_size
-from drm_lightning.merge import merge_tensor, tensor_generator
+from drm_lightning.merge import check_fits, merge_tensor, tensor_generator
 from drm_lightning.methods.base import MergeMethod
 from drm_lightning.methods.drm import DRM
 
@@ -134,10 +134,14 @@ def _out_dtype(job: MergeJob, name: str) -> torch.dtype:
 def _merge_full(job: MergeJob, item: MergeItem, base: Tensor, branches: list[Tensor]) -> Tensor:
     """The single-process merge of one item (in ``_out_dtype``)."""
     generator = tensor_generator(job.seed, item.name) if job.method.uses_randomness else None
-    return merge_tensor(
+    origins = [f"base ({job.base.origin})", *(f"branch {i} ({b.origin})" for i, b in enumerate(job.branches))]
+    value = merge_tensor(
         job.method, item.route, base, branches, job.coefficients,
         compute_dtype=job.compute_dtype, out_dtype=_out_dtype(job, item.name), generator=generator,
+        name=item.name, origins=origins,
     )
+    check_fits(item.name, value, job.base.dtype(item.name))
+    return value
 
 
 class MergeEngine(ABC):

@@ -60,9 +60,17 @@ from torch import Tensor
 from drm_lightning.distributed.comm import Comm, topk_mask_distributed
 from drm_lightning.distributed.plan import MergeItem, ShardablePredicate
 from drm_lightning.distributed.tensors import ParamSet, TensorSet, held_range, partition_size
+from drm_lightning.merge import RESULT_HINT, check_finite, check_fits
 from drm_lightning.methods._ops import disjoint_mean
 from drm_lightning.methods.base import MergeMethod, Route
-from drm_lightning.methods.drm import DRM, basis_from_gram, pruning_scores
+from drm_lightning.methods.drm import (
+    DRM,
+    basis_dtype,
+    basis_from_gram,
+    column_noise_floor,
+    gram_of_rows,
+    pruning_scores,
+)
 
 
 def sharded_rule(
@@ -132,6 +140,7 @@ class ShardedMerger:
         self.params = method.params
         self.coefficients = torch.as_tensor(list(coefficients), dtype=compute_dtype)
         self.dtype = compute_dtype
+        self.basis_dtype = basis_dtype(compute_dtype, method.params.basis_precision)
         self.on_write = on_write
 
     # ------------------------------------------------------------------ entry point
@@ -160,6 +169,12 @@ class ShardedMerger:
             return part[: hi - lo]
         return src.read_flat(item.name, lo, hi)
 
+    def _held_finite(self, src: TensorSet, item: MergeItem, who: str) -> Tensor:
+        """:meth:`_held`, refusing NaN/Inf with the tensor and input named."""
+        chunk = self._held(src, item)
+        check_finite(item.name, chunk, f"{who} ({src.origin})")
+        return chunk
+
     def _read_all(self, items: Sequence[MergeItem], base: TensorSet, branches: Sequence[TensorSet]) -> list[list[Tensor]]:
         """Chunks of base and branches per item; failures become zero placeholders."""
         world, rank = self.comm.world_size, self.comm.rank
@@ -172,7 +187,7 @@ class ShardedMerger:
                 row.append(
                     _guard(
                         self.comm, f"reading {it.name!r} from {who} ({src.origin})",
-                        lambda src=src, it=it: self._held(src, it),
+                        lambda src=src, it=it, who=who: self._held_finite(src, it, who),
                         lambda lo=lo, hi=hi: torch.zeros(hi - lo, dtype=self.dtype),
                     )
                 )
@@ -182,6 +197,8 @@ class ShardedMerger:
     def _write(self, target: ParamSet, item: MergeItem, flat_valid: Tensor) -> None:
         """Pad this rank's merged chunk to the partition length and write it."""
         world = self.comm.world_size
+        check_finite(item.name, flat_valid, "the merged result", RESULT_HINT)
+        check_fits(item.name, flat_valid, target.dtype(item.name))
         chunk = torch.zeros(partition_size(item.numel, world), dtype=flat_valid.dtype)
         chunk[: flat_valid.numel()] = flat_valid
         target.write_partition(item.name, chunk)
@@ -277,13 +294,11 @@ class ShardedMerger:
                 lambda n_local=n_local, m=m: torch.zeros(n_br, n_local, m, dtype=self.dtype),
             )
 
-            def partial_gram(deltas: Tensor = deltas, m: int = m) -> Tensor:
-                gram = torch.zeros(m, m, dtype=self.dtype)
-                for delta in deltas:
-                    gram.addmm_(delta.mT, delta)
-                return gram
-
-            gram = _guard(comm, f"the Gram of {it.name!r}", partial_gram, lambda m=m: torch.zeros(m, m, dtype=self.dtype))
+            gram = _guard(
+                comm, f"the Gram of {it.name!r}",
+                lambda deltas=deltas: gram_of_rows(deltas, self.basis_dtype),
+                lambda m=m: torch.zeros(m, m, dtype=self.basis_dtype),
+            )
             comm.reduce(gram, dst=j % world)
             state.append({"item": it, "n": n, "m": m, "base": base_c, "deltas": deltas, "gram": gram if j % world == rank else None,
                           "held": held, "wanted": wanted})
@@ -340,9 +355,8 @@ class ShardedMerger:
         if not p.reference_compat:
             # drop_numerical_zeros, with the column and branch norms of the whole matrix.
             assert colsq is not None
-            branch_norm = colsq.sum(dim=1, keepdim=True).sqrt()
-            eps = torch.finfo(coords.dtype).eps
-            dropped = colsq.sqrt() <= 16 * eps * math.sqrt(n * r) * branch_norm  # (N, r)
+            floor = column_noise_floor(colsq.sum(dim=1).sqrt(), m, coords.dtype)
+            dropped = colsq.sqrt() <= floor.reshape(n_br, 1)  # (N, r)
             coords = coords.masked_fill(dropped.reshape(n_br, 1, r), 0)
             colsq = colsq.masked_fill(dropped, 0)
         if p.drop_rate > 0:

@@ -60,6 +60,8 @@ class SharedBasis:
 
 def _truncate(vectors: Tensor, sigma: Tensor, rank_rtol: float) -> SharedBasis:
     """Keep the directions with ``sigma > rank_rtol * sigma_max`` (spec §4.2 step 3)."""
+    if sigma.numel() and not bool(torch.isfinite(sigma[0])):
+        raise ValueError("DRM: the deltas hold NaN or Inf (the largest singular value is not finite)")
     if sigma.numel() == 0 or not bool(sigma[0] > 0):
         return SharedBasis(vectors[:, :0], sigma[:0])
     keep = int((sigma > rank_rtol * sigma[0]).sum())
@@ -130,7 +132,21 @@ def basis_from_gram(gram: Tensor, rank_rtol: float, *, partial_eigensolver: bool
     return _truncate(evecs, sigma, rank_rtol)
 
 
-def shared_basis(deltas: Tensor, *, rank_rtol: float = 1e-2, solver: Solver = "auto") -> SharedBasis:
+BasisPrecision = Literal["float64", "compute"]
+
+
+def basis_dtype(compute_dtype: torch.dtype, precision: BasisPrecision) -> torch.dtype:
+    """The dtype the shared basis is computed in: float64, or the merge's compute dtype."""
+    if precision == "compute":
+        return compute_dtype
+    if precision != "float64":
+        raise ValueError(f"basis_precision must be 'float64' or 'compute', got {precision!r}")
+    return torch.float64
+
+
+def shared_basis(
+    deltas: Tensor, *, rank_rtol: float = 1e-2, solver: Solver = "auto", precision: BasisPrecision = "float64"
+) -> SharedBasis:
     """Right singular vectors of the row stack ``[Δ_1; …; Δ_N]`` truncated at ``rank_rtol``.
 
     ``solver="svd"`` runs a thin SVD (of the transpose when the stack is wide, which LAPACK
@@ -138,12 +154,14 @@ def shared_basis(deltas: Tensor, *, rank_rtol: float = 1e-2, solver: Solver = "a
     (m×m) for a tall stack, ``D Dᵀ`` for a wide one — which gives the same vectors several
     times faster. ``"auto"`` picks ``"gram"`` except for tiny matrices.
 
-    Precision: in float64 both routes agree to ~1e-10. In float32 the pruning cut is the
-    sensitive part — an entry at the cut flips with rounding — so on realistic 512×1408
-    low-rank-plus-noise deltas float32 SVD differs from float64 SVD by 0.3–0.6 % (relative
-    Frobenius norm of the merged delta) and the float32 Gram route by 0.9–1.7 %. Use
-    ``compute_dtype=torch.float64`` (or ``solver="svd"``) when a merge must be reproducible
-    across routes to more digits.
+    Precision: the Gram matrix squares the condition number, so a float32 Gram loses the
+    small directions that renormalisation then makes as important as the large ones
+    (2–8 % of the merged delta on 512×1408 matrices with spectra decaying to 1e-4). With
+    ``precision="float64"`` (the default) the basis is computed in float64 whatever the
+    deltas' dtype and returned in that dtype; the caller casts it back. Float32 DRM is then
+    within 1e-2 of the float64 merge and as close as a float32 SVD route — the numbers are
+    in ``benchmarks/RESULTS.md`` § Precision (``benchmarks/precision.py``).
+    ``precision="compute"`` keeps the deltas' dtype (the faster, older behaviour).
 
     Example:
         >>> d = torch.randn(2, 5, 4, dtype=torch.float64)
@@ -151,9 +169,15 @@ def shared_basis(deltas: Tensor, *, rank_rtol: float = 1e-2, solver: Solver = "a
         4
     """
     n_branches, n, m = deltas.shape
+    dtype = basis_dtype(deltas.dtype, precision)
     rows = n_branches * n
     if solver == "auto":
         solver = "gram" if min(rows, m) >= 32 else "svd"
+    if solver not in ("svd", "gram"):
+        raise ValueError(f"solver must be 'auto', 'svd' or 'gram', got {solver!r}")
+    if solver == "gram" and rows >= m:  # the usual case: one delta at a time in `dtype`
+        return basis_from_gram(gram_of_rows(deltas, dtype), rank_rtol)
+    deltas = deltas.to(dtype)
     if solver == "svd":
         stack = deltas.reshape(rows, m)
         if rows >= m:
@@ -161,18 +185,24 @@ def shared_basis(deltas: Tensor, *, rank_rtol: float = 1e-2, solver: Solver = "a
             return _truncate(vh.mT, sigma, rank_rtol)
         u, sigma, _ = torch.linalg.svd(stack.mT, full_matrices=False)
         return _truncate(u, sigma, rank_rtol)
-    if solver != "gram":
-        raise ValueError(f"solver must be 'auto', 'svd' or 'gram', got {solver!r}")
-    if rows >= m:
-        gram = deltas.new_zeros(m, m)
-        for delta in deltas:
-            gram.addmm_(delta.mT, delta)
-        return basis_from_gram(gram, rank_rtol)
     # Wide stack: left singular vectors from the small Gram, then V = Dᵀ U Σ⁻¹.
     stack = deltas.reshape(rows, m)
     left = basis_from_gram(stack @ stack.mT, rank_rtol)
     vectors = (stack.mT @ left.vectors) / left.sigma
     return SharedBasis(vectors, left.sigma)
+
+
+def gram_of_rows(deltas: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``Σ_i Δ_iᵀΔ_i`` (m×m) of (N, rows, m) deltas, accumulated in ``dtype`` (default: theirs).
+
+    The sharded route calls it on each rank's rows and sums the partial Grams.
+    """
+    dtype = dtype or deltas.dtype
+    gram = deltas.new_zeros(deltas.shape[-1], deltas.shape[-1], dtype=dtype)
+    for delta in deltas:
+        delta = delta.to(dtype)
+        gram.addmm_(delta.mT, delta)
+    return gram
 
 
 def _safe_divide(values: Tensor, scale: Tensor) -> Tensor:
@@ -181,18 +211,55 @@ def _safe_divide(values: Tensor, scale: Tensor) -> Tensor:
     return torch.where(scale > 0, values / safe, values.new_zeros(()))
 
 
-def drop_numerical_zeros(coords: Tensor) -> Tensor:
-    """Zero the (branch, direction) columns that hold only rounding noise.
+NOISE_FLOOR_FACTOR = 4.0
+"""Safety factor over the rounding bound of one projection (see :func:`column_noise_floor`)."""
+
+
+def column_noise_floor(branch_norms: Tensor, reduced_dim: int, dtype: torch.dtype) -> Tensor:
+    """Largest norm a (branch, direction) column can get from rounding alone, per branch.
+
+    A coordinate column is one projection ``Δ_i b_j`` (a length-``reduced_dim`` dot product
+    per row, ``||b_j|| = 1``). Its rounding error is bounded, in the usual probabilistic
+    model, by ``eps·sqrt(reduced_dim)·||Δ_i||_F``; the floor is ``NOISE_FLOOR_FACTOR`` times
+    that. It depends on the length of one projection, not on how many rows or directions
+    the matrix has: a real column's norm shrinks like ``||T_i||/sqrt(r)``, and a floor that
+    grew with ``n·r`` would erase real coordinates of large matrices.
+
+    Args:
+        branch_norms: (N,) Frobenius norms of the branches' coordinates ``||T_i||_F``.
+        reduced_dim: length of the projection (``m`` of the (n, m) delta in vertical layout).
+        dtype: the dtype the projection was computed in.
+
+    Example:
+        >>> column_noise_floor(torch.tensor([1.0]), 100, torch.float32)
+        tensor([4.7684e-06])
+    """
+    eps = torch.finfo(dtype).eps
+    return NOISE_FLOOR_FACTOR * eps * math.sqrt(max(reduced_dim, 1)) * branch_norms
+
+
+def drop_numerical_zeros(coords: Tensor, reduced_dim: int) -> Tensor:
+    """Zero the (branch, direction) columns whose norm is within rounding of zero.
 
     A branch with no component along a shared direction (a zero branch, a LoRA branch
-    orthogonal to another's subspace, disjoint supports) gets coordinates of order
-    ``eps·||T_i||`` instead of exact zeros. Renormalisation would blow that noise up to
-    unit scores that compete for the pruning budget and count in the disjoint mean; below
-    ``16·eps·sqrt(numel)·||T_i||_F`` a column is treated as exactly zero.
+    orthogonal to another's subspace, disjoint supports) gets coordinates of rounding size
+    instead of exact zeros. Renormalisation would blow that noise up to unit scores that
+    compete for the pruning budget and count in the disjoint mean. A column is treated as
+    exactly zero when its norm is at most :func:`column_noise_floor` of its branch — the
+    rounding error of one projection — and kept otherwise, however small.
+
+    Args:
+        coords: (N, n, r) coordinates ``T_i = Δ_i B``.
+        reduced_dim: the length of each projection (``m``, the rows of ``B``).
+
+    Example:
+        >>> t = torch.tensor([[[1.0, 1e-9], [2.0, -1e-9]]])
+        >>> drop_numerical_zeros(t, reduced_dim=2)
+        tensor([[[1., 0.],
+                 [2., 0.]]])
     """
-    eps = torch.finfo(coords.dtype).eps
-    branch_norm = coords.flatten(1).norm(dim=1).reshape(-1, 1, 1)
-    floor = 16 * eps * math.sqrt(coords[0].numel()) * branch_norm
+    branch_norms = coords.flatten(1).norm(dim=1)
+    floor = column_noise_floor(branch_norms, reduced_dim, coords.dtype).reshape(-1, 1, 1)
     return coords.masked_fill(coords.norm(dim=1, keepdim=True) <= floor, 0)
 
 
@@ -213,6 +280,7 @@ def merge_coordinates(
     sigma: Tensor,
     coefficients: Tensor,
     *,
+    reduced_dim: int,
     drop_rate: float = 0.8,
     renormalize: bool = True,
     reference_compat: bool = False,
@@ -225,13 +293,14 @@ def merge_coordinates(
         coords: (N, n, r) coordinates ``T_i = Δ_i B`` (column j belongs to basis vector j).
         sigma: (r,) singular values of the basis (used only when ``renormalize=False``).
         coefficients: (N,) per-branch λ, applied after the election.
+        reduced_dim: length of one projection ``Δ_i b_j`` (``m``), for the noise floor.
         reference_compat: the reference's pruning rule and no noise floor (bit-matching).
 
     Returns:
         (n, r) merged coordinates.
     """
     if not reference_compat:
-        coords = drop_numerical_zeros(coords)
+        coords = drop_numerical_zeros(coords, reduced_dim)
     if drop_rate > 0:
         scores = pruning_scores(coords, sigma, renormalize=renormalize)
         mask = topk_mask(scores, 1.0 - drop_rate, reference_compat=reference_compat)
@@ -252,8 +321,12 @@ def drm_merge(
     tie_break: TieBreak = "majority",
     disjoint: bool = True,
     solver: Solver = "auto",
+    basis_precision: BasisPrecision = "float64",
 ) -> Tensor:
     """Merge the (N, n, m) deltas of one weight matrix with DRM; returns the (n, m) delta.
+
+    The result has the deltas' dtype; the shared basis is computed in ``basis_precision``
+    (see :func:`shared_basis`).
 
     Example:
         >>> d = torch.randn(2, 6, 4, dtype=torch.float64)
@@ -265,29 +338,33 @@ def drm_merge(
         return drm_merge(
             deltas.mT, coefficients, drop_rate=drop_rate, direction="vertical",
             renormalize=renormalize, rank_rtol=rank_rtol, reference_compat=reference_compat,
-            tie_break=tie_break, disjoint=disjoint, solver=solver,
+            tie_break=tie_break, disjoint=disjoint, solver=solver, basis_precision=basis_precision,
         ).mT
     _, n, m = deltas.shape
-    basis = shared_basis(deltas, rank_rtol=rank_rtol, solver=solver)
+    basis = shared_basis(deltas, rank_rtol=rank_rtol, solver=solver, precision=basis_precision)
     if basis.rank == 0:
         return deltas.new_zeros(n, m)
-    coords = deltas @ basis.vectors
+    vectors, sigma = basis.vectors.to(deltas.dtype), basis.sigma.to(deltas.dtype)
+    coords = deltas @ vectors
     merged = merge_coordinates(
-        coords, basis.sigma, coefficients, drop_rate=drop_rate, renormalize=renormalize,
+        coords, sigma, coefficients, reduced_dim=m, drop_rate=drop_rate, renormalize=renormalize,
         reference_compat=reference_compat, tie_break=tie_break, disjoint=disjoint,
     )
-    return merged @ basis.vectors.mT
+    return merged @ vectors.mT
 
 
 def lowrank_shared_basis(
-    factors: Sequence[LowRankFactors], *, rank_rtol: float = 1e-2
+    factors: Sequence[LowRankFactors], *, rank_rtol: float = 1e-2, precision: BasisPrecision = "float64"
 ) -> SharedBasis:
     """Exact shared basis of ``[B_1A_1; …; B_NA_N]`` from the factors (spec §7).
 
     With the stacked ``A = [A_1; …; A_N]`` and a thin QR ``Aᵀ = QR``, the stack equals
     ``blockdiag(B) Rᵀ Qᵀ``; the right singular vectors are ``Q W`` where W are those of the
     small ``blockdiag(B) Rᵀ``, obtained from its (Σρ × Σρ) Gram ``Σ_i R_iᵀ B_iᵀB_i R_i``.
+    The basis is computed in ``precision`` (see :func:`shared_basis`).
     """
+    dtype = basis_dtype(factors[0][1].dtype, precision)
+    factors = [(b.to(dtype), a.to(dtype)) for b, a in factors]
     a_stack = torch.cat([a for _, a in factors], dim=0)  # (Σρ, m)
     q, r = torch.linalg.qr(a_stack.mT)  # q: (m, Σρ), r: (Σρ, Σρ)
     rt = r.mT
@@ -314,6 +391,7 @@ def drm_merge_lowrank(
     reference_compat: bool = False,
     tie_break: TieBreak = "majority",
     disjoint: bool = True,
+    basis_precision: BasisPrecision = "float64",
 ) -> Tensor:
     """DRM on LoRA deltas ``Δ_i = B_i A_i`` without forming the stacked dense deltas.
 
@@ -327,22 +405,23 @@ def drm_merge_lowrank(
         return drm_merge_lowrank(
             swapped, coefficients, (m, n), drop_rate=drop_rate, direction="vertical",
             renormalize=renormalize, rank_rtol=rank_rtol, reference_compat=reference_compat,
-            tie_break=tie_break, disjoint=disjoint,
+            tie_break=tie_break, disjoint=disjoint, basis_precision=basis_precision,
         ).mT
     present = [(b.to(coefficients.device, dtype), a.to(coefficients.device, dtype)) for f in factors if f is not None for b, a in [f]]
     present = [(b, a) for b, a in present if a.shape[0] > 0]
     if not present:
         return coefficients.new_zeros(n, m)
-    basis = lowrank_shared_basis(present, rank_rtol=rank_rtol)
+    basis = lowrank_shared_basis(present, rank_rtol=rank_rtol, precision=basis_precision)
     if basis.rank == 0:
         return coefficients.new_zeros(n, m)
+    basis = SharedBasis(basis.vectors.to(dtype), basis.sigma.to(dtype))
     coords = coefficients.new_zeros(len(factors), n, basis.rank)
     for i, f in enumerate(factors):
         if f is not None and f[1].shape[0] > 0:
             b, a = f[0].to(coefficients.device, dtype), f[1].to(coefficients.device, dtype)
             coords[i] = b @ (a @ basis.vectors)
     merged = merge_coordinates(
-        coords, basis.sigma, coefficients, drop_rate=drop_rate, renormalize=renormalize,
+        coords, basis.sigma, coefficients, reduced_dim=m, drop_rate=drop_rate, renormalize=renormalize,
         reference_compat=reference_compat, tie_break=tie_break, disjoint=disjoint,
     )
     return merged @ basis.vectors.mT
@@ -375,6 +454,9 @@ class DRMParams(MethodParams):
         0.0, ge=0.0, lt=1.0, description="per-branch magnitude trim on the fallback path"
     )
     solver: Solver = Field("auto", description="basis from 'svd', 'gram' (eigh), or 'auto'")
+    basis_precision: BasisPrecision = Field(
+        "float64", description="dtype of the shared basis: 'float64' (exact) or 'compute' (faster)"
+    )
 
     @field_validator("direction", mode="before")
     @classmethod
@@ -400,7 +482,7 @@ class DRM(MergeMethod):
         return dict(
             drop_rate=p.drop_rate, direction=p.direction, renormalize=p.renormalize,
             rank_rtol=p.rank_rtol, reference_compat=p.reference_compat,
-            tie_break=p.tie_break, disjoint=p.disjoint_mean,
+            tie_break=p.tie_break, disjoint=p.disjoint_mean, basis_precision=p.basis_precision,
         )
 
     def merge_matrix(self, deltas, coefficients, *, generator=None):  # noqa: D102
