@@ -476,3 +476,46 @@ def test_check_replaceable_names_each_special_folder(tmp_path: Path, monkeypatch
         with pytest.raises(ValueError, match=f"it is {what}"):
             check_replaceable(target)
     check_replaceable(tmp_path / "empty-or-new")  # nothing there: fine
+
+
+_KILL_RANK_1 = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from pathlib import Path
+    from drm_lightning.sources import writer as w
+    ready = Path(sys.argv[1])
+    original = w.HFFolderWriter.add
+    def slow_add(self, name, tensor):          # rank 0: the temporary folder exists, wait
+        original(self, name, tensor)
+        ready.touch()
+        time.sleep(120)
+    w.HFFolderWriter.add = slow_add
+    if os.environ["RANK"] == "1":               # rank 1: die hard once rank 0 is writing
+        import threading
+        def killer():
+            while not ready.exists():
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
+        threading.Thread(target=killer, daemon=True).start()
+    from drm_lightning.cli import main
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+def test_torchrun_rank_killed_leaves_no_temporary_folder(models: dict[str, Path], tmp_path: Path) -> None:
+    """torchrun stops the surviving rank 0 with SIGTERM: its temporary folder is removed."""
+    script = tmp_path / "kill_rank_1.py"
+    script.write_text(_KILL_RANK_1)
+    cfg = _config(tmp_path, models["base"], [str(models["a"]), str(models["b"])])
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(script), str(tmp_path / "ready"), str(cfg), "-o", str(outs / "m"), "--no-progress"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=env, cwd=ROOT)
+    assert run.returncode != 0 and (tmp_path / "ready").exists(), run.stderr[-3000:]
+    assert list(outs.iterdir()) == [], run.stderr[-3000:]
