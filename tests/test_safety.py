@@ -361,6 +361,23 @@ def test_disk_full_names_the_output(models: dict[str, Path], tmp_path: Path,
     assert list((tmp_path / "outs").iterdir()) == []
 
 
+def test_safetensors_io_error_becomes_a_located_oserror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors import SafetensorError
+
+    from drm_lightning.sources import writer
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr(writer, "save_file", full)
+    with pytest.raises(OSError, match="No space left on device") as info:
+        with HFFolderWriter(tmp_path / "m") as w:
+            w.add("w", torch.ones(2))
+    assert info.value.errno == 28 and str(tmp_path / "m.tmp-") in str(info.value.filename)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_parent_of_output_is_a_file(models: dict[str, Path], tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "afile").write_text("x")

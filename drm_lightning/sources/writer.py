@@ -435,13 +435,13 @@ def _located(path: Path) -> Iterator[None]:
     except OSError as err:
         if err.filename is not None or err.errno is None:
             raise  # already located, or one of our own messages
-        raise OSError(err.errno, f"{err.strerror or err} (while writing {path})", str(path)) from err
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
     except Exception as err:
         if type(err).__name__ != "SafetensorError":
             raise
-        match = re.search(r"os error (\d+)", str(err))
+        match = re.search(r"(?:os error |code: )(\d+)", str(err))
         code = int(match.group(1)) if match else errno.EIO
-        raise OSError(code, f"{os.strerror(code)} (while writing {path}: {err})", str(path)) from err
+        raise OSError(code, f"{os.strerror(code)} ({err})", str(path)) from err
 
 
 def _branch_fields(branch: Any) -> tuple[Any, Any]:
