@@ -13,7 +13,7 @@ Each float32 route merges the same float32 inputs:
 The table gives ``||M32 − M64||_F / ||M64||_F`` of the merged delta and each route's time.
 
     python benchmarks/precision.py                 # 512×1408 … 1024×2816, V and H, 3 floors
-    python benchmarks/precision.py --large         # adds one 4096×14336 matrix (slow on CPU)
+    python benchmarks/precision.py --large         # adds Llama-8B-sized 14336×4096 / 4096×14336
     python benchmarks/precision.py --smoke         # tiny shapes, seconds
 
 Writes ``benchmarks/results/precision.json``.
@@ -79,7 +79,8 @@ def measure(shape: tuple[int, int], floor: float, direction: str, *, n_branches:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--large", action="store_true", help="add one 4096x14336 matrix")
+    parser.add_argument("--large", action="store_true", help="add the 8B-sized 14336x4096 / 4096x14336 pair")
+    parser.add_argument("--large-only", action="store_true", help="only the 8B-sized pair")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (a test runs this)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "precision.json")
@@ -93,9 +94,12 @@ def main() -> None:
     header = f"{'shape':>11} {'σ floor':>8} {'dir':>3} | " + " | ".join(f"{r:>22}" for r in ROUTES) + " | float64"
     print(header)
     print("-" * len(header))
-    jobs = [(s, f, d, "svd") for s, f in cases for d in ("vertical", "horizontal")]
-    if args.large:
-        jobs += [((4096, 14336), 1e-3, d, "gram") for d in ("vertical", "horizontal")]
+    jobs = [] if args.large_only else [(s, f, d, "svd") for s, f in cases for d in ("vertical", "horizontal")]
+    if args.large or args.large_only:
+        # Llama-8B gate_proj (14336×4096) in DRM-V and down_proj (4096×14336) in DRM-H: the
+        # 4096×4096 Gram. (The other direction needs a 12288×12288 eigh per route: ~20 min on
+        # 2 cores in float64 — measure it on a GPU.) Reference: float64 Gram route.
+        jobs += [((14336, 4096), 1e-3, "vertical", "gram"), ((4096, 14336), 1e-3, "horizontal", "gram")]
     for seed, (shape, floor, direction, ref_solver) in enumerate(jobs):
         row = measure(shape, floor, direction, n_branches=3, drop_rate=0.8, seed=seed, reference_solver=ref_solver)
         rows.append(row)

@@ -87,6 +87,8 @@ def _replica_worker(rank: int, world: int, port: int, outdir: str) -> None:
                 return super().merge_matrix(deltas, coefficients, generator=generator)
 
         run("error_compute", Exploding(drop_rate=0.8))
+        failing[2] = FailingSet(branches[2], "up.weight", 1, nan=True)
+        run("nan_read", drm, branch_sets=failing)
         run("after_errors", drm)
 
         # Collect mode: the merged state dict on every rank, target untouched.
@@ -156,7 +158,11 @@ def test_replica_work_is_split(replica_results: list[dict[str, Any]]) -> None:
     assert sorted(res["one_item"]["owner_items"] for res in replica_results) == [0, 1]
 
 
-@pytest.mark.parametrize("key,needle", [("error_read", "disk read failed for up.weight"), ("error_compute", "eigensolver diverged")])
+@pytest.mark.parametrize("key,needle", [
+    ("error_read", "disk read failed for up.weight"),
+    ("error_compute", "eigensolver diverged"),
+    ("nan_read", "'up.weight' in branch 2 (failing branches[2]) contains 1 NaN"),
+])
 def test_replica_failure_raises_everywhere(replica_results: list[dict[str, Any]], key: str, needle: str) -> None:
     """A rank raising mid-merge makes every rank raise the same DistributedMergeError."""
     messages = [res[key]["error"] for res in replica_results]
