@@ -143,3 +143,24 @@ def test_zero_branch_is_excluded_in_float32() -> None:
     a = drm_merge(with_zero, torch.ones(3), drop_rate=0.0)
     b = drm_merge(d, torch.ones(2), drop_rate=0.0)
     assert _rel(a, b.double()) < 1e-5
+
+
+@pytest.mark.parametrize("direction", ["vertical", "horizontal"])
+def test_thread_count_moves_float32_drm_by_rounding_only(direction: str) -> None:
+    """1 and 2 threads sum in different orders; both stay within the stated bound of float64,
+    and float64 agrees across thread counts to 1e-12 (the README's reproducibility claims)."""
+    deltas = _decaying(3, 256, 704, [1e-3] * 3, seed=21).float()
+    ones = torch.ones(3)
+    exact = drm_merge(deltas.double(), ones.double(), drop_rate=0.8, direction=direction, solver="svd")
+    previous = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results[threads] = (drm_merge(deltas, ones, drop_rate=0.8, direction=direction),
+                                drm_merge(deltas.double(), ones.double(), drop_rate=0.8, direction=direction))
+    finally:
+        torch.set_num_threads(previous)
+    for threads, (f32, _) in results.items():
+        assert _rel(f32, exact) <= 1e-2, threads
+    assert _rel(results[1][1], results[2][1]) <= 1e-12
