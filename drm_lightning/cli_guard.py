@@ -88,9 +88,15 @@ def guard_output(
     names = ", ".join(p.name for p in stale)
     if overwrite and not dry_run:
         remove_stale(stale)
-        return [f"removed {len(stale)} folder(s) left by killed earlier runs writing {out}: {names}"]
+        return [
+            f"removed {len(stale)} folder(s) left by killed earlier runs writing {out}: {names}"
+        ]
     return [
         f"found {len(stale)} folder(s) left by killed earlier runs writing {out} (their process "
-        f"is gone): {names}; " + ("--overwrite will remove them" if overwrite else
-                                "pass --overwrite to remove them, or delete them")
+        f"is gone): {names}; "
+        + (
+            "--overwrite will remove them"
+            if overwrite
+            else "pass --overwrite to remove them, or delete them"
+        )
     ]

@@ -69,7 +69,12 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from drm_lightning.config_values import BOOL_NOT_NUMBER, bool_params, bools_where_numbers, check_path
+from drm_lightning.config_values import (
+    BOOL_NOT_NUMBER,
+    bool_params,
+    bools_where_numbers,
+    check_path,
+)
 from drm_lightning.config_yaml import Lines, load_yaml
 from drm_lightning.methods import MergeMethod, available_methods, get_method
 from drm_lightning.methods.base import closest_names, method_class

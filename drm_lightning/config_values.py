@@ -18,7 +18,9 @@ from typing import Any, get_args
 
 __all__ = ["BOOL_NOT_NUMBER", "bool_params", "bools_where_numbers", "check_path"]
 
-BOOL_NOT_NUMBER = "must be a number, not a boolean (YAML reads true/false/yes/no/on/off as booleans)"
+BOOL_NOT_NUMBER = (
+    "must be a number, not a boolean (YAML reads true/false/yes/no/on/off as booleans)"
+)
 
 
 def check_path(value: Path, what: str) -> Path:
@@ -52,7 +54,9 @@ def bools_where_numbers(data: Mapping[str, Any]) -> list[tuple[tuple[str | int, 
         found.append((("seed",), data["seed"]))
     coefficients = data.get("coefficients")
     if isinstance(coefficients, list):
-        found += [(("coefficients", i), v) for i, v in enumerate(coefficients) if isinstance(v, bool)]
+        found += [
+            (("coefficients", i), v) for i, v in enumerate(coefficients) if isinstance(v, bool)
+        ]
     branches = data.get("branches", data.get("models"))
     key = "branches" if "branches" in data else "models"
     for i, branch in enumerate(branches if isinstance(branches, list) else []):

@@ -86,5 +86,5 @@ def load_yaml(text: str) -> tuple[Any, Lines]:
     Raises:
         yaml.YAMLError: invalid YAML or a duplicate key (with its ``problem_mark``).
     """
-    data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    data = yaml.load(text, Loader=_StrictLoader)
     return data, Lines(yaml.compose(text, Loader=yaml.SafeLoader))

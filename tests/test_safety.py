@@ -55,7 +55,9 @@ def models(tmp_path: Path) -> dict[str, Path]:
     (root / "base").mkdir(parents=True)
     save_file(_state(0), str(root / "base" / "model.safetensors"))
     save_file(_state(1), str(root / "a.safetensors"))
-    torch.save({"state_dict": _state(2), "epoch": 1, "hyper_parameters": {"lr": 0.1}}, root / "b.ckpt")
+    torch.save(
+        {"state_dict": _state(2), "epoch": 1, "hyper_parameters": {"lr": 0.1}}, root / "b.ckpt"
+    )
     return {"root": root, "base": root / "base", "a": root / "a.safetensors", "b": root / "b.ckpt"}
 
 
@@ -129,15 +131,17 @@ def test_trust_pickles_opt_in_loads_the_checkpoint(
         torch.testing.assert_close(merged[name], value)
 
 
-def test_trust_pickles_config_key_is_strict(models: dict[str, Path], tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_trust_pickles_config_key_is_strict(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = _config(tmp_path, models["base"], [str(models["a"])], trust_pickles="yes please")
     status, err = _run([cfg, "-o", tmp_path / "out", "--dry-run"], capsys)
     assert status == 2 and "trust_pickles" in err
 
 
-def test_weights_only_checkpoints_need_no_opt_in(models: dict[str, Path], tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_weights_only_checkpoints_need_no_opt_in(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Tensors, numbers, strings and plain containers (what Trainer checkpoints hold) load."""
     cfg = _config(tmp_path, models["base"], [str(models["a"]), str(models["b"])])
     status, err = _run([cfg, "-o", tmp_path / "out"], capsys)
@@ -159,9 +163,16 @@ def test_real_trainer_checkpoint_with_hyperparameters_loads_weights_only(tmp_pat
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 2)), batch_size=2)
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.ones(4, 2)), batch_size=2
+    )
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(Module(), data)
     trainer.save_checkpoint(tmp_path / "real.ckpt")
     assert open_source(tmp_path / "real.ckpt", prefix="net.").keys() == ["bias", "weight"]
@@ -174,19 +185,25 @@ def test_callback_refuses_untrusted_checkpoint_branch_unless_trusted(tmp_path: P
 
     marker = tmp_path / "pwned"
     model = MultiHead()
-    _evil_ckpt(tmp_path / "evil.ckpt", marker, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    _evil_ckpt(
+        tmp_path / "evil.ckpt",
+        marker,
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+    )
     cb = MergeCallback("task_arithmetic", branches=[tmp_path / "evil.ckpt"], every_n_steps=1)
     with pytest.raises(ValueError, match=r"evil\.ckpt holds Python objects.*trust_pickles=True"):
         trainer(max_steps=2, callbacks=[cb]).fit(MultiHead(), train_loaders(n=32))
     assert not marker.exists()
-    trusted = MergeCallback("task_arithmetic", branches=[tmp_path / "evil.ckpt"], every_n_steps=1,
-                            trust_pickles=True)
+    trusted = MergeCallback(
+        "task_arithmetic", branches=[tmp_path / "evil.ckpt"], every_n_steps=1, trust_pickles=True
+    )
     trainer(max_steps=2, callbacks=[trusted]).fit(MultiHead(), train_loaders(n=32))
     assert marker.is_dir() and len(trusted.history) == 2
 
 
-def test_ckpt_that_is_not_a_pickle_is_located(models: dict[str, Path], tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_ckpt_that_is_not_a_pickle_is_located(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = models["root"] / "text.ckpt"
     bad.write_text("hello, not a checkpoint at all")
     cfg = _config(tmp_path, models["base"], [str(bad)])
@@ -222,13 +239,18 @@ def test_overwrite_refuses_a_model_folder_another_tool_wrote(
     cfg = _config(tmp_path, models["base"], [str(models["a"])])
     status, err = _run([cfg, "-o", out, "--overwrite"], capsys)
     assert status == 2 and "not a drm_lightning model card" in err
-    torch.testing.assert_close(load_file(str(out / "model.safetensors"))["fc1.bias"], _state(9)["fc1.bias"])
+    torch.testing.assert_close(
+        load_file(str(out / "model.safetensors"))["fc1.bias"], _state(9)["fc1.bias"]
+    )
 
 
 @pytest.mark.parametrize("target", [".", "~", "/", "parent-of-cwd", "parent-of-inputs"])
 def test_overwrite_refuses_special_folders(
-    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch, target: str
+    models: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    target: str,
 ) -> None:
     cwd = tmp_path / "work" / "here"
     cwd.mkdir(parents=True)
@@ -263,7 +285,9 @@ def test_overwrite_replaces_an_earlier_output_through_a_symlink_without_leftover
     assert link.is_symlink() and link.resolve() == real.resolve()
     merged = load_file(str(link / "model.safetensors"))
     torch.testing.assert_close(merged["fc1.bias"], _state(2)["fc1.bias"])
-    assert sorted(p.name for p in tmp_path.iterdir() if ".old-" in p.name or ".tmp-" in p.name) == []
+    assert (
+        sorted(p.name for p in tmp_path.iterdir() if ".old-" in p.name or ".tmp-" in p.name) == []
+    )
     assert sorted(p.name for p in (tmp_path / "outs").iterdir()) == ["real"]
 
 
@@ -287,22 +311,35 @@ _SLOW_MERGE = textwrap.dedent(
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
-def test_signal_removes_the_temporary_folder(models: dict[str, Path], tmp_path: Path, signame: str) -> None:
+def test_signal_removes_the_temporary_folder(
+    models: dict[str, Path], tmp_path: Path, signame: str
+) -> None:
     cfg = _config(tmp_path, models["base"], [str(models["a"])])
     outs = tmp_path / "outs"
     outs.mkdir()
     ready = tmp_path / "ready"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_MERGE, str(ready), str(cfg), "-o", str(outs / "m"), "--no-progress"],
-        env=env, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            _SLOW_MERGE,
+            str(ready),
+            str(cfg),
+            "-o",
+            str(outs / "m"),
+            "--no-progress",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 120
         while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert ready.exists(), proc.stderr.read() if proc.poll() is not None else "timed out"
-        assert [p.name for p in outs.iterdir()][0].startswith("m.tmp-")
+        assert next(p.name for p in outs.iterdir()).startswith("m.tmp-")
         proc.send_signal(getattr(signal, signame))
         _, err = proc.communicate(timeout=60)
     finally:
@@ -343,9 +380,12 @@ def test_stale_temp_folders_are_reported_then_removed_with_overwrite(
 # ------------------------------------------------------------------ 4. located errors
 
 
-def test_disk_full_names_the_output(models: dict[str, Path], tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str],
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_names_the_output(
+    models: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import errno
 
     from drm_lightning.sources import writer
@@ -361,25 +401,32 @@ def test_disk_full_names_the_output(models: dict[str, Path], tmp_path: Path,
     assert list((tmp_path / "outs").iterdir()) == []
 
 
-def test_safetensors_io_error_becomes_a_located_oserror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_safetensors_io_error_becomes_a_located_oserror(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from safetensors import SafetensorError
 
     from drm_lightning.sources import writer
 
     def full(*args: Any, **kwargs: Any) -> None:
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
-                              'message: "No space left on device" })')
+        raise SafetensorError(
+            "Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+            'message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(writer, "save_file", full)
-    with pytest.raises(OSError, match="No space left on device") as info:
-        with HFFolderWriter(tmp_path / "m") as w:
-            w.add("w", torch.ones(2))
+    with (
+        pytest.raises(OSError, match="No space left on device") as info,
+        HFFolderWriter(tmp_path / "m") as w,
+    ):
+        w.add("w", torch.ones(2))
     assert info.value.errno == 28 and str(tmp_path / "m.tmp-") in str(info.value.filename)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_parent_of_output_is_a_file(models: dict[str, Path], tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_parent_of_output_is_a_file(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "afile").write_text("x")
     cfg = _config(tmp_path, models["base"], [str(models["a"])])
     status, err = _run([cfg, "-o", tmp_path / "afile" / "out", "--dry-run"], capsys)
@@ -387,8 +434,10 @@ def test_parent_of_output_is_a_file(models: dict[str, Path], tmp_path: Path,
 
 
 def test_missing_relative_path_says_where_it_was_looked_for(
-    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch
+    models: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     cfg = _config(tmp_path, models["base"], ["models/nope.safetensors", "some-org/some-model"])
@@ -400,22 +449,28 @@ def test_missing_relative_path_says_where_it_was_looked_for(
     assert "huggingface-cli download some-org/some-model" in hub
 
 
-def test_output_name_of_250_characters(models: dict[str, Path], tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_output_name_of_250_characters(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / ("m" * 250)
     cfg = _config(tmp_path, models["base"], [str(models["a"])])
     status, err = _run([cfg, "-o", out], capsys)
     assert status == 0, err
-    assert (out / "model.safetensors").is_file() and [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+    assert (out / "model.safetensors").is_file() and [
+        p.name for p in tmp_path.iterdir() if ".tmp-" in p.name
+    ] == []
 
 
 # ------------------------------------------------------------------ 5. silent acceptance
 
 
-def test_duplicate_yaml_key_is_refused_with_its_line(models: dict[str, Path], tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_duplicate_yaml_key_is_refused_with_its_line(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = tmp_path / "dup.yaml"
-    cfg.write_text(f"method: ties\nbase: {models['base']}\nbranches: [{models['a']}]\nmethod: linear\n")
+    cfg.write_text(
+        f"method: ties\nbase: {models['base']}\nbranches: [{models['a']}]\nmethod: linear\n"
+    )
     status, err = _run([cfg, "-o", tmp_path / "out", "--dry-run"], capsys)
     assert status == 2 and f"{cfg}:4:1: duplicate key 'method' (first at line 1)" in err
 
@@ -430,8 +485,12 @@ def test_duplicate_yaml_key_is_refused_with_its_line(models: dict[str, Path], tm
     ids=["coefficient", "coefficients", "method-parameter"],
 )
 def test_boolean_where_a_number_is_expected_is_refused_with_its_line(
-    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
-    snippet: str, field: str, line: int
+    models: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    snippet: str,
+    field: str,
+    line: int,
 ) -> None:
     cfg = tmp_path / "bool.yaml"
     text = f"method: ties\nbase: {models['base']}\n" + snippet.format(a=models["a"])
@@ -480,7 +539,9 @@ def test_writer_refuses_foreign_folder_in_python_too(tmp_path: Path) -> None:
     assert (tmp_path / "notes.txt").exists()
 
 
-def test_check_replaceable_names_each_special_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_replaceable_names_each_special_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from drm_lightning.sources.output_guard import check_replaceable
 
     home, cwd = tmp_path / "home", tmp_path / "work" / "here"
@@ -488,8 +549,12 @@ def test_check_replaceable_names_each_special_folder(tmp_path: Path, monkeypatch
     cwd.mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(cwd)
-    for target, what in [("/", "the file system root"), (str(home), "your home folder"),
-                         (".", "the current directory"), ("..", "a parent of the current directory")]:
+    for target, what in [
+        ("/", "the file system root"),
+        (str(home), "your home folder"),
+        (".", "the current directory"),
+        ("..", "a parent of the current directory"),
+    ]:
         with pytest.raises(ValueError, match=f"it is {what}"):
             check_replaceable(target)
     check_replaceable(tmp_path / "empty-or-new")  # nothing there: fine
@@ -522,7 +587,9 @@ _KILL_RANK_1 = textwrap.dedent(
 
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
-def test_torchrun_rank_killed_leaves_no_temporary_folder(models: dict[str, Path], tmp_path: Path) -> None:
+def test_torchrun_rank_killed_leaves_no_temporary_folder(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
     """torchrun stops the surviving rank 0 with SIGTERM: its temporary folder is removed."""
     script = tmp_path / "kill_rank_1.py"
     script.write_text(_KILL_RANK_1)
@@ -531,8 +598,22 @@ def test_torchrun_rank_killed_leaves_no_temporary_folder(models: dict[str, Path]
     outs.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(script), str(tmp_path / "ready"), str(cfg), "-o", str(outs / "m"), "--no-progress"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=env, cwd=ROOT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(script),
+        str(tmp_path / "ready"),
+        str(cfg),
+        "-o",
+        str(outs / "m"),
+        "--no-progress",
+    ]
+    run = subprocess.run(
+        cmd, check=False, capture_output=True, text=True, timeout=200, env=env, cwd=ROOT
+    )
     assert run.returncode != 0 and (tmp_path / "ready").exists(), run.stderr[-3000:]
     assert list(outs.iterdir()) == [], run.stderr[-3000:]

@@ -83,7 +83,9 @@ def check_parent(out: str | os.PathLike[str]) -> None:
             return
 
 
-def check_replaceable(out: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str]] = ()) -> None:
+def check_replaceable(
+    out: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str]] = ()
+) -> None:
     """Raise unless ``out`` (an existing folder) may be replaced by ``--overwrite``.
 
     Raises:
@@ -95,7 +97,10 @@ def check_replaceable(out: str | os.PathLike[str], *, inputs: Iterable[str | os.
     given = Path(out)
     target = given.resolve()
     cwd = Path.cwd().resolve()
-    special = {Path(target.anchor): "the file system root", Path.home().resolve(): "your home folder"}
+    special = {
+        Path(target.anchor): "the file system root",
+        Path.home().resolve(): "your home folder",
+    }
     if target in special or target == cwd or target in cwd.parents:
         what = special.get(target) or (
             "the current directory" if target == cwd else "a parent of the current directory"

@@ -39,7 +39,9 @@ class RenamedSource(WeightSource):
         ValueError: no name starts with ``strip`` (the first names are listed).
     """
 
-    def __init__(self, source: WeightSource, *, strip: str | None = None, add: str | None = None) -> None:
+    def __init__(
+        self, source: WeightSource, *, strip: str | None = None, add: str | None = None
+    ) -> None:
         self.source, self.strip, self.add = source, strip or "", add or ""
         self.origin = source.origin
         self._to_inner: dict[str, str] = {}
@@ -101,7 +103,9 @@ def prefix_hint(base_keys: Iterable[str], branch_keys: Iterable[str]) -> str | N
             if not sample.endswith(name) or sample == name:
                 continue
             prefix = sample[: -len(name)]
-            if verb == "strip" and base <= {k[len(prefix) :] for k in outer if k.startswith(prefix)}:
+            if verb == "strip" and base <= {
+                k[len(prefix) :] for k in outer if k.startswith(prefix)
+            }:
                 return (
                     f"its names are the base's with the prefix {prefix!r} in front: set "
                     f"prefix: {prefix!r} on the branch"

@@ -72,11 +72,11 @@ def load_pickled(path: str | os.PathLike[str], *, trust_pickles: bool = False) -
             raise _unreadable(p, err) from err
         if not trust_pickles:
             raise UntrustedPickleError(p, str(err)) from None
-    except Exception as err:  # noqa: BLE001 - torch raises KeyError, RuntimeError, EOFError...
+    except Exception as err:
         raise _unreadable(p, err) from err
     try:
         return torch.load(p, map_location="cpu", mmap=mmap, weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any failure of a trusted load: say which file
+    except Exception as err:
         raise _unreadable(p, err) from err
 
 

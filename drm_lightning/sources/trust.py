@@ -59,6 +59,8 @@ class UntrustedPickleError(ValueError):
 
 def _essence(reason: str) -> str:
     """The line of torch's weights-only error that names the object, without its boilerplate."""
-    lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in reason.splitlines()]
+    lines = [
+        line.strip().removeprefix("WeightsUnpickler error:").strip() for line in reason.splitlines()
+    ]
     useful = [line for line in lines if line and not line.lower().startswith(_BOILERPLATE)]
     return "; ".join(useful)[:300]
