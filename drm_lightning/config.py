@@ -315,11 +315,15 @@ class RoutingConfig(_Section):
     include: list[str] | None = Field(None, description=f"default: {list(DEFAULT_INCLUDE)}")
     exclude: list[str] | None = Field(None, description=f"default: {list(DEFAULT_EXCLUDE)}")
     ignore: list[str] = Field(default_factory=list)
+    fused_qkv: list[str] = Field(
+        default_factory=list,
+        description="matrices stacking Q, K, V by rows (e.g. '.*in_proj_weight'): merged as 3 blocks",
+    )
 
     @classmethod
     def _more_errors(cls, data: Mapping[str, Any]) -> list[InitErrorDetails]:
         errors = []
-        for key in ("include", "exclude", "ignore"):
+        for key in ("include", "exclude", "ignore", "fused_qkv"):
             patterns = data.get(key)
             if not isinstance(patterns, list):
                 continue
@@ -333,7 +337,7 @@ class RoutingConfig(_Section):
                         )
         return errors
 
-    @field_validator("include", "exclude", "ignore", mode="before")
+    @field_validator("include", "exclude", "ignore", "fused_qkv", mode="before")
     @classmethod
     def _not_a_string(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -346,6 +350,7 @@ class RoutingConfig(_Section):
             include=DEFAULT_INCLUDE if self.include is None else self.include,
             exclude=DEFAULT_EXCLUDE if self.exclude is None else self.exclude,
             ignore=self.ignore,
+            fused_qkv=self.fused_qkv,
         )
 
 

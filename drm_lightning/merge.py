@@ -50,6 +50,7 @@ class PlannedTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     route: Route
+    row_blocks: int = 1
 
     @property
     def numel(self) -> int:
@@ -148,7 +149,10 @@ def plan_merge(
                         f"{name!r} in {who} has unsupported dtype {dt}; supported: "
                         + ", ".join(str(d) for d in SUPPORTED_DTYPES)
                     )
-        planned.append(PlannedTensor(name, shape, dtype, route))
+        split_problem = routing.row_split_problem(name, shape)
+        if split_problem:
+            problems.append(split_problem)
+        planned.append(PlannedTensor(name, shape, dtype, route, routing.row_blocks(name, shape)))
     if shape_lines:
         problems.append("shape mismatch in {} tensor(s):\n{}".format(len(shape_lines), "\n".join(shape_lines)))
     if problems:
@@ -227,6 +231,7 @@ def merge_tensor(
     generator: torch.Generator | None = None,
     name: str = "tensor",
     origins: Sequence[str] | None = None,
+    row_blocks: int = 1,
 ) -> Tensor:
     """Merge one tensor: full branch weights, or LoRA factors ``(B, A)`` / ``None`` (= base).
 
@@ -234,7 +239,9 @@ def merge_tensor(
     tensors come back as an exact copy of the base. Every path that merges calls this, so
     the finiteness checks live here: NaN/Inf in the base or a branch raise ``ValueError``
     naming ``name`` and the input (``origins``: labels of base then branches), and so does
-    a non-finite result (an overflow, e.g. from a huge coefficient).
+    a non-finite result (an overflow, e.g. from a huge coefficient). ``row_blocks > 1``
+    merges a matrix as that many equal row blocks, each on its own (fused QKV, see
+    :meth:`~drm_lightning.routing.Routing.row_blocks`).
 
     Example:
         >>> from drm_lightning.methods import get_method
@@ -247,10 +254,28 @@ def merge_tensor(
     if route == "ignore":
         return base.detach().clone().to(out_dtype)
     check_inputs_finite(name, base, branch_tensors, origins)
-    merged = _merge_checked_inputs(method, route, base, branch_tensors, coefficients, compute_dtype, generator)
+    if route == "matrix" and row_blocks > 1:
+        rows = base.shape[0] // row_blocks
+        blocks = [slice(k * rows, (k + 1) * rows) for k in range(row_blocks)]
+        merged = torch.cat([
+            _merge_checked_inputs(method, route, base[rows_k], [_row_block(t, rows_k) for t in branch_tensors],
+                                  coefficients, compute_dtype, generator)
+            for rows_k in blocks
+        ])
+    else:
+        merged = _merge_checked_inputs(method, route, base, branch_tensors, coefficients, compute_dtype, generator)
     merged = merged.to(out_dtype)
     check_finite(name, merged, "the merged result", RESULT_HINT)
     return merged
+
+
+def _row_block(t: BranchTensor, rows: slice) -> BranchTensor:
+    """Rows ``rows`` of a branch tensor; for LoRA factors ``(B, A)`` that is ``(B[rows], A)``."""
+    if t is None:
+        return None
+    if isinstance(t, Tensor):
+        return t[rows]
+    return (t[0][rows], t[1])
 
 
 def _merge_checked_inputs(
@@ -339,6 +364,7 @@ def iter_merge(
         yield item.name, merge_tensor(
             method, item.route, base_t, branch_ts, coefs, compute_dtype=compute_dtype,
             out_dtype=out_dtype, generator=generator, name=item.name, origins=origins,
+            row_blocks=item.row_blocks,
         )
 
 

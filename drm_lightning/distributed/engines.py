@@ -51,6 +51,7 @@ from drm_lightning.distributed.tensors import ParamSet, TensorSet, partition_siz
 from drm_lightning.merge import check_fits, merge_tensor, tensor_generator
 from drm_lightning.methods.base import MergeMethod
 from drm_lightning.methods.drm import DRM
+from drm_lightning.routing import Routing
 
 OptimizerState = Literal["keep", "reset"]
 
@@ -73,6 +74,7 @@ class MergeJob:
             through the parameters).
         state_keys: optimizer state entries zeroed by ``"reset"``.
         collect: also return ``{name: merged tensor}`` (replica/single).
+        routing: the tensor routing (for fused-QKV row blocks); ``None``: no splitting.
     """
 
     method: MergeMethod
@@ -86,6 +88,7 @@ class MergeJob:
     optimizer: Any = None
     state_keys: Sequence[str] = ("exp_avg", "exp_avg_sq")
     collect: bool = False
+    routing: Routing | None = None
 
 
 @dataclass
@@ -139,6 +142,7 @@ def _merge_full(job: MergeJob, item: MergeItem, base: Tensor, branches: list[Ten
         job.method, item.route, base, branches, job.coefficients,
         compute_dtype=job.compute_dtype, out_dtype=_out_dtype(job, item.name), generator=generator,
         name=item.name, origins=origins,
+        row_blocks=job.routing.row_blocks(item.name, item.shape) if job.routing is not None else 1,
     )
     check_fits(item.name, value, job.base.dtype(item.name))
     return value

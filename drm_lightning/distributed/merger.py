@@ -153,6 +153,9 @@ class DistributedMerger:
             shape = base.shape(name)
             route = self.routing.route(name, shape)
             dtype = base.dtype(name)
+            split_problem = self.routing.row_split_problem(name, shape)
+            if split_problem:
+                problems.append(split_problem)
             if route != "ignore":
                 for who, s in holders:
                     if name in s and s.dtype(name) not in SUPPORTED_DTYPES:
@@ -183,6 +186,9 @@ class DistributedMerger:
         world = world_size or comm.world_size
         entries = self._entries(target_set, base_set, branch_sets, names)
         shardable = ENGINES[kind]().shardable(self.method, len(branch_sets), target_set, self.sharded) if kind == "zero3" else None
+        if shardable is not None:  # fused-QKV matrices are merged block by block on an owner
+            rule = shardable
+            shardable = lambda n, shape, route: self.routing.row_blocks(n, shape) == 1 and rule(n, shape, route)  # noqa: E731
         return build_plan(
             entries, self.method, n_branches=len(branch_sets), world_size=world, engine=kind,
             shardable=shardable, compute_dtype=self.compute_dtype,
@@ -249,7 +255,7 @@ class DistributedMerger:
         engine: MergeEngine = ENGINES[plan.engine](comm)
         job = MergeJob(
             self.method, target_set, base_set, branch_sets, coefs, self.compute_dtype, self.seed,
-            self.optimizer_state, optimizer, collect=collect,
+            self.optimizer_state, optimizer, collect=collect, routing=self.routing,
         )
         return engine.run(plan, job)
 

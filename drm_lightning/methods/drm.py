@@ -451,7 +451,11 @@ class DRMParams(MethodParams):
     disjoint_mean: bool = Field(True, description="divide by agreeing branches (else by N)")
     elect_signs: bool = Field(True, description="sign election on the fallback path")
     fallback_trim_rate: float = Field(
-        0.0, ge=0.0, lt=1.0, description="per-branch magnitude trim on the fallback path"
+        0.0, ge=0.0, lt=1.0,
+        description=(
+            "magnitude trim on the fallback path, per branch and per TENSOR (spec §5 trims one "
+            "vector per branch over all fallback tensors together; that variant is not offered)"
+        ),
     )
     solver: Solver = Field("auto", description="basis from 'svd', 'gram' (eigh), or 'auto'")
     basis_precision: BasisPrecision = Field(
