@@ -31,30 +31,36 @@ STD_FLOOR = 1e-7
 class CorrelationAccumulator:
     """Pearson correlation of ``features`` columns over samples, streamed batch by batch.
 
-    Holds the running sum, the sum of outer products and the count in float64: memory is
-    ``O(features²)`` whatever the number of batches. Variances are clamped at 0 and the
+    Holds the running mean, the centred co-moment and the count in float64: memory is
+    ``O(features²)`` whatever the number of batches (a constant unit stays exactly 0). Variances are clamped at 0 and the
     denominator at :data:`STD_FLOOR`, so constant features give 0, never NaN.
     """
 
     def __init__(self, features: int) -> None:
         self.features = features
         self.count = 0
-        self.total = torch.zeros(features, dtype=torch.float64)
-        self.outer = torch.zeros(features, features, dtype=torch.float64)
+        self.mean = torch.zeros(features, dtype=torch.float64)
+        self.comoment = torch.zeros(features, features, dtype=torch.float64)
 
     def update(self, x: Tensor) -> None:
-        """Add ``x`` of shape ``(samples, features)``."""
+        """Add ``x`` of shape ``(samples, features)`` (Chan et al.'s pairwise update)."""
         x = x.detach().to("cpu", torch.float64)
-        self.count += x.shape[0]
-        self.total += x.sum(dim=0)
-        self.outer += x.T @ x
+        n_b = x.shape[0]
+        if n_b == 0:
+            return
+        mean_b = x.mean(dim=0)
+        centred = x - mean_b
+        delta = mean_b - self.mean
+        total = self.count + n_b
+        self.comoment += centred.T @ centred + torch.outer(delta, delta) * (self.count * n_b / total)
+        self.mean += delta * (n_b / total)
+        self.count = total
 
     def correlation(self) -> Tensor:
         """The ``(features, features)`` correlation matrix."""
         if self.count == 0:
             raise ValueError("no activation samples were collected (empty batches?)")
-        mean = self.total / self.count
-        cov = self.outer / self.count - torch.outer(mean, mean)
+        cov = self.comoment / self.count
         std = cov.diagonal().clamp_min(0).sqrt()
         return cov / torch.outer(std, std).clamp_min(STD_FLOOR)
 

@@ -132,7 +132,9 @@ def _zip_greedy(
     """ZipIt greedy on a (n, n) similarity: merge the most similar pair until ``target`` clusters.
 
     ``labels`` is each unit's model. Merged rows are min-linked and multiplied by ``decay``
-    (``decay <= 0``: the cluster may not merge again with units of its members' models).
+    (``decay <= 0``: a cluster never takes a second unit of a model it holds, and a
+    within-model cluster takes no other unit; per-cluster model sets, not the reference's
+    stale block offsets, spec §12.14).
     Within-model merges are limited to ``floor(floor(R / N) · budget)`` per model.
     """
     s = sim.astype(np.float64).copy()
@@ -140,6 +142,7 @@ def _zip_greedy(
     np.fill_diagonal(s, -np.inf)
     labels = labels.copy()
     clusters: list[list[int]] = [[u] for u in range(n)]
+    models = [{int(lab)} for lab in labels]
     alive = np.ones(n, dtype=bool)
     merges = n - target
     left = {m: math.floor(math.floor(merges / n_models) * budget) for m in range(n_models)}
@@ -159,11 +162,14 @@ def _zip_greedy(
         x, y = min(x, y), max(x, y)
         values.append(float(s[x, y]))
         clusters[x] += clusters[y]
+        models[x] |= models[y]
         row = np.minimum(s[x], s[y])
         if decay > 0:
             row = np.where(np.isfinite(row), row * decay, row)
-        else:
-            row[np.isin(labels, [labels[x], labels[y]])] = -np.inf
+        elif labels[x] == labels[y]:
+            row[:] = -np.inf  # a within-model cluster takes no other model's unit
+        else:  # no second unit of a model already in the cluster
+            row[[u for u in range(n) if alive[u] and models[u] & models[x]]] = -np.inf
         s[x, :] = row
         s[:, x] = row
         s[x, x] = -np.inf

@@ -19,6 +19,7 @@ Example (a function-preserving permutation of an MLP's hidden units):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 
 import torch
@@ -54,7 +55,7 @@ def map_param(t: Tensor, axes: Mapping[int, list[tuple[Member, str]]], pick: Pic
         for k, mat in enumerate(mats):
             if mat is not None:
                 chunks[k] = map_axis(chunks[k], ax, mat)
-        dtype = torch.promote_types(*[c.dtype for c in chunks]) if n > 1 else chunks[0].dtype
+        dtype = functools.reduce(torch.promote_types, [c.dtype for c in chunks])
         out = torch.cat([c.to(dtype) for c in chunks], dim=ax)
     return out
 
