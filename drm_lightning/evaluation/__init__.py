@@ -13,6 +13,7 @@ Example:
 from drm_lightning.evaluation.tasks import (
     PredictFn,
     TaskSpec,
+    as_predictions,
     default_predict,
     evaluate_task,
     evaluate_tasks,
@@ -22,6 +23,7 @@ from drm_lightning.evaluation.tasks import (
 __all__ = [
     "PredictFn",
     "TaskSpec",
+    "as_predictions",
     "default_predict",
     "evaluate_task",
     "evaluate_tasks",

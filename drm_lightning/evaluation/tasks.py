@@ -74,8 +74,11 @@ class TaskSpec:
     """One task to score: its validation data, its metric(s), and how to get predictions.
 
     Args:
-        dataloader: An iterable of batches (usually a ``DataLoader``), or a zero-argument
-            callable returning one (called at every evaluation).
+        dataloader: An iterable of batches (usually a ``DataLoader``), a zero-argument
+            callable returning one (called at every evaluation), or the name (``str``) or
+            index (``int``) of one of the validation dataloaders the training framework knows
+            (a Lightning datamodule's ``val_dataloader()``), resolved by the front end with
+            :meth:`resolve` — so that a task can be written in a config file.
         metrics: A torchmetrics ``Metric``, a ``MetricCollection`` or a mapping
             ``{name: Metric}``. A single metric is named after its class, as in
             ``MetricCollection``. The metric objects are reset before and after each evaluation.
@@ -91,7 +94,7 @@ class TaskSpec:
         (['MulticlassAccuracy'], 'MulticlassAccuracy')
     """
 
-    dataloader: Iterable[Any] | Callable[[], Iterable[Any]] | None
+    dataloader: Iterable[Any] | Callable[[], Iterable[Any]] | str | int | None
     metrics: MetricsLike | None
     predict: PredictFn | None = None
     primary: str | None = None
@@ -120,9 +123,56 @@ class TaskSpec:
         """The metric averaged across tasks."""
         return self.primary or self.metric_names[0]
 
+    @property
+    def reference(self) -> str | int | None:
+        """The dataloader's name or index when it still has to be :meth:`resolve`-d, else ``None``."""
+        loader = self.dataloader
+        if isinstance(loader, (str, int)) and not isinstance(loader, bool):
+            return loader
+        return None
+
+    def resolve(self, loaders: Any) -> None:
+        """Bind a named or indexed dataloader to one of ``loaders`` (a mapping, a sequence or one loader).
+
+        Raises:
+            ValueError: the name or index is not among ``loaders`` (the valid ones are listed).
+
+        Example:
+            >>> from torchmetrics.regression import MeanSquaredError
+            >>> spec = TaskSpec("b", MeanSquaredError())
+            >>> spec.resolve({"a": [1], "b": [2]})
+            >>> spec.dataloader
+            [2]
+        """
+        ref = self.reference
+        if ref is None:
+            return
+        if loaders is None:
+            raise ValueError(f"TaskSpec(dataloader={ref!r}) names a validation dataloader, but there is none")
+        if isinstance(loaders, Mapping):
+            keys: list[Any] = list(loaders)
+            if isinstance(ref, int) and ref not in loaders and 0 <= ref < len(keys):
+                ref = keys[ref]
+            if ref not in loaders:
+                raise ValueError(f"TaskSpec(dataloader={ref!r}): no validation dataloader of that name; have {keys}")
+            self.dataloader = loaders[ref]
+            return
+        seq = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+        if not isinstance(ref, int) or not 0 <= ref < len(seq):
+            raise ValueError(
+                f"TaskSpec(dataloader={ref!r}): the validation dataloaders are a sequence of {len(seq)}; "
+                f"give an index 0..{len(seq) - 1}"
+            )
+        self.dataloader = seq[ref]
+
     def batches(self) -> Iterable[Any]:
         """The validation batches (calls ``dataloader`` if it is a factory)."""
         loader = self.dataloader
+        if self.reference is not None:
+            raise ValueError(
+                f"TaskSpec(dataloader={loader!r}) names a validation dataloader that was never resolved; "
+                "the Lightning callback resolves it from the datamodule at setup"
+            )
         if callable(loader) and not hasattr(loader, "__iter__"):
             loader = loader()
         assert loader is not None
@@ -130,11 +180,44 @@ class TaskSpec:
 
 
 def _to_device(batch: Any, device: torch.device | None) -> Any:
+    """``batch`` with every tensor moved to ``device`` (mappings, sequences and objects with ``.to``)."""
     if device is None:
         return batch
-    from lightning.fabric.utilities.apply_func import move_data_to_device
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        moved = {k: _to_device(v, device) for k, v in batch.items()}
+        try:
+            return type(batch)(moved)  # dict, OrderedDict, transformers BatchEncoding
+        except TypeError:
+            return moved
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    to = getattr(batch, "to", None)
+    return to(device) if callable(to) else batch
 
-    return move_data_to_device(batch, device)
+
+def as_predictions(output: Any) -> Any:
+    """The tensor a metric takes from a model output: ``.logits`` of a transformers ``ModelOutput``.
+
+    Tensors pass through; objects with a ``logits`` attribute (``SequenceClassifierOutput``, ...)
+    and mappings with a ``"logits"`` key give their logits; anything else is returned as is.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> as_predictions(SimpleNamespace(loss=None, logits=torch.ones(2, 3))).shape
+        torch.Size([2, 3])
+        >>> as_predictions({"logits": torch.zeros(1)}).tolist()
+        [0.0]
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    logits = getattr(output, "logits", None)
+    return logits if logits is not None else output
 
 
 def _scalar(task: str, name: str, value: Any) -> float:
@@ -154,6 +237,8 @@ def evaluate_task(
     *,
     device: torch.device | str | None = None,
     shard: tuple[int, int] | None = None,
+    pad_to: int | None = None,
+    per_rank: bool = False,
 ) -> dict[str, float]:
     """Score ``module`` on one task; returns ``{metric_name: value}``.
 
@@ -167,6 +252,15 @@ def evaluate_task(
         shard: ``(rank, world_size)``: score only batches ``i`` with ``i % world_size == rank``.
             Metric states are synchronised by torchmetrics on ``compute()``, so every rank must
             call this function for the same tasks in the same order.
+        pad_to: After scoring, run forwards on the last batch (not scored) until this many
+            batches were seen: ranks whose own dataloaders differ in length then run the same
+            number of forwards (needed when forwards are collective, as under ZeRO-3).
+        per_rank: The dataloader is this rank's own share (e.g. prepared by Accelerate): every
+            batch is scored, torchmetrics combines the ranks on ``compute()``, and an empty share
+            is allowed (the other ranks' batches make the score).
+
+    The module's output may be a tensor or a transformers ``ModelOutput`` (its ``.logits`` are
+    scored, see :func:`as_predictions`).
 
     Raises:
         ValueError: the dataloader yielded no batch, or a metric is not a scalar.
@@ -192,15 +286,26 @@ def evaluate_task(
     was_training = module.training
     module.eval()
     seen = 0
+    last: Any = None
     try:
         with torch.no_grad():
             for index, batch in enumerate(loader):
                 if shard is not None and index % shard[1] != shard[0]:
                     continue
                 preds, target = predict(module, task, _to_device(batch, device))
-                collection.update(preds, target)
+                collection.update(as_predictions(preds), target)
                 seen += 1
-        if seen == 0 and shard is None:
+                last = batch
+            # Ranks with fewer batches repeat forwards without scoring them, so that collective
+            # forwards (ZeRO-3 gathers) run as often on every rank.
+            for _ in range(max(0, (pad_to or 0) - seen)):
+                if last is None:  # pragma: no cover - needs an empty ZeRO-3 rank
+                    raise ValueError(
+                        f"task {task!r}: this rank's validation dataloader is empty but other ranks have "
+                        f"{pad_to} batches; under ZeRO-3 every rank needs at least one batch"
+                    )
+                predict(module, task, _to_device(last, device))
+        if seen == 0 and shard is None and not per_rank:
             raise ValueError(f"task {task!r}: the validation dataloader yielded no batches")
         values = collection.compute()
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,7 +12,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from drm_lightning.inloop.branched import check_heads, split_batch
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
+ARCHITECTURE_KEY = "branched_module_architecture"
 
 
 class BranchedModule(pl.LightningModule):
@@ -28,6 +32,10 @@ class BranchedModule(pl.LightningModule):
       a dict of dataloaders (tasks missing from the dict, or ``None``, are skipped);
     * a tuple ``(task, batch)`` from one dataloader that tags its batches. Under DDP, a step
       that trains only some branches needs ``strategy="ddp_find_unused_parameters_true"``.
+
+    Checkpoints hold the hyperparameters and the architecture (as bytes, one more copy of the
+    backbone and heads), so ``BranchedModule.load_from_checkpoint(path, trust_pickles=True)``
+    rebuilds the module from a trusted checkpoint alone (see :meth:`load_from_checkpoint`).
 
     Every task's loss is summed: branches share no parameter, so each one gets exactly the
     gradient of its own task.
@@ -63,16 +71,8 @@ class BranchedModule(pl.LightningModule):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
-        if not isinstance(backbone, nn.Module):
-            raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
-        if not isinstance(heads, Mapping) or not heads:
-            raise ValueError("heads must be a non-empty mapping {task name: head module}")
-        bad = [f"{name!r}" for name in heads if not isinstance(name, str) or not name or "." in name]
-        bad += [f"{name!r} ({type(h).__name__})" for name, h in heads.items() if not isinstance(h, nn.Module)]
-        if bad:
-            raise ValueError(
-                "heads must map non-empty task names without '.' to nn.Module heads; invalid: " + ", ".join(bad)
-            )
+        check_heads(backbone, heads)
+        self.save_hyperparameters(ignore=["backbone", "heads", "loss_fn"])  # modules: on_save_checkpoint
         self.task_names: list[str] = list(heads)
         self.base = copy.deepcopy(backbone).requires_grad_(False)
         self.branches = nn.ModuleDict({task: copy.deepcopy(backbone) for task in self.task_names})
@@ -97,19 +97,51 @@ class BranchedModule(pl.LightningModule):
 
     def split_batch(self, batch: Any) -> list[tuple[str, Any]]:
         """``[(task, batch), ...]`` from a ``{task: batch}`` mapping or a ``(task, batch)`` tuple."""
-        if isinstance(batch, Mapping):
-            items = [(task, b) for task, b in batch.items() if b is not None]
-        elif isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], str):
-            items = [(batch[0], batch[1])]
-        else:
-            raise TypeError(
-                f"BranchedModule cannot route a batch of type {type(batch).__name__}: give a "
-                "mapping {task: batch} (a dict of dataloaders) or a tuple (task, batch)"
-            )
-        unknown = [task for task, _ in items if task not in self.heads]
-        if unknown:
-            raise KeyError(f"batch for unknown task(s) {unknown}; known tasks: {self.task_names}")
-        return items
+        return split_batch(batch, self.heads)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the architecture (backbone, heads, loss) as pickled bytes for :meth:`load_from_checkpoint`.
+
+        Bytes keep the checkpoint loadable weights-only (resuming ``fit`` is unaffected); they are
+        unpickled only by ``load_from_checkpoint(..., trust_pickles=True)``. Skipped when the
+        parameters are ZeRO-3 partitions.
+        """
+        if any(hasattr(p, "ds_id") for p in self.parameters()):
+            return
+        buffer = io.BytesIO()
+        torch.save({"backbone": self.base, "heads": dict(self.heads), "loss_fn": self.loss_fn}, buffer)
+        checkpoint[ARCHITECTURE_KEY] = buffer.getvalue()
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: Any, *args: Any, trust_pickles: bool = False, **kwargs: Any
+    ) -> Any:
+        """Lightning's ``load_from_checkpoint``, with the backbone and heads rebuilt from the checkpoint.
+
+        Pass ``backbone=`` and ``heads=`` (modules of the same architecture; the weights come from
+        the checkpoint), or ``trust_pickles=True`` to unpickle the architecture stored by
+        :meth:`on_save_checkpoint` (that runs code from the file: trusted files only).
+
+        Raises:
+            ValueError: neither ``backbone``/``heads`` nor ``trust_pickles=True`` is given, or the
+                checkpoint holds no architecture (written by another module or under ZeRO-3).
+        """
+        if "backbone" not in kwargs or "heads" not in kwargs:
+            stored = torch.load(checkpoint_path, map_location="cpu", weights_only=True).get(ARCHITECTURE_KEY)
+            if stored is None:
+                raise ValueError(
+                    f"{checkpoint_path}: the checkpoint holds no BranchedModule architecture; pass backbone= and "
+                    "heads= (modules of the trained architecture; the weights come from the checkpoint)"
+                )
+            if not trust_pickles:
+                raise ValueError(
+                    f"{checkpoint_path}: rebuilding the backbone and heads unpickles them from the checkpoint, "
+                    "which can run code; pass trust_pickles=True if you trust the file, or backbone= and heads="
+                )
+            parts = torch.load(io.BytesIO(stored), map_location="cpu", weights_only=False)
+            for name in ("backbone", "heads", "loss_fn"):
+                kwargs.setdefault(name, parts[name])
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Sum of the per-task losses of the batch; logs ``train/<task>/loss``."""

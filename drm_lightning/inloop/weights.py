@@ -1,10 +1,11 @@
-"""Private helpers of the callback: weight sources for the merge loop, swapping."""
+"""Weight helpers of the in-loop core: float states, deltas, loading, and the dense weight swap."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -107,7 +108,7 @@ class WeightSwap:
     """Temporarily load weights into a module and put the live ones back bit for bit.
 
     ``swap.load(weights)`` may be called several times; :meth:`restore` copies back every
-    tensor touched since the swap began. Used as a context manager by the callback.
+    tensor touched since the swap began.
     """
 
     def __init__(self, module: nn.Module) -> None:

@@ -1,7 +1,7 @@
-"""Private ZeRO-3 helpers of the callback: merged partitions, partition swaps, adoption.
+"""ZeRO-3 helpers of the in-loop core: merged partitions, partition swaps, adoption.
 
 Under DeepSpeed ZeRO-3 every rank holds only its flat partition ``p.ds_tensor`` of each
-parameter (``p.shape == (0,)`` outside a gather). The callback never gathers the whole model:
+parameter (``p.shape == (0,)`` outside a gather). The core never gathers the whole model:
 
 * :class:`MergedShards` is the target handed to
   :class:`~drm_lightning.distributed.DistributedMerger`: it looks like the module's

@@ -1,0 +1,365 @@
+"""The in-loop merge core: state and sequence of one merge-during-training, no framework.
+
+:class:`MergeCore` is what the Lightning callback and the Accelerate hook hold. The front end
+says *when* (its hooks, its schedule) and with which backend (its strategy); the core does the
+rest — capture snapshots, merge through the backend (always
+:class:`~drm_lightning.distributed.DistributedMerger`), score every task, adopt, keep the
+history, export, and save/restore its state. It imports neither Lightning nor Accelerate.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from drm_lightning.evaluation import TaskSpec
+from drm_lightning.inloop.backends import Backend, DenseBackend, Merged, Zero3Backend
+from drm_lightning.inloop.providers import Branch, BranchProvider, Snapshot, coefficient_list
+from drm_lightning.inloop.schedule import Schedule
+from drm_lightning.inloop.scoring import Scorer
+from drm_lightning.inloop.zero3 import rank_and_world
+from drm_lightning.methods import MergeMethod, get_method
+
+Message = Callable[[str], None]
+
+
+def method_from(method: str | MergeMethod, params: Mapping[str, Any] | None) -> MergeMethod:
+    """A :class:`MergeMethod` from a name and parameters, or the instance given.
+
+    Example:
+        >>> method_from("ties", {"density": 0.5}).params.density
+        0.5
+    """
+    if isinstance(method, MergeMethod):
+        if params:
+            raise ValueError("method_params is only used with a method name, not a MergeMethod instance")
+        return method
+    if isinstance(method, str):
+        return get_method(method, **dict(params or {}))
+    raise TypeError(f"method must be a method name or a MergeMethod, got {type(method).__name__}")
+
+
+def check_tasks(tasks: Mapping[str, TaskSpec] | None) -> dict[str, TaskSpec]:
+    """``tasks`` as a dict, with every value checked to be a :class:`TaskSpec`."""
+    if tasks is None:
+        return {}
+    if not isinstance(tasks, Mapping):
+        raise TypeError(f"tasks must be a mapping {{task: TaskSpec}}, got {type(tasks).__name__}")
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in tasks.items() if not isinstance(v, TaskSpec)]
+    if bad:
+        raise TypeError("tasks values must be TaskSpec(dataloader, metrics); invalid: " + ", ".join(bad))
+    return dict(tasks)
+
+
+def _rank_zero(message: str) -> None:
+    if rank_and_world()[0] == 0:
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+class MergeCore:
+    """Merge task branches during training, score the merge on every task, keep the history.
+
+    Args:
+        method: The merge method.
+        provider: Where the branches come from (:mod:`~drm_lightning.inloop.providers`).
+        tasks: ``{task: TaskSpec}`` scored at every merge (empty: no scoring).
+        routing: Which tensors are merged and which stay per task.
+        coefficients: One weight per branch (branch order) or ``{task: weight}``.
+        compute_dtype: dtype of the merge arithmetic.
+        seed: Seed of random methods; merge *i* uses ``seed + i``.
+        evaluate_branches: Also score each task's own branch.
+        adopt: Make the merged weights the live weights after each merge.
+        name: The front end's name, used in messages.
+        warn: Called with each warning (default: ``warnings.warn`` on rank 0).
+        info: Called with each information line, one per merge (default: nothing).
+
+    Example:
+        >>> from drm_lightning.inloop import BranchedModel, LiveBranches
+        >>> model = BranchedModel(nn.Linear(3, 4), {"a": nn.Linear(4, 2), "b": nn.Linear(4, 2)})
+        >>> core = MergeCore(method_from("task_arithmetic", {"scaling": 0.5}), LiveBranches())
+        >>> core.start(model, DenseBackend(core.method))
+        >>> record = core.merge(model, step=1, epoch=0)
+        >>> record["branches"], torch.equal(core.last_merged["weight"], model.base.weight)
+        (['a', 'b'], True)
+    """
+
+    def __init__(
+        self,
+        method: MergeMethod,
+        provider: BranchProvider,
+        *,
+        tasks: Mapping[str, TaskSpec] | None = None,
+        routing: Any = None,
+        coefficients: Sequence[float] | Mapping[str, float] | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        evaluate_branches: bool = True,
+        adopt: bool = False,
+        name: str = "MergeCore",
+        warn: Message | None = None,
+        info: Message | None = None,
+    ) -> None:
+        from drm_lightning.routing import Routing
+
+        self.method = method
+        self.provider = provider
+        self.scorer = Scorer(check_tasks(tasks), evaluate_branches=evaluate_branches)
+        self.routing = routing or Routing()
+        self.coefficients = coefficients
+        self.compute_dtype = compute_dtype
+        self.seed = seed
+        self.adopt = adopt
+        self.name = name
+        self.warn: Message = warn or _rank_zero
+        self.info: Message = info or (lambda message: None)
+        self.backend: Backend | None = None
+        #: One record per merge: step, epoch, branch labels, timings and scores.
+        self.history: list[dict[str, Any]] = []
+        #: The latest merge (dense: full tensors of the merge target; ZeRO-3: ``None``).
+        self.last_merged: dict[str, Tensor] | None = None
+        #: Under ZeRO-3: this rank's share of the latest merge.
+        self.last_merged_shards: Any = None
+        #: This rank's engine statistics of the latest merge.
+        self.last_merge_stats: Any = None
+        self.last_merge_step: int | None = None
+        self.num_merges = 0
+        self.merge_schedule = Schedule()
+        self.snapshot_schedule = Schedule()
+        self._last: Merged | None = None
+        self._warned: set[str] = set()
+        self.swapped = False
+
+    @property
+    def tasks(self) -> dict[str, TaskSpec]:
+        """The tasks scored at every merge."""
+        return self.scorer.tasks
+
+    def make_backend(self, *, partitioned: bool, group: Any = None) -> Backend:
+        """The backend for weights held whole (``partitioned=False``) or as ZeRO-3 partitions."""
+        cls = Zero3Backend if partitioned else DenseBackend
+        return cls(self.method, routing=self.routing, compute_dtype=self.compute_dtype, group=group)
+
+    def warn_once(self, key: str, message: str) -> None:
+        """Warn with ``message`` the first time ``key`` is seen."""
+        if key not in self._warned:
+            self._warned.add(key)
+            self.warn(message)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def check_model(self, model: nn.Module) -> None:
+        """Check that ``model`` fits the provider and that ``tasks`` name every branch of it."""
+        self.provider.check_model(model)
+        names = self.provider.tasks(model)
+        if names is None or not self.tasks:
+            return
+        problems: list[str] = []
+        missing = [t for t in names if t not in self.tasks]
+        unknown = [t for t in self.tasks if t not in names]
+        if missing:
+            problems.append(
+                f"branch task(s) {missing} have no TaskSpec (validation dataloader + metric) in tasks=; "
+                "every branch must be scored"
+            )
+        if unknown:
+            problems.append(f"tasks= names {unknown} that are not branches of the module {names}")
+        if problems:
+            raise ValueError(f"{self.name}: " + "; ".join(problems))
+
+    def start(self, model: nn.Module, backend: Backend) -> None:
+        """Record the base and check every input (call on every rank, before the first step)."""
+        self.backend = backend
+        self.provider.setup(model, backend)
+        self.scorer.cache.clear()
+
+    def _need_backend(self) -> Backend:
+        if self.backend is None:
+            raise RuntimeError(f"{self.name}: start() has not run (no backend)")
+        return self.backend
+
+    def capture(self, model: nn.Module, *, task: str, step: int, epoch: int) -> Snapshot:
+        """Capture a snapshot of the live model (``branches="snapshots"``)."""
+        return self.provider.capture(model, self._need_backend(), task=task, step=step, epoch=epoch)
+
+    def branches(self, model: nn.Module) -> list[Branch]:
+        """The merge inputs now."""
+        return self.provider.branches(model, self._need_backend())
+
+    def compute(self, model: nn.Module, branches: Sequence[Branch] | None = None) -> Merged:
+        """Merge the branches now (no scoring, no adoption); seed ``seed + num_merges``."""
+        backend = self._need_backend()
+        branches = self.branches(model) if branches is None else branches
+        return backend.merge(
+            self.provider.target(model),
+            self.provider.base(model, backend),
+            [b.source for b in branches],
+            coefficient_list(self.coefficients, branches),
+            self.seed + self.num_merges,
+        )
+
+    def merge(self, model: nn.Module, *, step: int, epoch: int) -> dict[str, Any] | None:
+        """Merge, score every task, adopt if asked; returns the history record (``None``: no branch yet)."""
+        backend = self._need_backend()
+        start = time.perf_counter()
+        branches = self.branches(model)
+        if not branches:
+            self.warn_once(
+                "empty",
+                f"{self.name}: merge skipped at step {step}: no snapshot captured yet and include_live=False "
+                "(the merge schedule fired before the snapshot schedule)",
+            )
+            return None
+        merged = self.compute(model, branches)
+        merge_seconds = time.perf_counter() - start
+        self.swapped = True
+        try:
+            scores = self.scorer.evaluate(model, backend, self.provider, merged, branches)
+        finally:
+            self.swapped = False
+        if self.adopt:
+            backend.adopt(self.provider.adopt_modules(model), merged)
+        self._remember(merged, step)
+        record: dict[str, Any] = {
+            "step": step,
+            "epoch": epoch,
+            "branches": [b.task for b in branches],
+            "merge/seconds": merge_seconds,
+            "merge/total_seconds": time.perf_counter() - start,
+            **scores,
+        }
+        self.history.append(record)
+        self.info(self.describe(record, merged))
+        return record
+
+    def _remember(self, merged: Merged, step: int) -> None:
+        self._last = merged
+        self.last_merge_stats = merged.stats
+        self.last_merge_step = step
+        if merged.shards is not None:
+            self.last_merged_shards = merged.shards
+        else:
+            self.last_merged = merged.values
+        self.num_merges += 1
+
+    def describe(self, record: Mapping[str, Any], merged: Merged) -> str:
+        """The one line logged per merge."""
+        name = getattr(self.method, "registered_name", self.method.name)
+        line = (
+            f"{self.name}: merge {self.num_merges} at step {record['step']} (epoch {record['epoch']}): "
+            f"{name} of {len(record['branches'])} branches {record['branches']} in "
+            f"{record['merge/seconds']:.2f} s ({merged.engine} engine)"
+        )
+        if "merged/average" in record:
+            line += f"; merged/average={record['merged/average']:.4f}"
+        if "normalized/average" in record:
+            line += f", normalized/average={record['normalized/average']:.4f}"
+        return line + f"; {record['merge/total_seconds']:.2f} s with scoring"
+
+    def latest(self, model: nn.Module, *, step: int) -> Merged:
+        """The merge of ``step``: the last one if it ran at ``step``, else a new one (not recorded)."""
+        if self._last is not None and self.last_merge_step == step:
+            return self._last
+        return self.compute(model)
+
+    @contextmanager
+    def merged_in(self, model: nn.Module, merged: Merged | None = None) -> Iterator[Merged | None]:
+        """The latest merge (or ``merged``) loaded into ``model``; live weights restored on exit.
+
+        Per-task tensors of a single model stay live. Yields ``None`` (and swaps nothing) before
+        the first merge.
+        """
+        merged = merged or self._last
+        if merged is None:
+            yield None
+            return
+        backend = self._need_backend()
+        self.swapped = True
+        try:
+            with backend.swap(model) as swap:
+                values = self.provider.swap_values(model, merged)
+                if self.provider.per_task_ignored:
+                    ignored = set(backend.ignored_live(model, merged))
+                    values = {k: v for k, v in values.items() if k not in ignored}
+                swap.load(values)
+                yield merged
+        finally:
+            self.swapped = False
+
+    def adopt_into(self, model: nn.Module, merged: Merged) -> None:
+        """Make ``merged`` the live weights of ``model`` (ignored tensors untouched)."""
+        self._need_backend().adopt(self.provider.adopt_modules(model), merged)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, snapshot index and history (small; tensors go to :meth:`payload`)."""
+        return {
+            "latest_merge_step": self.merge_schedule.latest_step,
+            "latest_merge_epoch": self.merge_schedule.latest_epoch,
+            "latest_snapshot_step": self.snapshot_schedule.latest_step,
+            "latest_snapshot_epoch": self.snapshot_schedule.latest_epoch,
+            "num_merges": self.num_merges,
+            "snapshots": [
+                {"task": s.task, "step": s.step, "epoch": s.epoch, "path": s.path} for s in self.provider.snapshots
+            ],
+            "history": [dict(r) for r in self.history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` wrote."""
+        self.merge_schedule.load_state_dict(
+            {"latest_step": state["latest_merge_step"], "latest_epoch": state["latest_merge_epoch"]}
+        )
+        self.snapshot_schedule.load_state_dict(
+            {"latest_step": state["latest_snapshot_step"], "latest_epoch": state["latest_snapshot_epoch"]}
+        )
+        self.num_merges = int(state["num_merges"])
+        self.history = [dict(r) for r in state.get("history", [])]
+
+    def payload(self) -> dict[str, Any] | None:
+        """The provider's tensors (base, snapshots) for a checkpoint."""
+        return self.provider.payload(self.backend)
+
+    def load_payload(self, payload: Mapping[str, Any]) -> None:
+        """Restore :meth:`payload`; the scores of frozen branches are computed again."""
+        if payload.get("mode") != self.provider.kind:
+            raise ValueError(
+                f"{self.name}: checkpoint written with branches mode {payload.get('mode')!r}, this one uses "
+                f"{self.provider.kind!r}; use the same mode to resume"
+            )
+        self.provider.load_payload(payload)
+        self.scorer.cache.clear()
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, model: nn.Module, folder: Any, *, step: int, front_end: str, write: bool = True) -> Merged:
+        """Write the merge of ``step`` (the last one, or a new one) as a Hugging Face folder.
+
+        Every rank must call it (a new merge is collective); only ``write=True`` ranks write.
+        See :func:`~drm_lightning.inloop.export.write_export` for the folder's layout.
+        """
+        from drm_lightning.inloop.export import write_export
+
+        branches = self.branches(model)
+        merged = self.latest(model, step=step)
+        if write:
+            coefficients = coefficient_list(self.coefficients, branches) or [1.0] * len(branches)
+            base = self.provider.base(model, self._need_backend())
+            metadata = {
+                "method": getattr(self.method, "registered_name", self.method.name),
+                "parameters": self.method.params.model_dump(),
+                "base": getattr(base, "origin", "base"),
+                "branches": [
+                    {"source": f"{b.task}: {getattr(b.source, 'origin', b.key)}", "coefficient": c}
+                    for b, c in zip(branches, coefficients)
+                ],
+                "trained with": f"drm_lightning {front_end}, step {step}",
+            }
+            write_export(folder, model, self.provider, merged.values, metadata)
+        return merged

@@ -1,0 +1,138 @@
+"""Score a merge on every task: swap it in, run each task's torchmetrics, swap back.
+
+Every rank calls the same functions for the same tasks in the same order (torchmetrics
+synchronises on ``compute()``; ZeRO-3 forwards are collective). How batches are shared:
+
+* the same full dataloader on every rank (the Lightning callback's ``TaskSpec`` loaders): each
+  rank scores every ``world``-th batch; under ZeRO-3 only when the batches divide evenly,
+  otherwise every rank scores every batch with torchmetrics' sync off (identical weights give
+  identical scores);
+* per-rank dataloaders (prepared by Accelerate, :func:`is_per_rank`): each rank scores its own
+  share and torchmetrics combines them. Shares of different lengths never hang: the metric
+  states are reduced once per task, and under ZeRO-3 shorter ranks **pad** with forwards on
+  their last batch that are not scored, so every rank runs as many forwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from drm_lightning.evaluation import TaskSpec, evaluate_task, summarize_scores
+from drm_lightning.inloop.backends import Backend, Merged
+from drm_lightning.inloop.providers import Branch, BranchProvider
+from drm_lightning.inloop.zero3 import metrics_unsynced, rank_and_world
+
+
+def is_per_rank(loader: Any) -> bool:
+    """Whether ``loader`` already yields only this rank's share (an Accelerate-prepared loader).
+
+    Example:
+        >>> is_per_rank([1, 2, 3])
+        False
+    """
+    return type(loader).__module__.split(".")[0] == "accelerate"
+
+
+def _length(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+class Scorer:
+    """Per-task scores of merges and branches, with the scores of frozen branches cached.
+
+    Args:
+        tasks: ``{task: TaskSpec}``.
+        evaluate_branches: Also score each task's own branch (for normalised scores).
+    """
+
+    def __init__(self, tasks: Mapping[str, TaskSpec], *, evaluate_branches: bool = True) -> None:
+        self.tasks = dict(tasks)
+        self.evaluate_branches = evaluate_branches
+        self.cache: dict[str, dict[str, float]] = {}
+
+    def score(self, model: nn.Module, task: str, *, partitioned: bool) -> dict[str, float]:
+        """Score ``model`` as it is on one task (see the module docstring for the sharing of batches)."""
+        spec = self.tasks[task]
+        device = _device(model)
+        rank, world = rank_and_world()
+        if world == 1:
+            return evaluate_task(model, task, spec, device=device)
+        loader = spec.batches()
+        if is_per_rank(loader):
+            pad_to = None
+            if partitioned:
+                lengths = [None] * world
+                torch.distributed.all_gather_object(lengths, _length(loader))
+                pad_to = max(n or 0 for n in lengths)
+            return evaluate_task(model, task, spec, device=device, per_rank=True, pad_to=pad_to)
+        length = _length(loader)
+        if not partitioned or (length is not None and length % world == 0):
+            return evaluate_task(model, task, spec, device=device, shard=(rank, world))
+        with metrics_unsynced(spec.collection):
+            return evaluate_task(model, task, spec, device=device)
+
+    def score_merged(
+        self, model: nn.Module, backend: Backend, provider: BranchProvider, merged: Merged, branches: Sequence[Branch]
+    ) -> dict[str, dict[str, float]]:
+        """Swap the merge in and score every task (per-task tensors from each task's own branch)."""
+        out: dict[str, dict[str, float]] = {}
+        live_ignored = backend.ignored_live(model, merged) if provider.per_task_ignored else {}
+        with backend.swap(model) as swap:
+            swap.load(provider.swap_values(model, merged))
+            for task in self.tasks:
+                if live_ignored:
+                    own = own_branch(branches, task)
+                    if own is None or own.live:
+                        swap.load(live_ignored)
+                    else:
+                        swap.load(backend.values(model, own.source, list(live_ignored)))
+                out[task] = self.score(model, task, partitioned=backend.partitioned)
+        return out
+
+    def score_branches(
+        self, model: nn.Module, backend: Backend, branches: Sequence[Branch]
+    ) -> dict[str, dict[str, float]]:
+        """Each task's own branch (the live weights for live branches; frozen ones cached)."""
+        out: dict[str, dict[str, float]] = {}
+        for task in self.tasks:
+            own = own_branch(branches, task)
+            if own is None or own.live:
+                out[task] = self.score(model, task, partitioned=backend.partitioned)
+            elif own.key in self.cache:
+                out[task] = self.cache[own.key]
+            else:
+                with backend.swap(model) as swap:
+                    swap.load(backend.values(model, own.source, backend.input_names(model, own.source)))
+                    out[task] = self.cache[own.key] = self.score(model, task, partitioned=backend.partitioned)
+        return out
+
+    def evaluate(
+        self, model: nn.Module, backend: Backend, provider: BranchProvider, merged: Merged, branches: Sequence[Branch]
+    ) -> dict[str, float]:
+        """The flat ``merged/…``, ``branch/…``, ``normalized/…`` scores of one merge."""
+        if not self.tasks:
+            return {}
+        merged_scores = self.score_merged(model, backend, provider, merged, branches)
+        branch_scores = self.score_branches(model, backend, branches) if self.evaluate_branches else {}
+        primary = {t: spec.primary_name for t, spec in self.tasks.items()}
+        return summarize_scores(merged_scores, branch_scores, primary=primary)
+
+
+def own_branch(branches: Sequence[Branch], task: str) -> Branch | None:
+    """The latest branch labelled ``task``."""
+    own = [b for b in branches if b.task == task]
+    return own[-1] if own else None
+
+
+def _device(model: nn.Module) -> torch.device:
+    first = next(iter(model.parameters()), None)
+    if first is None or first.device.type == "meta":
+        return torch.device("cpu")
+    return first.device
