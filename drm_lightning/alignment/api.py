@@ -27,7 +27,6 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from drm_lightning.alignment.activations import (
