@@ -386,3 +386,28 @@ def coefficient_list(
     if isinstance(coefficients, Mapping):
         return [float(coefficients.get(b.task, 1.0)) for b in branches]
     return [float(c) for c in coefficients]
+
+
+def parse_branches(branches: Any) -> tuple[Kind, dict[str, Path]]:
+    """``(kind, {task: path})`` of a front end's ``branches`` argument.
+
+    Example:
+        >>> parse_branches(["runs/a.safetensors", "runs/b.safetensors"])[0]
+        'checkpoints'
+    """
+    if isinstance(branches, str):
+        if branches not in ("live", "snapshots"):
+            raise ValueError(
+                f"branches={branches!r}: use 'live', 'snapshots', a list of checkpoint paths or {{task: path}}"
+            )
+        return branches, {}  # type: ignore[return-value]
+    if isinstance(branches, Mapping):
+        paths = {str(task): Path(p) for task, p in branches.items()}
+    else:
+        listed = [Path(p) for p in branches]
+        paths = {p.stem: p for p in listed}
+        if len(paths) != len(listed):
+            raise ValueError("checkpoint file names must differ; pass {task: path} to label them")
+    if not paths:
+        raise ValueError("branches is an empty list of checkpoint paths")
+    return "checkpoints", paths

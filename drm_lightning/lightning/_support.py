@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from drm_lightning.evaluation import TaskSpec
 from drm_lightning.inloop import BranchProvider, SingleModelBranches
-
-Mode = Literal["live", "snapshots", "checkpoints"]
+from drm_lightning.inloop.providers import parse_branches
 
 SAVE_WHILE_SWAPPED = (
     "a checkpoint was requested while MergeCallback has the merged weights swapped into the module for "
@@ -25,26 +23,6 @@ ZERO3_CHECKPOINT = (
     "starts, before DeepSpeed loads the checkpoint (the original base if the module is built the same way), "
     "and snapshots start afresh."
 )
-
-
-def parse_branches(branches: Any) -> tuple[Mode, dict[str, Path]]:
-    """``(mode, {task: path})`` of the callback's ``branches`` argument."""
-    if isinstance(branches, str):
-        if branches not in ("live", "snapshots"):
-            raise ValueError(
-                f"branches={branches!r}: use 'live', 'snapshots', a list of checkpoint paths or {{task: path}}"
-            )
-        return branches, {}  # type: ignore[return-value]
-    if isinstance(branches, Mapping):
-        paths = {str(task): Path(p) for task, p in branches.items()}
-    else:
-        listed = [Path(p) for p in branches]
-        paths = {p.stem: p for p in listed}
-        if len(paths) != len(listed):
-            raise ValueError("checkpoint file names must differ; pass {task: path} to label them")
-    if not paths:
-        raise ValueError("branches is an empty list of checkpoint paths")
-    return "checkpoints", paths
 
 
 def refuse_under_zero3(export_dir: Path | None, final_weights: str, provider: BranchProvider) -> None:
