@@ -32,6 +32,7 @@ from drm_lightning.distributed import (
     ParamSet,
     ShardSnapshot,
     TensorSet,
+    WeightSourceSet,
 )
 from drm_lightning.inloop.weights import DeltaSource, WeightSwap, compute_delta, cpu_clone, float_state
 from drm_lightning.inloop.zero3 import MergedShards, adopt_values, local_values, swapped
@@ -177,7 +178,8 @@ class DenseBackend(Backend):
     def merge(  # noqa: D102
         self, target: nn.Module, base: Any, inputs: Sequence[Any], coefficients: Sequence[float] | None, seed: int
     ) -> Merged:
-        result = self.merger(seed).merge(None, base, list(inputs), coefficients=coefficients, collect=True)
+        named = [_named(x) for x in inputs]  # keep each input's own label in the merger's messages
+        result = self.merger(seed).merge(None, _named(base), named, coefficients=coefficients, collect=True)
         assert result.merged is not None
         return Merged(dict(result.merged), result.stats, result.engine)
 
@@ -273,8 +275,8 @@ def _tensors(base: Any) -> Mapping[str, Tensor]:
     return {k: base.get(k) for k in base.keys()}
 
 
-def as_input(value: Any, origin: str) -> TensorSet | Any:
-    """A mapping as a dense merge input; anything else unchanged."""
-    if isinstance(value, Mapping):
-        return StateDictSource(value, origin=origin)
-    return value
+def _named(source: Any) -> Any:
+    """A weight source as a tensor set that keeps the source's ``origin`` label."""
+    if isinstance(source, TensorSet) or not hasattr(source, "keys") or isinstance(source, Mapping):
+        return source
+    return WeightSourceSet(source, getattr(source, "origin", None))
