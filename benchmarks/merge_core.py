@@ -55,6 +55,12 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS: dict[str, tuple[str, dict]] = {
     "drm_v": ("drm", {"direction": "vertical", "drop_rate": 0.8}),
     "drm_h": ("drm", {"direction": "horizontal", "drop_rate": 0.8}),
+    # The basis in the compute dtype (float32): the default before issue 8, faster, less exact.
+    "drm_v_basis32": ("drm", {"direction": "vertical", "drop_rate": 0.8, "basis_precision": "compute"}),
+    "drm_h_basis32": ("drm", {"direction": "horizontal", "drop_rate": 0.8, "basis_precision": "compute"}),
+    # A float32 SVD, as the DRM reference library computes the basis.
+    "drm_h_svd32": ("drm", {"direction": "horizontal", "drop_rate": 0.8, "solver": "svd",
+                            "basis_precision": "compute"}),
     "ties": ("ties", {"density": 0.2}),
     "task_arithmetic": ("task_arithmetic", {}),
     "dare_ties": ("dare_ties", {"density": 0.2}),
