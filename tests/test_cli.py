@@ -554,16 +554,18 @@ def test_output_inside_an_input_is_refused(
 def test_out_of_disk_space_leaves_nothing(
     zoo: dict[str, Any], tmp_path: Path, out: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import drm_lightning.sources.writer as writer
+    import os
+
+    import drm_lightning.sources._shard_file as shard_file
 
     calls = []
 
-    def full_disk(tensors: Any, filename: str, metadata: Any = None) -> None:
-        calls.append(filename)
-        Path(filename).write_bytes(b"partial")  # a half-written shard must be cleaned up too
-        raise OSError(errno.ENOSPC, "No space left on device", filename)
+    def full_disk(fd: int, data: Any, offset: int) -> None:
+        calls.append(fd)
+        os.pwrite(fd, b"partial", offset)  # a half-written shard must be cleaned up too
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer, "save_file", full_disk)
+    monkeypatch.setattr(shard_file, "write_at", full_disk)
     err = _fails([str(_write_config(tmp_path, zoo)), "-o", str(out), "--no-progress"], capsys, out)
     assert calls and "No space left on device" in err
     assert f"writing {out} failed" in err and "partial output was removed" in err

@@ -388,12 +388,12 @@ def test_disk_full_names_the_output(
 ) -> None:
     import errno
 
-    from drm_lightning.sources import writer
+    from drm_lightning.sources import _shard_file
 
     def full(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer, "save_file", full)
+    monkeypatch.setattr(_shard_file, "write_at", full)
     out = tmp_path / "outs" / "m"
     cfg = _config(tmp_path, models["base"], [str(models["a"])])
     status, err = _run([cfg, "-o", out], capsys)
@@ -406,7 +406,7 @@ def test_safetensors_io_error_becomes_a_located_oserror(
 ) -> None:
     from safetensors import SafetensorError
 
-    from drm_lightning.sources import writer
+    from drm_lightning.sources import _shard_file
 
     def full(*args: Any, **kwargs: Any) -> None:
         raise SafetensorError(
@@ -414,7 +414,7 @@ def test_safetensors_io_error_becomes_a_located_oserror(
             'message: "No space left on device" })'
         )
 
-    monkeypatch.setattr(writer, "save_file", full)
+    monkeypatch.setattr(_shard_file, "write_at", full)
     with (
         pytest.raises(OSError, match="No space left on device") as info,
         HFFolderWriter(tmp_path / "m") as w,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import drm_lightning
+import drm_lightning.sources._shard_file as shard_file_module
 import drm_lightning.sources.writer as writer_module
 from drm_lightning.sources import HFFolderSource, HFFolderWriter, StateDictSource, check_free_space
 
@@ -130,24 +132,25 @@ def test_model_card_lists_method_branches_and_hashes(tmp_path: Path) -> None:
 
 
 def test_enospc_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_save = writer_module.save_file
-    calls = []
+    real_write = shard_file_module.write_at
+    shards_started: list[str] = []
 
-    def failing_save(tensors: dict, filename: str, metadata: dict | None = None) -> None:
-        calls.append(filename)
-        if len(calls) == 2:
-            Path(filename).write_bytes(
-                b"partial shard"
-            )  # a half-written file, as a full disk leaves
+    def failing_write(fd: int, data: memoryview, offset: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path not in shards_started:
+            shards_started.append(path)
+        if len(shards_started) == 2:
+            os.pwrite(fd, b"partial shard", offset)  # a half-written file, as a full disk leaves
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(tensors, filename, metadata=metadata)
+        real_write(fd, data, offset)
 
-    monkeypatch.setattr(writer_module, "save_file", failing_save)
+    monkeypatch.setattr(shard_file_module, "write_at", failing_write)
     out = tmp_path / "merged"
     with pytest.raises(OSError) as info:
         _write(out, _tensors(10), max_shard_bytes=2048)
     assert info.value.errno == errno.ENOSPC
-    assert len(calls) == 2  # it failed midway, after one complete shard
+    assert ".tmp-" in info.value.filename and "shard-00002" in info.value.filename
+    assert len(shards_started) == 2  # it failed midway, after one complete shard
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -159,8 +162,8 @@ def test_error_in_the_with_block_or_at_finish_leaves_nothing(
     with pytest.raises(RuntimeError, match="merge failed"):
         with HFFolderWriter(out, max_shard_bytes=1024) as w:
             w.add("a", torch.zeros(512))
-            w.add("b", torch.zeros(512))  # first shard flushed to the temp folder
-            assert len(list(w.tmp_dir.iterdir())) == 1
+            w.add("b", torch.zeros(512))  # first shard finished, second being written
+            assert len(list(w.tmp_dir.iterdir())) == 2
             raise RuntimeError("merge failed")
     assert list(tmp_path.iterdir()) == []
 
@@ -307,7 +310,10 @@ def test_background_hashing_matches_hashlib_and_leaves_errors_to_the_caller(tmp_
     missing = tmp_path / "missing.bin"
     thread = hash_in_background([missing, f])
     results: list[str] = []
-    callers = [threading.Thread(target=lambda: results.append(sha256_of(f, chunk_bytes=4096))) for _ in range(3)]
+    callers = [
+        threading.Thread(target=lambda: results.append(sha256_of(f, chunk_bytes=4096)))
+        for _ in range(3)
+    ]
     for c in callers:
         c.start()
     for c in callers:
@@ -316,3 +322,98 @@ def test_background_hashing_matches_hashlib_and_leaves_errors_to_the_caller(tmp_
     assert results == [hashlib.sha256(data).hexdigest()] * 3
     with pytest.raises(FileNotFoundError, match="missing.bin"):
         sha256_of(missing)
+
+
+def test_shard_file_mixed_dtypes_odd_sizes_and_header_overflow(tmp_path: Path) -> None:
+    """Every dtype and odd size round-trips; each tensor starts at a multiple of its element
+    size; a header larger than its reserve moves the data (many tensors, tiny reserve)."""
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(1)
+    tensors: dict[str, torch.Tensor] = {
+        "scalar": torch.tensor(3.5),
+        "bf16.odd": torch.randn(3, generator=g).to(torch.bfloat16),
+        "f32.odd": torch.randn(5, generator=g),
+        "f16.even": torch.randn(4, 4, generator=g).to(torch.float16),
+        "f64": torch.randn(3, generator=g, dtype=torch.float64),
+        "i8": torch.arange(7, dtype=torch.int8),
+        "bool": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+        **{f"layer.{i}.w": torch.randn(2, 4, generator=g) for i in range(40)},
+    }
+    path = tmp_path / "x.safetensors"
+    shard = shard_file_module.ShardFile(path, header_reserve=16)
+    for name, t in tensors.items():
+        shard.add(name, t)
+    shard.close()
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    assert header_len % 8 == 0 and header_len > 16  # the data moved up once
+    header = json.loads(path.read_bytes()[8 : 8 + header_len])
+    assert header.pop("__metadata__") == {"format": "pt"}
+    assert path.stat().st_size == 8 + header_len + sum(
+        t.numel() * t.element_size() for t in tensors.values()
+    )
+    for name, t in tensors.items():
+        assert header[name]["data_offsets"][0] % t.element_size() == 0, name
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, t in tensors.items():
+            got = f.get_tensor(name)
+            assert got.dtype == t.dtype and torch.equal(got, t), name
+
+
+def test_writer_output_equals_save_file_tensor_for_tensor(tmp_path: Path) -> None:
+    """Same shards, names, dtypes and bytes as a save_file of the same tensors."""
+    from safetensors.torch import load_file
+
+    tensors = {f"l.{i}.w": torch.randn(33, 7).to(torch.bfloat16) for i in range(6)}
+    tensors["norm"] = torch.ones(7)
+    out = tmp_path / "merged"
+    _write(out, tensors, max_shard_bytes=1500)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        names = sorted(k for k, v in index["weight_map"].items() if v == shard)
+        reference = tmp_path / f"ref-{shard}"
+        save_file({k: tensors[k] for k in names}, str(reference), metadata={"format": "pt"})
+        ours, theirs = load_file(out / shard), load_file(reference)
+        assert sorted(ours) == sorted(theirs) == names
+        for k in names:
+            assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+
+
+_PEAK_SCRIPT = """
+import resource, sys, tempfile, pathlib, torch
+from drm_lightning.sources import HFFolderWriter
+copies = int(sys.argv[1])
+chunk = torch.ones(16 * 1024 * 1024)  # 64 MiB, float32
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = pathlib.Path(tempfile.mkdtemp(dir=sys.argv[2])) / "m"
+with HFFolderWriter(out) as w:  # one 2 GiB-limit shard holding every copy
+    for i in range(copies):
+        w.add(f"layer.{i}.weight", chunk)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_writer_peak_memory_does_not_grow_with_the_shard(tmp_path: Path) -> None:
+    """Writing a 64 MiB shard and a 512 MiB shard raise peak RSS by the same few MiB.
+
+    (The writer used to hold a whole shard, up to 2 GiB, before writing it: +512 MiB here.)
+    Peak RSS of a fresh interpreter, so earlier tests do not mask the growth.
+    """
+    import subprocess
+    import sys
+
+    growth = {}
+    for copies in (1, 8):
+        run = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT, str(copies), str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        growth[copies] = int(run.stdout.split()[-1])
+    mib = 1024 * 1024
+    assert growth[8] < 32 * mib, growth  # 512 MiB of tensors written
+    assert growth[8] - growth[1] < 16 * mib, growth

@@ -1,7 +1,9 @@
 """Write merged weights as a Hugging Face model folder, atomically.
 
 :class:`HFFolderWriter` streams tensors into safetensors shards of at most
-``max_shard_bytes``, then — only when the ``with`` block ends without error — names the
+``max_shard_bytes``: each tensor is written to its shard file as it arrives and not kept
+(:class:`~drm_lightning.sources._shard_file.ShardFile`), so memory does not grow with the
+shard or the model. Then — only when the ``with`` block ends without error — names the
 shards like ``save_pretrained`` (``model-00001-of-00003.safetensors`` + index, or a single
 ``model.safetensors``), copies the config and tokenizer files, writes a model card, and
 moves the finished folder into place. Until then everything lives in a hidden sibling
@@ -32,9 +34,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from safetensors.torch import save_file
 from torch import Tensor
 
+from drm_lightning.sources._shard_file import ShardFile
 from drm_lightning.sources.base import hash_in_background, sha256_of
 from drm_lightning.sources.output_guard import (
     check_parent,
@@ -181,8 +183,8 @@ class HFFolderWriter:
         if expected_bytes is not None:
             check_free_space(self.out_dir, expected_bytes)
         self.tmp_dir: Path | None = None
-        self._buffer: dict[str, Tensor] = {}
-        self._buffer_bytes = 0
+        self._open: ShardFile | None = None  # the shard being written
+        self._open_bytes = 0
         self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
         self._names: set[str] = set()
         self._sizes: dict[str, int] = {}
@@ -230,15 +232,16 @@ class HFFolderWriter:
         return sum(self._sizes.values())
 
     def add(self, name: str, tensor: Tensor) -> None:
-        """Queue one tensor; full shards are written to disk as the buffer fills.
+        """Write one tensor into the current shard, starting a new shard when it is full.
 
-        The tensor is copied (to CPU, contiguous, not sharing memory with anything), so the
-        caller may reuse or modify it right away, and tied weights can be added under each
-        name.
+        The tensor's bytes go to disk now (a few odd-sized ones, under 8 bytes a row, wait for
+        the shard's end); nothing the size of a shard is kept in memory. The caller may reuse
+        or modify the tensor right away, and tied weights can be added under each name.
 
         Raises:
             RuntimeError: the writer is not inside its ``with`` block.
-            TypeError: ``tensor`` is not a tensor or ``name`` not a non-empty string.
+            TypeError: ``tensor`` is not a tensor, ``name`` not a non-empty string, or the
+                dtype has no safetensors code.
             ValueError: ``name`` was added before.
             OSError: writing a shard failed (the ``with`` block then removes everything).
         """
@@ -252,14 +255,22 @@ class HFFolderWriter:
             raise TypeError(f"{name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
         if name in self._names:
             raise ValueError(f"tensor {name!r} was already added to {self.out_dir}")
-        owned = tensor.detach().to("cpu", copy=True).contiguous()
+        owned = tensor.detach().to("cpu").contiguous()
         size = owned.numel() * owned.element_size()
-        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
+        if self._open is not None and self._open_bytes + size > self.max_shard_bytes:
             self._flush()
+        if self._open is None:
+            filename = f"shard-{len(self._shards) + 1:05d}.safetensors.part"
+            with _located(self.tmp_dir / filename):
+                self._open = ShardFile(
+                    self.tmp_dir / filename, header_reserve=_header_reserve(self.max_shard_bytes)
+                )
+            self._open_bytes = 0
+        with _located(self._open.path):
+            self._open.add(name, owned)
         self._names.add(name)
         self._sizes[name] = size
-        self._buffer[name] = owned
-        self._buffer_bytes += size
+        self._open_bytes += size
 
     def add_all(self, tensors: Mapping[str, Tensor] | Sequence[tuple[str, Tensor]]) -> None:
         """``add`` every ``(name, tensor)`` of a mapping or an iterable of pairs, in order."""
@@ -268,20 +279,24 @@ class HFFolderWriter:
             self.add(name, tensor)
 
     def _flush(self) -> None:
-        if not self._buffer:
+        """Finish the shard being written (its header goes in last)."""
+        shard, self._open = self._open, None
+        if shard is None:
             return
-        assert self.tmp_dir is not None
-        filename = f"shard-{len(self._shards) + 1:05d}.safetensors.part"
-        with _located(self.tmp_dir / filename):
-            save_file(self._buffer, str(self.tmp_dir / filename), metadata={"format": "pt"})
-        self._shards.append((filename, list(self._buffer)))
-        self._buffer = {}
-        self._buffer_bytes = 0
+        with _located(shard.path):
+            try:
+                shard.close()
+            except BaseException:
+                shard.discard()
+                raise
+        self._shards.append((shard.path.name, shard.names))
 
     def abort(self) -> None:
         """Drop everything written so far; ``out_dir`` is left untouched. Idempotent."""
         self._closed = True
-        self._buffer = {}
+        if self._open is not None:
+            self._open.discard()
+            self._open = None
         if self.tmp_dir is not None and self.tmp_dir.exists():
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
@@ -442,6 +457,11 @@ def _located(path: Path) -> Iterator[None]:
         match = re.search(r"(?:os error |code: )(\d+)", str(err))
         code = int(match.group(1)) if match else errno.EIO
         raise OSError(code, f"{os.strerror(code)} ({err})", str(path)) from err
+
+
+def _header_reserve(max_shard_bytes: int) -> int:
+    """Header bytes reserved per shard: 64 KiB (≈ 500 tensors) for big shards, less for tiny ones."""
+    return min(64 * 1024, max(1024, max_shard_bytes // 1024))
 
 
 def _branch_fields(branch: Any) -> tuple[Any, Any]:

@@ -1,0 +1,178 @@
+"""One safetensors file written tensor by tensor, in memory that does not grow with the file.
+
+:class:`ShardFile` is the streaming half of :class:`~drm_lightning.sources.writer.HFFolderWriter`.
+The file is laid out as safetensors requires — an 8-byte little-endian header length, a JSON
+header, then the tensor bytes back to back — but the header is written last, into space
+reserved at the start:
+
+- a tensor whose byte size is a multiple of 8 (nearly every weight) is written at once, at
+  the next free offset of the data section, and not kept;
+- any other tensor (a few bytes: an odd-sized bias, a 0-d scalar) is held until
+  :meth:`ShardFile.close`, then written after the others, the widest dtype first, so every
+  tensor starts at a multiple of its element size, as ``safetensors.torch.save_file`` ensures;
+- at :meth:`ShardFile.close` the header is written into the reserve and padded with spaces
+  (which the format allows). If it does not fit, the data section is moved up in 8 MiB
+  chunks to make room (rare: the default reserve holds ≈ 500 tensors).
+
+Any safetensors reader reads the result; only the header's padding and the order of the
+tensors in the data section differ from ``save_file``'s. A little-endian machine is assumed
+(as on every platform torch ships for).
+
+Example:
+    >>> import tempfile, pathlib, torch
+    >>> from safetensors.torch import load_file
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.safetensors"
+    >>> f = ShardFile(path, header_reserve=64)  # too small: the data moves up at close
+    >>> f.add("w", torch.arange(6.0).reshape(2, 3))
+    >>> f.add("odd", torch.ones(3, dtype=torch.bfloat16))
+    >>> f.close()
+    >>> {k: v.tolist() for k, v in sorted(load_file(path).items())}
+    {'odd': [1.0, 1.0, 1.0], 'w': [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from drm_lightning.sources.base import _SAFETENSORS_DTYPES
+
+__all__ = ["ShardFile", "write_at"]
+
+_CODES: dict[torch.dtype, str] = {
+    dtype: code
+    for code, attr in _SAFETENSORS_DTYPES.items()
+    if isinstance(dtype := getattr(torch, attr, None), torch.dtype)
+}
+_ALIGN = 8
+_MOVE_CHUNK = 8 * 1024 * 1024
+
+
+def write_at(fd: int, data: memoryview, offset: int) -> None:
+    """``os.pwrite`` all of ``data`` at ``offset`` (a short write is continued).
+
+    The one place tensor bytes reach the disk: tests replace it to simulate a full disk.
+    """
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], offset + written)
+
+
+def _round_up(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _bytes_of(tensor: Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    flat = tensor.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")
+
+
+class ShardFile:
+    """A safetensors file open for writing, one tensor at a time.
+
+    Args:
+        path: the file to create (must not exist).
+        header_reserve: bytes kept for the JSON header before the data section; rounded up
+            to a multiple of 8. A header that outgrows it costs one move of the data.
+        metadata: the ``__metadata__`` string map (``{"format": "pt"}`` by default).
+
+    Raises:
+        FileExistsError: ``path`` exists.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        header_reserve: int = 64 * 1024,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._metadata = dict(metadata if metadata is not None else {"format": "pt"})
+        self._reserve = _round_up(max(int(header_reserve), _ALIGN))
+        self._entries: dict[str, dict[str, object]] = {}
+        self._held: list[tuple[str, Tensor]] = []
+        self._end = 0  # bytes of the data section written so far
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names added so far (held ones included)."""
+        return [*self._entries, *(name for name, _ in self._held)]
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        """Write ``tensor`` (CPU, contiguous) now, or hold it if its size is not a multiple of 8.
+
+        A held tensor is cloned, so the caller may reuse its memory at once either way.
+        """
+        if self._fd is None:
+            raise RuntimeError(f"{self.path} is already closed")
+        if tensor.dtype not in _CODES:
+            known = ", ".join(sorted(str(d).removeprefix("torch.") for d in _CODES))
+            raise TypeError(
+                f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store; "
+                f"cast it to one of: {known}"
+            )
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes % _ALIGN:
+            self._held.append((name, tensor.clone()))
+        else:
+            self._put(name, tensor)
+
+    def _put(self, name: str, tensor: Tensor) -> None:
+        assert self._fd is not None
+        data = _bytes_of(tensor)
+        write_at(self._fd, data, _ALIGN + self._reserve + self._end)
+        self._entries[name] = {
+            "dtype": _CODES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._end, self._end + len(data)],
+        }
+        self._end += len(data)
+
+    def close(self) -> None:
+        """Write the held tensors and the header; the file is then a complete safetensors file."""
+        if self._fd is None:
+            raise RuntimeError(f"{self.path} is already closed")
+        held = sorted(self._held, key=lambda item: (-item[1].element_size(), item[0]))
+        for name, tensor in held:
+            self._put(name, tensor)
+        self._held = []
+        header = json.dumps(
+            {"__metadata__": self._metadata, **self._entries}, separators=(",", ":")
+        ).encode()
+        if len(header) > self._reserve:
+            self._move_data(_round_up(len(header)))
+        header = header.ljust(self._reserve, b" ")
+        write_at(self._fd, memoryview(struct.pack("<Q", len(header)) + header), 0)
+        os.ftruncate(self._fd, _ALIGN + self._reserve + self._end)
+        os.close(self._fd)
+        self._fd = None
+
+    def discard(self) -> None:
+        """Close the file descriptor without finishing the file (the caller removes it)."""
+        self._held = []
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _move_data(self, reserve: int) -> None:
+        """Move the data section up so ``reserve`` header bytes fit; back to front, in chunks."""
+        assert self._fd is not None
+        old, new = _ALIGN + self._reserve, _ALIGN + reserve
+        remaining = self._end
+        while remaining:
+            size = min(_MOVE_CHUNK, remaining)
+            remaining -= size
+            chunk = os.pread(self._fd, size, old + remaining)
+            write_at(self._fd, memoryview(chunk), new + remaining)
+        self._reserve = reserve
