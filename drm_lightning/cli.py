@@ -46,6 +46,7 @@ from torch import Tensor
 
 from drm_lightning import __version__
 from drm_lightning.config import MergeConfig, load_config
+from drm_lightning.mergekit_format import MergekitConfig
 from drm_lightning.distributed.comm import Comm, DistributedMergeError
 from drm_lightning.distributed.plan import MergePlan, build_plan
 from drm_lightning.merge import PlannedTensor, iter_merge, plan_merge
@@ -162,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=not args.no_progress,
                 max_shard_bytes=args.max_shard_size,
             )
+            if isinstance(config, MergekitConfig):
+                config.finish_output(args.output)  # tokenizer_source
     except KeyboardInterrupt:
         print("drm-merge: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -222,6 +225,8 @@ def _load_config(args: argparse.Namespace) -> MergeConfig:
     config = load_config(args.config)
     if getattr(args, "trust_pickles", False):
         config = config.model_copy(update={"trust_pickles": True})
+    if isinstance(config, MergekitConfig) and os.environ.get("RANK", "0") == "0":
+        print(f"drm-merge: note: {config.format_note()}", file=sys.stderr)
     return config
 
 
@@ -456,6 +461,8 @@ def _main_distributed(args: argparse.Namespace) -> int:
             max_pending=args.max_pending,
         )
         if rank == 0:
+            if isinstance(config, MergekitConfig):
+                config.finish_output(args.output)  # tokenizer_source
             print(
                 f"drm-merge: wrote {args.output} ({world} ranks, {stats['chunks']} chunks, "
                 f"{stats['received_bytes'] / 2**20:.1f} MiB received by rank 0)"
@@ -818,8 +825,9 @@ def estimate_peak_bytes(job: MergeJob) -> tuple[int, str]:
     """Rough peak memory of the merge loop and the tensor that sets it.
 
     One tensor at a time: the base and every full branch in their stored dtype, the base and
-    N deltas in the compute dtype (twice while stacking), the decomposition's factors for the
-    matrix route, and the output. The Python/torch runtime (~0.3 GB) is not included.
+    N deltas in the compute dtype (twice while stacking), the method's own workspace
+    (:meth:`~drm_lightning.methods.base.MergeMethod.workspace_elements`), and the output.
+    The Python/torch runtime (~0.3 GB) is not included.
     """
     n = len(job.branches)
     n_full = sum(not callable(getattr(b, "lowrank", None)) for b in job.branches)
@@ -830,12 +838,7 @@ def estimate_peak_bytes(job: MergeJob) -> tuple[int, str]:
             size = 2 * item.numel * _itemsize(item.dtype)
         else:
             size = item.numel * ((1 + n_full) * _itemsize(item.dtype) + (2 * n + 2) * c)
-            if item.route == "matrix":
-                rows, cols = item.shape
-                if getattr(job.method.params, "direction", None) == "horizontal":
-                    rows, cols = cols, rows
-                rank = min(n * rows, cols)
-                size += (2 * n * rows * rank + cols * rank + rank * rank) * c
+            size += job.method.workspace_elements(item.route, item.shape, n) * c
         if size > best:
             best, best_name = size, item.name
     return best, best_name

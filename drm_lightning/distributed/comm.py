@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from drm_lightning.methods._ops import kept_count
+from drm_lightning.methods._ops import Reductions, kept_count
 
 
 class DistributedMergeError(RuntimeError):
@@ -261,6 +261,26 @@ def kth_largest(values: Tensor, k: int, comm: Comm) -> Tensor:
     else:
         out = torch.tensor([prefix], dtype=torch.int32).view(torch.float32)[0]
     return out.to(values.dtype)
+
+
+class CollectiveReductions(Reductions):
+    """The reductions of a merge step over a tensor whose rows are split across ranks.
+
+    Args:
+        comm: the process group wrapper.
+        numel: number of entries of the whole (branch-stacked) tensor the top-k selects from.
+    """
+
+    def __init__(self, comm: Comm, numel: int) -> None:
+        self.comm = comm
+        self.numel = numel
+
+    def sum(self, t: Tensor) -> Tensor:  # noqa: D102
+        flat = t.reshape(-1).clone()
+        return self.comm.all_reduce(flat).reshape(t.shape)
+
+    def topk_mask(self, scores: Tensor, density: float, *, reference_compat: bool = False) -> Tensor:  # noqa: D102
+        return topk_mask_distributed(scores, self.numel, density, self.comm, reference_compat=reference_compat)
 
 
 def topk_mask_distributed(

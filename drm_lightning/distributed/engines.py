@@ -284,7 +284,7 @@ class Zero3Engine(MergeEngine):
         comm = self.comm
         sharded = plan.sharded()
         if sharded:
-            assert isinstance(job.method, DRM)
+            assert isinstance(job.method, DRM), "the sharded route merges DRM items only"
             ShardedMerger(
                 comm, job.method, job.coefficients, job.compute_dtype,
                 on_write=lambda name: self._after_write(job, name),

@@ -50,27 +50,26 @@ between its own solvers. In float64 the two agree to ~1e-12.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from drm_lightning.distributed.comm import Comm, topk_mask_distributed
+from drm_lightning.distributed.comm import CollectiveReductions, Comm, topk_mask_distributed
 from drm_lightning.distributed.plan import MergeItem, ShardablePredicate
 from drm_lightning.distributed.tensors import ParamSet, TensorSet, held_range, partition_size
 from drm_lightning.merge import RESULT_HINT, check_finite, check_fits
-from drm_lightning.methods._ops import disjoint_mean
-from drm_lightning.methods.base import MergeMethod, Route
-from drm_lightning.methods.drm import (
-    DRM,
-    basis_dtype,
-    basis_from_gram,
-    column_noise_floor,
-    gram_of_rows,
-    pruning_scores,
+from drm_lightning.methods._basis import basis_dtype, basis_from_gram, gram_of_rows
+from drm_lightning.methods._ops import (
+    break_ties,
+    disjoint_mean,
+    majority_count,
+    mass_signs,
+    trim_per_branch,
 )
+from drm_lightning.methods.base import MergeMethod, Route
+from drm_lightning.methods.drm import DRM, merge_coordinates
 
 
 def sharded_rule(
@@ -79,27 +78,17 @@ def sharded_rule(
     """The predicate deciding which items take the sharded route (see the module docstring)."""
 
     def rule(name: str, shape: tuple[int, ...], route: Route) -> bool:
-        if not enabled or not isinstance(method, DRM) or method.uses_randomness:
+        if not enabled or method.uses_randomness or not method.row_local(route, shape, n_branches):
             return False
         if target is None or not isinstance(target, ParamSet) or not target.is_partitioned(name):
             return False
-        if route == "fallback":
+        if route != "matrix":
             return True
-        if route != "matrix" or len(shape) != 2:
-            return False
-        p = method.params
-        if p.direction != "vertical" or p.solver == "svd":
-            return False
-        n, m = shape
-        rows = n_branches * n
-        if rows < m or (p.solver != "gram" and min(rows, m) < 32):
-            return False
         # Moving the m×m Gram (reduce) and the basis (broadcast, ≤ m×m) must be cheaper than
         # gathering N + 1 tensors to an owner and scattering the fp32 result back.
+        n, m = shape
         itemsize = torch.empty((), dtype=target.dtype(name)).element_size()
         return 8 * m * m <= ((n_branches + 1) * itemsize + 4) * n * m
-
-    return rule
 
     return rule
 
@@ -205,17 +194,6 @@ class ShardedMerger:
         if self.on_write is not None:
             self.on_write(item.name)
 
-    def _elect(self, coords: Tensor) -> Tensor:
-        """Sign election with the tie-break of the method, the majority taken over all ranks."""
-        signs = torch.sign(coords.sum(dim=0))
-        if self.params.tie_break == "positive":
-            return torch.where(signs == 0, torch.ones_like(signs), signs)
-        return signs
-
-    def _apply_majority(self, signs: Tensor, total: int) -> Tensor:
-        majority = float(math.copysign(1.0, total)) if total != 0 else 0.0
-        return torch.where(signs == 0, torch.full((), majority, dtype=signs.dtype), signs)
-
     # ------------------------------------------------------------------ fallback (element-wise)
     def _fallback_group(
         self, items: Sequence[MergeItem], target: ParamSet, base: TensorSet, branches: Sequence[TensorSet]
@@ -229,22 +207,19 @@ class ShardedMerger:
             base_c = row[0].to(self.dtype)
             stacked = torch.stack([b.to(self.dtype) - base_c for b in row[1:]])
             if p.fallback_trim_rate > 0:
-                masks = [
-                    topk_mask_distributed(stacked[i : i + 1], it.numel, 1.0 - p.fallback_trim_rate, comm)
-                    for i in range(stacked.shape[0])
-                ]
-                stacked = stacked * torch.cat(masks)
+                stacked = trim_per_branch(
+                    stacked, 1.0 - p.fallback_trim_rate,
+                    mask=lambda row, density, it=it: topk_mask_distributed(row[None], it.numel, density, comm)[0],
+                )
             deltas.append(stacked)
             bases.append(base_c)
         signs: list[Tensor | None] = [None] * len(items)
         if p.elect_signs:
-            signs = [self._elect(d) for d in deltas]
-            if p.tie_break == "majority":
-                counts = torch.tensor(
-                    [int((s > 0).sum()) - int((s < 0).sum()) for s in signs], dtype=torch.int64
-                )
-                comm.all_reduce(counts)
-                signs = [self._apply_majority(s, int(c)) for s, c in zip(signs, counts)]
+            masses = [mass_signs(d) for d in deltas]
+            counts = torch.zeros(len(items), dtype=torch.int64)
+            if p.tie_break == "majority":  # one all-reduce for the whole group
+                counts = comm.all_reduce(torch.stack([majority_count(m) for m in masses]))
+            signs = [break_ties(m, tie_break=p.tie_break, majority=c) for m, c in zip(masses, counts)]
         for it, base_c, d, s in zip(items, bases, deltas, signs):
             _guard(
                 comm, f"writing {it.name!r}",
@@ -342,39 +317,13 @@ class ShardedMerger:
 
     def _merge_rows(self, st: dict[str, Any]) -> Tensor:
         """:func:`~drm_lightning.methods.drm.merge_coordinates` on this rank's rows, then ``@ Bᵀ``."""
-        comm, p = self.comm, self.params
         deltas, vectors, sigma, r = st["deltas"], st["vectors"], st["sigma"], st["rank"]
         n, m = st["n"], st["m"]
         n_br, n_local = deltas.shape[0], deltas.shape[1]
         if r == 0:
             return torch.zeros(n_local, m, dtype=self.dtype)
-        coords = deltas @ vectors  # (N, n_local, r)
-        colsq: Tensor | None = None
-        if not p.reference_compat or (p.drop_rate > 0 and p.renormalize):
-            colsq = comm.all_reduce((coords * coords).sum(dim=1))  # (N, r), summed over all rows
-        if not p.reference_compat:
-            # drop_numerical_zeros, with the column and branch norms of the whole matrix.
-            assert colsq is not None
-            floor = column_noise_floor(colsq.sum(dim=1).sqrt(), m, coords.dtype)
-            dropped = colsq.sqrt() <= floor.reshape(n_br, 1)  # (N, r)
-            coords = coords.masked_fill(dropped.reshape(n_br, 1, r), 0)
-            colsq = colsq.masked_fill(dropped, 0)
-        if p.drop_rate > 0:
-            if p.renormalize:
-                assert colsq is not None
-                colnorm = colsq.sqrt().reshape(n_br, 1, r)
-                safe = torch.where(colnorm > 0, colnorm, torch.ones((), dtype=colnorm.dtype))
-                scores = torch.where(colnorm > 0, coords / safe, torch.zeros((), dtype=coords.dtype))
-            else:
-                scores = pruning_scores(coords, sigma, renormalize=False)
-            mask = topk_mask_distributed(
-                scores, n_br * n * r, 1.0 - p.drop_rate, comm, reference_compat=p.reference_compat
-            )
-            coords = coords * mask
-        signs = self._elect(coords)
-        if p.tie_break == "majority":
-            count = torch.tensor([int((signs > 0).sum()) - int((signs < 0).sum())], dtype=torch.int64)
-            comm.all_reduce(count)
-            signs = self._apply_majority(signs, int(count[0]))
-        merged = disjoint_mean(coords, signs, self.coefficients, disjoint=p.disjoint_mean)
+        merged = merge_coordinates(
+            deltas @ vectors, sigma, self.coefficients, reduced_dim=m,
+            reductions=CollectiveReductions(self.comm, numel=n_br * n * r), **self.method.coordinate_kwargs(),
+        )
         return merged @ vectors.mT

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -104,24 +105,96 @@ def largest_mask(scores: Tensor, keep: int) -> Tensor:
     return mask.reshape(scores.shape)
 
 
+def mass_signs(x: Tensor) -> Tensor:
+    """Per-entry sign of the branch sum ``sign(sum_i x_i)`` (0 where the sum is exactly 0).
+
+    Example:
+        >>> mass_signs(torch.tensor([[1.0, -4.0, 1.0], [-1.0, -1.0, 2.0]]))
+        tensor([ 0., -1.,  1.])
+    """
+    return torch.sign(x.sum(dim=0))
+
+
+def majority_count(signs: Tensor) -> Tensor:
+    """``#positive - #negative`` entries of ``signs`` (an int64 0-d tensor).
+
+    Its sign is the majority of :func:`break_ties`; a caller holding only part of a tensor
+    sums the counts of all parts first (one all-reduce), then breaks the ties.
+    """
+    return (signs > 0).sum(dtype=torch.int64) - (signs < 0).sum(dtype=torch.int64)
+
+
+def break_ties(signs: Tensor, *, tie_break: TieBreak = "majority", majority: int | Tensor = 0) -> Tensor:
+    """Give the entries with sign 0 the majority sign (``"majority"``) or ``+1`` (``"positive"``).
+
+    ``majority`` is :func:`majority_count` of the whole tensor; with no majority (0) the
+    tied entries keep sign 0 and are dropped by the merge.
+    """
+    if tie_break == "positive":
+        return torch.where(signs == 0, torch.ones_like(signs), signs)
+    if tie_break != "majority":
+        raise ValueError(f"tie_break must be 'majority' or 'positive', got {tie_break!r}")
+    total = int(majority)
+    fill = signs.new_tensor(float((total > 0) - (total < 0)))
+    return torch.where(signs == 0, fill, signs)
+
+
 def elect_signs(x: Tensor, *, tie_break: TieBreak = "majority") -> Tensor:
     """TIES sign election by mass: ``sign(sum_i x_i)`` per entry.
 
     Entries whose sum is exactly zero get the matrix's majority sign ``sign(sum(signs))``
     (``tie_break="majority"``, the DRM reference) or ``+1`` (``"positive"``, PEFT's
     convention). With ``"majority"`` and no majority, those entries get sign 0 and are dropped.
+    The steps are :func:`mass_signs`, :func:`majority_count` and :func:`break_ties`.
 
     Example:
         >>> elect_signs(torch.tensor([[1.0, -4.0], [-1.0, -1.0]]), tie_break="positive")
         tensor([ 1., -1.])
     """
-    signs = torch.sign(x.sum(dim=0))
-    if tie_break == "positive":
-        return torch.where(signs == 0, torch.ones_like(signs), signs)
-    if tie_break != "majority":
-        raise ValueError(f"tie_break must be 'majority' or 'positive', got {tie_break!r}")
-    majority = torch.sign(signs.sum())
-    return torch.where(signs == 0, majority, signs)
+    signs = mass_signs(x)
+    majority = majority_count(signs) if tie_break == "majority" else 0
+    return break_ties(signs, tie_break=tie_break, majority=majority)
+
+
+def trim_per_branch(
+    deltas: Tensor, density: float, mask: Callable[[Tensor, float], Tensor] | None = None
+) -> Tensor:
+    """Keep each branch's ``density`` share of largest-magnitude entries (zero the rest).
+
+    ``mask(row, density)`` selects within one branch's flattened row; default
+    :func:`topk_mask`. A caller holding only part of each branch passes a collective one.
+
+    Example:
+        >>> trim_per_branch(torch.tensor([[1.0, -3.0], [2.0, 0.5]]), 0.5)
+        tensor([[ 0., -3.],
+                [ 2.,  0.]])
+    """
+    mask = mask or topk_mask
+    flat = deltas.reshape(deltas.shape[0], -1)
+    keep = torch.stack([mask(row, density) for row in flat])
+    return (flat * keep).reshape(deltas.shape)
+
+
+class Reductions:
+    """How a merge step reduces over a tensor: here, held in full by one process.
+
+    Steps that need a sum over every row (column norms, the majority sign count) or a
+    selection over every entry (the pruning top-k) call these instead of reducing locally.
+    The ZeRO-3 sharded route passes a subclass whose reductions are collectives
+    (:class:`drm_lightning.distributed.comm.CollectiveReductions`), so the same code merges
+    row slices held on different ranks.
+    """
+
+    def sum(self, t: Tensor) -> Tensor:
+        """Sum of ``t`` over every holder of the tensor (here: ``t`` itself)."""
+        return t
+
+    def topk_mask(self, scores: Tensor, density: float, *, reference_compat: bool = False) -> Tensor:
+        """:func:`topk_mask` over the whole tensor."""
+        return topk_mask(scores, density, reference_compat=reference_compat)
+
+
+LOCAL = Reductions()
 
 
 def broadcast_coefficients(coefficients: Tensor, like: Tensor) -> Tensor:

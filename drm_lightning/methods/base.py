@@ -99,6 +99,15 @@ class MergeMethod(ABC):
                 dense[i] = pair[0].to(coefficients.device, dtype) @ pair[1].to(coefficients.device, dtype)
         return self.merge_matrix(dense, coefficients, generator=generator)
 
+    def row_local(self, route: Route, shape: Sequence[int], n_branches: int) -> bool:
+        """True when a tensor can be merged from row slices held on different ranks, with
+        only collective sums and top-k between them (the ZeRO-3 sharded route). Default: no."""
+        return False
+
+    def workspace_elements(self, route: Route, shape: Sequence[int], n_branches: int) -> int:
+        """Compute-dtype elements the method holds beyond the N stacked deltas (peak estimate)."""
+        return 0
+
     def cost(self, route: Route, shape: Sequence[int], n_branches: int) -> float:
         """Estimated FLOPs of merging one tensor, for balancing work across ranks."""
         if route == "ignore":

@@ -24,185 +24,38 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from drm_lightning.methods._ops import TieBreak, disjoint_mean, elect_signs, topk_mask
+from drm_lightning.methods._basis import (  # noqa: F401 - re-exported: the basis is part of DRM's API
+    BasisPrecision,
+    SharedBasis,
+    Solver,
+    basis_dtype,
+    basis_from_gram,
+    gram_of_rows,
+    lowrank_shared_basis,
+    shared_basis,
+)
+from drm_lightning.methods._ops import (
+    LOCAL,
+    Reductions,
+    TieBreak,
+    break_ties,
+    disjoint_mean,
+    elect_signs,
+    majority_count,
+    mass_signs,
+    trim_per_branch,
+)
 from drm_lightning.methods.base import LowRankFactors, MergeMethod, MethodParams, Route
 
 Direction = Literal["vertical", "horizontal"]
-Solver = Literal["auto", "svd", "gram"]
-
-
-@dataclass(frozen=True)
-class SharedBasis:
-    """Truncated shared basis of a stack of deltas (vertical layout).
-
-    Attributes:
-        vectors: (m, r) orthonormal right singular vectors of the row-stacked deltas.
-        sigma: (r,) the matching singular values, descending.
-    """
-
-    vectors: Tensor
-    sigma: Tensor
-
-    @property
-    def rank(self) -> int:
-        return int(self.sigma.numel())
-
-
-def _truncate(vectors: Tensor, sigma: Tensor, rank_rtol: float) -> SharedBasis:
-    """Keep the directions with ``sigma > rank_rtol * sigma_max`` (spec §4.2 step 3)."""
-    if sigma.numel() and not bool(torch.isfinite(sigma[0])):
-        raise ValueError("DRM: the deltas hold NaN or Inf (the largest singular value is not finite)")
-    if sigma.numel() == 0 or not bool(sigma[0] > 0):
-        return SharedBasis(vectors[:, :0], sigma[:0])
-    keep = int((sigma > rank_rtol * sigma[0]).sum())
-    return SharedBasis(vectors[:, :keep], sigma[:keep])
-
-
-def _rayleigh_lower_bound(gram: Tensor, iterations: int = 8) -> float:
-    """A lower bound on the largest eigenvalue of a PSD matrix (power-iteration Rayleigh quotient)."""
-    x = gram[:, int(torch.argmax(torch.diagonal(gram)))].clone()
-    for _ in range(iterations):
-        norm = x.norm()
-        if not bool(norm > 0):
-            return 0.0
-        x = gram @ (x / norm)
-    norm = x.norm()
-    return float((x @ (gram @ x)) / (norm * norm)) if bool(norm > 0) else 0.0
-
-
-def _blas_threads(limit: int) -> Any:
-    """Limit the BLAS threads of non-torch libraries (scipy) for the duration of a block."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - declared dependency; degrade to no limit
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=limit, user_api="blas")
-
-
-def _top_eigenpairs_scipy(gram: Tensor, rank_rtol: float) -> tuple[Tensor, Tensor] | None:
-    """Only the eigenpairs above the rank threshold, with LAPACK ``syevr`` (CPU).
-
-    ``syevr`` computes the selected eigenvectors only, which makes it 2–3× faster than a full
-    ``eigh`` when the kept rank is small. The threshold uses a lower bound of the largest
-    eigenvalue, so the returned set always contains every pair the exact rule keeps; the
-    exact truncation is applied afterwards by the caller.
-    """
-    try:
-        import scipy.linalg
-    except ImportError:  # pragma: no cover - scipy is a dependency, keep a torch fallback
-        return None
-    lower = _rayleigh_lower_bound(gram)
-    if lower <= 0:
-        return gram.new_zeros(0), gram.new_zeros(gram.shape[0], 0)
-    cut = 0.999 * rank_rtol * rank_rtol * lower
-    # scipy's LAPACK has its own BLAS thread pool: keep it to torch's thread budget, or two
-    # ranks on two cores oversubscribe and the eigensolver slows down by an order of magnitude
-    with _blas_threads(torch.get_num_threads()):
-        evals, evecs = scipy.linalg.eigh(
-            gram.numpy(), subset_by_value=(cut, float("inf")), driver="evr", check_finite=False
-        )
-    return torch.from_numpy(evals.copy()), torch.from_numpy(evecs.copy())
-
-
-def basis_from_gram(gram: Tensor, rank_rtol: float, *, partial_eigensolver: bool = False) -> SharedBasis:
-    """Eigendecomposition of a symmetric PSD Gram matrix → descending singular pairs.
-
-    The singular values are ``sqrt(eigenvalues)``, so the rank rule ``σ_j > rtol·σ_1``
-    becomes ``λ_j > rtol²·λ_1``. ``partial_eigensolver`` computes only the kept pairs with
-    LAPACK ``syevr`` (scipy, CPU): 2.3× faster when the kept rank is small (LoRA-like
-    deltas), but 1.9× slower than torch's full ``eigh`` when it is not — and full
-    fine-tuning deltas keep most directions above 1 % of σ₁ — so it is off by default.
-    """
-    pairs = None
-    if partial_eigensolver and gram.device.type == "cpu" and rank_rtol > 0 and gram.shape[0] >= 64:
-        pairs = _top_eigenpairs_scipy(gram, rank_rtol)
-    evals, evecs = pairs if pairs is not None else torch.linalg.eigh(gram)
-    evals, evecs = evals.flip(0), evecs.flip(1)
-    sigma = evals.clamp(min=0).sqrt()
-    return _truncate(evecs, sigma, rank_rtol)
-
-
-BasisPrecision = Literal["float64", "compute"]
-
-
-def basis_dtype(compute_dtype: torch.dtype, precision: BasisPrecision) -> torch.dtype:
-    """The dtype the shared basis is computed in: float64, or the merge's compute dtype."""
-    if precision == "compute":
-        return compute_dtype
-    if precision != "float64":
-        raise ValueError(f"basis_precision must be 'float64' or 'compute', got {precision!r}")
-    return torch.float64
-
-
-def shared_basis(
-    deltas: Tensor, *, rank_rtol: float = 1e-2, solver: Solver = "auto", precision: BasisPrecision = "float64"
-) -> SharedBasis:
-    """Right singular vectors of the row stack ``[Δ_1; …; Δ_N]`` truncated at ``rank_rtol``.
-
-    ``solver="svd"`` runs a thin SVD (of the transpose when the stack is wide, which LAPACK
-    handles faster); ``"gram"`` runs ``eigh`` on the smaller Gram matrix — ``Σ Δ_iᵀΔ_i``
-    (m×m) for a tall stack, ``D Dᵀ`` for a wide one — which gives the same vectors several
-    times faster. ``"auto"`` picks ``"gram"`` except for tiny matrices.
-
-    Precision: the Gram matrix squares the condition number, so a float32 Gram loses the
-    small directions that renormalisation then makes as important as the large ones
-    (2–8 % of the merged delta on 512×1408 matrices with spectra decaying to 1e-4). With
-    ``precision="float64"`` (the default) the basis is computed in float64 whatever the
-    deltas' dtype and returned in that dtype; the caller casts it back. Float32 DRM is then
-    within 1e-2 of the float64 merge and as close as a float32 SVD route — the numbers are
-    in ``benchmarks/RESULTS.md`` § Precision (``benchmarks/precision.py``).
-    ``precision="compute"`` keeps the deltas' dtype (the faster, older behaviour).
-
-    Example:
-        >>> d = torch.randn(2, 5, 4, dtype=torch.float64)
-        >>> shared_basis(d, solver="svd").vectors.shape[0]
-        4
-    """
-    n_branches, n, m = deltas.shape
-    dtype = basis_dtype(deltas.dtype, precision)
-    rows = n_branches * n
-    if solver == "auto":
-        solver = "gram" if min(rows, m) >= 32 else "svd"
-    if solver not in ("svd", "gram"):
-        raise ValueError(f"solver must be 'auto', 'svd' or 'gram', got {solver!r}")
-    if solver == "gram" and rows >= m:  # the usual case: one delta at a time in `dtype`
-        return basis_from_gram(gram_of_rows(deltas, dtype), rank_rtol)
-    deltas = deltas.to(dtype)
-    if solver == "svd":
-        stack = deltas.reshape(rows, m)
-        if rows >= m:
-            _, sigma, vh = torch.linalg.svd(stack, full_matrices=False)
-            return _truncate(vh.mT, sigma, rank_rtol)
-        u, sigma, _ = torch.linalg.svd(stack.mT, full_matrices=False)
-        return _truncate(u, sigma, rank_rtol)
-    # Wide stack: left singular vectors from the small Gram, then V = Dᵀ U Σ⁻¹.
-    stack = deltas.reshape(rows, m)
-    left = basis_from_gram(stack @ stack.mT, rank_rtol)
-    vectors = (stack.mT @ left.vectors) / left.sigma
-    return SharedBasis(vectors, left.sigma)
-
-
-def gram_of_rows(deltas: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """``Σ_i Δ_iᵀΔ_i`` (m×m) of (N, rows, m) deltas, accumulated in ``dtype`` (default: theirs).
-
-    The sharded route calls it on each rank's rows and sums the partial Grams.
-    """
-    dtype = dtype or deltas.dtype
-    gram = deltas.new_zeros(deltas.shape[-1], deltas.shape[-1], dtype=dtype)
-    for delta in deltas:
-        delta = delta.to(dtype)
-        gram.addmm_(delta.mT, delta)
-    return gram
 
 
 def _safe_divide(values: Tensor, scale: Tensor) -> Tensor:
@@ -238,6 +91,18 @@ def column_noise_floor(branch_norms: Tensor, reduced_dim: int, dtype: torch.dtyp
     return NOISE_FLOOR_FACTOR * eps * math.sqrt(max(reduced_dim, 1)) * branch_norms
 
 
+def column_is_noise(col_sq: Tensor, reduced_dim: int, dtype: torch.dtype) -> Tensor:
+    """(N, r) mask of the columns at or below :func:`column_noise_floor` of their branch.
+
+    Args:
+        col_sq: (N, r) squared column norms of the coordinates (over every row).
+        reduced_dim: length of one projection (``m``).
+        dtype: the dtype the projection was computed in.
+    """
+    floor = column_noise_floor(col_sq.sum(dim=1).sqrt(), reduced_dim, dtype)
+    return col_sq.sqrt() <= floor.reshape(-1, 1)
+
+
 def drop_numerical_zeros(coords: Tensor, reduced_dim: int) -> Tensor:
     """Zero the (branch, direction) columns whose norm is within rounding of zero.
 
@@ -258,20 +123,23 @@ def drop_numerical_zeros(coords: Tensor, reduced_dim: int) -> Tensor:
         tensor([[[1., 0.],
                  [2., 0.]]])
     """
-    branch_norms = coords.flatten(1).norm(dim=1)
-    floor = column_noise_floor(branch_norms, reduced_dim, coords.dtype).reshape(-1, 1, 1)
-    return coords.masked_fill(coords.norm(dim=1, keepdim=True) <= floor, 0)
+    noise = column_is_noise((coords * coords).sum(dim=1), reduced_dim, coords.dtype)
+    return coords.masked_fill(noise.unsqueeze(1), 0)
 
 
-def pruning_scores(coords: Tensor, sigma: Tensor, *, renormalize: bool = True) -> Tensor:
+def pruning_scores(
+    coords: Tensor, sigma: Tensor, *, renormalize: bool = True, col_norms: Tensor | None = None
+) -> Tensor:
     """Scores whose magnitudes decide which coordinates survive (spec §4.4).
 
     With ``renormalize`` every (branch, direction) column is scaled to unit length, so no
     branch or direction can take the budget by its scale; without it the score is the raw
     split block ``U_i = T_i / σ`` of the SVD (the paper's "no renorm" ablation).
+    ``col_norms`` (N, r): the column norms over every row, when ``coords`` holds only some.
     """
     if renormalize:
-        return _safe_divide(coords, coords.norm(dim=1, keepdim=True))
+        norms = coords.norm(dim=1, keepdim=True) if col_norms is None else col_norms.unsqueeze(1)
+        return _safe_divide(coords, norms)
     return _safe_divide(coords, sigma.reshape(1, 1, -1))
 
 
@@ -286,8 +154,14 @@ def merge_coordinates(
     reference_compat: bool = False,
     tie_break: TieBreak = "majority",
     disjoint: bool = True,
+    reductions: Reductions = LOCAL,
 ) -> Tensor:
     """Prune, elect and merge branch coordinates in a shared basis (spec §4.2 steps 5–8).
+
+    Every step is row-local except three reductions, taken through ``reductions``: the
+    column norms (renormalisation and the rounding floor), the pruning top-k and the
+    majority sign count. The ZeRO-3 sharded route calls this on its rows with collective
+    reductions; everything else uses the local default.
 
     Args:
         coords: (N, n, r) coordinates ``T_i = Δ_i B`` (column j belongs to basis vector j).
@@ -295,17 +169,22 @@ def merge_coordinates(
         coefficients: (N,) per-branch λ, applied after the election.
         reduced_dim: length of one projection ``Δ_i b_j`` (``m``), for the noise floor.
         reference_compat: the reference's pruning rule and no noise floor (bit-matching).
+        reductions: how sums and the top-k reach rows held elsewhere.
 
     Returns:
         (n, r) merged coordinates.
     """
+    col_sq = reductions.sum((coords * coords).sum(dim=1))  # (N, r), over every row
     if not reference_compat:
-        coords = drop_numerical_zeros(coords, reduced_dim)
+        noise = column_is_noise(col_sq, reduced_dim, coords.dtype)
+        coords = coords.masked_fill(noise.unsqueeze(1), 0)
+        col_sq = col_sq.masked_fill(noise, 0)
     if drop_rate > 0:
-        scores = pruning_scores(coords, sigma, renormalize=renormalize)
-        mask = topk_mask(scores, 1.0 - drop_rate, reference_compat=reference_compat)
-        coords = coords * mask
-    signs = elect_signs(coords, tie_break=tie_break)
+        scores = pruning_scores(coords, sigma, renormalize=renormalize, col_norms=col_sq.sqrt())
+        coords = coords * reductions.topk_mask(scores, 1.0 - drop_rate, reference_compat=reference_compat)
+    signs = mass_signs(coords)
+    majority = reductions.sum(majority_count(signs)) if tie_break == "majority" else 0
+    signs = break_ties(signs, tie_break=tie_break, majority=majority)
     return disjoint_mean(coords, signs, coefficients, disjoint=disjoint)
 
 
@@ -351,32 +230,6 @@ def drm_merge(
         reference_compat=reference_compat, tie_break=tie_break, disjoint=disjoint,
     )
     return merged @ vectors.mT
-
-
-def lowrank_shared_basis(
-    factors: Sequence[LowRankFactors], *, rank_rtol: float = 1e-2, precision: BasisPrecision = "float64"
-) -> SharedBasis:
-    """Exact shared basis of ``[B_1A_1; …; B_NA_N]`` from the factors (spec §7).
-
-    With the stacked ``A = [A_1; …; A_N]`` and a thin QR ``Aᵀ = QR``, the stack equals
-    ``blockdiag(B) Rᵀ Qᵀ``; the right singular vectors are ``Q W`` where W are those of the
-    small ``blockdiag(B) Rᵀ``, obtained from its (Σρ × Σρ) Gram ``Σ_i R_iᵀ B_iᵀB_i R_i``.
-    The basis is computed in ``precision`` (see :func:`shared_basis`).
-    """
-    dtype = basis_dtype(factors[0][1].dtype, precision)
-    factors = [(b.to(dtype), a.to(dtype)) for b, a in factors]
-    a_stack = torch.cat([a for _, a in factors], dim=0)  # (Σρ, m)
-    q, r = torch.linalg.qr(a_stack.mT)  # q: (m, Σρ), r: (Σρ, Σρ)
-    rt = r.mT
-    gram = a_stack.new_zeros(rt.shape[1], rt.shape[1])
-    offset = 0
-    for b, a in factors:
-        rows = rt[offset : offset + a.shape[0]]  # (ρ_i, Σρ)
-        offset += a.shape[0]
-        bt_b = b.mT @ b
-        gram += rows.mT @ bt_b @ rows
-    small = basis_from_gram(gram, rank_rtol)
-    return SharedBasis(q @ small.vectors, small.sigma)
 
 
 def drm_merge_lowrank(
@@ -498,11 +351,40 @@ class DRM(MergeMethod):
     def merge_fallback(self, deltas, coefficients, *, generator=None):  # noqa: D102
         p = self.params
         if p.fallback_trim_rate > 0:
-            flat = deltas.reshape(deltas.shape[0], -1)
-            mask = torch.stack([topk_mask(row, 1.0 - p.fallback_trim_rate) for row in flat])
-            deltas = (flat * mask).reshape(deltas.shape)
+            deltas = trim_per_branch(deltas, 1.0 - p.fallback_trim_rate)
         signs = elect_signs(deltas, tie_break=p.tie_break) if p.elect_signs else None
         return disjoint_mean(deltas, signs, coefficients, disjoint=p.disjoint_mean)
+
+    def coordinate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`merge_coordinates` these parameters set."""
+        p = self.params
+        return dict(
+            drop_rate=p.drop_rate, renormalize=p.renormalize, reference_compat=p.reference_compat,
+            tie_break=p.tie_break, disjoint=p.disjoint_mean,
+        )
+
+    def row_local(self, route: Route, shape, n_branches: int) -> bool:  # noqa: D102
+        # Fallback tensors merge entry by entry. A matrix is row-local in the vertical layout
+        # with the Gram solver: Σ Δ_iᵀΔ_i is a sum over rows, and merge_coordinates takes its
+        # other reductions as arguments. Exactly when drm_merge itself builds that m×m Gram.
+        if route == "fallback":
+            return True
+        if route != "matrix" or len(shape) != 2:
+            return False
+        p = self.params
+        if p.direction != "vertical" or p.solver == "svd":
+            return False
+        rows, m = n_branches * int(shape[0]), int(shape[1])
+        return rows >= m and (p.solver == "gram" or min(rows, m) >= 32)
+
+    def workspace_elements(self, route: Route, shape, n_branches: int) -> int:  # noqa: D102
+        if route != "matrix" or len(shape) != 2:
+            return 0
+        rows, cols = int(shape[0]), int(shape[1])
+        if self.params.direction == "horizontal":
+            rows, cols = cols, rows
+        rank = min(n_branches * rows, cols)
+        return 2 * n_branches * rows * rank + cols * rank + rank * rank  # coordinates, basis, Gram
 
     def cost(self, route: Route, shape, n_branches: int) -> float:  # noqa: D102
         if route != "matrix" or len(shape) != 2:

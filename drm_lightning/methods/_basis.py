@@ -1,0 +1,218 @@
+"""The shared basis of DRM: the truncated singular vectors of a stack of deltas.
+
+The basis comes from an SVD of the stack or, much cheaper, from a symmetric
+eigendecomposition of its Gram matrix (the same singular vectors), by default in float64
+whatever the deltas' dtype (``precision``); LoRA branches use an exact factored route (QR of
+the stacked factors) that never forms an n×m delta. :mod:`drm_lightning.methods.drm` uses
+these; the ZeRO-3 sharded route calls :func:`gram_of_rows` on its rows and
+:func:`basis_from_gram` on the summed Gram.
+
+Example:
+    >>> import torch
+    >>> d = torch.randn(3, 16, 12, dtype=torch.float64)
+    >>> basis = shared_basis(d, solver="svd")
+    >>> torch.allclose(basis.vectors.mT @ basis.vectors, torch.eye(basis.rank, dtype=torch.float64))
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from drm_lightning.methods.base import LowRankFactors
+
+Solver = Literal["auto", "svd", "gram"]
+BasisPrecision = Literal["float64", "compute"]
+
+
+@dataclass(frozen=True)
+class SharedBasis:
+    """Truncated shared basis of a stack of deltas (vertical layout).
+
+    Attributes:
+        vectors: (m, r) orthonormal right singular vectors of the row-stacked deltas.
+        sigma: (r,) the matching singular values, descending.
+    """
+
+    vectors: Tensor
+    sigma: Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.sigma.numel())
+
+
+def _truncate(vectors: Tensor, sigma: Tensor, rank_rtol: float) -> SharedBasis:
+    """Keep the directions with ``sigma > rank_rtol * sigma_max`` (spec §4.2 step 3)."""
+    if sigma.numel() and not bool(torch.isfinite(sigma[0])):
+        raise ValueError("DRM: the deltas hold NaN or Inf (the largest singular value is not finite)")
+    if sigma.numel() == 0 or not bool(sigma[0] > 0):
+        return SharedBasis(vectors[:, :0], sigma[:0])
+    keep = int((sigma > rank_rtol * sigma[0]).sum())
+    return SharedBasis(vectors[:, :keep], sigma[:keep])
+
+
+def _rayleigh_lower_bound(gram: Tensor, iterations: int = 8) -> float:
+    """A lower bound on the largest eigenvalue of a PSD matrix (power-iteration Rayleigh quotient)."""
+    x = gram[:, int(torch.argmax(torch.diagonal(gram)))].clone()
+    for _ in range(iterations):
+        norm = x.norm()
+        if not bool(norm > 0):
+            return 0.0
+        x = gram @ (x / norm)
+    norm = x.norm()
+    return float((x @ (gram @ x)) / (norm * norm)) if bool(norm > 0) else 0.0
+
+
+def _blas_threads(limit: int) -> Any:
+    """Limit the BLAS threads of non-torch libraries (scipy) for the duration of a block."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - declared dependency; degrade to no limit
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=limit, user_api="blas")
+
+
+def _top_eigenpairs_scipy(gram: Tensor, rank_rtol: float) -> tuple[Tensor, Tensor] | None:
+    """Only the eigenpairs above the rank threshold, with LAPACK ``syevr`` (CPU).
+
+    ``syevr`` computes the selected eigenvectors only, which makes it 2–3× faster than a full
+    ``eigh`` when the kept rank is small. The threshold uses a lower bound of the largest
+    eigenvalue, so the returned set always contains every pair the exact rule keeps; the
+    exact truncation is applied afterwards by the caller.
+    """
+    try:
+        import scipy.linalg
+    except ImportError:  # pragma: no cover - scipy is a dependency, keep a torch fallback
+        return None
+    lower = _rayleigh_lower_bound(gram)
+    if lower <= 0:
+        return gram.new_zeros(0), gram.new_zeros(gram.shape[0], 0)
+    cut = 0.999 * rank_rtol * rank_rtol * lower
+    # scipy's LAPACK has its own BLAS thread pool: keep it to torch's thread budget, or two
+    # ranks on two cores oversubscribe and the eigensolver slows down by an order of magnitude
+    with _blas_threads(torch.get_num_threads()):
+        evals, evecs = scipy.linalg.eigh(
+            gram.numpy(), subset_by_value=(cut, float("inf")), driver="evr", check_finite=False
+        )
+    return torch.from_numpy(evals.copy()), torch.from_numpy(evecs.copy())
+
+
+def basis_from_gram(gram: Tensor, rank_rtol: float, *, partial_eigensolver: bool = False) -> SharedBasis:
+    """Eigendecomposition of a symmetric PSD Gram matrix → descending singular pairs.
+
+    The singular values are ``sqrt(eigenvalues)``, so the rank rule ``σ_j > rtol·σ_1``
+    becomes ``λ_j > rtol²·λ_1``. ``partial_eigensolver`` computes only the kept pairs with
+    LAPACK ``syevr`` (scipy, CPU): 2.3× faster when the kept rank is small (LoRA-like
+    deltas), but 1.9× slower than torch's full ``eigh`` when it is not — and full
+    fine-tuning deltas keep most directions above 1 % of σ₁ — so it is off by default.
+    """
+    pairs = None
+    if partial_eigensolver and gram.device.type == "cpu" and rank_rtol > 0 and gram.shape[0] >= 64:
+        pairs = _top_eigenpairs_scipy(gram, rank_rtol)
+    evals, evecs = pairs if pairs is not None else torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    sigma = evals.clamp(min=0).sqrt()
+    return _truncate(evecs, sigma, rank_rtol)
+
+
+def basis_dtype(compute_dtype: torch.dtype, precision: BasisPrecision) -> torch.dtype:
+    """The dtype the shared basis is computed in: float64, or the merge's compute dtype."""
+    if precision == "compute":
+        return compute_dtype
+    if precision != "float64":
+        raise ValueError(f"basis_precision must be 'float64' or 'compute', got {precision!r}")
+    return torch.float64
+
+
+def shared_basis(
+    deltas: Tensor, *, rank_rtol: float = 1e-2, solver: Solver = "auto", precision: BasisPrecision = "float64"
+) -> SharedBasis:
+    """Right singular vectors of the row stack ``[Δ_1; …; Δ_N]`` truncated at ``rank_rtol``.
+
+    ``solver="svd"`` runs a thin SVD (of the transpose when the stack is wide, which LAPACK
+    handles faster); ``"gram"`` runs ``eigh`` on the smaller Gram matrix — ``Σ Δ_iᵀΔ_i``
+    (m×m) for a tall stack, ``D Dᵀ`` for a wide one — which gives the same vectors several
+    times faster. ``"auto"`` picks ``"gram"`` except for tiny matrices.
+
+    Precision: the Gram matrix squares the condition number, so a float32 Gram loses the
+    small directions that renormalisation then makes as important as the large ones
+    (2–8 % of the merged delta on 512×1408 matrices with spectra decaying to 1e-4). With
+    ``precision="float64"`` (the default) the basis is computed in float64 whatever the
+    deltas' dtype and returned in that dtype; the caller casts it back. Float32 DRM is then
+    within 1e-2 of the float64 merge and as close as a float32 SVD route — the numbers are
+    in ``benchmarks/RESULTS.md`` § Precision (``benchmarks/precision.py``).
+    ``precision="compute"`` keeps the deltas' dtype (the faster, older behaviour).
+
+    Example:
+        >>> d = torch.randn(2, 5, 4, dtype=torch.float64)
+        >>> shared_basis(d, solver="svd").vectors.shape[0]
+        4
+    """
+    n_branches, n, m = deltas.shape
+    dtype = basis_dtype(deltas.dtype, precision)
+    rows = n_branches * n
+    if solver == "auto":
+        solver = "gram" if min(rows, m) >= 32 else "svd"
+    if solver not in ("svd", "gram"):
+        raise ValueError(f"solver must be 'auto', 'svd' or 'gram', got {solver!r}")
+    if solver == "gram" and rows >= m:  # the usual case: one delta at a time in `dtype`
+        return basis_from_gram(gram_of_rows(deltas, dtype), rank_rtol)
+    deltas = deltas.to(dtype)
+    if solver == "svd":
+        stack = deltas.reshape(rows, m)
+        if rows >= m:
+            _, sigma, vh = torch.linalg.svd(stack, full_matrices=False)
+            return _truncate(vh.mT, sigma, rank_rtol)
+        u, sigma, _ = torch.linalg.svd(stack.mT, full_matrices=False)
+        return _truncate(u, sigma, rank_rtol)
+    # Wide stack: left singular vectors from the small Gram, then V = Dᵀ U Σ⁻¹.
+    stack = deltas.reshape(rows, m)
+    left = basis_from_gram(stack @ stack.mT, rank_rtol)
+    vectors = (stack.mT @ left.vectors) / left.sigma
+    return SharedBasis(vectors, left.sigma)
+
+
+def gram_of_rows(deltas: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``Σ_i Δ_iᵀΔ_i`` (m×m) of (N, rows, m) deltas, accumulated in ``dtype`` (default: theirs).
+
+    The sharded route calls it on each rank's rows and sums the partial Grams.
+    """
+    dtype = dtype or deltas.dtype
+    gram = deltas.new_zeros(deltas.shape[-1], deltas.shape[-1], dtype=dtype)
+    for delta in deltas:
+        delta = delta.to(dtype)
+        gram.addmm_(delta.mT, delta)
+    return gram
+
+
+def lowrank_shared_basis(
+    factors: Sequence[LowRankFactors], *, rank_rtol: float = 1e-2, precision: BasisPrecision = "float64"
+) -> SharedBasis:
+    """Exact shared basis of ``[B_1A_1; …; B_NA_N]`` from the factors (spec §7).
+
+    With the stacked ``A = [A_1; …; A_N]`` and a thin QR ``Aᵀ = QR``, the stack equals
+    ``blockdiag(B) Rᵀ Qᵀ``; the right singular vectors are ``Q W`` where W are those of the
+    small ``blockdiag(B) Rᵀ``, obtained from its (Σρ × Σρ) Gram ``Σ_i R_iᵀ B_iᵀB_i R_i``.
+    The basis is computed in ``precision`` (see :func:`shared_basis`).
+    """
+    dtype = basis_dtype(factors[0][1].dtype, precision)
+    factors = [(b.to(dtype), a.to(dtype)) for b, a in factors]
+    a_stack = torch.cat([a for _, a in factors], dim=0)  # (Σρ, m)
+    q, r = torch.linalg.qr(a_stack.mT)  # q: (m, Σρ), r: (Σρ, Σρ)
+    rt = r.mT
+    gram = a_stack.new_zeros(rt.shape[1], rt.shape[1])
+    offset = 0
+    for b, a in factors:
+        rows = rt[offset : offset + a.shape[0]]  # (ρ_i, Σρ)
+        offset += a.shape[0]
+        bt_b = b.mT @ b
+        gram += rows.mT @ bt_b @ rows
+    small = basis_from_gram(gram, rank_rtol)
+    return SharedBasis(q @ small.vectors, small.sigma)
