@@ -18,9 +18,11 @@ parameters::
     seed: 0                                   # randomness of DARE, per tensor
     trust_pickles: false                      # true: unpickle .ckpt/.bin that need it (runs code)
 
-mergekit spellings are accepted as aliases: ``merge_method`` for ``method``, ``base_model``
-for ``base``, ``models`` for ``branches``, ``model`` for ``path``, ``weight`` (also nested
-under a branch's ``parameters``) for ``coefficient`` and ``dtype`` for ``compute_dtype``.
+A file with mergekit's ``merge_method`` (and no ``method``) is in mergekit's format: it is
+checked and run with mergekit's semantics by :mod:`drm_lightning.mergekit_format`. In this
+format, mergekit spellings are accepted as aliases: ``base_model`` for ``base``, ``models``
+for ``branches``, ``model`` for ``path``, ``weight`` (also nested under a branch's
+``parameters``) for ``coefficient`` and ``dtype`` for ``compute_dtype``.
 Relative paths are resolved against the current working directory (not the config file's
 folder), as in mergekit. A key given twice in one mapping and ``true``/``false`` where a
 number is expected are refused; errors of a config file name the line of the value.
@@ -604,6 +606,10 @@ def parse_config(text: str, *, source: str = "<config>") -> MergeConfig:
             f"{source}: the config must be a mapping with at least 'method', 'base' and "
             f"'branches', but the file is {kind}"
         )
+    if "merge_method" in data and "method" not in data:  # mergekit's format, its semantics
+        from drm_lightning.mergekit_format import mergekit_config
+
+        return mergekit_config(data, lines, source=source)
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as err:

@@ -93,6 +93,7 @@ def test_parameters_reach_the_method(models: dict[str, Path], tmp_path: Path) ->
 
 
 def test_mergekit_spelling_is_accepted(models: dict[str, Path], tmp_path: Path) -> None:
+    """A mergekit-format file (``merge_method``) runs with mergekit's semantics and defaults."""
     text = f"""
 merge_method: ties
 base_model: {models["base"]}
@@ -101,18 +102,20 @@ models:
     parameters:
       weight: 0.7
   - model: {models["b1"]}
-    weight: 0.2
-  - {models["b2"]}
-dtype: fp64
-out_dtype: bf16
+    parameters: {{weight: 0.2}}
+  - model: {models["b2"]}
+dtype: float64
+out_dtype: bfloat16
 parameters:
   density: 0.4
+  weight: 1.0
 """
     cfg = load_config(_write(tmp_path, text))
     assert cfg.method == "ties" and cfg.base == models["base"]
     assert cfg.resolved_coefficients() == [0.7, 0.2, 1.0]
     assert cfg.compute_torch_dtype == torch.float64 and cfg.out_torch_dtype == torch.bfloat16
-    assert cfg.build_method().params.density == 0.4
+    method = cfg.build_method()
+    assert method.params.density == 0.4 and method.params.convention == "mergekit"
 
 
 def test_coefficients_as_a_list(models: dict[str, Path], tmp_path: Path) -> None:

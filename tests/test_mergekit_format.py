@@ -1,0 +1,274 @@
+"""mergekit-format configs against the real mergekit (0.1.5) on one tiny Llama zoo.
+
+The same YAML dict goes to mergekit's ``run_merge`` (in-process: the ``mergekit-yaml`` code
+path without the subprocess start-up) and to ``drm-merge``; each config runs once per module.
+
+Bounds (measured, see README "Coming from mergekit"): with ``dtype: float64`` linear,
+task_arithmetic and ties agree to <= 1e-15 max abs (measured: ties and task_arithmetic bit
+equal, linear 2.2e-16 from ``base + Σw(m-base)/Σw`` vs mergekit's ``Σw·m/Σw``); with
+the models' own float32, ties is bit-equal too. DARE draws its masks from another
+random stream, so it is compared statistically: same kept fraction (binomial, 6 sigma) and
+same L1 rescale (the merged delta keeps each branch's L1 norm).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from drm_lightning import cli
+from drm_lightning.config import ConfigError, load_config
+from drm_lightning.mergekit_format import MergekitConfig, PerBranchDensity
+
+transformers = pytest.importorskip("transformers")
+mk_config = pytest.importorskip("mergekit.config")
+mk_merge = pytest.importorskip("mergekit.merge")
+mk_options = pytest.importorskip("mergekit.options")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+FLOAT64_BOUND = 1e-15
+LAYER = "model.layers.0.mlp.up_proj.weight"
+
+
+def _read(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(safetensors_torch.load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny float32 Llama base and three fine-tunes (``ft2`` with its own tokenizer file)."""
+    root = tmp_path_factory.mktemp("mkzoo")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config)
+    base.save_pretrained(root / "base")
+    (root / "base" / "tokenizer_config.json").write_text(json.dumps({"who": "base"}))
+    state = base.state_dict()
+    for i in range(3):
+        g = torch.Generator().manual_seed(10 + i)
+        model = transformers.LlamaForCausalLM(config)
+        model.load_state_dict(
+            {k: v + 0.02 * (i + 1) * torch.randn(v.shape, generator=g) for k, v in state.items()}
+        )
+        model.save_pretrained(root / f"ft{i}")
+    (root / "ft2" / "tokenizer_config.json").write_text(json.dumps({"who": "ft2"}))
+    return root
+
+
+def _cases(z: Path) -> dict[str, dict[str, Any]]:
+    def m(name: str, **params: Any) -> dict[str, Any]:
+        return {"model": str(z / name), "parameters": params} if params else {"model": str(z / name)}
+
+    base = str(z / "base")
+    return {
+        "linear": {  # base_model is averaged too, with the default weight
+            "merge_method": "linear", "base_model": base, "dtype": "float64",
+            "parameters": {"weight": 0.2}, "models": [m("ft0", weight=0.3), m("ft1", weight=0.5)],
+        },
+        "task_arithmetic": {  # the base listed among the models takes no part
+            "merge_method": "task_arithmetic", "base_model": base, "dtype": "float64",
+            "parameters": {"lambda": 0.8},
+            "models": [m("base", weight=1.0), m("ft0", weight=0.6), m("ft1", weight=0.4),
+                       m("ft2", weight=1.0)],
+        },
+        "ties": {  # per-model densities, default density from parameters, weighted vote
+            "merge_method": "ties", "base_model": base, "dtype": "float64",
+            "parameters": {"density": 0.7},
+            "models": [m("ft0", weight=1.0, density=0.5), m("ft1", weight=0.5, density=0.3),
+                       m("ft2", weight=0.8)],
+        },
+        "ties_float32": {  # no dtype: both compute in the models' float32
+            "merge_method": "ties", "base_model": base,
+            "parameters": {"density": 0.4, "normalize": False, "lambda": 1.5},
+            "models": [m("ft0", weight=1.0), m("ft1", weight=0.3), m("ft2", weight=0.6)],
+        },
+        "dare_linear": {
+            "merge_method": "dare_linear", "base_model": base, "dtype": "float32",
+            "parameters": {"density": 0.3}, "models": [m("ft1", weight=1.0)],
+        },
+        "dare_ties": {
+            "merge_method": "dare_ties", "base_model": base, "dtype": "float32",
+            "parameters": {"density": 0.5, "weight": 1.0}, "models": [m("ft0"), m("ft2")],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every case merged once by mergekit and once by drm-merge; the notes drm-merge printed."""
+    root = tmp_path_factory.mktemp("mkruns")
+    out: dict[str, Any] = {"notes": {}}
+    options = mk_options.MergeOptions(quiet=True, random_seed=0, copy_tokenizer=False)
+    for name, case in _cases(zoo).items():
+        mk_out, ours_out = root / f"mk-{name}", root / f"ours-{name}"
+        mk_merge.run_merge(mk_config.MergeConfiguration.model_validate(case), str(mk_out), options)
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(case, sort_keys=False))
+        assert cli.main([str(path), "-o", str(ours_out), "--no-progress"]) == 0
+        out[name] = (_read(mk_out), _read(ours_out))
+    return out
+
+
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties"])
+def test_identical_to_mergekit_in_float64(runs: dict[str, Any], name: str) -> None:
+    theirs, ours = runs[name]
+    assert sorted(theirs) == sorted(ours)
+    worst = max(float((theirs[k] - ours[k]).abs().max()) for k in theirs)
+    assert all(ours[k].dtype == torch.float64 for k in ours)  # out_dtype defaults to dtype
+    assert worst <= FLOAT64_BOUND, f"{name}: max abs {worst:.3g}"
+
+
+def test_ties_float32_bit_equal(runs: dict[str, Any]) -> None:
+    theirs, ours = runs["ties_float32"]
+    assert all(ours[k].dtype == torch.float32 for k in ours)
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+
+
+def test_ties_per_model_density_matters(zoo: Path, runs: dict[str, Any]) -> None:
+    """The per-model densities reach the merge: ft1 keeps 30 %, not the default 70 %."""
+    cfg = load_config(_yaml(zoo, _cases(zoo)["ties"]))
+    assert isinstance(cfg, MergekitConfig) and cfg.branch_densities == [0.5, 0.3, 0.7]
+    assert isinstance(cfg.build_method(), PerBranchDensity)
+    assert cfg.build_method().params.convention == "mergekit"
+
+
+def _kept_and_l1(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
+                 branch: dict[str, torch.Tensor]) -> tuple[int, int, float]:
+    kept = total = 0
+    worst = 0.0
+    for k, v in merged.items():
+        if v.dim() != 2:
+            continue
+        delta, full = (v - base[k]).double(), (branch[k] - base[k]).double()
+        kept += int((delta != 0).sum())
+        total += delta.numel()
+        worst = max(worst, abs(float(delta.abs().sum() / full.abs().sum()) - 1))
+    return kept, total, worst
+
+
+def test_dare_linear_statistically_equivalent(zoo: Path, runs: dict[str, Any]) -> None:
+    theirs, ours = runs["dare_linear"]
+    base, ft1 = _read(zoo / "base"), _read(zoo / "ft1")
+    density = 0.3
+    for merged in (theirs, ours):
+        kept, total, l1 = _kept_and_l1(merged, base, ft1)
+        sigma = (density * (1 - density) / total) ** 0.5
+        assert abs(kept / total - density) < 6 * sigma, kept / total
+        assert l1 < 1e-5  # L1 rescale: each matrix keeps its delta's L1 norm (float32 output)
+    assert not torch.equal(theirs[LAYER], ours[LAYER])  # another random stream: other masks
+
+
+def test_dare_ties_statistically_equivalent(zoo: Path, runs: dict[str, Any]) -> None:
+    theirs, ours = runs["dare_ties"]
+    base = _read(zoo / "base")
+    fractions, norms = [], []
+    for merged in (theirs, ours):
+        deltas = [(merged[k] - base[k]).double() for k in merged if merged[k].dim() == 2]
+        kept = sum(int((d != 0).sum()) for d in deltas)
+        total = sum(d.numel() for d in deltas)
+        fractions.append(kept / total)
+        norms.append(sum(float(d.abs().sum()) for d in deltas))
+    f = sum(fractions) / 2
+    assert abs(fractions[0] - fractions[1]) < 6 * (2 * f * (1 - f) / total) ** 0.5, fractions
+    assert abs(norms[0] / norms[1] - 1) < 0.03, norms  # same rescale: same L1 mass
+
+
+def test_one_line_says_mergekit_semantics(
+    zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    case = dict(_cases(zoo)["ties"], dtype="bfloat16")
+    assert cli.main([str(_yaml(zoo, case, tmp_path)), "-o", str(tmp_path / "o"), "--dry-run"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "mergekit" in line]
+    assert len(notes) == 1
+    assert "merge_method: ties): mergekit's semantics" in notes[0]
+    assert "dtype bfloat16: math in float32, written as bfloat16" in notes[0]
+
+
+def test_own_format_keeps_own_semantics(zoo: Path, tmp_path: Path) -> None:
+    data = {"method": "ties", "base_model": str(zoo / "base"), "models": [str(zoo / "ft0")]}
+    cfg = load_config(_yaml(zoo, data, tmp_path))
+    assert not isinstance(cfg, MergekitConfig)
+    assert cfg.build_method().params.convention == "peft"
+
+
+def test_drm_and_tokenizer_source(zoo: Path, tmp_path: Path) -> None:
+    params = {"drop_rate": 0.5}
+    mk_style = {
+        "merge_method": "drm", "base_model": str(zoo / "base"), "parameters": params,
+        "models": [{"model": str(zoo / "ft0"), "parameters": {"weight": 0.7}},
+                   {"model": str(zoo / "ft1")}],
+        "tokenizer_source": str(zoo / "ft2"), "out_dtype": "bfloat16",
+    }
+    own = {
+        "method": "drm", "base": str(zoo / "base"), "parameters": params, "out_dtype": "bfloat16",
+        "branches": [{"path": str(zoo / "ft0"), "coefficient": 0.7}, str(zoo / "ft1")],
+    }
+    for name, data in (("mk", mk_style), ("own", own)):
+        path = _yaml(zoo, data, tmp_path, f"{name}.yaml")
+        assert cli.main([str(path), "-o", str(tmp_path / name), "--no-progress"]) == 0
+    a, b = _read(tmp_path / "mk"), _read(tmp_path / "own")
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == torch.bfloat16 for k in a)
+    tok = json.loads((tmp_path / "mk" / "tokenizer_config.json").read_text())
+    assert tok == {"who": "ft2"}
+    assert json.loads((tmp_path / "own" / "tokenizer_config.json").read_text()) == {"who": "base"}
+
+
+def _yaml(zoo: Path, data: dict[str, Any], folder: Path | None = None, name: str = "c.yaml") -> Path:
+    path = (folder or zoo) / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _refusal(zoo: Path, tmp_path: Path, **changes: Any) -> str:
+    data = {"merge_method": "ties", "base_model": str(zoo / "base"),
+            "models": [{"model": str(zoo / "ft0"), "parameters": {"weight": 1.0}}]}
+    data.update(changes)
+    with pytest.raises(ConfigError) as info:
+        load_config(_yaml(zoo, {k: v for k, v in data.items() if v is not None}, tmp_path))
+    return str(info.value)
+
+
+def test_refusals_name_the_key(zoo: Path, tmp_path: Path) -> None:
+    ft0 = str(zoo / "ft0")
+    msg = _refusal(zoo, tmp_path, merge_method="slerp", parameters={"t": 0.5})
+    assert "merge_method: slerp is not supported yet" in msg
+    assert "slices: layer slices" in _refusal(zoo, tmp_path, slices=[])
+    assert "merge_method: mergekit's 'della' is not implemented" in _refusal(
+        zoo, tmp_path, merge_method="della")
+    assert "tokenizer_source: union" in _refusal(zoo, tmp_path, tokenizer_source="union")
+    msg = _refusal(zoo, tmp_path, dtyp="float32", parameters={"lamda": 2.0})
+    assert "dtyp: unknown key (did you mean 'dtype'" in msg
+    assert "parameters.lamda: unknown parameter for ties (did you mean 'lambda'?" in msg
+    msg = _refusal(zoo, tmp_path, models=[{"model": ft0, "weight": 0.5}])
+    assert "models[0].weight: unknown key" in msg and "models[0].parameters" in msg
+    msg = _refusal(zoo, tmp_path, models=[{"model": ft0, "parameters": {"weight": [0.1, 0.9]}}])
+    assert "models[0].parameters.weight: gradient lists" in msg
+    msg = _refusal(zoo, tmp_path, models=[{"model": ft0}])
+    assert "models[0].parameters.weight: required by mergekit's ties" in msg
+    msg = _refusal(zoo, tmp_path, models=[{"model": ft0, "parameters": {"weight": -1.0}}])
+    assert "negative weights are not supported" in msg
+    assert "branches: drm-merge's own key" in _refusal(zoo, tmp_path, branches=[ft0])
+    msg = _refusal(zoo, tmp_path, merge_method="linear", base_model=str(zoo / "base"))
+    assert "base_model: mergekit's linear averages the base model too" in msg
+
+
+def test_refused_before_reading_weights(zoo: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    data = {"merge_method": "ties", "base_model": str(zoo / "base"), "slices": [],
+            "models": [{"model": str(zoo / "ft0"), "parameters": {"weight": 1.0}}]}
+    assert cli.main([str(_yaml(zoo, data, tmp_path)), "-o", str(tmp_path / "o")]) == 2
+    assert "slices: layer slices" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
