@@ -12,17 +12,18 @@ all-reduce of a sign count, batched over a group of items) and, with
 **DRM vertical matrix path (row-local).** With ``B`` the shared basis (right singular vectors
 of the row stack ``[Δ_1; …; Δ_N]``), every step but the basis is row-local (spec §4.7):
 
-1. ``G = Σ_i Δ_iᵀΔ_i`` is a sum over rows: each rank adds its rows' m×m Gram, one reduce
-   sends G to the rank that decomposes it (a different rank for each item of a wave of
-   ``world_size`` items, so the eigendecompositions run in parallel), which broadcasts
-   ``B`` (m×r) and σ;
-2. coordinates ``T_i = Δ_i B`` are row-local; the renormalisation and noise-floor norms are
-   column norms over all rows — one all-reduce of N×r sums of squares;
-3. the joint pruning threshold is a distributed k-th value over all N·n·r scores, with ties
-   at the cut broken by global position exactly like the single-process
-   :func:`~drm_lightning.methods._ops.topk_mask`;
-4. sign election is row-local except the global-majority tie-break (one all-reduce);
-5. the disjoint mean and the reconstruction ``merge(T) Bᵀ`` are row-local.
+1. ``G = Σ_i Δ_iᵀΔ_i`` is a sum over rows: each rank adds its rows' m×m Gram
+   (:func:`~drm_lightning.methods._basis.gram_of_rows`, in the basis precision — float64 by
+   default), one reduce sends G to the rank that decomposes it (a different rank for each
+   item of a wave of ``world_size`` items, so the eigendecompositions run in parallel),
+   which broadcasts ``B`` (m×r) and σ;
+2. everything after the basis is :func:`~drm_lightning.methods.drm.merge_coordinates` on
+   this rank's rows, the same code as the single-process merge, given collective reductions
+   (:class:`~drm_lightning.distributed.comm.CollectiveReductions`): the column norms of the
+   renormalisation and the rounding floor (one all-reduce of N×r sums of squares), the
+   joint pruning top-k (a distributed k-th value over all N·n·r scores, ties at the cut
+   broken by global position like the single-process top-k) and the majority sign count;
+3. the reconstruction ``merge(T) Bᵀ`` is row-local.
 
 ZeRO-3 chunks are not row-aligned: rank r's chunk ``[r·P, (r+1)·P)`` starts and ends inside
 rows. Each rank therefore works on the rows that *start* in its chunk; the tail of its last
@@ -31,21 +32,22 @@ pieces of merged rows that belong to other ranks' chunks go back after it
 (:meth:`~drm_lightning.distributed.comm.Comm.redistribute`). At most one row per rank and
 tensor moves each way.
 
-Which items take this route is decided by :func:`sharded_rule`: DRM (not random), matrix
-items only in the vertical direction with the Gram solver (``solver`` "auto" or "gram",
-``N·n ≥ m`` and, for "auto", ``min(N·n, m) ≥ 32`` — exactly when the single-process DRM
-builds the same m×m Gram) and where moving the Gram and the basis (≈ 8·m² bytes) costs less
-than gathering the N + 1 inputs and scattering the fp32 result (``((N+1)·itemsize + 4)·n·m``
-bytes) — for Llama-8B with 4 bf16 branches: q/o/gate/up sharded, k/v (1024×4096) and
-down_proj (4096×14336) to owners — and only when the target parameter is ZeRO-3-partitioned.
-Everything else (horizontal DRM, the SVD solver, wide stacks, TIES/DARE/task arithmetic,
-non-partitioned targets) takes the owner route.
+Which items take this route is decided by :func:`sharded_rule`: items the method calls
+row-local (:meth:`~drm_lightning.methods.base.MergeMethod.row_local`; for DRM, fallback
+tensors and vertical matrices on the Gram solver with ``N·n ≥ m`` — exactly when the
+single-process DRM builds the same m×m Gram), not random, and, for matrices, where moving
+the Gram and the basis (≈ 8·m² bytes) costs less than gathering the N + 1 inputs and
+scattering the fp32 result (``((N+1)·itemsize + 4)·n·m`` bytes) — for Llama-8B with 4 bf16
+branches: q/o/gate/up sharded, k/v (1024×4096) and down_proj (4096×14336) to owners — and
+only when the target parameter is ZeRO-3-partitioned. Everything else (horizontal DRM, the
+SVD solver, wide stacks, fused-QKV matrices, TIES/DARE/task arithmetic, non-partitioned
+targets) takes the owner route.
 
 Numerics: the fallback path is bit-identical to the single-process merge. The matrix path
-sums the Gram in a different order, so in float32 its basis differs from the
-single-process one by rounding (~1e-7); an entry sitting exactly at the pruning cut can
-then flip, the same sensitivity :func:`~drm_lightning.methods.drm.shared_basis` documents
-between its own solvers. In float64 the two agree to ~1e-12.
+sums in a different order: in float64 it equals the single-process merge to ~1e-12; in
+float32 it stays within the package's float32 bound of the float64 merge (1e-2 of the
+merged delta; measured ~1e-7 on the tests' matrices) — an entry at the pruning cut may fall
+the other way (README, *Precision and reproducibility*).
 """
 
 from __future__ import annotations
