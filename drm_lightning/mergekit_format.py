@@ -34,14 +34,12 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
-from torch import Tensor
 
 from drm_lightning.config import (
     TORCH_DTYPES,
@@ -51,8 +49,9 @@ from drm_lightning.config import (
 )
 from drm_lightning.config_values import check_path
 from drm_lightning.config_yaml import Lines
-from drm_lightning.methods import MergeMethod, TaskVectorMethod, task_vector_merge
-from drm_lightning.methods.base import Route, closest_names
+from drm_lightning.methods import MergeMethod
+from drm_lightning.methods.base import closest_names
+from drm_lightning.methods.per_branch import PerBranchDensity
 from drm_lightning.sources.writer import COPIED_FILES
 
 __all__ = ["MergekitConfig", "PerBranchDensity", "is_mergekit_format", "mergekit_config"]
@@ -60,13 +59,13 @@ __all__ = ["MergekitConfig", "PerBranchDensity", "is_mergekit_format", "mergekit
 TASK_VECTOR = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
 SUPPORTED = ("linear", *TASK_VECTOR, "drm")
 SPARSIFYING = ("ties", "dare_ties", "dare_linear")
-OTHER_MERGEKIT = (
-    "arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "karcher",
-    "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl",
-    "sce", "slerp", "task_adapter",
-)
+# fmt: off
+OTHER_MERGEKIT = ("arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+                  "karcher", "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough",
+                  "ram", "ramplus_tl", "sce", "slerp", "task_adapter")
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
             "tokenizer_source")
+# fmt: on
 EXTENSIONS = ("seed", "trust_pickles", "routing")
 REFUSED_TOP = {
     "slices": "layer slices (frankenmerges) are not supported; list whole models under models",
@@ -76,16 +75,17 @@ REFUSED_TOP = {
     "chat_template": "not supported; edit tokenizer_config.json of the output",
 }
 OWN_KEYS = ("method", "base", "branches", "coefficients", "compute_dtype")
-SHARED_PARAMS = {  # mergekit's shared settings of the task-vector family, with their type
-    "normalize": bool, "rescale": bool, "lambda": float, "int8_mask": bool,
-    "convention": str, "seed": int,
-}
+# mergekit's shared settings of the task-vector family (and drm-merge's two), with their type
+SHARED_PARAMS = {"normalize": bool, "rescale": bool, "lambda": float, "int8_mask": bool,
+                 "convention": str, "seed": int}  # fmt: skip
 SLERP_WHY = (
     "slerp is not supported yet (it interpolates whole weights and reads t per tensor name; "
     "drm-merge's methods see only the deltas): use linear with weights 1-t and t for the "
     "straight-line mix, or mergekit-yaml for slerp"
 )
-TOKENIZER_FILES = tuple(f for f in COPIED_FILES if f not in ("config.json", "generation_config.json"))
+TOKENIZER_FILES = tuple(
+    f for f in COPIED_FILES if f not in ("config.json", "generation_config.json")
+)
 
 Loc = tuple[str | int, ...]
 
@@ -93,72 +93,6 @@ Loc = tuple[str | int, ...]
 def is_mergekit_format(data: Mapping[str, Any]) -> bool:
     """True for a config in mergekit's format: it has ``merge_method`` and no ``method``."""
     return "merge_method" in data and "method" not in data
-
-
-class PerBranchDensity(MergeMethod):
-    """A task-vector method whose branches keep their own ``density`` (mergekit's per-model one).
-
-    Each branch is sparsified alone with its density (in branch order, from one generator),
-    then the sparse deltas are combined by the same recipe without sparsification:
-    :func:`~drm_lightning.methods.task_vector_merge` twice, no math of its own.
-
-    Example:
-        >>> from drm_lightning.methods import get_method
-        >>> m = PerBranchDensity(get_method("ties", convention="mergekit"), [0.5, 1.0])
-        >>> m.merge_fallback(torch.tensor([[4.0, 1.0], [1.0, 1.0]]), torch.ones(2))
-        tensor([2.5000, 1.0000])
-    """
-
-    name = "task_vector"
-    paper = TaskVectorMethod.paper
-    Params = TaskVectorMethod.Params
-
-    def __init__(self, inner: MergeMethod, densities: Sequence[float]) -> None:
-        self.inner, self.densities = inner, [float(d) for d in densities]
-        self.params = inner.params
-        self.registered_name = getattr(inner, "registered_name", inner.name)
-
-    def __repr__(self) -> str:
-        return f"PerBranchDensity({self.inner!r}, densities={self.densities})"
-
-    @property
-    def uses_randomness(self) -> bool:
-        """True for DARE when some branch keeps less than everything."""
-        return self.params.sparsify == "random" and min(self.densities) < 1
-
-    def _merge(self, deltas: Tensor, coefficients: Tensor, generator: torch.Generator | None) -> Tensor:
-        p = self.params
-        if len(self.densities) != deltas.shape[0]:
-            raise ValueError(f"{len(self.densities)} densities for {deltas.shape[0]} branches")
-        if self.uses_randomness and generator is None:
-            generator = torch.Generator().manual_seed(p.seed)
-        one = torch.ones(1, dtype=deltas.dtype, device=deltas.device)
-        sparse = torch.empty_like(deltas)
-        for i, density in enumerate(self.densities):
-            sparse[i] = task_vector_merge(
-                deltas[i : i + 1], one, sparsify=p.sparsify, density=density, rescale=p.rescale,
-                convention=p.convention, generator=generator,
-            )
-        return task_vector_merge(
-            sparse, coefficients, elect_signs=p.elect_signs, normalize=p.normalize,
-            convention=p.convention, scaling=p.scaling,
-        )
-
-    def merge_matrix(
-        self, deltas: Tensor, coefficients: Tensor, *, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Merge the (N, n, m) deltas of one weight matrix."""
-        return self._merge(deltas, coefficients, generator)
-
-    def merge_fallback(
-        self, deltas: Tensor, coefficients: Tensor, *, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Merge the (N, *shape) deltas of any other tensor."""
-        return self._merge(deltas, coefficients, generator)
-
-    def cost(self, route: Route, shape: Sequence[int], n_branches: int) -> float:
-        """The wrapped method's cost."""
-        return self.inner.cost(route, shape, n_branches)
 
 
 class MergekitConfig(MergeConfig):
@@ -191,8 +125,11 @@ class MergekitConfig(MergeConfig):
                 else "drm-merge's semantics (convention: peft)"
             )
         dtype = self.mergekit_dtype
-        half = f"; dtype {dtype}: math in float32, written as {self.out_dtype}" if dtype in (
-            "float16", "bfloat16") else ""
+        half = (
+            f"; dtype {dtype}: math in float32, written as {self.out_dtype}"
+            if dtype in ("float16", "bfloat16")
+            else ""
+        )
         return (
             f"mergekit-format config (merge_method: {self.method}): {how}{half}; "
             "see README 'Coming from mergekit'"
@@ -231,7 +168,7 @@ class _Problems:
 
 def _number(problems: _Problems, loc: Loc, value: Any, *, density: bool = False) -> float | None:
     """A scalar weight or density, else a problem at ``loc``."""
-    if isinstance(value, list) or isinstance(value, Mapping):
+    if isinstance(value, (list, Mapping)):
         problems.add(loc, "gradient lists and filtered values are not supported; give one number")
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -264,26 +201,37 @@ def _check_top(problems: _Problems, data: Mapping[str, Any]) -> str | None:
         if key in REFUSED_TOP:
             problems.add((key,), REFUSED_TOP[key])
         elif key in OWN_KEYS:
-            problems.add((key,), "drm-merge's own key in a mergekit-format file (it has "
-                         "merge_method); use mergekit's keys, or write the file in drm-merge's "
-                         "format (method, base, branches)")
+            problems.add(
+                (key,),
+                "drm-merge's own key in a mergekit-format file (it has "
+                "merge_method); use mergekit's keys, or write the file in drm-merge's "
+                "format (method, base, branches)",
+            )
         elif key not in TOP_KEYS + EXTENSIONS:
             problems.add((key,), f"unknown key ({closest_names(str(key), TOP_KEYS + EXTENSIONS)})")
     method = data.get("merge_method")
     if method == "slerp":
         problems.add(("merge_method",), SLERP_WHY)
     elif method in OTHER_MERGEKIT:
-        problems.add(("merge_method",), f"mergekit's {method!r} is not implemented by drm-merge "
-                     f"(supported: {', '.join(SUPPORTED)})")
+        problems.add(
+            ("merge_method",),
+            f"mergekit's {method!r} is not implemented by drm-merge "
+            f"(supported: {', '.join(SUPPORTED)})",
+        )
     elif method not in SUPPORTED:
-        problems.add(("merge_method",), f"unknown merge method "
-                     f"({closest_names(str(method), SUPPORTED + OTHER_MERGEKIT)})", method)
+        problems.add(
+            ("merge_method",),
+            f"unknown merge method ({closest_names(str(method), SUPPORTED + OTHER_MERGEKIT)})",
+            method,
+        )
     else:
         return str(method)
     return None
 
 
-def _check_parameters(problems: _Problems, method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+def _check_parameters(
+    problems: _Problems, method: str, params: Mapping[str, Any]
+) -> dict[str, Any]:
     """The method parameters in drm-merge's names (weight and density are left out)."""
     out: dict[str, Any] = {}
     for key, value in params.items():
@@ -296,15 +244,21 @@ def _check_parameters(problems: _Problems, method: str, params: Mapping[str, Any
             out[key] = value  # validated with DRM's own parameters
         elif method == "linear" and key == "normalize":
             if value is not True:
-                problems.add(loc, "linear with normalize: false (a plain sum of whole models) is "
-                             "not supported; use task_arithmetic", value)
+                problems.add(
+                    loc,
+                    "linear with normalize: false (a plain sum of whole models) is "
+                    "not supported; use task_arithmetic",
+                    value,
+                )
         elif method == "linear" or key not in SHARED_PARAMS:
             valid = ["normalize", "weight"] if method == "linear" else [*SHARED_PARAMS, "weight"]
             if method in SPARSIFYING:
                 valid.append("density")
             problems.add(loc, f"unknown parameter for {method} ({closest_names(str(key), valid)})")
         elif isinstance(value, (list, Mapping)):
-            problems.add(loc, "gradient lists and filtered values are not supported; give one value")
+            problems.add(
+                loc, "gradient lists and filtered values are not supported; give one value"
+            )
         elif SHARED_PARAMS[key] is bool and not isinstance(value, bool):
             problems.add(loc, "must be true or false", value)
         elif key == "lambda":
@@ -333,13 +287,17 @@ def _check_models(
     out = []
     for i, entry in enumerate(models):
         if not isinstance(entry, Mapping) or "model" not in entry:
-            problems.add(("models", i), "each model is a mapping {model: PATH, parameters: {...}}",
-                         entry)
+            problems.add(
+                ("models", i), "each model is a mapping {model: PATH, parameters: {...}}", entry
+            )
             continue
         for key in entry:
             if key not in ("model", "parameters"):
-                problems.add(("models", i, key), "unknown key (valid: model, parameters); "
-                             f"per-model settings go under models[{i}].parameters")
+                problems.add(
+                    ("models", i, key),
+                    "unknown key (valid: model, parameters); "
+                    f"per-model settings go under models[{i}].parameters",
+                )
         params = entry.get("parameters") or {}
         if not isinstance(params, Mapping):
             problems.add(("models", i, "parameters"), "must be a mapping", params)
@@ -347,16 +305,23 @@ def _check_models(
         for key in params:
             if key not in ("weight", "density") or (key == "density" and method not in SPARSIFYING):
                 valid = ["weight", "density"] if method in SPARSIFYING else ["weight"]
-                problems.add(("models", i, "parameters", key),
-                             f"not a per-model parameter of {method} ({closest_names(str(key), valid)})")
+                problems.add(
+                    ("models", i, "parameters", key),
+                    f"not a per-model parameter of {method} ({closest_names(str(key), valid)})",
+                )
         weight: float | None = None
         where: Loc = ("models", i, "parameters", "weight")
         raw = params.get("weight", shared.get("weight"))
         if raw is not None:
-            weight = _number(problems, where if "weight" in params else ("parameters", "weight"), raw)
+            weight = _number(
+                problems, where if "weight" in params else ("parameters", "weight"), raw
+            )
         raw_density = params.get("density", shared.get("density", 1.0))
-        density = _number(problems, ("models", i, "parameters", "density"), raw_density,
-                          density=True) if method in SPARSIFYING else 1.0
+        density = (
+            _number(problems, ("models", i, "parameters", "density"), raw_density, density=True)
+            if method in SPARSIFYING
+            else 1.0
+        )
         try:
             check_path(Path(str(entry["model"])), "model")
         except ValueError as err:
@@ -384,21 +349,36 @@ def translate(data: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
             check_path(Path(str(base)), "base_model")
         except ValueError as err:
             problems.add(("base_model",), str(err))
-    if method == "linear" and base is not None and not any(_same(p, base) for _, p, _, _ in entries):
+    if (
+        method == "linear"
+        and base is not None
+        and not any(_same(p, base) for _, p, _, _ in entries)
+    ):
         weight = params.get("weight")
         if weight is None:
-            problems.add(("base_model",), "mergekit's linear averages the base model too and "
-                         "needs its weight: list it under models with a weight, or set parameters.weight")
+            problems.add(
+                ("base_model",),
+                "mergekit's linear averages the base model too and "
+                "needs its weight: list it under models with a weight, or set parameters.weight",
+            )
         else:
-            entries.append((("base_model",), str(base), _number(problems, ("parameters", "weight"),
-                                                                 weight), 1.0))
+            entries.append(
+                (
+                    ("base_model",),
+                    str(base),
+                    _number(problems, ("parameters", "weight"), weight),
+                    1.0,
+                )
+            )
     if method != "linear":  # mergekit takes no delta of the base model itself
         entries = [e for e in entries if not _same(e[1], base)]
     for loc, _, weight, _ in entries:
         if weight is None and method != "drm":
-            problems.add((*loc, "parameters", "weight") if loc[0] == "models" else loc,
-                         f"required by mergekit's {method} (no default): give a weight here or "
-                         "a default in parameters.weight")
+            problems.add(
+                (*loc, "parameters", "weight") if loc[0] == "models" else loc,
+                f"required by mergekit's {method} (no default): give a weight here or "
+                "a default in parameters.weight",
+            )
     if parsed and not entries:
         problems.add(("models",), "no model to merge besides the base model")
     dtype = _dtype(problems, "dtype", data.get("dtype"))
@@ -422,8 +402,12 @@ def translate(data: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
     if out_dtype or dtype:
         result["out_dtype"] = out_dtype or dtype
     if tokenizer == "union":
-        problems.add(("tokenizer_source",), "union (a merged vocabulary) is not supported; use "
-                     "base or a model folder with the base's vocabulary", tokenizer)
+        problems.add(
+            ("tokenizer_source",),
+            "union (a merged vocabulary) is not supported; use "
+            "base or a model folder with the base's vocabulary",
+            tokenizer,
+        )
     elif tokenizer not in (None, "base"):
         _check_tokenizer(problems, Path(str(tokenizer)), result["base"])
         result["tokenizer_source"] = str(tokenizer)
@@ -442,11 +426,16 @@ def _check_tokenizer(problems: _Problems, path: Path, base: str) -> None:
         problems.add(loc, str(err))
         return
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        problems.add(loc, f"no tokenizer file in {str(path)!r} (looked for {', '.join(TOKENIZER_FILES)})")
+        problems.add(
+            loc, f"no tokenizer file in {str(path)!r} (looked for {', '.join(TOKENIZER_FILES)})"
+        )
     sizes = [_vocab_size(p) for p in (path, Path(base))]
     if None not in sizes and sizes[0] != sizes[1]:
-        problems.add(loc, f"vocabulary of {sizes[0]} tokens, the base has {sizes[1]}: drm-merge "
-                     "copies tokenizers but does not rebuild embeddings (mergekit does)")
+        problems.add(
+            loc,
+            f"vocabulary of {sizes[0]} tokens, the base has {sizes[1]}: drm-merge "
+            "copies tokenizers but does not rebuild embeddings (mergekit does)",
+        )
 
 
 def _vocab_size(folder: Path) -> int | None:

@@ -49,8 +49,13 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny float32 Llama base and three fine-tunes (``ft2`` with its own tokenizer file)."""
     root = tmp_path_factory.mktemp("mkzoo")
     config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
     )
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config)
@@ -70,38 +75,61 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cases(z: Path) -> dict[str, dict[str, Any]]:
     def m(name: str, **params: Any) -> dict[str, Any]:
-        return {"model": str(z / name), "parameters": params} if params else {"model": str(z / name)}
+        return (
+            {"model": str(z / name), "parameters": params} if params else {"model": str(z / name)}
+        )
 
     base = str(z / "base")
     return {
         "linear": {  # base_model is averaged too, with the default weight
-            "merge_method": "linear", "base_model": base, "dtype": "float64",
-            "parameters": {"weight": 0.2}, "models": [m("ft0", weight=0.3), m("ft1", weight=0.5)],
+            "merge_method": "linear",
+            "base_model": base,
+            "dtype": "float64",
+            "parameters": {"weight": 0.2},
+            "models": [m("ft0", weight=0.3), m("ft1", weight=0.5)],
         },
         "task_arithmetic": {  # the base listed among the models takes no part
-            "merge_method": "task_arithmetic", "base_model": base, "dtype": "float64",
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "dtype": "float64",
             "parameters": {"lambda": 0.8},
-            "models": [m("base", weight=1.0), m("ft0", weight=0.6), m("ft1", weight=0.4),
-                       m("ft2", weight=1.0)],
+            "models": [
+                m("base", weight=1.0),
+                m("ft0", weight=0.6),
+                m("ft1", weight=0.4),
+                m("ft2", weight=1.0),
+            ],
         },
         "ties": {  # per-model densities, default density from parameters, weighted vote
-            "merge_method": "ties", "base_model": base, "dtype": "float64",
+            "merge_method": "ties",
+            "base_model": base,
+            "dtype": "float64",
             "parameters": {"density": 0.7},
-            "models": [m("ft0", weight=1.0, density=0.5), m("ft1", weight=0.5, density=0.3),
-                       m("ft2", weight=0.8)],
+            "models": [
+                m("ft0", weight=1.0, density=0.5),
+                m("ft1", weight=0.5, density=0.3),
+                m("ft2", weight=0.8),
+            ],
         },
         "ties_float32": {  # no dtype: both compute in the models' float32
-            "merge_method": "ties", "base_model": base,
+            "merge_method": "ties",
+            "base_model": base,
             "parameters": {"density": 0.4, "normalize": False, "lambda": 1.5},
             "models": [m("ft0", weight=1.0), m("ft1", weight=0.3), m("ft2", weight=0.6)],
         },
         "dare_linear": {
-            "merge_method": "dare_linear", "base_model": base, "dtype": "float32",
-            "parameters": {"density": 0.3}, "models": [m("ft1", weight=1.0)],
+            "merge_method": "dare_linear",
+            "base_model": base,
+            "dtype": "float32",
+            "parameters": {"density": 0.3},
+            "models": [m("ft1", weight=1.0)],
         },
         "dare_ties": {
-            "merge_method": "dare_ties", "base_model": base, "dtype": "float32",
-            "parameters": {"density": 0.5, "weight": 1.0}, "models": [m("ft0"), m("ft2")],
+            "merge_method": "dare_ties",
+            "base_model": base,
+            "dtype": "float32",
+            "parameters": {"density": 0.5, "weight": 1.0},
+            "models": [m("ft0"), m("ft2")],
         },
     }
 
@@ -145,8 +173,9 @@ def test_ties_per_model_density_matters(zoo: Path, runs: dict[str, Any]) -> None
     assert cfg.build_method().params.convention == "mergekit"
 
 
-def _kept_and_l1(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
-                 branch: dict[str, torch.Tensor]) -> tuple[int, int, float]:
+def _kept_and_l1(
+    merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor], branch: dict[str, torch.Tensor]
+) -> tuple[int, int, float]:
     kept = total = 0
     worst = 0.0
     for k, v in merged.items():
@@ -207,13 +236,21 @@ def test_own_format_keeps_own_semantics(zoo: Path, tmp_path: Path) -> None:
 def test_drm_and_tokenizer_source(zoo: Path, tmp_path: Path) -> None:
     params = {"drop_rate": 0.5}
     mk_style = {
-        "merge_method": "drm", "base_model": str(zoo / "base"), "parameters": params,
-        "models": [{"model": str(zoo / "ft0"), "parameters": {"weight": 0.7}},
-                   {"model": str(zoo / "ft1")}],
-        "tokenizer_source": str(zoo / "ft2"), "out_dtype": "bfloat16",
+        "merge_method": "drm",
+        "base_model": str(zoo / "base"),
+        "parameters": params,
+        "models": [
+            {"model": str(zoo / "ft0"), "parameters": {"weight": 0.7}},
+            {"model": str(zoo / "ft1")},
+        ],
+        "tokenizer_source": str(zoo / "ft2"),
+        "out_dtype": "bfloat16",
     }
     own = {
-        "method": "drm", "base": str(zoo / "base"), "parameters": params, "out_dtype": "bfloat16",
+        "method": "drm",
+        "base": str(zoo / "base"),
+        "parameters": params,
+        "out_dtype": "bfloat16",
         "branches": [{"path": str(zoo / "ft0"), "coefficient": 0.7}, str(zoo / "ft1")],
     }
     for name, data in (("mk", mk_style), ("own", own)):
@@ -226,15 +263,20 @@ def test_drm_and_tokenizer_source(zoo: Path, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "own" / "tokenizer_config.json").read_text()) == {"who": "base"}
 
 
-def _yaml(zoo: Path, data: dict[str, Any], folder: Path | None = None, name: str = "c.yaml") -> Path:
+def _yaml(
+    zoo: Path, data: dict[str, Any], folder: Path | None = None, name: str = "c.yaml"
+) -> Path:
     path = (folder or zoo) / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
 def _refusal(zoo: Path, tmp_path: Path, **changes: Any) -> str:
-    data = {"merge_method": "ties", "base_model": str(zoo / "base"),
-            "models": [{"model": str(zoo / "ft0"), "parameters": {"weight": 1.0}}]}
+    data = {
+        "merge_method": "ties",
+        "base_model": str(zoo / "base"),
+        "models": [{"model": str(zoo / "ft0"), "parameters": {"weight": 1.0}}],
+    }
     data.update(changes)
     with pytest.raises(ConfigError) as info:
         load_config(_yaml(zoo, {k: v for k, v in data.items() if v is not None}, tmp_path))
@@ -247,7 +289,8 @@ def test_refusals_name_the_key(zoo: Path, tmp_path: Path) -> None:
     assert "merge_method: slerp is not supported yet" in msg
     assert "slices: layer slices" in _refusal(zoo, tmp_path, slices=[])
     assert "merge_method: mergekit's 'della' is not implemented" in _refusal(
-        zoo, tmp_path, merge_method="della")
+        zoo, tmp_path, merge_method="della"
+    )
     assert "tokenizer_source: union" in _refusal(zoo, tmp_path, tokenizer_source="union")
     msg = _refusal(zoo, tmp_path, dtyp="float32", parameters={"lamda": 2.0})
     assert "dtyp: unknown key (did you mean 'dtype'" in msg
@@ -265,10 +308,15 @@ def test_refusals_name_the_key(zoo: Path, tmp_path: Path) -> None:
     assert "base_model: mergekit's linear averages the base model too" in msg
 
 
-def test_refused_before_reading_weights(zoo: Path, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
-    data = {"merge_method": "ties", "base_model": str(zoo / "base"), "slices": [],
-            "models": [{"model": str(zoo / "ft0"), "parameters": {"weight": 1.0}}]}
+def test_refused_before_reading_weights(
+    zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = {
+        "merge_method": "ties",
+        "base_model": str(zoo / "base"),
+        "slices": [],
+        "models": [{"model": str(zoo / "ft0"), "parameters": {"weight": 1.0}}],
+    }
     assert cli.main([str(_yaml(zoo, data, tmp_path)), "-o", str(tmp_path / "o")]) == 2
     assert "slices: layer slices" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
