@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,11 @@ def _cases(z: Path) -> dict[str, dict[str, Any]]:
             "parameters": {"weight": 0.2},
             "models": [m("ft0", weight=0.3), m("ft1", weight=0.5)],
         },
+        "linear_no_base": {  # no base_model: the first model lays out the output
+            "merge_method": "linear",
+            "dtype": "float64",
+            "models": [m("ft0", weight=0.3), m("ft1", weight=0.5), m("ft2", weight=0.2)],
+        },
         "task_arithmetic": {  # the base listed among the models takes no part
             "merge_method": "task_arithmetic",
             "base_model": base,
@@ -150,7 +157,7 @@ def runs(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties"])
+@pytest.mark.parametrize("name", ["linear", "linear_no_base", "task_arithmetic", "ties"])
 def test_identical_to_mergekit_in_float64(runs: dict[str, Any], name: str) -> None:
     theirs, ours = runs[name]
     assert sorted(theirs) == sorted(ours)
@@ -320,3 +327,28 @@ def test_refused_before_reading_weights(
     assert cli.main([str(_yaml(zoo, data, tmp_path)), "-o", str(tmp_path / "o")]) == 2
     assert "slices: layer slices" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_mergekit_yaml_cli_on_the_same_file(zoo: Path, tmp_path: Path) -> None:
+    """The ``mergekit-yaml`` command itself and ``drm-merge`` on one file: the same tensors."""
+    exe = Path(sys.executable).with_name("mergekit-yaml")
+    if not exe.is_file():
+        pytest.skip("mergekit-yaml is not installed beside this Python")
+    path = _yaml(zoo, _cases(zoo)["ties_float32"], tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [str(exe), str(path), str(tmp_path / "mk"), "--quiet", "--random-seed", "0"],
+        check=True, env=env, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert cli.main([str(path), "-o", str(tmp_path / "ours"), "--no-progress"]) == 0
+    theirs, ours = _read(tmp_path / "mk"), _read(tmp_path / "ours")
+    assert sorted(theirs) == sorted(ours)
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+
+
+def test_convention_peft_opts_out(zoo: Path, tmp_path: Path) -> None:
+    case = dict(_cases(zoo)["ties"], parameters={"density": 0.7, "convention": "peft"})
+    cfg = load_config(_yaml(zoo, case, tmp_path))
+    assert isinstance(cfg, MergekitConfig)
+    assert cfg.build_method().params.convention == "peft"
+    assert "drm-merge's semantics (convention: peft)" in cfg.format_note()
