@@ -313,9 +313,8 @@ def _check_models(
         where: Loc = ("models", i, "parameters", "weight")
         raw = params.get("weight", shared.get("weight"))
         if raw is not None:
-            weight = _number(
-                problems, where if "weight" in params else ("parameters", "weight"), raw
-            )
+            loc = where if "weight" in params else ("parameters", "weight")
+            weight = _number(problems, loc, raw) or 0.0  # a bad value is reported once
         raw_density = params.get("density", shared.get("density", 1.0))
         density = (
             _number(problems, ("models", i, "parameters", "density"), raw_density, density=True)
@@ -366,7 +365,7 @@ def translate(data: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
                 (
                     ("base_model",),
                     str(base),
-                    _number(problems, ("parameters", "weight"), weight),
+                    _number(problems, ("parameters", "weight"), weight) or 0.0,
                     1.0,
                 )
             )
