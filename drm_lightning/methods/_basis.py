@@ -142,12 +142,13 @@ def shared_basis(
     times faster. ``"auto"`` picks ``"gram"`` except for tiny matrices.
 
     Precision: the Gram matrix squares the condition number, so a float32 Gram loses the
-    small directions that renormalisation then makes as important as the large ones
-    (2–8 % of the merged delta on 512×1408 matrices with spectra decaying to 1e-4). With
+    small directions that renormalisation then makes as important as the large ones (up to
+    2 % of the merged delta on 512×1408 … 2816×1024 matrices with decaying spectra). With
     ``precision="float64"`` (the default) the basis is computed in float64 whatever the
-    deltas' dtype and returned in that dtype; the caller casts it back. Float32 DRM is then
-    within 1e-2 of the float64 merge and as close as a float32 SVD route — the numbers are
-    in ``benchmarks/RESULTS.md`` § Precision (``benchmarks/precision.py``).
+    deltas' dtype and returned in float64; the caller casts it to its compute dtype. Float32
+    DRM is then within 1e-2 of the float64 merge (measured ≤ 4e-3) and closer than a float32
+    SVD route, at 1.5–1.7× the time of the float32 Gram — the numbers are in
+    ``benchmarks/RESULTS.md`` § 4 (``benchmarks/precision.py``).
     ``precision="compute"`` keeps the deltas' dtype (the faster, older behaviour).
 
     Example:
