@@ -135,7 +135,7 @@ def child_merge(spec: dict) -> dict:
     """
     import yaml
 
-    from drm_lightning.cli import open_job, run_job
+    from drm_lightning.disk_job import open_job, run_job
     from drm_lightning.config import load_config
     from drm_lightning.sources import writer as writer_mod
 

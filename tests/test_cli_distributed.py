@@ -212,7 +212,9 @@ def test_on_device_wrapper_moves_reads(zoo: Path) -> None:
     from drm_lightning.sources import open_source
 
     source = open_source(zoo / "base")
-    wrapped = cli._OnDevice(source, torch.device("cpu"))
+    from drm_lightning.disk_job import OnDevice
+
+    wrapped = OnDevice(source, torch.device("cpu"))
     name = source.keys()[0]
     assert torch.equal(wrapped.get(name), source.get(name)) and wrapped.keys() == source.keys()
 

@@ -1,4 +1,4 @@
-"""Rank-parallel, ZeRO-3-sharded merging: a plan, three engines, one entry point.
+"""Rank-parallel, ZeRO-3-sharded merging: a plan, one family of engines, one entry point.
 
 Merging runs on every rank of the training job, on the parameters where they already live:
 
@@ -8,12 +8,14 @@ Merging runs on every rank of the training job, on the parameters where they alr
   (DDP) and DeepSpeed ZeRO-3 (gather to one owner, scatter partitions back, fp32 master
   included);
 * :mod:`~drm_lightning.distributed.sharded` — DRM without gathering (vertical Gram route,
-  element-wise fallback) under ZeRO-3;
+  element-wise fallback) under ZeRO-3, through the same ``merge_coordinates`` as one process;
+* :mod:`~drm_lightning.distributed.streaming` — the disk-to-disk engine ``drm-merge`` runs
+  under ``torchrun``: ranks merge their share of the checkpoint's tensors, rank 0 writes;
 * :mod:`~drm_lightning.distributed.tensors` — live parameters, ZeRO shard snapshots and
   checkpoints read shard-wise;
 * :mod:`~drm_lightning.distributed.merger` — :class:`DistributedMerger` /
-  :func:`merge_module_branches`, the entry point for the Lightning callback, the Accelerate
-  helper and ``drm-merge`` under ``torchrun``/``deepspeed``.
+  :func:`merge_module_branches`, the entry point for in-memory merges (the Lightning
+  callback and the Accelerate hook, through :mod:`drm_lightning.inloop`).
 
 Example:
     >>> import torch

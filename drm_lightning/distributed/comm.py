@@ -25,7 +25,7 @@ Example (one process, no group):
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -261,6 +261,18 @@ def kth_largest(values: Tensor, k: int, comm: Comm) -> Tensor:
     else:
         out = torch.tensor([prefix], dtype=torch.int32).view(torch.float32)[0]
     return out.to(values.dtype)
+
+
+def guarded(comm: Comm, where: str, fn: Callable[[], Any], placeholder: Callable[[], Any]) -> Any:
+    """Run local work; on failure record the error (raised on every rank at the next
+    :meth:`Comm.check`) and return ``placeholder()`` so the collectives stay in step."""
+    if comm.failed:
+        return placeholder()
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - re-raised on every rank by comm.check
+        comm.record_error(where, err)
+        return placeholder()
 
 
 class CollectiveReductions(Reductions):

@@ -44,9 +44,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from drm_lightning.distributed.comm import Comm
+from drm_lightning.distributed.comm import Comm, guarded
 from drm_lightning.distributed.plan import EngineKind, MergeItem, MergePlan, ShardablePredicate
-from drm_lightning.distributed.sharded import ShardedMerger, _guard, sharded_rule
+from drm_lightning.distributed.sharded import ShardedMerger, sharded_rule
 from drm_lightning.distributed.tensors import ParamSet, TensorSet, partition_size
 from drm_lightning.merge import check_fits, merge_tensor, tensor_generator
 from drm_lightning.methods.base import MergeMethod
@@ -246,7 +246,7 @@ class ReplicaEngine(MergeEngine):
                     stats.hold(held + (n + 2) * item.numel)
                     return _merge_full(job, item, base, branches)
 
-                results[item.name] = _guard(comm, f"merging {item.name!r}", compute, lambda: None)
+                results[item.name] = guarded(comm, f"merging {item.name!r}", compute, lambda: None)
                 held += item.numel
                 stats.owner_items += 1
             comm.check(f"merging {[it.name for it in wave]}")
@@ -256,7 +256,7 @@ class ReplicaEngine(MergeEngine):
                     value = torch.empty(item.shape, dtype=_out_dtype(job, item.name))
                 comm.broadcast(value, item.owner)
                 stats.hold(item.numel)
-                _guard(comm, f"writing {item.name!r}", lambda item=item, value=value: self._store(job, item, value, out), lambda: None)
+                guarded(comm, f"writing {item.name!r}", lambda item=item, value=value: self._store(job, item, value, out), lambda: None)
             comm.check("writing merged tensors")
         self._collect_skipped(plan, job, out)
         return out
@@ -308,13 +308,13 @@ class Zero3Engine(MergeEngine):
             for k, src in enumerate(sources):
                 who = "base" if k == 0 else f"branch {k - 1}"
                 if src.is_partitioned(item.name):
-                    row.append(_guard(
+                    row.append(guarded(
                         comm, f"reading {item.name!r} from {who} ({src.origin})",
                         lambda src=src, item=item: src.local_partition(item.name, world, rank).contiguous(),
                         lambda src=src, item=item, size=size: torch.zeros(size, dtype=src.dtype(item.name)),
                     ))
                 elif item.owner == rank:
-                    row.append(_guard(
+                    row.append(guarded(
                         comm, f"reading {item.name!r} from {who} ({src.origin})",
                         lambda src=src, item=item: src.read_full(item.name),
                         lambda: None,
@@ -351,7 +351,7 @@ class Zero3Engine(MergeEngine):
             def compute(item: MergeItem = item, tensors: list[Tensor] = tensors) -> Tensor:
                 return _merge_full(job, item, tensors[0], tensors[1:])
 
-            merged[item.name] = _guard(comm, f"merging {item.name!r}", compute, lambda: None)
+            merged[item.name] = guarded(comm, f"merging {item.name!r}", compute, lambda: None)
             stats.owner_items += 1
             del tensors
         comm.check(f"merging {[it.name for it in items]}")
@@ -372,13 +372,13 @@ class Zero3Engine(MergeEngine):
                     padded[: item.numel] = value.reshape(-1)
                     chunks = list(padded.split(size))
                 chunk = comm.scatter(chunks, torch.empty(size, dtype=dtype), item.owner)
-                _guard(comm, f"writing {item.name!r}", lambda item=item, chunk=chunk: self._write_part(job, item, chunk), lambda: None)
+                guarded(comm, f"writing {item.name!r}", lambda item=item, chunk=chunk: self._write_part(job, item, chunk), lambda: None)
             else:
                 if value is None:
                     value = torch.empty(item.shape, dtype=_out_dtype(job, item.name))
                 comm.broadcast(value, item.owner)
                 stats.hold(item.numel)
-                _guard(comm, f"writing {item.name!r}", lambda item=item, value=value: self._store(job, item, value, None), lambda: None)
+                guarded(comm, f"writing {item.name!r}", lambda item=item, value=value: self._store(job, item, value, None), lambda: None)
         comm.check("writing merged tensors")
 
     def _write_part(self, job: MergeJob, item: MergeItem, chunk: Tensor) -> None:

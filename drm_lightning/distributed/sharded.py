@@ -58,7 +58,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from drm_lightning.distributed.comm import CollectiveReductions, Comm, topk_mask_distributed
+from drm_lightning.distributed.comm import (
+    CollectiveReductions,
+    Comm,
+    guarded,
+    topk_mask_distributed,
+)
 from drm_lightning.distributed.plan import MergeItem, ShardablePredicate
 from drm_lightning.distributed.tensors import ParamSet, TensorSet, held_range, partition_size
 from drm_lightning.merge import RESULT_HINT, check_finite, check_fits
@@ -93,17 +98,6 @@ def sharded_rule(
         return 8 * m * m <= ((n_branches + 1) * itemsize + 4) * n * m
 
     return rule
-
-
-def _guard(comm: Comm, where: str, fn: Callable[[], Any], placeholder: Callable[[], Any]) -> Any:
-    """Run local work; on failure record the error and return a placeholder of the same shape."""
-    if comm.failed:
-        return placeholder()
-    try:
-        return fn()
-    except Exception as err:  # noqa: BLE001 - re-raised on every rank at the next check
-        comm.record_error(where, err)
-        return placeholder()
 
 
 class ShardedMerger:
@@ -176,7 +170,7 @@ class ShardedMerger:
             for k, src in enumerate([base, *branches]):
                 who = "base" if k == 0 else f"branch {k - 1}"
                 row.append(
-                    _guard(
+                    guarded(
                         self.comm, f"reading {it.name!r} from {who} ({src.origin})",
                         lambda src=src, it=it, who=who: self._held_finite(src, it, who),
                         lambda lo=lo, hi=hi: torch.zeros(hi - lo, dtype=self.dtype),
@@ -223,7 +217,7 @@ class ShardedMerger:
                 counts = comm.all_reduce(torch.stack([majority_count(m) for m in masses]))
             signs = [break_ties(m, tie_break=p.tie_break, majority=c) for m, c in zip(masses, counts)]
         for it, base_c, d, s in zip(items, bases, deltas, signs):
-            _guard(
+            guarded(
                 comm, f"writing {it.name!r}",
                 lambda it=it, base_c=base_c, d=d, s=s: self._write(
                     target, it, base_c + disjoint_mean(d, s, self.coefficients, disjoint=p.disjoint_mean)
@@ -263,7 +257,7 @@ class ShardedMerger:
             n_local = (hi - lo) // m
             rows = [comm.redistribute(c, held, wanted) for c in row]
             base_c = rows[0].to(self.dtype).reshape(n_local, m)
-            deltas = _guard(
+            deltas = guarded(
                 comm, f"building the deltas of {it.name!r}",
                 lambda rows=rows, base_c=base_c, n_local=n_local, m=m: torch.stack(
                     [r.to(self.dtype).reshape(n_local, m) - base_c for r in rows[1:]]
@@ -271,7 +265,7 @@ class ShardedMerger:
                 lambda n_local=n_local, m=m: torch.zeros(n_br, n_local, m, dtype=self.dtype),
             )
 
-            gram = _guard(
+            gram = guarded(
                 comm, f"the Gram of {it.name!r}",
                 lambda deltas=deltas: gram_of_rows(deltas, self.basis_dtype),
                 lambda m=m: torch.zeros(m, m, dtype=self.basis_dtype),
@@ -285,7 +279,7 @@ class ShardedMerger:
         for j, st in enumerate(state):
             if j % world == rank:
                 gram = st.pop("gram")
-                st["basis"] = _guard(
+                st["basis"] = guarded(
                     comm, f"the basis of {st['item'].name!r}",
                     lambda gram=gram: basis_from_gram(gram, p.rank_rtol),
                     lambda: None,
@@ -314,7 +308,7 @@ class ShardedMerger:
             merged_rows = self._merge_rows(st)
             out = st["base"] + merged_rows
             back = comm.redistribute(out.reshape(-1), st["wanted"], st["held"])
-            _guard(comm, f"writing {it.name!r}", lambda it=it, back=back: self._write(target, it, back), lambda: None)
+            guarded(comm, f"writing {it.name!r}", lambda it=it, back=back: self._write(target, it, back), lambda: None)
         comm.check("writing merged matrices")
 
     def _merge_rows(self, st: dict[str, Any]) -> Tensor:

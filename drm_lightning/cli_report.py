@@ -1,0 +1,216 @@
+"""What ``drm-merge`` reports before and after a merge: the dry-run plan and the model card.
+
+:func:`describe_plan` prints the routes, the per-rank schedule under ``torchrun``, the
+estimated peak memory (:func:`estimate_peak_bytes`, asking the method for its workspace)
+and the output size; :func:`model_card` is the metadata the writer puts in the card. No
+weight is read.
+
+Example:
+    >>> _human(3 * 1024**3)
+    '3.0 GiB'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from drm_lightning.merge import PlannedTensor
+from drm_lightning.methods import Route
+
+if TYPE_CHECKING:
+    from drm_lightning.disk_job import DiskMergeJob
+
+
+def model_card(job: DiskMergeJob) -> dict[str, Any]:
+    """Metadata for the writer's model card: method, all parameters, inputs with coefficients.
+
+    The writer lists every file of the base and branch sources with its SHA-256.
+    """
+    cfg = job.config
+    routing = cfg.build_routing()
+    return {
+        "method": cfg.method,
+        "parameters": job.method.params.model_dump(mode="json"),
+        "base": job.base,
+        "branches": [
+            {"source": source, "coefficient": coefficient}
+            for source, coefficient in zip(job.branches, job.coefficients, strict=True)
+        ],
+        "paper": job.method.paper,
+        "branch_paths": [
+            {"path": str(b.path), "kind": "lora" if b.is_lora else "full", "coefficient": c}
+            for b, c in zip(cfg.branches, job.coefficients, strict=True)
+        ],
+        "compute_dtype": cfg.compute_dtype,
+        "out_dtype": cfg.out_dtype or "as the base",
+        "seed": cfg.resolved_seed(),
+        "routing": {
+            "include": list(routing.include),
+            "exclude": list(routing.exclude),
+            "ignore": list(routing.ignore),
+        },
+        "tensors_per_route": _route_counts(job.plan),
+    }
+
+
+def _route_counts(plan: Sequence[PlannedTensor]) -> dict[str, int]:
+    counts = {"matrix": 0, "fallback": 0, "ignore": 0}
+    for item in plan:
+        counts[item.route] += 1
+    return counts
+
+
+def estimate_peak_bytes(job: DiskMergeJob) -> tuple[int, str]:
+    """Rough peak memory of the merge loop and the tensor that sets it.
+
+    One tensor at a time: the base and every full branch in their stored dtype, the base and
+    N deltas in the compute dtype (twice while stacking), the method's own workspace
+    (:meth:`~drm_lightning.methods.base.MergeMethod.workspace_elements`), and the output.
+    The Python/torch runtime (~0.3 GB) is not included.
+    """
+    n = len(job.branches)
+    n_full = sum(not callable(getattr(b, "lowrank", None)) for b in job.branches)
+    c = (job.config.compute_torch_dtype).itemsize
+    best, best_name = 0, ""
+    for item in job.plan:
+        if item.route == "ignore":
+            size = 2 * item.numel * (item.dtype).itemsize
+        else:
+            size = item.numel * ((1 + n_full) * (item.dtype).itemsize + (2 * n + 2) * c)
+            size += job.method.workspace_elements(item.route, item.shape, n) * c
+        if size > best:
+            best, best_name = size, item.name
+    return best, best_name
+
+
+def output_bytes(job: DiskMergeJob) -> int:
+    """Size of the merged weights on disk, from the plan."""
+    out_dtype = job.config.out_torch_dtype
+    return sum(item.numel * (out_dtype or item.dtype).itemsize for item in job.plan)
+
+
+def describe_plan(
+    job: DiskMergeJob, out: Path, *, world_size: int = 1, max_pending: int | None = None
+) -> str:
+    """The ``--dry-run`` report: inputs, tensors per route, estimated cost and peak memory.
+
+    With ``world_size`` > 1, the rank-parallel plan of a ``torchrun`` launch: per rank the
+    tensors it merges, their cost, the bytes it reads and sends to (or rank 0 receives),
+    and the schedule's rounds and rank 0's write buffer.
+    """
+    cfg, n = job.config, len(job.branches)
+    params = ", ".join(f"{k}={v}" for k, v in cfg.parameters.items()) or "defaults"
+    lines = [
+        f"drm-merge plan (dry run: no weight was read) -> {out}",
+        f"method: {cfg.method} ({params}); {job.method.paper}",
+        f"base: {_describe(job.base)}",
+    ]
+    for i, (branch, coefficient) in enumerate(zip(job.branches, job.coefficients, strict=True)):
+        lines.append(f"branch {i}: coefficient {coefficient:g}, {_describe(branch)}")
+    lines.append(
+        f"compute dtype: {cfg.compute_dtype}; output dtype: {cfg.out_dtype or 'as the base'}"
+    )
+    lines.append("")
+    lines.append(f"{'route':<10}{'tensors':>9}{'parameters':>14}{'est. GFLOP':>13}")
+    total_cost = 0.0
+    per_route: dict[Route, list[PlannedTensor]] = {"matrix": [], "fallback": [], "ignore": []}
+    for item in job.plan:
+        per_route[item.route].append(item)
+    for route, items in per_route.items():
+        cost = sum((job.method.cost(route, item.shape, n) for item in items), 0.0)
+        total_cost += cost
+        numel = sum(item.numel for item in items)
+        lines.append(f"{route:<10}{len(items):>9}{numel:>14,}{cost / 1e9:>13.3f}")
+    total_numel = sum(i.numel for i in job.plan)
+    lines.append(f"{'total':<10}{len(job.plan):>9}{total_numel:>14,}{total_cost / 1e9:>13.3f}")
+    costly = sorted(per_route["matrix"], key=lambda i: -job.method.cost("matrix", i.shape, n))[:5]
+    if costly:
+        lines.append("")
+        lines.append("most expensive decompositions:")
+        for item in costly:
+            gflop = job.method.cost("matrix", item.shape, n) / 1e9
+            lines.append(f"  {item.name} {list(item.shape)}: {gflop:.3f} GFLOP")
+    lines.append("")
+    if world_size == 1:
+        lines.append(_streaming().distributed_plan(job, 1).summary())
+    else:
+        lines.extend(_describe_ranks(job, world_size, max_pending))
+    peak, where = estimate_peak_bytes(job)
+    out_bytes = output_bytes(job)
+    lines.append("")
+    lines.append(
+        f"estimated peak memory of the merge loop: {_human(peak)} at {where} (inputs, compute "
+        "copies and decomposition workspace; plus the Python/torch runtime)"
+    )
+    lines.append(f"output size: {_human(out_bytes)}")
+    return "\n".join(lines)
+
+
+def _describe_ranks(job: DiskMergeJob, world: int, max_pending: int | None) -> list[str]:
+    """Per-rank table of the torchrun plan (cost, reads, traffic to rank 0, chunks)."""
+    stream = _streaming().stream_schedule(job, world, max_pending)
+    n_full = sum(not callable(getattr(b, "lowrank", None)) for b in job.branches)
+    out_dtype = job.config.out_torch_dtype
+    items = [0] * world
+    read = [0] * world
+    sent = [0] * world
+    for item, owner in zip(job.plan, stream.owners):
+        size = item.numel * (item.dtype).itemsize
+        if owner == -1:
+            read[0] += size
+            continue
+        items[owner] += 1
+        read[owner] += size * (1 + n_full)
+        if owner != 0:
+            sent[owner] += item.numel * (out_dtype or item.dtype).itemsize
+    cost = stream.rank_costs()
+    mean = sum(cost) / world
+    n_skip = sum(o == -1 for o in stream.owners)
+    lines = [
+        f"merge plan: {len(job.plan)} tensors ({len(job.plan) - n_skip} merged, {n_skip} "
+        f"ignored), {len(job.branches)} branches, {world} ranks (torchrun); max/mean cost "
+        f"{max(cost) / mean if mean > 0 else 1.0:.3f}",
+        f"{'rank':>4}  {'items':>5}  {'GFLOP':>10}  {'read MiB':>10}  {'to rank 0 MiB':>13}",
+    ]
+    for r in range(world):
+        to_zero = -sum(sent) if r == 0 else sent[r]
+        lines.append(
+            f"{r:>4}  {items[r]:>5}  {cost[r] / 1e9:>10.2f}  {read[r] / 2**20:>10.1f}  "
+            f"{to_zero / 2**20:>13.1f}"
+        )
+    critical = stream.critical_cost()
+    total = sum(cost)
+    lines.append(
+        "(every rank reads only the tensors it merges; rank 0 writes the output, and a negative "
+        "'to rank 0' is what it receives)"
+    )
+    lines.append(
+        f"schedule: {len(stream.chunks)} chunk(s) of at most {stream.max_pending} tensors, owners "
+        f"balanced by cost within each chunk; rank 0 holds at most "
+        f"{_human(stream.peak_pending_bytes)} of merged tensors; critical path "
+        f"{critical / 1e9:.2f} GFLOP of {total / 1e9:.2f} (estimated speed-up "
+        f"{total / critical if critical > 0 else 1.0:.2f}x on {world} ranks)"
+    )
+    return lines
+
+
+def _describe(source: Any) -> str:
+    describe = getattr(source, "describe", None)
+    return describe() if callable(describe) else str(getattr(source, "origin", source))
+
+
+def _human(n_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.1f} {unit}" if unit != "B" else f"{int(n_bytes)} B"
+        n_bytes /= 1024
+    return f"{n_bytes:.1f} GiB"
+
+
+def _streaming() -> Any:
+    """The streaming engine, imported late (it imports the merge loop and torch.distributed)."""
+    from drm_lightning.distributed import streaming
+
+    return streaming
