@@ -34,7 +34,7 @@ from threadpoolctl import threadpool_limits
 
 from _common import demo_seed
 from drm_lightning.demo.config import DEFAULT_METHODS, DemoConfig
-from drm_lightning.methods._ops import elect_signs, topk_mask
+from drm_lightning.methods.ops import elect_signs, topk_mask
 from drm_lightning.methods.drm import drop_numerical_zeros, pruning_scores, shared_basis
 
 RESULTS = Path(__file__).parent / "results"

@@ -82,13 +82,13 @@ def test_class_budget_extrapolates(tmp_path: Path) -> None:
 
 def test_selection_off_cpu_uses_torch_not_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
     """TIES' k-th smallest magnitude: numpy's introselect on CPU only (meta stands in for CUDA)."""
-    from drm_lightning.methods import _ops
+    from drm_lightning.methods import ops
 
     def no_numpy(*args: object, **kwargs: object) -> None:
         raise AssertionError("numpy used off the CPU")
 
-    monkeypatch.setattr(_ops.np, "partition", no_numpy)
-    assert _ops.kth_smallest(torch.empty(100, device="meta"), 5).device.type == "meta"
+    monkeypatch.setattr(ops.np, "partition", no_numpy)
+    assert ops.kth_smallest(torch.empty(100, device="meta"), 5).device.type == "meta"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -32,7 +32,7 @@ from drm_lightning.distributed import (
 from drm_lightning.distributed.tensors import held_range, partition_size
 from drm_lightning.merge import merge_state_dicts, merge_tensor
 from drm_lightning.methods import get_method
-from drm_lightning.methods._ops import topk_mask
+from drm_lightning.methods.ops import topk_mask
 
 
 def llama_entries(layers: int = 32) -> list[tuple[str, tuple[int, ...], str]]:

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from drm_lightning.methods import get_method
-from drm_lightning.methods._ops import disjoint_mean, elect_signs, kept_count, kth_smallest, topk_mask
+from drm_lightning.methods.ops import disjoint_mean, elect_signs, kept_count, kth_smallest, topk_mask
 from drm_lightning.methods.drm import (
     drm_merge,
     drm_merge_lowrank,

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from drm_lightning.methods import available_methods, get_method, method_parameters
-from drm_lightning.methods._sparsify import keep_count, magnitude_mask, rescale_masked
+from drm_lightning.methods._sparsify import magnitude_mask, rescale_masked
+from drm_lightning.methods.ops import kept_count
 from drm_lightning.methods.task_vector import TaskVectorMethod, task_vector_merge
 
 peft_merge = pytest.importorskip("peft.utils.merge_utils")
@@ -297,7 +298,7 @@ def test_conventions_differ_only_with_unequal_weights() -> None:
 def test_single_branch(convention: str) -> None:
     x = _deltas((1, 24, 40))
     w = torch.tensor([0.5], dtype=F64)
-    trimmed = x[0] * magnitude_mask(x[0], keep_count(x[0].numel(), 0.25, rule="floor"))
+    trimmed = x[0] * magnitude_mask(x[0], kept_count(x[0].numel(), 0.25, rule="floor"))
     ties = _ours("ties", x, w, density=0.25, convention=convention)
     # peft: w · trim(Δ); mergekit normalises by the weight: trim(Δ)
     expected = 0.5 * trimmed if convention == "peft" else trimmed

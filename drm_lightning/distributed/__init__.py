@@ -28,7 +28,12 @@ Example:
     ([1.0, 1.0], 'single')
 """
 
-from drm_lightning.distributed.comm import Comm, DistributedMergeError, kth_largest, topk_mask_distributed
+from drm_lightning.distributed.comm import (
+    Comm,
+    DistributedMergeError,
+    kth_largest,
+    topk_mask_distributed,
+)
 from drm_lightning.distributed.engines import (
     EngineStats,
     MergeEngine,
@@ -39,7 +44,13 @@ from drm_lightning.distributed.engines import (
     Zero3Engine,
 )
 from drm_lightning.distributed.merger import DistributedMerger, merge_module_branches
-from drm_lightning.distributed.plan import MergeItem, MergePlan, RankLoad, assign_longest_first, build_plan
+from drm_lightning.distributed.plan import (
+    MergeItem,
+    MergePlan,
+    RankLoad,
+    assign_longest_first,
+    build_plan,
+)
 from drm_lightning.distributed.sharded import ShardedMerger, sharded_rule
 from drm_lightning.distributed.tensors import (
     CheckpointShards,

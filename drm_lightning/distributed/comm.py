@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from drm_lightning.methods._ops import Reductions, kept_count
+from drm_lightning.methods.ops import Reductions, kept_count
 
 
 class DistributedMergeError(RuntimeError):
@@ -298,7 +298,7 @@ class CollectiveReductions(Reductions):
 def topk_mask_distributed(
     scores: Tensor, total: int, density: float, comm: Comm, *, reference_compat: bool = False
 ) -> Tensor:
-    """:func:`drm_lightning.methods._ops.topk_mask` over a tensor split across ranks.
+    """:func:`drm_lightning.methods.ops.topk_mask` over a tensor split across ranks.
 
     ``scores`` is this rank's block of shape ``(B, ...)``: the global tensor is branch-major
     (B blocks) and within each block the ranks' pieces follow each other in rank order —

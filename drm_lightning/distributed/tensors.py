@@ -210,7 +210,10 @@ class ParamSet(TensorSet):
         if is_zero3_param(p):
             if getattr(p, "_z3_optimizer", None) is None:
                 return
-            from deepspeed.utils import safe_get_local_optimizer_state, safe_set_local_optimizer_state
+            from deepspeed.utils import (
+                safe_get_local_optimizer_state,
+                safe_set_local_optimizer_state,
+            )
 
             for key in keys:
                 try:

@@ -7,7 +7,7 @@ two libraries are both available (see :mod:`drm_lightning.methods.task_vector`).
 Example:
     >>> import torch
     >>> x = torch.tensor([0.1, -3.0, 2.0, 0.5])
-    >>> kept = x * magnitude_mask(x, keep_count(x.numel(), 0.5, rule="floor"))
+    >>> kept = x * magnitude_mask(x, kept_count(x.numel(), 0.5, rule="floor"))
     >>> kept
     tensor([ 0., -3.,  2.,  0.])
     >>> rescale_masked(x, kept, how="l1", density=0.5)
@@ -21,9 +21,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from drm_lightning.methods._ops import largest_mask
+from drm_lightning.methods.ops import kept_count, largest_mask  # noqa: F401 - kept_count: the doctest above
 
-CountRule = Literal["floor", "floor_min1"]
 """``floor``: ``int(density * numel)`` (PEFT, may keep nothing); ``floor_min1``: at least one
 entry of a non-empty tensor is kept (mergekit)."""
 
@@ -36,32 +35,12 @@ L1_RESCALE_EPS = 1e-7
 """Below this L1 norm (before or after masking) mergekit leaves the masked delta unscaled."""
 
 
-def keep_count(numel: int, density: float, *, rule: CountRule) -> int:
-    """How many entries a magnitude trim of one tensor keeps.
-
-    Uses the same float expression as both libraries, ``int(density * numel)``, so it also
-    matches them where rounding bites (``int(0.29 * 100) == 28``).
-
-    Example:
-        >>> keep_count(10, 0.05, rule="floor"), keep_count(10, 0.05, rule="floor_min1")
-        (0, 1)
-    """
-    if density >= 1:
-        return numel
-    count = int(density * numel)
-    if rule == "floor_min1" and numel > 0:
-        count = max(1, count)
-    elif rule != "floor" and rule != "floor_min1":
-        raise ValueError(f"count rule must be 'floor' or 'floor_min1', got {rule!r}")
-    return count
-
-
 def magnitude_mask(x: Tensor, k: int) -> Tensor:
     """Boolean mask of the ``k`` largest-magnitude entries of one tensor.
 
     The set PEFT's ``torch.topk`` selects whenever no other entry ties with the k-th largest
     magnitude; on ties at the cut the first entries in flattened order are kept (``topk``'s
-    own tie order is unspecified), via :func:`~drm_lightning.methods._ops.largest_mask`.
+    own tie order is unspecified), via :func:`~drm_lightning.methods.ops.largest_mask`.
 
     Example:
         >>> magnitude_mask(torch.tensor([[1.0, -5.0], [2.0, 0.0]]), 2)

@@ -42,7 +42,8 @@ from drm_lightning.methods._basis import (  # noqa: F401 - re-exported: the basi
     lowrank_shared_basis,
     shared_basis,
 )
-from drm_lightning.methods._ops import (
+from drm_lightning.methods.base import LowRankFactors, MergeMethod, MethodParams, Route
+from drm_lightning.methods.ops import (
     LOCAL,
     Reductions,
     TieBreak,
@@ -53,7 +54,6 @@ from drm_lightning.methods._ops import (
     mass_signs,
     trim_per_branch,
 )
-from drm_lightning.methods.base import LowRankFactors, MergeMethod, MethodParams, Route
 
 Direction = Literal["vertical", "horizontal"]
 

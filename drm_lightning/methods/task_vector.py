@@ -40,16 +40,14 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor
 
-from drm_lightning.methods._ops import broadcast_coefficients
 from drm_lightning.methods._sparsify import (
-    CountRule,
     RescaleRule,
     bernoulli_mask,
-    keep_count,
     magnitude_mask,
     rescale_masked,
 )
 from drm_lightning.methods.base import MergeMethod, MethodParams, Route
+from drm_lightning.methods.ops import CountRule, broadcast_coefficients, kept_count
 
 Sparsify = Literal["none", "magnitude", "random"]
 Convention = Literal["peft", "mergekit"]
@@ -119,7 +117,7 @@ def sparsify_branches(
     out = torch.empty_like(deltas)
     for i, delta in enumerate(deltas):
         if sparsify == "magnitude":
-            mask = magnitude_mask(delta, keep_count(delta.numel(), density, rule=count_rule))
+            mask = magnitude_mask(delta, kept_count(delta.numel(), density, rule=count_rule))
         elif sparsify == "random":
             assert generator is not None
             mask = bernoulli_mask(

@@ -23,9 +23,30 @@ from torch import Tensor
 TieBreak = Literal["majority", "positive"]
 
 
-def kept_count(numel: int, density: float) -> int:
-    """Number of entries an exact top-k keeps: ``round(numel * density)`` (Python rounding)."""
-    return int(round(numel * density))
+CountRule = Literal["round", "floor", "floor_min1"]
+"""How many entries a top-k keeps: ``round`` — ``round(numel·density)`` (the DRM spec);
+``floor`` — ``int(density·numel)`` (PEFT's and mergekit's TIES/DARE); ``floor_min1`` — the
+same, at least one."""
+
+
+def kept_count(numel: int, density: float, *, rule: CountRule = "round") -> int:
+    """Number of entries a magnitude top-k of ``numel`` entries keeps at ``density``.
+
+    ``floor`` uses the same float expression as PEFT and mergekit, ``int(density * numel)``,
+    so it also matches them where rounding bites (``int(0.29 * 100) == 28``).
+
+    Example:
+        >>> kept_count(10, 0.25), kept_count(10, 0.25, rule="floor"), kept_count(10, 0.05, rule="floor_min1")
+        (2, 2, 1)
+    """
+    if rule == "round":
+        return int(round(numel * density))
+    if rule not in ("floor", "floor_min1"):
+        raise ValueError(f"count rule must be 'round', 'floor' or 'floor_min1', got {rule!r}")
+    if density >= 1:
+        return numel
+    count = int(density * numel)
+    return max(1, count) if rule == "floor_min1" and numel > 0 else count
 
 
 def topk_mask(scores: Tensor, density: float, *, reference_compat: bool = False) -> Tensor:
