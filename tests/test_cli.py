@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from helpers import tiny_llama_config
 from safetensors.torch import load_file, save_file
 
 from drm_lightning.cli import main, parse_size
@@ -34,17 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------ fixtures
 
 
-def _llama_config(**overrides: Any) -> Any:
-    kwargs: dict[str, Any] = dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
-    kwargs.update(overrides)
-    return transformers.LlamaConfig(**kwargs)
+_llama_config = tiny_llama_config
 
 
 def _save_model(

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from test_distributed_zero3 import COEFFICIENTS, IGNORE, N_BRANCHES, FailingSet, _rel, batch, build_model, free_port, reference
+from helpers import free_port
+from test_distributed_zero3 import COEFFICIENTS, IGNORE, N_BRANCHES, FailingSet, _rel, batch, build_model, reference
 
 WORLD = 2
 
@@ -65,6 +66,8 @@ def _replica_worker(rank: int, world: int, port: int, outdir: str) -> None:
                 "errs": {n: _rel(p.detach(), expected[n]) for n, p in module.base.named_parameters() if n in expected},
                 "engine": result.engine,
                 "owner_items": result.stats.owner_items,
+                "rank_costs": [ld.cost for ld in result.plan.loads],
+                "item_costs": sorted((it.cost for it in result.plan.items if it.mode == "owner"), reverse=True),
                 "modes": sorted({it.mode for it in result.plan.items}),
                 "checksum": float(sum(p.double().sum() for p in module.base.parameters())),
             }
@@ -154,7 +157,12 @@ def test_replica_equals_single_process(replica_results: list[dict[str, Any]], ke
 def test_replica_work_is_split(replica_results: list[dict[str, Any]]) -> None:
     """Each rank merges a share; with one item the second rank idles without hanging."""
     counts = [res["drm"]["owner_items"] for res in replica_results]
-    assert min(counts) > 0  # balanced by cost (longest job first), not by count
+    assert min(counts) > 0 and sum(counts) == len(replica_results[0]["drm"]["item_costs"])
+    # Balanced by cost (longest job first), not by count: the busier rank carries at most the
+    # lighter one's load plus one item (the LPT bound), and both ranks agree on the plan.
+    costs, items = replica_results[0]["drm"]["rank_costs"], replica_results[0]["drm"]["item_costs"]
+    assert costs == replica_results[1]["drm"]["rank_costs"] and sum(costs) == pytest.approx(sum(items))
+    assert max(costs) - min(costs) <= items[0] + 1e-6 * sum(items)
     assert sorted(res["one_item"]["owner_items"] for res in replica_results) == [0, 1]
 
 

@@ -14,25 +14,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import free_port
 from torch import nn
 
 WORLD = 2
 N_BRANCHES = 3
 IGNORE = [r"classifier\."]
-
-
-def free_port() -> int:
-    """A free TCP port on localhost for the rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Net(nn.Module):

@@ -5,18 +5,27 @@ from __future__ import annotations
 import doctest
 import importlib
 import pkgutil
+from pathlib import Path
 
 import pytest
 
 import drm_lightning
 
 MODULES = sorted(
-    m.name for m in pkgutil.walk_packages(drm_lightning.__path__, prefix="drm_lightning.")
+    ["drm_lightning"]
+    + [m.name for m in pkgutil.walk_packages(drm_lightning.__path__, prefix="drm_lightning.")]
 )
 
 
 def test_modules_found() -> None:
-    assert "drm_lightning.methods.drm" in MODULES and "drm_lightning.merge" in MODULES
+    """Every package module whose source holds a docstring example is collected."""
+    package = Path(drm_lightning.__file__).parent
+    with_examples = {
+        ".".join(("drm_lightning", *f.relative_to(package).with_suffix("").parts)).removesuffix(".__init__")
+        for f in package.rglob("*.py") if ">>>" in f.read_text()
+    }
+    missing = sorted(with_examples - set(MODULES))
+    assert not missing, f"modules with examples not collected: {missing}"
 
 
 @pytest.mark.parametrize("module_name", MODULES)

@@ -65,6 +65,16 @@ def test_exact_topk_differs_from_reference_only_at_the_cut() -> None:
     compat = drm_merge(deltas, _ones(3), drop_rate=0.8, reference_compat=True)
     rel = (exact - compat).norm() / compat.norm()
     assert 0 < rel < 0.05
+    # In the shared basis the two keep-masks differ at the cut only: the reference keeps the
+    # k-th smallest score too (one extra entry; float64 scores have no ties), nothing else.
+    basis = shared_basis(deltas.mT, solver="svd")
+    coords = deltas.mT @ basis.vectors
+    scores = pruning_scores(coords, basis.sigma)
+    exact_mask, compat_mask = topk_mask(scores, 0.2), topk_mask(scores, 0.2, reference_compat=True)
+    assert int((exact_mask & ~compat_mask).sum()) == 0
+    assert int((compat_mask & ~exact_mask).sum()) == 1
+    cut = scores.abs()[exact_mask].min()
+    assert float(scores.abs()[compat_mask & ~exact_mask].max()) <= float(cut)
 
 
 # 2. Duality.

@@ -22,7 +22,6 @@ The GPU tier runs the same live-branch consolidation with Lightning's real
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from pathlib import Path
 from typing import Any
@@ -30,23 +29,16 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import free_port
 from lightning.pytorch.callbacks import Callback
+from test_lightning_common import TASKS, MultiHead, branched, specs, train_loaders
 from torch import Tensor
 from torch.nn import functional as F
-
-from test_lightning_common import TASKS, MultiHead, branched, specs, train_loaders
 
 WORLD = 2
 DRM = {"drop_rate": 0.5, "direction": "vertical"}  # the sharded (gather-free) route
 IGNORE = [r"heads\."]
 MERGE_STEP = 2
-
-
-def free_port() -> int:
-    """A free TCP port on localhost for the rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def perturbed_branches(seed: int = 0) -> pl.LightningModule:

@@ -28,15 +28,9 @@ from drm_lightning.sources import (
 )
 
 transformers = pytest.importorskip("transformers")
+from helpers import TINY_LLAMA  # noqa: E402
 
-LLAMA = {
-    "vocab_size": 128,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-}
+LLAMA = TINY_LLAMA
 
 
 def _llama(seed: int = 0, **overrides: object) -> torch.nn.Module:

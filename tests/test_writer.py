@@ -262,15 +262,9 @@ def test_free_space_checked_before_work(tmp_path: Path) -> None:
 
 def test_writes_a_folder_transformers_loads(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        tie_word_embeddings=True,
-    )
+    from helpers import tiny_llama_config
+
+    cfg = tiny_llama_config(tie_word_embeddings=True)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     model.save_pretrained(tmp_path / "base")
