@@ -47,22 +47,27 @@ __all__ = [
     "stale_leftovers",
 ]
 
+COPIED_FILES: tuple[str, ...] = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "added_tokens.json",
+)
+"""Files the writer copies from the base model's folder (config and tokenizer)."""
+
 _OUTPUT_FILES = frozenset(
     {
         "README.md",
         "model.safetensors",
         "model.safetensors.index.json",
         "heads.safetensors",  # MergeCallback(export_dir=...) with a BranchedModule
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "vocab.txt",
-        "merges.txt",
-        "vocab.json",
-        "tokenizer.model",
-        "added_tokens.json",
+        *COPIED_FILES,
     }
 )
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")

@@ -39,6 +39,7 @@ from torch import Tensor
 from drm_lightning.sources._shard_file import ShardFile
 from drm_lightning.sources.base import hash_in_background, sha256_of
 from drm_lightning.sources.output_guard import (
+    COPIED_FILES,
     check_parent,
     check_replaceable,
     remove_stale,
@@ -47,20 +48,6 @@ from drm_lightning.sources.output_guard import (
 )
 
 __all__ = ["COPIED_FILES", "HFFolderWriter", "check_free_space"]
-
-COPIED_FILES: tuple[str, ...] = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "merges.txt",
-    "vocab.json",
-    "tokenizer.model",
-    "added_tokens.json",
-)
-"""Files copied from ``copy_from`` (the base model folder) when present."""
 
 _GIB = 1024**3
 
