@@ -91,3 +91,28 @@ def test_ddp_merges_identical_on_every_rank(tmp_path: Path) -> None:
     assert paths == rank1["snapshots"]["snapshots"] and len(paths) == 4
     assert all(Path(p).exists() for p in paths)
     assert_state_equal(rank0["snapshots"]["merged"], rank1["snapshots"]["merged"])
+
+
+class PoisonOnRankOne(Callback):
+    """Runs before the merge callback: on rank 1 only, a NaN enters branch b right before the merge."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_rank == 1 and trainer.global_step == MERGE_STEPS[0]:
+            with torch.no_grad():
+                pl_module.branches["b"][0].weight[0, 0] = float("nan")
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_ddp_nan_in_one_rank_branch_stops_the_run_naming_it(tmp_path: Path) -> None:
+    """Issue 8: a NaN in a branch on one rank stops the DDP run at the merge, tensor and branch named."""
+    merge = MergeCallback("drm", method_params={"drop_rate": 0.5}, tasks=specs(), every_n_steps=2)
+    tr = trainer(
+        devices=2,
+        strategy=DDPStrategy(start_method="spawn", process_group_backend="gloo"),
+        max_steps=MERGE_STEPS[-1],
+        callbacks=[PoisonOnRankOne(), merge],
+        deterministic=False,
+    )
+    with pytest.raises(Exception, match=r"'0\.weight' in branch 1 \(branch 'b'\) contains 1 NaN"):
+        tr.fit(branched(), train_loaders(n=64))
