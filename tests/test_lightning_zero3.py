@@ -227,6 +227,23 @@ def _worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) -> Non
             "snap_history": _history(snaps), "ckpt_history": _history(ckpts),
             "snap_tasks": [s.task for s in snaps._snapshots],
         }
+
+        # fit 3: a NaN enters one branch's partition on rank 1 right before the merge (issue 8).
+        class Poison(Callback):
+            def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+                if trainer.global_rank == 1 and trainer.global_step == MERGE_STEP:
+                    name, param = next((n, q) for n, q in pl_module.named_parameters()
+                                       if n.startswith("branches.") and n.endswith("weight"))
+                    results["poisoned"] = name
+                    with torch.no_grad():
+                        param.ds_tensor[0] = float("nan")
+
+        nan_merge = MergeCallback("drm", method_params=DRM, tasks=specs(), every_n_steps=MERGE_STEP)
+        try:
+            _fit(perturbed_branches(), _cpu_strategy(0), [Poison(), nan_merge], MERGE_STEP + 1)
+            results["nan_error"] = None
+        except Exception as err:  # noqa: BLE001 - the expected failure, checked by the test
+            results["nan_error"] = f"{type(err).__name__}: {err}"
     except Exception:  # noqa: BLE001 - reported by the test
         results["worker_error"] = traceback.format_exc()
     torch.save(results, Path(outdir) / f"rank{rank}.pt")
@@ -438,3 +455,13 @@ def test_single_model_scores_use_each_tasks_own_heads(zero3_fits: list[dict[str,
             model.load_state_dict({**live, **heads, **single[merged_key][MERGE_STEP]})
             expected = evaluate_task(model, t, specs()[t])
             assert single[history_key][0][f"merged/{t}/acc"] == pytest.approx(expected["acc"], abs=1e-6), (merged_key, t)
+
+
+def test_nan_in_a_partition_stops_every_rank_naming_it(zero3_fits: list[dict[str, Any]]) -> None:
+    """Issue 8, callback under ZeRO-3: a NaN in one rank's partition of a branch stops the run on
+    every rank at the merge, with the tensor and the branch named (nothing merged silently)."""
+    poisoned = zero3_fits[1]["poisoned"]
+    tensor = poisoned.split(".", 2)[2]  # branches.<task>.<tensor>
+    for res in zero3_fits:
+        assert res["nan_error"] is not None, "the merge went through with a NaN branch"
+        assert f"'{tensor}' in branch" in res["nan_error"] and "NaN" in res["nan_error"], res["nan_error"]
