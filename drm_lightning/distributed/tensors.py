@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from abc import ABC, abstractmethod
@@ -368,92 +367,60 @@ class WeightSourceSet(TensorSet):
 
 
 class CheckpointShards(TensorSet):
-    """Safetensors checkpoint files read shard-wise.
+    """Checkpoint files read shard-wise, through :mod:`drm_lightning.sources`.
 
     ``read_flat(name, start, stop)`` reads only the rows that cover the flat range (one
-    partial row at each end at most) through ``safe_open(...).get_slice``, so a rank that
-    needs its ZeRO-3 partition of a branch never reads the whole tensor. Accepts one
-    ``.safetensors`` file or a folder of them (with or without a
-    ``model.safetensors.index.json``).
+    partial row at each end at most) with the source's ``get_rows`` — for safetensors a
+    ``get_slice``, so a rank that needs its ZeRO-3 partition of a branch never reads the
+    whole tensor. Accepts what :func:`~drm_lightning.sources.open_source` opens (one
+    ``.safetensors`` file, an HF folder, sharded or not) and also a folder of
+    ``.safetensors`` files without an index.
     """
 
     def __init__(self, path: str | os.PathLike[str], origin: str | None = None) -> None:
-        from safetensors import safe_open
+        from drm_lightning.sources import SafetensorsFileSource, open_source
 
         root = Path(path)
-        if root.is_dir():
-            index = root / "model.safetensors.index.json"
-            if index.exists():
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = sorted({root / f for f in weight_map.values()})
-            else:
-                files = sorted(root.glob("*.safetensors"))
+        hf_layout = any((root / f).exists() for f in ("model.safetensors.index.json", "model.safetensors",
+                                                      "pytorch_model.bin", "pytorch_model.bin.index.json"))
+        if root.is_dir() and not hf_layout:
+            files = sorted(root.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no .safetensors file under {root}")
+            sources = [SafetensorsFileSource(f) for f in files]
         else:
-            files = [root]
-        if not files:
-            raise FileNotFoundError(f"no .safetensors file under {root}")
+            sources = [open_source(root)]
         self.origin = origin or str(root)
-        self._file_of: dict[str, Path] = {}
-        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        for file in files:
-            with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():
-                    piece = handle.get_slice(name)
-                    shape = tuple(int(s) for s in piece.get_shape())
-                    dtype = _SAFETENSORS_TO_TORCH[piece.get_dtype()]
-                    self._file_of[name] = file
-                    self._meta[name] = (shape, dtype)
+        self._source_of = {name: src for src in sources for name in src.keys()}
         self.bytes_read = 0
 
     def names(self) -> list[str]:  # noqa: D102
-        return list(self._meta)
+        return list(self._source_of)
 
     def shape(self, name: str) -> tuple[int, ...]:  # noqa: D102
-        return self._meta[name][0]
+        return tuple(self._source_of[name].meta(name).shape)
 
     def dtype(self, name: str) -> torch.dtype:  # noqa: D102
-        return self._meta[name][1]
+        return self._source_of[name].meta(name).dtype
 
-    def read_full(self, name: str) -> Tensor:  # noqa: D102
-        from safetensors import safe_open
-
-        with safe_open(str(self._file_of[name]), framework="pt") as handle:
-            out = handle.get_tensor(name)
+    def _count(self, out: Tensor) -> Tensor:
         self.bytes_read += out.numel() * out.element_size()
         return out
 
-    def read_flat(self, name: str, start: int, stop: int) -> Tensor:  # noqa: D102
-        from safetensors import safe_open
+    def read_full(self, name: str) -> Tensor:  # noqa: D102
+        return self._count(self._source_of[name].get(name))
 
+    def read_flat(self, name: str, start: int, stop: int) -> Tensor:  # noqa: D102
         shape = self.shape(name)
         if stop <= start:
             return torch.empty(0, dtype=self.dtype(name))
-        if len(shape) <= 1:
-            with safe_open(str(self._file_of[name]), framework="pt") as handle:
-                out = handle.get_slice(name)[start:stop] if shape else handle.get_tensor(name).reshape(-1)
-            self.bytes_read += out.numel() * out.element_size()
-            return out.reshape(-1)[: stop - start]
+        if not shape:
+            return self.read_full(name).reshape(-1)[start:stop]
         row = math.prod(shape[1:])
         first, last = start // row, -(-stop // row)
-        with safe_open(str(self._file_of[name]), framework="pt") as handle:
-            rows = handle.get_slice(name)[first:last]
-        self.bytes_read += rows.numel() * rows.element_size()
+        rows = self._count(self._source_of[name].get_rows(name, first, last))
         offset = start - first * row
         return rows.reshape(-1)[offset : offset + stop - start]
-
-
-_SAFETENSORS_TO_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 def as_tensor_set(obj: Any, origin: str) -> TensorSet:

@@ -152,6 +152,11 @@ class WeightSource(ABC):
     def get(self, name: str) -> Tensor:
         """Read the tensor ``name`` (one tensor, on CPU for file sources)."""
 
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` (along dim 0) of ``name``; file formats that can read a slice
+        without the rest override this (safetensors), the default reads the whole tensor."""
+        return self.get(name)[start:stop]
+
     @abstractmethod
     def files(self) -> list[Path]:
         """Every file this source reads (for hashing in the model card); empty in memory."""

@@ -160,6 +160,9 @@ class HFFolderSource(WeightSource):
     def get(self, name: str) -> Tensor:
         return self._shard_of(name).get(name)
 
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        return self._shard_of(name).get_rows(name, start, stop)
+
     def files(self) -> list[Path]:
         shards = sorted({self.path / f for f in self._weight_map.values()})
         return ([self._main] if self.layout.endswith("sharded") else []) + shards

@@ -83,6 +83,13 @@ class SafetensorsFileSource(WeightSource):
         with safe_open(str(self.path), framework="pt") as f:
             return f.get_tensor(name)
 
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` read through ``get_slice``: nothing else of the tensor is read."""
+        if name not in self._meta:
+            raise self._missing(name)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_slice(name)[start:stop]
+
     def files(self) -> list[Path]:
         return [self.path]
 
