@@ -140,6 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _load_config(args)
         check_output(args.output, config, overwrite=args.overwrite, dry_run=args.dry_run)
         device = resolve_device(args.device)
+        if getattr(config, "alignment_merge", False):  # method: mudsc_zip, ... (issue 11)
+            from drm_lightning.alignment.cli_job import run_alignment_merge
+
+            with cleanup_on_signals():
+                print(run_alignment_merge(config, args.output, dry_run=args.dry_run,
+                                          overwrite=args.overwrite, progress=not args.no_progress,
+                                          max_shard_bytes=args.max_shard_size))
+            return 0
         job = open_job(config)
         if args.dry_run:
             print(describe_plan(job, args.output, world_size=args.ranks or 1,

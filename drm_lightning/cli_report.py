@@ -52,6 +52,7 @@ def model_card(job: DiskMergeJob) -> dict[str, Any]:
             "ignore": list(routing.ignore),
         },
         "tensors_per_route": _route_counts(job.plan),
+        **({"align": job.align.card()} if job.align is not None else {}),
     }
 
 
@@ -112,6 +113,8 @@ def describe_plan(
     lines.append(
         f"compute dtype: {cfg.compute_dtype}; output dtype: {cfg.out_dtype or 'as the base'}"
     )
+    if job.align is not None:
+        lines += job.align.prepared.describe("align ")
     lines.append("")
     lines.append(f"{'route':<10}{'tensors':>9}{'parameters':>14}{'est. GFLOP':>13}")
     total_cost = 0.0

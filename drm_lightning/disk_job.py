@@ -40,6 +40,7 @@ class DiskMergeJob:
     branches: list[Any]
     coefficients: list[float]
     plan: list[PlannedTensor]
+    align: Any = None  # the align: pre-step (drm_lightning.alignment.cli_job.AlignStep)
 
 
 def open_job(config: MergeConfig) -> DiskMergeJob:
@@ -56,7 +57,12 @@ def open_job(config: MergeConfig) -> DiskMergeJob:
         )
         hint = key_mismatch_hint(config, base, branches)
         raise ValueError(f"{err}\n(inputs: {legend}){hint}") from err
-    return DiskMergeJob(config, method, base, branches, coefficients, plan)
+    job = DiskMergeJob(config, method, base, branches, coefficients, plan)
+    if getattr(config, "align", None) is not None:  # checked from metadata too (issue 11)
+        from drm_lightning.alignment.cli_job import AlignStep
+
+        job.align = AlignStep.open(config, branches)
+    return job
 
 
 def run_job(
@@ -70,6 +76,8 @@ def run_job(
 ) -> None:
     """Stream the merge into ``out`` (temporary folder, renamed when complete)."""
     base, branches = job.base, job.branches
+    if job.align is not None:
+        branches = job.align.aligned(branches)  # reads the branches, permutes them to the anchor
     device = torch.device(device)
     if device.type != "cpu":
         base, branches = OnDevice(base, device), [OnDevice(b, device) for b in branches]
