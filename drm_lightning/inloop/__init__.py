@@ -18,17 +18,25 @@ Example:
     ['a', 'b']
 """
 
+from drm_lightning.inloop.align import BranchAligner
 from drm_lightning.inloop.backends import Backend, DenseBackend, Merged, Zero3Backend
 from drm_lightning.inloop.branched import BranchedModel
 from drm_lightning.inloop.core import MergeCore, check_tasks, method_from
 from drm_lightning.inloop.export import write_export
-from drm_lightning.inloop.providers import Branch, BranchProvider, LiveBranches, SingleModelBranches, Snapshot
+from drm_lightning.inloop.providers import (
+    Branch,
+    BranchProvider,
+    LiveBranches,
+    SingleModelBranches,
+    Snapshot,
+)
 from drm_lightning.inloop.schedule import Schedule
 from drm_lightning.inloop.scoring import Scorer
 
 __all__ = [
     "Backend",
     "Branch",
+    "BranchAligner",
     "BranchProvider",
     "BranchedModel",
     "DenseBackend",

@@ -78,6 +78,8 @@ class MergeCore:
         name: The front end's name, used in messages.
         warn: Called with each warning (default: ``warnings.warn`` on rank 0).
         info: Called with each information line, one per merge (default: nothing).
+        aligner: Permute the branches into one unit order before each merge
+            (:class:`~drm_lightning.inloop.align.BranchAligner`; branches of different inits).
 
     Example:
         >>> from drm_lightning.inloop import BranchedModel, LiveBranches
@@ -104,6 +106,7 @@ class MergeCore:
         name: str = "MergeCore",
         warn: Message | None = None,
         info: Message | None = None,
+        aligner: Any = None,
     ) -> None:
         from drm_lightning.routing import Routing
 
@@ -118,6 +121,7 @@ class MergeCore:
         self.name = name
         self.warn: Message = warn or _rank_zero
         self.info: Message = info or (lambda message: None)
+        self.aligner = aligner
         self.backend: Backend | None = None
         #: One record per merge: step, epoch, branch labels, timings and scores.
         self.history: list[dict[str, Any]] = []
@@ -195,10 +199,13 @@ class MergeCore:
         """Merge the branches now (no scoring, no adoption); seed ``seed + num_merges``."""
         backend = self._need_backend()
         branches = self.branches(model) if branches is None else branches
+        sources = [b.source for b in branches]
+        if self.aligner is not None:  # into the anchor's unit order first (inloop/align.py)
+            sources = self.aligner.permute(self.provider.target(model), sources, backend)
         return backend.merge(
             self.provider.target(model),
             self.provider.base(model, backend),
-            [b.source for b in branches],
+            sources,
             coefficient_list(self.coefficients, branches),
             self.seed + self.num_merges,
         )
