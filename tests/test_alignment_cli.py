@@ -55,7 +55,8 @@ def spec(model):
 def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A folder with the user's module (nets_cli), calibration files, and it as the cwd."""
     monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
-    monkeypatch.delitem(sys.modules, "nets_cli", raising=False)
+    for name in ("nets_cli", "mynets"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
     (tmp_path / "nets_cli.py").write_text(textwrap.dedent(NETS_MODULE))
     calib = torch.cat([inputs("mlp", 32, seed=s) for s in (1, 2, 3)])
     save_file({"inputs": calib}, str(tmp_path / "calib.safetensors"))
@@ -241,3 +242,17 @@ def test_calibration_batches_shapes(work: Path) -> None:
         load_batches("two.safetensors")
     model = copy.deepcopy(seeded(MLP, 0))
     assert model(load_batches("calib.pt")[0]).shape == (64, 10)
+
+
+def test_example_config_and_its_align_variant_validate(work: Path) -> None:
+    example = Path(__file__).resolve().parents[1] / "configs" / "alignment" / "mudsc_zip.yaml"
+    (work / "mynets.py").write_text("from nets_cli import mlp as build_mlp, loader as calibration\n")
+    for s in range(3):
+        (work / "runs" / f"seed{s}").mkdir(parents=True)
+    text = example.read_text()
+    cfg = load_config(_config(work, text))
+    assert cfg.method == "mudsc_zip" and len(cfg.branches) == 3 and cfg.parameters["fix_rate"] == 0.5
+    start = text.index("#   method: drm")
+    variant = "\n".join(line[4:] for line in text[start:].splitlines())
+    aligned = load_config(_config(work, variant))
+    assert aligned.method == "drm" and aligned.align.method == "mudsc_align"
