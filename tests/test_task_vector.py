@@ -444,7 +444,7 @@ def test_invalid_values_and_fixed_presets() -> None:
         get_method("dare_ties", rescale="l2")
     with pytest.raises(ValueError, match=r"scaling"):
         get_method("ties", scaling=float("nan"))
-    with pytest.raises(ValueError, match=r"fixed by method 'ties'"):
+    with pytest.raises(ValueError, match=r"'sparsify' is fixed to 'magnitude' by method 'ties'"):
         get_method("ties", sparsify="random")
-    with pytest.raises(ValueError, match=r"fixed by method 'linear'"):
+    with pytest.raises(ValueError, match=r"is fixed to .* by method 'linear'"):
         get_method("linear", normalize=False)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -118,13 +118,42 @@ class MergeMethod(ABC):
         return float(8 * numel * n_branches)
 
 
+def parameter_problems(
+    method: str, params_cls: type[MethodParams], preset: dict[str, Any], params: Mapping[str, Any]
+) -> list[tuple[str, str]]:
+    """``(key, problem)`` for every key of ``params`` that is unknown or fixed by ``preset``.
+
+    The one check behind :func:`get_method`, direct construction (:func:`build_params`) and
+    the config's ``parameters:`` section (which prefixes the key itself).
+
+    Example:
+        >>> from drm_lightning.methods.drm import DRMParams
+        >>> parameter_problems("drm", DRMParams, {}, {"drop_rte": 0.5})
+        [('drop_rte', "unknown parameter for method 'drm' (did you mean 'drop_rate'? valid: ...)")]
+    """
+    settable = sorted(k for k in params_cls.model_fields if k not in preset)
+    out = []
+    for key in params:
+        if key in preset:
+            out.append((key, f"fixed to {preset[key]!r} by method {method!r} (settable: {', '.join(settable)})"))
+        elif key not in params_cls.model_fields:
+            out.append((key, f"unknown parameter for method {method!r} ({closest_names(str(key), settable)})"))
+    return out
+
+
+def _raise_problems(problems: list[tuple[str, str]]) -> None:
+    """One ``ValueError`` for every problem, each naming its parameter."""
+    if problems:
+        raise ValueError("; ".join(
+            problem.replace("unknown parameter", f"unknown parameter {key!r}", 1)
+            if problem.startswith("unknown") else f"parameter {key!r} is {problem}"
+            for key, problem in problems
+        ))
+
+
 def build_params(method: str, params_cls: type[MethodParams], params: dict[str, Any]) -> Any:
     """Validate ``params`` for ``method``; errors name the parameter and the closest valid ones."""
-    valid = list(params_cls.model_fields)
-    unknown = [k for k in params if k not in params_cls.model_fields]
-    if unknown:
-        msgs = [f"unknown parameter {k!r} for method {method!r} ({closest_names(k, valid)})" for k in unknown]
-        raise ValueError("; ".join(msgs))
+    _raise_problems(parameter_problems(method, params_cls, {}, params))
     try:
         return params_cls(**params)
     except ValidationError as err:
@@ -178,21 +207,7 @@ def get_method(name: str, **params: Any) -> MergeMethod:
             fixed by the method's preset, or an invalid value.
     """
     cls, preset = method_class(name)
-    fixed = sorted(set(params) & set(preset))
-    if fixed:
-        raise ValueError(
-            f"parameter(s) {fixed} are fixed by method {name!r}; "
-            f"settable: {', '.join(sorted(method_parameters(name)))}"
-        )
-    unknown = [k for k in params if k not in cls.Params.model_fields]
-    if unknown:
-        valid = list(method_parameters(name))
-        raise ValueError(
-            "; ".join(
-                f"unknown parameter {k!r} for method {name!r} ({closest_names(k, valid)})"
-                for k in unknown
-            )
-        )
+    _raise_problems(parameter_problems(name, cls.Params, preset, params))
     method = cls(**preset, **params)
     method.registered_name = name  # type: ignore[attr-defined]
     return method
