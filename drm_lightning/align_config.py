@@ -63,7 +63,7 @@ from drm_lightning.config_errors import (
 from drm_lightning.config_values import check_path
 from drm_lightning.config_yaml import Lines
 from drm_lightning.methods import MergeMethod, available_methods
-from drm_lightning.methods.base import closest_names
+from drm_lightning.methods.base import closest_names, parameter_problems
 
 __all__ = [
     "PERMUTING",
@@ -165,16 +165,10 @@ def _param_errors(method: Any, params: Any, loc: tuple[str | int, ...]) -> list[
     preset = _preset(method)
     if preset is None or not isinstance(params, Mapping):
         return []
-    fields = AlignmentParams.model_fields
-    settable = sorted(k for k in fields if k not in preset)
-    errors = []
-    for key in params:
-        if key in preset:
-            errors.append(_error((*loc, key), f"fixed to {preset[key]!r} by alignment method {method!r} "
-                                 f"(settable: {', '.join(settable)})", params[key]))
-        elif key not in fields:
-            errors.append(_error((*loc, key), f"unknown parameter for alignment method {method!r} "
-                                 f"({closest_names(str(key), settable)})"))
+    errors = [
+        _error((*loc, key), problem, params[key] if key in preset else None)
+        for key, problem in parameter_problems(method, AlignmentParams, preset, params)
+    ]
     if errors:
         return errors
     try:

@@ -179,8 +179,8 @@ def test_every_config_problem_at_once_with_its_line(work: Path) -> None:
     assert "line 5: branches[1].coefficient: not used" in msg
     assert "line 6: model: module 'nets_cli' has no attribute 'nope'" in msg
     assert "line 7: batches: must be module:function returning a DataLoader or a tensor" in msg
-    assert "parameters.fixrate: unknown parameter for alignment method 'mudsc_zip' (did you mean 'fix_rate'" in msg
-    assert "parameters.solver: fixed to 'zip' by alignment method 'mudsc_zip'" in msg
+    assert "parameters.fixrate: unknown parameter for method 'mudsc_zip' (did you mean 'fix_rate'" in msg
+    assert "parameters.solver: fixed to 'zip' by method 'mudsc_zip'" in msg
     assert msg.startswith(f"invalid configuration {work / 'cfg.yaml'} (")
 
     text = textwrap.dedent(f"""\
