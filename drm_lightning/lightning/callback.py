@@ -94,7 +94,8 @@ class MergeCallback(Callback):
     * ``on_validation_epoch_start`` / ``on_test_epoch_start`` (``validate_merged=True``) — swap
       the latest merge in, so that the module's own ``validation_step``/``test_step`` and
       ``self.log`` score the merge (per-task tensors stay live; before the first merge of
-      ``trainer.validate``/``test`` a merge is computed); ``..._epoch_end`` swaps back, before
+      ``trainer.validate``/``test`` a merge is computed, under ZeRO-3 too: the backend starts
+      there, once the strategy has partitioned the module); ``..._epoch_end`` swaps back, before
       ``ModelCheckpoint`` saves.
     * ``state_dict`` / ``load_state_dict`` — small counters and the history;
       ``on_save_checkpoint`` / ``on_load_checkpoint`` — base and snapshot tensors under
@@ -276,7 +277,6 @@ class MergeCallback(Callback):
     def history(self, value: list[dict[str, Any]]) -> None:
         self.core.history = list(value)
 
-
     @property
     def state_key(self) -> str:
         """Unique per configuration, so that several merge callbacks can share a checkpoint."""
@@ -419,6 +419,9 @@ class MergeCallback(Callback):
             rank_zero_info("MergeCallback: the module now holds the merged weights (final_weights='merged').")
 
     def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.validate_merged and self.core.backend is None and self._zero3:  # validate/test outside fit:
+            group = gloo_group(trainer.world_size)  # the parameters are partitioned only from here on
+            self.core.start(pl_module, self.core.make_backend(partitioned=True, group=group))
         if not self.validate_merged or self.core.backend is None:
             return
         merged = None
@@ -491,8 +494,6 @@ class MergeCallback(Callback):
         rank_zero_info(
             f"MergeCallback: restored the merge state ({len(self._snapshots)} snapshot(s)) from the checkpoint."
         )
-
-    # ------------------------------------------------------------------ setup helpers
 
 
 __all__ = ["CHECKPOINT_KEY", "MergeCallback", "Snapshot"]
