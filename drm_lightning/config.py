@@ -488,6 +488,11 @@ def parse_config(text: str, *, source: str = "<config>") -> MergeConfig:
         from drm_lightning.mergekit_format import mergekit_config
 
         return mergekit_config(data, lines, source=source)
+    if "align" in data or data.get("method") not in (None, *available_methods()):
+        from drm_lightning.align_config import alignment_config  # mudsc_zip, align: (issue 11)
+
+        if (aligned := alignment_config(data, lines, source=source)) is not None:
+            return aligned  # type: ignore[return-value]
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as err:
