@@ -86,7 +86,7 @@ from drm_lightning.config_values import (
 )
 from drm_lightning.config_yaml import load_yaml
 from drm_lightning.methods import MergeMethod, available_methods, get_method
-from drm_lightning.methods.base import closest_names, method_class
+from drm_lightning.methods.base import method_class, parameter_problems
 from drm_lightning.routing import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, Routing
 
 ComputeDType = Literal["float32", "float64"]
@@ -410,25 +410,10 @@ def _parameter_errors(data: Mapping[str, Any]) -> list[InitErrorDetails]:
         return []
     cls, preset = method_class(name)
     fields = cls.Params.model_fields
-    settable = [k for k in fields if k not in preset]
-    errors: list[InitErrorDetails] = []
-    for key in params:
-        if key in preset:
-            errors.append(
-                _error(
-                    ("parameters", key),
-                    f"fixed to {preset[key]!r} by method {name!r} "
-                    f"(settable: {', '.join(sorted(settable))})",
-                    params[key],
-                )
-            )
-        elif key not in fields:
-            errors.append(
-                _error(
-                    ("parameters", key),
-                    f"unknown parameter for method {name!r} ({closest_names(str(key), settable)})",
-                )
-            )
+    errors: list[InitErrorDetails] = [
+        _error(("parameters", key), problem, params[key] if key in preset else None)
+        for key, problem in parameter_problems(name, cls.Params, preset, params)
+    ]
     errors += [
         _error(("parameters", key), BOOL_NOT_NUMBER, params[key])
         for key in bool_params(params, fields)
