@@ -26,8 +26,26 @@ from typing import Any
 import pytest
 import torch
 from helpers import free_port
-from test_lightning_common import CLASSES, HIDDEN, TASKS, backbone, branched, specs, task_data, train_loaders
-from test_lightning_zero3 import DRM, MERGE_STEP, ZeroProbe, _cpu_strategy, _history, _oracle, _reassemble, _sub
+from test_lightning_common import (
+    CLASSES,
+    HIDDEN,
+    TASKS,
+    backbone,
+    branched,
+    specs,
+    task_data,
+    train_loaders,
+)
+from test_lightning_zero3 import (
+    DRM,
+    MERGE_STEP,
+    ZeroProbe,
+    _cpu_strategy,
+    _history,
+    _oracle,
+    _reassemble,
+    _sub,
+)
 from torch import Tensor, nn
 from torch.nn import functional as F
 

@@ -14,10 +14,20 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from test_lightning_common import (
+    CLASSES,
+    HIDDEN,
+    TASKS,
+    acc_specs,
+    backbone,
+    branched,
+    task_data,
+    train_loaders,
+    trainer,
+)
 from torch.utils.data import DataLoader
 
 from drm_lightning.lightning import BranchedModule, MergeCallback
-from test_lightning_common import HIDDEN, CLASSES, TASKS, acc_specs, backbone, branched, task_data, train_loaders, trainer
 
 pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse[signatures]")
 
@@ -79,5 +89,5 @@ def test_callback_built_from_lightning_cli_yaml(tmp_path: Path, monkeypatch: pyt
     # The same run with the loaders themselves in TaskSpec: the same scores.
     direct = MergeCallback("drm", method_params={"drop_rate": 0.5}, tasks=acc_specs(), every_n_steps=2)
     trainer(max_steps=4, callbacks=[direct], limit_val_batches=0).fit(branched(), train_loaders())
-    strip = lambda h: [{k: v for k, v in r.items() if not k.startswith("merge/")} for r in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in r.items() if not k.startswith("merge/")} for r in h]
     assert strip(cb.history) == strip(direct.history)
