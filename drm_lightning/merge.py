@@ -353,12 +353,12 @@ def iter_merge(
         from tqdm.auto import tqdm
 
         items = tqdm(plan, desc=f"merging ({getattr(method, 'registered_name', method.name)})", unit="tensor")
+    origins = [_origin(base, None), *(_origin(b, i) for i, b in enumerate(branches))]
     for item in items:
         base_t = base.get(item.name)
         if item.route == "ignore":
             yield item.name, merge_tensor(method, "ignore", base_t, [], coefs, out_dtype=out_dtype)
             continue
-        origins = [_origin(base, None), *(_origin(b, i) for i, b in enumerate(branches))]
         branch_ts = [_branch_tensor(branch, item.name, item.route) for branch in branches]
         generator = tensor_generator(seed, item.name) if method.uses_randomness else None
         yield item.name, merge_tensor(
