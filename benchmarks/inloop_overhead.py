@@ -111,32 +111,20 @@ def accelerate_overhead(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--every", type=int, default=200, help="merge every n optimizer steps")
-    parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--train-size", type=int, default=2048)
-    parser.add_argument("--val-size", type=int, default=512)
-    parser.add_argument("--method", default="drm")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[lightning_overhead.build_parser(add_help=False)],
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "inloop_overhead.json")
     args = parser.parse_args(argv)
+    if args.adopt:  # the Accelerate loop has no adopt variant: the two rows would differ
+        parser.error("--adopt is for the Lightning loop alone: python -m drm_lightning.lightning.overhead --adopt")
     torch.set_num_threads(1)
     load_before = load_average()
-    shared = [
-        "--steps", str(args.steps), "--every", str(args.every), "--tasks", str(args.tasks), "--dim", str(args.dim),
-        "--hidden", str(args.hidden), "--classes", str(args.classes), "--batch-size", str(args.batch_size),
-        "--train-size", str(args.train_size), "--val-size", str(args.val_size), "--method", args.method,
-        "--repeats", str(args.repeats),
-    ]
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "load_average_before": load_before,
-        "lightning": lightning_overhead.main(shared),
+        "lightning": lightning_overhead.run(args),
         "accelerate": accelerate_overhead(args),
         "load_average_after": load_average(),
     }

@@ -74,9 +74,11 @@ def _fit(args: argparse.Namespace, with_callback: bool) -> tuple[float, MergeCal
     return time.perf_counter() - start, cb
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Run both fits and print (and return) the measurements."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
+    """The loop's settings (the Accelerate benchmark builds on the same parser)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help
+    )
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--every", type=int, default=200, help="merge every n optimizer steps")
     parser.add_argument("--tasks", type=int, default=4)
@@ -89,7 +91,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--method", default="drm")
     parser.add_argument("--adopt", action="store_true")
     parser.add_argument("--repeats", type=int, default=2, help="alternate plain/callback fits; keep the fastest")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run both fits and print (and return) the measurements."""
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    """Both fits with the settings of :func:`build_parser`; prints and returns the measurements."""
     torch.set_num_threads(1)
     plain, with_cb = [], []
     cb = None
