@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from drm_lightning.evaluation import TaskSpec
@@ -31,6 +31,39 @@ def task_data(task: str, n: int = 64, *, split: int = 0) -> TensorDataset:
 
 def train_loaders(tasks: Sequence[str] = TASKS, batch_size: int = 16, n: int = 64) -> dict[str, DataLoader]:
     return {t: DataLoader(task_data(t, n), batch_size=batch_size) for t in tasks}
+
+
+class EpochWindow(Sampler[int]):
+    """Epoch *e* reads the *e*-th window of ``size`` consecutive samples (``set_epoch``, which
+    Lightning calls at each epoch start, chooses it).
+
+    With it, epochs of ``size / batch_size`` batches walk through the same batch sequence as one
+    pass over the dataset, and a resume from an end-of-epoch checkpoint starts exactly where the
+    interrupted run stopped (a plain loader would start the epoch over).
+    """
+
+    def __init__(self, n: int, size: int) -> None:
+        self.n, self.size, self.epoch = n, size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _window(self) -> range:
+        return range(min(self.epoch * self.size, self.n), min((self.epoch + 1) * self.size, self.n))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._window())
+
+    def __len__(self) -> int:
+        return len(self._window())
+
+
+def epoch_loaders(batches_per_epoch: int, tasks: Sequence[str] = TASKS, batch_size: int = 16, n: int = 64) -> dict[str, DataLoader]:
+    """:func:`train_loaders`' batches, in order, cut into epochs of ``batches_per_epoch`` batches."""
+    return {
+        t: DataLoader(task_data(t, n), batch_size=batch_size, sampler=EpochWindow(n, batches_per_epoch * batch_size))
+        for t in tasks
+    }
 
 
 def specs(tasks: Sequence[str] = TASKS, n: int = 48, batch_size: int = 16) -> dict[str, TaskSpec]:
