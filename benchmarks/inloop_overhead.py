@@ -1,30 +1,53 @@
 """In-loop overhead of both front ends at the default schedule: Lightning and Accelerate.
 
-The same training (a branched MLP over K synthetic teacher tasks, AdamW, one optimizer step
-per batch of every task) runs without and with the merge front end, merging every ``--every``
-optimizer steps and scoring every task:
+The loop: a branched MLP (``--dim`` → ``--hidden`` → ``--hidden``, one head per task, ``--tasks``
+synthetic teacher tasks), AdamW, one optimizer step per batch of every task, ``--steps`` steps;
+with the front end merging (DRM) every ``--every`` optimizer steps and scoring every task (the
+merge and each task's own branch, ``--val-size`` samples each):
 
-* Lightning: ``Trainer.fit`` with and without :class:`~drm_lightning.lightning.MergeCallback`
-  (``python -m drm_lightning.lightning.overhead``, reused as is);
-* Accelerate: a plain ``Accelerator(cpu=True)`` loop with and without
+* Lightning: ``Trainer.fit`` without and with :class:`~drm_lightning.lightning.MergeCallback`
+  (:func:`drm_lightning.lightning.overhead.fit`);
+* Accelerate: a plain ``Accelerator(cpu=True)`` loop without and with
   :class:`~drm_lightning.accelerate.MergeHook`.
 
-Two numbers per front end: the wall-clock overhead (fastest of ``--repeats`` alternating runs
-without/with; noisy on a shared machine) and the accounted overhead (time the front end spent
-merging and scoring, from its ``history``, over the loop's wall time; robust to load).
-The load average before and after is recorded (``_common.load_average``).
+**The default schedule.** Neither front end merges without a schedule (``every_n_steps=None``
+warns that it never merges). The schedule their documentation gives — the README quick starts of
+both front ends and the ``MergeCallback`` example — is ``every_n_steps=200`` with every other
+argument at its default (DRM with its defaults, ``evaluate_branches=True``, ``adopt=False``):
+``--every 200``, this benchmark's default.
+
+**Timing on a shared machine.** Every repeat runs the four loops (Lightning without / with,
+Accelerate without / with) back to back, the order rotated from one repeat to the next, so both
+front ends and both variants see the same load. Per front end:
+
+* wall overhead: ``(with - without) / without`` of the fastest runs, and the median of the
+  per-repeat ratios (noisy: other jobs share the cores);
+* accounted overhead: the seconds the front end spent merging and scoring (its ``history``)
+  over the wall time of the same run; median and maximum over repeats (robust to load);
+* seconds per merge, merge and scoring apart: the first merge of each loop and the later ones;
+  ``cold_merge`` is the first merge of the process (first eigh, first pass over each loader);
+* the load average before, after and at the start of every repeat.
+
+``--profile N`` then runs one more merge + scoring of each front end under cProfile and keeps
+the ``N`` entries of highest cumulative time.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/inloop_overhead.py            # writes results/inloop_overhead.json
+    OMP_NUM_THREADS=1 python benchmarks/inloop_overhead.py      # writes results/inloop_overhead.json
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
+import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +60,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_average
 
 from drm_lightning.lightning import overhead as lightning_overhead
-from drm_lightning.lightning.overhead import _task
+from drm_lightning.lightning.overhead import teacher_task
+
+FRONT_ENDS = ("lightning", "accelerate")
 
 
-def _accelerate_loop(args: argparse.Namespace, with_hook: bool) -> tuple[float, Any]:
+@dataclass
+class Run:
+    """One loop: its wall seconds, the front end's history (empty without it), a way to merge again."""
+
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    merge_again: Callable[[], Any] | None = None
+
+
+def lightning_run(args: argparse.Namespace, with_front_end: bool) -> Run:
+    """``Trainer.fit`` without or with ``MergeCallback``."""
+    seconds, cb, module = lightning_overhead.fit(args, with_front_end)
+    if cb is None:
+        return Run(seconds)
+    return Run(seconds, list(cb.history), lambda: cb.core.merge(module, step=args.steps, epoch=0))
+
+
+def accelerate_run(args: argparse.Namespace, with_front_end: bool) -> Run:
+    """A plain ``Accelerator(cpu=True)`` loop without or with ``MergeHook`` (``enabled=``)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState, PartialState
     from torchmetrics.classification import MulticlassAccuracy
@@ -61,17 +104,17 @@ def _accelerate_loop(args: argparse.Namespace, with_hook: bool) -> tuple[float, 
     accelerator = Accelerator(cpu=True)
     model, optimizer = accelerator.prepare(model, optimizer)
     train = [
-        DataLoader(_task(i, args.train_size, args.dim, args.classes, 0), batch_size=args.batch_size, shuffle=True)
+        DataLoader(teacher_task(i, args.train_size, args.dim, args.classes, 0), batch_size=args.batch_size, shuffle=True)
         for i in range(args.tasks)
     ]
     specs = {
         t: TaskSpec(
-            DataLoader(_task(i, args.val_size, args.dim, args.classes, 1), batch_size=256),
+            DataLoader(teacher_task(i, args.val_size, args.dim, args.classes, 1), batch_size=256),
             MulticlassAccuracy(num_classes=args.classes),
         )
         for i, t in enumerate(tasks)
     }
-    hook = MergeHook(accelerator, model, args.method, tasks=specs, every_n_steps=args.every, enabled=with_hook)
+    hook = MergeHook(accelerator, model, args.method, tasks=specs, every_n_steps=args.every, enabled=with_front_end)
     start = time.perf_counter()
     with hook:
         step = 0
@@ -85,53 +128,119 @@ def _accelerate_loop(args: argparse.Namespace, with_hook: bool) -> tuple[float, 
                 step += 1
                 if step == args.steps:
                     break
-    return time.perf_counter() - start, hook
+    seconds = time.perf_counter() - start
+    if not with_front_end:
+        return Run(seconds)
+    return Run(seconds, list(hook.history), hook.merge)
 
 
-def accelerate_overhead(args: argparse.Namespace) -> dict[str, float]:
-    plain, with_hook = [], []
-    hook = None
-    for _ in range(args.repeats):
-        plain.append(_accelerate_loop(args, False)[0])
-        seconds, hook = _accelerate_loop(args, True)
-        with_hook.append(seconds)
-    assert hook is not None and hook.history
-    merge_s = sum(r["merge/seconds"] for r in hook.history)
-    total_s = sum(r["merge/total_seconds"] for r in hook.history)
+RUNNERS: dict[str, Callable[[argparse.Namespace, bool], Run]] = {"lightning": lightning_run, "accelerate": accelerate_run}
+
+
+def _pct(part: float, whole: float) -> float:
+    return 100.0 * part / whole
+
+
+def summarize(without: list[Run], with_: list[Run]) -> dict[str, Any]:
+    """The table row of one front end from its runs (same repeat order in both lists)."""
+    plain, merged = [r.seconds for r in without], [r.seconds for r in with_]
+    spent = [sum(rec["merge/total_seconds"] for rec in r.history) for r in with_]
+    first = [r.history[0] for r in with_]
+    later = [rec for r in with_ for rec in r.history[1:]]
+    median = statistics.median
     return {
         "loop_without_s": min(plain),
-        "loop_with_s": min(with_hook),
-        "overhead_wall_pct": 100 * (min(with_hook) - min(plain)) / min(plain),
-        "merges": len(hook.history),
-        "merge_s_per_merge": merge_s / len(hook.history),
-        "merge_and_eval_s_per_merge": total_s / len(hook.history),
-        "overhead_accounted_pct": 100 * total_s / min(with_hook),
-        "merged_average_last": hook.history[-1].get("merged/average", float("nan")),
+        "loop_with_s": min(merged),
+        "loop_without_s_median": median(plain),
+        "loop_with_s_median": median(merged),
+        "overhead_wall_pct": _pct(min(merged) - min(plain), min(plain)),
+        "overhead_wall_pct_median_paired": median(_pct(w - p, p) for w, p in zip(merged, plain)),
+        "merges_per_loop": len(with_[-1].history),
+        "overhead_accounted_pct": median(_pct(s, w) for s, w in zip(spent, merged)),
+        "overhead_accounted_pct_max": max(_pct(s, w) for s, w in zip(spent, merged)),
+        "merge_and_scoring_s_per_merge": median(s / len(r.history) for s, r in zip(spent, with_)),
+        "first_merge_s": median(rec["merge/seconds"] for rec in first),
+        "first_scoring_s": median(rec["merge/total_seconds"] - rec["merge/seconds"] for rec in first),
+        "later_merge_s": median(rec["merge/seconds"] for rec in later) if later else float("nan"),
+        "later_scoring_s": median(rec["merge/total_seconds"] - rec["merge/seconds"] for rec in later) if later else float("nan"),
+        "merged_average_last": [r.history[-1].get("merged/average", float("nan")) for r in with_],
     }
 
 
+def profile(run: Run, top: int) -> list[str]:
+    """The ``top`` entries of highest cumulative time of one more merge + scoring."""
+    assert run.merge_again is not None
+    profiler = cProfile.Profile()
+    profiler.runcall(run.merge_again)
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(top)
+    return [line for line in out.getvalue().splitlines() if line.strip()]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the interleaved repeats, print the table and write the JSON."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[lightning_overhead.build_parser(add_help=False)],
     )
+    parser.set_defaults(repeats=5)
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile one more merge of each front end")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "inloop_overhead.json")
     args = parser.parse_args(argv)
     if args.adopt:  # the Accelerate loop has no adopt variant: the two rows would differ
         parser.error("--adopt is for the Lightning loop alone: python -m drm_lightning.lightning.overhead --adopt")
     torch.set_num_threads(1)
-    load_before = load_average()
-    result = {
+    variants = [(front_end, with_front_end) for front_end in FRONT_ENDS for with_front_end in (False, True)]
+    runs: dict[tuple[str, bool], list[Run]] = {v: [] for v in variants}
+    load_before, load_per_repeat, cold = load_average(), [], None
+    for repeat in range(args.repeats):
+        load_per_repeat.append(load_average())
+        order = variants[repeat % len(variants):] + variants[: repeat % len(variants)]
+        for front_end, with_front_end in order:
+            run = RUNNERS[front_end](args, with_front_end)
+            runs[front_end, with_front_end].append(run)
+            if cold is None and run.history:
+                cold = {"front_end": front_end, "merge_s": run.history[0]["merge/seconds"],
+                        "merge_and_scoring_s": run.history[0]["merge/total_seconds"]}
+            print(f"repeat {repeat}: {front_end:10s} {'with' if with_front_end else 'without':7s} {run.seconds:7.2f} s",
+                  flush=True)
+    result: dict[str, Any] = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "threads": torch.get_num_threads(),
         "load_average_before": load_before,
-        "lightning": lightning_overhead.run(args),
-        "accelerate": accelerate_overhead(args),
+        "load_average_per_repeat": load_per_repeat,
+        "cold_merge": cold,
+        **{front_end: summarize(runs[front_end, False], runs[front_end, True]) for front_end in FRONT_ENDS},
         "load_average_after": load_average(),
     }
-    print(json.dumps(result, indent=2))
+    if args.profile:
+        result["profile"] = {fe: profile(runs[fe, True][-1], args.profile) for fe in FRONT_ENDS}
+        for front_end, lines in result["profile"].items():
+            print(f"--- {front_end}: one more merge + scoring\n" + "\n".join(lines))
+    print(table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def table(result: dict[str, Any]) -> str:
+    """The Markdown table of RESULTS.md §5."""
+    lines = [
+        (
+            "| front end | loop without s | loop with s | wall overhead (min; median paired) | merges | "
+            "merge s (first; later) | scoring s (first; later) | accounted overhead (median; max) |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for front_end in FRONT_ENDS:
+        r = result[front_end]
+        lines.append(
+            f"| {front_end} | {r['loop_without_s']:.2f} | {r['loop_with_s']:.2f} | "
+            f"{r['overhead_wall_pct']:.1f} %; {r['overhead_wall_pct_median_paired']:.1f} % | {r['merges_per_loop']} | "
+            f"{r['first_merge_s']:.3f}; {r['later_merge_s']:.3f} | {r['first_scoring_s']:.3f}; {r['later_scoring_s']:.3f} | "
+            f"**{r['overhead_accounted_pct']:.1f} %**; {r['overhead_accounted_pct_max']:.1f} % |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from drm_lightning.evaluation import TaskSpec, evaluate_task, summarize_scores
+from drm_lightning.evaluation.tasks import eval_mode
 from drm_lightning.inloop.backends import Backend, Merged
 from drm_lightning.inloop.providers import Branch, BranchProvider
 from drm_lightning.inloop.zero3 import metrics_unsynced, rank_and_world
@@ -119,8 +120,9 @@ class Scorer:
         """The flat ``merged/…``, ``branch/…``, ``normalized/…`` scores of one merge."""
         if not self.tasks:
             return {}
-        merged_scores = self.score_merged(model, backend, provider, merged, branches)
-        branch_scores = self.score_branches(model, backend, branches) if self.evaluate_branches else {}
+        with eval_mode(model):  # once for every evaluation below, not twice per evaluation
+            merged_scores = self.score_merged(model, backend, provider, merged, branches)
+            branch_scores = self.score_branches(model, backend, branches) if self.evaluate_branches else {}
         primary = {t: spec.primary_name for t, spec in self.tasks.items()}
         return summarize_scores(merged_scores, branch_scores, primary=primary)
 

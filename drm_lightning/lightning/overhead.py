@@ -28,7 +28,8 @@ from drm_lightning.lightning.branched import BranchedModule
 from drm_lightning.lightning.callback import MergeCallback
 
 
-def _task(index: int, n: int, dim: int, classes: int, split: int) -> TensorDataset:
+def teacher_task(index: int, n: int, dim: int, classes: int, split: int) -> TensorDataset:
+    """``n`` samples of synthetic task ``index``: ``argmax(x @ W_index)``; ``split`` 0 train, 1 validation."""
     teacher = torch.Generator().manual_seed(100 + index)
     w = torch.randn(dim, classes, generator=teacher)
     g = torch.Generator().manual_seed(10_000 * (split + 1) + index)
@@ -36,7 +37,10 @@ def _task(index: int, n: int, dim: int, classes: int, split: int) -> TensorDatas
     return TensorDataset(x, (x @ w).argmax(-1))
 
 
-def _fit(args: argparse.Namespace, with_callback: bool) -> tuple[float, MergeCallback | None]:
+def fit(
+    args: argparse.Namespace, with_callback: bool
+) -> tuple[float, MergeCallback | None, BranchedModule]:
+    """One fit with the settings of :func:`build_parser`: its wall seconds, the callback, the module."""
     pl.seed_everything(0, verbose=False)
     tasks = [f"t{i}" for i in range(args.tasks)]
     backbone = nn.Sequential(
@@ -44,7 +48,7 @@ def _fit(args: argparse.Namespace, with_callback: bool) -> tuple[float, MergeCal
     )
     model = BranchedModule(backbone, {t: nn.Linear(args.hidden, args.classes) for t in tasks}, lr=1e-3)
     train = {
-        t: DataLoader(_task(i, args.train_size, args.dim, args.classes, 0), batch_size=args.batch_size, shuffle=True)
+        t: DataLoader(teacher_task(i, args.train_size, args.dim, args.classes, 0), batch_size=args.batch_size, shuffle=True)
         for i, t in enumerate(tasks)
     }
     callbacks: list[Any] = []
@@ -52,7 +56,7 @@ def _fit(args: argparse.Namespace, with_callback: bool) -> tuple[float, MergeCal
     if with_callback:
         specs = {
             t: TaskSpec(
-                DataLoader(_task(i, args.val_size, args.dim, args.classes, 1), batch_size=256),
+                DataLoader(teacher_task(i, args.val_size, args.dim, args.classes, 1), batch_size=256),
                 MulticlassAccuracy(num_classes=args.classes),
             )
             for i, t in enumerate(tasks)
@@ -71,7 +75,7 @@ def _fit(args: argparse.Namespace, with_callback: bool) -> tuple[float, MergeCal
     )
     start = time.perf_counter()
     trainer.fit(model, train)
-    return time.perf_counter() - start, cb
+    return time.perf_counter() - start, cb, model
 
 
 def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
@@ -105,8 +109,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     plain, with_cb = [], []
     cb = None
     for _ in range(args.repeats):
-        plain.append(_fit(args, False)[0])
-        seconds, cb = _fit(args, True)
+        plain.append(fit(args, False)[0])
+        seconds, cb, _ = fit(args, True)
         with_cb.append(seconds)
     assert cb is not None
     merge_s = sum(r["merge/seconds"] for r in cb.history)
