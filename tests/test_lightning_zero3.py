@@ -113,7 +113,8 @@ def _cpu_strategy(threshold: int) -> Any:
 class ZeroProbe(Callback):
     """Gathers the full state (collective), the fp32 masters and the local partitions at each step.
 
-    ``shards_of``: a MergeCallback whose latest merge (this rank's partitions) is reassembled.
+    ``shards_of``: a MergeCallback whose merges (this rank's partitions) are reassembled, at each
+    step where it merged.
     """
 
     def __init__(self, shards_of: Any = None) -> None:
@@ -146,7 +147,7 @@ class ZeroProbe(Callback):
                 masters[k] = master.detach().clone()
         self.masters[step] = masters
         self.states[step] = self._gather(pl_module)
-        if self.shards_of is not None and self.shards_of.last_merged_shards is not None and step == MERGE_STEP:
+        if self.shards_of is not None and self.shards_of.core.last_merge_step == step:  # it merged at this step
             self.merged[step] = _reassemble(self.shards_of.last_merged_shards)
 
 
