@@ -26,6 +26,7 @@ from drm_lightning.cli_guard import key_mismatch_hint, open_inputs
 from drm_lightning.cli_report import model_card, output_bytes
 from drm_lightning.config import MergeConfig
 from drm_lightning.merge import PlannedTensor, iter_merge, plan_merge
+from drm_lightning.merge_pieces import PIECE_ELEMENTS
 from drm_lightning.methods import MergeMethod
 from drm_lightning.sources import HFFolderWriter
 
@@ -73,8 +74,14 @@ def run_job(
     device: torch.device | str = "cpu",
     progress: bool = True,
     max_shard_bytes: int = 2 * 1024**3,
+    piece_elements: int | None = PIECE_ELEMENTS,
 ) -> None:
-    """Stream the merge into ``out`` (temporary folder, renamed when complete)."""
+    """Stream the merge into ``out`` (temporary folder, renamed when complete).
+
+    Tensors whose N-branch stack exceeds ``piece_elements`` entries are merged and written
+    in row pieces where the method and the inputs allow it (:mod:`drm_lightning.merge_pieces`);
+    ``None`` merges every tensor whole.
+    """
     base, branches = job.base, job.branches
     if job.align is not None:
         branches = job.align.aligned(branches)  # reads the branches, permutes them to the anchor
@@ -94,8 +101,9 @@ def run_job(
                 seed=job.config.resolved_seed(),
                 plan=job.plan,
                 progress=progress,
+                piece_elements=piece_elements,
             ):
-                writer.add(name, tensor.cpu())
+                writer.add(name, tensor)
     except OSError as err:
         target = str(out.absolute())
         if err.filename is None or not str(Path(err.filename).absolute()).startswith(target):
@@ -121,6 +129,9 @@ class OnDevice:
 
     def get(self, name: str) -> Tensor:
         return self._source.get(name).to(self._device)
+
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        return self._source.get_rows(name, start, stop).to(self._device)
 
     def _lowrank(self, name: str) -> tuple[Tensor, Tensor] | None:
         pair = self._source.lowrank(name)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from drm_lightning.methods.base import LowRankFactors, MergeMethod, Route
 from drm_lightning.routing import Routing
+from drm_lightning.sources._shard_file import RowPieces
 from drm_lightning.sources.memory import StateDictSource
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -336,14 +337,24 @@ def iter_merge(
     seed: int | None = None,
     plan: Sequence[PlannedTensor] | None = None,
     progress: bool = False,
-) -> Iterator[tuple[str, Tensor]]:
+    piece_elements: int | None = None,
+) -> Iterator[tuple[str, Any]]:
     """Yield ``(name, merged tensor)`` for every base tensor, reading one tensor at a time.
 
     Inputs are validated with :func:`plan_merge` first (unless a ``plan`` is given); NaN/Inf
     in a tensor raise before that tensor is merged. Random methods (DARE) draw from a
     generator seeded by ``(seed, tensor name)``; ``seed=None`` uses the method's ``seed``
     parameter (or 0), so the result is the same on every rank and every run.
+
+    With ``piece_elements`` (the disk-to-disk job sets it), a tensor whose N-branch stack is
+    larger than that and that can be merged in row pieces
+    (:func:`drm_lightning.merge_pieces.merges_in_pieces`) comes as a
+    :class:`~drm_lightning.sources.RowPieces` instead of a tensor: memory then stays
+    bounded by a piece. Without it every value is a tensor.
     """
+    from drm_lightning.merge_pieces import merge_in_pieces, merges_in_pieces  # imports this module
+    from drm_lightning.methods.rowwise import rows_per_piece
+
     if seed is None:
         seed = int(getattr(method.params, "seed", 0) or 0)
     coefs = validate_coefficients(coefficients, len(branches))
@@ -358,6 +369,15 @@ def iter_merge(
         base_t = base.get(item.name)
         if item.route == "ignore":
             yield item.name, merge_tensor(method, "ignore", base_t, [], coefs, out_dtype=out_dtype)
+            continue
+        generator = tensor_generator(seed, item.name) if method.uses_randomness else None
+        if merges_in_pieces(method, item, base, branches, piece_elements):
+            pieces = merge_in_pieces(
+                method, item, base, branches, coefs, compute_dtype=compute_dtype, out_dtype=out_dtype,
+                generator=generator, origins=origins,
+                piece_rows=rows_per_piece(item.shape, len(branches), int(piece_elements or 0)),
+            )
+            yield item.name, RowPieces(item.shape, out_dtype or item.dtype, pieces)
             continue
         branch_ts = [_branch_tensor(branch, item.name, item.route) for branch in branches]
         generator = tensor_generator(seed, item.name) if method.uses_randomness else None

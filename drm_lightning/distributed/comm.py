@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from drm_lightning.methods._select import count_digits, from_ordered_bits, ordered_bits, radix_select
 from drm_lightning.methods.ops import Reductions, kept_count
 
 
@@ -224,43 +225,22 @@ class Comm:
 # ---------------------------------------------------------------------- distributed selection
 
 
-def _as_ordered_bits(values: Tensor) -> tuple[Tensor, int]:
-    """Non-negative floats as integers with the same order (IEEE-754 bit patterns)."""
-    if values.dtype == torch.float64:
-        return values.view(torch.int64), 64
-    if values.dtype == torch.float32:
-        return values.view(torch.int32).to(torch.int64), 32
-    return values.to(torch.float32).view(torch.int32).to(torch.int64), 32
-
-
 def kth_largest(values: Tensor, k: int, comm: Comm) -> Tensor:
     """The exact k-th largest of the non-negative ``values`` of all ranks (1-based k).
 
-    Radix selection on the IEEE bit patterns, 8 bits a pass: each pass every rank counts its
-    candidates per digit, one all-reduce of 256 counts picks the digit, and the candidates
-    shrink. 4 passes for float32, 8 for float64; the traffic does not depend on the size.
-    Every rank returns the same value.
+    :func:`~drm_lightning.methods._select.radix_select` with 8-bit digits: each round every
+    rank counts its entries per digit and one all-reduce of 256 counts picks the digit. 4
+    rounds for float32, 8 for float64; the traffic does not depend on the size. Every rank
+    returns the same value.
     """
-    flat = values.detach().reshape(-1)
-    bits, width = _as_ordered_bits(flat.contiguous())
-    prefix = 0
-    remaining = int(k)
-    candidates = bits
-    for shift in range(width - 8, -8, -8):
-        digits = (candidates >> shift) & 0xFF
-        hist = torch.bincount(digits, minlength=256).to(torch.int64)
-        comm.all_reduce(hist)
-        above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # count of digits >= d
-        # Largest digit d with count(digit >= d) >= remaining.
-        digit = int(torch.nonzero(above >= remaining).max()) if remaining > 0 else 255
-        remaining -= int(above[digit + 1]) if digit < 255 else 0
-        prefix = (prefix << 8) | digit
-        candidates = candidates[digits == digit]
-    if width == 64:
-        out = torch.tensor([prefix], dtype=torch.int64).view(torch.float64)[0]
-    else:
-        out = torch.tensor([prefix], dtype=torch.int32).view(torch.float32)[0]
-    return out.to(values.dtype)
+    bits, width = ordered_bits(values)
+
+    def count(shift: int, prefixes: Sequence[int]) -> Tensor:
+        hist = count_digits(bits, shift, prefixes[0], width, digit_bits=8).to(torch.int64)
+        return comm.all_reduce(hist).unsqueeze(0)
+
+    (pattern, _), = radix_select([int(k)], width, count, digit_bits=8)
+    return from_ordered_bits(pattern, width, values.dtype)
 
 
 def guarded(comm: Comm, where: str, fn: Callable[[], Any], placeholder: Callable[[], Any]) -> Any:

@@ -39,6 +39,8 @@ from torch import Tensor
 from drm_lightning.distributed.comm import Comm, guarded
 from drm_lightning.distributed.plan import MergePlan, build_plan
 from drm_lightning.merge import iter_merge
+from drm_lightning.merge_pieces import PIECE_ELEMENTS
+from drm_lightning.sources import RowPieces
 
 if TYPE_CHECKING:  # the job is built by the layer above; only its fields are read here
     from drm_lightning.disk_job import DiskMergeJob
@@ -181,9 +183,9 @@ def run_job_distributed(
         (_, value), = iter_merge(
             job.method, base, branches, coefficients=job.coefficients,
             compute_dtype=job.config.compute_torch_dtype, out_dtype=out_dtype,
-            seed=job.config.resolved_seed(), plan=[item],
+            seed=job.config.resolved_seed(), plan=[item], piece_elements=PIECE_ELEMENTS,
         )
-        value = value.detach().to("cpu").contiguous()
+        value = value.materialize() if isinstance(value, RowPieces) else value.detach().to("cpu").contiguous()
         expected = out_dtype or item.dtype
         if tuple(value.shape) != item.shape or value.dtype != expected:
             raise ValueError(f"merged {item.name!r} is {value.dtype} {list(value.shape)}, "

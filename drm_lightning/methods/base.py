@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import difflib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
+
+from drm_lightning.methods.rowwise import DeltaRows
 
 Route = Literal["matrix", "fallback", "ignore"]
 LowRankFactors = tuple[Tensor, Tensor]
@@ -98,6 +100,33 @@ class MergeMethod(ABC):
             if pair is not None:
                 dense[i] = pair[0].to(coefficients.device, dtype) @ pair[1].to(coefficients.device, dtype)
         return self.merge_matrix(dense, coefficients, generator=generator)
+
+    def merges_in_rows(self, route: Route, shape: Sequence[int], n_branches: int) -> bool:
+        """True when :meth:`merge_rows` merges piece by piece (memory bounded by a piece)
+        rather than reading the whole tensor. Default: no."""
+        return False
+
+    def merge_rows(
+        self,
+        route: Route,
+        read: DeltaRows,
+        shape: Sequence[int],
+        coefficients: Tensor,
+        *,
+        piece_rows: int,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Tensor]:
+        """The merged delta of a tensor of ``shape``, yielded in consecutive row pieces.
+
+        ``read(start, stop)`` gives the (N, stop - start, ...) deltas of those rows. The
+        pieces together equal :meth:`merge_matrix` / :meth:`merge_fallback` of the whole
+        tensor. The default reads the whole tensor and yields it once; entry-wise methods
+        override it (with :meth:`merges_in_rows`) to make a few passes over pieces of
+        ``piece_rows`` rows instead (:mod:`drm_lightning.methods.rowwise`).
+        """
+        deltas = read(0, int(shape[0]))
+        merge = self.merge_matrix if route == "matrix" else self.merge_fallback
+        yield merge(deltas, coefficients, generator=generator)
 
     def row_local(self, route: Route, shape: Sequence[int], n_branches: int) -> bool:
         """True when a tensor can be merged from row slices held on different ranks, with

@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -50,9 +50,17 @@ from drm_lightning.methods.ops import (
     break_ties,
     disjoint_mean,
     elect_signs,
+    kept_count,
     majority_count,
     mass_signs,
     trim_per_branch,
+)
+from drm_lightning.methods.rowwise import (
+    DeltaRows,
+    MagnitudeCut,
+    majority_over_pieces,
+    row_spans,
+    signs_need_majority,
 )
 
 Direction = Literal["vertical", "horizontal"]
@@ -280,6 +288,51 @@ def drm_merge_lowrank(
     return merged @ basis.vectors.mT
 
 
+def drm_fallback_rows(
+    read: DeltaRows,
+    shape: Sequence[int],
+    coefficients: Tensor,
+    *,
+    piece_rows: int,
+    trim_rate: float = 0.0,
+    elect: bool = True,
+    tie_break: TieBreak = "majority",
+    disjoint: bool = True,
+) -> Iterator[Tensor]:
+    """DRM's fallback (trim, elect, disjoint mean) of a tensor read in row pieces.
+
+    The per-branch trim cut comes from :class:`~drm_lightning.methods.rowwise.MagnitudeCut`;
+    the majority sign count of ``tie_break="majority"`` costs one more pass over the pieces,
+    taken only when some entry has an exactly zero mass sum with a non-zero branch (where
+    every branch is zero the merged entry is zero whatever the sign).
+
+    Example:
+        >>> d = torch.tensor([[[1.0], [-4.0], [-1.0]], [[-1.0], [-1.0], [-2.0]]])
+        >>> pieces = drm_fallback_rows(lambda a, b: d[:, a:b], (3, 1), torch.ones(2), piece_rows=1)
+        >>> torch.cat(list(pieces)).squeeze(1)  # entry 0 ties: the majority sign (-) decides
+        tensor([-1.0000, -2.5000, -1.5000])
+    """
+    spans = row_spans(int(shape[0]), piece_rows)
+    cut = None
+    if trim_rate > 0:
+        numel = math.prod(int(s) for s in shape)
+        keeps = [kept_count(numel, 1.0 - trim_rate)] * int(coefficients.shape[0])
+        cut = MagnitudeCut(read, spans, keeps, numel, coefficients.dtype)
+    masks = cut.masks() if cut is not None else None
+    majority: int | None = None if tie_break == "majority" else 0
+    for start, stop in spans:
+        deltas = read(start, stop)
+        if masks is not None:
+            deltas = deltas * masks(deltas)
+        signs = None
+        if elect:
+            signs = mass_signs(deltas)
+            if majority is None and signs_need_majority(signs, deltas):
+                majority = majority_over_pieces(read, spans, cut.masks if cut is not None else None)
+            signs = break_ties(signs, tie_break=tie_break, majority=majority or 0)
+        yield disjoint_mean(deltas, signs, coefficients, disjoint=disjoint)
+
+
 class DRMParams(MethodParams):
     """Parameters of DRM (defaults from the spec, §8).
 
@@ -354,6 +407,19 @@ class DRM(MergeMethod):
             deltas = trim_per_branch(deltas, 1.0 - p.fallback_trim_rate)
         signs = elect_signs(deltas, tie_break=p.tie_break) if p.elect_signs else None
         return disjoint_mean(deltas, signs, coefficients, disjoint=p.disjoint_mean)
+
+    def merges_in_rows(self, route: Route, shape, n_branches: int) -> bool:  # noqa: D102
+        return route == "fallback"
+
+    def merge_rows(self, route, read, shape, coefficients, *, piece_rows, generator=None):  # noqa: D102
+        if route != "fallback":
+            yield from super().merge_rows(route, read, shape, coefficients, piece_rows=piece_rows)
+            return
+        p = self.params
+        yield from drm_fallback_rows(
+            read, shape, coefficients, piece_rows=piece_rows, trim_rate=p.fallback_trim_rate,
+            elect=p.elect_signs, tie_break=p.tie_break, disjoint=p.disjoint_mean,
+        )
 
     def coordinate_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`merge_coordinates` these parameters set."""

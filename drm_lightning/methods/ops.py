@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from drm_lightning.methods._select import add_ties
+
 TieBreak = Literal["majority", "positive"]
 
 
@@ -119,10 +121,7 @@ def largest_mask(scores: Tensor, keep: int) -> Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     threshold = kth_smallest(flat, numel - keep + 1)  # the keep-th largest
     mask = flat > threshold
-    missing = keep - int(mask.sum())
-    if missing > 0:
-        at_threshold = torch.nonzero(flat == threshold).squeeze(1)[:missing]
-        mask[at_threshold] = True
+    add_ties(mask, flat, threshold, keep - int(mask.sum()))
     return mask.reshape(scores.shape)
 
 

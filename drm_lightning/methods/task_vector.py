@@ -33,11 +33,10 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor
 
 from drm_lightning.methods._sparsify import (
@@ -46,47 +45,21 @@ from drm_lightning.methods._sparsify import (
     magnitude_mask,
     rescale_masked,
 )
-from drm_lightning.methods.base import MergeMethod, MethodParams, Route
+from drm_lightning.methods.base import MergeMethod, Route
 from drm_lightning.methods.ops import CountRule, broadcast_coefficients, kept_count
-
-Sparsify = Literal["none", "magnitude", "random"]
-Convention = Literal["peft", "mergekit"]
-
-DEFAULT_DENSITY: dict[str, float] = {"none": 1.0, "magnitude": 0.2, "random": 0.5}
-"""Density used when none is given. ``magnitude`` 0.2: the TIES paper keeps the top 20 % and
-PEFT's merging guide uses 0.2. ``random`` 0.5: the DARE paper sweeps drop rates 0.1–0.9 and
-shared mergekit ``dare_ties`` configs cluster around 0.5. (mergekit's own default is 1.0, no
-sparsification, for every method.)"""
+from drm_lightning.methods.rowwise import DeltaRows, MagnitudeCut, row_spans
+from drm_lightning.methods.task_vector_params import (  # noqa: F401 - re-exported names
+    DEFAULT_DENSITY,
+    Convention,
+    Sparsify,
+    TaskVectorParams,
+    default_normalize,
+    default_rescale,
+    family_name,
+)
 
 WEIGHT_SUM_EPS = 1e-8
 """Without sign election, a weight sum below this is treated as 1 (as mergekit does)."""
-
-
-def default_normalize(sparsify: Sparsify, elect_signs: bool, convention: Convention) -> bool:
-    """The library default of ``normalize`` for a preset under ``convention``.
-
-    TIES normalises in both libraries; DARE-TIES normalises in PEFT (disjoint mean) but sums
-    in mergekit (``normalize: false`` by default); methods without election sum.
-
-    Example:
-        >>> default_normalize("random", True, "peft"), default_normalize("random", True, "mergekit")
-        (True, False)
-    """
-    if not elect_signs:
-        return False
-    return convention == "peft" or sparsify != "random"
-
-
-def default_rescale(sparsify: Sparsify, convention: Convention) -> RescaleRule:
-    """DARE rescales by ``1/density`` in PEFT and to the branch's L1 norm in mergekit.
-
-    Example:
-        >>> default_rescale("random", "mergekit"), default_rescale("magnitude", "peft")
-        ('l1', 'none')
-    """
-    if sparsify != "random":
-        return "none"
-    return "inverse_density" if convention == "peft" else "l1"
 
 
 def sparsify_branches(
@@ -254,95 +227,53 @@ def task_vector_merge(
     return merged * scaling if scaling != 1 else merged
 
 
-def family_name(sparsify: object, elect_signs: object, normalize: object = None) -> str:
-    """The usual name of a (sparsify, elect_signs) configuration, for messages.
+def task_vector_merge_rows(
+    read: DeltaRows,
+    shape: Sequence[int],
+    coefficients: Tensor,
+    *,
+    piece_rows: int,
+    sparsify: Sparsify = "none",
+    density: float = 1.0,
+    elect_signs: bool = False,
+    normalize: bool = False,
+    rescale: RescaleRule = "none",
+    convention: Convention = "peft",
+    scaling: float = 1.0,
+) -> Iterator[Tensor]:
+    """:func:`task_vector_merge` of a tensor read in row pieces, yielded piece by piece.
+
+    Every step but the magnitude trim is entry-wise; the trim's per-branch cut over the whole
+    tensor comes from :class:`~drm_lightning.methods.rowwise.MagnitudeCut` (two passes over
+    the pieces in float32) with the same count and the same ties. Random sparsification and
+    the ``l1`` rescale depend on the whole branch in order and are not offered here.
 
     Example:
-        >>> family_name("random", True)
-        'dare_ties'
+        >>> d = torch.tensor([[[1.0], [-4.0], [-2.0], [0.5]], [[-1.0], [-1.5], [-0.5], [3.0]]])
+        >>> pieces = task_vector_merge_rows(lambda a, b: d[:, a:b], (4, 1), torch.ones(2),
+        ...     piece_rows=3, sparsify="magnitude", density=0.5, elect_signs=True, normalize=True)
+        >>> torch.cat(list(pieces)).squeeze(1)
+        tensor([ 0.0000, -2.7500, -2.0000,  3.0000])
     """
-    names = {
-        ("none", False): "task_arithmetic",
-        ("magnitude", True): "ties",
-        ("random", True): "dare_ties",
-        ("random", False): "dare_linear",
-        ("magnitude", False): "magnitude_prune",
-    }
-    if (sparsify, bool(elect_signs), normalize) == ("none", False, True):
-        return "linear"
-    return names.get((sparsify, bool(elect_signs)), "task_vector")  # type: ignore[call-overload]
-
-
-class TaskVectorParams(MethodParams):
-    """Parameters of the task-vector family; ``None`` means "the default for this name".
-
-    ``sparsify`` and ``elect_signs`` (and ``normalize`` for ``linear``) are fixed by the
-    registered name; the others are user settings.
-    """
-
-    sparsify: Sparsify = Field("none", description="per-branch sparsification (fixed per name)")
-    elect_signs: bool = Field(False, description="TIES sign election (fixed per name)")
-    density: float | None = Field(
-        None,
-        description="fraction of entries kept per branch, in (0, 1]; default 0.2 for ties, "
-        "0.5 for dare_*, unused by task_arithmetic/linear",
-    )
-    scaling: float = Field(1.0, allow_inf_nan=False, description="global λ on the merged delta")
-    normalize: bool | None = Field(
-        None,
-        description="divide by the agreeing count (peft) / agreeing weight sum (mergekit) "
-        "when electing signs, else by the weight sum; default: the library's for this name",
-    )
-    rescale: RescaleRule | None = Field(
-        None,
-        description="rescale of sparsified branches: inverse_density | l1 | none; "
-        "default: inverse_density (peft) or l1 (mergekit) for DARE, none otherwise",
-    )
-    convention: Convention = Field(
-        "peft", description="whose TIES/DARE arithmetic: peft | mergekit"
-    )
-    seed: int = Field(0, description="DARE seed when the caller passes no generator")
-
-    @field_validator("density")
-    @classmethod
-    def _density_in_range(cls, v: float | None, info: ValidationInfo) -> float | None:
-        if v is not None and not (0.0 < v <= 1.0):
-            raise ValueError(
-                f"density is the fraction of entries kept and must be in (0, 1]; got {v} "
-                "(use 1.0 to keep everything)"
-            )
-        if v not in (None, 1.0) and info.data.get("sparsify") == "none":
-            raise ValueError(
-                "density has no effect without sparsification (task_arithmetic, linear); "
-                "use ties, dare_ties or dare_linear to sparsify"
-            )
-        return v
-
-    @field_validator("rescale")
-    @classmethod
-    def _rescale_needs_sparsify(cls, v: RescaleRule | None, info: ValidationInfo) -> Any:
-        if v not in (None, "none") and info.data.get("sparsify") == "none":
-            raise ValueError("rescale has no effect without sparsification")
-        return v
-
-    @model_validator(mode="before")
-    @classmethod
-    def _resolve_defaults(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        sparsify = data.get("sparsify", "none")
-        elect = bool(data.get("elect_signs", False))
-        convention = data.get("convention", "peft")
-        if sparsify not in DEFAULT_DENSITY or convention not in ("peft", "mergekit"):
-            return data  # the field validators report it
-        if data.get("density") is None:
-            data["density"] = DEFAULT_DENSITY[sparsify]
-        if data.get("normalize") is None:
-            data["normalize"] = default_normalize(sparsify, elect, convention)
-        if data.get("rescale") is None:
-            data["rescale"] = default_rescale(sparsify, convention)
-        return data
+    if sparsify != "none" and density < 1 and (sparsify == "random" or rescale == "l1"):
+        raise ValueError("random sparsification and the l1 rescale need the whole tensor")
+    spans = row_spans(int(shape[0]), piece_rows)
+    masks = None
+    if sparsify == "magnitude" and density < 1:
+        numel = math.prod(int(s) for s in shape)
+        rule: CountRule = "floor" if convention == "peft" else "floor_min1"
+        keeps = [kept_count(numel, density, rule=rule)] * int(coefficients.shape[0])
+        masks = MagnitudeCut(read, spans, keeps, numel, coefficients.dtype).masks()
+    for start, stop in spans:
+        deltas = read(start, stop)
+        if masks is not None:
+            deltas = deltas * masks(deltas)
+            if rescale != "none":
+                deltas = rescale_masked(deltas, deltas, how=rescale, density=density)
+        merged = combine_branches(
+            deltas, coefficients, elect_signs=elect_signs, normalize=normalize, convention=convention
+        )
+        yield merged * scaling if scaling != 1 else merged
 
 
 class TaskVectorMethod(MergeMethod):
@@ -443,6 +374,28 @@ class TaskVectorMethod(MergeMethod):
     ) -> Tensor:
         """Merge the (N, *shape) deltas of any other tensor."""
         return self._merge(deltas, coefficients, generator)
+
+    def merges_in_rows(self, route: Route, shape: Sequence[int], n_branches: int) -> bool:
+        """Every preset but DARE (random masks drawn over the whole branch in order)."""
+        p = self.params
+        return route != "ignore" and not self.uses_randomness and p.rescale != "l1"
+
+    def merge_rows(
+        self, route: Route, read: DeltaRows, shape: Sequence[int], coefficients: Tensor, *,
+        piece_rows: int, generator: torch.Generator | None = None,
+    ) -> Iterator[Tensor]:
+        """:func:`task_vector_merge_rows` with these parameters (the whole tensor at once for DARE)."""
+        if not self.merges_in_rows(route, shape, int(coefficients.shape[0])):
+            yield from super().merge_rows(route, read, shape, coefficients, piece_rows=piece_rows,
+                                          generator=generator)
+            return
+        p = self.params
+        assert p.density is not None and p.normalize is not None and p.rescale is not None
+        yield from task_vector_merge_rows(
+            read, shape, coefficients, piece_rows=piece_rows, sparsify=p.sparsify,
+            density=p.density, elect_signs=p.elect_signs, normalize=p.normalize,
+            rescale=p.rescale, convention=p.convention, scaling=p.scaling,
+        )
 
     def cost(self, route: Route, shape: Sequence[int], n_branches: int) -> float:
         """Entry-wise passes over the stack, plus a top-k per branch for magnitude trims."""

@@ -19,6 +19,7 @@ from drm_lightning.sources.base import (
     hash_in_background,
     sha256_of,
 )
+from drm_lightning.sources._shard_file import RowPieces
 from drm_lightning.sources.factory import SourceLike, open_source
 from drm_lightning.sources.hf_folder import HFFolderSource
 from drm_lightning.sources.lightning_ckpt import LightningCheckpointSource
@@ -31,6 +32,7 @@ from drm_lightning.sources.trust import TRUST_OPT_IN, UntrustedPickleError
 from drm_lightning.sources.writer import COPIED_FILES, HFFolderWriter, check_free_space
 
 __all__ = [
+    "RowPieces",
     "COPIED_FILES",
     "HFFolderSource",
     "HFFolderWriter",

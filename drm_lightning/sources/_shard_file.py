@@ -33,9 +33,11 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +45,7 @@ from torch import Tensor
 
 from drm_lightning.sources.base import _SAFETENSORS_DTYPES
 
-__all__ = ["ShardFile", "write_at"]
+__all__ = ["RowPieces", "ShardFile", "write_at"]
 
 _CODES: dict[torch.dtype, str] = {
     dtype: code
@@ -52,6 +54,59 @@ _CODES: dict[torch.dtype, str] = {
 }
 _ALIGN = 8
 _MOVE_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass
+class RowPieces:
+    """A tensor that arrives as consecutive row pieces (consumed once), e.g. a large tensor
+    merged piece by piece (:mod:`drm_lightning.merge_pieces`).
+
+    Attributes:
+        shape: the whole tensor's shape.
+        dtype: the pieces' dtype.
+        pieces: the pieces along dim 0, in order, on any device.
+
+    Example:
+        >>> RowPieces((3, 2), torch.float32, iter([torch.ones(2, 2), torch.zeros(1, 2)])).materialize()
+        tensor([[1., 1.],
+                [1., 1.],
+                [0., 0.]])
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    pieces: Iterator[Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole tensor."""
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    def materialize(self) -> Tensor:
+        """The whole tensor on CPU, for a consumer that needs it whole."""
+        out = torch.empty(self.shape, dtype=self.dtype)
+        row = 0
+        for piece in self.pieces:
+            _check_piece(piece, self, row)
+            out[row : row + piece.shape[0]] = piece.to("cpu")
+            row += piece.shape[0]
+        _check_rows(row, self)
+        return out
+
+
+def _check_piece(piece: Tensor, whole: RowPieces, row: int) -> None:
+    if piece.dtype != whole.dtype or tuple(piece.shape[1:]) != tuple(whole.shape[1:]) or (
+        row + piece.shape[0] > whole.shape[0]
+    ):
+        raise ValueError(
+            f"piece at row {row} is {piece.dtype} {list(piece.shape)}, which does not continue "
+            f"a {whole.dtype} tensor of shape {list(whole.shape)}"
+        )
+
+
+def _check_rows(rows: int, whole: RowPieces) -> None:
+    if rows != whole.shape[0]:
+        raise ValueError(f"the pieces cover {rows} rows of a tensor of shape {list(whole.shape)}")
 
 
 def write_at(fd: int, data: memoryview, offset: int) -> None:
@@ -127,6 +182,33 @@ class ShardFile:
             self._held.append((name, tensor.clone()))
         else:
             self._put(name, tensor)
+
+    def add_pieces(self, name: str, tensor: RowPieces) -> None:
+        """Write a tensor given as row pieces, each as it arrives, at consecutive offsets.
+
+        Only the piece being written is in memory. A tensor whose size is not a multiple of
+        8 bytes is gathered and held like :meth:`add` does (such tensors are small).
+        """
+        if self._fd is None:
+            raise RuntimeError(f"{self.path} is already closed")
+        if tensor.dtype not in _CODES or tensor.nbytes % _ALIGN or not tensor.shape:
+            self.add(name, tensor.materialize())
+            return
+        start = _ALIGN + self._reserve + self._end
+        written, row = 0, 0
+        for piece in tensor.pieces:
+            _check_piece(piece, tensor, row)
+            data = _bytes_of(piece.detach().to("cpu").contiguous())
+            write_at(self._fd, data, start + written)
+            written += len(data)
+            row += piece.shape[0]
+        _check_rows(row, tensor)
+        self._entries[name] = {
+            "dtype": _CODES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._end, self._end + written],
+        }
+        self._end += written
 
     def _put(self, name: str, tensor: Tensor) -> None:
         assert self._fd is not None

@@ -157,6 +157,12 @@ class WeightSource(ABC):
         without the rest override this (safetensors), the default reads the whole tensor."""
         return self.get(name)[start:stop]
 
+    def reads_rows(self, name: str) -> bool:
+        """True when :meth:`get_rows` of ``name`` costs only the rows asked for (a slice read,
+        or a tensor already in memory); the merge loop then merges a large tensor in row
+        pieces (:mod:`drm_lightning.merge_pieces`). Default: no."""
+        return False
+
     @abstractmethod
     def files(self) -> list[Path]:
         """Every file this source reads (for hashing in the model card); empty in memory."""
@@ -289,3 +295,7 @@ class LoadedTensorsMixin:
             return self._tensors[name]
         except KeyError:
             raise self._missing(name) from None
+
+    def reads_rows(self, name: str) -> bool:
+        """The tensors are in memory (or memory-mapped): a row slice costs nothing."""
+        return True

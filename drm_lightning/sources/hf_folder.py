@@ -163,6 +163,9 @@ class HFFolderSource(WeightSource):
     def get_rows(self, name: str, start: int, stop: int) -> Tensor:
         return self._shard_of(name).get_rows(name, start, stop)
 
+    def reads_rows(self, name: str) -> bool:  # noqa: D102
+        return self._shard_of(name).reads_rows(name)
+
     def files(self) -> list[Path]:
         shards = sorted({self.path / f for f in self._weight_map.values()})
         return ([self._main] if self.layout.endswith("sharded") else []) + shards

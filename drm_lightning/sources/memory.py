@@ -77,6 +77,10 @@ class StateDictSource(LoadedTensorsMixin, WeightSource):
         tensor = super().get(name)
         return tensor if self.device is None else tensor.to(self.device)
 
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:  # noqa: D102
+        rows = super().get(name)[start:stop]
+        return rows if self.device is None else rows.to(self.device)
+
     def files(self) -> list[Path]:
         return []
 

@@ -73,6 +73,12 @@ class RenamedSource(WeightSource):
     def get(self, name: str) -> Tensor:
         return self.source.get(self._inner(name))
 
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        return self.source.get_rows(self._inner(name), start, stop)
+
+    def reads_rows(self, name: str) -> bool:
+        return self.source.reads_rows(self._inner(name))
+
     def files(self) -> list[Path]:
         return self.source.files()
 

@@ -90,6 +90,9 @@ class SafetensorsFileSource(WeightSource):
         with safe_open(str(self.path), framework="pt") as f:
             return f.get_slice(name)[start:stop]
 
+    def reads_rows(self, name: str) -> bool:  # noqa: D102
+        return True
+
     def files(self) -> list[Path]:
         return [self.path]
 

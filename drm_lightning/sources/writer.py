@@ -36,7 +36,7 @@ from typing import Any
 
 from torch import Tensor
 
-from drm_lightning.sources._shard_file import ShardFile
+from drm_lightning.sources._shard_file import RowPieces, ShardFile
 from drm_lightning.sources.base import hash_in_background, sha256_of
 from drm_lightning.sources.output_guard import (
     COPIED_FILES,
@@ -218,8 +218,11 @@ class HFFolderWriter:
         """Bytes of tensor data added so far."""
         return sum(self._sizes.values())
 
-    def add(self, name: str, tensor: Tensor) -> None:
+    def add(self, name: str, tensor: Tensor | RowPieces) -> None:
         """Write one tensor into the current shard, starting a new shard when it is full.
+
+        ``tensor`` may be a :class:`~drm_lightning.sources._shard_file.RowPieces`: its pieces
+        are written as they are produced, so a tensor larger than memory can be written.
 
         The tensor's bytes go to disk now (a few odd-sized ones, under 8 bytes a row, wait for
         the shard's end); nothing the size of a shard is kept in memory. The caller may reuse
@@ -238,12 +241,12 @@ class HFFolderWriter:
             )
         if not isinstance(name, str) or not name:
             raise TypeError(f"tensor name must be a non-empty string, got {name!r}")
-        if not isinstance(tensor, Tensor):
+        if not isinstance(tensor, (Tensor, RowPieces)):
             raise TypeError(f"{name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
         if name in self._names:
             raise ValueError(f"tensor {name!r} was already added to {self.out_dir}")
-        owned = tensor.detach().to("cpu").contiguous()
-        size = owned.numel() * owned.element_size()
+        owned = tensor if isinstance(tensor, RowPieces) else tensor.detach().to("cpu").contiguous()
+        size = owned.nbytes if isinstance(owned, RowPieces) else owned.numel() * owned.element_size()
         if self._open is not None and self._open_bytes + size > self.max_shard_bytes:
             self._flush()
         if self._open is None:
@@ -254,7 +257,10 @@ class HFFolderWriter:
                 )
             self._open_bytes = 0
         with _located(self._open.path):
-            self._open.add(name, owned)
+            if isinstance(owned, RowPieces):
+                self._open.add_pieces(name, owned)
+            else:
+                self._open.add(name, owned)
         self._names.add(name)
         self._sizes[name] = size
         self._open_bytes += size

@@ -1,0 +1,133 @@
+"""Exact order statistics of magnitudes seen in parts: row pieces of a tensor, or ranks.
+
+A magnitude top-k over a whole tensor needs one number first, the k-th largest magnitude;
+when no process holds the whole tensor at once (it is merged in row pieces, or its rows
+sit on different ranks) that number is found by radix selection on the IEEE-754 bit
+patterns, which order non-negative floats like integers: each round counts the entries per
+digit (``digit_bits`` bits, from the top), and the digit holding the k-th largest becomes
+part of the answer. The caller says how to count (:data:`DigitCounter`): over pieces read
+one after another, or over local entries followed by an all-reduce. The answer is exact,
+in ``width / digit_bits`` rounds, with memory that does not depend on the tensor's size.
+
+Ties at the cut go to the first entries in flattened order (:func:`keep_largest`), like
+:func:`drm_lightning.methods.ops.largest_mask` on the whole tensor.
+
+Example:
+    >>> import torch
+    >>> values = torch.tensor([0.5, 3.0, 1.0, 3.0, 2.0])
+    >>> bits, width = ordered_bits(values)
+    >>> (cut, ties), = radix_select([2], width, lambda shift, prefixes: count_digits(
+    ...     bits, shift, prefixes[0], width).unsqueeze(0))
+    >>> from_ordered_bits(cut, width, values.dtype), ties
+    (tensor(3.), 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+DigitCounter = Callable[[int, Sequence[int]], Tensor]
+"""``count(shift, prefixes)``: an ``(L, 2**digit_bits)`` int64 tensor whose row ``l`` counts,
+among the entries of lane ``l`` whose bits above ``shift + digit_bits`` equal
+``prefixes[l]``, how many have each digit ``(bits >> shift) & (2**digit_bits - 1)``."""
+
+
+def ordered_bits(values: Tensor) -> tuple[Tensor, int]:
+    """Non-negative floats as int64 bit patterns with the same order, and the pattern width.
+
+    float64 keeps its 64 bits; float32 its 32; half precision is widened to float32 first
+    (exactly).
+
+    Example:
+        >>> ordered_bits(torch.tensor([0.0, 1.0]))
+        (tensor([         0, 1065353216]), 32)
+    """
+    flat = values.detach().reshape(-1).contiguous()
+    if flat.dtype == torch.float64:
+        return flat.view(torch.int64), 64
+    if flat.dtype != torch.float32:
+        flat = flat.to(torch.float32)
+    return flat.view(torch.int32).to(torch.int64), 32
+
+
+def from_ordered_bits(pattern: int, width: int, dtype: torch.dtype) -> Tensor:
+    """The 0-d tensor of ``dtype`` whose :func:`ordered_bits` pattern is ``pattern``.
+
+    Example:
+        >>> from_ordered_bits(1065353216, 32, torch.bfloat16)
+        tensor(1., dtype=torch.bfloat16)
+    """
+    if width == 64:
+        value = torch.tensor([pattern], dtype=torch.int64).view(torch.float64)[0]
+    else:
+        value = torch.tensor([pattern], dtype=torch.int32).view(torch.float32)[0]
+    return value.to(dtype)
+
+
+def count_digits(bits: Tensor, shift: int, prefix: int, width: int, digit_bits: int = 16) -> Tensor:
+    """Counts of the digit at ``shift`` among ``bits`` whose higher bits equal ``prefix``.
+
+    Example:
+        >>> count_digits(torch.tensor([1, 2, 2, 7]), 0, 0, 16, digit_bits=16)[:4].tolist()
+        [0, 1, 2, 0]
+    """
+    if shift + digit_bits < width:
+        bits = bits[(bits >> (shift + digit_bits)) == prefix]
+    return torch.bincount((bits >> shift) & ((1 << digit_bits) - 1), minlength=1 << digit_bits)
+
+
+def radix_select(
+    ks: Sequence[int], width: int, count: DigitCounter, *, digit_bits: int = 16
+) -> list[tuple[int, int]]:
+    """For each lane ``l``: the bit pattern of its ``ks[l]``-th largest entry (1-based) and
+    how many entries equal to it are among its ``ks[l]`` largest.
+
+    ``count`` is called ``width / digit_bits`` times, once per digit from the top, for all
+    lanes at once (one pass over the data per round). Every ``ks[l]`` must lie in
+    ``1..numel`` of its lane.
+    """
+    if width % digit_bits:
+        raise ValueError(f"digit_bits={digit_bits} must divide the pattern width {width}")
+    lanes = len(ks)
+    prefixes = [0] * lanes
+    remaining = [int(k) for k in ks]
+    for shift in range(width - digit_bits, -1, -digit_bits):
+        hist = count(shift, list(prefixes)).to(torch.int64).reshape(lanes, -1)
+        at_least = torch.flip(torch.cumsum(torch.flip(hist, [1]), 1), [1])  # count(digit >= d)
+        for lane in range(lanes):
+            # The largest digit d with count(digit >= d) >= remaining holds the k-th largest.
+            hits = torch.nonzero(at_least[lane] >= remaining[lane])
+            if hits.numel() == 0:
+                raise ValueError(f"lane {lane}: k={ks[lane]} exceeds the number of entries")
+            digit = int(hits.max())
+            if digit + 1 < at_least.shape[1]:
+                remaining[lane] -= int(at_least[lane, digit + 1])
+            prefixes[lane] = (prefixes[lane] << digit_bits) | digit
+    return list(zip(prefixes, remaining, strict=True))
+
+
+def keep_largest(magnitudes: Tensor, threshold: Tensor, ties: int) -> tuple[Tensor, int]:
+    """Mask of the entries above ``threshold`` and of the first ``ties`` equal to it.
+
+    "First" is flattened order; returns the mask and how many ties are still to be kept, for
+    the next piece of the same tensor when it is processed in pieces.
+
+    Example:
+        >>> keep_largest(torch.tensor([2.0, 1.0, 2.0, 3.0]), torch.tensor(2.0), 1)
+        (tensor([ True, False, False,  True]), 0)
+    """
+    mask = magnitudes > threshold
+    return mask, add_ties(mask, magnitudes, threshold, ties)
+
+
+def add_ties(mask: Tensor, magnitudes: Tensor, threshold: Tensor, ties: int) -> int:
+    """Set ``mask`` (contiguous, in place) on the first ``ties`` entries equal to
+    ``threshold``, in flattened order; returns how many ties are still to be kept."""
+    if ties <= 0:
+        return ties
+    at_threshold = torch.nonzero(magnitudes.reshape(-1) == threshold).squeeze(1)[:ties]
+    mask.view(-1)[at_threshold] = True
+    return ties - int(at_threshold.numel())

@@ -1,0 +1,145 @@
+"""The parameters of the task-vector family and their per-preset defaults.
+
+:class:`TaskVectorParams` validates a preset's settings (``density``, ``normalize``,
+``rescale``, ``convention`` ...) and fills in the defaults each library uses for that preset
+(:func:`default_normalize`, :func:`default_rescale`); :func:`family_name` names a
+configuration in messages. The recipe itself is :mod:`drm_lightning.methods.task_vector`.
+
+Example:
+    >>> TaskVectorParams(sparsify="random", elect_signs=True).density
+    0.5
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from drm_lightning.methods._sparsify import RescaleRule
+from drm_lightning.methods.base import MethodParams
+
+Sparsify = Literal["none", "magnitude", "random"]
+Convention = Literal["peft", "mergekit"]
+
+DEFAULT_DENSITY: dict[str, float] = {"none": 1.0, "magnitude": 0.2, "random": 0.5}
+"""Density used when none is given. ``magnitude`` 0.2: the TIES paper keeps the top 20 % and
+PEFT's merging guide uses 0.2. ``random`` 0.5: the DARE paper sweeps drop rates 0.1–0.9 and
+shared mergekit ``dare_ties`` configs cluster around 0.5. (mergekit's own default is 1.0, no
+sparsification, for every method.)"""
+
+def default_normalize(sparsify: Sparsify, elect_signs: bool, convention: Convention) -> bool:
+    """The library default of ``normalize`` for a preset under ``convention``.
+
+    TIES normalises in both libraries; DARE-TIES normalises in PEFT (disjoint mean) but sums
+    in mergekit (``normalize: false`` by default); methods without election sum.
+
+    Example:
+        >>> default_normalize("random", True, "peft"), default_normalize("random", True, "mergekit")
+        (True, False)
+    """
+    if not elect_signs:
+        return False
+    return convention == "peft" or sparsify != "random"
+
+
+def default_rescale(sparsify: Sparsify, convention: Convention) -> RescaleRule:
+    """DARE rescales by ``1/density`` in PEFT and to the branch's L1 norm in mergekit.
+
+    Example:
+        >>> default_rescale("random", "mergekit"), default_rescale("magnitude", "peft")
+        ('l1', 'none')
+    """
+    if sparsify != "random":
+        return "none"
+    return "inverse_density" if convention == "peft" else "l1"
+
+def family_name(sparsify: object, elect_signs: object, normalize: object = None) -> str:
+    """The usual name of a (sparsify, elect_signs) configuration, for messages.
+
+    Example:
+        >>> family_name("random", True)
+        'dare_ties'
+    """
+    names = {
+        ("none", False): "task_arithmetic",
+        ("magnitude", True): "ties",
+        ("random", True): "dare_ties",
+        ("random", False): "dare_linear",
+        ("magnitude", False): "magnitude_prune",
+    }
+    if (sparsify, bool(elect_signs), normalize) == ("none", False, True):
+        return "linear"
+    return names.get((sparsify, bool(elect_signs)), "task_vector")  # type: ignore[call-overload]
+
+
+class TaskVectorParams(MethodParams):
+    """Parameters of the task-vector family; ``None`` means "the default for this name".
+
+    ``sparsify`` and ``elect_signs`` (and ``normalize`` for ``linear``) are fixed by the
+    registered name; the others are user settings.
+    """
+
+    sparsify: Sparsify = Field("none", description="per-branch sparsification (fixed per name)")
+    elect_signs: bool = Field(False, description="TIES sign election (fixed per name)")
+    density: float | None = Field(
+        None,
+        description="fraction of entries kept per branch, in (0, 1]; default 0.2 for ties, "
+        "0.5 for dare_*, unused by task_arithmetic/linear",
+    )
+    scaling: float = Field(1.0, allow_inf_nan=False, description="global λ on the merged delta")
+    normalize: bool | None = Field(
+        None,
+        description="divide by the agreeing count (peft) / agreeing weight sum (mergekit) "
+        "when electing signs, else by the weight sum; default: the library's for this name",
+    )
+    rescale: RescaleRule | None = Field(
+        None,
+        description="rescale of sparsified branches: inverse_density | l1 | none; "
+        "default: inverse_density (peft) or l1 (mergekit) for DARE, none otherwise",
+    )
+    convention: Convention = Field(
+        "peft", description="whose TIES/DARE arithmetic: peft | mergekit"
+    )
+    seed: int = Field(0, description="DARE seed when the caller passes no generator")
+
+    @field_validator("density")
+    @classmethod
+    def _density_in_range(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and not (0.0 < v <= 1.0):
+            raise ValueError(
+                f"density is the fraction of entries kept and must be in (0, 1]; got {v} "
+                "(use 1.0 to keep everything)"
+            )
+        if v not in (None, 1.0) and info.data.get("sparsify") == "none":
+            raise ValueError(
+                "density has no effect without sparsification (task_arithmetic, linear); "
+                "use ties, dare_ties or dare_linear to sparsify"
+            )
+        return v
+
+    @field_validator("rescale")
+    @classmethod
+    def _rescale_needs_sparsify(cls, v: RescaleRule | None, info: ValidationInfo) -> Any:
+        if v not in (None, "none") and info.data.get("sparsify") == "none":
+            raise ValueError("rescale has no effect without sparsification")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        sparsify = data.get("sparsify", "none")
+        elect = bool(data.get("elect_signs", False))
+        convention = data.get("convention", "peft")
+        if sparsify not in DEFAULT_DENSITY or convention not in ("peft", "mergekit"):
+            return data  # the field validators report it
+        if data.get("density") is None:
+            data["density"] = DEFAULT_DENSITY[sparsify]
+        if data.get("normalize") is None:
+            data["normalize"] = default_normalize(sparsify, elect, convention)
+        if data.get("rescale") is None:
+            data["rescale"] = default_rescale(sparsify, convention)
+        return data
