@@ -36,21 +36,21 @@ among the entries of lane ``l`` whose bits above ``shift + digit_bits`` equal
 
 
 def ordered_bits(values: Tensor) -> tuple[Tensor, int]:
-    """Non-negative floats as int64 bit patterns with the same order, and the pattern width.
+    """Non-negative floats as integer bit patterns with the same order, and the pattern width.
 
-    float64 keeps its 64 bits; float32 its 32; half precision is widened to float32 first
-    (exactly).
+    float64 gives int64 patterns; float32 int32 ones (non-negative: the sign bit is 0);
+    half precision is widened to float32 first (exactly). No copy for float32/float64.
 
     Example:
         >>> ordered_bits(torch.tensor([0.0, 1.0]))
-        (tensor([         0, 1065353216]), 32)
+        (tensor([         0, 1065353216], dtype=torch.int32), 32)
     """
     flat = values.detach().reshape(-1).contiguous()
     if flat.dtype == torch.float64:
         return flat.view(torch.int64), 64
     if flat.dtype != torch.float32:
         flat = flat.to(torch.float32)
-    return flat.view(torch.int32).to(torch.int64), 32
+    return flat.view(torch.int32), 32
 
 
 def from_ordered_bits(pattern: int, width: int, dtype: torch.dtype) -> Tensor:
