@@ -164,6 +164,11 @@ def summarize(without: list[Run], with_: list[Run]) -> dict[str, Any]:
         "later_merge_s": median(rec["merge/seconds"] for rec in later) if later else float("nan"),
         "later_scoring_s": median(rec["merge/total_seconds"] - rec["merge/seconds"] for rec in later) if later else float("nan"),
         "merged_average_last": [r.history[-1].get("merged/average", float("nan")) for r in with_],
+        "per_repeat": [
+            {"without_s": p.seconds, "with_s": w.seconds,
+             "merges_s": [[rec["merge/seconds"], rec["merge/total_seconds"]] for rec in w.history]}
+            for p, w in zip(without, with_)
+        ],
     }
 
 
