@@ -50,6 +50,7 @@ from drm_lightning.config import MergeConfig, load_config
 from drm_lightning.disk_job import DiskMergeJob, make_writer, open_job, run_job
 from drm_lightning.distributed.comm import Comm, DistributedMergeError
 from drm_lightning.distributed.streaming import run_job_distributed, stream_schedule
+from drm_lightning.merge_pieces import PIECE_ELEMENTS
 from drm_lightning.mergekit_format import MergekitConfig
 from drm_lightning.sources import HFFolderWriter
 from drm_lightning.sources.output_guard import cleanup_on_signals
@@ -119,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="under torchrun: tensors per chunk of the schedule; rank 0 holds at most K "
         "merged tensors before writing them (default 8 x ranks)",
     )
+    parser.add_argument(
+        "--piece-size", type=int, default=PIECE_ELEMENTS, metavar="E",
+        help="merge a large entry-wise tensor (TIES, task arithmetic, DRM's fallback) in row "
+        f"pieces of about E entries across branches (default {PIECE_ELEMENTS}); 0: whole tensors",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="show the traceback of errors")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -129,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``drm-merge``; returns the exit status (0 ok, 2 error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.piece_size < 0:
+        parser.error(f"--piece-size must be >= 0 (0: merge whole tensors), got {args.piece_size}")
     if args.ranks is not None and not args.dry_run:
         parser.error("--ranks only applies with --dry-run; launch with torchrun "
                      "--nproc_per_node N to merge on N ranks")
@@ -161,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 device=device,
                 progress=not args.no_progress,
                 max_shard_bytes=args.max_shard_size,
+                piece_elements=args.piece_size or None,
             )
             if isinstance(config, MergekitConfig):
                 config.finish_output(args.output)  # tokenizer_source
@@ -386,7 +395,7 @@ def _main_distributed(args: argparse.Namespace) -> int:
             return 0
         stats = run_job_distributed(
             job, comm, writer, device=device, progress=not args.no_progress,
-            max_pending=args.max_pending,
+            max_pending=args.max_pending, piece_elements=args.piece_size or None,
         )
         if rank == 0:
             if isinstance(config, MergekitConfig):

@@ -95,19 +95,21 @@ def _read(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize(
-    ("method", "parameters", "extra"),
+    ("method", "parameters", "extra", "pieces"),
     [
-        ("drm", {"drop_rate": 0.5}, {}),
-        ("ties", {"density": 0.5}, {"out_dtype": "bfloat16"}),
+        ("drm", {"drop_rate": 0.5}, {}, []),
+        # Tensors of more than 64 entries across branches merged in row pieces (issue 13).
+        ("ties", {"density": 0.5}, {"out_dtype": "bfloat16"}, ["--piece-size", "64"]),
     ],
 )
 def test_two_ranks_equal_single_process(
-    zoo: Path, tmp_path: Path, method: str, parameters: dict[str, Any], extra: dict[str, Any]
+    zoo: Path, tmp_path: Path, method: str, parameters: dict[str, Any], extra: dict[str, Any],
+    pieces: list[str],
 ) -> None:
     cfg = _config(zoo, tmp_path, method, parameters, **extra)
     single, multi = tmp_path / "single", tmp_path / "multi"
-    assert main([str(cfg), "-o", str(single), "--no-progress", "--max-shard-size", "30KB"]) == 0
-    run = _torchrun(str(cfg), "-o", str(multi), "--max-shard-size", "30KB", "--max-pending", "3")
+    assert main([str(cfg), "-o", str(single), "--no-progress", "--max-shard-size", "30KB", *pieces]) == 0
+    run = _torchrun(str(cfg), "-o", str(multi), "--max-shard-size", "30KB", "--max-pending", "3", *pieces)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "drm-merge: wrote" in run.stdout and "2 ranks" in run.stdout
     # Same files (shards cut at the same tensors), same tensors bit for bit.
@@ -122,6 +124,13 @@ def test_two_ranks_equal_single_process(
         for name, value in expected.items():
             assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
     assert not list(tmp_path.glob("multi.tmp-*"))
+    if pieces:  # and the pieces equal the whole-tensor merge (float32 maths, bf16 output)
+        whole = tmp_path / "whole"
+        assert main([str(cfg), "-o", str(whole), "--no-progress", "--piece-size", "0"]) == 0
+        merged_whole, merged_pieces = _read(whole), _read(single)
+        for name, value in merged_whole.items():
+            diff = (value.double() - merged_pieces[name].double()).abs().max()
+            assert float(diff) <= 1e-2 * float(value.double().abs().max()), name
 
 
 @pytest.mark.distributed

@@ -149,6 +149,7 @@ def run_job_distributed(
     device: torch.device | str = "cpu",
     progress: bool = True,
     max_pending: int | None = None,
+    piece_elements: int | None = PIECE_ELEMENTS,
 ) -> dict[str, int]:
     """The rank-parallel merge; call it on every rank (``writer`` on rank 0 only).
 
@@ -159,7 +160,8 @@ def run_job_distributed(
     owners send their results to rank 0 one tensor at a time (point to point, in the base's
     order) and rank 0 writes them, so the output equals the single-process output file for
     file. Memory: a rank holds its share of one chunk; rank 0 at most one chunk
-    (``max_pending`` tensors). Rank 0 writes into a temporary folder and renames it into
+    (``max_pending`` tensors); a large entry-wise tensor is merged in row pieces of
+    ``piece_elements`` (:mod:`drm_lightning.merge_pieces`) into its output-dtype tensor. Rank 0 writes into a temporary folder and renames it into
     place after the last tensor; a failure on any rank removes it and raises everywhere.
 
     Returns:
@@ -183,7 +185,7 @@ def run_job_distributed(
         (_, value), = iter_merge(
             job.method, base, branches, coefficients=job.coefficients,
             compute_dtype=job.config.compute_torch_dtype, out_dtype=out_dtype,
-            seed=job.config.resolved_seed(), plan=[item], piece_elements=PIECE_ELEMENTS,
+            seed=job.config.resolved_seed(), plan=[item], piece_elements=piece_elements,
         )
         value = value.materialize() if isinstance(value, RowPieces) else value.detach().to("cpu").contiguous()
         expected = out_dtype or item.dtype
