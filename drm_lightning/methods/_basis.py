@@ -165,19 +165,33 @@ def shared_basis(
         raise ValueError(f"solver must be 'auto', 'svd' or 'gram', got {solver!r}")
     if solver == "gram" and rows >= m:  # the usual case: one delta at a time in `dtype`
         return basis_from_gram(gram_of_rows(deltas, dtype), rank_rtol)
-    deltas = deltas.to(dtype)
     if solver == "svd":
-        stack = deltas.reshape(rows, m)
+        stack = deltas.to(dtype).reshape(rows, m)
         if rows >= m:
             _, sigma, vh = torch.linalg.svd(stack, full_matrices=False)
             return _truncate(vh.mT, sigma, rank_rtol)
         u, sigma, _ = torch.linalg.svd(stack.mT, full_matrices=False)
         return _truncate(u, sigma, rank_rtol)
-    # Wide stack: left singular vectors from the small Gram, then V = Dᵀ U Σ⁻¹.
+    # Wide stack: left singular vectors from the small Gram D Dᵀ, then V = Dᵀ U Σ⁻¹. Both
+    # products run over column blocks of D, converted to `dtype` one block at a time: no
+    # float64 copy of the whole stack (2× its float32 size) is held during the eigh.
     stack = deltas.reshape(rows, m)
-    left = basis_from_gram(stack @ stack.mT, rank_rtol)
-    vectors = (stack.mT @ left.vectors) / left.sigma
+    blocks = [slice(start, start + COLUMN_BLOCK) for start in range(0, m, COLUMN_BLOCK)]
+    gram = stack.new_zeros(rows, rows, dtype=dtype)
+    for block in blocks:
+        part = stack[:, block].to(dtype)
+        gram.addmm_(part, part.mT)
+    left = basis_from_gram(gram, rank_rtol)
+    del gram
+    vectors = stack.new_empty(m, left.rank, dtype=dtype)
+    for block in blocks:
+        torch.matmul(stack[:, block].to(dtype).mT, left.vectors, out=vectors[block])
+    vectors /= left.sigma
     return SharedBasis(vectors, left.sigma)
+
+
+COLUMN_BLOCK = 2048
+"""Columns of the wide stack converted to the basis dtype at a time (:func:`shared_basis`)."""
 
 
 def gram_of_rows(deltas: Tensor, dtype: torch.dtype | None = None) -> Tensor:

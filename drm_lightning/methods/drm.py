@@ -232,6 +232,7 @@ def drm_merge(
     if basis.rank == 0:
         return deltas.new_zeros(n, m)
     vectors, sigma = basis.vectors.to(deltas.dtype), basis.sigma.to(deltas.dtype)
+    del basis  # the float64 basis, before the coordinates are made
     coords = deltas @ vectors
     merged = merge_coordinates(
         coords, sigma, coefficients, reduced_dim=m, drop_rate=drop_rate, renormalize=renormalize,
