@@ -260,3 +260,12 @@ def test_peak_memory_of_a_pieced_merge_does_not_grow_with_the_tensor(tmp_path: P
     assert growth[(65536, "1")] < 160 * mib, growth  # a few pieces' working sets (4 MiB stacks)
     assert growth[(65536, "1")] - growth[(8192, "1")] < 64 * mib, growth
     assert growth[(65536, "0")] > 2 * 1024 * mib, growth  # what the pieces save: ≈ 3.7 GiB whole
+
+
+def test_cli_refuses_a_negative_piece_size(capsys: pytest.CaptureFixture[str]) -> None:
+    from drm_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["any.yaml", "-o", "out", "--piece-size", "-1"])
+    assert exit_info.value.code == 2
+    assert "--piece-size must be >= 0" in capsys.readouterr().err
