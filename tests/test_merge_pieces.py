@@ -269,3 +269,14 @@ def test_cli_refuses_a_negative_piece_size(capsys: pytest.CaptureFixture[str]) -
         main(["any.yaml", "-o", "out", "--piece-size", "-1"])
     assert exit_info.value.code == 2
     assert "--piece-size must be >= 0" in capsys.readouterr().err
+
+
+def test_nan_in_a_piece_of_a_disk_job_leaves_no_output(tmp_path: Path) -> None:
+    base, branches = _inputs(torch.float32, quantised=False)
+    branches[1]["emb.weight"][33, 0] = float("inf")
+    paths = [_folder(tmp_path / "base", base)] + [_folder(tmp_path / f"b{i}", b) for i, b in enumerate(branches)]
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text("method: ties\nbase: " + str(paths[0]) + "\nbranches:\n" + "".join(f"  - path: {p}\n" for p in paths[1:]))
+    with pytest.raises(ValueError, match=r"'emb.weight' in branch 1 .*1 Inf.* \(rows 32:36\)"):
+        run_job(open_job(load_config(cfg)), tmp_path / "out", progress=False, piece_elements=4 * 3 * COLS)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
