@@ -380,7 +380,6 @@ def iter_merge(
             yield item.name, RowPieces(item.shape, out_dtype or item.dtype, pieces)
             continue
         branch_ts = [_branch_tensor(branch, item.name, item.route) for branch in branches]
-        generator = tensor_generator(seed, item.name) if method.uses_randomness else None
         yield item.name, merge_tensor(
             method, item.route, base_t, branch_ts, coefs, compute_dtype=compute_dtype,
             out_dtype=out_dtype, generator=generator, name=item.name, origins=origins,

@@ -229,14 +229,17 @@ def kth_largest(values: Tensor, k: int, comm: Comm) -> Tensor:
     """The exact k-th largest of the non-negative ``values`` of all ranks (1-based k).
 
     :func:`~drm_lightning.methods._select.radix_select` with 8-bit digits: each round every
-    rank counts its entries per digit and one all-reduce of 256 counts picks the digit. 4
-    rounds for float32, 8 for float64; the traffic does not depend on the size. Every rank
-    returns the same value.
+    rank counts its candidates per digit, one all-reduce of 256 counts picks the digit, and
+    the candidates shrink to those with the chosen prefix. 4 rounds for float32, 8 for
+    float64; the traffic does not depend on the size. Every rank returns the same value.
     """
     bits, width = ordered_bits(values)
+    candidates = [bits]  # the entries whose higher digits match the prefix chosen so far
 
     def count(shift: int, prefixes: Sequence[int]) -> Tensor:
-        hist = count_digits(bits, shift, prefixes[0], width, digit_bits=8).to(torch.int64)
+        if shift + 8 < width:
+            candidates[0] = candidates[0][(candidates[0] >> (shift + 8)) == prefixes[0]]
+        hist = count_digits(candidates[0], shift, prefixes[0], width, digit_bits=8).to(torch.int64)
         return comm.all_reduce(hist).unsqueeze(0)
 
     (pattern, _), = radix_select([int(k)], width, count, digit_bits=8)

@@ -161,8 +161,9 @@ def run_job_distributed(
     order) and rank 0 writes them, so the output equals the single-process output file for
     file. Memory: a rank holds its share of one chunk; rank 0 at most one chunk
     (``max_pending`` tensors); a large entry-wise tensor is merged in row pieces of
-    ``piece_elements`` (:mod:`drm_lightning.merge_pieces`) into its output-dtype tensor. Rank 0 writes into a temporary folder and renames it into
-    place after the last tensor; a failure on any rank removes it and raises everywhere.
+    ``piece_elements`` (:mod:`drm_lightning.merge_pieces`) into its output-dtype tensor.
+    Rank 0 writes into a temporary folder and renames it into place after the last tensor;
+    a failure on any rank removes it and raises everywhere.
 
     Returns:
         ``{"chunks": ..., "sent_bytes": ..., "received_bytes": ...}`` for this rank.

@@ -62,6 +62,17 @@ WEIGHT_SUM_EPS = 1e-8
 """Without sign election, a weight sum below this is treated as 1 (as mergekit does)."""
 
 
+def convention_count_rule(convention: Convention) -> CountRule:
+    """How many entries a magnitude trim keeps: ``int(density·numel)`` (PEFT) or at least one
+    (mergekit).
+
+    Example:
+        >>> convention_count_rule("mergekit")
+        'floor_min1'
+    """
+    return "floor" if convention == "peft" else "floor_min1"
+
+
 def sparsify_branches(
     deltas: Tensor,
     *,
@@ -218,7 +229,7 @@ def task_vector_merge(
         mask_dtype = torch.float32  # mergekit draws DARE masks in float32 on CPU
     sparse = sparsify_branches(
         deltas, sparsify=sparsify, density=density, rescale=rescale,
-        count_rule="floor" if convention == "peft" else "floor_min1",
+        count_rule=convention_count_rule(convention),
         generator=generator, mask_dtype=mask_dtype,
     )
     merged = combine_branches(
@@ -261,8 +272,8 @@ def task_vector_merge_rows(
     masks = None
     if sparsify == "magnitude" and density < 1:
         numel = math.prod(int(s) for s in shape)
-        rule: CountRule = "floor" if convention == "peft" else "floor_min1"
-        keeps = [kept_count(numel, density, rule=rule)] * int(coefficients.shape[0])
+        keep = kept_count(numel, density, rule=convention_count_rule(convention))
+        keeps = [keep] * int(coefficients.shape[0])
         masks = MagnitudeCut(read, spans, keeps, numel, coefficients.dtype).masks()
     for start, stop in spans:
         deltas = read(start, stop)

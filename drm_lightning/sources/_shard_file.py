@@ -33,7 +33,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -43,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from drm_lightning.sources.base import _SAFETENSORS_DTYPES
+from drm_lightning.sources.base import _SAFETENSORS_DTYPES, TensorMeta
 
 __all__ = ["RowPieces", "ShardFile", "write_at"]
 
@@ -80,7 +79,7 @@ class RowPieces:
     @property
     def nbytes(self) -> int:
         """Bytes of the whole tensor."""
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return TensorMeta(self.shape, self.dtype).nbytes
 
     def materialize(self) -> Tensor:
         """The whole tensor on CPU, for a consumer that needs it whole."""
