@@ -81,6 +81,14 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+def python_command(args: list[str], ranks: int = 1) -> list[str]:
+    """``python ARGS``, or ``python -m torch.distributed.run --standalone --nproc_per_node=R ARGS``
+    for ``ranks > 1`` (``ARGS``: a script and its arguments, or ``-m module ...``)."""
+    if ranks == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
+
+
 def limit_threads_env(threads: int) -> dict[str, str]:
     """Environment for a child process pinned to ``threads`` BLAS/OpenMP threads."""
     env = dict(os.environ)

@@ -286,19 +286,7 @@ def _launch(ranks: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "--threads",
         str(args.threads),
     ]
-    script = str(Path(__file__).resolve())
-    if ranks == 1:
-        cmd = [sys.executable, script, *child_args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={ranks}",
-            script,
-            *child_args,
-        ]
+    cmd = common.python_command([str(Path(__file__).resolve()), *child_args], ranks)
     env = common.limit_threads_env(args.threads)
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=args.timeout_s)
     return json.loads(part.read_text())

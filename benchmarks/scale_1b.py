@@ -319,19 +319,8 @@ def run_case(
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(exist_ok=True)
     cli = ["-m", "drm_lightning.cli", str(cfg), "-o", str(out), "--no-progress"]
-    if ranks == 1:
-        cmd = [sys.executable, *cli]
-        env = common.limit_threads_env(threads)
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={ranks}",
-            *cli,
-        ]
-        env = common.limit_threads_env(1)  # OMP_NUM_THREADS=1 per rank
+    cmd = common.python_command(cli, ranks)
+    env = common.limit_threads_env(threads if ranks == 1 else 1)  # OMP_NUM_THREADS=1 per rank
     files = input_files(folders)
     drop_from_page_cache(files)
     load_before = [round(x, 2) for x in common.load_average()]
