@@ -13,14 +13,13 @@ frozen parameters.
 from __future__ import annotations
 
 import json
-import os
 import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import cpu_deepspeed_rank, free_port
 from torch import nn
 
 WORLD = 2
@@ -173,16 +172,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    import importlib
-
+    cpu_deepspeed_rank(rank, world, port)
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_optimizer_state
 
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # skip a 95 s JIT build
     deepspeed.init_distributed(dist_backend="gloo")
 
     from drm_lightning.distributed import (

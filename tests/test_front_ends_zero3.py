@@ -24,14 +24,13 @@ Accelerate: ``hook.end_epoch()``), so the checkpoint falls between two merges.
 
 from __future__ import annotations
 
-import os
 import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import cpu_deepspeed_rank, free_port
 from lightning.pytorch.callbacks import Callback
 from test_lightning_common import (
     CLASSES,
@@ -265,15 +264,10 @@ def _validate_run() -> dict[str, Any]:
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
-                      OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    import importlib
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # skip a 95 s JIT build
+    cpu_deepspeed_rank(rank, world, port)
     results: dict[str, Any] = {}
     try:
         results["accelerate"] = _accelerate_run(outdir)

@@ -21,7 +21,6 @@ The GPU tier runs the same live-branch consolidation with Lightning's real
 
 from __future__ import annotations
 
-import os
 import traceback
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import free_port
+from helpers import cpu_deepspeed_rank, free_port
 from lightning.pytorch.callbacks import Callback
 from test_lightning_common import TASKS, MultiHead, branched, specs, train_loaders
 from torch import Tensor
@@ -182,15 +181,10 @@ def _fit(model: pl.LightningModule, strategy: Any, callbacks: list[Callback], ma
 
 
 def _worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
-                      OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    import importlib
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # skip a 95 s JIT build
+    cpu_deepspeed_rank(rank, world, port)
     from drm_lightning.lightning import MergeCallback
     from drm_lightning.routing import Routing
 
