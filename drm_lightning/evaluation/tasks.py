@@ -274,6 +274,7 @@ def evaluate_task(
     shard: tuple[int, int] | None = None,
     pad_to: int | None = None,
     per_rank: bool = False,
+    batches: Iterable[Any] | None = None,
 ) -> dict[str, float]:
     """Score ``module`` on one task; returns ``{metric_name: value}``.
 
@@ -293,6 +294,8 @@ def evaluate_task(
         per_rank: The dataloader is this rank's own share (e.g. prepared by Accelerate): every
             batch is scored, torchmetrics combines the ranks on ``compute()``, and an empty share
             is allowed (the other ranks' batches make the score).
+        batches: The batches to score instead of ``spec.batches()`` (e.g. a
+            :class:`~drm_lightning.evaluation.replay.ReplayBatches` over them).
 
     The module's output may be a tensor or a transformers ``ModelOutput`` (its ``.logits`` are
     scored, see :func:`as_predictions`).
@@ -311,9 +314,9 @@ def evaluate_task(
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
     predict = spec.predict or default_predict
-    loader = spec.batches()
+    loader = spec.batches() if batches is None else batches
     if shard is not None:
-        length = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+        length = loader_length(loader)
         if length is None or length < shard[1]:
             shard = None  # too few batches to split: every rank scores everything
     collection = _on_device(spec.collection, device)
@@ -344,6 +347,14 @@ def evaluate_task(
     finally:
         collection.reset()
     return {name: _scalar(task, name, value) for name, value in values.items()}
+
+
+def loader_length(loader: Any) -> int | None:
+    """``len(loader)``, or ``None`` when it has no length (an iterable dataset, a generator)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def evaluate_tasks(

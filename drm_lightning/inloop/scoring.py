@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from drm_lightning.evaluation import TaskSpec, evaluate_task, summarize_scores
-from drm_lightning.evaluation.tasks import eval_mode
+from drm_lightning.evaluation.replay import REPLAY_BYTES, ReplayBatches, ReplayBudget
+from drm_lightning.evaluation.tasks import eval_mode, loader_length
 from drm_lightning.inloop.backends import Backend, Merged
 from drm_lightning.inloop.providers import Branch, BranchProvider
 from drm_lightning.inloop.zero3 import metrics_unsynced, rank_and_world
@@ -38,13 +39,6 @@ def is_per_rank(loader: Any) -> bool:
     return type(loader).__module__.split(".")[0] == "accelerate"
 
 
-def _length(loader: Any) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
-
-
 class Scorer:
     """Per-task scores of merges and branches, with the scores of frozen branches cached.
 
@@ -53,31 +47,37 @@ class Scorer:
         evaluate_branches: Also score each task's own branch (for normalised scores).
     """
 
-    def __init__(self, tasks: Mapping[str, TaskSpec], *, evaluate_branches: bool = True) -> None:
+    def __init__(
+        self, tasks: Mapping[str, TaskSpec], *, evaluate_branches: bool = True, replay_bytes: int = REPLAY_BYTES
+    ) -> None:
         self.tasks = dict(tasks)
         self.evaluate_branches = evaluate_branches
+        self.replay_bytes = replay_bytes
         self.cache: dict[str, dict[str, float]] = {}
+        self._batches: dict[str, ReplayBatches] = {}  # during one evaluate(): each task's batches, read once
 
     def score(self, model: nn.Module, task: str, *, partitioned: bool) -> dict[str, float]:
         """Score ``model`` as it is on one task (see the module docstring for the sharing of batches)."""
         spec = self.tasks[task]
+        replay = self._batches.get(task)
+        loader = replay.loader if replay is not None else spec.batches()
+        batches = replay if replay is not None else loader
         device = _device(model)
         rank, world = rank_and_world()
         if world == 1:
-            return evaluate_task(model, task, spec, device=device)
-        loader = spec.batches()
+            return evaluate_task(model, task, spec, device=device, batches=batches)
         if is_per_rank(loader):
             pad_to = None
             if partitioned:
                 lengths = [None] * world
-                torch.distributed.all_gather_object(lengths, _length(loader))
+                torch.distributed.all_gather_object(lengths, loader_length(batches))
                 pad_to = max(n or 0 for n in lengths)
-            return evaluate_task(model, task, spec, device=device, per_rank=True, pad_to=pad_to)
-        length = _length(loader)
+            return evaluate_task(model, task, spec, device=device, per_rank=True, pad_to=pad_to, batches=batches)
+        length = loader_length(batches)
         if not partitioned or (length is not None and length % world == 0):
-            return evaluate_task(model, task, spec, device=device, shard=(rank, world))
+            return evaluate_task(model, task, spec, device=device, shard=(rank, world), batches=batches)
         with metrics_unsynced(spec.collection):
-            return evaluate_task(model, task, spec, device=device)
+            return evaluate_task(model, task, spec, device=device, batches=batches)
 
     def score_merged(
         self, model: nn.Module, backend: Backend, provider: BranchProvider, merged: Merged, branches: Sequence[Branch]
@@ -120,11 +120,39 @@ class Scorer:
         """The flat ``merged/…``, ``branch/…``, ``normalized/…`` scores of one merge."""
         if not self.tasks:
             return {}
-        with eval_mode(model):  # once for every evaluation below, not twice per evaluation
-            merged_scores = self.score_merged(model, backend, provider, merged, branches)
-            branch_scores = self.score_branches(model, backend, branches) if self.evaluate_branches else {}
+        # Scoring draws from torch's global RNG (every DataLoader iteration takes a seed; an
+        # Accelerate-prepared loader even synchronises the ranks' states): restore it after, so
+        # that merging with adopt=False leaves the training run exactly as it would be without.
+        with torch.random.fork_rng(devices=_cuda_devices(model)), eval_mode(model):
+            self._batches = self._replayable_batches() if self.evaluate_branches else {}
+            try:
+                merged_scores = self.score_merged(model, backend, provider, merged, branches)
+                branch_scores = self.score_branches(model, backend, branches) if self.evaluate_branches else {}
+            finally:
+                self._batches = {}
         primary = {t: spec.primary_name for t, spec in self.tasks.items()}
         return summarize_scores(merged_scores, branch_scores, primary=primary)
+
+
+    def _replayable_batches(self) -> dict[str, ReplayBatches]:
+        """Each task's batches, kept from the merge's pass for its branch's (one byte budget).
+
+        Not for per-rank dataloaders across ranks: their shares differ in size, so ranks could
+        decide differently, and iterating such a loader can be collective.
+        """
+        budget = ReplayBudget(self.replay_bytes)
+        world = rank_and_world()[1]
+        out = {}
+        for task, spec in self.tasks.items():
+            loader = spec.batches()
+            if world == 1 or not is_per_rank(loader):
+                out[task] = ReplayBatches(loader, budget)
+        return out
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    device = _device(model)
+    return [device.index or 0] if device.type == "cuda" else []
 
 
 def own_branch(branches: Sequence[Branch], task: str) -> Branch | None:

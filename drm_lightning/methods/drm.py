@@ -68,6 +68,8 @@ Direction = Literal["vertical", "horizontal"]
 
 def _safe_divide(values: Tensor, scale: Tensor) -> Tensor:
     """``values / scale`` with zero where the scale is zero."""
+    if bool((scale > 0).all()):  # the usual case: one division, no masked copies
+        return values / scale
     safe = torch.where(scale > 0, scale, scale.new_ones(()))
     return torch.where(scale > 0, values / safe, values.new_zeros(()))
 
@@ -185,8 +187,9 @@ def merge_coordinates(
     col_sq = reductions.sum((coords * coords).sum(dim=1))  # (N, r), over every row
     if not reference_compat:
         noise = column_is_noise(col_sq, reduced_dim, coords.dtype)
-        coords = coords.masked_fill(noise.unsqueeze(1), 0)
-        col_sq = col_sq.masked_fill(noise, 0)
+        if bool(noise.any()):
+            coords = coords.masked_fill(noise.unsqueeze(1), 0)
+            col_sq = col_sq.masked_fill(noise, 0)
     if drop_rate > 0:
         scores = pruning_scores(coords, sigma, renormalize=renormalize, col_norms=col_sq.sqrt())
         coords = coords * reductions.topk_mask(scores, 1.0 - drop_rate, reference_compat=reference_compat)

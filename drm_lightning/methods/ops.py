@@ -151,12 +151,17 @@ def break_ties(signs: Tensor, *, tie_break: TieBreak = "majority", majority: int
     tied entries keep sign 0 and are dropped by the merge.
     """
     if tie_break == "positive":
-        return torch.where(signs == 0, torch.ones_like(signs), signs)
+        return _fill_zero_signs(signs, 1.0)
     if tie_break != "majority":
         raise ValueError(f"tie_break must be 'majority' or 'positive', got {tie_break!r}")
     total = int(majority)
-    fill = signs.new_tensor(float((total > 0) - (total < 0)))
-    return torch.where(signs == 0, fill, signs)
+    return _fill_zero_signs(signs, float((total > 0) - (total < 0)))
+
+
+def _fill_zero_signs(signs: Tensor, fill: float) -> Tensor:
+    # signs are -1, 0 or 1, so 1 - |s| marks the zeros: float arithmetic, exact, and several
+    # times faster on CPU than a comparison and a where (boolean kernels are not vectorised)
+    return signs + fill * (1 - signs.abs())
 
 
 def elect_signs(x: Tensor, *, tie_break: TieBreak = "majority") -> Tensor:
@@ -236,12 +241,12 @@ def disjoint_mean(
         >>> disjoint_mean(x, torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]))
         tensor([3., 1.])
     """
-    if signs is not None:
-        x = torch.where(torch.sign(x) == signs, x, x.new_zeros(()))
-    weighted = x * broadcast_coefficients(coefficients, x)
+    factors = broadcast_coefficients(coefficients, x)
+    if signs is not None:  # the coefficient where x has the elected sign, else 0
+        factors = torch.sign(x).mul_(signs).clamp_(min=0).mul_(factors)
+    weighted = x * factors
     total = weighted.sum(dim=0)
     if not disjoint:
-        return total / x.shape[0]
-    count = (weighted != 0).sum(dim=0).clamp(min=1)
-    return total / count
-
+        return (total / x.shape[0]).add_(0.0)
+    count = torch.sign(weighted, out=factors if signs is not None else None).abs_().sum(dim=0).clamp_(min=1)
+    return (total / count).add_(0.0)  # -0.0 + 0.0 = +0.0: entries no branch kept are +0 as before
