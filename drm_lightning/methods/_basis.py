@@ -104,7 +104,9 @@ def _top_eigenpairs_scipy(gram: Tensor, rank_rtol: float) -> tuple[Tensor, Tenso
     return torch.from_numpy(evals.copy()), torch.from_numpy(evecs.copy())
 
 
-def basis_from_gram(gram: Tensor, rank_rtol: float, *, partial_eigensolver: bool = False) -> SharedBasis:
+def basis_from_gram(
+    gram: Tensor, rank_rtol: float, *, partial_eigensolver: bool = False, overwrite: bool = False
+) -> SharedBasis:
     """Eigendecomposition of a symmetric PSD Gram matrix → descending singular pairs.
 
     The singular values are ``sqrt(eigenvalues)``, so the rank rule ``σ_j > rtol·σ_1``
@@ -112,14 +114,77 @@ def basis_from_gram(gram: Tensor, rank_rtol: float, *, partial_eigensolver: bool
     LAPACK ``syevr`` (scipy, CPU): 2.3× faster when the kept rank is small (LoRA-like
     deltas), but 1.9× slower than torch's full ``eigh`` when it is not — and full
     fine-tuning deltas keep most directions above 1 % of σ₁ — so it is off by default.
+    Large Grams on CPU (``n >= LOW_MEMORY_EIGH_N``) go through :func:`eigh_low_memory`;
+    ``overwrite``: the caller's ``gram`` is scratch and may be destroyed there.
     """
     pairs = None
     if partial_eigensolver and gram.device.type == "cpu" and rank_rtol > 0 and gram.shape[0] >= 64:
         pairs = _top_eigenpairs_scipy(gram, rank_rtol)
+    if pairs is None and gram.device.type == "cpu" and gram.shape[0] >= LOW_MEMORY_EIGH_N:
+        pairs = eigh_low_memory(gram, overwrite=overwrite)
+        if pairs is not None:
+            evals, evecs = pairs
+            evals, evecs = evals.flip(0), reverse_columns_(evecs)
+            return _truncate(evecs, evals.clamp(min=0).sqrt(), rank_rtol)
     evals, evecs = pairs if pairs is not None else torch.linalg.eigh(gram)
     evals, evecs = evals.flip(0), evecs.flip(1)
     sigma = evals.clamp(min=0).sqrt()
     return _truncate(evecs, sigma, rank_rtol)
+
+
+LOW_MEMORY_EIGH_N = 2048
+"""Gram size from which the CPU eigensolver is :func:`eigh_low_memory` (2.5× less memory)."""
+
+
+def eigh_low_memory(gram: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor] | None:
+    """Ascending eigenpairs of a symmetric float64 CPU matrix with LAPACK ``syevr`` on the matrix itself.
+
+    torch's ``eigh`` (``syevd``) copies the matrix and takes ``2n²`` of workspace: with the
+    eigenvectors, 4n² doubles besides the caller's matrix. ``syevr`` (scipy, ``overwrite_a``)
+    works in the matrix and needs ``O(n)`` workspace: n² doubles besides it (2n² without
+    ``overwrite``). At n = 6144 (DRM of an 8192×2048 matrix, 3 branches) that is 0.3 GB
+    instead of 1.2 GB; it is 1.2–1.35× slower on one thread (``benchmarks/RESULTS.md`` § 6).
+    Reads the lower triangle, as torch does. ``None`` without scipy.
+
+    Example:
+        >>> g = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+        >>> evals, evecs = eigh_low_memory(g)
+        >>> evals
+        tensor([1., 3.], dtype=torch.float64)
+    """
+    try:
+        import scipy.linalg
+    except ImportError:  # pragma: no cover - scipy is a dependency, keep torch's solver
+        return None
+    # The transposed view of a C-ordered matrix is Fortran-ordered: LAPACK works in it without
+    # a copy, and its upper triangle is the matrix's lower one.
+    fortran = gram.detach().numpy().T
+    with _blas_threads(torch.get_num_threads()):
+        evals, evecs = scipy.linalg.eigh(
+            fortran, lower=False, driver="evr", overwrite_a=overwrite, check_finite=False
+        )
+    return torch.from_numpy(evals), torch.from_numpy(evecs)
+
+
+def reverse_columns_(matrix: Tensor, block: int | None = None) -> Tensor:
+    """Reverse the column order of ``matrix`` in place (a ``flip(1)`` without a full copy).
+
+    ``block`` columns are swapped at a time (default: about 1 MiB of them, so the temporaries
+    are reused from the heap rather than left in it).
+
+    Example:
+        >>> reverse_columns_(torch.arange(6.0).reshape(2, 3))
+        tensor([[2., 1., 0.],
+                [5., 4., 3.]])
+    """
+    n = matrix.shape[1]
+    block = block or max(1, 2**20 // (matrix.shape[0] * matrix.element_size()))
+    for start in range(0, n // 2, block):
+        stop = min(start + block, n // 2)
+        left = matrix[:, start:stop].clone()
+        matrix[:, start:stop] = matrix[:, n - stop : n - start].flip(1)
+        matrix[:, n - stop : n - start] = left.flip(1)
+    return matrix
 
 
 def basis_dtype(compute_dtype: torch.dtype, precision: BasisPrecision) -> torch.dtype:
@@ -132,7 +197,12 @@ def basis_dtype(compute_dtype: torch.dtype, precision: BasisPrecision) -> torch.
 
 
 def shared_basis(
-    deltas: Tensor, *, rank_rtol: float = 1e-2, solver: Solver = "auto", precision: BasisPrecision = "float64"
+    deltas: Tensor,
+    *,
+    rank_rtol: float = 1e-2,
+    solver: Solver = "auto",
+    precision: BasisPrecision = "float64",
+    vectors_dtype: torch.dtype | None = None,
 ) -> SharedBasis:
     """Right singular vectors of the row stack ``[Δ_1; …; Δ_N]`` truncated at ``rank_rtol``.
 
@@ -150,6 +220,8 @@ def shared_basis(
     SVD route, at 1.5–1.7× the time of the float32 Gram — the numbers are in
     ``benchmarks/RESULTS.md`` § 4 (``benchmarks/precision.py``).
     ``precision="compute"`` keeps the deltas' dtype (the faster, older behaviour).
+    ``vectors_dtype``: the dtype the caller wants the vectors in; the wide-stack route then
+    writes them in it block by block, without a full-size copy in the basis dtype.
 
     Example:
         >>> d = torch.randn(2, 5, 4, dtype=torch.float64)
@@ -174,24 +246,34 @@ def shared_basis(
         return _truncate(u, sigma, rank_rtol)
     # Wide stack: left singular vectors from the small Gram D Dᵀ, then V = Dᵀ U Σ⁻¹. Both
     # products run over column blocks of D, converted to `dtype` one block at a time: no
-    # float64 copy of the whole stack (2× its float32 size) is held during the eigh.
-    stack = deltas.reshape(rows, m)
-    blocks = [slice(start, start + COLUMN_BLOCK) for start in range(0, m, COLUMN_BLOCK)]
-    gram = stack.new_zeros(rows, rows, dtype=dtype)
+    # copy of the whole stack (a transposed one is not contiguous) and no float64 one.
+    width = max(1, BLOCK_BYTES // (rows * torch.finfo(dtype).bits // 8))
+    blocks = [slice(start, start + width) for start in range(0, m, width)]
+
+    def column_block(block: slice) -> Tensor:
+        return deltas[:, :, block].to(dtype).reshape(rows, -1)
+
+    gram = deltas.new_zeros(rows, rows, dtype=dtype)
     for block in blocks:
-        part = stack[:, block].to(dtype)
+        part = column_block(block)
         gram.addmm_(part, part.mT)
-    left = basis_from_gram(gram, rank_rtol)
+    del part
+    left = basis_from_gram(gram, rank_rtol, overwrite=True)
     del gram
-    vectors = stack.new_empty(m, left.rank, dtype=dtype)
+    vectors = deltas.new_empty(m, left.rank, dtype=vectors_dtype or dtype)
     for block in blocks:
-        torch.matmul(stack[:, block].to(dtype).mT, left.vectors, out=vectors[block])
-    vectors /= left.sigma
+        part = column_block(block).mT @ left.vectors
+        part /= left.sigma
+        vectors[block] = part
+    del part
     return SharedBasis(vectors, left.sigma)
 
 
-COLUMN_BLOCK = 2048
-"""Columns of the wide stack converted to the basis dtype at a time (:func:`shared_basis`)."""
+BLOCK_BYTES = 64 * 2**20
+"""Bytes of one column block of the wide stack in the basis dtype (:func:`shared_basis`): far
+below the Gram of a large stack, and above glibc's largest mmap threshold (32 MiB), so that a
+freed block goes back to the system instead of staying in the heap (smaller blocks left up to
+two stacks of retained heap in the process's RSS)."""
 
 
 def gram_of_rows(deltas: Tensor, dtype: torch.dtype | None = None) -> Tensor:

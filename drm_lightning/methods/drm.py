@@ -184,7 +184,7 @@ def merge_coordinates(
     Returns:
         (n, r) merged coordinates.
     """
-    col_sq = reductions.sum((coords * coords).sum(dim=1))  # (N, r), over every row
+    col_sq = reductions.sum(torch.stack([(c * c).sum(dim=0) for c in coords]))  # (N, r), over every row
     if not reference_compat:
         noise = column_is_noise(col_sq, reduced_dim, coords.dtype)
         if bool(noise.any()):
@@ -192,11 +192,14 @@ def merge_coordinates(
             col_sq = col_sq.masked_fill(noise, 0)
     if drop_rate > 0:
         scores = pruning_scores(coords, sigma, renormalize=renormalize, col_norms=col_sq.sqrt())
-        coords = coords * reductions.topk_mask(scores, 1.0 - drop_rate, reference_compat=reference_compat)
+        mask = reductions.topk_mask(scores, 1.0 - drop_rate, reference_compat=reference_compat)
+        del scores
+        coords = coords * mask  # the caller's coordinates are freed here if it kept no reference
+        del mask
     signs = mass_signs(coords)
     majority = reductions.sum(majority_count(signs)) if tie_break == "majority" else 0
     signs = break_ties(signs, tie_break=tie_break, majority=majority)
-    return disjoint_mean(coords, signs, coefficients, disjoint=disjoint)
+    return disjoint_mean(coords, signs, coefficients, disjoint=disjoint, overwrite=drop_rate > 0)
 
 
 def drm_merge(
@@ -231,14 +234,15 @@ def drm_merge(
             tie_break=tie_break, disjoint=disjoint, solver=solver, basis_precision=basis_precision,
         ).mT
     _, n, m = deltas.shape
-    basis = shared_basis(deltas, rank_rtol=rank_rtol, solver=solver, precision=basis_precision)
+    basis = shared_basis(
+        deltas, rank_rtol=rank_rtol, solver=solver, precision=basis_precision, vectors_dtype=deltas.dtype
+    )
     if basis.rank == 0:
         return deltas.new_zeros(n, m)
     vectors, sigma = basis.vectors.to(deltas.dtype), basis.sigma.to(deltas.dtype)
     del basis  # the float64 basis, before the coordinates are made
-    coords = deltas @ vectors
-    merged = merge_coordinates(
-        coords, sigma, coefficients, reduced_dim=m, drop_rate=drop_rate, renormalize=renormalize,
+    merged = merge_coordinates(  # no reference kept to the coordinates: they are freed once pruned
+        deltas @ vectors, sigma, coefficients, reduced_dim=m, drop_rate=drop_rate, renormalize=renormalize,
         reference_compat=reference_compat, tie_break=tie_break, disjoint=disjoint,
     )
     return merged @ vectors.mT

@@ -64,8 +64,7 @@ def topk_mask(scores: Tensor, density: float, *, reference_compat: bool = False)
         >>> topk_mask(torch.tensor([0.1, -3.0, 2.0, 0.5]), 0.5)
         tensor([False,  True,  True, False])
     """
-    flat = scores.detach().abs().reshape(-1)
-    numel = flat.numel()
+    numel = scores.numel()
     if numel == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     keep = kept_count(numel, density)
@@ -73,6 +72,7 @@ def topk_mask(scores: Tensor, density: float, *, reference_compat: bool = False)
         drop = numel - keep
         if drop <= 0:
             return torch.ones_like(scores, dtype=torch.bool)
+        flat = scores.detach().abs().reshape(-1)
         threshold = kth_smallest(flat, drop)
         return (flat >= threshold).reshape(scores.shape)
     return largest_mask(scores, keep)
@@ -113,16 +113,37 @@ def largest_mask(scores: Tensor, keep: int) -> Tensor:
         >>> largest_mask(torch.tensor([2.0, -2.0, 1.0, 3.0]), 2)
         tensor([ True, False, False,  True])
     """
-    flat = scores.detach().abs().reshape(-1)
-    numel = flat.numel()
+    numel = scores.numel()
     if keep >= numel:
         return torch.ones_like(scores, dtype=torch.bool)
     if keep <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = kth_smallest(flat, numel - keep + 1)  # the keep-th largest
-    mask = flat > threshold
-    add_ties(mask, flat, threshold, keep - int(mask.sum()))
+    flat = scores.detach().reshape(-1)
+    if numel <= MASK_BLOCK:
+        magnitudes = flat.abs()
+        threshold = kth_smallest(magnitudes, numel - keep + 1)  # the keep-th largest
+        mask = magnitudes > threshold
+        add_ties(mask, magnitudes, threshold, keep - int(mask.sum()))
+        return mask.reshape(scores.shape)
+    # Large: the same cut by radix selection over blocks (rowwise.MagnitudeCut), with no
+    # full-size copy of the magnitudes (the selection above copies them twice).
+    from drm_lightning.methods.rowwise import MagnitudeCut, row_spans
+
+    def read(start: int, stop: int) -> Tensor:
+        return flat[start:stop].unsqueeze(0)
+
+    spans = row_spans(numel, MASK_BLOCK)
+    dtype = flat.dtype if flat.dtype in (torch.float32, torch.float64) else torch.float32
+    apply = MagnitudeCut(read, spans, [keep], numel, dtype).masks()
+    mask = torch.empty(numel, dtype=torch.bool, device=scores.device)
+    for start, stop in spans:
+        mask[start:stop] = apply(read(start, stop))[0]
     return mask.reshape(scores.shape)
+
+
+MASK_BLOCK = 1 << 20
+"""Tensors above this many entries get their top-k mask a block of entries at a time
+(:func:`largest_mask`)."""
 
 
 def mass_signs(x: Tensor) -> Tensor:
@@ -228,13 +249,14 @@ def broadcast_coefficients(coefficients: Tensor, like: Tensor) -> Tensor:
 
 
 def disjoint_mean(
-    x: Tensor, signs: Tensor | None, coefficients: Tensor, *, disjoint: bool = True
+    x: Tensor, signs: Tensor | None, coefficients: Tensor, *, disjoint: bool = True, overwrite: bool = False
 ) -> Tensor:
     """Scale branches by their coefficients and average the entries that agree with ``signs``.
 
     Entries whose sign differs from the elected one are dropped; every branch is multiplied
     by its coefficient (coefficients do not vote); each entry is divided by the number of
     non-zero contributions (``disjoint=True``) or by N. ``signs=None`` skips the election.
+    ``overwrite``: ``x`` is scratch and is scaled in place (one full-size buffer fewer).
 
     Example:
         >>> x = torch.tensor([[2.0, 1.0], [4.0, -1.0]])
@@ -244,7 +266,7 @@ def disjoint_mean(
     factors = broadcast_coefficients(coefficients, x)
     if signs is not None:  # the coefficient where x has the elected sign, else 0
         factors = torch.sign(x).mul_(signs).clamp_(min=0).mul_(factors)
-    weighted = x * factors
+    weighted = x.mul_(factors) if overwrite else x * factors
     total = weighted.sum(dim=0)
     if not disjoint:
         return (total / x.shape[0]).add_(0.0)
