@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from drm_lightning.heap import release_free_heap
 from drm_lightning.methods.base import LowRankFactors, MergeMethod, Route
 from drm_lightning.routing import Routing
 from drm_lightning.sources._shard_file import RowPieces
@@ -267,7 +268,14 @@ def merge_tensor(
         merged = _merge_checked_inputs(method, route, base, branch_tensors, coefficients, compute_dtype, generator)
     merged = merged.to(out_dtype)
     check_finite(name, merged, "the merged result", RESULT_HINT)
+    if route == "matrix" and base.numel() * len(branch_tensors) >= TRIM_AFTER_ELEMENTS:
+        release_free_heap()
     return merged
+
+
+TRIM_AFTER_ELEMENTS = 1 << 24
+"""Matrix merges of at least this many stacked entries give the heap's free memory back
+(:mod:`drm_lightning.heap`): below it the merge's buffers are too small to matter."""
 
 
 def _row_block(t: BranchTensor, rows: slice) -> BranchTensor:

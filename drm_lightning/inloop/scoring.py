@@ -11,6 +11,10 @@ synchronises on ``compute()``; ZeRO-3 forwards are collective). How batches are 
   share and torchmetrics combines them. Shares of different lengths never hang: the metric
   states are reduced once per task, and under ZeRO-3 shorter ranks **pad** with forwards on
   their last batch that are not scored, so every rank runs as many forwards.
+
+The merge and each task's own branch are scored on the same batches, read once per merge
+(:class:`~drm_lightning.evaluation.replay.ReplayBatches`), and scoring leaves torch's global
+RNG as it found it.
 """
 
 from __future__ import annotations
@@ -132,7 +136,6 @@ class Scorer:
                 self._batches = {}
         primary = {t: spec.primary_name for t, spec in self.tasks.items()}
         return summarize_scores(merged_scores, branch_scores, primary=primary)
-
 
     def _replayable_batches(self) -> dict[str, ReplayBatches]:
         """Each task's batches, kept from the merge's pass for its branch's (one byte budget).

@@ -263,6 +263,8 @@ def disjoint_mean(
         >>> disjoint_mean(x, torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]))
         tensor([3., 1.])
     """
+    if overwrite and signs is not None and disjoint:
+        return _disjoint_mean_in_place(x, signs, coefficients)
     factors = broadcast_coefficients(coefficients, x)
     if signs is not None:  # the coefficient where x has the elected sign, else 0
         factors = torch.sign(x).mul_(signs).clamp_(min=0).mul_(factors)
@@ -272,3 +274,18 @@ def disjoint_mean(
         return (total / x.shape[0]).add_(0.0)
     count = torch.sign(weighted, out=factors if signs is not None else None).abs_().sum(dim=0).clamp_(min=1)
     return (total / count).add_(0.0)  # -0.0 + 0.0 = +0.0: entries no branch kept are +0 as before
+
+
+def _disjoint_mean_in_place(x: Tensor, signs: Tensor, coefficients: Tensor) -> Tensor:
+    """:func:`disjoint_mean` one branch at a time in ``x`` itself: temporaries of one branch's
+    size instead of the stack's. Same bits: ``sum(dim=0)`` also adds the branches in order."""
+    coefficients = coefficients.to(device=x.device, dtype=x.dtype)
+    # half precision sums accumulate in float32 and round once, as sum(dim=0) does
+    wide = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    total = torch.zeros_like(x[0], dtype=wide)
+    count = torch.zeros_like(x[0])
+    for branch, coefficient in zip(x, coefficients, strict=True):
+        factor = torch.sign(branch).mul_(signs).clamp_(min=0).mul_(coefficient)
+        total += branch.mul_(factor)
+        count += torch.sign(branch, out=factor).abs_()
+    return (total.to(x.dtype) / count.clamp_(min=1)).add_(0.0)
