@@ -98,14 +98,44 @@ def test_blockwise_topk_mask_keeps_exactly_keep_with_ties_in_order(monkeypatch: 
     assert torch.equal(mask, _reference_largest_mask(scores, keep))
 
 
-def test_disjoint_mean_in_place_equals_the_copying_one() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_disjoint_mean_in_place_equals_the_copying_one(dtype: torch.dtype) -> None:
+    """One branch at a time in place gives the same bits, zero signs included (half precision
+    sums accumulate in float32 and round once, as ``sum(dim=0)`` does)."""
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(4, 30, 20, generator=gen)
+    x = torch.randn(4, 30, 20, generator=gen).to(dtype)
     x[x.abs() < 0.7] = 0
     signs = ops.elect_signs(x)
     coefficients = torch.tensor([1.0, 0.5, 0.0, -2.0])
     expected = ops.disjoint_mean(x, signs, coefficients)
-    assert torch.equal(ops.disjoint_mean(x.clone(), signs, coefficients, overwrite=True), expected)
+    got = ops.disjoint_mean(x.clone(), signs, coefficients, overwrite=True)
+    assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("quantised", [False, True])
+def test_pruning_in_place_by_blocks_equals_the_score_tensor_route(
+    monkeypatch: pytest.MonkeyPatch, renormalize: bool, quantised: bool
+) -> None:
+    """Large coordinates are pruned a block of rows at a time in place; the merge is the same
+    bits as through the full score tensor and its mask, ties at the cut (quantised values)
+    and a zero column included."""
+    from drm_lightning.methods import drm, rowwise
+
+    monkeypatch.setattr(drm, "MASK_BLOCK", 500)
+    monkeypatch.setattr(rowwise, "MASK_BLOCK", 500)
+    gen = torch.Generator().manual_seed(4)
+    coords = torch.randn(3, 70, 40, generator=gen)
+    coords[1, :, 5] = 0
+    if quantised:
+        coords = (coords * 4).round() / 4
+    sigma = torch.rand(40, generator=gen) + 0.1
+    kwargs = {"reduced_dim": 50, "renormalize": renormalize}
+    reference = drm.merge_coordinates(coords.clone(), sigma, torch.ones(3), reductions=ops.Reductions(), **kwargs)
+    in_place = drm.merge_coordinates(coords.clone(), sigma, torch.ones(3), overwrite=True, **kwargs)
+    assert torch.equal(in_place, reference) and torch.equal(in_place.signbit(), reference.signbit())
+    kept = drm.merge_coordinates(coords.clone(), sigma, torch.ones(3), **kwargs)  # a copy is pruned
+    assert torch.equal(kept, reference)
 
 
 _PEAK_SCRIPT = """

@@ -45,6 +45,7 @@ from drm_lightning.methods._basis import (  # noqa: F401 - re-exported: the basi
 from drm_lightning.methods.base import LowRankFactors, MergeMethod, MethodParams, Route
 from drm_lightning.methods.ops import (
     LOCAL,
+    MASK_BLOCK,
     Reductions,
     TieBreak,
     break_ties,
@@ -59,6 +60,7 @@ from drm_lightning.methods.rowwise import (
     DeltaRows,
     MagnitudeCut,
     majority_over_pieces,
+    prune_scaled_in_place,
     row_spans,
     signs_need_majority,
 )
@@ -165,6 +167,7 @@ def merge_coordinates(
     tie_break: TieBreak = "majority",
     disjoint: bool = True,
     reductions: Reductions = LOCAL,
+    overwrite: bool = False,
 ) -> Tensor:
     """Prune, elect and merge branch coordinates in a shared basis (spec §4.2 steps 5–8).
 
@@ -180,6 +183,8 @@ def merge_coordinates(
         reduced_dim: length of one projection ``Δ_i b_j`` (``m``), for the noise floor.
         reference_compat: the reference's pruning rule and no noise floor (bit-matching).
         reductions: how sums and the top-k reach rows held elsewhere.
+        overwrite: ``coords`` is scratch: large ones are pruned in place, with no score or
+            mask tensor of their size (:func:`~drm_lightning.methods.rowwise.prune_scaled_in_place`).
 
     Returns:
         (n, r) merged coordinates.
@@ -190,7 +195,11 @@ def merge_coordinates(
         if bool(noise.any()):
             coords = coords.masked_fill(noise.unsqueeze(1), 0)
             col_sq = col_sq.masked_fill(noise, 0)
-    if drop_rate > 0:
+    if drop_rate > 0 and reductions is LOCAL and not reference_compat and coords.numel() > MASK_BLOCK:
+        # large: the scores a block at a time, the pruning in place (in a copy unless `overwrite`)
+        scale = col_sq.sqrt() if renormalize else sigma.reshape(1, -1).expand_as(col_sq)
+        coords = prune_scaled_in_place(coords if overwrite else coords.clone(), scale, 1.0 - drop_rate)
+    elif drop_rate > 0:
         scores = pruning_scores(coords, sigma, renormalize=renormalize, col_norms=col_sq.sqrt())
         mask = reductions.topk_mask(scores, 1.0 - drop_rate, reference_compat=reference_compat)
         del scores
@@ -199,7 +208,7 @@ def merge_coordinates(
     signs = mass_signs(coords)
     majority = reductions.sum(majority_count(signs)) if tie_break == "majority" else 0
     signs = break_ties(signs, tie_break=tie_break, majority=majority)
-    return disjoint_mean(coords, signs, coefficients, disjoint=disjoint, overwrite=drop_rate > 0)
+    return disjoint_mean(coords, signs, coefficients, disjoint=disjoint, overwrite=drop_rate > 0 or overwrite)
 
 
 def drm_merge(
@@ -243,7 +252,7 @@ def drm_merge(
     del basis  # the float64 basis, before the coordinates are made
     merged = merge_coordinates(  # no reference kept to the coordinates: they are freed once pruned
         deltas @ vectors, sigma, coefficients, reduced_dim=m, drop_rate=drop_rate, renormalize=renormalize,
-        reference_compat=reference_compat, tie_break=tie_break, disjoint=disjoint,
+        reference_compat=reference_compat, tie_break=tie_break, disjoint=disjoint, overwrite=True,
     )
     return merged @ vectors.mT
 

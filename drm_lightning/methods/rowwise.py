@@ -35,7 +35,7 @@ from drm_lightning.methods._select import (
     ordered_bits,
     radix_select,
 )
-from drm_lightning.methods.ops import majority_count, mass_signs
+from drm_lightning.methods.ops import MASK_BLOCK, kept_count, majority_count, mass_signs
 
 DeltaRows = Callable[[int, int], Tensor]
 """``read(start, stop)``: the (N, stop - start, ...) branch deltas of rows ``start:stop`` of
@@ -147,3 +147,45 @@ def signs_need_majority(signs: Tensor, deltas: Tensor) -> bool:
     """Whether a tie-break changes this piece: an entry with an exactly zero mass sum where
     some branch is non-zero (where all are zero the merged entry is zero whatever its sign)."""
     return bool(((signs == 0) & (deltas != 0).any(dim=0)).any())
+
+
+def prune_scaled_in_place(coords: Tensor, scale: Tensor, density: float) -> Tensor:
+    """Zero all but the ``density`` share of largest ``|coords / scale|`` entries, in ``coords``.
+
+    ``coords`` is (N, n, r) and ``scale`` (N, r): one divisor per (branch, column), and a zero
+    divisor gives a zero score. The same entries survive as with
+    :func:`~drm_lightning.methods.ops.topk_mask` of the full score tensor (same count, ties
+    at the cut to the first in flattened order), but the scores are computed a block of rows
+    at a time: no score, magnitude or mask tensor of the coordinates' size is held.
+
+    Example:
+        >>> c = torch.tensor([[[4.0, 1.0], [2.0, 3.0]]])
+        >>> prune_scaled_in_place(c, torch.tensor([[2.0, 1.0]]), 0.5)
+        tensor([[[4., 0.],
+                 [0., 3.]]])
+    """
+    n_branches, n, r = coords.shape
+    numel = coords.numel()
+    keep = kept_count(numel, density)
+    if keep >= numel:
+        return coords
+    rows = coords.view(n_branches * n, r)
+    if keep <= 0:
+        return coords.mul_(0)  # as a mask of zeros would: negative entries become -0.0
+    positive = scale > 0
+    divisor = torch.where(positive, scale, scale.new_ones(()))
+    step = max(1, MASK_BLOCK // max(r, 1))
+    spans = [(i * n + a, i * n + b) for i in range(n_branches) for a, b in row_spans(n, step)]
+
+    def read(start: int, stop: int) -> Tensor:
+        branch = start // n
+        scores = rows[start:stop] / divisor[branch]
+        if not bool(positive[branch].all()):
+            scores = torch.where(positive[branch], scores, scores.new_zeros(()))
+        return scores.unsqueeze(0)
+
+    dtype = coords.dtype if coords.dtype in (torch.float32, torch.float64) else torch.float32
+    apply = MagnitudeCut(read, spans, [keep], numel, dtype).masks()
+    for start, stop in spans:
+        rows[start:stop].mul_(apply(read(start, stop))[0])
+    return coords
