@@ -117,17 +117,15 @@ def basis_from_gram(
     Large Grams on CPU (``n >= LOW_MEMORY_EIGH_N``) go through :func:`eigh_low_memory`;
     ``overwrite``: the caller's ``gram`` is scratch and may be destroyed there.
     """
-    pairs = None
+    pairs, low_memory = None, False
     if partial_eigensolver and gram.device.type == "cpu" and rank_rtol > 0 and gram.shape[0] >= 64:
         pairs = _top_eigenpairs_scipy(gram, rank_rtol)
     if pairs is None and gram.device.type == "cpu" and gram.shape[0] >= LOW_MEMORY_EIGH_N:
         pairs = eigh_low_memory(gram, overwrite=overwrite)
-        if pairs is not None:
-            evals, evecs = pairs
-            evals, evecs = evals.flip(0), reverse_columns_(evecs)
-            return _truncate(evecs, evals.clamp(min=0).sqrt(), rank_rtol)
+        low_memory = pairs is not None
     evals, evecs = pairs if pairs is not None else torch.linalg.eigh(gram)
-    evals, evecs = evals.flip(0), evecs.flip(1)
+    # descending order; in place for large ones (a flip would copy them)
+    evals, evecs = evals.flip(0), reverse_columns_(evecs) if low_memory else evecs.flip(1)
     sigma = evals.clamp(min=0).sqrt()
     return _truncate(evecs, sigma, rank_rtol)
 

@@ -54,6 +54,7 @@ from drm_lightning.methods.ops import (
     kept_count,
     majority_count,
     mass_signs,
+    safe_divide,
     trim_per_branch,
 )
 from drm_lightning.methods.rowwise import (
@@ -66,14 +67,6 @@ from drm_lightning.methods.rowwise import (
 )
 
 Direction = Literal["vertical", "horizontal"]
-
-
-def _safe_divide(values: Tensor, scale: Tensor) -> Tensor:
-    """``values / scale`` with zero where the scale is zero."""
-    if bool((scale > 0).all()):  # the usual case: one division, no masked copies
-        return values / scale
-    safe = torch.where(scale > 0, scale, scale.new_ones(()))
-    return torch.where(scale > 0, values / safe, values.new_zeros(()))
 
 
 NOISE_FLOOR_FACTOR = 4.0
@@ -151,8 +144,8 @@ def pruning_scores(
     """
     if renormalize:
         norms = coords.norm(dim=1, keepdim=True) if col_norms is None else col_norms.unsqueeze(1)
-        return _safe_divide(coords, norms)
-    return _safe_divide(coords, sigma.reshape(1, 1, -1))
+        return safe_divide(coords, norms)
+    return safe_divide(coords, sigma.reshape(1, 1, -1))
 
 
 def merge_coordinates(

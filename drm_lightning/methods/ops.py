@@ -133,8 +133,7 @@ def largest_mask(scores: Tensor, keep: int) -> Tensor:
         return flat[start:stop].unsqueeze(0)
 
     spans = row_spans(numel, MASK_BLOCK)
-    dtype = flat.dtype if flat.dtype in (torch.float32, torch.float64) else torch.float32
-    apply = MagnitudeCut(read, spans, [keep], numel, dtype).masks()
+    apply = MagnitudeCut(read, spans, [keep], numel, flat.dtype).masks()
     mask = torch.empty(numel, dtype=torch.bool, device=scores.device)
     for start, stop in spans:
         mask[start:stop] = apply(read(start, stop))[0]
@@ -144,6 +143,19 @@ def largest_mask(scores: Tensor, keep: int) -> Tensor:
 MASK_BLOCK = 1 << 20
 """Tensors above this many entries get their top-k mask a block of entries at a time
 (:func:`largest_mask`)."""
+
+
+def safe_divide(values: Tensor, scale: Tensor) -> Tensor:
+    """``values / scale`` with zero where the scale is zero.
+
+    Example:
+        >>> safe_divide(torch.tensor([2.0, 3.0]), torch.tensor([4.0, 0.0]))
+        tensor([0.5000, 0.0000])
+    """
+    if bool((scale > 0).all()):  # the usual case: one division, no masked copies
+        return values / scale
+    safe = torch.where(scale > 0, scale, scale.new_ones(()))
+    return torch.where(scale > 0, values / safe, values.new_zeros(()))
 
 
 def mass_signs(x: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ from drm_lightning.methods._select import (
     ordered_bits,
     radix_select,
 )
-from drm_lightning.methods.ops import MASK_BLOCK, kept_count, majority_count, mass_signs
+from drm_lightning.methods.ops import MASK_BLOCK, kept_count, majority_count, mass_signs, safe_divide
 
 DeltaRows = Callable[[int, int], Tensor]
 """``read(start, stop)``: the (N, stop - start, ...) branch deltas of rows ``start:stop`` of
@@ -172,20 +172,13 @@ def prune_scaled_in_place(coords: Tensor, scale: Tensor, density: float) -> Tens
     rows = coords.view(n_branches * n, r)
     if keep <= 0:
         return coords.mul_(0)  # as a mask of zeros would: negative entries become -0.0
-    positive = scale > 0
-    divisor = torch.where(positive, scale, scale.new_ones(()))
     step = max(1, MASK_BLOCK // max(r, 1))
     spans = [(i * n + a, i * n + b) for i in range(n_branches) for a, b in row_spans(n, step)]
 
     def read(start: int, stop: int) -> Tensor:
-        branch = start // n
-        scores = rows[start:stop] / divisor[branch]
-        if not bool(positive[branch].all()):
-            scores = torch.where(positive[branch], scores, scores.new_zeros(()))
-        return scores.unsqueeze(0)
+        return safe_divide(rows[start:stop], scale[start // n]).unsqueeze(0)
 
-    dtype = coords.dtype if coords.dtype in (torch.float32, torch.float64) else torch.float32
-    apply = MagnitudeCut(read, spans, [keep], numel, dtype).masks()
+    apply = MagnitudeCut(read, spans, [keep], numel, coords.dtype).masks()
     for start, stop in spans:
         rows[start:stop].mul_(apply(read(start, stop))[0])
     return coords
