@@ -10,6 +10,10 @@ merge and each task's own branch, ``--val-size`` samples each):
 * Accelerate: a plain ``Accelerator(cpu=True)`` loop without and with
   :class:`~drm_lightning.accelerate.MergeHook`.
 
+``--loop demo`` trains the README demo suite instead, the loop of
+``examples/accelerate_multitask.py``: the demo's pretrained residual MLP (digits), six task
+branches and heads, the demo's training loaders and validation sets.
+
 **The default schedule.** Neither front end merges without a schedule (``every_n_steps=None``
 warns that it never merges). The schedule their documentation gives — the README quick starts of
 both front ends and the ``MergeCallback`` example — is ``every_n_steps=200`` with every other
@@ -34,12 +38,14 @@ the ``N`` entries of highest cumulative time.
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/inloop_overhead.py      # writes results/inloop_overhead.json
+    OMP_NUM_THREADS=1 python benchmarks/inloop_overhead.py --loop demo --out results/inloop_overhead_demo.json
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
 import json
 import pstats
@@ -54,13 +60,16 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_average
 
+from drm_lightning.demo import DemoConfig
+from drm_lightning.demo.backbone import ResidualMLP
+from drm_lightning.demo.runner import pretrain, task_specs, train_loaders
+from drm_lightning.demo.tasks import build_suite
 from drm_lightning.lightning import overhead as lightning_overhead
-from drm_lightning.lightning.overhead import teacher_task
+from drm_lightning.lightning.overhead import Loop, toy_loop
 
 FRONT_ENDS = ("lightning", "accelerate")
 
@@ -74,9 +83,30 @@ class Run:
     merge_again: Callable[[], Any] | None = None
 
 
+@functools.cache
+def _demo_inputs() -> tuple[Any, Any, dict[str, torch.Tensor]]:
+    """The demo's config, task suite and pretrained backbone state (built once a process)."""
+    config = DemoConfig()
+    suite = build_suite(config.tasks, data_seed=config.data_seed)
+    return config, suite, pretrain(suite, config)
+
+
+def demo_loop(args: argparse.Namespace) -> Loop:
+    """The README demo suite (``examples/accelerate_multitask.py``): the pretrained residual MLP,
+    one branch and head per demo task (six), the demo's training loaders and validation tasks."""
+    config, suite, state = _demo_inputs()
+    backbone = ResidualMLP(config.hidden, config.depth)
+    backbone.load_state_dict(state)
+    heads: dict[str, nn.Module] = {name: nn.Linear(config.hidden, t.num_classes) for name, t in suite.tasks.items()}
+    return Loop(backbone, heads, train_loaders(suite, config, seed=0), task_specs(suite), lr=config.finetune_lr)
+
+
+LOOPS: dict[str, Callable[[argparse.Namespace], Loop]] = {"toy": toy_loop, "demo": demo_loop}
+
+
 def lightning_run(args: argparse.Namespace, with_front_end: bool) -> Run:
     """``Trainer.fit`` without or with ``MergeCallback``."""
-    seconds, cb, module = lightning_overhead.fit(args, with_front_end)
+    seconds, cb, module = lightning_overhead.fit(args, with_front_end, LOOPS[args.loop])
     if cb is None:
         return Run(seconds)
     return Run(seconds, list(cb.history), lambda: cb.core.merge(module, step=args.steps, epoch=0))
@@ -86,35 +116,23 @@ def accelerate_run(args: argparse.Namespace, with_front_end: bool) -> Run:
     """A plain ``Accelerator(cpu=True)`` loop without or with ``MergeHook`` (``enabled=``)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState, PartialState
-    from torchmetrics.classification import MulticlassAccuracy
 
     from drm_lightning.accelerate import MergeHook
-    from drm_lightning.evaluation import TaskSpec
     from drm_lightning.inloop import BranchedModel
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
     torch.manual_seed(0)
-    tasks = [f"t{i}" for i in range(args.tasks)]
-    backbone = nn.Sequential(nn.Linear(args.dim, args.hidden), nn.ReLU(), nn.Linear(args.hidden, args.hidden), nn.ReLU())
-    model = BranchedModel(backbone, {t: nn.Linear(args.hidden, args.classes) for t in tasks})
+    loop = LOOPS[args.loop](args)
+    tasks = list(loop.heads)
+    model = BranchedModel(loop.backbone, loop.heads)
     # As BranchedModule.configure_optimizers: AdamW over branches and heads (the base is frozen).
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=loop.lr, weight_decay=0.0)
     accelerator = Accelerator(cpu=True)
     model, optimizer = accelerator.prepare(model, optimizer)
-    train = [
-        DataLoader(teacher_task(i, args.train_size, args.dim, args.classes, 0), batch_size=args.batch_size, shuffle=True)
-        for i in range(args.tasks)
-    ]
-    specs = {
-        t: TaskSpec(
-            DataLoader(teacher_task(i, args.val_size, args.dim, args.classes, 1), batch_size=256),
-            MulticlassAccuracy(num_classes=args.classes),
-        )
-        for i, t in enumerate(tasks)
-    }
-    hook = MergeHook(accelerator, model, args.method, tasks=specs, every_n_steps=args.every, enabled=with_front_end)
+    train = [loop.train[t] for t in tasks]
+    hook = MergeHook(accelerator, model, args.method, tasks=loop.specs, every_n_steps=args.every, enabled=with_front_end)
     start = time.perf_counter()
     with hook:
         step = 0
@@ -189,6 +207,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parents=[lightning_overhead.build_parser(add_help=False)],
     )
     parser.set_defaults(repeats=5)
+    parser.add_argument(
+        "--loop", choices=sorted(LOOPS), default="toy",
+        help="toy: the MLP of --dim/--hidden/--tasks on teacher tasks; demo: the README demo suite (six tasks)",
+    )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile one more merge of each front end")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "inloop_overhead.json")
     args = parser.parse_args(argv)

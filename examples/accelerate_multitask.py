@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from drm_lightning.accelerate import MergeHook
 from drm_lightning.demo import DemoConfig
 from drm_lightning.demo.backbone import ResidualMLP
-from drm_lightning.demo.runner import _train_loaders, pretrain, task_specs
+from drm_lightning.demo.runner import train_loaders, pretrain, task_specs
 from drm_lightning.demo.tasks import build_suite
 from drm_lightning.inloop import BranchedModel
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     heads = {name: torch.nn.Linear(config.hidden, task.num_classes) for name, task in suite.tasks.items()}
     model = BranchedModel(backbone, heads)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.finetune_lr)
-    loaders = _train_loaders(suite, config, seed=0)
+    loaders = train_loaders(suite, config, seed=0)
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
     loaders = dict(zip(loaders, prepared))
 

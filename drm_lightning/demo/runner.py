@@ -240,7 +240,7 @@ def run_seed(
         for index, spec in enumerate(config.methods)
     }
     start = time.perf_counter()
-    _fit(module, list(callbacks.values()), _train_loaders(suite, config, seed), config, bar)
+    _fit(module, list(callbacks.values()), train_loaders(suite, config, seed), config, bar)
     fit_seconds = time.perf_counter() - start
 
     tasks = suite.names
@@ -272,7 +272,7 @@ def run_seed(
         heads = {name: nn.Linear(config.hidden, task.num_classes) for name, task in suite.tasks.items()}
         branched = BranchedModule(backbone, heads, lr=config.finetune_lr)
         callback = _merge_callback(specs[label], suite, config, seed, evaluate_branches=False, adopt=True)
-        _fit(branched, [callback], _train_loaders(suite, config, seed), config, bar)
+        _fit(branched, [callback], train_loaders(suite, config, seed), config, bar)
         _final_record(label, callback, config)
         row = f"{label}{CONSOLIDATED_SUFFIX}"
         scores[row] = {t: float(callback.history[-1][f"merged/{t}/{METRIC}"]) for t in tasks}
@@ -290,7 +290,7 @@ def run_seed(
     )
 
 
-def _train_loaders(suite: Suite, config: DemoConfig, seed: int) -> dict[str, DataLoader]:
+def train_loaders(suite: Suite, config: DemoConfig, seed: int) -> dict[str, DataLoader]:
     """One shuffled training loader a task, each with its own seeded generator."""
     return {
         name: DataLoader(

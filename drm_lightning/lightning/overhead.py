@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,31 +39,55 @@ def teacher_task(index: int, n: int, dim: int, classes: int, split: int) -> Tens
     return TensorDataset(x, (x @ w).argmax(-1))
 
 
-def fit(
-    args: argparse.Namespace, with_callback: bool
-) -> tuple[float, MergeCallback | None, BranchedModule]:
-    """One fit with the settings of :func:`build_parser`: its wall seconds, the callback, the module."""
-    pl.seed_everything(0, verbose=False)
+@dataclass
+class Loop:
+    """What one measured loop trains: a fresh backbone and heads, training loaders, validation tasks."""
+
+    backbone: nn.Module
+    heads: dict[str, nn.Module]
+    train: dict[str, DataLoader]
+    specs: dict[str, TaskSpec]
+    lr: float
+
+
+def toy_loop(args: argparse.Namespace) -> Loop:
+    """The MLP of :func:`build_parser`'s settings on ``--tasks`` synthetic teacher tasks.
+
+    Example:
+        >>> loop = toy_loop(build_parser().parse_args(["--tasks", "2"]))
+        >>> sorted(loop.heads), loop.lr
+        (['t0', 't1'], 0.001)
+    """
     tasks = [f"t{i}" for i in range(args.tasks)]
     backbone = nn.Sequential(
         nn.Linear(args.dim, args.hidden), nn.ReLU(), nn.Linear(args.hidden, args.hidden), nn.ReLU()
     )
-    model = BranchedModule(backbone, {t: nn.Linear(args.hidden, args.classes) for t in tasks}, lr=1e-3)
+    heads: dict[str, nn.Module] = {t: nn.Linear(args.hidden, args.classes) for t in tasks}
     train = {
         t: DataLoader(teacher_task(i, args.train_size, args.dim, args.classes, 0), batch_size=args.batch_size, shuffle=True)
         for i, t in enumerate(tasks)
     }
+    specs = {
+        t: TaskSpec(
+            DataLoader(teacher_task(i, args.val_size, args.dim, args.classes, 1), batch_size=256),
+            MulticlassAccuracy(num_classes=args.classes),
+        )
+        for i, t in enumerate(tasks)
+    }
+    return Loop(backbone, heads, train, specs, lr=1e-3)
+
+
+def fit(
+    args: argparse.Namespace, with_callback: bool, build: Callable[[argparse.Namespace], Loop] = toy_loop
+) -> tuple[float, MergeCallback | None, BranchedModule]:
+    """One fit of ``build(args)`` (seeded): its wall seconds, the callback, the module."""
+    pl.seed_everything(0, verbose=False)
+    loop = build(args)
+    model = BranchedModule(loop.backbone, loop.heads, lr=loop.lr)
     callbacks: list[Any] = []
     cb = None
     if with_callback:
-        specs = {
-            t: TaskSpec(
-                DataLoader(teacher_task(i, args.val_size, args.dim, args.classes, 1), batch_size=256),
-                MulticlassAccuracy(num_classes=args.classes),
-            )
-            for i, t in enumerate(tasks)
-        }
-        cb = MergeCallback(args.method, tasks=specs, every_n_steps=args.every, adopt=args.adopt)
+        cb = MergeCallback(args.method, tasks=loop.specs, every_n_steps=args.every, adopt=args.adopt)
         callbacks.append(cb)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -74,7 +100,7 @@ def fit(
         enable_model_summary=False,
     )
     start = time.perf_counter()
-    trainer.fit(model, train)
+    trainer.fit(model, loop.train)
     return time.perf_counter() - start, cb, model
 
 
