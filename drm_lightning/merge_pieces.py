@@ -35,7 +35,7 @@ from torch import Tensor
 
 from drm_lightning.merge import RESULT_HINT, PlannedTensor, _as_delta, _is_lora, check_finite
 from drm_lightning.methods import MergeMethod
-from drm_lightning.methods.rowwise import rows_per_piece
+from drm_lightning.methods.rowwise import StoredPiece, rows_per_piece
 
 PIECE_ELEMENTS = 1 << 20
 """Entries of the (N, rows, ...) delta stack of one piece: 4 MiB in float32. Measured on
@@ -111,6 +111,19 @@ def merge_in_pieces(
         return deltas
 
     coef = torch.as_tensor(list(coefficients), dtype=compute_dtype).reshape(-1)
+    if not factors:
+        stored = [base.meta(name).dtype, *(b.meta(name).dtype for b in branches)]
+
+        def read_stored(start: int, stop: int) -> tuple[Tensor, list[Tensor]]:
+            return base.get_rows(name, start, stop), [b.get_rows(name, start, stop) for b in branches]
+
+        fused = method.merge_stored_rows(
+            item.route, read_stored, item.shape, coef, piece_rows=step, stored=stored, out_dtype=out_dtype,
+            compute_dtype=compute_dtype,
+        )
+        if fused is not None:
+            yield from _checked_stored_pieces(fused, name, base, branches, origins, item.shape[0])
+            return
     row = 0
     for delta in method.merge_rows(item.route, read, item.shape, coef, piece_rows=step, generator=generator):
         stop = row + delta.shape[0]
@@ -120,3 +133,23 @@ def merge_in_pieces(
         row = stop
     if row != item.shape[0]:
         raise RuntimeError(f"{name!r}: the merge produced {row} rows of {item.shape[0]}")
+
+
+def _checked_stored_pieces(
+    pieces: Iterator[StoredPiece], name: str, base: Any, branches: Sequence[Any], origins: Sequence[str], rows: int
+) -> Iterator[Tensor]:
+    """The merged pieces of :meth:`~drm_lightning.methods.MergeMethod.merge_stored_rows`, with
+    the checks of the eager route: a non-finite input raises naming the input and the rows,
+    a non-finite result the tensor (:data:`~drm_lightning.merge.RESULT_HINT`)."""
+    row = 0
+    for piece in pieces:
+        if not piece.inputs_finite:
+            hint = f" (rows {piece.start}:{piece.stop})"
+            for source, origin in zip([base, *branches], origins, strict=True):
+                check_finite(name, source.get_rows(name, piece.start, piece.stop), origin, hint)
+            raise RuntimeError(f"{name!r}: the fused merge saw a non-finite input in rows {piece.start}:{piece.stop}")
+        check_finite(name, piece.merged, "the merged result", f" (rows {piece.start}:{piece.stop}){RESULT_HINT}")
+        yield piece.merged
+        row = piece.stop
+    if row != rows:
+        raise RuntimeError(f"{name!r}: the merge produced {row} rows of {rows}")

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
-from drm_lightning.methods.rowwise import DeltaRows
+from drm_lightning.methods.rowwise import DeltaRows, StoredPiece, StoredRows
 
 Route = Literal["matrix", "fallback", "ignore"]
 LowRankFactors = tuple[Tensor, Tensor]
@@ -127,6 +127,26 @@ class MergeMethod(ABC):
         deltas = read(0, int(shape[0]))
         merge = self.merge_matrix if route == "matrix" else self.merge_fallback
         yield merge(deltas, coefficients, generator=generator)
+
+    def merge_stored_rows(
+        self,
+        route: Route,
+        read: StoredRows,
+        shape: Sequence[int],
+        coefficients: Tensor,
+        *,
+        piece_rows: int,
+        stored: Sequence[torch.dtype],
+        out_dtype: torch.dtype,
+        compute_dtype: torch.dtype,
+    ) -> Iterator[StoredPiece] | None:
+        """``base + merged delta`` of a tensor read as stored row pieces (``read(start, stop)``
+        gives the base's rows and each branch's, in their ``stored`` dtypes), piece by piece, or
+        ``None`` when the method has no such route for these inputs (the caller then uses
+        :meth:`merge_rows`). The pieces equal the base plus :meth:`merge_rows`' pieces, rounded
+        to ``out_dtype``. Default: ``None``; the task-vector recipe fuses its passes here
+        (:mod:`drm_lightning.methods.task_vector_fused`)."""
+        return None
 
     def row_local(self, route: Route, shape: Sequence[int], n_branches: int) -> bool:
         """True when a tensor can be merged from row slices held on different ranks, with

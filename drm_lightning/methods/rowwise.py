@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -40,6 +41,22 @@ from drm_lightning.methods.ops import MASK_BLOCK, kept_count, majority_count, ma
 DeltaRows = Callable[[int, int], Tensor]
 """``read(start, stop)``: the (N, stop - start, ...) branch deltas of rows ``start:stop`` of
 one tensor, in the compute dtype. Called several times per piece (once per pass)."""
+
+StoredRows = Callable[[int, int], tuple[Tensor, Sequence[Tensor]]]
+"""``read(start, stop)``: the base's rows ``start:stop`` and each branch's, as stored (CPU)."""
+
+
+@dataclass
+class StoredPiece:
+    """One merged piece of :meth:`~drm_lightning.methods.MergeMethod.merge_stored_rows`: rows
+    ``start:stop``, ``base + merged delta`` in the output dtype, and whether every input entry
+    was finite (if not, ``merged`` is meaningless and the caller reports the input)."""
+
+    start: int
+    stop: int
+    merged: Tensor
+    inputs_finite: bool
+
 
 DIGIT_BITS = 16
 """Radix digits of the cut: 2 passes over the pieces in float32, 4 in float64."""

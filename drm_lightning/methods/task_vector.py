@@ -46,8 +46,8 @@ from drm_lightning.methods._sparsify import (
     rescale_masked,
 )
 from drm_lightning.methods.base import MergeMethod, Route
-from drm_lightning.methods.ops import CountRule, broadcast_coefficients, kept_count
-from drm_lightning.methods.rowwise import DeltaRows, MagnitudeCut, row_spans
+from drm_lightning.methods.ops import CountRule, kept_count
+from drm_lightning.methods.rowwise import DeltaRows, MagnitudeCut, StoredPiece, StoredRows, row_spans
 from drm_lightning.methods.task_vector_params import (  # noqa: F401 - re-exported names
     DEFAULT_DENSITY,
     Convention,
@@ -140,8 +140,15 @@ def combine_branches(
         tensor([2.0000, 1.5000])
     """
     weights = coefficients.to(dtype=deltas.dtype, device=deltas.device)
+    # Every sum over branches runs branch by branch, in branch order, from zero: the order of
+    # torch's ``sum(dim=0)`` (and of the libraries, which call it) for N <= 4; from N = 5 torch
+    # sums some columns in another order, chosen by the CPU's vector width, so a fixed order
+    # keeps results the same on every CPU (and equal to the fused kernels, methods/_fused.py).
+    n_branches = deltas.shape[0]
     if not elect_signs:
-        total = (deltas * broadcast_coefficients(weights, deltas)).sum(dim=0)
+        total = torch.zeros_like(deltas[0])
+        for i in range(n_branches):
+            total += deltas[i] * weights[i]
         if not normalize:
             return total
         weight_sum = weights.sum()
@@ -150,11 +157,11 @@ def combine_branches(
         return total / weight_sum
     if convention not in ("peft", "mergekit"):
         raise ValueError(f"convention must be 'peft' or 'mergekit', got {convention!r}")
-    # Branch by branch (no N-sized temporaries); sums accumulate in branch order, which
-    # keeps the results bit-equal to the libraries' ``sum(dim=0)``.
-    n_branches = deltas.shape[0]
+    # Branch by branch, no N-sized temporaries.
     if convention == "peft":
-        mass = deltas.sum(dim=0)
+        mass = torch.zeros_like(deltas[0])
+        for i in range(n_branches):
+            mass += deltas[i]
     else:
         mass = deltas[0] * weights[0]
         for i in range(1, n_branches):
@@ -406,6 +413,30 @@ class TaskVectorMethod(MergeMethod):
             read, shape, coefficients, piece_rows=piece_rows, sparsify=p.sparsify,
             density=p.density, elect_signs=p.elect_signs, normalize=p.normalize,
             rescale=p.rescale, convention=p.convention, scaling=p.scaling,
+        )
+
+    def merge_stored_rows(
+        self, route: Route, read: StoredRows, shape: Sequence[int], coefficients: Tensor, *,
+        piece_rows: int, stored: Sequence[torch.dtype], out_dtype: torch.dtype, compute_dtype: torch.dtype,
+    ) -> Iterator[StoredPiece] | None:
+        """The fused CPU route (:func:`~drm_lightning.methods.task_vector_fused.task_vector_merge_stored_rows`)
+        where it applies: every preset that merges in rows, bfloat16 or float32 inputs, float32 maths."""
+        from drm_lightning.methods.task_vector_fused import stored_rows_supported, task_vector_merge_stored_rows
+
+        p = self.params
+        if not self.merges_in_rows(route, shape, int(coefficients.shape[0])) or coefficients.device.type != "cpu":
+            return None
+        assert p.density is not None and p.normalize is not None and p.rescale is not None
+        sparsify = p.sparsify if p.density < 1 else "none"
+        rescale = p.rescale if sparsify != "none" else "none"
+        if not stored_rows_supported(
+            stored, out_dtype, compute_dtype, sparsify=sparsify, rescale=rescale, convention=p.convention
+        ):
+            return None
+        return task_vector_merge_stored_rows(
+            read, shape, coefficients, piece_rows=piece_rows, sparsify=sparsify, density=p.density,
+            elect_signs=p.elect_signs, normalize=p.normalize, convention=p.convention, scaling=p.scaling,
+            out_dtype=out_dtype,
         )
 
     def cost(self, route: Route, shape: Sequence[int], n_branches: int) -> float:

@@ -1,0 +1,243 @@
+"""Fused CPU kernels (numba) of the entry-wise task-vector recipe on stored row pieces.
+
+:func:`~drm_lightning.methods.task_vector.task_vector_merge_rows` runs the recipe as about
+thirty eager torch passes per entry: widen the stored rows, subtract the base, take
+magnitudes, count radix digits, mask, vote, sum, divide, add the base back, round. Each pass
+reads and writes the whole piece, so on a CPU the recipe costs ten times the disk's read
+time. These kernels make the same float32 operations, in the same order, in one loop per
+entry: :func:`digit_counts` is one radix round of :class:`~drm_lightning.methods.rowwise.MagnitudeCut`
+and :func:`merge_piece` the trim, the election and the disjoint mean, the base added back and
+the result rounded to the stored dtype. The results are the eager route's, bit for bit
+(``tests/test_fused_entrywise.py``); the eager route stays the reference and the route of
+every other device, dtype and option.
+
+Inputs are the stored rows as unsigned integer bit patterns, 2-D ``(rows, inner)``: bfloat16
+as ``uint16``, float32 as ``uint32``. :func:`kernel` gives each kernel for a thread count
+(serial for one thread: no thread pool, safe in forked processes).
+"""
+
+from __future__ import annotations
+
+import os
+import types as types_module
+
+import numba
+import numpy as np
+from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic, overload
+
+DIGITS = 1 << 16
+"""Radix digits of one round (16 bits, as :data:`drm_lightning.methods.rowwise.DIGIT_BITS`)."""
+
+KEEP_ALL, KEEP_NONE, KEEP_CUT = 0, 1, 2
+"""Per-branch trim modes of :func:`merge_piece`: no trim, everything trimmed, trim at a cut."""
+
+
+def _bitcast(source, target):  # type: ignore[no-untyped-def]
+    """A numba function reinterpreting a ``source`` scalar's bits as ``target`` (same width)."""
+
+    @intrinsic
+    def bitcast(typingctx, value):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            return builder.bitcast(args[0], context.get_value_type(target))
+
+        return target(source), codegen
+
+    return bitcast
+
+
+_float_from_bits = _bitcast(types.uint32, types.float32)
+_bits_of_float = _bitcast(types.float32, types.uint32)
+
+
+def _load(a, r, j):  # type: ignore[no-untyped-def]
+    """The stored entry ``a[r, j]`` as float32 (exact)."""
+    raise NotImplementedError  # compiled through the overload below
+
+
+@overload(_load, inline="always")
+def _load_stored(a, r, j):  # type: ignore[no-untyped-def]
+    if a.dtype == types.uint16:  # bfloat16: the high half of a float32
+        return lambda a, r, j: _float_from_bits(np.uint32(a[r, j]) << np.uint32(16))
+    return lambda a, r, j: _float_from_bits(a[r, j])
+
+
+def _store(out, r, j, value):  # type: ignore[no-untyped-def]
+    """``value`` rounded into ``out``'s stored dtype (round to nearest even, as torch)."""
+    raise NotImplementedError
+
+
+@overload(_store, inline="always")
+def _store_stored(out, r, j, value):  # type: ignore[no-untyped-def]
+    if out.dtype == types.uint16:
+
+        def to_bfloat16(out, r, j, value):  # type: ignore[no-untyped-def]
+            bits = _bits_of_float(value)
+            bias = ((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
+            out[r, j] = np.uint16((bits + bias) >> np.uint32(16))
+
+        return to_bfloat16
+    return lambda out, r, j, value: _set_bits(out, r, j, _bits_of_float(value))
+
+
+@njit(inline="always")
+def _set_bits(out, r, j, bits):  # type: ignore[no-untyped-def]
+    out[r, j] = bits
+
+
+@njit(inline="always")
+def _finite(value):  # type: ignore[no-untyped-def]
+    return value - value == np.float32(0.0)
+
+
+def _digit_counts(base, branches, lanes, shift, prefixes, counts):  # type: ignore[no-untyped-def]
+    """Add one radix round's digit counts of ``|branch - base|`` to ``counts``.
+
+    ``counts`` is ``(threads, len(lanes), DIGITS)`` int64, one slab per thread, summed by the
+    caller after the last piece. ``shift`` 16 counts the high digit of every entry; ``shift``
+    0 the low digit of entries whose high digit is ``prefixes[lane]``.
+    """
+    rows, inner = base.shape
+    slabs = counts.shape[0]
+    for slab in prange(slabs):
+        for r in range(rows * slab // slabs, rows * (slab + 1) // slabs):
+            for lane in range(lanes.size):
+                x = branches[lanes[lane]]
+                prefix = np.uint32(prefixes[lane])
+                for j in range(inner):
+                    bits = _bits_of_float(_load(x, r, j) - _load(base, r, j)) & np.uint32(0x7FFFFFFF)
+                    if shift == 16:
+                        counts[slab, lane, bits >> np.uint32(16)] += 1
+                    elif (bits >> np.uint32(16)) == prefix:
+                        counts[slab, lane, bits & np.uint32(0xFFFF)] += 1
+
+
+def _tie_counts(base, branches, modes, cuts, budgets, counts):  # type: ignore[no-untyped-def]
+    """``counts[r, i]``: entries of row ``r`` with ``|branch_i - base|`` equal to branch ``i``'s
+    cut, for the branches whose tie budget is not spent."""
+    rows, inner = base.shape
+    for r in prange(rows):
+        for i in range(len(branches)):
+            counts[r, i] = 0
+            if modes[i] != KEEP_CUT or budgets[i] <= 0:
+                continue
+            x = branches[i]
+            for j in range(inner):
+                if abs(_load(x, r, j) - _load(base, r, j)) == cuts[i]:
+                    counts[r, i] += 1
+
+
+def _merge_piece(  # type: ignore[no-untyped-def]
+    base, branches, weights, modes, cuts, tie_starts, budgets, elect, normalize, peft, weight_sum, scaling, out
+):
+    """``base + merged delta`` of one piece into ``out``; returns whether every input entry is
+    finite.
+
+    Per entry, as :func:`~drm_lightning.methods.task_vector.combine_branches` after the trim:
+    ``delta_i * keep_i``; with ``elect``: the sign of the unweighted (``peft``) or weighted sum,
+    the agreeing weighted entries summed and divided by their count (``peft``) or weight sum;
+    without it: the weighted sum, divided by ``weight_sum`` when it is not 0; times
+    ``scaling``; plus the base, rounded to ``out``'s dtype. ``keep_i``: ``modes[i]``, and at a
+    cut the entries above it and the first ``budgets[i] - tie_starts[r, i]`` equal to it in row
+    ``r``. Loops run over a row at a time so that they vectorise.
+    """
+    rows, inner = base.shape
+    n = len(branches)
+    zero, one = np.float32(0.0), np.float32(1.0)
+    checks = np.zeros(rows, np.float32)
+    for r in prange(rows):
+        b = np.empty(inner, np.float32)
+        trimmed = np.empty((n, inner), np.float32)
+        check = zero
+        for j in range(inner):
+            b[j] = _load(base, r, j)
+        for i in range(n):
+            x = branches[i]
+            mode = modes[i]
+            cut = cuts[i]
+            for j in range(inner):
+                d = _load(x, r, j) - b[j]
+                check += d - d  # NaN once any input entry is not finite
+                if mode == KEEP_ALL:
+                    trimmed[i, j] = d * one
+                elif mode == KEEP_NONE:
+                    trimmed[i, j] = d * zero
+                else:
+                    trimmed[i, j] = d * (one if abs(d) > cut else zero)
+            if mode == KEEP_CUT and tie_starts[r, i] < budgets[i]:
+                seen = tie_starts[r, i]
+                for j in range(inner):
+                    d = _load(x, r, j) - b[j]
+                    if abs(d) == cut:
+                        if seen < budgets[i]:
+                            trimmed[i, j] = d * one
+                        seen += 1
+        checks[r] = check
+        total = np.zeros(inner, np.float32)
+        if elect:
+            mass = np.zeros(inner, np.float32)
+            for i in range(n):
+                for j in range(inner):
+                    mass[j] += trimmed[i, j] if peft else trimmed[i, j] * weights[i]
+            divisor = np.zeros(inner, np.float32)
+            for i in range(n):
+                w = weights[i]
+                for j in range(inner):
+                    weighted = trimmed[i, j] * w
+                    voter = trimmed[i, j] if peft else weighted
+                    elected = one if mass[j] >= zero else -one
+                    agree = voter * elected > zero
+                    total[j] += weighted if agree else zero
+                    divisor[j] += (one if peft else w) if agree else zero
+            if normalize:
+                for j in range(inner):
+                    if peft:
+                        total[j] = total[j] / max(divisor[j], one)
+                    else:
+                        total[j] = total[j] / (one if divisor[j] == zero else divisor[j])
+        else:
+            for i in range(n):
+                w = weights[i]
+                for j in range(inner):
+                    total[j] += trimmed[i, j] * w
+            if weight_sum != zero:
+                for j in range(inner):
+                    total[j] = total[j] / weight_sum
+        for j in range(inner):
+            value = total[j] * scaling if scaling != one else total[j]
+            _store(out, r, j, b[j] + value)
+    return checks.sum() == zero
+
+
+KERNELS = ("digit_counts", "tie_counts", "merge_piece")
+
+
+def _renamed(function, qualname: str):  # type: ignore[no-untyped-def]
+    # numba's on-disk cache is keyed by the function's qualified name (not by parallel=), so
+    # each build gets its own name and its own cache entries.
+    copy = types_module.FunctionType(function.__code__, function.__globals__, qualname, function.__defaults__)
+    copy.__qualname__ = qualname
+    return copy
+
+
+_SERIAL = {name: njit(cache=True)(_renamed(globals()[f"_{name}"], f"{name}_serial")) for name in KERNELS}
+_PARALLEL = {
+    name: njit(parallel=True, cache=True)(_renamed(globals()[f"_{name}"], f"{name}_parallel")) for name in KERNELS
+}
+_pool_pid: list[int] = []  # the process whose numba thread pool the parallel kernels started
+
+
+def kernel(name: str, threads: int):  # type: ignore[no-untyped-def]
+    """The compiled kernel ``name`` for ``threads`` threads.
+
+    One thread: the serial build, which starts no thread pool. More: the parallel build on
+    ``threads`` threads (at most numba's pool), except in a process forked after the pool
+    started, where numba's pool is not safe to use (the serial build then).
+    """
+    if threads <= 1 or (_pool_pid and _pool_pid[0] != os.getpid()):
+        return _SERIAL[name]
+    if not _pool_pid:
+        _pool_pid.append(os.getpid())
+    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    return _PARALLEL[name]

@@ -1,0 +1,147 @@
+"""The task-vector recipe on stored row pieces through fused CPU kernels (TIES, task arithmetic).
+
+:func:`task_vector_merge_stored_rows` gives what
+:func:`~drm_lightning.methods.task_vector.task_vector_merge_rows` and the merge loop give
+together — the base plus the merged delta of every piece, rounded to the output dtype — bit
+for bit, from the stored rows themselves (bfloat16 or float32 on the CPU): the magnitude cut
+by the same radix selection (:func:`~drm_lightning.methods._select.radix_select`) with counts
+from :func:`~drm_lightning.methods._fused.digit_counts`, the rest in one loop per entry
+(:func:`~drm_lightning.methods._fused.merge_piece`). :func:`stored_rows_supported` says when
+it applies; everything else takes the eager route.
+
+Example:
+    >>> import torch
+    >>> base = torch.zeros(4, 1)
+    >>> d = torch.tensor([[[1.0], [-4.0], [-2.0], [0.5]], [[-1.0], [-1.5], [-0.5], [3.0]]])
+    >>> read = lambda a, b: (base[a:b], [d[0, a:b], d[1, a:b]])
+    >>> pieces = task_vector_merge_stored_rows(read, (4, 1), torch.ones(2), piece_rows=3,
+    ...     sparsify="magnitude", density=0.5, elect_signs=True, normalize=True, out_dtype=torch.float32)
+    >>> torch.cat([p.merged for p in pieces]).squeeze(1)
+    tensor([ 0.0000, -2.7500, -2.0000,  3.0000])
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from drm_lightning.methods._select import from_ordered_bits, radix_select
+from drm_lightning.methods.ops import kept_count
+from drm_lightning.methods.rowwise import DIGIT_BITS, StoredPiece, StoredRows, row_spans
+from drm_lightning.methods.task_vector import WEIGHT_SUM_EPS, convention_count_rule
+from drm_lightning.methods.task_vector_params import Convention, Sparsify
+
+STORED_BITS = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.int32, np.uint32)}
+"""Stored dtypes the kernels read and write, with the integer views of their bit patterns."""
+
+
+def stored_rows_supported(
+    stored: Sequence[torch.dtype], out_dtype: torch.dtype, compute_dtype: torch.dtype, *,
+    sparsify: Sparsify, rescale: str, convention: Convention,
+) -> bool:
+    """Whether the fused route applies: numba installed and not switched off
+    (``DRM_LIGHTNING_FUSED=0``), every input stored in one dtype of :data:`STORED_BITS`, output
+    in one of them, float32 maths, no random drop, no rescale."""
+    return (
+        os.environ.get("DRM_LIGHTNING_FUSED", "1") != "0"
+        and importlib.util.find_spec("numba") is not None
+        and len(set(stored)) == 1
+        and stored[0] in STORED_BITS
+        and out_dtype in STORED_BITS
+        and compute_dtype == torch.float32
+        and sparsify in ("none", "magnitude")
+        and rescale == "none"
+        and convention in ("peft", "mergekit")
+    )
+
+
+def _bits(rows: Tensor, count: int) -> np.ndarray:
+    """The (count, inner) integer view of stored rows (a copy only if they are not contiguous)."""
+    view, np_dtype = STORED_BITS[rows.dtype]
+    return rows.detach().reshape(count, -1).contiguous().view(view).numpy().view(np_dtype)
+
+
+def task_vector_merge_stored_rows(
+    read: StoredRows,
+    shape: Sequence[int],
+    coefficients: Tensor,
+    *,
+    piece_rows: int,
+    sparsify: Sparsify = "none",
+    density: float = 1.0,
+    elect_signs: bool = False,
+    normalize: bool = False,
+    convention: Convention = "peft",
+    scaling: float = 1.0,
+    out_dtype: torch.dtype,
+) -> Iterator[StoredPiece]:
+    """``base + task_vector_merge(...)`` of a tensor read as stored row pieces, piece by piece.
+
+    The arguments are :func:`~drm_lightning.methods.task_vector.task_vector_merge_rows`'s
+    (no ``rescale``: none is supported). Inputs must satisfy :func:`stored_rows_supported`.
+    """
+    from drm_lightning.methods import _fused  # numba compiles on first use
+
+    threads = torch.get_num_threads()
+    digit_counts, tie_counts, merge_piece = (_fused.kernel(k, threads) for k in _fused.KERNELS)
+    n = int(coefficients.shape[0])
+    rows = int(shape[0])
+    spans = row_spans(rows, piece_rows)
+    numel = math.prod(int(s) for s in shape)
+    modes = np.full(n, _fused.KEEP_ALL, np.int64)
+    cuts = np.zeros(n, np.float32)
+    ties_left = np.zeros(n, np.int64)
+    if sparsify == "magnitude" and density < 1:
+        keep = kept_count(numel, density, rule=convention_count_rule(convention))
+        if keep <= 0:
+            modes[:] = _fused.KEEP_NONE
+        elif keep < numel:
+            lanes = np.arange(n, dtype=np.int64)
+
+            def count(shift: int, prefixes: Sequence[int]) -> Tensor:
+                slabs = np.zeros((threads, n, _fused.DIGITS), np.int64)
+                for start, stop in spans:
+                    base, branches = read(start, stop)
+                    digit_counts(
+                        _bits(base, stop - start), tuple(_bits(b, stop - start) for b in branches),
+                        lanes, shift, np.asarray(prefixes, np.int64), slabs,
+                    )
+                return torch.from_numpy(slabs.sum(axis=0))
+
+            selected = radix_select([keep] * n, 32, count, digit_bits=DIGIT_BITS)
+            for i, (pattern, ties) in enumerate(selected):
+                modes[i] = _fused.KEEP_CUT
+                cuts[i] = float(from_ordered_bits(pattern, 32, torch.float32))
+                ties_left[i] = ties
+    weights = coefficients.detach().to(torch.float32).cpu()
+    weight_sum = np.float32(0.0)
+    if normalize and not elect_signs:
+        total = weights.sum()
+        if not bool(total.abs() < WEIGHT_SUM_EPS):
+            weight_sum = np.float32(total.item())
+    for start, stop in spans:
+        count_rows = stop - start
+        base_rows, branch_rows = read(start, stop)
+        base = _bits(base_rows, count_rows)
+        branches = tuple(_bits(b, count_rows) for b in branch_rows)
+        tie_starts = np.zeros((count_rows, n), np.int64)
+        if bool(((modes == _fused.KEEP_CUT) & (ties_left > 0)).any()):
+            per_row = np.zeros((count_rows, n), np.int64)
+            tie_counts(base, branches, modes, cuts, ties_left, per_row)
+            tie_starts[1:] = np.cumsum(per_row, axis=0)[:-1]
+            seen = per_row.sum(axis=0)
+        else:
+            seen = np.zeros(n, np.int64)
+        merged = torch.empty((count_rows, *(int(s) for s in shape[1:])), dtype=out_dtype)
+        finite = merge_piece(
+            base, branches, weights.numpy(), modes, cuts, tie_starts, ties_left, elect_signs, normalize,
+            convention == "peft", weight_sum, np.float32(scaling), _bits(merged, count_rows),
+        )
+        ties_left -= np.minimum(seen, ties_left)
+        yield StoredPiece(start, stop, merged, bool(finite))

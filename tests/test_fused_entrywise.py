@@ -1,0 +1,194 @@
+"""The fused CPU route of the task-vector recipe (methods/_fused.py, methods/task_vector_fused.py)
+gives the eager route's results bit for bit, and the merge loop takes it and keeps its checks."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from drm_lightning.merge import PlannedTensor
+from drm_lightning.merge_pieces import merge_in_pieces
+from drm_lightning.methods import get_method
+from drm_lightning.methods.task_vector import task_vector_merge_rows
+from drm_lightning.methods.task_vector_fused import task_vector_merge_stored_rows
+from drm_lightning.sources import SafetensorsFileSource, StateDictSource
+
+pytest.importorskip("numba")
+
+BITS = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+def _eager(base: torch.Tensor, branches: list[torch.Tensor], coef: torch.Tensor, piece_rows: int, **kw) -> torch.Tensor:
+    """What merge_in_pieces made before the fused route: base + merged delta, rounded."""
+    wide = base.float()
+
+    def read(a: int, b: int) -> torch.Tensor:
+        return torch.stack([x[a:b].float() - wide[a:b] for x in branches])
+
+    out, row = [], 0
+    for delta in task_vector_merge_rows(read, base.shape, coef, piece_rows=piece_rows, **kw):
+        out.append((wide[row:row + delta.shape[0]] + delta).to(base.dtype))
+        row += delta.shape[0]
+    return torch.cat(out)
+
+
+def _fused(base: torch.Tensor, branches: list[torch.Tensor], coef: torch.Tensor, piece_rows: int, **kw) -> torch.Tensor:
+    def read(a: int, b: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return base[a:b], [x[a:b] for x in branches]
+
+    pieces = list(task_vector_merge_stored_rows(read, base.shape, coef, piece_rows=piece_rows, out_dtype=base.dtype, **kw))
+    assert all(p.inputs_finite for p in pieces)
+    return torch.cat([p.merged for p in pieces])
+
+
+def _inputs(dtype: torch.dtype, n: int, shape: tuple[int, ...], tied: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).to(dtype)
+    if tied:  # deltas on a grid of 0.25: many exact ties at the cut, exact zeros, a -0.0 base
+        steps = [torch.randint(-2, 3, shape, generator=g).float() * 0.25 for _ in range(n)]
+        base.view(-1)[:5] = -0.0
+    else:
+        steps = [0.05 * torch.randn(shape, generator=g) for _ in range(n)]
+    return base, [(base.float() + s).to(dtype) for s in steps], torch.rand(n, generator=g) + 0.3
+
+
+CASES = list(itertools.product(
+    [torch.bfloat16, torch.float32], [2, 3, 5], ["peft", "mergekit"], [0.0, 0.2, 1.0], [True, False], [True, False]
+))
+
+
+@pytest.mark.parametrize("dtype,n,convention,density,elect,normalize", CASES)
+def test_fused_route_equals_the_eager_route_bit_for_bit(dtype, n, convention, density, elect, normalize) -> None:
+    for tied, shape, piece_rows in ((False, (37, 29), 5), (True, (37, 29), 5), (True, (11, 3, 4), 2), (False, (50,), 7)):
+        base, branches, coef = _inputs(dtype, n, shape, tied)
+        kw = dict(sparsify="magnitude", density=density, elect_signs=elect, normalize=normalize,
+                  convention=convention, scaling=1.3 if tied else 1.0)
+        eager = _eager(base, branches, coef, piece_rows, **kw)
+        fused = _fused(base, branches, coef, piece_rows, **kw)
+        assert torch.equal(eager.view(BITS[dtype]), fused.view(BITS[dtype])), (shape, tied)
+
+
+def test_ties_at_the_cut_spread_over_pieces_go_to_the_first_entries() -> None:
+    # Every magnitude is 0.5 or 0: the cut is 0.5 with ties in every piece; the first ones in
+    # flattened order are kept, as largest_mask on the whole tensor keeps them.
+    base = torch.zeros(40, 8)
+    branch = torch.where(torch.arange(320).reshape(40, 8) % 3 == 0, 0.5, 0.0)
+    coef = torch.ones(1)
+    merged = _fused(base, [branch], coef, 3, sparsify="magnitude", density=0.1, elect_signs=False)
+    kept = torch.nonzero(merged.reshape(-1)).squeeze(1)
+    assert kept.tolist() == torch.nonzero(branch.reshape(-1)).squeeze(1)[:32].tolist()
+
+
+def _files(tmp_path: Path, base: torch.Tensor, branches: list[torch.Tensor]) -> tuple:
+    save_file({"w": base.contiguous()}, str(tmp_path / "base.safetensors"))
+    for i, b in enumerate(branches):
+        save_file({"w": b.contiguous()}, str(tmp_path / f"b{i}.safetensors"))
+    return (SafetensorsFileSource(tmp_path / "base.safetensors"),
+            [SafetensorsFileSource(tmp_path / f"b{i}.safetensors") for i in range(len(branches))])
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_merge_loop_takes_the_fused_route_and_agrees_with_the_eager_one(tmp_path, monkeypatch, method) -> None:
+    from drm_lightning.methods import _fused as kernels
+
+    base_t, branch_ts, _ = _inputs(torch.bfloat16, 3, (64, 48), tied=True)
+    base, branches = _files(tmp_path, base_t, branch_ts)
+    item = PlannedTensor("w", (64, 48), torch.bfloat16, "matrix")
+    m = get_method(method, density=0.3) if method == "ties" else get_method(method)
+    calls = []
+    for builds in (kernels._SERIAL, kernels._PARALLEL):
+        real = builds["merge_piece"]
+        monkeypatch.setitem(builds, "merge_piece", lambda *a, real=real: calls.append(1) or real(*a))
+    fused = torch.cat(list(merge_in_pieces(m, item, base, branches, [1.0, 0.5, 2.0], piece_rows=10)))
+    assert len(calls) == 7  # one call a piece: the fused route ran
+    monkeypatch.setenv("DRM_LIGHTNING_FUSED", "0")
+    eager = torch.cat(list(merge_in_pieces(m, item, base, branches, [1.0, 0.5, 2.0], piece_rows=10)))
+    assert len(calls) == 7
+    assert torch.equal(fused.view(torch.int16), eager.view(torch.int16))
+
+
+@pytest.mark.parametrize(
+    "stored,compute,method,fused",
+    [
+        (torch.bfloat16, torch.float32, "ties", True),
+        (torch.float32, torch.float32, "task_arithmetic", True),
+        (torch.float16, torch.float32, "ties", False),  # no kernel for float16 inputs
+        (torch.bfloat16, torch.float64, "ties", False),  # float64 maths stay eager
+        (torch.bfloat16, torch.float32, "dare_ties", False),  # random masks over the whole branch
+    ],
+)
+def test_fused_route_applies_only_where_it_is_exact(stored, compute, method, fused) -> None:
+    m = get_method(method) if method == "task_arithmetic" else get_method(method, density=0.5)
+    route = m.merge_stored_rows(
+        "matrix", lambda a, b: (None, []), (8, 8), torch.ones(2, dtype=compute), piece_rows=4,
+        stored=[stored] * 3, out_dtype=stored, compute_dtype=compute,
+    )
+    assert (route is not None) == fused
+
+
+def test_non_finite_input_and_overflowing_result_raise_as_on_the_eager_route(tmp_path) -> None:
+    base_t, branch_ts, _ = _inputs(torch.bfloat16, 2, (30, 16), tied=False)
+    branch_ts[1][17, 3] = float("nan")
+    base, branches = _files(tmp_path, base_t, branch_ts)
+    item = PlannedTensor("w", (30, 16), torch.bfloat16, "matrix")
+    origins = ["base", "branch math", "branch code"]
+    with pytest.raises(ValueError, match=r"'w' in branch code contains 1 NaN .*rows 10:20"):
+        list(merge_in_pieces(get_method("ties", density=0.5), item, base, branches, [1.0, 1.0],
+                             piece_rows=10, origins=origins))
+    huge = [torch.full((30, 16), 3e38).to(torch.bfloat16)] * 2
+    base, branches = _files(tmp_path, torch.zeros(30, 16, dtype=torch.bfloat16), huge)
+    with pytest.raises(ValueError, match="merged result .*overflowed"):
+        list(merge_in_pieces(get_method("task_arithmetic"), item, base, branches, [1.0, 1.0], piece_rows=10))
+
+
+def test_state_dict_sources_take_the_fused_route_too() -> None:
+    base_t, branch_ts, _ = _inputs(torch.float32, 2, (20, 6), tied=False)
+    item = PlannedTensor("w", (20, 6), torch.float32, "fallback")
+    pieces = merge_in_pieces(get_method("ties", density=0.5), item, StateDictSource({"w": base_t}),
+                             [StateDictSource({"w": b}) for b in branch_ts], [1.0, 1.0], piece_rows=6)
+    merged = torch.cat(list(pieces))
+    expected = _eager(base_t, branch_ts, torch.ones(2), 6, sparsify="magnitude", density=0.5,
+                      elect_signs=True, normalize=True)
+    assert torch.equal(merged, expected)
+
+
+def _merge_in_child(queue) -> None:  # runs in a forked process
+    from drm_lightning.methods import _fused as kernels
+
+    # torch's own OpenMP pool is not usable after fork either: one thread, as DataLoader workers.
+    torch.set_num_threads(1)
+    serial = kernels.kernel("merge_piece", 2) is kernels._SERIAL["merge_piece"]
+    base_t, branch_ts, coef = _inputs(torch.bfloat16, 3, (40, 32), tied=True)
+    merged = _fused(base_t, branch_ts, coef, 7, sparsify="magnitude", density=0.3, elect_signs=True, normalize=True)
+    queue.put((serial, merged.view(torch.int16).tolist()))
+
+
+def test_parallel_kernels_then_a_forked_process_merges_serially() -> None:
+    # numba's thread pool does not survive fork: a forked process gets the serial builds even
+    # when it asks for threads. The parent merges on 2 threads (the pool starts), then forks.
+    import multiprocessing
+
+    from drm_lightning.methods import _fused as kernels
+
+    base_t, branch_ts, coef = _inputs(torch.bfloat16, 3, (40, 32), tied=True)
+    kw = dict(sparsify="magnitude", density=0.3, elect_signs=True, normalize=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parallel = _fused(base_t, branch_ts, coef, 7, **kw)
+        assert kernels.kernel("merge_piece", 2) is kernels._PARALLEL["merge_piece"]
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_merge_in_child, args=(queue,))
+        child.start()
+        serial, child_bits = queue.get(timeout=120)
+        child.join(timeout=60)
+    finally:
+        torch.set_num_threads(before)
+    assert child.exitcode == 0 and serial
+    assert parallel.view(torch.int16).tolist() == child_bits
+    assert torch.equal(parallel, _eager(base_t, branch_ts, coef, 7, **kw))
