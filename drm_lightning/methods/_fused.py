@@ -129,7 +129,8 @@ def _tie_counts(base, branches, modes, cuts, budgets, counts):  # type: ignore[n
 
 
 def _merge_piece(  # type: ignore[no-untyped-def]
-    base, branches, weights, modes, cuts, tie_starts, budgets, elect, normalize, peft, weight_sum, scaling, out
+    base, branches, weights, modes, cuts, tie_starts, budgets, ordered, running, elect, normalize, peft, weight_sum,
+    scaling, out
 ):
     """``base + merged delta`` of one piece into ``out``; returns whether every input entry is
     finite.
@@ -140,7 +141,9 @@ def _merge_piece(  # type: ignore[no-untyped-def]
     without it: the weighted sum, divided by ``weight_sum`` when it is not 0; times
     ``scaling``; plus the base, rounded to ``out``'s dtype. ``keep_i``: ``modes[i]``, and at a
     cut the entries above it and the first ``budgets[i] - tie_starts[r, i]`` equal to it in row
-    ``r``. Loops run over a row at a time so that they vectorise.
+    ``r``; or, ``ordered`` (the serial build, which visits rows in order), the first
+    ``budgets[i] - running[i]`` in the piece, ``running[i]`` counting the ties seen (no
+    :func:`_tie_counts` pass). Loops run over a row at a time so that they vectorise.
     """
     rows, inner = base.shape
     n = len(branches)
@@ -165,14 +168,16 @@ def _merge_piece(  # type: ignore[no-untyped-def]
                     trimmed[i, j] = d * zero
                 else:
                     trimmed[i, j] = d * (one if abs(d) > cut else zero)
-            if mode == KEEP_CUT and tie_starts[r, i] < budgets[i]:
-                seen = tie_starts[r, i]
+            seen = running[i] if ordered else tie_starts[r, i]
+            if mode == KEEP_CUT and seen < budgets[i]:
                 for j in range(inner):
                     d = _load(x, r, j) - b[j]
                     if abs(d) == cut:
                         if seen < budgets[i]:
                             trimmed[i, j] = d * one
                         seen += 1
+                if ordered:
+                    running[i] = seen
         checks[r] = check
         total = np.zeros(inner, np.float32)
         if elect:
@@ -228,6 +233,11 @@ _PARALLEL = {
 _pool_pid: list[int] = []  # the process whose numba thread pool the parallel kernels started
 
 
+def serial(threads: int) -> bool:
+    """Whether :func:`kernel` gives the serial builds for ``threads`` threads."""
+    return threads <= 1 or bool(_pool_pid and _pool_pid[0] != os.getpid())
+
+
 def kernel(name: str, threads: int):  # type: ignore[no-untyped-def]
     """The compiled kernel ``name`` for ``threads`` threads.
 
@@ -235,7 +245,7 @@ def kernel(name: str, threads: int):  # type: ignore[no-untyped-def]
     ``threads`` threads (at most numba's pool), except in a process forked after the pool
     started, where numba's pool is not safe to use (the serial build then).
     """
-    if threads <= 1 or (_pool_pid and _pool_pid[0] != os.getpid()):
+    if serial(threads):
         return _SERIAL[name]
     if not _pool_pid:
         _pool_pid.append(os.getpid())

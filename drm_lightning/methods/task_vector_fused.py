@@ -90,6 +90,7 @@ def task_vector_merge_stored_rows(
 
     threads = torch.get_num_threads()
     digit_counts, tie_counts, merge_piece = (_fused.kernel(k, threads) for k in _fused.KERNELS)
+    ordered = _fused.serial(threads)  # the serial merge counts ties itself, in row order
     n = int(coefficients.shape[0])
     rows = int(shape[0])
     spans = row_spans(rows, piece_rows)
@@ -131,16 +132,17 @@ def task_vector_merge_stored_rows(
         base = _bits(base_rows, count_rows)
         branches = tuple(_bits(b, count_rows) for b in branch_rows)
         tie_starts = np.zeros((count_rows, n), np.int64)
-        if bool(((modes == _fused.KEEP_CUT) & (ties_left > 0)).any()):
+        running = np.zeros(n, np.int64)
+        if not ordered and bool(((modes == _fused.KEEP_CUT) & (ties_left > 0)).any()):
             per_row = np.zeros((count_rows, n), np.int64)
             tie_counts(base, branches, modes, cuts, ties_left, per_row)
             tie_starts[1:] = np.cumsum(per_row, axis=0)[:-1]
             seen = per_row.sum(axis=0)
         else:
-            seen = np.zeros(n, np.int64)
+            seen = running
         merged = torch.empty((count_rows, *(int(s) for s in shape[1:])), dtype=out_dtype)
         finite = merge_piece(
-            base, branches, weights.numpy(), modes, cuts, tie_starts, ties_left, elect_signs, normalize,
+            base, branches, weights.numpy(), modes, cuts, tie_starts, ties_left, ordered, running, elect_signs, normalize,
             convention == "peft", weight_sum, np.float32(scaling), _bits(merged, count_rows),
         )
         ties_left -= np.minimum(seen, ties_left)
