@@ -29,6 +29,7 @@ from drm_lightning.methods.base import LowRankFactors, MergeMethod, Route
 from drm_lightning.routing import Routing
 from drm_lightning.sources._shard_file import RowPieces
 from drm_lightning.sources.memory import StateDictSource
+from drm_lightning.sources.read_ahead import ReadAhead
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -358,11 +359,9 @@ def iter_merge(
     larger than that and that can be merged in row pieces
     (:func:`drm_lightning.merge_pieces.merges_in_pieces`) comes as a
     :class:`~drm_lightning.sources.RowPieces` instead of a tensor: memory then stays
-    bounded by a piece. Without it every value is a tensor.
+    bounded by a piece. Without it every value is a tensor. File sources are asked to read
+    the next tensor ahead while one merges (:class:`~drm_lightning.sources.read_ahead.ReadAhead`).
     """
-    from drm_lightning.merge_pieces import merge_in_pieces, merges_in_pieces  # imports this module
-    from drm_lightning.methods.rowwise import rows_per_piece
-
     if seed is None:
         seed = int(getattr(method.params, "seed", 0) or 0)
     coefs = validate_coefficients(coefficients, len(branches))
@@ -373,26 +372,44 @@ def iter_merge(
 
         items = tqdm(plan, desc=f"merging ({getattr(method, 'registered_name', method.name)})", unit="tensor")
     origins = [_origin(base, None), *(_origin(b, i) for i, b in enumerate(branches))]
-    for item in items:
-        base_t = base.get(item.name)
-        if item.route == "ignore":
-            yield item.name, merge_tensor(method, "ignore", base_t, [], coefs, out_dtype=out_dtype)
-            continue
-        generator = tensor_generator(seed, item.name) if method.uses_randomness else None
-        if merges_in_pieces(method, item, base, branches, piece_elements):
-            pieces = merge_in_pieces(
+    with ReadAhead([base, *branches]) as ahead:
+        for position, item in enumerate(items):
+            if position + 1 < len(plan):  # the disk reads the next tensor while this one merges
+                ahead.ask([plan[position + 1].name])
+            yield from _merge_item(
                 method, item, base, branches, coefs, compute_dtype=compute_dtype, out_dtype=out_dtype,
-                generator=generator, origins=origins,
-                piece_rows=rows_per_piece(item.shape, len(branches), int(piece_elements or 0)),
+                seed=seed, piece_elements=piece_elements, origins=origins,
             )
-            yield item.name, RowPieces(item.shape, out_dtype or item.dtype, pieces)
-            continue
-        branch_ts = [_branch_tensor(branch, item.name, item.route) for branch in branches]
-        yield item.name, merge_tensor(
-            method, item.route, base_t, branch_ts, coefs, compute_dtype=compute_dtype,
-            out_dtype=out_dtype, generator=generator, name=item.name, origins=origins,
-            row_blocks=item.row_blocks,
+
+
+def _merge_item(
+    method: MergeMethod, item: PlannedTensor, base: Any, branches: Sequence[Any], coefs: list[float], *,
+    compute_dtype: torch.dtype, out_dtype: torch.dtype | None, seed: int, piece_elements: int | None,
+    origins: list[str],
+) -> Iterator[tuple[str, Any]]:
+    """:func:`iter_merge`'s ``(name, merged)`` of one planned tensor."""
+    from drm_lightning.merge_pieces import merge_in_pieces, merges_in_pieces  # imports this module
+    from drm_lightning.methods.rowwise import rows_per_piece
+
+    if item.route == "ignore":
+        yield item.name, merge_tensor(method, "ignore", base.get(item.name), [], coefs, out_dtype=out_dtype)
+        return
+    generator = tensor_generator(seed, item.name) if method.uses_randomness else None
+    if merges_in_pieces(method, item, base, branches, piece_elements):
+        pieces = merge_in_pieces(
+            method, item, base, branches, coefs, compute_dtype=compute_dtype, out_dtype=out_dtype,
+            generator=generator, origins=origins,
+            piece_rows=rows_per_piece(item.shape, len(branches), int(piece_elements or 0)),
         )
+        yield item.name, RowPieces(item.shape, out_dtype or item.dtype, pieces)
+        return
+    base_t = base.get(item.name)
+    branch_ts = [_branch_tensor(branch, item.name, item.route) for branch in branches]
+    yield item.name, merge_tensor(
+        method, item.route, base_t, branch_ts, coefs, compute_dtype=compute_dtype,
+        out_dtype=out_dtype, generator=generator, name=item.name, origins=origins,
+        row_blocks=item.row_blocks,
+    )
 
 
 def _as_source(obj: Any, origin: str) -> Any:

@@ -41,6 +41,7 @@ from drm_lightning.distributed.plan import MergePlan, build_plan
 from drm_lightning.merge import iter_merge
 from drm_lightning.merge_pieces import PIECE_ELEMENTS
 from drm_lightning.sources import RowPieces
+from drm_lightning.sources.read_ahead import ReadAhead
 
 if TYPE_CHECKING:  # the job is built by the layer above; only its fields are read here
     from drm_lightning.disk_job import DiskMergeJob
@@ -181,8 +182,14 @@ def run_job_distributed(
     out_dtype = job.config.out_torch_dtype
     stats = {"chunks": len(schedule.chunks), "sent_bytes": 0, "received_bytes": 0}
 
+    ahead = ReadAhead([base, *branches])
+    owned = [p for p, owner in enumerate(schedule.owners) if owner == rank]
+
     def merge_one(position: int) -> Tensor:
         item = job.plan[position]
+        later = [p for p in owned if p > position]
+        if later:  # the disk reads this rank's next tensor while this one merges
+            ahead.ask([job.plan[later[0]].name])
         (_, value), = iter_merge(
             job.method, base, branches, coefficients=job.coefficients,
             compute_dtype=job.config.compute_torch_dtype, out_dtype=out_dtype,
@@ -262,6 +269,7 @@ def run_job_distributed(
             writer.abort()
         raise
     finally:
+        ahead.close()
         if bar is not None:
             bar.close()
     return stats

@@ -24,7 +24,7 @@ import hashlib
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +156,10 @@ class WeightSource(ABC):
         """Rows ``start:stop`` (along dim 0) of ``name``; file formats that can read a slice
         without the rest override this (safetensors), the default reads the whole tensor."""
         return self.get(name)[start:stop]
+
+    def prefetch(self, names: Sequence[str]) -> None:
+        """Hint that ``names`` will be read soon: file sources ask the OS to read their bytes
+        ahead (into the page cache, not into this process). Default: nothing."""
 
     def reads_rows(self, name: str) -> bool:
         """True when :meth:`get_rows` of ``name`` costs only the rows asked for (a slice read,

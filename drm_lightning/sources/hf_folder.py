@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -162,6 +163,15 @@ class HFFolderSource(WeightSource):
 
     def get_rows(self, name: str, start: int, stop: int) -> Tensor:
         return self._shard_of(name).get_rows(name, start, stop)
+
+    def prefetch(self, names: Sequence[str]) -> None:  # noqa: D102
+        shards: dict[int, tuple[WeightSource, list[str]]] = {}
+        for name in names:
+            if name in self._weight_map:
+                shard = self._shard_of(name)
+                shards.setdefault(id(shard), (shard, []))[1].append(name)
+        for shard, names_here in shards.values():
+            shard.prefetch(names_here)
 
     def reads_rows(self, name: str) -> bool:  # noqa: D102
         return self._shard_of(name).reads_rows(name)
