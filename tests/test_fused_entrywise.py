@@ -192,3 +192,25 @@ def test_parallel_kernels_then_a_forked_process_merges_serially() -> None:
     assert child.exitcode == 0 and serial
     assert parallel.view(torch.int16).tolist() == child_bits
     assert torch.equal(parallel, _eager(base_t, branch_ts, coef, 7, **kw))
+
+
+@pytest.mark.parametrize("misleading_sample", [False, True])
+def test_the_first_pass_counts_the_second_round_when_the_sample_guesses_the_cut(monkeypatch, misleading_sample) -> None:
+    from drm_lightning.methods import _fused as kernels
+    from drm_lightning.methods.task_vector_fused import sample
+
+    rows, piece_rows = 256, 16  # 16 pieces; the sample holds 4096 entries a branch
+    base, branches, coef = _inputs(torch.float32, 2, (rows, 64), tied=False)
+    if misleading_sample:  # the sampled pieces' deltas are 1000x smaller than the others'
+        spans = [(a, min(a + piece_rows, rows)) for a in range(0, rows, piece_rows)]
+        for a, b in sample(spans):
+            for x in branches:
+                x[a:b] = base[a:b] + (x[a:b] - base[a:b]) * 1e-3
+    calls = []
+    real = kernels._SERIAL["digit_counts"]
+    monkeypatch.setitem(kernels._SERIAL, "digit_counts", lambda *a: calls.append(a[3]) or real(*a))
+    kw = dict(sparsify="magnitude", density=0.3, elect_signs=True, normalize=True)
+    fused = _fused(base, branches, coef, piece_rows, **kw)
+    assert torch.equal(fused, _eager(base, branches, coef, piece_rows, **kw))
+    # 4 sampled pieces, the first pass (16), and the second only when the guess missed
+    assert calls == [16] * 4 + [16] * 16 + ([0] * 16 if misleading_sample else [])  # the shifts

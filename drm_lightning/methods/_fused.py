@@ -91,24 +91,33 @@ def _finite(value):  # type: ignore[no-untyped-def]
     return value - value == np.float32(0.0)
 
 
-def _digit_counts(base, branches, lanes, shift, prefixes, counts):  # type: ignore[no-untyped-def]
+def _digit_counts(base, branches, lanes, shift, prefixes, counts, lows, window):  # type: ignore[no-untyped-def]
     """Add one radix round's digit counts of ``|branch - base|`` to ``counts``.
 
     ``counts`` is ``(threads, len(lanes), DIGITS)`` int64, one slab per thread, summed by the
     caller after the last piece. ``shift`` 16 counts the high digit of every entry; ``shift``
-    0 the low digit of entries whose high digit is ``prefixes[lane]``.
+    0 the low digit of entries whose high digit is ``prefixes[lane]``. With ``shift`` 16,
+    ``window`` (``(threads, len(lanes), W, DIGITS)``, W may be 0) also gets the low digits of
+    the entries whose high digit is ``lows[lane] + w`` for ``w < W``: the next round's counts,
+    whole, if the high digit selected falls in the window.
     """
     rows, inner = base.shape
     slabs = counts.shape[0]
+    width = window.shape[2]
     for slab in prange(slabs):
         for r in range(rows * slab // slabs, rows * (slab + 1) // slabs):
             for lane in range(lanes.size):
                 x = branches[lanes[lane]]
                 prefix = np.uint32(prefixes[lane])
+                low = lows[lane]
                 for j in range(inner):
                     bits = _bits_of_float(_load(x, r, j) - _load(base, r, j)) & np.uint32(0x7FFFFFFF)
                     if shift == 16:
-                        counts[slab, lane, bits >> np.uint32(16)] += 1
+                        high = bits >> np.uint32(16)
+                        counts[slab, lane, high] += 1
+                        offset = np.int64(high) - low
+                        if offset >= 0 and offset < width:
+                            window[slab, lane, offset, bits & np.uint32(0xFFFF)] += 1
                     elif (bits >> np.uint32(16)) == prefix:
                         counts[slab, lane, bits & np.uint32(0xFFFF)] += 1
 

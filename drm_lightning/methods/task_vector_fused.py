@@ -61,6 +61,42 @@ def stored_rows_supported(
     )
 
 
+WINDOW_DIGITS = 8
+"""High digits around the sample's guess whose low digits the first counting pass also counts."""
+
+SAMPLE_PIECES = 4
+"""Pieces, spread over the tensor, whose high digits guess where the cut lies."""
+
+
+def sample(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """:data:`SAMPLE_PIECES` pieces spread evenly over ``spans``.
+
+    Example:
+        >>> sample([(i, i + 1) for i in range(8)])
+        [(1, 2), (3, 4), (5, 6), (7, 8)]
+    """
+    step = len(spans) / SAMPLE_PIECES
+    return [spans[int(step * (i + 0.5))] for i in range(SAMPLE_PIECES)]
+
+
+def likely_high_digits(hist: np.ndarray, keep: int, numel: int) -> np.ndarray:
+    """Per lane, the first high digit of a :data:`WINDOW_DIGITS` window centred on the digit
+    holding the ``keep``-th largest of ``numel`` entries, guessed from a sample's ``hist``.
+
+    The first counting pass also counts the low digits of the window's high digits; when the
+    exact high digit falls inside, the second pass over the tensor is not needed (outside,
+    it runs as before: the guess changes how fast, never what).
+    """
+    lows = np.zeros(hist.shape[0], np.int64)
+    for lane, counts in enumerate(hist):
+        target = keep * counts.sum() / numel
+        at_least = np.cumsum(counts[::-1])[::-1]  # entries with a high digit >= d
+        hits = np.nonzero(at_least >= max(target, 1))[0]
+        guess = int(hits.max()) if hits.size else 0
+        lows[lane] = max(0, guess - WINDOW_DIGITS // 2)
+    return lows
+
+
 def _bits(rows: Tensor, count: int) -> np.ndarray:
     """The (count, inner) integer view of stored rows (a copy only if they are not contiguous)."""
     view, np_dtype = STORED_BITS[rows.dtype]
@@ -105,15 +141,35 @@ def task_vector_merge_stored_rows(
         elif keep < numel:
             lanes = np.arange(n, dtype=np.int64)
 
-            def count(shift: int, prefixes: Sequence[int]) -> Tensor:
+            no_window = np.zeros((threads, n, 0, _fused.DIGITS), np.int64)
+            kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+            def counts_over(pieces: Sequence[tuple[int, int]], shift: int, prefixes: Sequence[int],
+                            lows: np.ndarray, window: np.ndarray) -> np.ndarray:
                 slabs = np.zeros((threads, n, _fused.DIGITS), np.int64)
-                for start, stop in spans:
+                for start, stop in pieces:
                     base, branches = read(start, stop)
                     digit_counts(
                         _bits(base, stop - start), tuple(_bits(b, stop - start) for b in branches),
-                        lanes, shift, np.asarray(prefixes, np.int64), slabs,
+                        lanes, shift, np.asarray(prefixes, np.int64), slabs, lows, window,
                     )
-                return torch.from_numpy(slabs.sum(axis=0))
+                return slabs.sum(axis=0)
+
+            def count(shift: int, prefixes: Sequence[int]) -> Tensor:
+                if shift == 0 and "window" in kept:  # the second round, counted in the first pass?
+                    lows, window = kept.pop("window")
+                    offsets = [int(p) - int(lows[i]) for i, p in enumerate(prefixes)]
+                    if all(0 <= o < window.shape[1] for o in offsets):
+                        return torch.from_numpy(np.stack([window[i, o] for i, o in enumerate(offsets)]))
+                lows = np.zeros(n, np.int64)
+                window = no_window
+                if shift == 16 and len(spans) >= 2 * SAMPLE_PIECES:
+                    lows = likely_high_digits(counts_over(sample(spans), 16, [0] * n, lows, no_window), keep, numel)
+                    window = np.zeros((threads, n, WINDOW_DIGITS, _fused.DIGITS), np.int64)
+                hist = counts_over(spans, shift, prefixes, lows, window)
+                if window.shape[2]:
+                    kept["window"] = (lows, window.sum(axis=0))
+                return torch.from_numpy(hist)
 
             selected = radix_select([keep] * n, 32, count, digit_bits=DIGIT_BITS)
             for i, (pattern, ties) in enumerate(selected):
