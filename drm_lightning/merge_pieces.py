@@ -148,7 +148,8 @@ def _checked_stored_pieces(
             for source, origin in zip([base, *branches], origins, strict=True):
                 check_finite(name, source.get_rows(name, piece.start, piece.stop), origin, hint)
             raise RuntimeError(f"{name!r}: the fused merge saw a non-finite input in rows {piece.start}:{piece.stop}")
-        check_finite(name, piece.merged, "the merged result", f" (rows {piece.start}:{piece.stop}){RESULT_HINT}")
+        if not piece.merged_finite:  # raises, naming the tensor and the rows
+            check_finite(name, piece.merged, "the merged result", f" (rows {piece.start}:{piece.stop}){RESULT_HINT}")
         yield piece.merged
         row = piece.stop
     if row != rows:

@@ -142,7 +142,7 @@ def _merge_piece(  # type: ignore[no-untyped-def]
     scaling, out
 ):
     """``base + merged delta`` of one piece into ``out``; returns whether every input entry is
-    finite.
+    finite and whether every result entry is.
 
     Per entry, as :func:`~drm_lightning.methods.task_vector.combine_branches` after the trim:
     ``delta_i * keep_i``; with ``elect``: the sign of the unweighted (``peft``) or weighted sum,
@@ -158,6 +158,7 @@ def _merge_piece(  # type: ignore[no-untyped-def]
     n = len(branches)
     zero, one = np.float32(0.0), np.float32(1.0)
     checks = np.zeros(rows, np.float32)
+    out_checks = np.zeros(rows, np.float32)
     for r in prange(rows):
         b = np.empty(inner, np.float32)
         trimmed = np.empty((n, inner), np.float32)
@@ -221,7 +222,12 @@ def _merge_piece(  # type: ignore[no-untyped-def]
         for j in range(inner):
             value = total[j] * scaling if scaling != one else total[j]
             _store(out, r, j, b[j] + value)
-    return checks.sum() == zero
+        out_check = zero
+        for j in range(inner):
+            stored = _load(out, r, j)
+            out_check += stored - stored  # NaN once a rounded result is not finite
+        out_checks[r] = out_check
+    return checks.sum() == zero, out_checks.sum() == zero
 
 
 KERNELS = ("digit_counts", "tie_counts", "merge_piece")

@@ -49,13 +49,15 @@ StoredRows = Callable[[int, int], tuple[Tensor, Sequence[Tensor]]]
 @dataclass
 class StoredPiece:
     """One merged piece of :meth:`~drm_lightning.methods.MergeMethod.merge_stored_rows`: rows
-    ``start:stop``, ``base + merged delta`` in the output dtype, and whether every input entry
-    was finite (if not, ``merged`` is meaningless and the caller reports the input)."""
+    ``start:stop``, ``base + merged delta`` in the output dtype, whether every input entry
+    was finite (if not, ``merged`` is meaningless and the caller reports the input) and
+    whether every entry of ``merged`` is."""
 
     start: int
     stop: int
     merged: Tensor
     inputs_finite: bool
+    merged_finite: bool
 
 
 DIGIT_BITS = 16

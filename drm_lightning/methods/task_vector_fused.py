@@ -197,9 +197,9 @@ def task_vector_merge_stored_rows(
         else:
             seen = running
         merged = torch.empty((count_rows, *(int(s) for s in shape[1:])), dtype=out_dtype)
-        finite = merge_piece(
+        inputs_finite, merged_finite = merge_piece(
             base, branches, weights.numpy(), modes, cuts, tie_starts, ties_left, ordered, running, elect_signs, normalize,
             convention == "peft", weight_sum, np.float32(scaling), _bits(merged, count_rows),
         )
         ties_left -= np.minimum(seen, ties_left)
-        yield StoredPiece(start, stop, merged, bool(finite))
+        yield StoredPiece(start, stop, merged, bool(inputs_finite), bool(merged_finite))
