@@ -214,3 +214,23 @@ def test_the_first_pass_counts_the_second_round_when_the_sample_guesses_the_cut(
     assert torch.equal(fused, _eager(base, branches, coef, piece_rows, **kw))
     # 4 sampled pieces, the first pass (16), and the second only when the guess missed
     assert calls == [16] * 4 + [16] * 16 + ([0] * 16 if misleading_sample else [])  # the shifts
+
+
+@pytest.mark.parametrize("stored,out", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_output_dtype_other_than_the_stored_one(stored, out) -> None:
+    base, branches, coef = _inputs(stored, 3, (37, 29), tied=True)
+    kw = dict(sparsify="magnitude", density=0.3, elect_signs=True, normalize=True)
+    wide = base.float()
+
+    def read(a: int, b: int) -> torch.Tensor:
+        return torch.stack([x[a:b].float() - wide[a:b] for x in branches])
+
+    eager, row = [], 0
+    for delta in task_vector_merge_rows(read, base.shape, coef, piece_rows=5, **kw):
+        eager.append((wide[row:row + delta.shape[0]] + delta).to(out))
+        row += delta.shape[0]
+    pieces = task_vector_merge_stored_rows(
+        lambda a, b: (base[a:b], [x[a:b] for x in branches]), base.shape, coef, piece_rows=5, out_dtype=out, **kw
+    )
+    fused = torch.cat([p.merged for p in pieces])
+    assert fused.dtype == out and torch.equal(fused, torch.cat(eager))
