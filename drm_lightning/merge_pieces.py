@@ -111,7 +111,9 @@ def merge_in_pieces(
         return deltas
 
     coef = torch.as_tensor(list(coefficients), dtype=compute_dtype).reshape(-1)
-    if not factors:
+    # The fused CPU route reads the stored rows as they are: not for LoRA branches, nor for
+    # sources that move rows to a GPU (the disk job's OnDevice), which stay on the torch route.
+    if not factors and base.get_rows(name, 0, 1).device.type == "cpu":
         stored = [base.meta(name).dtype, *(b.meta(name).dtype for b in branches)]
 
         def read_stored(start: int, stop: int) -> tuple[Tensor, list[Tensor]]:

@@ -234,3 +234,19 @@ def test_output_dtype_other_than_the_stored_one(stored, out) -> None:
     )
     fused = torch.cat([p.merged for p in pieces])
     assert fused.dtype == out and torch.equal(fused, torch.cat(eager))
+
+
+def test_sources_that_move_rows_to_a_device_stay_on_the_torch_route(monkeypatch) -> None:
+    # The disk job's OnDevice moves every read to the GPU; the fused kernels read CPU memory.
+    # Here rows go to the "meta" device: the fused route must not be asked for.
+    from drm_lightning.disk_job import OnDevice
+    from drm_lightning.methods.task_vector import TaskVectorMethod
+
+    base_t, branch_ts, _ = _inputs(torch.float32, 2, (20, 6), tied=False)
+    moved = [OnDevice(StateDictSource({"w": t}), torch.device("meta")) for t in (base_t, *branch_ts)]
+    asked = []
+    monkeypatch.setattr(TaskVectorMethod, "merge_stored_rows", lambda self, *a, **k: asked.append(1))
+    item = PlannedTensor("w", (20, 6), torch.float32, "fallback")
+    with pytest.raises(Exception):  # the torch route cannot finish on "meta" tensors; it is taken
+        list(merge_in_pieces(get_method("ties", density=0.5), item, moved[0], moved[1:], [1.0, 1.0], piece_rows=6))
+    assert asked == []
