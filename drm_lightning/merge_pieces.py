@@ -133,8 +133,7 @@ def merge_in_pieces(
         check_finite(name, merged, "the merged result", f" (rows {row}:{stop}){RESULT_HINT}")
         yield merged
         row = stop
-    if row != item.shape[0]:
-        raise RuntimeError(f"{name!r}: the merge produced {row} rows of {item.shape[0]}")
+    _check_all_rows(name, row, item.shape[0])
 
 
 def _checked_stored_pieces(
@@ -154,5 +153,10 @@ def _checked_stored_pieces(
             check_finite(name, piece.merged, "the merged result", f" (rows {piece.start}:{piece.stop}){RESULT_HINT}")
         yield piece.merged
         row = piece.stop
-    if row != rows:
-        raise RuntimeError(f"{name!r}: the merge produced {row} rows of {rows}")
+    _check_all_rows(name, row, rows)
+
+
+def _check_all_rows(name: str, produced: int, rows: int) -> None:
+    """Raise when a piecewise merge stopped short of (or past) the tensor's ``rows``."""
+    if produced != rows:
+        raise RuntimeError(f"{name!r}: the merge produced {produced} rows of {rows}")

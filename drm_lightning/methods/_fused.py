@@ -5,8 +5,8 @@ thirty eager torch passes per entry: widen the stored rows, subtract the base, t
 magnitudes, count radix digits, mask, vote, sum, divide, add the base back, round. Each pass
 reads and writes the whole piece, so on a CPU the recipe costs ten times the disk's read
 time. These kernels make the same float32 operations, in the same order, in one loop per
-entry: :func:`digit_counts` is one radix round of :class:`~drm_lightning.methods.rowwise.MagnitudeCut`
-and :func:`merge_piece` the trim, the election and the disjoint mean, the base added back and
+entry: :func:`_digit_counts` is one radix round of :class:`~drm_lightning.methods.rowwise.MagnitudeCut`
+and :func:`_merge_piece` the trim, the election and the disjoint mean, the base added back and
 the result rounded to the stored dtype. The results are the eager route's, bit for bit
 (``tests/test_fused_entrywise.py``); the eager route stays the reference and the route of
 every other device, dtype and option.
@@ -31,7 +31,7 @@ DIGITS = 1 << 16
 """Radix digits of one round (16 bits, as :data:`drm_lightning.methods.rowwise.DIGIT_BITS`)."""
 
 KEEP_ALL, KEEP_NONE, KEEP_CUT = 0, 1, 2
-"""Per-branch trim modes of :func:`merge_piece`: no trim, everything trimmed, trim at a cut."""
+"""Per-branch trim modes of :func:`_merge_piece`: no trim, everything trimmed, trim at a cut."""
 
 
 def _bitcast(source, target):  # type: ignore[no-untyped-def]
@@ -84,11 +84,6 @@ def _store_stored(out, r, j, value):  # type: ignore[no-untyped-def]
 @njit(inline="always")
 def _set_bits(out, r, j, bits):  # type: ignore[no-untyped-def]
     out[r, j] = bits
-
-
-@njit(inline="always")
-def _finite(value):  # type: ignore[no-untyped-def]
-    return value - value == np.float32(0.0)
 
 
 def _digit_counts(base, branches, lanes, shift, prefixes, counts, lows, window):  # type: ignore[no-untyped-def]

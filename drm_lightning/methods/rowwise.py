@@ -36,7 +36,13 @@ from drm_lightning.methods._select import (
     ordered_bits,
     radix_select,
 )
-from drm_lightning.methods.ops import MASK_BLOCK, kept_count, majority_count, mass_signs, safe_divide
+from drm_lightning.methods.ops import (
+    MASK_BLOCK,
+    kept_count,
+    majority_count,
+    mass_signs,
+    safe_divide,
+)
 
 DeltaRows = Callable[[int, int], Tensor]
 """``read(start, stop)``: the (N, stop - start, ...) branch deltas of rows ``start:stop`` of

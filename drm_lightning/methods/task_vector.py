@@ -47,7 +47,13 @@ from drm_lightning.methods._sparsify import (
 )
 from drm_lightning.methods.base import MergeMethod, Route
 from drm_lightning.methods.ops import CountRule, kept_count
-from drm_lightning.methods.rowwise import DeltaRows, MagnitudeCut, StoredPiece, StoredRows, row_spans
+from drm_lightning.methods.rowwise import (
+    DeltaRows,
+    MagnitudeCut,
+    StoredPiece,
+    StoredRows,
+    row_spans,
+)
 from drm_lightning.methods.task_vector_params import (  # noqa: F401 - re-exported names
     DEFAULT_DENSITY,
     Convention,
@@ -60,6 +66,18 @@ from drm_lightning.methods.task_vector_params import (  # noqa: F401 - re-export
 
 WEIGHT_SUM_EPS = 1e-8
 """Without sign election, a weight sum below this is treated as 1 (as mergekit does)."""
+
+
+def normalizing_weight_sum(weights: Tensor) -> Tensor | None:
+    """The divisor of a normalised merge without sign election: the sum of the weights, or
+    ``None`` (no division) when it is within :data:`WEIGHT_SUM_EPS` of zero.
+
+    Example:
+        >>> normalizing_weight_sum(torch.tensor([1.0, 3.0])), normalizing_weight_sum(torch.tensor([1.0, -1.0]))
+        (tensor(4.), None)
+    """
+    weight_sum = weights.sum()
+    return None if bool(weight_sum.abs() < WEIGHT_SUM_EPS) else weight_sum
 
 
 def convention_count_rule(convention: Convention) -> CountRule:
@@ -149,12 +167,8 @@ def combine_branches(
         total = torch.zeros_like(deltas[0])
         for i in range(n_branches):
             total += deltas[i] * weights[i]
-        if not normalize:
-            return total
-        weight_sum = weights.sum()
-        if bool(weight_sum.abs() < WEIGHT_SUM_EPS):
-            return total
-        return total / weight_sum
+        weight_sum = normalizing_weight_sum(weights) if normalize else None
+        return total if weight_sum is None else total / weight_sum
     if convention not in ("peft", "mergekit"):
         raise ValueError(f"convention must be 'peft' or 'mergekit', got {convention!r}")
     # Branch by branch, no N-sized temporaries.
@@ -421,7 +435,10 @@ class TaskVectorMethod(MergeMethod):
     ) -> Iterator[StoredPiece] | None:
         """The fused CPU route (:func:`~drm_lightning.methods.task_vector_fused.task_vector_merge_stored_rows`)
         where it applies: every preset that merges in rows, bfloat16 or float32 inputs, float32 maths."""
-        from drm_lightning.methods.task_vector_fused import stored_rows_supported, task_vector_merge_stored_rows
+        from drm_lightning.methods.task_vector_fused import (
+            stored_rows_supported,
+            task_vector_merge_stored_rows,
+        )
 
         p = self.params
         if not self.merges_in_rows(route, shape, int(coefficients.shape[0])) or coefficients.device.type != "cpu":

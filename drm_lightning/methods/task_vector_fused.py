@@ -34,7 +34,7 @@ from torch import Tensor
 from drm_lightning.methods._select import from_ordered_bits, radix_select
 from drm_lightning.methods.ops import kept_count
 from drm_lightning.methods.rowwise import DIGIT_BITS, StoredPiece, StoredRows, row_spans
-from drm_lightning.methods.task_vector import WEIGHT_SUM_EPS, convention_count_rule
+from drm_lightning.methods.task_vector import convention_count_rule, normalizing_weight_sum
 from drm_lightning.methods.task_vector_params import Convention, Sparsify
 
 STORED_BITS = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.int32, np.uint32)}
@@ -177,11 +177,8 @@ def task_vector_merge_stored_rows(
                 cuts[i] = float(from_ordered_bits(pattern, 32, torch.float32))
                 ties_left[i] = ties
     weights = coefficients.detach().to(torch.float32).cpu()
-    weight_sum = np.float32(0.0)
-    if normalize and not elect_signs:
-        total = weights.sum()
-        if not bool(total.abs() < WEIGHT_SUM_EPS):
-            weight_sum = np.float32(total.item())
+    divisor = normalizing_weight_sum(weights) if normalize and not elect_signs else None
+    weight_sum = np.float32(0.0 if divisor is None else divisor.item())  # 0: no division
     for start, stop in spans:
         count_rows = stop - start
         base_rows, branch_rows = read(start, stop)

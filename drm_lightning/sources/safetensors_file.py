@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from collections.abc import Sequence
@@ -133,8 +132,7 @@ class SafetensorsFileSource(WeightSource):
             meta = self._meta.get(name)
             if meta is None or not hasattr(os, "posix_fadvise"):
                 continue
-            size = math.prod(meta.shape) * torch.empty((), dtype=meta.dtype).element_size()
-            os.posix_fadvise(self._descriptor(), self._offsets[name], size, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(self._descriptor(), self._offsets[name], meta.nbytes, os.POSIX_FADV_WILLNEED)
 
     def reads_rows(self, name: str) -> bool:  # noqa: D102
         return True
