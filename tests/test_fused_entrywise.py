@@ -72,6 +72,29 @@ def test_fused_route_equals_the_eager_route_bit_for_bit(dtype, n, convention, de
         assert torch.equal(eager.view(BITS[dtype]), fused.view(BITS[dtype])), (shape, tied)
 
 
+@pytest.fixture
+def torch_threads():
+    """Sets torch's thread count (the fused route's piece threads) for one test."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dtype,convention,elect", itertools.product(
+    [torch.bfloat16, torch.float32], ["peft", "mergekit"], [True, False]))
+def test_pieces_on_threads_give_the_same_bits(torch_threads, threads, dtype, convention, elect) -> None:
+    # Ties at the cut in many small pieces: each piece learns the ties of those before it
+    # while the others run.
+    torch_threads(threads)
+    for tied, shape, piece_rows in ((True, (37, 29), 2), (False, (37, 29), 3), (True, (50,), 3)):
+        base, branches, coef = _inputs(dtype, 3, shape, tied)
+        kw = dict(sparsify="magnitude", density=0.2, elect_signs=elect, normalize=True, convention=convention)
+        eager = _eager(base, branches, coef, piece_rows, **kw)
+        fused = _fused(base, branches, coef, piece_rows, **kw)
+        assert torch.equal(eager.view(BITS[dtype]), fused.view(BITS[dtype])), (shape, tied)
+
+
 def test_ties_at_the_cut_spread_over_pieces_go_to_the_first_entries() -> None:
     # Every magnitude is 0.5 or 0: the cut is 0.5 with ties in every piece; the first ones in
     # flattened order are kept, as largest_mask on the whole tensor keeps them.
@@ -100,9 +123,8 @@ def test_merge_loop_takes_the_fused_route_and_agrees_with_the_eager_one(tmp_path
     item = PlannedTensor("w", (64, 48), torch.bfloat16, "matrix")
     m = get_method(method, density=0.3) if method == "ties" else get_method(method)
     calls = []
-    for builds in (kernels._SERIAL, kernels._PARALLEL):
-        real = builds["merge_piece"]
-        monkeypatch.setitem(builds, "merge_piece", lambda *a, real=real: calls.append(1) or real(*a))
+    real = kernels.merge_piece
+    monkeypatch.setattr(kernels, "merge_piece", lambda *a: calls.append(1) or real(*a))
     fused = torch.cat(list(merge_in_pieces(m, item, base, branches, [1.0, 0.5, 2.0], piece_rows=10)))
     assert len(calls) == 7  # one call a piece: the fused route ran
     monkeypatch.setenv("DRM_LIGHTNING_FUSED", "0")
@@ -157,41 +179,37 @@ def test_state_dict_sources_take_the_fused_route_too() -> None:
 
 
 def _merge_in_child(queue) -> None:  # runs in a forked process
-    from drm_lightning.methods import _fused as kernels
-
-    # torch's own OpenMP pool is not usable after fork either: one thread, as DataLoader workers.
+    # torch's OpenMP pool does not survive fork (a forked rank runs on one thread, as
+    # DataLoader workers do); the merge must not hang on anything the parent's threads left.
     torch.set_num_threads(1)
-    serial = kernels.kernel("merge_piece", 2) is kernels._SERIAL["merge_piece"]
     base_t, branch_ts, coef = _inputs(torch.bfloat16, 3, (40, 32), tied=True)
     merged = _fused(base_t, branch_ts, coef, 7, sparsify="magnitude", density=0.3, elect_signs=True, normalize=True)
-    queue.put((serial, merged.view(torch.int16).tolist()))
+    queue.put(merged.view(torch.int16).tolist())
 
 
-def test_parallel_kernels_then_a_forked_process_merges_serially() -> None:
-    # numba's thread pool does not survive fork: a forked process gets the serial builds even
-    # when it asks for threads. The parent merges on 2 threads (the pool starts), then forks.
+@pytest.mark.parametrize("threads", [2, 3])
+def test_pieces_on_threads_then_a_forked_process_merges_the_same(threads) -> None:
+    # Pieces run on Python threads (the kernels release the GIL), no numba thread pool: a
+    # process forked after a threaded merge merges too, and gets the same bits.
     import multiprocessing
-
-    from drm_lightning.methods import _fused as kernels
 
     base_t, branch_ts, coef = _inputs(torch.bfloat16, 3, (40, 32), tied=True)
     kw = dict(sparsify="magnitude", density=0.3, elect_signs=True, normalize=True)
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     try:
-        parallel = _fused(base_t, branch_ts, coef, 7, **kw)
-        assert kernels.kernel("merge_piece", 2) is kernels._PARALLEL["merge_piece"]
+        threaded = _fused(base_t, branch_ts, coef, 7, **kw)
         context = multiprocessing.get_context("fork")
         queue = context.Queue()
         child = context.Process(target=_merge_in_child, args=(queue,))
         child.start()
-        serial, child_bits = queue.get(timeout=120)
+        child_bits = queue.get(timeout=120)
         child.join(timeout=60)
     finally:
         torch.set_num_threads(before)
-    assert child.exitcode == 0 and serial
-    assert parallel.view(torch.int16).tolist() == child_bits
-    assert torch.equal(parallel, _eager(base_t, branch_ts, coef, 7, **kw))
+    assert child.exitcode == 0
+    assert threaded.view(torch.int16).tolist() == child_bits
+    assert torch.equal(threaded, _eager(base_t, branch_ts, coef, 7, **kw))
 
 
 @pytest.mark.parametrize("misleading_sample", [False, True])
@@ -207,8 +225,8 @@ def test_the_first_pass_counts_the_second_round_when_the_sample_guesses_the_cut(
             for x in branches:
                 x[a:b] = base[a:b] + (x[a:b] - base[a:b]) * 1e-3
     calls = []
-    real = kernels._SERIAL["digit_counts"]
-    monkeypatch.setitem(kernels._SERIAL, "digit_counts", lambda *a: calls.append(a[3]) or real(*a))
+    real = kernels.digit_counts
+    monkeypatch.setattr(kernels, "digit_counts", lambda *a: calls.append(a[2]) or real(*a))
     kw = dict(sparsify="magnitude", density=0.3, elect_signs=True, normalize=True)
     fused = _fused(base, branches, coef, piece_rows, **kw)
     assert torch.equal(fused, _eager(base, branches, coef, piece_rows, **kw))

@@ -413,3 +413,37 @@ def test_writer_peak_memory_does_not_grow_with_the_shard(tmp_path: Path) -> None
     mib = 1024 * 1024
     assert growth[8] < 32 * mib, growth  # 512 MiB of tensors written
     assert growth[8] - growth[1] < 16 * mib, growth
+
+
+def test_row_pieces_written_behind_the_producer_raise_a_write_error_and_leave_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Row pieces go to a background writer thread; its error surfaces in the writer's caller
+    # (at the next add or at close), located at the shard, and nothing is left.
+    from drm_lightning.sources import RowPieces
+
+    real_write = shard_file_module.write_at
+    writes: list[int] = []
+
+    def failing_write(fd: int, data: memoryview, offset: int) -> None:
+        writes.append(offset)
+        if len(writes) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(fd, data, offset)
+
+    monkeypatch.setattr(shard_file_module, "write_at", failing_write)
+    pieces = (torch.full((4, 8), float(i)) for i in range(5))
+    out = tmp_path / "merged"
+    with pytest.raises(OSError) as info:
+        with HFFolderWriter(out) as w:
+            w.add("big", RowPieces((20, 8), torch.float32, pieces))
+    assert info.value.errno == errno.ENOSPC and "shard-00001" in info.value.filename
+    assert len(writes) >= 3 and list(tmp_path.iterdir()) == []
+
+    monkeypatch.setattr(shard_file_module, "write_at", real_write)
+    with HFFolderWriter(out) as w:  # and written whole when the disk holds it
+        w.add("big", RowPieces((20, 8), torch.float32, (torch.full((4, 8), float(i)) for i in range(5))))
+    from safetensors.torch import load_file
+
+    (shard,) = out.glob("*.safetensors")
+    assert torch.equal(load_file(shard)["big"], torch.arange(5.0).repeat_interleave(4)[:, None].expand(20, 8))

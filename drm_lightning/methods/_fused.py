@@ -12,18 +12,14 @@ the result rounded to the stored dtype. The results are the eager route's, bit f
 every other device, dtype and option.
 
 Inputs are the stored rows as unsigned integer bit patterns, 2-D ``(rows, inner)``: bfloat16
-as ``uint16``, float32 as ``uint32``. :func:`kernel` gives each kernel for a thread count
-(serial for one thread: no thread pool, safe in forked processes).
+as ``uint16``, float32 as ``uint32``. Every kernel is serial and releases the GIL: the caller
+runs pieces on threads of its own (no numba thread pool, which does not survive ``fork``).
 """
 
 from __future__ import annotations
 
-import os
-import types as types_module
-
-import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 from numba.core import types
 from numba.extending import intrinsic, overload
 
@@ -86,55 +82,63 @@ def _set_bits(out, r, j, bits):  # type: ignore[no-untyped-def]
     out[r, j] = bits
 
 
-def _digit_counts(base, branches, lanes, shift, prefixes, counts, lows, window):  # type: ignore[no-untyped-def]
-    """Add one radix round's digit counts of ``|branch - base|`` to ``counts``.
+EXPONENT = np.uint32(0x7F800000)
+"""The exponent bits of a float32: all set for Inf and NaN, and only for them."""
 
-    ``counts`` is ``(threads, len(lanes), DIGITS)`` int64, one slab per thread, summed by the
-    caller after the last piece. ``shift`` 16 counts the high digit of every entry; ``shift``
-    0 the low digit of entries whose high digit is ``prefixes[lane]``. With ``shift`` 16,
-    ``window`` (``(threads, len(lanes), W, DIGITS)``, W may be 0) also gets the low digits of
-    the entries whose high digit is ``lows[lane] + w`` for ``w < W``: the next round's counts,
-    whole, if the high digit selected falls in the window.
+
+@njit(cache=True, nogil=True)
+def digit_counts(base, branches, shift, prefixes, counts, lows, window):  # type: ignore[no-untyped-def]
+    """Add one radix round's digit counts of ``|branch - base|`` to ``counts`` (``(lanes, DIGITS)``).
+
+    ``shift`` 16 counts the high digit of every entry; ``shift`` 0 the low digit of entries
+    whose high digit is ``prefixes[lane]``. With ``shift`` 16, ``window`` (``(lanes, W,
+    DIGITS)``, W may be 0) also gets the low digits of the entries whose high digit is
+    ``lows[lane] + w`` for ``w < W``: the next round's counts, whole, if the high digit
+    selected falls in the window.
     """
     rows, inner = base.shape
-    slabs = counts.shape[0]
-    width = window.shape[2]
-    for slab in prange(slabs):
-        for r in range(rows * slab // slabs, rows * (slab + 1) // slabs):
-            for lane in range(lanes.size):
-                x = branches[lanes[lane]]
-                prefix = np.uint32(prefixes[lane])
+    width = window.shape[1]
+    for r in range(rows):
+        for lane in range(len(branches)):
+            x = branches[lane]
+            if shift == 16:
                 low = lows[lane]
                 for j in range(inner):
                     bits = _bits_of_float(_load(x, r, j) - _load(base, r, j)) & np.uint32(0x7FFFFFFF)
-                    if shift == 16:
-                        high = bits >> np.uint32(16)
-                        counts[slab, lane, high] += 1
-                        offset = np.int64(high) - low
-                        if offset >= 0 and offset < width:
-                            window[slab, lane, offset, bits & np.uint32(0xFFFF)] += 1
-                    elif (bits >> np.uint32(16)) == prefix:
-                        counts[slab, lane, bits & np.uint32(0xFFFF)] += 1
+                    high = bits >> np.uint32(16)
+                    counts[lane, high] += 1
+                    offset = np.int64(high) - low
+                    if offset >= 0 and offset < width:
+                        window[lane, offset, bits & np.uint32(0xFFFF)] += 1
+            else:
+                prefix = np.uint32(prefixes[lane])
+                for j in range(inner):
+                    bits = _bits_of_float(_load(x, r, j) - _load(base, r, j)) & np.uint32(0x7FFFFFFF)
+                    if (bits >> np.uint32(16)) == prefix:
+                        counts[lane, bits & np.uint32(0xFFFF)] += 1
 
 
-def _tie_counts(base, branches, modes, cuts, budgets, counts):  # type: ignore[no-untyped-def]
-    """``counts[r, i]``: entries of row ``r`` with ``|branch_i - base|`` equal to branch ``i``'s
-    cut, for the branches whose tie budget is not spent."""
+@njit(cache=True, nogil=True)
+def tie_counts(base, branches, modes, cuts, counts):  # type: ignore[no-untyped-def]
+    """``counts[i]``: entries of the piece with ``|branch_i - base|`` equal to branch ``i``'s
+    cut, for the branches trimmed at a cut (0 for the others)."""
     rows, inner = base.shape
-    for r in prange(rows):
-        for i in range(len(branches)):
-            counts[r, i] = 0
-            if modes[i] != KEEP_CUT or budgets[i] <= 0:
-                continue
-            x = branches[i]
+    for i in range(len(branches)):
+        counts[i] = 0
+        if modes[i] != KEEP_CUT:
+            continue
+        x = branches[i]
+        cut = cuts[i]
+        for r in range(rows):
+            equal = np.int64(0)
             for j in range(inner):
-                if abs(_load(x, r, j) - _load(base, r, j)) == cuts[i]:
-                    counts[r, i] += 1
+                equal += abs(_load(x, r, j) - _load(base, r, j)) == cut
+            counts[i] += equal
 
 
-def _merge_piece(  # type: ignore[no-untyped-def]
-    base, branches, weights, modes, cuts, tie_starts, budgets, ordered, running, elect, normalize, peft, weight_sum,
-    scaling, out
+@njit(cache=True, nogil=True)
+def merge_piece(  # type: ignore[no-untyped-def]
+    base, branches, weights, modes, cuts, budgets, seen, elect, normalize, peft, weight_sum, scaling, out
 ):
     """``base + merged delta`` of one piece into ``out``; returns whether every input entry is
     finite and whether every result entry is.
@@ -144,20 +148,21 @@ def _merge_piece(  # type: ignore[no-untyped-def]
     the agreeing weighted entries summed and divided by their count (``peft``) or weight sum;
     without it: the weighted sum, divided by ``weight_sum`` when it is not 0; times
     ``scaling``; plus the base, rounded to ``out``'s dtype. ``keep_i``: ``modes[i]``, and at a
-    cut the entries above it and the first ``budgets[i] - tie_starts[r, i]`` equal to it in row
-    ``r``; or, ``ordered`` (the serial build, which visits rows in order), the first
-    ``budgets[i] - running[i]`` in the piece, ``running[i]`` counting the ties seen (no
-    :func:`_tie_counts` pass). Loops run over a row at a time so that they vectorise.
+    cut the entries above it and, of those equal to it, the first ``budgets[i] - seen[i]``
+    in the piece (``seen[i]``: ties of earlier pieces, updated in place). Loops run over a row
+    at a time so that they vectorise.
     """
     rows, inner = base.shape
     n = len(branches)
     zero, one = np.float32(0.0), np.float32(1.0)
-    checks = np.zeros(rows, np.float32)
-    out_checks = np.zeros(rows, np.float32)
-    for r in prange(rows):
-        b = np.empty(inner, np.float32)
-        trimmed = np.empty((n, inner), np.float32)
-        check = zero
+    b = np.empty(inner, np.float32)
+    trimmed = np.empty((n, inner), np.float32)
+    total = np.empty(inner, np.float32)
+    mass = np.empty(inner, np.float32)
+    divisor = np.empty(inner, np.float32)
+    inputs = np.uint32(0)  # the largest exponent field seen: EXPONENT once one is Inf or NaN
+    results = np.uint32(0)
+    for r in range(rows):
         for j in range(inner):
             b[j] = _load(base, r, j)
         for i in range(n):
@@ -166,31 +171,29 @@ def _merge_piece(  # type: ignore[no-untyped-def]
             cut = cuts[i]
             for j in range(inner):
                 d = _load(x, r, j) - b[j]
-                check += d - d  # NaN once any input entry is not finite
+                inputs = max(inputs, _bits_of_float(d) & EXPONENT)
                 if mode == KEEP_ALL:
                     trimmed[i, j] = d * one
                 elif mode == KEEP_NONE:
                     trimmed[i, j] = d * zero
                 else:
                     trimmed[i, j] = d * (one if abs(d) > cut else zero)
-            seen = running[i] if ordered else tie_starts[r, i]
-            if mode == KEEP_CUT and seen < budgets[i]:
+            if mode == KEEP_CUT and seen[i] < budgets[i]:
+                count = seen[i]
                 for j in range(inner):
                     d = _load(x, r, j) - b[j]
                     if abs(d) == cut:
-                        if seen < budgets[i]:
+                        if count < budgets[i]:
                             trimmed[i, j] = d * one
-                        seen += 1
-                if ordered:
-                    running[i] = seen
-        checks[r] = check
-        total = np.zeros(inner, np.float32)
+                        count += 1
+                seen[i] = count
+        total[:] = zero
         if elect:
-            mass = np.zeros(inner, np.float32)
+            mass[:] = zero
             for i in range(n):
                 for j in range(inner):
                     mass[j] += trimmed[i, j] if peft else trimmed[i, j] * weights[i]
-            divisor = np.zeros(inner, np.float32)
+            divisor[:] = zero
             for i in range(n):
                 w = weights[i]
                 for j in range(inner):
@@ -217,47 +220,6 @@ def _merge_piece(  # type: ignore[no-untyped-def]
         for j in range(inner):
             value = total[j] * scaling if scaling != one else total[j]
             _store(out, r, j, b[j] + value)
-        out_check = zero
         for j in range(inner):
-            stored = _load(out, r, j)
-            out_check += stored - stored  # NaN once a rounded result is not finite
-        out_checks[r] = out_check
-    return checks.sum() == zero, out_checks.sum() == zero
-
-
-KERNELS = ("digit_counts", "tie_counts", "merge_piece")
-
-
-def _renamed(function, qualname: str):  # type: ignore[no-untyped-def]
-    # numba's on-disk cache is keyed by the function's qualified name (not by parallel=), so
-    # each build gets its own name and its own cache entries.
-    copy = types_module.FunctionType(function.__code__, function.__globals__, qualname, function.__defaults__)
-    copy.__qualname__ = qualname
-    return copy
-
-
-_SERIAL = {name: njit(cache=True)(_renamed(globals()[f"_{name}"], f"{name}_serial")) for name in KERNELS}
-_PARALLEL = {
-    name: njit(parallel=True, cache=True)(_renamed(globals()[f"_{name}"], f"{name}_parallel")) for name in KERNELS
-}
-_pool_pid: list[int] = []  # the process whose numba thread pool the parallel kernels started
-
-
-def serial(threads: int) -> bool:
-    """Whether :func:`kernel` gives the serial builds for ``threads`` threads."""
-    return threads <= 1 or bool(_pool_pid and _pool_pid[0] != os.getpid())
-
-
-def kernel(name: str, threads: int):  # type: ignore[no-untyped-def]
-    """The compiled kernel ``name`` for ``threads`` threads.
-
-    One thread: the serial build, which starts no thread pool. More: the parallel build on
-    ``threads`` threads (at most numba's pool), except in a process forked after the pool
-    started, where numba's pool is not safe to use (the serial build then).
-    """
-    if serial(threads):
-        return _SERIAL[name]
-    if not _pool_pid:
-        _pool_pid.append(os.getpid())
-    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
-    return _PARALLEL[name]
+            results = max(results, _bits_of_float(_load(out, r, j)) & EXPONENT)
+    return inputs != EXPONENT, results != EXPONENT

@@ -6,7 +6,9 @@ together — the base plus the merged delta of every piece, rounded to the outpu
 for bit, from the stored rows themselves (bfloat16 or float32 on the CPU): the magnitude cut
 by the same radix selection (:func:`~drm_lightning.methods._select.radix_select`) with counts
 from :func:`~drm_lightning.methods._fused.digit_counts`, the rest in one loop per entry
-(:func:`~drm_lightning.methods._fused.merge_piece`). :func:`stored_rows_supported` says when
+(:func:`~drm_lightning.methods._fused.merge_piece`). Pieces are read and merged on
+``torch.get_num_threads()`` threads (:func:`~drm_lightning.methods._pieces_pool.in_order`),
+each piece's reads overlapping the others' kernels. :func:`stored_rows_supported` says when
 it applies; everything else takes the eager route.
 
 Example:
@@ -25,12 +27,14 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from drm_lightning.methods._pieces_pool import in_order
 from drm_lightning.methods._select import from_ordered_bits, radix_select
 from drm_lightning.methods.ops import kept_count
 from drm_lightning.methods.rowwise import DIGIT_BITS, StoredPiece, StoredRows, row_spans
@@ -121,82 +125,106 @@ def task_vector_merge_stored_rows(
 
     The arguments are :func:`~drm_lightning.methods.task_vector.task_vector_merge_rows`'s
     (no ``rescale``: none is supported). Inputs must satisfy :func:`stored_rows_supported`.
+    ``read`` is called from several threads at once when ``torch.get_num_threads() > 1``.
     """
     from drm_lightning.methods import _fused  # numba compiles on first use
 
     threads = torch.get_num_threads()
-    digit_counts, tie_counts, merge_piece = (_fused.kernel(k, threads) for k in _fused.KERNELS)
-    ordered = _fused.serial(threads)  # the serial merge counts ties itself, in row order
     n = int(coefficients.shape[0])
-    rows = int(shape[0])
-    spans = row_spans(rows, piece_rows)
+    spans = row_spans(int(shape[0]), piece_rows)
     numel = math.prod(int(s) for s in shape)
     modes = np.full(n, _fused.KEEP_ALL, np.int64)
     cuts = np.zeros(n, np.float32)
-    ties_left = np.zeros(n, np.int64)
+    budgets = np.zeros(n, np.int64)  # ties at the cut to keep, first ones first
     if sparsify == "magnitude" and density < 1:
         keep = kept_count(numel, density, rule=convention_count_rule(convention))
         if keep <= 0:
             modes[:] = _fused.KEEP_NONE
         elif keep < numel:
-            lanes = np.arange(n, dtype=np.int64)
-
-            no_window = np.zeros((threads, n, 0, _fused.DIGITS), np.int64)
-            kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-            def counts_over(pieces: Sequence[tuple[int, int]], shift: int, prefixes: Sequence[int],
-                            lows: np.ndarray, window: np.ndarray) -> np.ndarray:
-                slabs = np.zeros((threads, n, _fused.DIGITS), np.int64)
-                for start, stop in pieces:
-                    base, branches = read(start, stop)
-                    digit_counts(
-                        _bits(base, stop - start), tuple(_bits(b, stop - start) for b in branches),
-                        lanes, shift, np.asarray(prefixes, np.int64), slabs, lows, window,
-                    )
-                return slabs.sum(axis=0)
-
-            def count(shift: int, prefixes: Sequence[int]) -> Tensor:
-                if shift == 0 and "window" in kept:  # the second round, counted in the first pass?
-                    lows, window = kept.pop("window")
-                    offsets = [int(p) - int(lows[i]) for i, p in enumerate(prefixes)]
-                    if all(0 <= o < window.shape[1] for o in offsets):
-                        return torch.from_numpy(np.stack([window[i, o] for i, o in enumerate(offsets)]))
-                lows = np.zeros(n, np.int64)
-                window = no_window
-                if shift == 16 and len(spans) >= 2 * SAMPLE_PIECES:
-                    lows = likely_high_digits(counts_over(sample(spans), 16, [0] * n, lows, no_window), keep, numel)
-                    window = np.zeros((threads, n, WINDOW_DIGITS, _fused.DIGITS), np.int64)
-                hist = counts_over(spans, shift, prefixes, lows, window)
-                if window.shape[2]:
-                    kept["window"] = (lows, window.sum(axis=0))
-                return torch.from_numpy(hist)
-
-            selected = radix_select([keep] * n, 32, count, digit_bits=DIGIT_BITS)
-            for i, (pattern, ties) in enumerate(selected):
+            for i, (pattern, ties) in enumerate(_magnitude_cuts(read, spans, n, keep, numel, threads)):
                 modes[i] = _fused.KEEP_CUT
                 cuts[i] = float(from_ordered_bits(pattern, 32, torch.float32))
-                ties_left[i] = ties
-    weights = coefficients.detach().to(torch.float32).cpu()
-    divisor = normalizing_weight_sum(weights) if normalize and not elect_signs else None
+                budgets[i] = ties
+    weights = coefficients.detach().to(torch.float32).cpu().numpy()
+    divisor = normalizing_weight_sum(torch.from_numpy(weights)) if normalize and not elect_signs else None
     weight_sum = np.float32(0.0 if divisor is None else divisor.item())  # 0: no division
-    for start, stop in spans:
-        count_rows = stop - start
-        base_rows, branch_rows = read(start, stop)
-        base = _bits(base_rows, count_rows)
-        branches = tuple(_bits(b, count_rows) for b in branch_rows)
-        tie_starts = np.zeros((count_rows, n), np.int64)
-        running = np.zeros(n, np.int64)
-        if not ordered and bool(((modes == _fused.KEEP_CUT) & (ties_left > 0)).any()):
-            per_row = np.zeros((count_rows, n), np.int64)
-            tie_counts(base, branches, modes, cuts, ties_left, per_row)
-            tie_starts[1:] = np.cumsum(per_row, axis=0)[:-1]
-            seen = per_row.sum(axis=0)
-        else:
-            seen = running
-        merged = torch.empty((count_rows, *(int(s) for s in shape[1:])), dtype=out_dtype)
-        inputs_finite, merged_finite = merge_piece(
-            base, branches, weights.numpy(), modes, cuts, tie_starts, ties_left, ordered, running, elect_signs, normalize,
-            convention == "peft", weight_sum, np.float32(scaling), _bits(merged, count_rows),
+    trims_at_cut = modes == _fused.KEEP_CUT
+    # Ties at a cut go to the first entries: a piece keeps its ties only once it knows how many
+    # the pieces before it met. Each piece counts its own (while the budget lasts) and passes
+    # the running total on, before merging; merges still overlap.
+    seen_before = [np.zeros(n, np.int64)] + [np.zeros(n, np.int64) for _ in spans]
+    known = [threading.Event() for _ in range(len(spans) + 1)]
+    known[0].set()
+
+    def merge(index: int) -> StoredPiece:
+        start, stop = spans[index]
+        count = stop - start
+        try:  # the next piece waits for this one's tie total: it is passed on whatever happens
+            base_rows, branch_rows = read(start, stop)
+            base, branches = _bits(base_rows, count), tuple(_bits(b, count) for b in branch_rows)
+            known[index].wait()
+            seen = seen_before[index].copy()
+            seen_before[index + 1][:] = seen
+            if bool((trims_at_cut & (seen < budgets)).any()):
+                ties = np.zeros(n, np.int64)
+                _fused.tie_counts(base, branches, modes, cuts, ties)
+                seen_before[index + 1] += ties
+        finally:
+            known[index + 1].set()
+        merged = torch.empty((count, *(int(s) for s in shape[1:])), dtype=out_dtype)
+        inputs_finite, merged_finite = _fused.merge_piece(
+            base, branches, weights, modes, cuts, budgets, seen, elect_signs, normalize,
+            convention == "peft", weight_sum, np.float32(scaling), _bits(merged, count),
         )
-        ties_left -= np.minimum(seen, ties_left)
-        yield StoredPiece(start, stop, merged, bool(inputs_finite), bool(merged_finite))
+        return StoredPiece(start, stop, merged, bool(inputs_finite), bool(merged_finite))
+
+    yield from in_order(merge, range(len(spans)), threads)
+
+
+def _magnitude_cuts(
+    read: StoredRows, spans: Sequence[tuple[int, int]], n: int, keep: int, numel: int, threads: int
+) -> list[tuple[int, int]]:
+    """Per branch: the bit pattern of the ``keep``-th largest ``|branch - base|`` and how many
+    entries equal to it are among the ``keep`` largest (:func:`radix_select`)."""
+    from drm_lightning.methods import _fused
+
+    no_window = np.zeros((n, 0, _fused.DIGITS), np.int64)
+    kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def counts_over(pieces: Sequence[tuple[int, int]], shift: int, prefixes: Sequence[int],
+                    lows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        slabs: list[tuple[np.ndarray, np.ndarray]] = []  # one (counts, window) per thread
+        local = threading.local()
+        prefix_array = np.asarray(prefixes, np.int64)
+
+        def count_piece(span: tuple[int, int]) -> None:
+            if not hasattr(local, "slab"):
+                local.slab = (np.zeros((n, _fused.DIGITS), np.int64),
+                              np.zeros((n, width, _fused.DIGITS), np.int64) if width else no_window)
+                slabs.append(local.slab)
+            start, stop = span
+            base, branches = read(start, stop)
+            _fused.digit_counts(_bits(base, stop - start), tuple(_bits(b, stop - start) for b in branches),
+                                shift, prefix_array, local.slab[0], lows, local.slab[1])
+
+        for _ in in_order(count_piece, pieces, threads):
+            pass
+        return sum(s[0] for s in slabs), sum(s[1] for s in slabs)
+
+    def count(shift: int, prefixes: Sequence[int]) -> Tensor:
+        if shift == 0 and "window" in kept:  # the second round, counted in the first pass?
+            lows, window = kept.pop("window")
+            offsets = [int(p) - int(lows[i]) for i, p in enumerate(prefixes)]
+            if all(0 <= o < window.shape[1] for o in offsets):
+                return torch.from_numpy(np.stack([window[i, o] for i, o in enumerate(offsets)]))
+        lows = np.zeros(n, np.int64)
+        width = 0
+        if shift == 16 and len(spans) >= 2 * SAMPLE_PIECES:
+            guess, _ = counts_over(sample(spans), 16, [0] * n, lows, 0)
+            lows, width = likely_high_digits(guess, keep, numel), WINDOW_DIGITS
+        hist, window = counts_over(spans, shift, prefixes, lows, width)
+        if width:
+            kept["window"] = (lows, window)
+        return torch.from_numpy(hist)
+
+    return radix_select([keep] * n, 32, count, digit_bits=DIGIT_BITS)

@@ -10,6 +10,9 @@ reserved at the start:
 - any other tensor (a few bytes: an odd-sized bias, a 0-d scalar) is held until
   :meth:`ShardFile.close`, then written after the others, the widest dtype first, so every
   tensor starts at a multiple of its element size, as ``safetensors.torch.save_file`` ensures;
+- the row pieces of a large tensor (:meth:`ShardFile.add_pieces`) are written by a background
+  thread, a few MiB behind the producer, so the merge goes on while the kernel throttles
+  the writes to the disk's pace;
 - at :meth:`ShardFile.close` the header is written into the reserve and padded with spaces
   (which the format allows). If it does not fit, the data section is moved up in 8 MiB
   chunks to make room (rare: the default reserve holds ≈ 500 tensors).
@@ -35,7 +38,9 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +68,8 @@ class RowPieces:
     Attributes:
         shape: the whole tensor's shape.
         dtype: the pieces' dtype.
-        pieces: the pieces along dim 0, in order, on any device.
+        pieces: the pieces along dim 0, in order, on any device. A piece's memory must not
+            be reused once it is yielded: it may be written after the next one arrives.
 
     Example:
         >>> RowPieces((3, 2), torch.float32, iter([torch.ones(2, 2), torch.zeros(1, 2)])).materialize()
@@ -118,6 +124,48 @@ def write_at(fd: int, data: memoryview, offset: int) -> None:
         written += os.pwrite(fd, data[written:], offset + written)
 
 
+WRITE_BEHIND_BYTES = 64 * 1024 * 1024
+"""Bytes of row pieces queued for the background writer before the producer waits."""
+
+
+class _WriteBehind:
+    """``write_at`` calls run in order by one background thread, at most
+    :data:`WRITE_BEHIND_BYTES` queued; an error is raised by the next call after it."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[tuple[Future[None], int]] = deque()
+        self._queued = 0
+
+    def write(self, data: memoryview, offset: int) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drm-write")
+        # write_at is looked up when the write runs (tests replace it to fill the disk)
+        self._pending.append((self._pool.submit(lambda: write_at(self._fd, data, offset)), len(data)))
+        self._queued += len(data)
+        while self._queued > WRITE_BEHIND_BYTES:
+            self._wait_oldest()
+
+    def flush(self) -> None:
+        """Wait for every queued write; raise the first error."""
+        while self._pending:
+            self._wait_oldest()
+
+    def stop(self) -> None:
+        """Drop the queued writes not started, wait for the running one; no error raised."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pending.clear()
+        self._queued = 0
+
+    def _wait_oldest(self) -> None:
+        future, size = self._pending.popleft()
+        self._queued -= size
+        future.result()
+
+
 def _round_up(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
@@ -157,6 +205,7 @@ class ShardFile:
         self._held: list[tuple[str, Tensor]] = []
         self._end = 0  # bytes of the data section written so far
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._behind = _WriteBehind(self._fd)
 
     @property
     def names(self) -> list[str]:
@@ -185,8 +234,10 @@ class ShardFile:
     def add_pieces(self, name: str, tensor: RowPieces) -> None:
         """Write a tensor given as row pieces, each as it arrives, at consecutive offsets.
 
-        Only the piece being written is in memory. A tensor whose size is not a multiple of
-        8 bytes is gathered and held like :meth:`add` does (such tensors are small).
+        Pieces are written by a background thread, at most :data:`WRITE_BEHIND_BYTES`
+        behind; a write error is raised by a later call (:meth:`close` at the latest). A
+        tensor whose size is not a multiple of 8 bytes is gathered and held like :meth:`add`
+        does (such tensors are small).
         """
         if self._fd is None:
             raise RuntimeError(f"{self.path} is already closed")
@@ -198,7 +249,7 @@ class ShardFile:
         for piece in tensor.pieces:
             _check_piece(piece, tensor, row)
             data = _bytes_of(piece.detach().to("cpu").contiguous())
-            write_at(self._fd, data, start + written)
+            self._behind.write(data, start + written)
             written += len(data)
             row += piece.shape[0]
         _check_rows(row, tensor)
@@ -224,6 +275,7 @@ class ShardFile:
         """Write the held tensors and the header; the file is then a complete safetensors file."""
         if self._fd is None:
             raise RuntimeError(f"{self.path} is already closed")
+        self._behind.flush()
         held = sorted(self._held, key=lambda item: (-item[1].element_size(), item[0]))
         for name, tensor in held:
             self._put(name, tensor)
@@ -242,6 +294,7 @@ class ShardFile:
     def discard(self) -> None:
         """Close the file descriptor without finishing the file (the caller removes it)."""
         self._held = []
+        self._behind.stop()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
