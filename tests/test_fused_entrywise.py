@@ -213,7 +213,7 @@ def test_pieces_on_threads_then_a_forked_process_merges_the_same(threads) -> Non
 
 
 @pytest.mark.parametrize("misleading_sample", [False, True])
-def test_the_first_pass_counts_the_second_round_when_the_sample_guesses_the_cut(monkeypatch, misleading_sample) -> None:
+def test_one_pass_finds_the_cut_when_the_sample_brackets_it(monkeypatch, misleading_sample) -> None:
     from drm_lightning.methods import _fused as kernels
     from drm_lightning.methods.task_vector_fused import sample
 
@@ -225,13 +225,46 @@ def test_the_first_pass_counts_the_second_round_when_the_sample_guesses_the_cut(
             for x in branches:
                 x[a:b] = base[a:b] + (x[a:b] - base[a:b]) * 1e-3
     calls = []
-    real = kernels.digit_counts
-    monkeypatch.setattr(kernels, "digit_counts", lambda *a: calls.append(a[2]) or real(*a))
+    for name in ("magnitude_sample", "bracket_counts", "digit_counts"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, name=name, real=real: calls.append(name) or real(*a))
     kw = dict(sparsify="magnitude", density=0.3, elect_signs=True, normalize=True)
     fused = _fused(base, branches, coef, piece_rows, **kw)
     assert torch.equal(fused, _eager(base, branches, coef, piece_rows, **kw))
-    # 4 sampled pieces, the first pass (16), and the second only when the guess missed
-    assert calls == [16] * 4 + [16] * 16 + ([0] * 16 if misleading_sample else [])  # the shifts
+    # 4 sampled pieces, the bracket's pass (16), and the two radix passes only when it missed
+    radix = ["digit_counts"] * 32 if misleading_sample else []
+    assert calls == ["magnitude_sample"] * 4 + ["bracket_counts"] * 16 + radix
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_bracket_holding_too_many_entries_falls_back_to_the_radix_passes(monkeypatch, tied) -> None:
+    import drm_lightning.methods.task_vector_fused as driver
+    from drm_lightning.methods import _fused as kernels
+
+    base, branches, coef = _inputs(torch.bfloat16, 3, (256, 64), tied=tied)
+    monkeypatch.setattr(driver, "SAMPLE_ENTRIES", 8)  # room for 8 entries a thread: too few
+    monkeypatch.setattr(driver, "BRACKET_MARGIN", 0.4)  # a wide bracket
+    calls = []
+    real = kernels.digit_counts
+    monkeypatch.setattr(kernels, "digit_counts", lambda *a: calls.append(1) or real(*a))
+    kw = dict(sparsify="magnitude", density=0.3, elect_signs=True, normalize=True)
+    fused = _fused(base, branches, coef, 16, **kw)
+    assert torch.equal(fused.view(torch.int16), _eager(base, branches, coef, 16, **kw).view(torch.int16))
+    assert len(calls) == 32
+
+
+def test_bracket_ends_hold_the_cut_and_quantised_deltas_give_one_value() -> None:
+    import numpy as np
+
+    from drm_lightning.methods.task_vector_fused import INF_BITS, bracket
+
+    bits = np.arange(1000, dtype=np.uint32)
+    low, high = bracket(bits, keep=100, numel=1000)
+    assert low < 900 < high  # the 100th largest of 0..999
+    assert bracket(bits, keep=1, numel=10**9) == (994, INF_BITS)  # above the sample: up to +inf
+    assert bracket(bits, keep=10**9, numel=10**9)[0] == 0  # below it: down to 0
+    quantised = np.repeat(np.array([5, 7, 9], np.uint32), [600, 300, 100])
+    assert bracket(quantised, keep=250, numel=1000) == (7, 7)  # the cut and its ties: one value
 
 
 @pytest.mark.parametrize("stored,out", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])

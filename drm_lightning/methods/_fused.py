@@ -5,8 +5,10 @@ thirty eager torch passes per entry: widen the stored rows, subtract the base, t
 magnitudes, count radix digits, mask, vote, sum, divide, add the base back, round. Each pass
 reads and writes the whole piece, so on a CPU the recipe costs ten times the disk's read
 time. These kernels make the same float32 operations, in the same order, in one loop per
-entry: :func:`_digit_counts` is one radix round of :class:`~drm_lightning.methods.rowwise.MagnitudeCut`
-and :func:`_merge_piece` the trim, the election and the disjoint mean, the base added back and
+entry: :func:`bracket_counts` places every magnitude around a bracket of the cut guessed from a
+sample (:func:`magnitude_sample`), :func:`digit_counts` is one radix round of
+:class:`~drm_lightning.methods.rowwise.MagnitudeCut` where the guess missed, and
+:func:`merge_piece` the trim, the election and the disjoint mean, the base added back and
 the result rounded to the stored dtype. The results are the eager route's, bit for bit
 (``tests/test_fused_entrywise.py``); the eager route stays the reference and the route of
 every other device, dtype and option.
@@ -86,36 +88,85 @@ EXPONENT = np.uint32(0x7F800000)
 """The exponent bits of a float32: all set for Inf and NaN, and only for them."""
 
 
-@njit(cache=True, nogil=True)
-def digit_counts(base, branches, shift, prefixes, counts, lows, window):  # type: ignore[no-untyped-def]
-    """Add one radix round's digit counts of ``|branch - base|`` to ``counts`` (``(lanes, DIGITS)``).
+@njit(inline="always")
+def _magnitude_bits(x, base, r, j):  # type: ignore[no-untyped-def]
+    """The bit pattern of ``|x[r, j] - base[r, j]|`` in float32 (ordered like the magnitudes)."""
+    return _bits_of_float(_load(x, r, j) - _load(base, r, j)) & np.uint32(0x7FFFFFFF)
 
-    ``shift`` 16 counts the high digit of every entry; ``shift`` 0 the low digit of entries
-    whose high digit is ``prefixes[lane]``. With ``shift`` 16, ``window`` (``(lanes, W,
-    DIGITS)``, W may be 0) also gets the low digits of the entries whose high digit is
-    ``lows[lane] + w`` for ``w < W``: the next round's counts, whole, if the high digit
-    selected falls in the window.
+
+@njit(cache=True, nogil=True)
+def magnitude_sample(base, branches, stride, out, start):  # type: ignore[no-untyped-def]
+    """Bit patterns of ``|branch - base|`` at every ``stride``-th entry of the piece (row-major
+    order) into ``out[lane, start:]``; returns how many each lane got."""
+    rows, inner = base.shape
+    taken = 0
+    for lane in range(len(branches)):
+        x = branches[lane]
+        taken = 0
+        for flat in range(0, rows * inner, stride):
+            r = flat // inner
+            out[lane, start + taken] = _magnitude_bits(x, base, r, flat - r * inner)
+            taken += 1
+    return taken
+
+
+@njit(cache=True, nogil=True)
+def bracket_counts(base, branches, lows, highs, counts, found, filled):  # type: ignore[no-untyped-def]
+    """Where the bit patterns of ``|branch - base|`` fall around a bracket ``[lows, highs]``.
+
+    Per lane: ``counts[lane, 0]`` gets the entries above ``highs[lane]``, ``counts[lane, 1]``
+    those equal to it, ``counts[lane, 2]`` those equal to ``lows[lane]`` when it is lower;
+    the patterns strictly between go to ``found[lane, filled[lane]:]`` while it has room
+    (``filled`` counts them all). Counting vectorises; only the few entries strictly inside
+    the bracket take a second look.
     """
     rows, inner = base.shape
-    width = window.shape[1]
+    room = found.shape[1]
+    patterns = np.empty(inner, np.uint32)
     for r in range(rows):
         for lane in range(len(branches)):
             x = branches[lane]
-            if shift == 16:
-                low = lows[lane]
+            low, high = np.uint32(lows[lane]), np.uint32(highs[lane])
+            first = low + np.uint32(1)  # inside: first <= bits < high, as one unsigned compare
+            span = high - first if high > low else np.uint32(0)
+            above, at_high, at_low, inside = np.uint32(0), np.uint32(0), np.uint32(0), np.uint32(0)
+            for j in range(inner):
+                bits = _magnitude_bits(x, base, r, j)
+                patterns[j] = bits
+                above += np.uint32(bits > high)
+                at_high += np.uint32(bits == high)
+                at_low += np.uint32(bits == low)
+                inside += np.uint32(bits - first < span)
+            counts[lane, 0] += above
+            counts[lane, 1] += at_high
+            if low < high:
+                counts[lane, 2] += at_low
+            if inside:
+                fill = filled[lane]
                 for j in range(inner):
-                    bits = _bits_of_float(_load(x, r, j) - _load(base, r, j)) & np.uint32(0x7FFFFFFF)
-                    high = bits >> np.uint32(16)
-                    counts[lane, high] += 1
-                    offset = np.int64(high) - low
-                    if offset >= 0 and offset < width:
-                        window[lane, offset, bits & np.uint32(0xFFFF)] += 1
-            else:
-                prefix = np.uint32(prefixes[lane])
-                for j in range(inner):
-                    bits = _bits_of_float(_load(x, r, j) - _load(base, r, j)) & np.uint32(0x7FFFFFFF)
-                    if (bits >> np.uint32(16)) == prefix:
-                        counts[lane, bits & np.uint32(0xFFFF)] += 1
+                    if patterns[j] - first < span:
+                        if fill < room:
+                            found[lane, fill] = patterns[j]
+                        fill += 1
+                filled[lane] = fill
+
+
+@njit(cache=True, nogil=True)
+def digit_counts(base, branches, shift, prefixes, counts):  # type: ignore[no-untyped-def]
+    """Add one radix round's digit counts of ``|branch - base|`` to ``counts`` (``(lanes, DIGITS)``):
+    ``shift`` 16 counts the high digit of every entry, ``shift`` 0 the low digit of entries
+    whose high digit is ``prefixes[lane]``."""
+    rows, inner = base.shape
+    for r in range(rows):
+        for lane in range(len(branches)):
+            x = branches[lane]
+            prefix = np.uint32(prefixes[lane])
+            for j in range(inner):
+                bits = _magnitude_bits(x, base, r, j)
+                if shift == 16:
+                    counts[lane, bits >> np.uint32(16)] += 1
+                elif (bits >> np.uint32(16)) == prefix:
+                    counts[lane, bits & np.uint32(0xFFFF)] += 1
 
 
 @njit(cache=True, nogil=True)

@@ -28,7 +28,7 @@ import importlib.util
 import math
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -65,11 +65,19 @@ def stored_rows_supported(
     )
 
 
-WINDOW_DIGITS = 8
-"""High digits around the sample's guess whose low digits the first counting pass also counts."""
-
 SAMPLE_PIECES = 4
-"""Pieces, spread over the tensor, whose high digits guess where the cut lies."""
+"""Pieces, spread over the tensor, whose magnitudes guess where the cut lies."""
+
+SAMPLE_ENTRIES = 1 << 16
+"""Magnitudes a branch's sample holds (taken at a stride from the sampled pieces)."""
+
+BRACKET_MARGIN = 0.005
+"""Half the width of the guessed bracket, as a fraction of the sample (at least six of the
+sample quantile's standard errors): the entries it holds are the ones kept aside."""
+
+FOUND_ROOM = 1 / 32
+"""Entries strictly inside the bracket a thread keeps aside per branch, as a fraction of the
+tensor's entries; more than that and the radix passes decide (nothing wrong, just slower)."""
 
 
 def sample(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -83,22 +91,32 @@ def sample(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return [spans[int(step * (i + 0.5))] for i in range(SAMPLE_PIECES)]
 
 
-def likely_high_digits(hist: np.ndarray, keep: int, numel: int) -> np.ndarray:
-    """Per lane, the first high digit of a :data:`WINDOW_DIGITS` window centred on the digit
-    holding the ``keep``-th largest of ``numel`` entries, guessed from a sample's ``hist``.
+def bracket(magnitudes: np.ndarray, keep: int, numel: int) -> tuple[int, int]:
+    """Bit patterns ``(low, high)`` that likely enclose the ``keep``-th largest of ``numel``
+    magnitudes, from a sample of their bit patterns (1-D ``uint32``).
 
-    The first counting pass also counts the low digits of the window's high digits; when the
-    exact high digit falls inside, the second pass over the tensor is not needed (outside,
-    it runs as before: the guess changes how fast, never what).
+    The sample's own ``keep * m / numel``-th largest, widened by :data:`BRACKET_MARGIN` of the
+    sample on each side; beyond the sample's ends, ``0`` and ``+inf``. A bracket that misses
+    costs time, never exactness.
+
+    Example:
+        >>> bits = np.arange(1000, dtype=np.uint32)
+        >>> bracket(bits, keep=100, numel=1000)  # the 100th largest of 0..999 is 900
+        (843, 957)
     """
-    lows = np.zeros(hist.shape[0], np.int64)
-    for lane, counts in enumerate(hist):
-        target = keep * counts.sum() / numel
-        at_least = np.cumsum(counts[::-1])[::-1]  # entries with a high digit >= d
-        hits = np.nonzero(at_least >= max(target, 1))[0]
-        guess = int(hits.max()) if hits.size else 0
-        lows[lane] = max(0, guess - WINDOW_DIGITS // 2)
-    return lows
+    m = magnitudes.size
+    rank = keep * m / numel  # the cut's expected rank among the sample, from the top
+    margin = max(6 * math.sqrt(m * (keep / numel) * (1 - keep / numel)), BRACKET_MARGIN * m, 4)
+    top, bottom = math.floor(rank - margin), math.ceil(rank + margin)  # ranks, 1 = largest
+    positions = [p for p in (m - top, m - bottom) if 0 <= p < m]
+    ordered = np.partition(magnitudes, positions) if positions else magnitudes
+    high = int(ordered[m - top]) if top >= 1 else INF_BITS
+    low = int(ordered[m - bottom]) if bottom <= m else 0
+    return low, high
+
+
+INF_BITS = 0x7F800000
+"""The bit pattern of float32 +inf: above every finite magnitude."""
 
 
 def _bits(rows: Tensor, count: int) -> np.ndarray:
@@ -160,8 +178,7 @@ def task_vector_merge_stored_rows(
         start, stop = spans[index]
         count = stop - start
         try:  # the next piece waits for this one's tie total: it is passed on whatever happens
-            base_rows, branch_rows = read(start, stop)
-            base, branches = _bits(base_rows, count), tuple(_bits(b, count) for b in branch_rows)
+            base, branches = _read_bits(read, start, stop)
             known[index].wait()
             seen = seen_before[index].copy()
             seen_before[index + 1][:] = seen
@@ -185,46 +202,109 @@ def _magnitude_cuts(
     read: StoredRows, spans: Sequence[tuple[int, int]], n: int, keep: int, numel: int, threads: int
 ) -> list[tuple[int, int]]:
     """Per branch: the bit pattern of the ``keep``-th largest ``|branch - base|`` and how many
-    entries equal to it are among the ``keep`` largest (:func:`radix_select`)."""
+    entries equal to it are among the ``keep`` largest.
+
+    One pass places every magnitude around a bracket guessed from a sample
+    (:func:`bracketed_cuts`); where the bracket misses, two radix passes
+    (:func:`~drm_lightning.methods._select.radix_select`) find it, as for tensors too
+    small to sample.
+    """
+    if len(spans) >= 2 * SAMPLE_PIECES:
+        found = bracketed_cuts(read, spans, n, keep, numel, threads)
+        if found is not None:
+            return found
+    return _radix_cuts(read, spans, n, keep, threads)
+
+
+def bracketed_cuts(
+    read: StoredRows, spans: Sequence[tuple[int, int]], n: int, keep: int, numel: int, threads: int
+) -> list[tuple[int, int]] | None:
+    """:func:`_magnitude_cuts` from one pass over a guessed bracket, or None where it missed.
+
+    Every entry above the bracket is counted, as are those equal to its ends; those strictly
+    inside are kept aside (few: the bracket is narrow) and the cut picked among them exactly.
+    With quantised deltas (bf16 weights moved by a few units in the last place) both ends
+    are often one value holding the cut and its ties, and nothing is kept aside.
+    """
     from drm_lightning.methods import _fused
 
-    no_window = np.zeros((n, 0, _fused.DIGITS), np.int64)
-    kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    pieces = sample(spans)
+    per_row = numel // spans[-1][1]
+    entries = sum((stop - start) * per_row for start, stop in pieces)
+    stride = max(1, entries // SAMPLE_ENTRIES)
+    magnitudes = np.empty((n, entries // stride + len(pieces)), np.uint32)
+    taken = 0
+    for start, stop in pieces:
+        taken += _fused.magnitude_sample(*_read_bits(read, start, stop), stride, magnitudes, taken)
+    lows, highs = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for lane in range(n):
+        lows[lane], highs[lane] = bracket(magnitudes[lane, :taken], keep, numel)
+    room = max(SAMPLE_ENTRIES, int(numel * FOUND_ROOM))
+    slabs = _pass_over(  # (counts, found, filled) of each thread
+        read, spans, threads,
+        lambda: (np.zeros((n, 3), np.int64), np.empty((n, room), np.uint32), np.zeros(n, np.int64)),
+        lambda base, branches, *slab: _fused.bracket_counts(base, branches, lows, highs, *slab),
+    )
+    if any(int(filled.max()) > room for _, _, filled in slabs):
+        return None
+    counts = sum(c for c, _, _ in slabs)
+    cuts = []
+    for lane in range(n):
+        above, at_high, at_low = (int(c) for c in counts[lane])
+        inside = np.concatenate([found[lane, : filled[lane]] for _, found, filled in slabs])
+        through_high = above + at_high
+        through_inside = through_high + inside.size
+        if above < keep <= through_high:
+            cuts.append((int(highs[lane]), keep - above))
+        elif through_high < keep <= through_inside:
+            rank = keep - through_high  # among those inside, from the top
+            pattern = int(np.partition(inside, inside.size - rank)[inside.size - rank])
+            cuts.append((pattern, rank - int((inside > pattern).sum())))
+        elif lows[lane] < highs[lane] and through_inside < keep <= through_inside + at_low:
+            cuts.append((int(lows[lane]), keep - through_inside))
+        else:
+            return None
+    return cuts
 
-    def counts_over(pieces: Sequence[tuple[int, int]], shift: int, prefixes: Sequence[int],
-                    lows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-        slabs: list[tuple[np.ndarray, np.ndarray]] = []  # one (counts, window) per thread
-        local = threading.local()
-        prefix_array = np.asarray(prefixes, np.int64)
 
-        def count_piece(span: tuple[int, int]) -> None:
-            if not hasattr(local, "slab"):
-                local.slab = (np.zeros((n, _fused.DIGITS), np.int64),
-                              np.zeros((n, width, _fused.DIGITS), np.int64) if width else no_window)
-                slabs.append(local.slab)
-            start, stop = span
-            base, branches = read(start, stop)
-            _fused.digit_counts(_bits(base, stop - start), tuple(_bits(b, stop - start) for b in branches),
-                                shift, prefix_array, local.slab[0], lows, local.slab[1])
-
-        for _ in in_order(count_piece, pieces, threads):
-            pass
-        return sum(s[0] for s in slabs), sum(s[1] for s in slabs)
+def _radix_cuts(
+    read: StoredRows, spans: Sequence[tuple[int, int]], n: int, keep: int, threads: int
+) -> list[tuple[int, int]]:
+    """:func:`_magnitude_cuts` by :func:`radix_select`: two passes of digit counts."""
+    from drm_lightning.methods import _fused
 
     def count(shift: int, prefixes: Sequence[int]) -> Tensor:
-        if shift == 0 and "window" in kept:  # the second round, counted in the first pass?
-            lows, window = kept.pop("window")
-            offsets = [int(p) - int(lows[i]) for i, p in enumerate(prefixes)]
-            if all(0 <= o < window.shape[1] for o in offsets):
-                return torch.from_numpy(np.stack([window[i, o] for i, o in enumerate(offsets)]))
-        lows = np.zeros(n, np.int64)
-        width = 0
-        if shift == 16 and len(spans) >= 2 * SAMPLE_PIECES:
-            guess, _ = counts_over(sample(spans), 16, [0] * n, lows, 0)
-            lows, width = likely_high_digits(guess, keep, numel), WINDOW_DIGITS
-        hist, window = counts_over(spans, shift, prefixes, lows, width)
-        if width:
-            kept["window"] = (lows, window)
-        return torch.from_numpy(hist)
+        prefix_array = np.asarray(prefixes, np.int64)
+        slabs = _pass_over(
+            read, spans, threads, lambda: (np.zeros((n, _fused.DIGITS), np.int64),),
+            lambda base, branches, counts: _fused.digit_counts(base, branches, shift, prefix_array, counts),
+        )
+        return torch.from_numpy(sum(counts for counts, in slabs))
 
     return radix_select([keep] * n, 32, count, digit_bits=DIGIT_BITS)
+
+
+def _read_bits(read: StoredRows, start: int, stop: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """Rows ``start:stop`` of the base and the branches as the kernels' bit-pattern views."""
+    base, branches = read(start, stop)
+    return _bits(base, stop - start), tuple(_bits(b, stop - start) for b in branches)
+
+
+def _pass_over(
+    read: StoredRows, spans: Sequence[tuple[int, int]], threads: int,
+    new_slab: Callable[[], tuple[np.ndarray, ...]], kernel: Callable[..., object],
+) -> list[tuple[np.ndarray, ...]]:
+    """One pass over the pieces on ``threads`` threads: ``kernel(base, branches, *slab)`` with
+    each thread's own accumulators (``new_slab()``); returns every thread's slab."""
+    slabs: list[tuple[np.ndarray, ...]] = []
+    local = threading.local()
+
+    def work(span: tuple[int, int]) -> None:
+        if not hasattr(local, "slab"):
+            local.slab = new_slab()
+            slabs.append(local.slab)
+        kernel(*_read_bits(read, *span), *local.slab)
+
+    for _ in in_order(work, spans, threads):
+        pass
+    return slabs
