@@ -53,7 +53,7 @@ def test_harness_on_a_tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     base = json.loads((folders["base"] / "config.json").read_text())
     assert base["hidden_size"] == 64 and not base["tie_word_embeddings"]
     results = {"cases": {}}
-    for case in ("ties", "ties@2"):
+    for case in ("ties", "ties+stored", "ties@2"):
         r = scale_1b.run_case(case, folders, tmp_path / "w", [0], threads=1, timeout_s=120)
         assert r["exit_code"] == 0, r["output_tail"]
         assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_rss_largest_process"] > 50e6
@@ -62,6 +62,10 @@ def test_harness_on_a_tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         assert r["output_tensor_bytes"] == r["input_bytes"] // 4
         results["cases"][case] = r
     assert len(results["cases"]["ties@2"]["peak_rss_per_process"]) >= 3  # torchrun + 2 ranks
+    # "+stored" ran with the inputs' digests in its store; the others' empty stores are gone
+    stored = json.loads((tmp_path / "w" / "digests" / "sha256.json").read_text())
+    assert len(stored) == len(scale_1b.input_files(folders))
+    assert [p.name for p in (tmp_path / "w").glob("digests*")] == ["digests"]
     derived = scale_1b.derive(results, [0])
     assert derived["ties_speedup_2_ranks"] > 0
     assert "| ties@2 | 2 |" in scale_1b.table(results)

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from drm_lightning.sources._digest_store import file_key, store_digest, stored_digest
+
 __all__ = ["TensorMeta", "WeightSource", "dtype_from_safetensors", "hash_in_background", "sha256_of"]
 
 _SAFETENSORS_DTYPES: dict[str, str] = {
@@ -199,13 +201,15 @@ class WeightSource(ABC):
         return KeyError(f"tensor {name!r} not found in {self.origin} ({len(known)} tensors){hint}")
 
 
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-_HASH_FILE_LOCKS: dict[tuple[str, int, int], threading.Lock] = {}
+_HASH_CACHE: dict[str, str] = {}  # by file_key: path, size, inode, both times
+_HASH_FILE_LOCKS: dict[str, threading.Lock] = {}
 _HASH_LOCK = threading.Lock()
 
 
 def sha256_of(path: str | os.PathLike[str], *, chunk_bytes: int = 8 * 1024 * 1024) -> str:
-    """Hex SHA-256 of a file, read in chunks; cached per (path, size, mtime).
+    """Hex SHA-256 of a file, read in chunks; cached per file state (real path, size, inode,
+    modification and change times), and across runs in the digest store
+    (:mod:`drm_lightning.sources._digest_store`).
 
     Args:
         path: the file to hash.
@@ -227,20 +231,24 @@ def sha256_of(path: str | os.PathLike[str], *, chunk_bytes: int = 8 * 1024 * 102
         raise FileNotFoundError(f"cannot hash {p}: no such file")
     if p.is_dir():
         raise IsADirectoryError(f"cannot hash {p}: it is a folder, expected a file")
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    key = file_key(p)
     with _HASH_LOCK:
         file_lock = _HASH_FILE_LOCKS.setdefault(key, threading.Lock())
     with file_lock:  # a second caller for the same file waits here, then finds the digest cached
         with _HASH_LOCK:
             cached = _HASH_CACHE.get(key)
+        if cached is None:
+            cached = stored_digest(p)
         if cached is not None:
+            with _HASH_LOCK:
+                _HASH_CACHE[key] = cached
             return cached
         h = hashlib.sha256()
         with p.open("rb") as f:
             while chunk := f.read(chunk_bytes):
                 h.update(chunk)
         digest = h.hexdigest()
+        store_digest(p, digest, key)
         with _HASH_LOCK:
             _HASH_CACHE[key] = digest
         return digest

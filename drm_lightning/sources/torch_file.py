@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from drm_lightning.sources.base import LoadedTensorsMixin, TensorMeta, WeightSource
+from drm_lightning.sources.base import LoadedTensorsMixin, WeightSource
 from drm_lightning.sources.trust import UntrustedPickleError
 
 __all__ = ["TorchFileSource", "load_pickled"]
