@@ -401,7 +401,7 @@ def _merge_item(
             generator=generator, origins=origins,
             piece_rows=rows_per_piece(item.shape, len(branches), int(piece_elements or 0)),
         )
-        yield item.name, RowPieces(item.shape, out_dtype or item.dtype, pieces)
+        yield item.name, RowPieces(item.shape, out_dtype or item.dtype, pieces, fresh=True)  # new tensors
         return
     base_t = base.get(item.name)
     branch_ts = [_branch_tensor(branch, item.name, item.route) for branch in branches]

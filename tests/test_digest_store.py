@@ -56,7 +56,7 @@ def test_a_file_changed_while_it_was_hashed_is_not_stored(store, tmp_path) -> No
     f = tmp_path / "w.bin"
     f.write_bytes(b"old")
     before = file_key(f)
-    f.write_bytes(b"new!")
+    f.write_bytes(b"new")  # same size: only the times tell
     store_digest(f, "digest of old", before)
     assert stored_digest(f) is None
 
@@ -90,3 +90,25 @@ def test_the_store_keeps_the_newest_entries(store, tmp_path, monkeypatch) -> Non
         store_digest(files[-1], f"d{i}")
     assert [stored_digest(f) for f in files] == [None, None, "d2", "d3", "d4"]
     assert MAX_ENTRIES >= 1000
+
+
+def test_processes_updating_the_store_at_once_keep_every_digest(store, tmp_path) -> None:
+    import multiprocessing
+
+    files = []
+    for i in range(160):
+        files.append(tmp_path / f"f{i}")
+        files[-1].write_bytes(i.to_bytes(2, "little"))
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_store_each, args=(files[i::8],)) for i in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert all(w.exitcode == 0 for w in workers)
+    assert [stored_digest(f) for f in files] == [f"digest of {f.name}" for f in files]
+
+
+def _store_each(files: list[Path]) -> None:  # in a forked process: each read-modify-replace once
+    for f in files:
+        store_digest(f, f"digest of {f.name}")

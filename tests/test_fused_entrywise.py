@@ -95,6 +95,31 @@ def test_pieces_on_threads_give_the_same_bits(torch_threads, threads, dtype, con
         assert torch.equal(eager.view(BITS[dtype]), fused.view(BITS[dtype])), (shape, tied)
 
 
+@pytest.mark.parametrize("failing_pass", ["count", "merge"])
+def test_a_read_failing_on_a_thread_raises_in_the_caller_and_stops_the_threads(torch_threads, failing_pass) -> None:
+    import threading
+
+    torch_threads(2)
+    base, branches, coef = _inputs(torch.bfloat16, 3, (64, 16), tied=True)
+    pass_of_read = {"now": "count"}
+
+    def read(a: int, b: int):
+        if pass_of_read["now"] == failing_pass and a == 42:  # not a sampled piece: read on a thread
+            raise OSError(f"disk error at row {a}")
+        return base[a:b], [x[a:b] for x in branches]
+
+    pieces = task_vector_merge_stored_rows(read, base.shape, coef, piece_rows=2, sparsify="magnitude",
+                                           density=0.3, elect_signs=True, normalize=True, out_dtype=base.dtype)
+    got = []
+    with pytest.raises(OSError, match="disk error at row 42"):
+        for piece in pieces:  # the cut's passes run at the first next()
+            pass_of_read["now"] = "merge"
+            got.append(piece)
+    if failing_pass == "merge":
+        assert [p.start for p in got] == list(range(0, 42, 2))  # every piece before the bad one
+    assert not [t for t in threading.enumerate() if t.name.startswith("drm-pieces")]
+
+
 def test_ties_at_the_cut_spread_over_pieces_go_to_the_first_entries() -> None:
     # Every magnitude is 0.5 or 0: the cut is 0.5 with ties in every piece; the first ones in
     # flattened order are kept, as largest_mask on the whole tensor keeps them.
@@ -236,13 +261,31 @@ def test_one_pass_finds_the_cut_when_the_sample_brackets_it(monkeypatch, mislead
     assert calls == ["magnitude_sample"] * 4 + ["bracket_counts"] * 16 + radix
 
 
+def test_the_sample_sees_every_column_whatever_the_stride(monkeypatch) -> None:
+    # 4 sampled pieces of 256 x 64 entries, 32768 sampled a branch: a stride of 2 would see
+    # only the even columns, whose deltas are 100x the others' here, and the bracket would miss.
+    import drm_lightning.methods.task_vector_fused as driver
+    from drm_lightning.methods import _fused as kernels
+
+    base, branches, coef = _inputs(torch.float32, 2, (4096, 64), tied=False)
+    for x in branches:
+        x[:, ::2] = base[:, ::2] + (x[:, ::2] - base[:, ::2]) * 100
+    monkeypatch.setattr(driver, "SAMPLE_ENTRIES", 32768)
+    calls = []
+    real = kernels.digit_counts
+    monkeypatch.setattr(kernels, "digit_counts", lambda *a: calls.append(1) or real(*a))
+    kw = dict(sparsify="magnitude", density=0.3, elect_signs=True, normalize=True)
+    assert torch.equal(_fused(base, branches, coef, 256, **kw), _eager(base, branches, coef, 256, **kw))
+    assert calls == []  # the bracket held the cut: no radix pass
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_a_bracket_holding_too_many_entries_falls_back_to_the_radix_passes(monkeypatch, tied) -> None:
     import drm_lightning.methods.task_vector_fused as driver
     from drm_lightning.methods import _fused as kernels
 
     base, branches, coef = _inputs(torch.bfloat16, 3, (256, 64), tied=tied)
-    monkeypatch.setattr(driver, "SAMPLE_ENTRIES", 8)  # room for 8 entries a thread: too few
+    monkeypatch.setattr(driver, "SAMPLE_ENTRIES", 8)  # room for 512 entries (1/32): too few
     monkeypatch.setattr(driver, "BRACKET_MARGIN", 0.4)  # a wide bracket
     calls = []
     real = kernels.digit_counts

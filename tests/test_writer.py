@@ -447,3 +447,66 @@ def test_row_pieces_written_behind_the_producer_raise_a_write_error_and_leave_no
 
     (shard,) = out.glob("*.safetensors")
     assert torch.equal(load_file(shard)["big"], torch.arange(5.0).repeat_interleave(4)[:, None].expand(20, 8))
+
+
+def test_pieces_not_marked_fresh_may_reuse_one_buffer(tmp_path: Path) -> None:
+    # A producer that refills one buffer: each piece must be on disk before the next is made.
+    from safetensors.torch import load_file
+
+    from drm_lightning.sources import RowPieces
+
+    def refilled():
+        buffer = torch.empty(4, 8)
+        for i in range(5):
+            buffer.fill_(float(i))
+            yield buffer
+
+    with HFFolderWriter(tmp_path / "m") as w:
+        w.add("big", RowPieces((20, 8), torch.float32, refilled()))
+    (shard,) = (tmp_path / "m").glob("*.safetensors")
+    assert load_file(shard)["big"][:, 0].tolist() == [float(i) for i in range(5) for _ in range(4)]
+
+
+def test_write_behind_waits_when_full_and_a_failed_write_stops_the_producer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    from drm_lightning.sources import RowPieces
+
+    monkeypatch.setattr(shard_file_module, "WRITE_BEHIND_BYTES", 3 * 4 * 8 * 4)  # three pieces
+    real_write = shard_file_module.write_at
+    release = threading.Event()
+    made: list[int] = []
+    made_while_held: list[int] = []
+
+    def hold_the_disk_a_while() -> None:
+        time.sleep(0.5)
+        made_while_held.append(len(made))
+        release.set()
+
+    def slow_then_full(fd: int, data: memoryview, offset: int) -> None:
+        release.wait(timeout=30)
+        if len(made) > 10:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(fd, data, offset)
+
+    def pieces():
+        try:
+            for i in range(40):
+                made.append(i)
+                yield torch.full((4, 8), float(i))
+        finally:
+            made.append(-1)  # closed
+
+    monkeypatch.setattr(shard_file_module, "write_at", slow_then_full)
+    threading.Thread(target=hold_the_disk_a_while, daemon=True).start()
+    with pytest.raises(OSError) as info:
+        with HFFolderWriter(tmp_path / "m") as w:
+            w.add("big", RowPieces((160, 8), torch.float32, pieces(), fresh=True))
+            w.add("after", torch.ones(2))  # the error surfaces here at the latest
+    assert info.value.errno == errno.ENOSPC
+    assert made_while_held == [4]  # the 4th piece waits for room: none made past it
+    assert made[-1] == -1 and len(made) < 41  # the producer stopped at the error, and was closed
+    assert list(tmp_path.iterdir()) == []

@@ -76,8 +76,9 @@ BRACKET_MARGIN = 0.005
 sample quantile's standard errors): the entries it holds are the ones kept aside."""
 
 FOUND_ROOM = 1 / 32
-"""Entries strictly inside the bracket a thread keeps aside per branch, as a fraction of the
-tensor's entries; more than that and the radix passes decide (nothing wrong, just slower)."""
+"""Entries strictly inside the bracket kept aside per branch (shared out among the threads), as
+a fraction of the tensor's entries; more than that and the radix passes decide (nothing wrong,
+just slower)."""
 
 
 def sample(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -232,6 +233,8 @@ def bracketed_cuts(
     per_row = numel // spans[-1][1]
     entries = sum((stop - start) * per_row for start, stop in pieces)
     stride = max(1, entries // SAMPLE_ENTRIES)
+    while math.gcd(stride, per_row) > 1:  # a stride sharing a factor with the row would see few columns
+        stride += 1
     magnitudes = np.empty((n, entries // stride + len(pieces)), np.uint32)
     taken = 0
     for start, stop in pieces:
@@ -239,7 +242,7 @@ def bracketed_cuts(
     lows, highs = np.zeros(n, np.int64), np.zeros(n, np.int64)
     for lane in range(n):
         lows[lane], highs[lane] = bracket(magnitudes[lane, :taken], keep, numel)
-    room = max(SAMPLE_ENTRIES, int(numel * FOUND_ROOM))
+    room = max(SAMPLE_ENTRIES, int(numel * FOUND_ROOM / threads))
     slabs = _pass_over(  # (counts, found, filled) of each thread
         read, spans, threads,
         lambda: (np.zeros((n, 3), np.int64), np.empty((n, room), np.uint32), np.zeros(n, np.int64)),

@@ -5,8 +5,11 @@ Hashing runs at about 1.2 GB/s on one core: 16 GB of an 8B model's inputs cost 1
 on every merge. Digests are stored in ``sha256.json`` under ``$DRM_LIGHTNING_CACHE`` (default
 ``$XDG_CACHE_HOME/drm_lightning``, else ``~/.cache/drm_lightning``; ``off`` keeps nothing),
 keyed by the file's real path, size, inode, modification and change times: writing the file
-changes its change time, which no user call can set back, so a stale digest is not taken.
-The store is an optimisation: unreadable or unwritable, it is ignored.
+changes its change time, which no user call can set back, so a stale digest is not taken
+(on file systems whose times are coarse, a rewrite of the same size within one tick of the
+clock would not be seen: ``DRM_LIGHTNING_CACHE=off`` there). Updates from several processes
+are serialised with ``flock``. The store is an optimisation: unreadable or unwritable, it is
+ignored.
 
 Example:
     >>> import os, tempfile, pathlib
@@ -23,10 +26,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 STORE_ENV = "DRM_LIGHTNING_CACHE"
@@ -34,6 +40,23 @@ MAX_ENTRIES = 4096
 """Digests kept; the oldest go first."""
 
 _LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _store_locked(store: Path) -> Iterator[None]:
+    """Other processes' updates wait (``flock`` on a lock file beside the store); if the lock
+    cannot be had, the update goes ahead unlocked (the worst outcome: a digest hashed again)."""
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(store.parent / "sha256.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def store_file() -> Path | None:
@@ -64,13 +87,13 @@ def _load(store: Path) -> dict[str, str]:
     return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
 
 
-def stored_digest(path: str | os.PathLike[str]) -> str | None:
-    """The digest stored for ``path`` as it is now, or None."""
+def stored_digest(path: str | os.PathLike[str], key: str | None = None) -> str | None:
+    """The digest stored for ``path`` as it is now (or as ``key``, its :func:`file_key`), or None."""
     store = store_file()
     if store is None:
         return None
     with _LOCK:
-        return _load(store).get(file_key(path))
+        return _load(store).get(key or file_key(path))
 
 
 def store_digest(path: str | os.PathLike[str], digest: str, key: str | None = None) -> None:
@@ -79,7 +102,7 @@ def store_digest(path: str | os.PathLike[str], digest: str, key: str | None = No
     store = store_file()
     if store is None:
         return
-    with _LOCK:
+    with _LOCK, _store_locked(store):
         try:
             now = file_key(path)
             if key is not None and key != now:

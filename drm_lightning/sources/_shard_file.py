@@ -10,9 +10,9 @@ reserved at the start:
 - any other tensor (a few bytes: an odd-sized bias, a 0-d scalar) is held until
   :meth:`ShardFile.close`, then written after the others, the widest dtype first, so every
   tensor starts at a multiple of its element size, as ``safetensors.torch.save_file`` ensures;
-- the row pieces of a large tensor (:meth:`ShardFile.add_pieces`) are written by a background
-  thread, a few MiB behind the producer, so the merge goes on while the kernel throttles
-  the writes to the disk's pace;
+- the row pieces of a large tensor (:meth:`ShardFile.add_pieces`) that the producer will not
+  touch again (``RowPieces.fresh``) are written by a background thread, behind the producer,
+  so the merge goes on while the kernel throttles the writes to the disk's pace;
 - at :meth:`ShardFile.close` the header is written into the reserve and padded with spaces
   (which the format allows). If it does not fit, the data section is moved up in 8 MiB
   chunks to make room (rare: the default reserve holds ≈ 500 tensors).
@@ -68,8 +68,10 @@ class RowPieces:
     Attributes:
         shape: the whole tensor's shape.
         dtype: the pieces' dtype.
-        pieces: the pieces along dim 0, in order, on any device. A piece's memory must not
-            be reused once it is yielded: it may be written after the next one arrives.
+        pieces: the pieces along dim 0, in order, on any device.
+        fresh: every piece is a tensor of its own that nobody modifies once yielded (the merge
+            loop's are): the writer may then write it in the background while the next one is
+            made. Otherwise each piece is written before the next is asked for.
 
     Example:
         >>> RowPieces((3, 2), torch.float32, iter([torch.ones(2, 2), torch.zeros(1, 2)])).materialize()
@@ -81,6 +83,7 @@ class RowPieces:
     shape: tuple[int, ...]
     dtype: torch.dtype
     pieces: Iterator[Tensor]
+    fresh: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -234,8 +237,9 @@ class ShardFile:
     def add_pieces(self, name: str, tensor: RowPieces) -> None:
         """Write a tensor given as row pieces, each as it arrives, at consecutive offsets.
 
-        Pieces are written by a background thread, at most :data:`WRITE_BEHIND_BYTES`
-        behind; a write error is raised by a later call (:meth:`close` at the latest). A
+        Pieces of a ``fresh`` tensor are written by a background thread, at most
+        :data:`WRITE_BEHIND_BYTES` behind; a write error is raised by a later call
+        (:meth:`close` at the latest). On an error the pieces' generator is closed. A
         tensor whose size is not a multiple of 8 bytes is gathered and held like :meth:`add`
         does (such tensors are small).
         """
@@ -246,13 +250,22 @@ class ShardFile:
             return
         start = _ALIGN + self._reserve + self._end
         written, row = 0, 0
-        for piece in tensor.pieces:
-            _check_piece(piece, tensor, row)
-            data = _bytes_of(piece.detach().to("cpu").contiguous())
-            self._behind.write(data, start + written)
-            written += len(data)
-            row += piece.shape[0]
-        _check_rows(row, tensor)
+        try:
+            for piece in tensor.pieces:
+                _check_piece(piece, tensor, row)
+                data = _bytes_of(piece.detach().to("cpu").contiguous())
+                if tensor.fresh:
+                    self._behind.write(data, start + written)
+                else:
+                    write_at(self._fd, data, start + written)
+                written += len(data)
+                row += piece.shape[0]
+            _check_rows(row, tensor)
+        except BaseException:
+            close = getattr(tensor.pieces, "close", None)
+            if close is not None:  # stop the producer now (its threads, its reads)
+                close()
+            raise
         self._entries[name] = {
             "dtype": _CODES[tensor.dtype],
             "shape": list(tensor.shape),

@@ -238,7 +238,7 @@ def sha256_of(path: str | os.PathLike[str], *, chunk_bytes: int = 8 * 1024 * 102
         with _HASH_LOCK:
             cached = _HASH_CACHE.get(key)
         if cached is None:
-            cached = stored_digest(p)
+            cached = stored_digest(p, key)
         if cached is not None:
             with _HASH_LOCK:
                 _HASH_CACHE[key] = cached

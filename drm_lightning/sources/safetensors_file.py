@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from drm_lightning.sources.base import TensorMeta, WeightSource, dtype_from_safetensors
+
+_OPENING = threading.Lock()
+os.register_at_fork(after_in_child=lambda: globals().__setitem__("_OPENING", threading.Lock()))
 
 __all__ = ["SafetensorsFileSource"]
 
@@ -85,9 +89,13 @@ class SafetensorsFileSource(WeightSource):
             os.close(fd[1])
 
     def _descriptor(self) -> int:
-        if self._fd is None or self._fd[0] != os.getpid():
-            self._fd = (os.getpid(), os.open(self.path, os.O_RDONLY))
-        return self._fd[1]
+        fd = self._fd
+        if fd is None or fd[0] != os.getpid():
+            with _OPENING:  # the merge's piece threads read at once: one descriptor, not one each
+                if self._fd is None or self._fd[0] != os.getpid():
+                    self._fd = (os.getpid(), os.open(self.path, os.O_RDONLY))
+                fd = self._fd
+        return fd[1]
 
     def keys(self) -> list[str]:
         return list(self._keys)

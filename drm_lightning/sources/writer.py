@@ -222,7 +222,8 @@ class HFFolderWriter:
         """Write one tensor into the current shard, starting a new shard when it is full.
 
         ``tensor`` may be a :class:`~drm_lightning.sources._shard_file.RowPieces`: its pieces
-        are written as they are produced, so a tensor larger than memory can be written.
+        are written as they are produced (in the background if they are ``fresh``), so a
+        tensor larger than memory can be written.
 
         The tensor's bytes go to disk now (a few odd-sized ones, under 8 bytes a row, wait for
         the shard's end); nothing the size of a shard is kept in memory. The caller may reuse
