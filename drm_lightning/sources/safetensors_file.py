@@ -135,7 +135,12 @@ class SafetensorsFileSource(WeightSource):
         return out
 
     def prefetch(self, names: Sequence[str]) -> None:
-        """``posix_fadvise(WILLNEED)`` on the bytes of those of ``names`` stored here."""
+        """``posix_fadvise(WILLNEED)`` on the bytes of those of ``names`` stored here.
+
+        Linux starts reading only the first read-ahead window (``read_ahead_kb``) of such a
+        range; the reads then continue it. Asking for every window of a tensor (one call a
+        window) made the 1B TIES no faster on the benchmark machine and cost 4–6 CPU-s
+        (``benchmarks/RESULTS.md`` §6), so one call it is."""
         for name in names:
             meta = self._meta.get(name)
             if meta is None or not hasattr(os, "posix_fadvise"):
