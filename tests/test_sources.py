@@ -684,3 +684,34 @@ def test_merge_loop_with_lora_branch_and_writer(
     assert (out / "config.json").read_bytes() == (
         llama["root"] / "sharded" / "config.json"
     ).read_bytes()
+
+
+def test_safetensors_rows_read_from_threads_at_once_open_the_file_once(tmp_path: Path, monkeypatch) -> None:
+    # The fused merge's piece threads make their first reads together: one descriptor, not one each.
+    import os
+    import threading
+    import time
+
+    import drm_lightning.sources.safetensors_file as module
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.arange(64.0).reshape(16, 4)}, str(tmp_path / "m.safetensors"))
+    source = SafetensorsFileSource(tmp_path / "m.safetensors")
+    opened = []
+    real_open = os.open
+
+    def slow_open(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path).endswith("m.safetensors"):
+            opened.append(path)
+            time.sleep(0.05)  # both threads are inside before either has a descriptor
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(module.os, "open", slow_open)
+    rows = {}
+    threads = [threading.Thread(target=lambda a=a: rows.setdefault(a, source.get_rows("w", a, a + 8))) for a in (0, 8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(opened) == 1
+    assert torch.equal(torch.cat([rows[0], rows[8]]), torch.arange(64.0).reshape(16, 4))
