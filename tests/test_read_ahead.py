@@ -51,3 +51,30 @@ def test_read_ahead_ignores_sources_that_fail_or_cannot_prefetch() -> None:
 
     with ReadAhead([Broken(), object()]) as ahead:
         ahead.ask(["w"])  # a hint: nothing raises here or later
+
+
+def test_safetensors_prefetch_reads_every_byte_of_the_tensors_asked(tmp_path: Path, monkeypatch) -> None:
+    # posix_fadvise(WILLNEED) would start only the first read-ahead window of a range: the
+    # prefetch reads the whole tensor (in chunks), and nothing else of the file.
+    import os
+
+    import drm_lightning.sources.safetensors_file as module
+
+    save_file({"a": torch.zeros(300, 100), "b": torch.ones(50, 100)}, str(tmp_path / "m.safetensors"))
+    source = SafetensorsFileSource(tmp_path / "m.safetensors")
+    monkeypatch.setattr(module, "PREFETCH_CHUNK", 4096)
+    monkeypatch.setattr(module, "_SCRATCH", threading.local())
+    reads: list[tuple[int, int]] = []
+    real = os.preadv
+
+    def recording(fd, buffers, offset):  # type: ignore[no-untyped-def]
+        got = real(fd, buffers, offset)
+        reads.append((offset, got))
+        return got
+
+    monkeypatch.setattr(module.os, "preadv", recording)
+    source.prefetch(["a", "missing"])
+    start = source._offsets["a"]
+    assert reads[0][0] == start and len(reads) == -(-300 * 100 * 4 // 4096)
+    assert all(a + n == b for (a, n), (b, _) in zip(reads, reads[1:]))  # back to back
+    assert reads[-1][0] + reads[-1][1] == start + 300 * 100 * 4  # the whole tensor, no more

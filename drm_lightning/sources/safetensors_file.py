@@ -26,6 +26,18 @@ from torch import Tensor
 
 from drm_lightning.sources.base import TensorMeta, WeightSource, dtype_from_safetensors
 
+PREFETCH_CHUNK = 8 * 1024 * 1024
+"""Bytes of one read of :meth:`SafetensorsFileSource.prefetch`."""
+
+_SCRATCH = threading.local()
+
+
+def _scratch() -> memoryview:
+    if not hasattr(_SCRATCH, "buffer"):
+        _SCRATCH.buffer = memoryview(bytearray(PREFETCH_CHUNK))
+    return _SCRATCH.buffer
+
+
 _OPENING = threading.Lock()
 os.register_at_fork(after_in_child=lambda: globals().__setitem__("_OPENING", threading.Lock()))
 
@@ -135,17 +147,22 @@ class SafetensorsFileSource(WeightSource):
         return out
 
     def prefetch(self, names: Sequence[str]) -> None:
-        """``posix_fadvise(WILLNEED)`` on the bytes of those of ``names`` stored here.
+        """Read the bytes of those of ``names`` stored here into the page cache.
 
-        Linux starts reading only the first read-ahead window (``read_ahead_kb``) of such a
-        range; the reads then continue it. Asking for every window of a tensor (one call a
-        window) made the 1B TIES no faster on the benchmark machine and cost 4–6 CPU-s
-        (``benchmarks/RESULTS.md`` §6), so one call it is."""
+        Real reads, :data:`PREFETCH_CHUNK` at a time into a scratch buffer (a copy of about
+        0.1 s per GB): ``posix_fadvise(WILLNEED)`` starts reading only the first read-ahead
+        window (``read_ahead_kb``) of its range."""
+        scratch = _scratch()
         for name in names:
             meta = self._meta.get(name)
-            if meta is None or not hasattr(os, "posix_fadvise"):
+            if meta is None:
                 continue
-            os.posix_fadvise(self._descriptor(), self._offsets[name], meta.nbytes, os.POSIX_FADV_WILLNEED)
+            offset, end = self._offsets[name], self._offsets[name] + meta.nbytes
+            while offset < end:
+                got = os.preadv(self._descriptor(), [scratch[: min(len(scratch), end - offset)]], offset)
+                if got <= 0:
+                    break
+                offset += got
 
     def reads_rows(self, name: str) -> bool:  # noqa: D102
         return True
