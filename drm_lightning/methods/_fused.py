@@ -29,7 +29,7 @@ DIGITS = 1 << 16
 """Radix digits of one round (16 bits, as :data:`drm_lightning.methods.rowwise.DIGIT_BITS`)."""
 
 KEEP_ALL, KEEP_NONE, KEEP_CUT = 0, 1, 2
-"""Per-branch trim modes of :func:`_merge_piece`: no trim, everything trimmed, trim at a cut."""
+"""Per-branch trim modes of :func:`merge_piece`: no trim, everything trimmed, trim at a cut."""
 
 
 def _bitcast(source, target):  # type: ignore[no-untyped-def]

@@ -171,7 +171,7 @@ def task_vector_merge_stored_rows(
     # Ties at a cut go to the first entries: a piece keeps its ties only once it knows how many
     # the pieces before it met. Each piece counts its own (while the budget lasts) and passes
     # the running total on, before merging; merges still overlap.
-    seen_before = [np.zeros(n, np.int64)] + [np.zeros(n, np.int64) for _ in spans]
+    seen_before = [np.zeros(n, np.int64) for _ in range(len(spans) + 1)]  # ties before each piece
     known = [threading.Event() for _ in range(len(spans) + 1)]
     known[0].set()
 

@@ -108,9 +108,8 @@ def store_digest(path: str | os.PathLike[str], digest: str, key: str | None = No
             if key is not None and key != now:
                 return
             entries = _load(store)
-            entries.pop(now, None)
-            key = now
-            entries[key] = digest
+            entries.pop(now, None)  # re-added last: the newest entries are the ones kept
+            entries[now] = digest
             kept = dict(list(entries.items())[-MAX_ENTRIES:])
             store.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=store.parent, prefix=".sha256-", suffix=".json")

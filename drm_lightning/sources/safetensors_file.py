@@ -137,13 +137,8 @@ class SafetensorsFileSource(WeightSource):
         out = torch.empty((stop - start, *meta.shape[1:]), dtype=meta.dtype)
         view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
         row_bytes = out[0].numel() * out.element_size() if out.shape[0] else 0
-        offset = self._offsets[name] + start * row_bytes
-        done = 0
-        while done < len(view):
-            got = os.preadv(self._descriptor(), [view[done:]], offset + done)
-            if got <= 0:
-                raise ValueError(f"{self.path}: {name!r} ends before its rows {start}:{stop} (file truncated?)")
-            done += got
+        if self._read_into(view, self._offsets[name] + start * row_bytes) < len(view):
+            raise ValueError(f"{self.path}: {name!r} ends before its rows {start}:{stop} (file truncated?)")
         return out
 
     def prefetch(self, names: Sequence[str]) -> None:
@@ -159,10 +154,21 @@ class SafetensorsFileSource(WeightSource):
                 continue
             offset, end = self._offsets[name], self._offsets[name] + meta.nbytes
             while offset < end:
-                got = os.preadv(self._descriptor(), [scratch[: min(len(scratch), end - offset)]], offset)
-                if got <= 0:
-                    break
-                offset += got
+                size = min(len(scratch), end - offset)
+                if self._read_into(scratch[:size], offset) < size:
+                    break  # the file ends early: get_rows will say so
+                offset += size
+
+    def _read_into(self, view: memoryview, offset: int) -> int:
+        """Fill ``view`` with the file's bytes from ``offset``; returns how many were read
+        (fewer than asked only where the file ends)."""
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._descriptor(), [view[done:]], offset + done)
+            if got <= 0:
+                break
+            done += got
+        return done
 
     def reads_rows(self, name: str) -> bool:  # noqa: D102
         return True
