@@ -20,9 +20,14 @@ Two shapes, checked before any weight is read, every problem at once with its YA
       branches: [runs/a, runs/b]
       align: {method: mudsc_align, anchor: 0, model: mynets:build_mlp, batches: calib.pt}
 
-``model:``, ``batches:`` and ``spec:`` written ``module:function`` import the user's own
-module (with the current directory on ``sys.path``, as ``python -m`` does) because the user
-named it; nothing else is imported or unpickled (tensor files load weights-only).
+``model:``, ``batches:`` and ``spec:`` written ``module:function`` name Python code. A config
+file cannot ask for it to run: read from a file (:func:`~drm_lightning.config.load_config`),
+a reference is refused unless the user passes ``drm-merge --trust-code`` (``code="import"``:
+the module is imported with the current directory on ``sys.path``, as ``python -m`` does);
+``--dry-run`` imports nothing even then (``code="check"``: the syntax is checked, the
+architecture check against the branches is skipped and the plan says so). A config built in
+the user's own code (``model_validate`` without a context) imports them. Nothing else is
+imported or unpickled (tensor files load weights-only).
 
 Example:
     >>> import pathlib, tempfile
@@ -48,11 +53,24 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails
 
 from drm_lightning.alignment.core import AlignmentParams, available_alignments, get_alignment
-from drm_lightning.config import BranchConfig, MergeConfig, OutDType, _normalize_dtype
+from drm_lightning.config import (
+    BranchConfig,
+    CodeMode,
+    MergeConfig,
+    OutDType,
+    _normalize_dtype,
+)
 from drm_lightning.config_errors import (
     ConfigError,
     _error,
@@ -126,10 +144,34 @@ def resolve_callable(reference: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-def _check_model(value: str) -> str:
-    if is_reference(value):
+TRUST_CODE_HINT = (
+    "pass --trust-code on the command line to import it, if you trust this config and the "
+    "module it names (the current directory is searched too)"
+)
+
+
+def _code_mode(info: ValidationInfo) -> CodeMode:
+    """The validation's ``code`` (:data:`~drm_lightning.config.CodeMode`); ``import`` for a
+    config built in the user's own code (no context)."""
+    return (info.context or {}).get("code", "import")  # type: ignore[no-any-return]
+
+
+def _reference(value: str, info: ValidationInfo) -> str:
+    """A ``module:function`` reference imported, only checked, or refused, as ``code`` says."""
+    mode = _code_mode(info)
+    if mode == "refuse":
+        raise ValueError(
+            f"{value!r} names Python code (module:function): importing it runs that code, which "
+            f"a config file cannot ask for; {TRUST_CODE_HINT}"
+        )
+    if mode == "import":
         resolve_callable(value)
-        return value
+    return value
+
+
+def _check_model(value: str, info: ValidationInfo) -> str:
+    if is_reference(value):
+        return _reference(value, info)
     folder = check_path(Path(value), "model")
     if not (folder.is_dir() and (folder / "config.json").is_file()):
         raise ValueError(
@@ -139,10 +181,9 @@ def _check_model(value: str) -> str:
     return value
 
 
-def _check_batches(value: str) -> str:
+def _check_batches(value: str, info: ValidationInfo) -> str:
     if is_reference(value):
-        resolve_callable(value)
-        return value
+        return _reference(value, info)
     path = check_path(Path(value), "calibration batches")
     if path.suffix not in TENSOR_SUFFIXES or not path.is_file():
         raise ValueError(
@@ -194,25 +235,37 @@ class _AlignInputs(_Section):
         None, description="module:function returning a PermSpec (called with the model if it takes an argument)"
     )
     parameters: dict[str, Any] = Field(default_factory=dict, description="the alignment method's parameters")
+    _code: CodeMode = PrivateAttr("import")
 
     @field_validator("model")
     @classmethod
-    def _model(cls, value: str | None) -> str | None:
-        return None if value is None else _check_model(value)
+    def _model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _check_model(value, info)
 
     @field_validator("batches")
     @classmethod
-    def _batches(cls, value: str | None) -> str | None:
-        return None if value is None else _check_batches(value)
+    def _batches(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _check_batches(value, info)
 
     @field_validator("spec")
     @classmethod
-    def _spec(cls, value: str | None) -> str | None:
+    def _spec(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
             if not is_reference(value):
                 raise ValueError("must be module:function returning a PermSpec")
-            resolve_callable(value)
+            _reference(value, info)
         return value
+
+    @model_validator(mode="after")
+    def _remember_code(self, info: ValidationInfo) -> _AlignInputs:
+        self._code = _code_mode(info)
+        return self
+
+    @property
+    def code_skipped(self) -> bool:
+        """True when the ``module:function`` references were only checked (a dry run with
+        ``--trust-code``): what they name is not built, imported or called."""
+        return self._code == "check"
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -362,11 +415,14 @@ class AlignmentMergeConfig(_AlignInputs):
         )
 
 
-def alignment_config(data: Mapping[str, Any], lines: Lines, *, source: str) -> MergeConfig | AlignmentMergeConfig | None:
+def alignment_config(
+    data: Mapping[str, Any], lines: Lines, *, source: str, code: CodeMode = "refuse"
+) -> MergeConfig | AlignmentMergeConfig | None:
     """The config of ``data`` if it aligns (``align:`` or an alignment ``method:``), else ``None``.
 
     A method name closer to an alignment method than to any merge method is checked as an
-    alignment method, so that the error suggests the alignment name.
+    alignment method, so that the error suggests the alignment name. ``code`` says what the
+    ``module:function`` references get (:data:`~drm_lightning.config.CodeMode`).
 
     Raises:
         ConfigError: every problem, each with its field path and YAML line.
@@ -381,6 +437,6 @@ def alignment_config(data: Mapping[str, Any], lines: Lines, *, source: str) -> M
     if cls is None:
         return None
     try:
-        return cls.model_validate(data)  # type: ignore[return-value]
+        return cls.model_validate(data, context={"code": code})  # type: ignore[return-value]
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source=source, where=lines)) from None

@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(runs code from the files; trusted files only). Default: refused",
     )
     parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="import the module:function references of the config (model:, batches:, spec:), "
+        "which runs their code; the current directory is searched too. Default: refused; "
+        "--dry-run imports nothing even with it",
+    )
+    parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where the merge math runs"
     )
     parser.add_argument(
@@ -229,8 +236,11 @@ def parse_size(text: str) -> int:
 
 
 def _load_config(args: argparse.Namespace) -> MergeConfig:
-    """The config file, with ``--trust-pickles`` applied."""
-    config = load_config(args.config)
+    """The config file, with ``--trust-pickles`` and ``--trust-code`` applied (a dry run
+    imports no module:function reference, even with ``--trust-code``)."""
+    trust_code = getattr(args, "trust_code", False)
+    code = "check" if trust_code and args.dry_run else "import" if trust_code else "refuse"
+    config = load_config(args.config, code=code)
     if getattr(args, "trust_pickles", False):
         config = config.model_copy(update={"trust_pickles": True})
     if isinstance(config, MergekitConfig) and os.environ.get("RANK", "0") == "0":

@@ -16,7 +16,6 @@ parameters::
     out_dtype: bfloat16                       # default: each base tensor's dtype
     routing: {ignore: ["score\\\\."]}             # regexes (include / exclude / ignore)
     seed: 0                                   # randomness of DARE, per tensor
-    trust_pickles: false                      # true: unpickle .ckpt/.bin that need it (runs code)
 
 A file with mergekit's ``merge_method`` (and no ``method``) is in mergekit's format: it is
 checked and run with mergekit's semantics by :mod:`drm_lightning.mergekit_format`. In this
@@ -26,6 +25,11 @@ for ``branches``, ``model`` for ``path``, ``weight`` (also nested under a branch
 Relative paths are resolved against the current working directory (not the config file's
 folder), as in mergekit. A key given twice in one mapping and ``true``/``false`` where a
 number is expected are refused; errors of a config file name the line of the value.
+
+A config file is data: it cannot opt in to running code. ``trust_pickles:`` in a file is
+refused (the opt-in is ``drm-merge --trust-pickles``), and the ``module:function`` references
+of an alignment config are imported only with ``drm-merge --trust-code`` (``code="import"``
+of :func:`load_config`).
 
 Every mistake is reported at once, each with its field path (``branches[1].coefficient:
 must be >= 0 (got -0.5)``); unknown keys, method names and method parameters come with the
@@ -269,7 +273,8 @@ class MergeConfig(_Section):
         False,
         strict=True,
         description="allow full unpickling of .ckpt/.bin/.pt inputs that hold more than "
-        "tensors (it can run code from the file); default: refused",
+        "tensors (it can run code from the file); default: refused. Set by drm-merge "
+        "--trust-pickles or in the user's own code, never read from a config file",
     )
 
     @field_validator("compute_dtype", "out_dtype", mode="before")
@@ -432,13 +437,28 @@ def _parameter_errors(data: Mapping[str, Any]) -> list[InitErrorDetails]:
 # ---------------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path) -> MergeConfig:
+CodeMode = Literal["refuse", "check", "import"]
+"""What a config file's ``module:function`` references (``model:``, ``batches:``, ``spec:``)
+get: ``refuse`` (an error: no opt-in), ``check`` (syntax only, nothing imported: a dry run
+with ``--trust-code``) or ``import`` (imported, which runs their code: ``--trust-code``)."""
+
+CONFIG_OPT_IN = (
+    "is not read from a config file: opting in to full unpickling (which runs code from the "
+    "inputs) is the user's act, not the file's; pass --trust-pickles on the command line "
+    "(trust_pickles=True in your own code)"
+)
+
+
+def load_config(path: str | Path, *, code: CodeMode = "refuse") -> MergeConfig:
     """Read and validate a YAML config file.
+
+    ``code`` says what the ``module:function`` references of an alignment config get
+    (:data:`CodeMode`); by default they are refused, as a file cannot opt in to running code.
 
     Raises:
         ConfigError: the file is missing or unreadable, is not valid YAML (the message names
-            the file, line and column), is not a mapping, or fails validation (every problem
-            with its field path).
+            the file, line and column), is not a mapping, sets ``trust_pickles``, or fails
+            validation (every problem with its field path).
     """
     path = Path(path)
     try:
@@ -447,11 +467,12 @@ def load_config(path: str | Path) -> MergeConfig:
         raise ConfigError(f"config file not found: {str(path)!r}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read config file {str(path)!r}: {err}") from None
-    return parse_config(text, source=str(path))
+    return parse_config(text, source=str(path), code=code)
 
 
-def parse_config(text: str, *, source: str = "<config>") -> MergeConfig:
-    """Validate YAML ``text``; ``source`` names it in error messages."""
+def parse_config(text: str, *, source: str = "<config>", code: CodeMode = "refuse") -> MergeConfig:
+    """Validate YAML ``text``; ``source`` names it in error messages (``code``: see
+    :func:`load_config`)."""
     try:
         data, lines = load_yaml(text)
     except yaml.YAMLError as err:
@@ -469,6 +490,11 @@ def parse_config(text: str, *, source: str = "<config>") -> MergeConfig:
             f"{source}: the config must be a mapping with at least 'method', 'base' and "
             f"'branches', but the file is {kind}"
         )
+    if "trust_pickles" in data:  # every format: ours, mergekit's, alignment
+        line = lines.of(("trust_pickles",))
+        raise ConfigError(
+            f"invalid configuration {source}: line {line}: trust_pickles: {CONFIG_OPT_IN}"
+        )
     if "merge_method" in data and "method" not in data:  # mergekit's format, its semantics
         from drm_lightning.mergekit_format import mergekit_config
 
@@ -476,7 +502,8 @@ def parse_config(text: str, *, source: str = "<config>") -> MergeConfig:
     if "align" in data or data.get("method") not in (None, *available_methods()):
         from drm_lightning.align_config import alignment_config  # mudsc_zip, align: (issue 11)
 
-        if (aligned := alignment_config(data, lines, source=source)) is not None:
+        aligned = alignment_config(data, lines, source=source, code=code)
+        if aligned is not None:
             return aligned  # type: ignore[return-value]
     try:
         return MergeConfig.model_validate(data)

@@ -20,8 +20,9 @@ What cannot be honoured is refused, naming the key, before any weight is read: `
 ``modules``, ``tokenizer``, ``chat_template``, ``tokenizer_source: union``, gradient lists
 and filtered values, negative weights, unknown keys and every other mergekit method
 (``slerp`` included: it needs the base tensor and the tensor name, which the merge loop does
-not pass to a method). drm-merge's own ``seed``, ``trust_pickles`` and ``routing`` are
-accepted; ``parameters.convention: peft`` selects drm-merge's TIES/DARE arithmetic.
+not pass to a method). drm-merge's own ``seed`` and ``routing`` are accepted;
+``trust_pickles`` is not (a file cannot opt in to unpickling: pass ``--trust-pickles``);
+``parameters.convention: peft`` selects drm-merge's TIES/DARE arithmetic.
 
 Example:
     >>> is_mergekit_format({"merge_method": "ties", "models": []})
@@ -66,7 +67,7 @@ OTHER_MERGEKIT = ("arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "d
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
             "tokenizer_source")
 # fmt: on
-EXTENSIONS = ("seed", "trust_pickles", "routing")
+EXTENSIONS = ("seed", "routing")  # trust_pickles: refused by config.parse_config
 REFUSED_TOP = {
     "slices": "layer slices (frankenmerges) are not supported; list whole models under models",
     "modules": "per-module merges are not supported; list whole models under models",

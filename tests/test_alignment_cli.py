@@ -93,7 +93,7 @@ def _forbid_reading(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _fails(cfg: Path, out: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
-    assert main([str(cfg), "-o", str(out), *extra]) == 2
+    assert main([str(cfg), "-o", str(out), "--trust-code", *extra]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and not out.exists()
     return err
@@ -106,7 +106,7 @@ def test_mudsc_zip_from_the_cli_equals_merge_models(work: Path, capsys: pytest.C
     cfg = _config(work, {"method": "mudsc_zip", "branches": [str(p) for p in paths], "model": "nets_cli:mlp",
                          "batches": "calib.safetensors", "batch_size": 32, "parameters": {"fix_rate": 0.3}})
     out = work / "out"
-    assert main([str(cfg), "-o", str(out), "--no-progress"]) == 0
+    assert main([str(cfg), "-o", str(out), "--no-progress", "--trust-code"]) == 0
     assert "wrote" in capsys.readouterr().out
     got = load_file(str(next(out.glob("*.safetensors"))))
     calib = load_batches("calib.safetensors", batch_size=32)
@@ -133,7 +133,7 @@ def test_align_pre_step_then_drm_equals_drm_of_the_unpermuted(work: Path) -> Non
         "align": {"method": "mudsc_align", "anchor": 0, "model": "nets_cli:mlp", "batches": "nets_cli:loader"},
     })
     out = work / "out"
-    assert main([str(cfg), "-o", str(out), "--no-progress"]) == 0
+    assert main([str(cfg), "-o", str(out), "--no-progress", "--trust-code"]) == 0
     got = load_file(str(next(out.glob("*.safetensors"))))
     want = merge_state_dicts(get_method("drm"), base.state_dict(), branches, compute_dtype=torch.float64)
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -142,21 +142,33 @@ def test_align_pre_step_then_drm_equals_drm_of_the_unpermuted(work: Path) -> Non
 
 def test_dry_runs_read_no_weight(work: Path, monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from drm_lightning.alignment.cli_job import run_alignment_merge
+
     paths = [str(_save(seeded(MLP, s), work / f"m{s}")) for s in (0, 1)]
     _forbid_reading(monkeypatch)
     cfg = _config(work, {"method": "zipit", "branches": paths, "model": "nets_cli:mlp", "batches": "calib.pt",
                          "spec": "nets_cli:spec"})
-    assert main([str(cfg), "-o", str(work / "out"), "--dry-run"]) == 0
-    text = capsys.readouterr().out
+    # the user's own code (a config validated with code="import"): everything is built
+    text = run_alignment_merge(load_config(cfg, code="import"), work / "out", dry_run=True)
     assert "no weight was read" in text and "alignment: zipit" in text and "3 group(s)" in text
     assert "2 batch(es) from calib.pt" in text  # 96 rows, batch_size 64
+    # drm-merge --dry-run --trust-code imports nothing: the references are only named
+    monkeypatch.delitem(sys.modules, "nets_cli", raising=False)
+    assert main([str(cfg), "-o", str(work / "out"), "--dry-run", "--trust-code"]) == 0
+    text = capsys.readouterr().out
+    assert "no weight was read" in text and "alignment: zipit" in text
+    assert "architecture: nets_cli:mlp (not built: it runs code" in text
+    assert "check of the architecture against the branches was skipped" in text
+    assert "2 batch(es) from calib.pt" in text  # a tensor file is still loaded (weights-only)
+    assert "nets_cli" not in sys.modules
     cfg = _config(work, {"method": "ties", "base": paths[0], "branches": paths,
                          "align": {"method": "weight_matching", "anchor": 1, "model": "nets_cli:mlp",
                                    "spec": "nets_cli:spec"}})
-    assert main([str(cfg), "-o", str(work / "out"), "--dry-run"]) == 0
+    assert main([str(cfg), "-o", str(work / "out"), "--dry-run", "--trust-code"]) == 0
     text = capsys.readouterr().out
     assert "align alignment: weight_matching" in text and "calibration: none (weights only)" in text
-    assert not (work / "out").exists()
+    assert "align permutation spec: not checked (nets_cli:spec: not built" in text
+    assert not (work / "out").exists() and "nets_cli" not in sys.modules
 
 
 def test_every_config_problem_at_once_with_its_line(work: Path) -> None:
@@ -173,7 +185,7 @@ def test_every_config_problem_at_once_with_its_line(work: Path) -> None:
         """)
     (work / "calib.txt").write_text("x")
     with pytest.raises(ConfigError) as info:
-        load_config(_config(work, text))
+        load_config(_config(work, text), code="import")
     msg = str(info.value)
     assert "line 2: base: not used by alignment method 'mudsc_zip'" in msg
     assert "line 5: branches[1].coefficient: not used" in msg
@@ -193,15 +205,17 @@ def test_every_config_problem_at_once_with_its_line(work: Path) -> None:
           model: no_such_module_xyz:build
         """)
     with pytest.raises(ConfigError) as info:
-        load_config(_config(work, text))
+        load_config(_config(work, text), code="import")
     msg = str(info.value)
     assert "line 5: align.method: 'mudsc_zip' merges units within a model" in msg
     assert "line 6: align.anchor: out of range for 2 branches" in msg
     assert "line 7: align.model: cannot import module 'no_such_module_xyz'" in msg
     with pytest.raises(ConfigError, match=r"method: unknown alignment method 'mudsc_zipp' \(did you mean 'mudsc_zip'"):
-        load_config(_config(work, {"method": "mudsc_zipp", "branches": paths, "model": "nets_cli:mlp"}))
+        load_config(_config(work, {"method": "mudsc_zipp", "branches": paths, "model": "nets_cli:mlp"}),
+                    code="import")
     with pytest.raises(ConfigError, match=r"batches: method 'zipit' reads activations"):
-        load_config(_config(work, {"method": "zipit", "branches": paths, "model": "nets_cli:mlp"}))
+        load_config(_config(work, {"method": "zipit", "branches": paths, "model": "nets_cli:mlp"}),
+                    code="import")
     with pytest.raises(ConfigError, match=r"model: required: name the architecture"):
         load_config(_config(work, {"method": "weight_matching", "branches": paths}))
 
@@ -228,7 +242,7 @@ def test_align_refused_under_torchrun(work: Path, monkeypatch: pytest.MonkeyPatc
 
     paths = [str(_save(seeded(MLP, s), work / f"m{s}")) for s in (0, 1)]
     cfg = load_config(_config(work, {"method": "weight_matching", "branches": paths, "model": "nets_cli:mlp",
-                                     "spec": "nets_cli:spec"}))
+                                     "spec": "nets_cli:spec"}), code="import")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="runs in one process: launch drm-merge without torchrun"):
         run_alignment_merge(cfg, work / "out", dry_run=True)
@@ -250,9 +264,9 @@ def test_example_config_and_its_align_variant_validate(work: Path) -> None:
     for s in range(3):
         (work / "runs" / f"seed{s}").mkdir(parents=True)
     text = example.read_text()
-    cfg = load_config(_config(work, text))
+    cfg = load_config(_config(work, text), code="import")
     assert cfg.method == "mudsc_zip" and len(cfg.branches) == 3 and cfg.parameters["fix_rate"] == 0.5
     start = text.index("#   method: drm")
     variant = "\n".join(line[4:] for line in text[start:].splitlines())
-    aligned = load_config(_config(work, variant))
+    aligned = load_config(_config(work, variant), code="import")
     assert aligned.method == "drm" and aligned.align.method == "mudsc_align"

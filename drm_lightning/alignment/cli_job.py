@@ -4,7 +4,9 @@ Both are checked before any weight is read (the architecture is built from ``mod
 random weights, every branch's names and shapes are compared with it from metadata, the
 calibration batches are loaded, the permutation spec is derived or built and checked), so
 ``--dry-run`` reports every problem; only then are the branches read, each into a copy of
-the architecture.
+the architecture. A ``module:function`` reference runs code, so a dry run (a config checked
+with ``code="check"``, see :mod:`drm_lightning.align_config`) does not build what it names:
+the plan says which checks were skipped; the other checks run.
 
 * :func:`run_alignment_merge` — ``method:`` an alignment method: the merged model
   (:func:`~drm_lightning.alignment.api.merge_models`) written by the
@@ -31,6 +33,7 @@ from typing import Any
 
 from torch import nn
 
+from drm_lightning.align_config import is_reference
 from drm_lightning.alignment.api import align_models, merge_models
 from drm_lightning.alignment.calibration import (
     build_model,
@@ -56,38 +59,64 @@ def _refuse_torchrun(what: str) -> None:
         raise ValueError(f"{what} runs in one process: launch drm-merge without torchrun")
 
 
+SKIPPED = "not built: it runs code from a module:function reference, which a dry run never does"
+
+
 @dataclass
 class PreparedAlignment:
-    """An alignment checked from metadata: architecture, calibration batches, spec, method."""
+    """An alignment checked from metadata: architecture, calibration batches, spec, method.
+
+    ``model``, ``batches`` and ``spec`` are ``None`` where a dry run skipped them (they come
+    from ``module:function`` references, which run code).
+    """
 
     method: AlignmentMethod
-    model: nn.Module
+    model: nn.Module | None
     model_ref: str
     batches: Any
     batches_ref: str | None
-    spec: PermSpec
+    spec: PermSpec | None
     sources: list[Any]
     labels: list[str]
+    spec_ref: str | None = None
 
     def models(self) -> list[nn.Module]:
         """Every branch's weights in a copy of the architecture (reads the weights)."""
+        if self.model is None or self.spec is None or (self.batches_ref and self.batches is None):
+            raise ValueError(
+                "the alignment was checked without importing its module:function references "
+                "(a dry run); validate the config with code='import' (drm-merge --trust-code) to run it"
+            )
         return [load_into(self.model, s) for s in self.sources]
 
     def describe(self, field: str = "") -> list[str]:
         """Lines of the ``--dry-run`` report."""
         p = self.method.params
-        sizes = self.spec.check([self.model.state_dict()])
-        shown = ", ".join(f"{g} {c}" for g, c in list(sizes.items())[:6]) + (" ..." if len(sizes) > 6 else "")
-        n_batches = len(self.batches) if hasattr(self.batches, "__len__") else "?"
-        return [
+        lines = [
             (f"{field}alignment: {self.method.name} (similarity {p.similarity}, solver {p.solver}, "
              f"fix_rate {p.fix_rate}, seed {p.seed}); {self.method.paper}"),
-            (f"{field}architecture: {self.model_ref} ({type(self.model).__name__}, "
-             f"{sum(v.numel() for v in self.model.state_dict().values()):,} values)"),
-            f"{field}permutation spec: {len(sizes)} group(s): {shown}",
-            f"{field}calibration: "
-            + (f"{n_batches} batch(es) from {self.batches_ref}" if self.batches_ref else "none (weights only)"),
         ]
+        if self.model is None:
+            lines.append(f"{field}architecture: {self.model_ref} ({SKIPPED}); the check of the "
+                         "architecture against the branches was skipped (the run does it)")
+        else:
+            lines.append(f"{field}architecture: {self.model_ref} ({type(self.model).__name__}, "
+                         f"{sum(v.numel() for v in self.model.state_dict().values()):,} values)")
+        if self.spec is None:
+            why = f"{self.spec_ref}: {SKIPPED}" if self.spec_ref else "needs the architecture and a batch"
+            lines.append(f"{field}permutation spec: not checked ({why})")
+        else:
+            sizes = self.spec.check([self.model.state_dict()]) if self.model is not None else {}
+            shown = ", ".join(f"{g} {c}" for g, c in list(sizes.items())[:6]) + (" ..." if len(sizes) > 6 else "")
+            lines.append(f"{field}permutation spec: {len(sizes)} group(s): {shown}")
+        if self.batches_ref is None:
+            lines.append(f"{field}calibration: none (weights only)")
+        elif self.batches is None:
+            lines.append(f"{field}calibration: {self.batches_ref} ({SKIPPED})")
+        else:
+            n_batches = len(self.batches) if hasattr(self.batches, "__len__") else "?"
+            lines.append(f"{field}calibration: {n_batches} batch(es) from {self.batches_ref}")
+        return lines
 
 
 def prepare_alignment(
@@ -97,38 +126,45 @@ def prepare_alignment(
 
     ``inputs`` holds ``model``, ``batches``, ``batch_size``, ``spec`` and ``parameters`` (an
     ``align:`` section or an alignment-merge config); ``field`` prefixes the field names in
-    messages (``"align."``).
+    messages (``"align."``). When ``inputs.code_skipped`` (a dry run), what a
+    ``module:function`` reference names is not built, nor what depends on it.
 
     Raises:
         ValueError: every branch that does not fit the architecture (names, shapes), or no
             way to get a spec.
     """
     algo = get_alignment(method, **inputs.parameters)
+    skip = getattr(inputs, "code_skipped", False)
     model_ref = inputs.model or str(anchor_path)
-    model = build_model(model_ref)
+    model = None if skip and is_reference(model_ref) else build_model(model_ref)
     problems = []
-    for source, label in zip(sources, labels, strict=True):
+    for source, label in zip(sources, labels, strict=True) if model is not None else ():
         try:
             check_fits(model, source, label, model_ref)
         except ValueError as err:
             problems.append(str(err))
     if problems:
         raise ValueError(f"{field}model: " + "\n".join(problems))
-    batches = None if inputs.batches is None else load_batches(inputs.batches, batch_size=inputs.batch_size)
+    batches = None
+    if inputs.batches is not None and not (skip and is_reference(inputs.batches)):
+        batches = load_batches(inputs.batches, batch_size=inputs.batch_size)
+    spec = None
     if inputs.spec is not None:
-        spec = build_spec(inputs.spec, model)
-    elif batches is not None:
-        first = next(iter(batches))
-        spec = derive_spec(model, first[0] if isinstance(first, (tuple, list)) else first)
+        if not skip and model is not None:
+            spec = build_spec(inputs.spec, model)
+    elif inputs.batches is not None:
+        if batches is not None and model is not None:
+            first = next(iter(batches))
+            spec = derive_spec(model, first[0] if isinstance(first, (tuple, list)) else first)
     else:
         raise ValueError(
             f"{field}spec: required without {field}batches (the spec is derived by tracing the "
             "model on a calibration batch): name batches, or module:function returning a PermSpec"
         )
-    sizes = spec.check([model.state_dict()])
-    if not sizes:
+    if spec is not None and model is not None and not spec.check([model.state_dict()]):
         raise ValueError(f"{field}spec: the permutation spec has no groups: nothing to align")
-    return PreparedAlignment(algo, model, model_ref, batches, inputs.batches, spec, sources, labels)
+    return PreparedAlignment(algo, model, model_ref, batches, inputs.batches, spec, sources, labels,
+                             spec_ref=inputs.spec)
 
 
 def _open(path: Path, prefix: str | None, add: str | None, trust: bool) -> Any:

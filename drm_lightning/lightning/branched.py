@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Callable, Mapping
+import pickle
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.cloud_io import _load as pl_load
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from drm_lightning.inloop.branched import check_heads, split_batch
+from drm_lightning.sources.trust import UntrustedPickleError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 ARCHITECTURE_KEY = "branched_module_architecture"
@@ -114,7 +118,15 @@ class BranchedModule(pl.LightningModule):
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
-        cls, checkpoint_path: Any, *args: Any, trust_pickles: bool = False, **kwargs: Any
+        cls,
+        checkpoint_path: Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        *,
+        trust_pickles: bool = False,
+        **kwargs: Any,
     ) -> Any:
         """Lightning's ``load_from_checkpoint``, with the backbone and heads rebuilt from the checkpoint.
 
@@ -122,12 +134,28 @@ class BranchedModule(pl.LightningModule):
         the checkpoint), or ``trust_pickles=True`` to unpickle the architecture stored by
         :meth:`on_save_checkpoint` (that runs code from the file: trusted files only).
 
+        The checkpoint is loaded weights-only wherever it is (a local path, an ``http(s)://``
+        URL, which Lightning would fully unpickle, or an fsspec path such as ``s3://``) unless
+        ``trust_pickles=True``; ``weights_only=False`` alone is refused (the opt-in is
+        ``trust_pickles``).
+
         Raises:
+            UntrustedPickleError: (a ``ValueError``) the checkpoint holds Python objects other
+                than tensors and ``trust_pickles`` is false; the message names the file.
             ValueError: neither ``backbone``/``heads`` nor ``trust_pickles=True`` is given, or the
                 checkpoint holds no architecture (written by another module or under ZeRO-3).
         """
+        if weights_only is False and not trust_pickles:
+            raise ValueError(
+                f"{checkpoint_path}: weights_only=False unpickles the checkpoint, which can run "
+                "code from it; pass trust_pickles=True to opt in (trusted files only)"
+            )
+        if weights_only is None:
+            weights_only = not trust_pickles
         if "backbone" not in kwargs or "heads" not in kwargs:
-            stored = torch.load(checkpoint_path, map_location="cpu", weights_only=True).get(ARCHITECTURE_KEY)
+            with _refusing_pickles(checkpoint_path):
+                stored = pl_load(checkpoint_path, map_location="cpu", weights_only=True)
+            stored = stored.get(ARCHITECTURE_KEY)
             if stored is None:
                 raise ValueError(
                     f"{checkpoint_path}: the checkpoint holds no BranchedModule architecture; pass backbone= and "
@@ -141,7 +169,10 @@ class BranchedModule(pl.LightningModule):
             parts = torch.load(io.BytesIO(stored), map_location="cpu", weights_only=False)
             for name in ("backbone", "heads", "loss_fn"):
                 kwargs.setdefault(name, parts[name])
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        with _refusing_pickles(checkpoint_path):
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs
+            )
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Sum of the per-task losses of the batch; logs ``train/<task>/loss``."""
@@ -158,3 +189,12 @@ class BranchedModule(pl.LightningModule):
         """``AdamW`` over the branches and heads (the base stays frozen)."""
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+@contextmanager
+def _refusing_pickles(path: Any) -> Iterator[None]:
+    """Turn torch's weights-only refusal into :class:`UntrustedPickleError` naming ``path``."""
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        raise UntrustedPickleError(str(path), str(err)) from None

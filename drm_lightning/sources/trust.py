@@ -6,9 +6,13 @@ which accepts tensors, numbers, strings and plain containers only. A file that n
 (a custom hyper-parameters class, an ``os.system`` planted by an attacker) is refused with
 :class:`UntrustedPickleError` unless the caller opted in by name:
 
-* ``drm-merge ... --trust-pickles`` or ``trust_pickles: true`` in the YAML config,
-* ``MergeCallback(..., trust_pickles=True)``,
+* ``drm-merge ... --trust-pickles`` on the command line,
+* ``MergeCallback(..., trust_pickles=True)``, ``BranchedModule.load_from_checkpoint(...,
+  trust_pickles=True)``,
 * ``open_source(path, trust_pickles=True)`` and the readers' ``trust_pickles=True``.
+
+Opting in is the user's act, never a field of a file they were sent: a config file that
+sets ``trust_pickles:`` is refused (:func:`drm_lightning.config.parse_config`).
 
 Safetensors files never run code and need no opt-in.
 
@@ -27,8 +31,8 @@ __all__ = ["TRUST_OPT_IN", "UntrustedPickleError"]
 _BOILERPLATE = ("weights only load failed", "please file an issue", "check the documentation")
 
 TRUST_OPT_IN = (
-    "--trust-pickles (drm-merge), trust_pickles: true (YAML config) or trust_pickles=True "
-    "(MergeCallback, open_source)"
+    "--trust-pickles on the drm-merge command line, or trust_pickles=True in your own code "
+    "(MergeCallback, open_source, BranchedModule.load_from_checkpoint)"
 )
 """How to opt in to full unpickling, named in every refusal."""
 
