@@ -50,7 +50,9 @@ def open_job(config: MergeConfig) -> DiskMergeJob:
     base, branches = open_inputs(config)
     coefficients = config.resolved_coefficients()
     try:
-        plan = plan_merge(base, branches, routing=config.build_routing(), coefficients=coefficients)
+        plan = plan_merge(
+            base, branches, routing=config.build_routing(), coefficients=coefficients, method=method
+        )
     except ValueError as err:
         legend = "; ".join(
             [f"base = {config.base}"]

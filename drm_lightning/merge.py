@@ -26,12 +26,19 @@ from torch import Tensor
 
 from drm_lightning.heap import release_free_heap
 from drm_lightning.methods.base import LowRankFactors, MergeMethod, Route
+from drm_lightning.methods.ops import (  # check_finite: also imported from here by the engines
+    SUPPORTED_DTYPES,
+    check_finite,
+    dtype_problem,
+    finite_inputs_checked,
+)
 from drm_lightning.routing import Routing
 from drm_lightning.sources._shard_file import RowPieces
 from drm_lightning.sources.memory import StateDictSource
 from drm_lightning.sources.read_ahead import ReadAhead
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DTYPE_HINT = " (add the name to routing.ignore to keep the base value)"
+"""Ends the refusal of a non-float tensor: how to keep such a tensor instead."""
 
 
 @runtime_checkable
@@ -77,13 +84,18 @@ def _looks_like_vocab(name: str) -> bool:
     return any(k in name for k in ("embed", "lm_head", "wte", "shared", "word_embeddings"))
 
 
-def validate_coefficients(coefficients: Sequence[float] | None, n_branches: int) -> list[float]:
-    """Per-branch coefficients: default 1.0 each; length, finiteness and sign checked."""
+def validate_coefficients(
+    coefficients: Sequence[float] | None, n_branches: int, method: MergeMethod | None = None
+) -> list[float]:
+    """Per-branch coefficients: default 1.0 each; length, finiteness and sign checked, and,
+    with ``method``, that the method can merge with them (:meth:`MergeMethod.coefficient_problem`:
+    ``linear`` refuses coefficients that are all 0)."""
     if n_branches < 1:
         raise ValueError("at least one branch is needed to merge")
     if coefficients is None:
-        return [1.0] * n_branches
-    values = [float(c) for c in coefficients]
+        values = [1.0] * n_branches
+    else:
+        values = [float(c) for c in coefficients]
     if len(values) != n_branches:
         raise ValueError(
             f"coefficients has {len(values)} values but there are {n_branches} branches; "
@@ -92,6 +104,8 @@ def validate_coefficients(coefficients: Sequence[float] | None, n_branches: int)
     bad = [f"branches[{i}].coefficient={v}" for i, v in enumerate(values) if not v >= 0 or v != v or v == float("inf")]
     if bad:
         raise ValueError(f"coefficients must be finite and >= 0: {', '.join(bad)}")
+    if method is not None:
+        method.check_coefficients(values)
     return values
 
 
@@ -101,17 +115,19 @@ def plan_merge(
     *,
     routing: Routing | None = None,
     coefficients: Sequence[float] | None = None,
+    method: MergeMethod | None = None,
 ) -> list[PlannedTensor]:
     """Check keys, shapes and dtypes of every input from metadata and route each tensor.
 
-    No tensor data is read. All problems are collected and raised together.
+    No tensor data is read. All problems are collected and raised together. ``method``: the
+    coefficients are also checked for it (:func:`validate_coefficients`).
 
     Raises:
         ValueError: missing or extra keys, shape mismatches (every key with all shapes),
             vocabulary-size mismatches, non-float or unsupported dtypes, bad coefficients.
     """
     routing = routing or Routing()
-    validate_coefficients(coefficients, len(branches))
+    validate_coefficients(coefficients, len(branches), method)
     base_keys = list(base.keys())
     base_set = set(base_keys)
     problems: list[str] = []
@@ -141,17 +157,11 @@ def plan_merge(
             hint = " (vocabulary size differs: resize the embeddings to the base's tokenizer first)" if _looks_like_vocab(name) else ""
             shape_lines.append(f"  {name}: {listing}{hint}")
         if route != "ignore":
-            for who, dt in dtypes.items():
-                if not dt.is_floating_point:
-                    problems.append(
-                        f"{name!r} in {who} has non-float dtype {dt}; only floating tensors can be merged "
-                        "(add the name to routing.ignore to keep the base value)"
-                    )
-                elif dt not in SUPPORTED_DTYPES:
-                    problems.append(
-                        f"{name!r} in {who} has unsupported dtype {dt}; supported: "
-                        + ", ".join(str(d) for d in SUPPORTED_DTYPES)
-                    )
+            problems += [
+                _dtype_refusal(name, who, dt)
+                for who, dt in dtypes.items()
+                if dtype_problem(name, who, dt)
+            ]
         split_problem = routing.row_split_problem(name, shape)
         if split_problem:
             problems.append(split_problem)
@@ -163,25 +173,16 @@ def plan_merge(
     return planned
 
 
+def _dtype_refusal(name: str, origin: str, dtype: torch.dtype) -> str:
+    """The message refusing a tensor of ``dtype``
+    (:func:`~drm_lightning.methods.ops.dtype_problem`, with a hint for non-float ones)."""
+    problem = dtype_problem(name, origin, dtype) or ""
+    return problem + DTYPE_HINT if not dtype.is_floating_point else problem
+
+
 def _short(names: Sequence[str], limit: int = 20) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-def check_finite(name: str, tensor: Tensor, origin: str, hint: str = "") -> None:
-    """Raise ``ValueError`` naming the tensor and its origin if it holds NaN or Inf."""
-    if not tensor.is_floating_point():
-        return
-    # A finite sum proves every entry finite (one vectorised pass, no boolean temporary);
-    # only a non-finite sum — a real NaN/Inf, or an overflow of huge values — pays for the
-    # exact check.
-    acc = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
-    if bool(torch.isfinite(tensor.sum(dtype=acc))):
-        return
-    if not bool(torch.isfinite(tensor).all()):
-        nan = int(torch.isnan(tensor).sum())
-        inf = int(torch.isinf(tensor).sum())
-        raise ValueError(f"{name!r} in {origin} contains {nan} NaN and {inf} Inf value(s){hint}")
 
 
 RESULT_HINT = (
@@ -202,15 +203,20 @@ def check_fits(name: str, value: Tensor, dtype: torch.dtype) -> None:
         )
 
 
-def check_inputs_finite(
+def check_inputs(
     name: str, base: Tensor, branch_tensors: Sequence[Any], origins: Sequence[str] | None = None
 ) -> None:
-    """:func:`check_finite` on a base tensor and every branch's tensor (or LoRA factors)."""
-    check_finite(name, base, origins[0] if origins else "base")
+    """The dtypes (:func:`plan_merge`'s refusal, from metadata) and then :func:`check_finite`
+    of a base tensor and every branch's tensor (or LoRA factors)."""
+    inputs = [(origins[0] if origins else "base", base)]
     for i, t in enumerate(branch_tensors):
         origin = origins[i + 1] if origins else f"branch {i}"
-        for part in (t,) if isinstance(t, Tensor) else (t or ()):
-            check_finite(name, part, origin)
+        inputs += [(origin, part) for part in ((t,) if isinstance(t, Tensor) else (t or ()))]
+    for origin, part in inputs:
+        if dtype_problem(name, origin, part.dtype):
+            raise ValueError(_dtype_refusal(name, origin, part.dtype))
+    for origin, part in inputs:
+        check_finite(name, part, origin)
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:
@@ -240,9 +246,11 @@ def merge_tensor(
 
     Returns ``base + merged_delta`` in ``out_dtype`` (default: the base's dtype). Ignored
     tensors come back as an exact copy of the base. Every path that merges calls this, so
-    the finiteness checks live here: NaN/Inf in the base or a branch raise ``ValueError``
-    naming ``name`` and the input (``origins``: labels of base then branches), and so does
-    a non-finite result (an overflow, e.g. from a huge coefficient). ``row_blocks > 1``
+    the input checks live here: integer, bool or unsupported dtypes (:func:`plan_merge`'s
+    refusal) and NaN/Inf in the base or a branch raise ``ValueError`` naming ``name`` and the
+    input (``origins``: labels of base then branches), and so do coefficients the method
+    cannot use (:meth:`~drm_lightning.methods.MergeMethod.coefficient_problem`) and a
+    non-finite result (an overflow, e.g. from a huge coefficient). ``row_blocks > 1``
     merges a matrix as that many equal row blocks, each on its own (fused QKV, see
     :meth:`~drm_lightning.routing.Routing.row_blocks`).
 
@@ -256,7 +264,11 @@ def merge_tensor(
     out_dtype = out_dtype or base.dtype
     if route == "ignore":
         return base.detach().clone().to(out_dtype)
-    check_inputs_finite(name, base, branch_tensors, origins)
+    if dtype_problem("compute_dtype", "merge_tensor", compute_dtype):
+        supported = ", ".join(map(str, SUPPORTED_DTYPES))
+        raise ValueError(f"compute_dtype must be one of {supported}, got {compute_dtype}")
+    check_inputs(name, base, branch_tensors, origins)
+    method.check_coefficients(coefficients)
     if route == "matrix" and row_blocks > 1:
         rows = base.shape[0] // row_blocks
         blocks = [slice(k * rows, (k + 1) * rows) for k in range(row_blocks)]
@@ -307,15 +319,19 @@ def _merge_checked_inputs(
                 None if t is None else (t[0].to(base.device, compute_dtype), t[1].to(base.device, compute_dtype))
                 for t in branch_tensors
             ]
-            delta = method.merge_lowrank(factors, coef, tuple(base.shape), generator=generator)
+            with finite_inputs_checked():
+                delta = method.merge_lowrank(factors, coef, tuple(base.shape), generator=generator)
             return base_c + delta
     deltas = base_c.new_empty((len(branch_tensors), *base_c.shape))
     for i, t in enumerate(branch_tensors):
         _as_delta(t, base_c, compute_dtype, out=deltas[i])
-    if route == "matrix":
-        delta = method.merge_matrix(deltas, coef, generator=generator)
-    else:
-        delta = method.merge_fallback(deltas, coef, generator=generator)
+    # The base and branches were checked (a difference that overflows half precision is caught
+    # by the check of the merged result); the method need not pass over the stack again.
+    with finite_inputs_checked():
+        if route == "matrix":
+            delta = method.merge_matrix(deltas, coef, generator=generator)
+        else:
+            delta = method.merge_fallback(deltas, coef, generator=generator)
     return base_c + delta
 
 
@@ -364,7 +380,7 @@ def iter_merge(
     """
     if seed is None:
         seed = int(getattr(method.params, "seed", 0) or 0)
-    coefs = validate_coefficients(coefficients, len(branches))
+    coefs = validate_coefficients(coefficients, len(branches), method)
     plan = plan if plan is not None else plan_merge(base, branches, routing=routing, coefficients=coefs)
     items: Any = plan
     if progress:

@@ -193,9 +193,14 @@ def test_align_models_keeps_anchor_and_refuses_zip() -> None:
 
 def test_nan_activations_located() -> None:
     models = [seeded(MLP, 0), seeded(MLP, 1)]
+    data = batches("mlp")
+    data[1][3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite activations in group 'fc1'.*model 0 on batch 1"):
+        align(models, data, method="zipit")
+    # NaN weights are refused by name before any activation is computed (issue 20)
     with torch.no_grad():
         models[1].fc2.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"non-finite activations in group 'fc2'.*model 1 on batch 0"):
+    with pytest.raises(ValueError, match=r"'fc2.weight' in model 1 contains 1 NaN"):
         align(models, batches("mlp"), method="zipit")
 
 

@@ -35,9 +35,15 @@ from drm_lightning.alignment.activations import (
     default_forward,
     reset_batchnorm,
 )
-from drm_lightning.alignment.core import AlignmentMethod, AlignmentResult, get_alignment
+from drm_lightning.alignment.core import (
+    AlignmentMethod,
+    AlignmentResult,
+    check_models_finite,
+    get_alignment,
+)
 from drm_lightning.alignment.spec import PermSpec
 from drm_lightning.alignment.trace import derive_spec
+from drm_lightning.methods.ops import finite_inputs_checked
 
 
 def _example(batches: Sequence[Any] | None) -> tuple[Any, ...]:
@@ -77,6 +83,10 @@ def align(
         example_inputs: Inputs for the derivation (default: the first batch).
         forward: ``forward(model, batch)`` (default: ``model(batch[0])`` / ``model(batch)``).
         **params: Method parameters (``fix_rate``, ``seed``, ``max_sweeps``, …).
+
+    Raises:
+        ValueError: fewer than 2 models, no groups, NaN/Inf in a model's weights (naming the
+            tensor and the model, before any activation is computed).
     """
     algo = _method(method, params)
     if len(models) < 2:
@@ -90,12 +100,14 @@ def align(
         )
     state_dicts = [m.state_dict() for m in models]
     spec.check(state_dicts)
+    check_models_finite(state_dicts)  # before the activations, which NaN weights would poison
     sims = None
     if algo.needs_activations:
         if batches is None:
             raise ValueError(f"method {algo.name!r} reads activations: pass calibration batches")
         sims = activation_similarity(models, spec, batches, forward=forward)
-    return algo.solve(state_dicts, spec, sims)
+    with finite_inputs_checked():
+        return algo.solve(state_dicts, spec, sims)
 
 
 def merge_models(
@@ -119,7 +131,8 @@ def merge_models(
     result = align(models, batches, method=method, spec=spec, example_inputs=example_inputs,
                    forward=forward, **params)
     merged = copy.deepcopy(models[0])
-    merged.load_state_dict(result.merged_state_dict([m.state_dict() for m in models]))
+    with finite_inputs_checked():  # by align
+        merged.load_state_dict(result.merged_state_dict([m.state_dict() for m in models]))
     reset = reset_batches if reset_batches is not None else batches
     if reset is not None:
         reset_batchnorm(merged, reset, forward=forward)

@@ -42,6 +42,7 @@ from drm_lightning.alignment.solvers import Matching, align_match, identity_matc
 from drm_lightning.alignment.spec import PermSpec
 from drm_lightning.alignment.transforms import transform_state_dict
 from drm_lightning.methods.base import MethodParams, build_params, closest_names
+from drm_lightning.methods.ops import check_finite, inputs_checked
 
 Similarity = Literal["none", "weight", "activation", "dual"]
 Solver = Literal["align", "zip"]
@@ -62,6 +63,19 @@ class AlignmentParams(MethodParams):
     merge_eps: float = Field(0.0, ge=0.0, description="1e-5 reproduces the reference's colsum + 1e-5")
 
 
+def check_models_finite(state_dicts: Sequence[Mapping[str, Tensor]]) -> None:
+    """Raise ``ValueError`` naming the tensor and the model (``'0.weight' in model 1 contains 1
+    NaN ...``) if a model's weights hold NaN or Inf, unless the caller checked them
+    (:func:`~drm_lightning.methods.ops.finite_inputs_checked`). The solvers would fail on them
+    with unrelated errors, and averaging would return NaN weights."""
+    if inputs_checked():
+        return
+    for i, sd in enumerate(state_dicts):
+        for key, value in sd.items():
+            if isinstance(value, Tensor):
+                check_finite(key, value.detach(), f"model {i}")
+
+
 @dataclass
 class AlignmentResult:
     """The matchings of every group, the objective reached and the sweeps it took."""
@@ -77,8 +91,10 @@ class AlignmentResult:
         """The merged weights: unit means, consumers through the unmerge matrices (spec §7).
 
         Parameters in no group are averaged (non-float ones taken from model 0). Results
-        have model 0's dtypes.
+        have model 0's dtypes. NaN/Inf in a model raise ``ValueError``
+        (:func:`check_models_finite`).
         """
+        check_models_finite(state_dicts)
         n = len(state_dicts)
         acc: dict[str, Tensor] = {}
         for i, sd in enumerate(state_dicts):
@@ -175,12 +191,17 @@ class AlignmentMethod:
             activation_sims: ``{group: (N·C, N·C)}`` from
                 :func:`~drm_lightning.alignment.activations.activation_similarity`; required
                 by activation and dual methods.
+
+        Raises:
+            ValueError: fewer than 2 models, a spec that does not fit them, NaN/Inf in a
+                model's weights (:func:`check_models_finite`), missing similarities.
         """
         p = self.params
         n = len(state_dicts)
         if n < 2:
             raise ValueError(f"alignment needs at least 2 models, got {n}")
         sizes = spec.check(state_dicts)
+        check_models_finite(state_dicts)
         sds = [{k: v.detach().cpu() for k, v in sd.items()} for sd in state_dicts]
         eps = p.merge_eps
         if p.similarity == "none":
@@ -272,4 +293,4 @@ register_alignment("mudsc_align", similarity="dual", solver="align")
 register_alignment("mudsc_zip", similarity="dual", solver="zip")
 
 __all__ = ["AlignmentMethod", "AlignmentParams", "AlignmentResult", "available_alignments",
-           "get_alignment", "register_alignment"]
+           "check_models_finite", "get_alignment", "register_alignment"]

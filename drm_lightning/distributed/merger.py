@@ -231,7 +231,7 @@ class DistributedMerger:
         plan: MergePlan | None = None
         try:
             target_set, base_set, branch_sets = self._sets(target, base, branches)
-            coefs = validate_coefficients(coefficients, len(branch_sets))
+            coefs = validate_coefficients(coefficients, len(branch_sets), self.method)
             kind = self._engine_kind(comm, target_set, [base_set, *branch_sets])
             if target_set is None and not collect:
                 raise ValueError("nothing to do: pass target= (written in place) and/or collect=True")

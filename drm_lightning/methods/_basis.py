@@ -185,10 +185,25 @@ def reverse_columns_(matrix: Tensor, block: int | None = None) -> Tensor:
     return matrix
 
 
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype DRM computes coordinates in for deltas of ``dtype``: float32 for half precision.
+
+    Half precision cannot hold DRM's maths: its rounding floor (``4·eps·√m`` of a branch's
+    norm) reaches the whole norm for bfloat16 at m ≈ 1000, which would drop every column, and
+    squared norms overflow float16. Half inputs are widened and the result rounded back.
+
+    Example:
+        >>> working_dtype(torch.bfloat16), working_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def basis_dtype(compute_dtype: torch.dtype, precision: BasisPrecision) -> torch.dtype:
-    """The dtype the shared basis is computed in: float64, or the merge's compute dtype."""
+    """The dtype the shared basis is computed in: float64, or the merge's compute dtype (at
+    least float32, :func:`working_dtype`)."""
     if precision == "compute":
-        return compute_dtype
+        return working_dtype(compute_dtype)
     if precision != "float64":
         raise ValueError(f"basis_precision must be 'float64' or 'compute', got {precision!r}")
     return torch.float64

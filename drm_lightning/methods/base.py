@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
@@ -25,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
+from drm_lightning.methods.ops import check_merge_inputs, finite_inputs_checked, inputs_checked
 from drm_lightning.methods.rowwise import DeltaRows, StoredPiece, StoredRows
 
 Route = Literal["matrix", "fallback", "ignore"]
@@ -45,21 +47,77 @@ def closest_names(name: str, valid: Sequence[str]) -> str:
     return f"{hint}valid: {', '.join(sorted(valid))}"
 
 
+ENTRY_POINTS = ("merge_matrix", "merge_fallback", "merge_lowrank")
+"""The whole-tensor merge calls of :class:`MergeMethod` that check their inputs."""
+
+
+def checked_entry(impl: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``impl`` (a merge entry point) behind the checks of the public call.
+
+    Non-float deltas, NaN/Inf in the deltas, factors or coefficients, and coefficients the
+    method cannot use (:meth:`MergeMethod.coefficient_problem`) raise ``ValueError`` — unless
+    the caller already checked the inputs (:func:`~drm_lightning.methods.ops.finite_inputs_checked`,
+    the merge loop), so a stack is never checked twice. ``impl`` and what it calls run
+    marked as checked.
+    """
+    if getattr(impl, "checks_inputs", False):
+        return impl
+
+    @functools.wraps(impl)
+    def entry(self: MergeMethod, *args: Any, **kwargs: Any) -> Tensor:
+        if inputs_checked():
+            return impl(self, *args, **kwargs)
+        deltas = args[0] if args else kwargs.get("deltas", kwargs.get("factors"))
+        coefficients = args[1] if len(args) > 1 else kwargs.get("coefficients")
+        check_merge_inputs(deltas, coefficients)
+        if isinstance(coefficients, Tensor):
+            self.check_coefficients(coefficients)
+        with finite_inputs_checked():
+            return impl(self, *args, **kwargs)
+
+    entry.checks_inputs = True  # type: ignore[attr-defined]
+    return entry
+
+
 class MergeMethod(ABC):
     """A merge method: N branch deltas of one tensor in, one merged delta out.
 
     Subclasses set ``name``, ``paper``, ``Params`` and implement :meth:`merge_matrix` and
     :meth:`merge_fallback`. All inputs are float tensors in the compute dtype, branches
     stacked on dim 0; the output is a merged *delta* in the same dtype (the caller adds it
-    to the base and casts).
+    to the base and casts). Every class's :data:`ENTRY_POINTS` are wrapped in
+    :func:`checked_entry`: a direct call refuses NaN/Inf and non-float inputs by name, as the
+    merge loop does, and the implementations need no checks of their own.
     """
 
     name: ClassVar[str]
     paper: ClassVar[str]
     Params: ClassVar[type[MethodParams]]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for entry in ENTRY_POINTS:
+            if entry in cls.__dict__:
+                setattr(cls, entry, checked_entry(cls.__dict__[entry]))
+
     def __init__(self, **params: Any) -> None:
         self.params = build_params(self.name, self.Params, params)
+
+    def coefficient_problem(self, coefficients: Sequence[float]) -> str | None:
+        """Why this method cannot merge with these per-branch coefficients (``None``: it can).
+
+        Checked by every entry point (:func:`drm_lightning.merge.validate_coefficients`, the
+        merge loop, the direct calls). Default: any coefficients.
+        """
+        return None
+
+    def check_coefficients(self, coefficients: Tensor | Sequence[float]) -> None:
+        """Raise ``ValueError`` with :meth:`coefficient_problem`'s message, if there is one."""
+        problem = self.coefficient_problem(
+            [float(c) for c in torch.as_tensor(coefficients).reshape(-1).tolist()]
+        )
+        if problem:
+            raise ValueError(problem)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
@@ -101,6 +159,8 @@ class MergeMethod(ABC):
                 dense[i] = pair[0].to(coefficients.device, dtype) @ pair[1].to(coefficients.device, dtype)
         return self.merge_matrix(dense, coefficients, generator=generator)
 
+    merge_lowrank = checked_entry(merge_lowrank)
+
     def merges_in_rows(self, route: Route, shape: Sequence[int], n_branches: int) -> bool:
         """True when :meth:`merge_rows` merges piece by piece (memory bounded by a piece)
         rather than reading the whole tensor. Default: no."""
@@ -126,7 +186,9 @@ class MergeMethod(ABC):
         """
         deltas = read(0, int(shape[0]))
         merge = self.merge_matrix if route == "matrix" else self.merge_fallback
-        yield merge(deltas, coefficients, generator=generator)
+        with finite_inputs_checked():  # `read` checks what it reads
+            merged = merge(deltas, coefficients, generator=generator)
+        yield merged
 
     def merge_stored_rows(
         self,

@@ -41,6 +41,7 @@ from drm_lightning.methods._basis import (  # noqa: F401 - re-exported: the basi
     gram_of_rows,
     lowrank_shared_basis,
     shared_basis,
+    working_dtype,
 )
 from drm_lightning.methods.base import LowRankFactors, MergeMethod, MethodParams, Route
 from drm_lightning.methods.ops import (
@@ -49,8 +50,10 @@ from drm_lightning.methods.ops import (
     Reductions,
     TieBreak,
     break_ties,
+    check_merge_inputs,
     disjoint_mean,
     elect_signs,
+    finite_inputs_checked,
     kept_count,
     majority_count,
     mass_signs,
@@ -221,7 +224,9 @@ def drm_merge(
     """Merge the (N, n, m) deltas of one weight matrix with DRM; returns the (n, m) delta.
 
     The result has the deltas' dtype; the shared basis is computed in ``basis_precision``
-    (see :func:`shared_basis`).
+    (see :func:`shared_basis`), the coordinates in at least float32 (:func:`working_dtype`:
+    half-precision deltas are widened one branch at a time). NaN/Inf raise ``ValueError``
+    naming the branch.
 
     Example:
         >>> d = torch.randn(2, 6, 4, dtype=torch.float64)
@@ -229,25 +234,46 @@ def drm_merge(
         ...                drm_merge(d.mT, torch.ones(2, dtype=d.dtype), direction="vertical").mT)
         True
     """
+    check_merge_inputs(deltas, coefficients)
     if direction == "horizontal":
-        return drm_merge(
-            deltas.mT, coefficients, drop_rate=drop_rate, direction="vertical",
-            renormalize=renormalize, rank_rtol=rank_rtol, reference_compat=reference_compat,
-            tie_break=tie_break, disjoint=disjoint, solver=solver, basis_precision=basis_precision,
-        ).mT
+        with finite_inputs_checked():
+            return drm_merge(
+                deltas.mT, coefficients, drop_rate=drop_rate, direction="vertical",
+                renormalize=renormalize, rank_rtol=rank_rtol, reference_compat=reference_compat,
+                tie_break=tie_break, disjoint=disjoint, solver=solver,
+                basis_precision=basis_precision,
+            ).mT
     _, n, m = deltas.shape
+    work = working_dtype(deltas.dtype)
     basis = shared_basis(
-        deltas, rank_rtol=rank_rtol, solver=solver, precision=basis_precision, vectors_dtype=deltas.dtype
+        deltas, rank_rtol=rank_rtol, solver=solver, precision=basis_precision, vectors_dtype=work
     )
     if basis.rank == 0:
         return deltas.new_zeros(n, m)
-    vectors, sigma = basis.vectors.to(deltas.dtype), basis.sigma.to(deltas.dtype)
+    vectors, sigma = basis.vectors.to(work), basis.sigma.to(work)
     del basis  # the float64 basis, before the coordinates are made
     merged = merge_coordinates(  # no reference kept to the coordinates: they are freed once pruned
-        deltas @ vectors, sigma, coefficients, reduced_dim=m, drop_rate=drop_rate, renormalize=renormalize,
-        reference_compat=reference_compat, tie_break=tie_break, disjoint=disjoint, overwrite=True,
+        project(deltas, vectors), sigma, coefficients, reduced_dim=m, drop_rate=drop_rate,
+        renormalize=renormalize, reference_compat=reference_compat, tie_break=tie_break,
+        disjoint=disjoint, overwrite=True,
     )
-    return merged @ vectors.mT
+    return (merged @ vectors.mT).to(deltas.dtype)
+
+
+def project(deltas: Tensor, vectors: Tensor) -> Tensor:
+    """The coordinates ``T_i = Δ_i B`` (N, n, r) in the basis' dtype; deltas of a narrower dtype
+    are widened one branch at a time (no wide copy of the stack).
+
+    Example:
+        >>> project(torch.ones(2, 3, 4, dtype=torch.bfloat16), torch.eye(4, 2)).dtype
+        torch.float32
+    """
+    if deltas.dtype == vectors.dtype:
+        return deltas @ vectors
+    coords = vectors.new_empty(deltas.shape[0], deltas.shape[1], vectors.shape[1])
+    for i, delta in enumerate(deltas):
+        torch.matmul(delta.to(vectors.dtype), vectors, out=coords[i])
+    return coords
 
 
 def drm_merge_lowrank(
@@ -267,24 +293,28 @@ def drm_merge_lowrank(
     """DRM on LoRA deltas ``Δ_i = B_i A_i`` without forming the stacked dense deltas.
 
     ``None`` marks a branch that did not touch this matrix (zero delta). Equal to
-    :func:`drm_merge` on the dense deltas (singular-vector signs do not matter to DRM).
+    :func:`drm_merge` on the dense deltas (singular-vector signs do not matter to DRM). The
+    result has the coefficients' dtype, computed in at least float32 (:func:`working_dtype`).
     """
+    check_merge_inputs(factors, coefficients)
     n, m = shape
-    dtype = coefficients.dtype
     if direction == "horizontal":
         swapped = [None if f is None else (f[1].mT, f[0].mT) for f in factors]
-        return drm_merge_lowrank(
-            swapped, coefficients, (m, n), drop_rate=drop_rate, direction="vertical",
-            renormalize=renormalize, rank_rtol=rank_rtol, reference_compat=reference_compat,
-            tie_break=tie_break, disjoint=disjoint, basis_precision=basis_precision,
-        ).mT
+        with finite_inputs_checked():
+            return drm_merge_lowrank(
+                swapped, coefficients, (m, n), drop_rate=drop_rate, direction="vertical",
+                renormalize=renormalize, rank_rtol=rank_rtol, reference_compat=reference_compat,
+                tie_break=tie_break, disjoint=disjoint, basis_precision=basis_precision,
+            ).mT
+    out_dtype, dtype = coefficients.dtype, working_dtype(coefficients.dtype)
+    coefficients = coefficients.to(dtype)
     present = [(b.to(coefficients.device, dtype), a.to(coefficients.device, dtype)) for f in factors if f is not None for b, a in [f]]
     present = [(b, a) for b, a in present if a.shape[0] > 0]
     if not present:
-        return coefficients.new_zeros(n, m)
+        return coefficients.new_zeros(n, m, dtype=out_dtype)
     basis = lowrank_shared_basis(present, rank_rtol=rank_rtol, precision=basis_precision)
     if basis.rank == 0:
-        return coefficients.new_zeros(n, m)
+        return coefficients.new_zeros(n, m, dtype=out_dtype)
     basis = SharedBasis(basis.vectors.to(dtype), basis.sigma.to(dtype))
     coords = coefficients.new_zeros(len(factors), n, basis.rank)
     for i, f in enumerate(factors):
@@ -295,7 +325,7 @@ def drm_merge_lowrank(
         coords, basis.sigma, coefficients, reduced_dim=m, drop_rate=drop_rate, renormalize=renormalize,
         reference_compat=reference_compat, tie_break=tie_break, disjoint=disjoint,
     )
-    return merged @ basis.vectors.mT
+    return (merged @ basis.vectors.mT).to(out_dtype)
 
 
 def drm_fallback_rows(

@@ -47,6 +47,10 @@ class PerBranchDensity(MergeMethod):
     def __repr__(self) -> str:
         return f"PerBranchDensity({self.inner!r}, densities={self.densities})"
 
+    def coefficient_problem(self, coefficients: Sequence[float]) -> str | None:
+        """The wrapped method's."""
+        return self.inner.coefficient_problem(coefficients)
+
     @property
     def uses_randomness(self) -> bool:
         """True for DARE when some branch keeps less than everything."""

@@ -46,7 +46,7 @@ from drm_lightning.methods._sparsify import (
     rescale_masked,
 )
 from drm_lightning.methods.base import MergeMethod, Route
-from drm_lightning.methods.ops import CountRule, kept_count
+from drm_lightning.methods.ops import CountRule, check_merge_inputs, kept_count
 from drm_lightning.methods.rowwise import (
     DeltaRows,
     MagnitudeCut,
@@ -78,6 +78,39 @@ def normalizing_weight_sum(weights: Tensor) -> Tensor | None:
     """
     weight_sum = weights.sum()
     return None if bool(weight_sum.abs() < WEIGHT_SUM_EPS) else weight_sum
+
+
+def weight_sum_problem(
+    coefficients: Sequence[float],
+    *,
+    method: str,
+    elect_signs: bool,
+    normalize: bool,
+    convention: Convention,
+) -> str | None:
+    """Why a merge that divides by a sum of the coefficients cannot use these (``None``: it can).
+
+    ``normalize`` divides by the sum of the weights (without election, e.g. ``linear``) or of
+    the agreeing weights (``mergekit`` TIES). Coefficients that are all 0 would leave nothing
+    to divide by — the merge silently wrote the base — and a negative sum flips the average's
+    sign back, so the sum must be above :data:`WEIGHT_SUM_EPS`. The ``peft`` disjoint mean
+    divides by counts, not weights: any coefficients.
+
+    Example:
+        >>> weight_sum_problem([0.0, 0.0], method="linear", elect_signs=False, normalize=True,
+        ...                    convention="peft")  # doctest: +ELLIPSIS
+        "method 'linear' normalises by the sum of the coefficients, which must be > 0; got 0 ..."
+    """
+    if not normalize or (elect_signs and convention != "mergekit"):
+        return None
+    total = math.fsum(coefficients)
+    if total > WEIGHT_SUM_EPS:
+        return None
+    shown = ", ".join(f"{c:g}" for c in coefficients)
+    return (
+        f"method {method!r} normalises by the sum of the coefficients, which must be > 0; got "
+        f"{total:g} (coefficients [{shown}]): give at least one branch a coefficient > 0"
+    )
 
 
 def convention_count_rule(convention: Convention) -> CountRule:
@@ -231,6 +264,10 @@ def task_vector_merge(
     Returns:
         The merged delta, shaped like one branch, in the deltas' dtype.
 
+    Raises:
+        ValueError: non-float deltas or coefficients, NaN/Inf in them (naming the branch), or
+            a normalised merge whose coefficients do not sum to > 0 (:func:`weight_sum_problem`).
+
     Example:
         >>> d = torch.tensor([[1.0, 2.0], [3.0, -2.0]])
         >>> task_vector_merge(d, torch.tensor([0.5, 0.5]), scaling=2.0)
@@ -245,6 +282,15 @@ def task_vector_merge(
             f"coefficients must have shape ({deltas.shape[0]},) to match deltas "
             f"{tuple(deltas.shape)}, got {tuple(coefficients.shape)}"
         )
+    check_merge_inputs(deltas, coefficients)
+    if normalize:
+        problem = weight_sum_problem(
+            [float(c) for c in coefficients.tolist()],
+            method=family_name(sparsify, elect_signs, normalize),
+            elect_signs=elect_signs, normalize=normalize, convention=convention,
+        )
+        if problem:
+            raise ValueError(problem)
     mask_dtype = None
     if convention == "mergekit" and deltas.dtype != torch.bfloat16:
         mask_dtype = torch.float32  # mergekit draws DARE masks in float32 on CPU
@@ -375,6 +421,15 @@ class TaskVectorMethod(MergeMethod):
         )
         super().__init__(**params)
         self.params: TaskVectorParams
+
+    def coefficient_problem(self, coefficients: Sequence[float]) -> str | None:
+        """A normalised merge needs a positive coefficient sum (:func:`weight_sum_problem`)."""
+        p = self.params
+        assert p.normalize is not None
+        return weight_sum_problem(
+            coefficients, method=getattr(self, "registered_name", self.name),
+            elect_signs=p.elect_signs, normalize=p.normalize, convention=p.convention,
+        )
 
     @property
     def uses_randomness(self) -> bool:
