@@ -88,7 +88,7 @@ from drm_lightning.config_values import (
     bools_where_numbers,
     check_path,
 )
-from drm_lightning.config_yaml import load_yaml
+from drm_lightning.config_yaml import StrictYAMLError, load_yaml, read_config_text
 from drm_lightning.methods import MergeMethod, available_methods, get_method
 from drm_lightning.methods.base import method_class, parameter_problems
 from drm_lightning.routing import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, Routing
@@ -462,7 +462,7 @@ def load_config(path: str | Path, *, code: CodeMode = "refuse") -> MergeConfig:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_config_text(path)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {str(path)!r}") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -481,7 +481,7 @@ def parse_config(text: str, *, source: str = "<config>", code: CodeMode = "refus
         problem = getattr(err, "problem", None) or str(err)
         context = getattr(err, "context", None)
         detail = f"{problem} ({context})" if context else problem
-        if isinstance(err, yaml.constructor.ConstructorError) and "duplicate key" in problem:
+        if isinstance(err, StrictYAMLError):  # a duplicate key, an alias bomb: not syntax
             raise ConfigError(f"{where}: {detail}") from None
         raise ConfigError(f"{where}: YAML syntax error: {detail}") from None
     if not isinstance(data, dict):

@@ -6,6 +6,11 @@ returns with the data a :class:`Lines` lookup from a field path (as pydantic rep
 ``("branches", 1, "coefficient")``) to the line of the value in the file, so validation
 errors can say where to look.
 
+Hostile files are refused before they cost anything: :func:`read_config_text` reads only a
+regular file (a FIFO would block the read forever) of at most :data:`MAX_CONFIG_BYTES`, and
+the loader stops at :data:`MAX_ALIASES` aliases or :data:`MAX_EXPANDED_NODES` values with
+every alias expanded (a 2 KB "billion laughs" would otherwise be validated as 10^9 values).
+
 Example:
     >>> data, lines = load_yaml("method: drm\\nbranches:\\n  - {path: a, coefficient: 1}\\n")
     >>> lines.of(("branches", 0, "coefficient"))
@@ -13,22 +18,125 @@ Example:
     >>> load_yaml("method: drm\\nmethod: ties\\n")
     Traceback (most recent call last):
     ...
-    yaml.constructor.ConstructorError: duplicate key 'method' (first at line 1)...
+    drm_lightning.config_yaml.StrictYAMLError: duplicate key 'method' (first at line 1)...
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-__all__ = ["Lines", "load_yaml"]
+__all__ = [
+    "MAX_ALIASES",
+    "MAX_CONFIG_BYTES",
+    "MAX_EXPANDED_NODES",
+    "Lines",
+    "StrictYAMLError",
+    "load_yaml",
+    "read_config_text",
+]
+
+#: Largest config file read (configs are a few KB; a larger file is not a config).
+MAX_CONFIG_BYTES = 1024**2
+#: Most aliases (``*name``) in one document.
+MAX_ALIASES = 1000
+#: Most values (scalars, lists, mappings) of one document with every alias expanded.
+MAX_EXPANDED_NODES = 100_000
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+class StrictYAMLError(yaml.constructor.ConstructorError):
+    """A refusal of the strict loader (duplicate key, alias bomb); ``problem`` is the message."""
+
+
+def _refuse_special(path: Path, mode: int) -> None:
+    from drm_lightning.config_errors import ConfigError  # config_errors imports this module
+
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+        raise ConfigError(f"{path}: is not a regular file ({kind}); give the config as a file")
+
+
+def read_config_text(path: str | os.PathLike[str]) -> str:
+    """The text of the config file ``path``, refusing anything but a regular file of at most 1 MiB.
+
+    The file type is checked before the file is opened (opening a FIFO without a writer blocks)
+    and again on the open descriptor.
+
+    Raises:
+        ConfigError: not a regular file, or larger than :data:`MAX_CONFIG_BYTES`.
+        OSError, UnicodeDecodeError: missing or unreadable (as ``Path.read_text``).
+    """
+    from drm_lightning.config_errors import ConfigError  # config_errors imports this module
+
+    path = Path(path)
+    _refuse_special(path, os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb", closefd=True) as file:
+        _refuse_special(path, os.fstat(fd).st_mode)
+        data = file.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: is larger than {MAX_CONFIG_BYTES // 1024**2} MiB; a config is a few KB "
+            "(this does not look like a config file)"
+        )
+    return data.decode("utf-8")
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """``SafeLoader`` that refuses a key given twice in one mapping."""
+    """``SafeLoader`` that refuses a key given twice in one mapping, and alias bombs.
+
+    While composing it counts the aliases and the values the document would have with every
+    alias expanded (an alias adds the whole value it names): a few nested anchors of ten
+    aliases each make 10^9 values that validation would walk one by one.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+        self._expanded = 0  # values composed so far, every alias counted as its whole value
+        self._sizes: dict[int, int] = {}  # id(anchored node) -> its expanded size
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node:
+        if self.check_event(yaml.AliasEvent):  # type: ignore[no-untyped-call]
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            node: Node = super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+            self._aliases += 1
+            self._expanded += self._sizes.get(id(node), 1)  # 1: an alias of an enclosing value
+            if self._aliases > MAX_ALIASES or self._expanded > MAX_EXPANDED_NODES:
+                what = (
+                    f"more than {MAX_ALIASES} in one document"
+                    if self._aliases > MAX_ALIASES
+                    else f"expanded, they would make more than {MAX_EXPANDED_NODES:,} values"
+                )
+                raise StrictYAMLError(
+                    None,
+                    None,
+                    f"too many YAML aliases: {what} "
+                    "(a config needs few; this looks like an alias bomb)",
+                    mark,
+                )
+            return node
+        anchored = self.peek_event().anchor is not None  # type: ignore[no-untyped-call]
+        start = self._expanded
+        node = super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+        self._expanded += 1
+        if anchored:
+            self._sizes[id(node)] = self._expanded - start
+        return node
 
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -41,7 +149,7 @@ class _StrictLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: SafeLoader's own error follows
                 continue
             if first is not None:
-                raise yaml.constructor.ConstructorError(
+                raise StrictYAMLError(
                     None,
                     None,
                     f"duplicate key {key!r} (first at line {first + 1}); a key may appear once "
@@ -84,7 +192,8 @@ def load_yaml(text: str) -> tuple[Any, Lines]:
     """Parse ``text`` strictly; returns the data and its :class:`Lines`.
 
     Raises:
-        yaml.YAMLError: invalid YAML or a duplicate key (with its ``problem_mark``).
+        yaml.YAMLError: invalid YAML; :class:`StrictYAMLError` for a duplicate key or an alias
+            bomb (each with its ``problem_mark``).
     """
     data = yaml.load(text, Loader=_StrictLoader)
     return data, Lines(yaml.compose(text, Loader=yaml.SafeLoader))
