@@ -164,6 +164,7 @@ class MergeHook:
         self.epoch = 0
         self.zero3 = False
         self._pending: Mapping[str, Any] | None = None  # a payload loaded before the base was recorded
+        self._inside = False  # between __enter__ and __exit__
 
     # ------------------------------------------------------------------ views
     history = property(lambda self: self.core.history, doc="One record per merge (step, epoch, scores).")
@@ -228,10 +229,12 @@ class MergeHook:
                 "merges unless merge() is called"
             )
         self.accelerator.register_save_state_pre_hook(self._refuse_swapped_save)
+        self._inside = True
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         """Final work (unless an exception is propagating): warn if never merged, export, final weights."""
+        self._inside = False
         if not self.enabled or exc_type is not None:
             return
         if self.core.num_merges == 0:
@@ -244,6 +247,15 @@ class MergeHook:
             self.accelerator.wait_for_everyone()
         if self.final_weights == "merged":
             self.core.adopt_into(self.unwrapped, self.core.latest(self.unwrapped, step=self.num_steps))
+
+    def _need_inside(self, method: str) -> None:
+        """Refuse a call outside ``with MergeHook(...)`` at once, not at the first merge."""
+        if not self._inside:
+            raise RuntimeError(
+                f"MergeHook.{method}() called outside `with MergeHook(...)`: enter the hook around "
+                "the training loop (`with MergeHook(accelerator, model, ...) as hook:`); entering "
+                "records the merge base and checks every input"
+            )
 
     def _refuse_swapped_save(self, *args: Any) -> None:
         if self.core.swapped:
@@ -259,8 +271,13 @@ class MergeHook:
 
     def step(self) -> dict[str, Any] | None:
         """Call after ``optimizer.step()``: counts optimizer steps (not accumulation micro-steps),
-        snapshots and merges when due; returns the merge record, if one ran."""
-        if not self.enabled or not getattr(self.accelerator, "sync_gradients", True):
+        snapshots and merges when due; returns the merge record, if one ran. Raises
+        ``RuntimeError`` outside ``with MergeHook(...)`` (as :meth:`end_epoch`, :meth:`snapshot`
+        and :meth:`merge` do)."""
+        if not self.enabled:
+            return None
+        self._need_inside("step")
+        if not getattr(self.accelerator, "sync_gradients", True):
             return None
         self.num_steps += 1
         if self.mode == "snapshots" and self.core.snapshot_schedule.due(step=self.num_steps):
@@ -273,6 +290,7 @@ class MergeHook:
         """Call after each epoch for ``every_n_epochs``; returns the merge record, if one ran."""
         if not self.enabled:
             return None
+        self._need_inside("end_epoch")
         epoch, self.epoch = self.epoch, self.epoch + 1
         if self.core.merge_schedule.due(epoch=epoch, predicate=self.should_merge):
             return self.merge()
@@ -282,6 +300,7 @@ class MergeHook:
         """Capture the live model now (``branches="snapshots"``), labelled ``task``."""
         if not self.enabled:
             return
+        self._need_inside("snapshot")
         provider = self.core.provider
         label = task or provider.live_label(self.unwrapped, f"snapshot_{len(provider.snapshots)}")  # type: ignore[attr-defined]
         self.core.capture(self.unwrapped, task=label, step=self.num_steps, epoch=self.epoch)
@@ -290,6 +309,7 @@ class MergeHook:
         """Merge now, score, log through ``accelerator.log``; returns the history record."""
         if not self.enabled:
             return None
+        self._need_inside("merge")
         record = self.core.merge(self.unwrapped, step=self.num_steps, epoch=self.epoch)
         if record is not None:
             logged = {k: float(v) for k, v in record.items() if k not in ("step", "epoch", "branches")}

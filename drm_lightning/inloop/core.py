@@ -158,8 +158,10 @@ class MergeCore:
     # ------------------------------------------------------------------ lifecycle
 
     def check_model(self, model: nn.Module) -> None:
-        """Check that ``model`` fits the provider and that ``tasks`` name every branch of it."""
+        """Check that ``model`` fits the provider, that ``tasks`` name every branch of it and that
+        no task's dataloader is empty (both front ends call it at setup)."""
         self.provider.check_model(model)
+        self.scorer.check_loaders(self.name)
         names = self.provider.tasks(model)
         if names is None or not self.tasks:
             return

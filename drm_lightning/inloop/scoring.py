@@ -60,6 +60,30 @@ class Scorer:
         self.cache: dict[str, dict[str, float]] = {}
         self._batches: dict[str, ReplayBatches] = {}  # during one evaluate(): each task's batches, read once
 
+    def check_loaders(self, name: str) -> None:
+        """Refuse, at setup, a task whose dataloader has no batch (``len() == 0``).
+
+        ``name`` (the front end) starts the message.
+
+        Only a length is read: a loader without one (an iterable dataset, a generator) or a
+        factory is not iterated, as that would consume or build data; an empty one is found at
+        the first merge. An Accelerate-prepared share may be empty when there are several
+        ranks (the others' batches make the score).
+        """
+        world = rank_and_world()[1]
+        for task, spec in self.tasks.items():
+            loader = spec.dataloader
+            if spec.reference is not None or (callable(loader) and not hasattr(loader, "__iter__")):
+                continue
+            if world > 1 and is_per_rank(loader):
+                continue
+            if loader_length(loader) == 0:
+                raise ValueError(
+                    f"{name}: task {task!r}: the validation dataloader is empty (len() == 0), so no "
+                    "merge could be scored on it; give it at least one batch (a DataLoader with "
+                    "drop_last=True and fewer samples than batch_size has none)"
+                )
+
     def score(self, model: nn.Module, task: str, *, partitioned: bool) -> dict[str, float]:
         """Score ``model`` as it is on one task (see the module docstring for the sharing of batches)."""
         spec = self.tasks[task]
