@@ -5,7 +5,9 @@
   built with ``from_config``: random weights, no download);
 * :func:`load_batches` — ``module:function`` returning a DataLoader, a tensor or a list of
   batches, or a ``.safetensors`` / ``.pt`` file (loaded weights-only) holding one tensor (or
-  ``inputs``), split into batches of ``batch_size`` rows;
+  ``inputs``), split into batches of ``batch_size`` rows; with ``model=`` the first batch's
+  dtype is checked against the model's first layer (:func:`check_input_dtype`), before any
+  tracing;
 * :func:`check_fits` — the model's names and shapes against a branch's metadata (no weight
   read); :func:`load_into` — a branch's weights into a copy of the model.
 
@@ -20,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,9 +32,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from drm_lightning.alignment.activations import default_forward
 from drm_lightning.alignment.spec import PermSpec
 
-__all__ = ["build_model", "build_spec", "check_fits", "load_batches", "load_into"]
+__all__ = [
+    "build_model", "build_spec", "check_fits", "check_input_dtype", "load_batches", "load_into",
+]
+
+_EXACT_DTYPE = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)  # input dtype == weight dtype
+_FLOATING = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)  # any floating input
+_INDICES = (nn.Embedding, nn.EmbeddingBag)  # integer indices
 
 
 def _resolve(reference: str) -> Any:
@@ -84,11 +94,20 @@ def _from_loaded(obj: Any, batch_size: int, what: str) -> Sequence[Any]:
     raise TypeError(f"{what} gave a {type(obj).__name__}; expected a DataLoader, a tensor or a list of batches")
 
 
-def load_batches(batches: str, *, batch_size: int = 64, call_args: Sequence[Any] = ()) -> Sequence[Any]:
+def load_batches(
+    batches: str,
+    *,
+    batch_size: int = 64,
+    call_args: Sequence[Any] = (),
+    model: nn.Module | None = None,
+) -> Sequence[Any]:
     """Re-iterable calibration batches from a reference or a tensor file.
 
+    With ``model``, the first batch is checked to fit its input dtype (:func:`check_input_dtype`).
+
     Raises:
-        ValueError: the file holds several tensors and none named ``inputs``, or nothing.
+        ValueError: the file holds several tensors and none named ``inputs``, or nothing; the
+            batches' dtype is not what ``model``'s first layer takes.
         TypeError: the function returned something that is not batches.
     """
     path = Path(batches)
@@ -99,12 +118,100 @@ def load_batches(batches: str, *, batch_size: int = 64, call_args: Sequence[Any]
             loaded: Any = load_file(str(path))
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-        out = _from_loaded(loaded, batch_size, f"batches file {str(path)!r}")
+        what = f"batches file {str(path)!r}"
+        out = _from_loaded(loaded, batch_size, what)
     else:
-        out = _from_loaded(_resolve(batches)(*call_args), batch_size, f"batches {batches!r}")
+        what = f"batches {batches!r}"
+        out = _from_loaded(_resolve(batches)(*call_args), batch_size, what)
     if isinstance(out, (list, tuple)) and not out:
         raise ValueError(f"batches {batches!r} gave no batch")
+    if model is not None:
+        check_input_dtype(model, next(iter(out)), what)
     return out
+
+
+class _Reached(Exception):
+    """Stops the probe forward of :func:`check_input_dtype` at the first layer."""
+
+
+def _tensors(inputs: Any) -> list[Tensor]:
+    if isinstance(inputs, Tensor):
+        return [inputs]
+    if isinstance(inputs, Mapping):
+        return [v for v in inputs.values() if isinstance(v, Tensor)]
+    if isinstance(inputs, (tuple, list)):
+        return [v for v in inputs if isinstance(v, Tensor)]
+    return []
+
+
+def check_input_dtype(model: nn.Module, batch: Any, what: str) -> None:
+    """Refuse a batch whose dtype the model's first layer cannot take (an int tensor into a
+    ``Linear``, ``float32`` into a ``float64`` model, floats into an ``Embedding``).
+
+    The model runs on ``batch`` (fed as
+    :func:`~drm_lightning.alignment.activations.default_forward` does) only up to its first
+    ``Linear``/``Conv``/norm/``Embedding`` layer: a forward pre-hook stops it there. Only a
+    layer that receives a tensor of the batch itself is checked, so a model that converts its
+    input first is never refused; any other failure of the forward is left to the alignment,
+    which reports it.
+
+    Raises:
+        ValueError: naming ``what`` (the batches file or function), the layer, the batch's dtype
+            and the dtype expected.
+
+    Example:
+        >>> check_input_dtype(nn.Linear(3, 2), torch.ones(4, 3), "batches 'x'")
+        >>> check_input_dtype(nn.Linear(3, 2), torch.ones(4, 3, dtype=torch.long), "batches 'x'")
+        Traceback (most recent call last):
+        ...
+        ValueError: batches 'x': the calibration batch is torch.int64, but the model's first...
+    """
+    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    ids = {id(t) for t in _tensors(inputs)}
+    layers = (*_EXACT_DTYPE, *_FLOATING, *_INDICES)
+    names = {m: n for n, m in model.named_modules() if isinstance(m, layers)}
+    problem: list[str] = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        given = next((a for a in (*args, *kwargs.values()) if id(a) in ids), None)
+        if isinstance(given, Tensor):
+            expected = _expected(module, given.dtype)
+            if expected is not None:
+                takes, target = expected
+                name, kind = names[module], type(module).__name__
+                layer = f"{name} ({kind})" if name else f"(the model itself, a {kind})"
+                floats = target.is_floating_point and given.dtype.is_floating_point
+                problem.append(
+                    f"{what}: the calibration batch is {given.dtype}, but the model's first layer "
+                    f"{layer} takes {takes}; convert the batches to {target}"
+                    + (f" or build the model in {given.dtype}" if floats else "")
+                )
+        raise _Reached
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in names]
+    try:  # _Reached, or a failure that is not this check's: the alignment reports it
+        with contextlib.suppress(Exception), torch.no_grad():
+            default_forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if problem:
+        raise ValueError(problem[0])
+
+
+def _expected(module: nn.Module, given: torch.dtype) -> tuple[str, torch.dtype] | None:
+    """What ``module`` takes instead of ``given`` and the dtype to convert to; ``None``: it fits."""
+    if isinstance(module, _INDICES):
+        if given.is_floating_point or given.is_complex or given == torch.bool:
+            return "integer indices", torch.int64
+        return None
+    weight = next((p for p in module.parameters(recurse=False) if p.is_floating_point()), None)
+    dtype = weight.dtype if weight is not None else torch.get_default_dtype()
+    if not given.is_floating_point:
+        return f"floating-point inputs ({dtype}, the dtype of its weight)", dtype
+    if isinstance(module, _EXACT_DTYPE) and given != dtype:
+        return f"{dtype} inputs (the dtype of its weight)", dtype
+    return None
 
 
 def build_spec(spec: str, model: nn.Module) -> PermSpec:

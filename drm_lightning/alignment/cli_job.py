@@ -147,7 +147,7 @@ def prepare_alignment(
         raise ValueError(f"{field}model: " + "\n".join(problems))
     batches = None
     if inputs.batches is not None and not (skip and is_reference(inputs.batches)):
-        batches = load_batches(inputs.batches, batch_size=inputs.batch_size)
+        batches = load_batches(inputs.batches, batch_size=inputs.batch_size, model=model)
     spec = None
     if inputs.spec is not None:
         if not skip and model is not None:
