@@ -24,6 +24,8 @@ message before any weight is read), reads and merges only the tensors the schedu
 it, and sends each result to rank 0, which alone writes ``OUT``. Each tensor is merged by
 the same code as in a single-process run, so with the same thread count per process the
 output is bit for bit the single-process output (README, *Precision and reproducibility*).
+A rank that stops answering is named on the others, which stop: when it shows no progress for
+``--timeout`` seconds, or at once when its process ended.
 
 Example:
     >>> build_parser().parse_args(["cfg.yaml", "-o", "out", "--dry-run"]).dry_run
@@ -48,12 +50,17 @@ from drm_lightning.cli_guard import guard_output
 from drm_lightning.cli_report import describe_plan
 from drm_lightning.config import MergeConfig, load_config
 from drm_lightning.disk_job import DiskMergeJob, make_writer, open_job, run_job
-from drm_lightning.distributed.comm import Comm, DistributedMergeError
+from drm_lightning.distributed.comm import (
+    DEFAULT_TIMEOUT_S,
+    Comm,
+    DistributedMergeError,
+    RankUnresponsiveError,
+)
 from drm_lightning.distributed.streaming import run_job_distributed, stream_schedule
 from drm_lightning.merge_pieces import PIECE_ELEMENTS
 from drm_lightning.mergekit_format import MergekitConfig
 from drm_lightning.sources import HFFolderWriter
-from drm_lightning.sources.output_guard import cleanup_on_signals
+from drm_lightning.sources.output_guard import Terminated, cleanup_on_signals
 
 __all__ = ["build_parser", "load_config", "main", "open_job", "parse_size", "run_job", "stream_schedule"]
 
@@ -132,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge a large entry-wise tensor (TIES, task arithmetic, DRM's fallback) in row "
         f"pieces of about E entries across branches (default {PIECE_ELEMENTS}); 0: whole tensors",
     )
+    parser.add_argument(
+        "--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+        help="under torchrun: stop the job, naming the rank, when a rank shows no progress (no "
+        f"tensor merged) for SECONDS (default {DEFAULT_TIMEOUT_S:g}: over 5x the slowest "
+        "single-tensor merge measured at 8B shapes on CPU, a 14336x4096 DRM matrix at about "
+        "110 s on a rank's one thread; benchmarks/RESULTS.md)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="show the traceback of errors")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -201,6 +215,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
@@ -320,7 +344,7 @@ def _local_rank() -> int:
         return 0
 
 
-def init_process_group(device: str) -> bool:
+def init_process_group(device: str, timeout: float | None = None) -> bool:
     """Join the launcher's process group unless one exists; returns True if it was created here.
 
     The rendezvous comes from the launcher's environment (``MASTER_ADDR``, ``MASTER_PORT``,
@@ -328,7 +352,7 @@ def init_process_group(device: str) -> bool:
     GPUs, ``cpu:gloo,cuda:nccl``. Every tensor the CLI exchanges (merged results on their
     way to the writer, error reports) is a CPU tensor or object, so gloo carries all of it;
     the NCCL half is there for GPU collectives only and is created lazily (two ranks sharing
-    one GPU therefore work too).
+    one GPU therefore work too). ``timeout`` (seconds): the group's collective timeout.
     """
     if not dist.is_available():
         raise CLIError("this torch build has no torch.distributed; run drm-merge without torchrun")
@@ -337,7 +361,12 @@ def init_process_group(device: str) -> bool:
     backend = "gloo"
     if device == "cuda" and torch.cuda.is_available():
         backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend=backend)
+    if timeout is None:
+        dist.init_process_group(backend=backend)
+    else:
+        import datetime
+
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     return True
 
 
@@ -348,11 +377,13 @@ def _main_distributed(args: argparse.Namespace) -> int:
     comm: Comm | None = None
     try:
         try:
-            created = init_process_group(args.device)
+            created = init_process_group(args.device, args.timeout)
         except Exception as err:  # noqa: BLE001 - without a group there is nothing to agree on
             print(f"{tag}: error: cannot join the process group: {_message(err)}", file=sys.stderr)
             return EXIT_ERROR
         comm = Comm(None)
+        if created:  # a group the user created keeps its own timeout
+            comm.watch(args.timeout, hint="pass --timeout to wait longer")
         rank, world = comm.rank, comm.world_size
         tag = f"drm-merge [rank {rank}/{world}]"
         # 1. Every rank validates the config, the inputs and the plan from metadata; rank 0
@@ -423,8 +454,14 @@ def _main_distributed(args: argparse.Namespace) -> int:
         print(f"{tag}: error: {err}", file=sys.stderr)
         if args.verbose:
             traceback.print_exc()
-        _leave_together(comm)
+        if not isinstance(err, RankUnresponsiveError):  # nobody left to wait for
+            _leave_together(comm)
         return EXIT_ERROR
+    except Terminated:  # the launcher stops every rank when one died: name it if it can be told
+        lost = comm.ended_peers("the merge") if comm is not None else None
+        if lost is not None:
+            print(f"{tag}: error: {lost}", file=sys.stderr)
+        raise
     except Exception as err:  # noqa: BLE001 - on this rank only: the launcher stops the others
         _exit_on_sigterm(EXIT_ERROR)
         print(f"{tag}: error: {_message(err)}", file=sys.stderr)

@@ -31,6 +31,7 @@ Example:
 from drm_lightning.distributed.comm import (
     Comm,
     DistributedMergeError,
+    RankUnresponsiveError,
     kth_largest,
     topk_mask_distributed,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "MergeResult",
     "ParamSet",
     "RankLoad",
+    "RankUnresponsiveError",
     "ReplicaEngine",
     "ShardSnapshot",
     "ShardedMerger",

@@ -10,7 +10,9 @@ in the base's order, into chunks and gives each chunk's tensors to ranks with
 loop does, :func:`drm_lightning.merge.iter_merge`), sends the results to rank 0 point to
 point and lets rank 0 write them. A failure on any rank raises the same
 :class:`~drm_lightning.distributed.comm.DistributedMergeError` on every rank and leaves no
-output.
+output; a rank that stops answering (stopped, too slow, or its process ended) is named on the
+others by a :class:`~drm_lightning.distributed.comm.RankUnresponsiveError` (``drm-merge
+--timeout``, :meth:`~drm_lightning.distributed.comm.Comm.watch`).
 
 The job is a :class:`drm_lightning.disk_job.DiskMergeJob` (config, method, opened sources,
 plan); this module only reads its fields.
@@ -33,7 +35,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from drm_lightning.distributed.comm import Comm, guarded
@@ -190,16 +191,28 @@ def run_job_distributed(
         later = [p for p in owned if p > position]
         if later:  # the disk reads this rank's next tensor while this one merges
             ahead.ask([job.plan[later[0]].name])
-        (_, value), = iter_merge(
-            job.method, base, branches, coefficients=job.coefficients,
-            compute_dtype=job.config.compute_torch_dtype, out_dtype=out_dtype,
-            seed=job.config.resolved_seed(), plan=[item], piece_elements=piece_elements,
+        ((_, value),) = iter_merge(
+            job.method,
+            base,
+            branches,
+            coefficients=job.coefficients,
+            compute_dtype=job.config.compute_torch_dtype,
+            out_dtype=out_dtype,
+            seed=job.config.resolved_seed(),
+            plan=[item],
+            piece_elements=piece_elements,
         )
-        value = value.materialize() if isinstance(value, RowPieces) else value.detach().to("cpu").contiguous()
+        value = (
+            value.materialize()
+            if isinstance(value, RowPieces)
+            else value.detach().to("cpu").contiguous()
+        )
         expected = out_dtype or item.dtype
         if tuple(value.shape) != item.shape or value.dtype != expected:
-            raise ValueError(f"merged {item.name!r} is {value.dtype} {list(value.shape)}, "
-                             f"expected {expected} {list(item.shape)}")
+            raise ValueError(
+                f"merged {item.name!r} is {value.dtype} {list(value.shape)}, "
+                f"expected {expected} {list(item.shape)}"
+            )
         return value
 
     pending: dict[int, Tensor] = {}
@@ -209,8 +222,9 @@ def run_job_distributed(
         from tqdm.auto import tqdm
 
         name = getattr(job.method, "registered_name", job.method.name)
-        bar = tqdm(total=len(job.plan), desc=f"merging ({name}, {comm.world_size} ranks)",
-                   unit="tensor")
+        bar = tqdm(
+            total=len(job.plan), desc=f"merging ({name}, {comm.world_size} ranks)", unit="tensor"
+        )
 
     def drain() -> None:
         """Rank 0: write every tensor whose turn has come (ignored ones copied from the base)."""
@@ -231,14 +245,20 @@ def run_job_distributed(
 
     try:
         if writer is not None:
-            _ranked_guard(comm, "creating the temporary output folder", writer.__enter__, lambda: None)
+            _ranked_guard(
+                comm, "creating the temporary output folder", writer.__enter__, lambda: None
+            )
         comm.check("creating the temporary output folder")
         for chunk in schedule.chunks:
             mine: dict[int, Tensor | None] = {}
             for p in chunk:
                 if schedule.owners[p] == rank:
-                    mine[p] = _ranked_guard(comm, f"merging {job.plan[p].name!r}",
-                                     lambda p=p: merge_one(p), lambda: None)
+                    mine[p] = _ranked_guard(
+                        comm,
+                        f"merging {job.plan[p].name!r}",
+                        lambda p=p: merge_one(p),
+                        lambda: None,
+                    )
             first, last = job.plan[chunk[0]].name, job.plan[chunk[-1]].name
             comm.check(f"merging tensors {first!r} to {last!r}")
             for p in chunk:
@@ -247,13 +267,13 @@ def run_job_distributed(
                     pending[p] = mine.pop(p)  # type: ignore[assignment]
                 elif rank == 0:
                     buffer = torch.empty(item.shape, dtype=out_dtype or item.dtype)
-                    dist.recv(buffer, src=owner)
+                    comm.recv(buffer, owner, f"sending {item.name!r} from rank {owner} to rank 0")
                     stats["received_bytes"] += buffer.numel() * buffer.element_size()
                     pending[p] = buffer
                 elif rank == owner:
                     value = mine.pop(p)
                     assert value is not None
-                    dist.send(value, dst=0)
+                    comm.send(value, 0, f"sending {item.name!r} from rank {rank} to rank 0")
                     stats["sent_bytes"] += value.numel() * value.element_size()
                     del value
                 if writer is not None:
@@ -261,8 +281,12 @@ def run_job_distributed(
         if writer is not None:
             _ranked_guard(comm, "writing the output", drain, lambda: None)
             if not comm.failed:
-                _ranked_guard(comm, f"finishing {writer.out_dir}",
-                       lambda: writer.__exit__(None, None, None), lambda: None)
+                _ranked_guard(
+                    comm,
+                    f"finishing {writer.out_dir}",
+                    lambda: writer.__exit__(None, None, None),
+                    lambda: None,
+                )
         comm.check("writing the output folder")
     except BaseException:
         if writer is not None:
