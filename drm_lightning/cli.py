@@ -58,9 +58,10 @@ from drm_lightning.distributed.comm import (
 )
 from drm_lightning.distributed.streaming import run_job_distributed, stream_schedule
 from drm_lightning.merge_pieces import PIECE_ELEMENTS
-from drm_lightning.mergekit_format import MergekitConfig
+from drm_lightning.mergekit_format import MergekitConfig, tokenizer_source
 from drm_lightning.sources import HFFolderWriter
 from drm_lightning.sources.output_guard import Terminated, cleanup_on_signals
+from drm_lightning.sources.writer import side_files
 
 __all__ = ["build_parser", "load_config", "main", "open_job", "parse_size", "run_job", "stream_schedule"]
 
@@ -192,8 +193,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_shard_bytes=args.max_shard_size,
                 piece_elements=args.piece_size or None,
             )
-            if isinstance(config, MergekitConfig):
-                config.finish_output(args.output)  # tokenizer_source
     except KeyboardInterrupt:
         print("drm-merge: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -297,6 +296,9 @@ def check_output(
                 f"output folder {str(out)!r} is inside the {label} input {str(path)!r}; "
                 "choose a folder outside the inputs"
             )
+    # the config and tokenizer files the output will copy: links out of their folder,
+    # FIFOs and broken JSON are refused now, before any weight is read (--dry-run too)
+    side_files(config.base if config.base.is_dir() else None, tokenizer_source(config))
     inputs = [config.base, *(b.path for b in config.branches)]
     notes = guard_output(out, overwrite=overwrite, inputs=inputs, dry_run=dry_run)
     if os.environ.get("RANK", "0") == "0":
@@ -439,8 +441,6 @@ def _main_distributed(args: argparse.Namespace) -> int:
             max_pending=args.max_pending, piece_elements=args.piece_size or None,
         )
         if rank == 0:
-            if isinstance(config, MergekitConfig):
-                config.finish_output(args.output)  # tokenizer_source
             print(
                 f"drm-merge: wrote {args.output} ({world} ranks, {stats['chunks']} chunks, "
                 f"{stats['received_bytes'] / 2**20:.1f} MiB received by rank 0)"

@@ -27,6 +27,7 @@ from drm_lightning.cli_report import model_card, output_bytes
 from drm_lightning.config import MergeConfig
 from drm_lightning.merge import PlannedTensor, iter_merge, plan_merge
 from drm_lightning.merge_pieces import PIECE_ELEMENTS
+from drm_lightning.mergekit_format import tokenizer_source
 from drm_lightning.methods import MergeMethod
 from drm_lightning.sources import HFFolderWriter
 
@@ -148,6 +149,7 @@ def make_writer(
         out,
         overwrite=overwrite,
         copy_from=job.config.base if job.config.base.is_dir() else None,
+        tokenizer_from=tokenizer_source(job.config),
         metadata=model_card(job),
         max_shard_bytes=max_shard_bytes,
         expected_bytes=output_bytes(job),

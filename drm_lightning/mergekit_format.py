@@ -34,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,9 +52,16 @@ from drm_lightning.config_yaml import Lines
 from drm_lightning.methods import MergeMethod
 from drm_lightning.methods.base import closest_names
 from drm_lightning.methods.per_branch import PerBranchDensity
-from drm_lightning.sources.writer import COPIED_FILES
+from drm_lightning.sources._input_files import read_regular
+from drm_lightning.sources.writer import TOKENIZER_FILES
 
-__all__ = ["MergekitConfig", "PerBranchDensity", "is_mergekit_format", "mergekit_config"]
+__all__ = [
+    "MergekitConfig",
+    "PerBranchDensity",
+    "is_mergekit_format",
+    "mergekit_config",
+    "tokenizer_source",
+]
 
 TASK_VECTOR = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
 SUPPORTED = ("linear", *TASK_VECTOR, "drm")
@@ -83,9 +89,6 @@ SLERP_WHY = (
     "slerp is not supported yet (it interpolates whole weights and reads t per tensor name; "
     "drm-merge's methods see only the deltas): use linear with weights 1-t and t for the "
     "straight-line mix, or mergekit-yaml for slerp"
-)
-TOKENIZER_FILES = tuple(
-    f for f in COPIED_FILES if f not in ("config.json", "generation_config.json")
 )
 
 Loc = tuple[str | int, ...]
@@ -136,15 +139,12 @@ class MergekitConfig(MergeConfig):
             "see README 'Coming from mergekit'"
         )
 
-    def finish_output(self, out: Path) -> None:
-        """Replace the output's tokenizer files by those of ``tokenizer_source`` (if set)."""
-        source = self.tokenizer_source
-        if source is None or source.resolve() == self.base.resolve():
-            return
-        for name in TOKENIZER_FILES:
-            (out / name).unlink(missing_ok=True)
-            if (source / name).is_file():
-                shutil.copyfile(source / name, out / name)
+
+def tokenizer_source(config: MergeConfig) -> Path | None:
+    """The folder the output's tokenizer files come from instead of the base's (mergekit's
+    ``tokenizer_source``), or None; the writer copies them
+    (:class:`~drm_lightning.sources.writer.HFFolderWriter`'s ``tokenizer_from``)."""
+    return config.tokenizer_source if isinstance(config, MergekitConfig) else None
 
 
 # ------------------------------------------------------------------------------ translation
@@ -442,7 +442,7 @@ def _vocab_size(folder: Path) -> int | None:
     import json
 
     try:
-        value = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+        value = json.loads(read_regular(folder / "config.json")[0]).get("vocab_size")
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, int) else None

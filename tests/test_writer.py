@@ -173,7 +173,7 @@ def test_error_in_the_with_block_or_at_finish_leaves_nothing(
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text("{}")
-    monkeypatch.setattr(writer_module.shutil, "copyfile", broken_copy)
+    monkeypatch.setattr(writer_module.shutil, "copyfileobj", broken_copy)
     with pytest.raises(OSError, match="No space left"):
         _write(out, _tensors(2), copy_from=base)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from drm_lightning.sources._digest_store import file_key, store_digest, stored_digest
+from drm_lightning.sources._input_files import changed_error, open_regular
 
 __all__ = ["TensorMeta", "WeightSource", "dtype_from_safetensors", "hash_in_background", "sha256_of"]
 
@@ -177,6 +178,11 @@ class WeightSource(ABC):
     def describe(self) -> str:
         """One line for logs and the model card: kind, origin, number of tensors."""
 
+    def check_unchanged(self) -> None:
+        """Raise ``ValueError`` naming a file of :meth:`files` that was replaced or rewritten
+        since this source read its header (the model card's SHA-256 must be of the files
+        merged). Default (in memory): nothing to check."""
+
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in set(self.keys())
 
@@ -218,6 +224,8 @@ def sha256_of(path: str | os.PathLike[str], *, chunk_bytes: int = 8 * 1024 * 102
     Raises:
         FileNotFoundError: the file does not exist.
         IsADirectoryError: ``path`` is a folder.
+        ValueError: ``path`` is not a regular file (a FIFO, a device), or it changed while
+            it was hashed.
 
     Example:
         >>> import tempfile, pathlib
@@ -244,10 +252,13 @@ def sha256_of(path: str | os.PathLike[str], *, chunk_bytes: int = 8 * 1024 * 102
                 _HASH_CACHE[key] = cached
             return cached
         h = hashlib.sha256()
-        with p.open("rb") as f:
+        fd, _ = open_regular(p)  # never a FIFO or a device
+        with os.fdopen(fd, "rb") as f:
             while chunk := f.read(chunk_bytes):
                 h.update(chunk)
         digest = h.hexdigest()
+        if file_key(p) != key:  # replaced or rewritten while hashed: the digest is of neither
+            raise changed_error(p)
         store_digest(p, digest, key)
         with _HASH_LOCK:
             _HASH_CACHE[key] = digest
@@ -275,7 +286,7 @@ def hash_in_background(paths: Iterable[str | os.PathLike[str]]) -> threading.Thr
         for f in files:
             try:
                 sha256_of(f)
-            except OSError:
+            except (OSError, ValueError):
                 continue
 
     thread = threading.Thread(target=work, name="drm-lightning-sha256", daemon=True)

@@ -30,6 +30,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from drm_lightning.sources._input_files import FileIdentity, check_unchanged, read_regular
 from drm_lightning.sources.base import TensorMeta, WeightSource
 from drm_lightning.sources.safetensors_file import SafetensorsFileSource
 from drm_lightning.sources.torch_file import TorchFileSource
@@ -98,6 +99,7 @@ class HFFolderSource(WeightSource):
                 f"no model weights in {self.path}: {EXPECTED_INPUTS}; the folder holds {present}"
             )
         self._shards: dict[str, WeightSource] = {}
+        self._index_identity: FileIdentity | None = None
         self._weight_map: dict[str, str]
         if self.layout.endswith("sharded"):
             self._weight_map = self._read_index(self._main)
@@ -107,10 +109,11 @@ class HFFolderSource(WeightSource):
         self._keys = sorted(self._weight_map)
 
     def _read_index(self, index: Path) -> dict[str, str]:
+        text, self._index_identity = read_regular(index)
         try:
-            data = json.loads(index.read_text(encoding="utf-8"))
+            data = json.loads(text)
             weight_map = data["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError) as err:
             raise ValueError(
                 f"{index} is not a valid shard index (needs a 'weight_map' object): {err}"
             ) from err
@@ -179,6 +182,13 @@ class HFFolderSource(WeightSource):
     def files(self) -> list[Path]:
         shards = sorted({self.path / f for f in self._weight_map.values()})
         return ([self._main] if self.layout.endswith("sharded") else []) + shards
+
+    def check_unchanged(self) -> None:
+        """Raise if the index or a shard read so far was replaced or rewritten since."""
+        if self._index_identity is not None:
+            check_unchanged(self._main, self._index_identity)
+        for shard in list(self._shards.values()):
+            shard.check_unchanged()
 
     def describe(self) -> str:
         n_files = len(set(self._weight_map.values()))

@@ -50,6 +50,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from drm_lightning.sources._input_files import check_unchanged, read_regular
 from drm_lightning.sources.base import TensorMeta, WeightSource
 from drm_lightning.sources.safetensors_file import SafetensorsFileSource
 from drm_lightning.sources.torch_file import TorchFileSource
@@ -111,6 +112,25 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
         if re.match(rf"(.*\.)?({key})$", module):
             return patterns[key]
     return default
+
+
+def _json_kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    return names.get(type(value), "null" if value is None else f"the number {value!r}")
+
+
+def _bad_rank(field: str, value: Any) -> str | None:
+    """What is wrong with a LoRA rank (``r``, a ``rank_pattern`` value), or None."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return f"{field} must be a positive integer (the LoRA rank), got {value!r}"
+    return None
+
+
+def _bad_alpha(field: str, value: Any) -> str | None:
+    """What is wrong with a ``lora_alpha`` (or an ``alpha_pattern`` value), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{field} must be a finite number (the scaling is lora_alpha / r), got {value!r}"
+    return None
 
 
 def _saved_copy_target(key: str) -> str | None:
@@ -185,10 +205,17 @@ class LoraBranch(WeightSource):
                 f"not a PEFT adapter folder: {self.config_path} is missing (save the adapter with "
                 "PeftModel.save_pretrained)"
             )
+        text, self._config_identity = read_regular(self.config_path)
         try:
-            self.config: dict[str, Any] = json.loads(self.config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
+            config = json.loads(text)
+        except ValueError as err:
             raise ValueError(f"{self.config_path} is not valid JSON: {err}") from err
+        if not isinstance(config, dict):
+            raise ValueError(  # noqa: TRY004 - bad input data, like every other config error
+                f"{self.config_path}: expected a JSON object (the adapter's settings: peft_type, "
+                f"r, lora_alpha, target_modules...), got {_json_kind(config)}"
+            )
+        self.config: dict[str, Any] = config
         self._check_config()
         self.weights_path, self._weights = self._open_weights()
         self._modules = self._parse_keys(adapter_name)
@@ -231,11 +258,17 @@ class LoraBranch(WeightSource):
                 f"LoRA adapter {self.path} uses options that cannot be merged as plain LoRA:\n- "
                 + "\n- ".join(problems)
             )
-        r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-        if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
-            raise ValueError(
-                f"{self.config_path}: 'r' must be a positive int and 'lora_alpha' a number, got r={r!r}, lora_alpha={alpha!r}"
-            )
+        bad = _bad_rank("r", cfg.get("r")) or _bad_alpha("lora_alpha", cfg.get("lora_alpha"))
+        for field, check in (("rank_pattern", _bad_rank), ("alpha_pattern", _bad_alpha)):
+            patterns = cfg.get(field) or {}
+            if not isinstance(patterns, dict):
+                kind = _json_kind(patterns)
+                bad = bad or f"{field} must be an object (pattern: value), got {kind}"
+                continue
+            for key, value in patterns.items():
+                bad = bad or check(f"{field}[{key!r}]", value)
+        if bad:
+            raise ValueError(f"{self.config_path}: {bad}")
 
     def _open_weights(self) -> tuple[Path, WeightSource]:
         st, pt = self.path / "adapter_model.safetensors", self.path / "adapter_model.bin"
@@ -461,6 +494,11 @@ class LoraBranch(WeightSource):
 
     def files(self) -> list[Path]:
         return [self.config_path, self.weights_path]
+
+    def check_unchanged(self) -> None:
+        """Raise if the adapter's config or weights file changed since it was opened."""
+        check_unchanged(self.config_path, self._config_identity)
+        self._weights.check_unchanged()
 
     def describe(self) -> str:
         return (

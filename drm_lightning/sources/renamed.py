@@ -82,6 +82,9 @@ class RenamedSource(WeightSource):
     def files(self) -> list[Path]:
         return self.source.files()
 
+    def check_unchanged(self) -> None:
+        self.source.check_unchanged()
+
     def describe(self) -> str:
         change = [f"prefix {self.strip!r} stripped"] if self.strip else []
         change += [f"prefix {self.add!r} added"] if self.add else []

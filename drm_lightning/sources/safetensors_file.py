@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from drm_lightning.sources._input_files import check_unchanged, open_regular
 from drm_lightning.sources.base import TensorMeta, WeightSource, dtype_from_safetensors
 
 PREFETCH_CHUNK = 8 * 1024 * 1024
@@ -47,9 +48,11 @@ __all__ = ["SafetensorsFileSource"]
 class SafetensorsFileSource(WeightSource):
     """A single safetensors file.
 
-    The header (names, shapes, dtypes) is read once at construction; ``get`` memory-maps
-    the file and copies out one tensor; :meth:`get_rows` reads the rows' bytes with
-    ``os.pread`` at their offset (the file stays open for that, per process).
+    The header (names, shapes, dtypes) is read once at construction, from a descriptor kept
+    open from then on: ``get`` and :meth:`get_rows` read the tensor's (the rows') bytes
+    with ``os.pread`` at their offset from that same file, and each read checks that it was
+    not rewritten (replaced or rewritten: ``ValueError`` naming the file). Not a regular
+    file (a FIFO, a device): refused before it is opened.
 
     Args:
         path: the ``.safetensors`` file.
@@ -57,7 +60,7 @@ class SafetensorsFileSource(WeightSource):
     Raises:
         FileNotFoundError: ``path`` does not exist.
         IsADirectoryError: ``path`` is a folder (use :class:`HFFolderSource`).
-        ValueError: the file is not a valid safetensors file.
+        ValueError: the file is not a valid safetensors file, or not a regular file.
 
     Example:
         >>> import tempfile, pathlib, torch
@@ -78,6 +81,9 @@ class SafetensorsFileSource(WeightSource):
                 f"{self.path} is a folder; SafetensorsFileSource expects one .safetensors file "
                 "(use HFFolderSource or open_source for model folders)"
             )
+        # held from the header read on: every read is of this file, checked against its identity
+        fd, self._identity = open_regular(self.path)
+        self._fd: tuple[int, int] | None = (os.getpid(), fd)  # (pid, descriptor) of this process
         self._meta: dict[str, TensorMeta] = {}
         try:
             with safe_open(str(self.path), framework="pt") as f:
@@ -89,8 +95,8 @@ class SafetensorsFileSource(WeightSource):
         except SafetensorError as err:
             raise ValueError(f"{self.path} is not a valid safetensors file: {err}") from err
         self._keys = sorted(self._meta)
-        self._offsets = _data_offsets(self.path, self._meta)
-        self._fd: tuple[int, int] | None = None  # (pid, descriptor) of the file get_rows reads
+        self._offsets = _data_offsets(fd, self._meta)
+        check_unchanged(self.path, self._identity, fd)  # safe_open read the same file
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fd": None}  # a descriptor does not cross processes
@@ -101,13 +107,21 @@ class SafetensorsFileSource(WeightSource):
             os.close(fd[1])
 
     def _descriptor(self) -> int:
+        """This process's descriptor of the file; another process (a forked or unpickled
+        copy) opens its own, which must be the file the header was read from."""
         fd = self._fd
         if fd is None or fd[0] != os.getpid():
             with _OPENING:  # the merge's piece threads read at once: one descriptor, not one each
                 if self._fd is None or self._fd[0] != os.getpid():
-                    self._fd = (os.getpid(), os.open(self.path, os.O_RDONLY))
+                    self._fd = (os.getpid(), open_regular(self.path, expect=self._identity)[0])
                 fd = self._fd
         return fd[1]
+
+    def check_unchanged(self) -> None:
+        """Raise if the file was replaced or rewritten since its header was read."""
+        fd = self._fd
+        held = fd[1] if fd is not None and fd[0] == os.getpid() else None
+        check_unchanged(self.path, self._identity, held)
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -119,10 +133,15 @@ class SafetensorsFileSource(WeightSource):
             raise self._missing(name) from None
 
     def get(self, name: str) -> Tensor:
+        """The tensor ``name``, read with ``os.pread`` from the file the header was read from."""
         if name not in self._meta:
             raise self._missing(name)
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(name)
+        meta = self._meta[name]
+        out = torch.empty(meta.shape, dtype=meta.dtype)
+        view = _bytes_view(out)
+        if self._read_into(view, self._offsets[name]) < len(view):
+            raise ValueError(f"{self.path}: {name!r} ends before its data does (file truncated?)")
+        return out
 
     def get_rows(self, name: str, start: int, stop: int) -> Tensor:
         """Rows ``start:stop``, read with ``os.pread`` at their offset: nothing else of the file
@@ -135,7 +154,7 @@ class SafetensorsFileSource(WeightSource):
         start, stop = max(0, min(start, rows)), max(0, min(stop, rows))
         stop = max(start, stop)
         out = torch.empty((stop - start, *meta.shape[1:]), dtype=meta.dtype)
-        view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+        view = _bytes_view(out)
         row_bytes = out[0].numel() * out.element_size() if out.shape[0] else 0
         if self._read_into(view, self._offsets[name] + start * row_bytes) < len(view):
             raise ValueError(f"{self.path}: {name!r} ends before its rows {start}:{stop} (file truncated?)")
@@ -162,12 +181,13 @@ class SafetensorsFileSource(WeightSource):
     def _read_into(self, view: memoryview, offset: int) -> int:
         """Fill ``view`` with the file's bytes from ``offset``; returns how many were read
         (fewer than asked only where the file ends)."""
-        done = 0
+        done, fd = 0, self._descriptor()
         while done < len(view):
-            got = os.preadv(self._descriptor(), [view[done:]], offset + done)
+            got = os.preadv(fd, [view[done:]], offset + done)
             if got <= 0:
                 break
             done += got
+        check_unchanged(self.path, self._identity, fd, path_too=False)  # one fstat
         return done
 
     def reads_rows(self, name: str) -> bool:  # noqa: D102
@@ -183,10 +203,16 @@ class SafetensorsFileSource(WeightSource):
         return name in self._meta
 
 
-def _data_offsets(path: Path, meta: dict[str, TensorMeta]) -> dict[str, int]:
+def _bytes_view(tensor: Tensor) -> memoryview:
+    """The bytes of a new contiguous CPU tensor, writable in place."""
+    if not tensor.numel():
+        return memoryview(bytearray())
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _data_offsets(fd: int, meta: dict[str, TensorMeta]) -> dict[str, int]:
     """Byte offset of each tensor's data in the file (safetensors' header, already validated
     by ``safe_open``: ``data_offsets`` start after the 8-byte length and the JSON header)."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
+    (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    header = json.loads(os.pread(fd, length, 8))
     return {name: 8 + length + int(header[name]["data_offsets"][0]) for name in meta}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -26,8 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from drm_lightning.sources._input_files import check_regular, check_unchanged, file_identity
 from drm_lightning.sources.base import LoadedTensorsMixin, WeightSource
-from drm_lightning.sources.trust import UntrustedPickleError
+from drm_lightning.sources.trust import UntrustedPickleError, _essence
 
 __all__ = ["TorchFileSource", "load_pickled"]
 
@@ -58,17 +60,18 @@ def load_pickled(path: str | os.PathLike[str], *, trust_pickles: bool = False) -
         {'w': tensor([0.])}
     """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists() or p.is_dir():
         raise FileNotFoundError(
             f"torch checkpoint not found: {p}" + (" (it is a folder)" if p.is_dir() else "")
         )
+    check_regular(p)  # a FIFO or a device is not opened
     mmap = zipfile.is_zipfile(p)  # legacy (pre-1.6) pickles cannot be memory-mapped
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(p, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as err:
-        if not _looks_like_torch_file(p, mmap):
+        if not _is_pickle(p, mmap):
             raise _unreadable(p, err) from err
         if not trust_pickles:
             raise UntrustedPickleError(p, str(err)) from None
@@ -80,16 +83,34 @@ def load_pickled(path: str | os.PathLike[str], *, trust_pickles: bool = False) -
         raise _unreadable(p, err) from err
 
 
-def _looks_like_torch_file(path: Path, is_zip: bool) -> bool:
-    """A torch zip archive, or a pickle stream (protocol 2+ starts with ``\\x80``)."""
-    if is_zip:
-        return True
-    with path.open("rb") as f:
-        return f.read(1) == b"\x80"
+def _is_pickle(path: Path, is_zip: bool) -> bool:
+    """The file (a torch zip archive: its ``data.pkl``) is a well-formed pickle stream, so full
+    unpickling could load what the weights-only loader refused; random bytes are not.
+
+    The opcodes are only parsed (:func:`pickletools.genops`), nothing is run."""
+    try:
+        if is_zip:
+            with zipfile.ZipFile(path) as archive:
+                pkl = next(n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl")
+                with archive.open(pkl) as f:
+                    return _parses(f)
+        with path.open("rb") as f:
+            return _parses(f)
+    except (OSError, StopIteration, zipfile.BadZipFile):
+        return False
+
+
+def _parses(stream: Any) -> bool:
+    try:
+        ops = list(pickletools.genops(stream))
+    except Exception:  # noqa: BLE001 - any parse error: not a pickle
+        return False
+    return bool(ops) and ops[-1][0].name == "STOP"
 
 
 def _unreadable(path: Path, err: BaseException) -> ValueError:
-    detail = f"{type(err).__name__}: {err}".strip().splitlines()[0][:200]
+    reason = _essence(str(err)) if isinstance(err, pickle.UnpicklingError) else str(err)
+    detail = f"{type(err).__name__}: {reason}".strip().splitlines()[0][:200]
     return ValueError(
         f"{path} is not a readable torch checkpoint ({detail}); expected a file written by "
         "torch.save or a Lightning Trainer (for safetensors files use the .safetensors suffix)"
@@ -138,7 +159,10 @@ class TorchFileSource(LoadedTensorsMixin, WeightSource):
         self.path = Path(path)
         self.origin = str(self.path)
         self.prefix = prefix
+        self._identity = file_identity(self.path) if self.path.is_file() else None
         payload = load_pickled(self.path, trust_pickles=trust_pickles)
+        if self._identity is not None:
+            check_unchanged(self.path, self._identity)  # the file loaded is the one recorded
         state = self._select(payload, key)
         self._tensors: dict[str, Tensor] = {}
         self.skipped: list[str] = []
@@ -183,6 +207,12 @@ class TorchFileSource(LoadedTensorsMixin, WeightSource):
 
     def files(self) -> list[Path]:
         return [self.path]
+
+    def check_unchanged(self) -> None:
+        """Raise if the file was replaced or rewritten since it was loaded (its tensors are
+        memory-mapped: a rewrite shows through)."""
+        if self._identity is not None:
+            check_unchanged(self.path, self._identity)
 
     def describe(self) -> str:
         extra = f", prefix {self.prefix!r} stripped" if self.prefix else ""

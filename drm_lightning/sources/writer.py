@@ -5,12 +5,14 @@
 (:class:`~drm_lightning.sources._shard_file.ShardFile`), so memory does not grow with the
 shard or the model. Then — only when the ``with`` block ends without error — names the
 shards like ``save_pretrained`` (``model-00001-of-00003.safetensors`` + index, or a single
-``model.safetensors``), copies the config and tokenizer files, writes a model card, and
-moves the finished folder into place. Until then everything lives in a hidden sibling
-folder ``<out>.tmp-<pid>-<random>``; on any error (a full disk included) that folder is
-removed and ``out_dir`` is left as it was. ``overwrite`` replaces only an earlier
-drm_lightning output (see :mod:`drm_lightning.sources.output_guard`); a symlinked
-``out_dir`` is followed, so the link keeps pointing at the new folder.
+``model.safetensors``), copies the config and tokenizer files (chosen and checked when the
+writer is made, :func:`side_files`), writes a model card (after checking that no input file
+changed while it was merged), and moves the finished folder into place. Until then
+everything lives in a hidden sibling folder ``<out>.tmp-<pid>-<random>``; on any error (a
+full disk included) that folder is removed and ``out_dir`` is left as it was.
+``overwrite`` replaces only an earlier drm_lightning output (see
+:mod:`drm_lightning.sources.output_guard`); a symlinked ``out_dir`` is followed, so the link
+keeps pointing at the new folder.
 
 Example:
     >>> import tempfile, pathlib, torch
@@ -32,10 +34,17 @@ import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
+from drm_lightning.sources._input_files import (
+    FileIdentity,
+    check_regular,
+    check_unchanged,
+    open_regular,
+    read_regular,
+)
 from drm_lightning.sources._shard_file import RowPieces, ShardFile
 from drm_lightning.sources.base import hash_in_background, sha256_of
 from drm_lightning.sources.output_guard import (
@@ -47,9 +56,106 @@ from drm_lightning.sources.output_guard import (
     stale_leftovers,
 )
 
-__all__ = ["COPIED_FILES", "HFFolderWriter", "check_free_space"]
+__all__ = ["COPIED_FILES", "TOKENIZER_FILES", "HFFolderWriter", "check_free_space", "side_files"]
 
 _GIB = 1024**3
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = tuple(f for f in COPIED_FILES if f not in CONFIG_FILES)
+"""The tokenizer files among :data:`COPIED_FILES` (what ``tokenizer_from`` replaces)."""
+
+
+class SideFile(NamedTuple):
+    """A config or tokenizer file chosen for the output: where it was found, the real file
+    it is (links resolved) and that file's identity when it was checked."""
+
+    source: Path
+    real: Path
+    identity: FileIdentity
+
+
+def side_files(
+    copy_from: str | os.PathLike[str] | None,
+    tokenizer_from: str | os.PathLike[str] | None = None,
+) -> dict[str, SideFile]:
+    """The config and tokenizer files an output copies, by name, each checked now.
+
+    The files of :data:`COPIED_FILES` present in ``copy_from`` (the tokenizer files from
+    ``tokenizer_from`` instead, when given: mergekit's ``tokenizer_source``). A model folder
+    is data from anyone: each file must be a regular file whose real path is inside its
+    folder (a link that stays inside is followed; in a Hugging Face cache snapshot, a link
+    into the model's ``blobs`` folder too), and a ``.json`` file must parse. Checked before
+    any weight is read, so a folder whose ``config.json`` links to ``/etc/shadow`` fails
+    with nothing written.
+
+    Raises:
+        ValueError: a file links out of its folder, is not a regular file (a FIFO, a device)
+            or is a ``.json`` file that does not parse; the message names it.
+        FileNotFoundError: a file is a link to nothing.
+
+    Example:
+        >>> import os, tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "config.json").write_text('{"model_type": "llama"}')
+        >>> list(side_files(folder))
+        ['config.json']
+        >>> os.symlink("/etc/hostname", folder / "tokenizer.json")
+        >>> side_files(folder)
+        Traceback (most recent call last):
+        ...
+        ValueError: .../tokenizer.json is a link to /etc/hostname, outside the model folder ...
+    """
+    chosen: dict[str, SideFile] = {}
+    tokenizers = tokenizer_from
+    if tokenizers is not None and copy_from is not None and _same(tokenizers, copy_from):
+        tokenizers = None  # the base's own tokenizer
+    for folder, names in (
+        (copy_from, CONFIG_FILES if tokenizers is not None else COPIED_FILES),
+        (tokenizers, TOKENIZER_FILES),
+    ):
+        if folder is None:
+            continue
+        roots = _roots(Path(folder))
+        for name in names:
+            file = Path(folder) / name
+            if os.path.lexists(file):
+                chosen[name] = _side_file(file, roots)
+    return chosen
+
+
+def _same(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _roots(folder: Path) -> list[Path]:
+    """Where the files of ``folder`` may really be: inside it, and for a Hugging Face cache
+    snapshot (``models--org--name/snapshots/REV``) in that model's ``blobs`` folder."""
+    real = Path(os.path.realpath(folder))
+    roots = [real]
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def _side_file(file: Path, roots: list[Path]) -> SideFile:
+    real = Path(os.path.realpath(file))
+    if not any(real.is_relative_to(root) for root in roots):
+        raise ValueError(
+            f"{file} is a link to {real}, outside the model folder {file.parent}: only files "
+            "inside it are copied to the output (copy the file itself there if you mean it)"
+        )
+    check_regular(file)
+    if file.suffix == ".json":
+        data, identity = read_regular(real)
+        try:
+            json.loads(data)
+        except ValueError as err:
+            raise ValueError(
+                f"{file} is not valid JSON ({err}); it would be copied to the output as the "
+                f"merged model's {file.name}"
+            ) from None
+    else:
+        identity = FileIdentity.of(check_regular(real))
+    return SideFile(file, real, identity)
 
 
 def check_free_space(out_dir: str | os.PathLike[str], needed_bytes: int) -> None:
@@ -100,7 +206,10 @@ class HFFolderWriter:
             existing ``out_dir`` raises ``FileExistsError`` at construction.
         max_shard_bytes: shard size limit; a tensor larger than this gets a shard of its own.
         copy_from: a folder (usually the base model's) to copy ``config.json``,
-            ``generation_config.json`` and tokenizer files from, when present.
+            ``generation_config.json`` and tokenizer files from, when present (chosen and
+            checked at construction, see :func:`side_files`).
+        tokenizer_from: a folder to copy the tokenizer files from instead (mergekit's
+            ``tokenizer_source``).
         metadata: what the model card says. Recognised keys: ``method`` (str),
             ``parameters`` (mapping), ``base`` (a source, a path, or a string),
             ``branches`` (list of mappings with ``source``/``path`` and ``coefficient``, or
@@ -113,7 +222,9 @@ class HFFolderWriter:
             drm_lightning did not write.
         NotADirectoryError: ``copy_from`` is not a folder, ``out_dir`` is an existing file,
             or a parent of ``out_dir`` is a file.
-        ValueError: ``max_shard_bytes`` is not positive.
+        ValueError: ``max_shard_bytes`` is not positive; a file to copy links out of its
+            folder, is not a regular file or (``.json``) does not parse; when the block ends:
+            an input file changed while it was merged.
         OSError: not enough free space (with ``expected_bytes``), or any write error.
 
     Example:
@@ -139,6 +250,7 @@ class HFFolderWriter:
         copy_from: str | os.PathLike[str] | None = None,
         metadata: Mapping[str, Any] | None = None,
         expected_bytes: int | None = None,
+        tokenizer_from: str | os.PathLike[str] | None = None,
     ) -> None:
         self.out_dir = Path(out_dir).absolute()
         if self.out_dir.is_symlink():
@@ -162,11 +274,11 @@ class HFFolderWriter:
         check_parent(self.out_dir)
         if overwrite:
             remove_stale(stale_leftovers(self.out_dir))
-        if self.copy_from is not None and not self.copy_from.is_dir():
-            what = "is a file" if self.copy_from.exists() else "does not exist"
-            raise NotADirectoryError(
-                f"copy_from={self.copy_from} {what}; expected the base model folder"
-            )
+        for arg, folder in (("copy_from", self.copy_from), ("tokenizer_from", tokenizer_from)):
+            if folder is not None and not Path(folder).is_dir():
+                what = "is a file" if Path(folder).exists() else "does not exist"
+                raise NotADirectoryError(f"{arg}={folder} {what}; expected a model folder")
+        self._side_files = side_files(self.copy_from, tokenizer_from)
         if expected_bytes is not None:
             check_free_space(self.out_dir, expected_bytes)
         self.tmp_dir: Path | None = None
@@ -331,13 +443,13 @@ class HFFolderWriter:
         )
 
     def _copy_side_files(self) -> None:
-        if self.copy_from is None:
-            return
+        """Copy the files chosen at construction: the same files, unchanged since."""
         assert self.tmp_dir is not None
-        for filename in COPIED_FILES:
-            src = self.copy_from / filename
-            if src.is_file():
-                shutil.copyfile(src, self.tmp_dir / filename)
+        for name, side in self._side_files.items():
+            fd, _ = open_regular(side.real, expect=side.identity)
+            with os.fdopen(fd, "rb") as src, open(self.tmp_dir / name, "xb") as dst:
+                shutil.copyfileobj(src, dst)
+                check_unchanged(side.source, side.identity, fd, path_too=False)
 
     def _move_into_place(self) -> None:
         assert self.tmp_dir is not None
@@ -359,13 +471,25 @@ class HFFolderWriter:
 
     # ------------------------------------------------------------------ model card
 
-    def _card_files(self) -> list[Path]:
-        """The source files the model card lists (base, branches, extra files), each once."""
+    def _card_inputs(self) -> list[Any]:
+        """The inputs the model card lists: base, branches, extra files."""
         meta = self.metadata
         objects = [meta.get("base"), *(_branch_fields(b)[0] for b in meta.get("branches") or [])]
+        return [*objects, *(meta.get("files") or [])]
+
+    def _check_inputs_unchanged(self) -> None:
+        """Every input source's files are still the ones it read (see
+        :meth:`~drm_lightning.sources.WeightSource.check_unchanged`)."""
+        for obj in self._card_inputs():
+            check = getattr(obj, "check_unchanged", None)
+            if callable(check):
+                check()
+
+    def _card_files(self) -> list[Path]:
+        """The source files the model card lists (base, branches, extra files), each once."""
         files: list[Path] = []
         seen: set[Path] = set()
-        for obj in [*objects, *(meta.get("files") or [])]:
+        for obj in self._card_inputs():
             for file in _files_of(obj):
                 if file.resolve() not in seen:
                     seen.add(file.resolve())
@@ -410,7 +534,9 @@ class HFFolderWriter:
         for i, branch in enumerate(branches):
             source, coefficient = _branch_fields(branch)
             lines.append(f"| {i} | `{_label(source)}` | {coefficient} |")
+        self._check_inputs_unchanged()  # the digests must be of the files merged
         hashed = [(str(file), sha256_of(file)) for file in self._card_files()]
+        self._check_inputs_unchanged()
         lines += ["", "## Source files", ""]
         if hashed:
             lines += ["| file | sha256 |", "|---|---|"]
