@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from drm_lightning import __version__
-from drm_lightning.cli_guard import guard_output
+from drm_lightning.cli_guard import guard_output, input_paths
 from drm_lightning.cli_report import describe_plan
 from drm_lightning.config import MergeConfig, load_config
 from drm_lightning.disk_job import DiskMergeJob, make_writer, open_job, run_job
@@ -60,7 +60,13 @@ from drm_lightning.distributed.streaming import run_job_distributed, stream_sche
 from drm_lightning.merge_pieces import PIECE_ELEMENTS
 from drm_lightning.mergekit_format import MergekitConfig, tokenizer_source
 from drm_lightning.sources import HFFolderWriter
-from drm_lightning.sources.output_guard import Terminated, cleanup_on_signals
+from drm_lightning.sources.output_guard import (
+    Terminated,
+    check_unexpanded_home,
+    cleanup_on_signals,
+    interrupted,
+    outcome,
+)
 from drm_lightning.sources.writer import side_files
 
 __all__ = ["build_parser", "load_config", "main", "open_job", "parse_size", "run_job", "stream_schedule"]
@@ -85,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "config", type=Path, help="YAML config (see configs/ for one example per method)"
     )
     parser.add_argument(
-        "-o", "--output", type=Path, required=True, help="output folder (HF layout)"
+        "-o", "--output", type=_output_path, required=True, help="output folder (HF layout)"
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="validate and print the plan; read no weights"
@@ -154,7 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``drm-merge``; returns the exit status (0 ok, 2 error)."""
+    """Entry point of ``drm-merge``; returns the exit status (0 ok, 2 error, 130 Ctrl-C,
+    128 + N signal N).
+
+    Ctrl-C at any point ends with one line saying what is on disk: an error raised by a step
+    that Ctrl-C cut short (a half-imported module, ...) is that interruption, not an error.
+    """
+    try:
+        with cleanup_on_signals():
+            return _main(argv)
+    except KeyboardInterrupt as err:
+        print(f"drm-merge: interrupted; {outcome(err, 'nothing was written')}", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.piece_size < 0:
@@ -168,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _main_distributed(args)
     try:
         config = _load_config(args)
-        check_output(args.output, config, overwrite=args.overwrite, dry_run=args.dry_run)
+        check_output(args.output, config, overwrite=args.overwrite, dry_run=args.dry_run,
+                     config_file=args.config)
         device = resolve_device(args.device)
         if getattr(config, "alignment_merge", False):  # method: mudsc_zip, ... (issue 11)
             from drm_lightning.alignment.cli_job import run_alignment_merge
@@ -193,10 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_shard_bytes=args.max_shard_size,
                 piece_elements=args.piece_size or None,
             )
-    except KeyboardInterrupt:
-        print("drm-merge: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - every failure becomes one message and status 2
+    except Exception as err:  # every failure becomes one message and status 2
+        if interrupted():
+            raise KeyboardInterrupt from err  # reported by main
         print(f"drm-merge: error: {_message(err)}", file=sys.stderr)
         if args.verbose:
             traceback.print_exc()
@@ -205,6 +225,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     print(f"drm-merge: wrote {args.output}")
     return 0
+
+
+def _output_path(text: str) -> Path:
+    """``-o``: refused if it starts with a ``~`` the shell did not expand."""
+    try:
+        check_unexpanded_home(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return Path(text)
 
 
 def _positive_int(text: str) -> int:
@@ -272,35 +301,41 @@ def _load_config(args: argparse.Namespace) -> MergeConfig:
 
 
 def check_output(
-    out: Path, config: MergeConfig, *, overwrite: bool, dry_run: bool = False
+    out: Path,
+    config: MergeConfig,
+    *,
+    overwrite: bool,
+    dry_run: bool = False,
+    config_file: Path | None = None,
 ) -> None:
-    """Refuse an existing ``out`` without ``--overwrite``, any ``out`` that holds an input,
-    and what ``--overwrite`` must not replace (:func:`~drm_lightning.cli_guard.guard_output`);
-    report leftovers of killed earlier runs."""
+    """Refuse an existing ``out`` without ``--overwrite``, any ``out`` that holds an input
+    (``config_file`` and what the config names included,
+    :func:`~drm_lightning.cli_guard.input_paths`), and what ``--overwrite`` must not replace
+    (:func:`~drm_lightning.cli_guard.guard_output`); report leftovers of killed earlier runs."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"output {str(out)!r} exists and is a file, not a folder")
     if out.exists() and not overwrite:
         raise CLIError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it")
     target = out.resolve()
-    for label, path in [("base", config.base)] + [
-        (f"branches[{i}]", b.path) for i, b in enumerate(config.branches)
-    ]:
+    inputs = input_paths(config, config_file)
+    for label, path in inputs:
         source = path.resolve()
         if source == target or target in source.parents:
             raise CLIError(
-                f"output folder {str(out)!r} contains the {label} input {str(path)!r}; "
+                f"output folder {str(out)!r} contains the {label} {str(path)!r}; "
                 "choose another output folder"
             )
         if source in target.parents:
             raise CLIError(
-                f"output folder {str(out)!r} is inside the {label} input {str(path)!r}; "
+                f"output folder {str(out)!r} is inside the {label} {str(path)!r}; "
                 "choose a folder outside the inputs"
             )
     # the config and tokenizer files the output will copy: links out of their folder,
     # FIFOs and broken JSON are refused now, before any weight is read (--dry-run too)
     side_files(config.base if config.base.is_dir() else None, tokenizer_source(config))
-    inputs = [config.base, *(b.path for b in config.branches)]
-    notes = guard_output(out, overwrite=overwrite, inputs=inputs, dry_run=dry_run)
+    notes = guard_output(
+        out, overwrite=overwrite, inputs=[path for _, path in inputs], dry_run=dry_run
+    )
     if os.environ.get("RANK", "0") == "0":
         for note in notes:
             print(f"drm-merge: note: {note}", file=sys.stderr)
@@ -396,7 +431,8 @@ def _main_distributed(args: argparse.Namespace) -> int:
         local: BaseException | None = None
         try:
             config = _load_config(args)
-            check_output(args.output, config, overwrite=args.overwrite, dry_run=args.dry_run)
+            check_output(args.output, config, overwrite=args.overwrite, dry_run=args.dry_run,
+                         config_file=args.config)
             device = resolve_device(args.device, _local_rank())
             job = open_job(config)
             if rank == 0 and not args.dry_run:
@@ -404,7 +440,9 @@ def _main_distributed(args: argparse.Namespace) -> int:
                                      max_shard_bytes=args.max_shard_size)
         except KeyboardInterrupt:
             raise
-        except Exception as err:  # noqa: BLE001 - shared with every rank below
+        except Exception as err:  # shared with every rank below
+            if interrupted():
+                raise KeyboardInterrupt from err  # Ctrl-C cut a step short: not its error
             local = err
         reports = comm.all_gather_object(None if local is None else _message(local))
         failures = [(r, m) for r, m in enumerate(reports) if m is not None]
@@ -446,8 +484,8 @@ def _main_distributed(args: argparse.Namespace) -> int:
                 f"{stats['received_bytes'] / 2**20:.1f} MiB received by rank 0)"
             )
         return 0
-    except KeyboardInterrupt:
-        print(f"{tag}: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"{tag}: interrupted; {outcome(err, 'nothing was written')}", file=sys.stderr)
         return 130
     except DistributedMergeError as err:  # raised on every rank together: leave together
         _exit_on_sigterm(EXIT_ERROR)

@@ -5,9 +5,13 @@
   ``prefix`` / ``add_prefix`` (:class:`~drm_lightning.sources.renamed.RenamedSource`).
 * :func:`key_mismatch_hint`: when a branch's names differ from the base's only by a common
   prefix, the line of config that fixes it.
+* :func:`input_paths`: every path a merge reads (the config file, base, branches, and what the
+  config names: ``model:``/``batches:`` files and folders, ``tokenizer_source``), so that
+  ``-o`` can be refused when it holds one.
 * :func:`guard_output`: the checks on ``-o`` made before any weight is read (``--dry-run``
-  too): a parent that is a file, what ``--overwrite`` may replace, and leftovers of killed
-  earlier runs (reported; removed with ``--overwrite``).
+  too): a parent that is a file, on a pseudo or read-only file system or not writable, what
+  ``--overwrite`` may replace, and leftovers of killed earlier runs (reported; removed with
+  ``--overwrite``).
 
 Example:
     >>> import pathlib, tempfile
@@ -32,7 +36,7 @@ from drm_lightning.sources.output_guard import (
 )
 from drm_lightning.sources.renamed import RenamedSource, prefix_hint
 
-__all__ = ["guard_output", "key_mismatch_hint", "open_inputs"]
+__all__ = ["guard_output", "input_paths", "key_mismatch_hint", "open_inputs"]
 
 
 def open_inputs(config: MergeConfig) -> tuple[WeightSource, list[Any]]:
@@ -63,6 +67,34 @@ def key_mismatch_hint(config: MergeConfig, base: Any, branches: Sequence[Any]) -
     return "\n" + "\n".join(hints) if hints else ""
 
 
+def input_paths(
+    config: MergeConfig, config_file: str | os.PathLike[str] | None = None
+) -> list[tuple[str, Path]]:
+    """Every path the merge of ``config`` reads, each with how messages name it.
+
+    Example:
+        >>> from drm_lightning.config import MergeConfig
+        >>> cfg = MergeConfig(method="ties", base=".", branches=["."])
+        >>> [label for label, _ in input_paths(cfg, "merge.yaml")]
+        ['config file', 'base input', 'branches[0] input']
+    """
+    found = [] if config_file is None else [("config file", Path(config_file))]
+    found.append(("base input", Path(config.base)))
+    found += [(f"branches[{i}] input", Path(b.path)) for i, b in enumerate(config.branches)]
+    for prefix, section in (("", config), ("align.", getattr(config, "align", None))):
+        for field in ("model", "batches"):
+            value = getattr(section, field, None)
+            if isinstance(value, str):  # only alignment configs have these: already imported
+                from drm_lightning.align_config import is_reference
+
+                if not is_reference(value):
+                    found.append((f"{prefix}{field}: input", Path(value)))
+    tokenizer = getattr(config, "tokenizer_source", None)  # mergekit's format
+    if tokenizer is not None:
+        found.append(("tokenizer_source input", Path(tokenizer)))
+    return found
+
+
 def guard_output(
     out: Path,
     *,
@@ -76,6 +108,8 @@ def guard_output(
 
     Raises:
         NotADirectoryError: a parent of ``out`` is a file.
+        OSError: ``out`` cannot be created there (a pseudo or read-only file system, no
+            permission; see :func:`~drm_lightning.sources.output_guard.check_parent`).
         ValueError, FileExistsError: ``--overwrite`` would replace something it must not
             (see :func:`~drm_lightning.sources.output_guard.check_replaceable`).
     """

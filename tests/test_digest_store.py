@@ -27,7 +27,9 @@ def _no_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(base_module.hashlib, "sha256", refuse)
 
 
-def test_a_second_run_takes_the_stored_digest_without_reading_the_file(store, tmp_path, monkeypatch) -> None:
+def test_a_second_run_takes_the_stored_digest_without_reading_the_file(
+    store, tmp_path, monkeypatch
+) -> None:
     f = tmp_path / "w.safetensors"
     f.write_bytes(b"weights" * 1000)
     digest = sha256_of(f)
@@ -38,7 +40,9 @@ def test_a_second_run_takes_the_stored_digest_without_reading_the_file(store, tm
     assert sha256_of(tmp_path / "." / "w.safetensors") == digest  # the real path is the key
 
 
-def test_a_rewritten_file_is_hashed_again_even_with_its_old_size_and_mtime(store, tmp_path, monkeypatch) -> None:
+def test_a_rewritten_file_is_hashed_again_even_with_its_old_size_and_mtime(
+    store, tmp_path, monkeypatch
+) -> None:
     f = tmp_path / "w.safetensors"
     f.write_bytes(b"A" * 64)
     first = sha256_of(f)
@@ -57,7 +61,7 @@ def test_a_file_changed_while_it_was_hashed_is_not_stored(store, tmp_path) -> No
     f.write_bytes(b"old")
     before = file_key(f)
     f.write_bytes(b"new")  # same size: only the times tell
-    store_digest(f, "digest of old", before)
+    store_digest(f, "0" * 64, before)
     assert stored_digest(f) is None
 
 
@@ -71,14 +75,14 @@ def test_store_off_unwritable_or_corrupt_is_ignored(tmp_path, monkeypatch) -> No
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("DRM_LIGHTNING_CACHE", str(blocker / "cache"))  # cannot be a folder
-    store_digest(f, "x")
+    store_digest(f, "7" * 64)
     assert stored_digest(f) is None
     monkeypatch.setenv("DRM_LIGHTNING_CACHE", str(tmp_path / "c"))
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "sha256.json").write_text("{not json")
     assert stored_digest(f) is None
-    store_digest(f, "y")
-    assert stored_digest(f) == "y"
+    store_digest(f, "8" * 64)
+    assert stored_digest(f) == "8" * 64
 
 
 def test_the_store_keeps_the_newest_entries(store, tmp_path, monkeypatch) -> None:
@@ -87,8 +91,8 @@ def test_the_store_keeps_the_newest_entries(store, tmp_path, monkeypatch) -> Non
     for i in range(5):
         files.append(tmp_path / f"f{i}")
         files[-1].write_bytes(bytes([i]))
-        store_digest(files[-1], f"d{i}")
-    assert [stored_digest(f) for f in files] == [None, None, "d2", "d3", "d4"]
+        store_digest(files[-1], f"{i}" * 64)
+    assert [stored_digest(f) for f in files] == [None, None, "2" * 64, "3" * 64, "4" * 64]
     assert MAX_ENTRIES >= 1000
 
 
@@ -106,9 +110,13 @@ def test_processes_updating_the_store_at_once_keep_every_digest(store, tmp_path)
     for w in workers:
         w.join(timeout=60)
     assert all(w.exitcode == 0 for w in workers)
-    assert [stored_digest(f) for f in files] == [f"digest of {f.name}" for f in files]
+    assert [stored_digest(f) for f in files] == [_digest_of(f) for f in files]
+
+
+def _digest_of(f: Path) -> str:  # a well-formed digest: the store keeps no other kind
+    return hashlib.sha256(f.name.encode()).hexdigest()
 
 
 def _store_each(files: list[Path]) -> None:  # in a forked process: each read-modify-replace once
     for f in files:
-        store_digest(f, f"digest of {f.name}")
+        store_digest(f, _digest_of(f))

@@ -51,7 +51,12 @@ from drm_lightning.sources.output_guard import (
     COPIED_FILES,
     check_parent,
     check_replaceable,
+    exchange,
+    interrupted,
+    outcome,
+    record_outcome,
     remove_stale,
+    rename_noreplace,
     sibling,
     stale_leftovers,
 )
@@ -168,7 +173,8 @@ def check_free_space(out_dir: str | os.PathLike[str], needed_bytes: int) -> None
         needed_bytes: bytes the output will take.
 
     Raises:
-        OSError: (``errno.ENOSPC``) naming the folder, the space needed and the space free.
+        OSError: (``errno.ENOSPC``) naming the folder, the space needed and the space free;
+            (``errno.EINVAL``) the folder is on a pseudo file system (no size: ``/proc``).
 
     Example:
         >>> import tempfile
@@ -181,7 +187,15 @@ def check_free_space(out_dir: str | os.PathLike[str], needed_bytes: int) -> None
     probe = Path(out_dir).absolute()
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    usage = shutil.disk_usage(probe)
+    if usage.total == 0:  # /proc, /sys: "0.00 GiB free" would hide the real problem
+        raise OSError(
+            errno.EINVAL,
+            f"cannot write {out_dir}: {probe} is not on a file system that can hold a model "
+            "(it reports no size: a pseudo file system such as /proc or /sys); choose another "
+            "output folder",
+        )
+    free = usage.free
     if free < needed_bytes:
         raise OSError(
             errno.ENOSPC,
@@ -199,8 +213,9 @@ class HFFolderWriter:
 
     Args:
         out_dir: the folder to create.
-        overwrite: replace an existing ``out_dir`` (only once the new folder is complete),
-            if it is an earlier drm_lightning output
+        overwrite: replace an existing ``out_dir`` (only once the new folder is complete, by
+            swapping the two in one step where the file system can), if it is an earlier
+            drm_lightning output
             (:func:`~drm_lightning.sources.output_guard.check_replaceable`); leftovers of
             killed earlier runs writing the same ``out_dir`` are removed. Without it an
             existing ``out_dir`` raises ``FileExistsError`` at construction.
@@ -294,6 +309,8 @@ class HFFolderWriter:
     def __enter__(self) -> HFFolderWriter:
         if self.tmp_dir is not None or self._closed:
             raise RuntimeError("an HFFolderWriter can be entered only once")
+        if interrupted():  # Ctrl-C whose KeyboardInterrupt library code swallowed: stop now
+            raise KeyboardInterrupt
         tmp_dir = sibling(self.out_dir, "tmp")
         with _located(tmp_dir):
             check_parent(self.out_dir)
@@ -310,13 +327,20 @@ class HFFolderWriter:
         tb: TracebackType | None,
     ) -> None:
         if exc_type is not None:
-            self.abort()
+            self._abort_after(exc)
             return
         try:
             self._finish()
-        except BaseException:
-            self.abort()
+        except BaseException as err:
+            self._abort_after(err)
             raise
+
+    def _abort_after(self, exc: BaseException | None) -> None:
+        """:meth:`abort`, and say on ``exc`` what is left (unless the swap said it already)."""
+        removed = self.tmp_dir is not None and self.tmp_dir.exists()
+        self.abort()
+        if removed and exc is not None and not outcome(exc, ""):
+            record_outcome(exc, "nothing was written (the partial output was removed)")
 
     # ------------------------------------------------------------------ writing
 
@@ -352,6 +376,8 @@ class HFFolderWriter:
             raise RuntimeError(
                 "HFFolderWriter.add() must be called inside the writer's `with` block"
             )
+        if interrupted():  # Ctrl-C whose KeyboardInterrupt library code swallowed (a JIT callback)
+            raise KeyboardInterrupt
         if not isinstance(name, str) or not name:
             raise TypeError(f"tensor name must be a non-empty string, got {name!r}")
         if not isinstance(tensor, (Tensor, RowPieces)):
@@ -452,22 +478,75 @@ class HFFolderWriter:
                 check_unchanged(side.source, side.identity, fd, path_too=False)
 
     def _move_into_place(self) -> None:
-        assert self.tmp_dir is not None
-        if not self.out_dir.exists():
-            os.rename(self.tmp_dir, self.out_dir)
-            return
-        if not self.overwrite:
-            raise FileExistsError(
-                f"output folder {self.out_dir} appeared while writing; pass overwrite=True (--overwrite) to replace it"
+        """Put the finished folder at ``out_dir``: renamed there if nothing is there (never
+        over a folder that appeared meanwhile), else (``overwrite``) swapped with the earlier
+        output in one step (:func:`~drm_lightning.sources.output_guard.exchange`), which is
+        then deleted. Where the file system cannot swap, two renames (``out_dir`` is briefly
+        absent). Interrupted at any point, the exception says what is on disk."""
+        new, out = self.tmp_dir, self.out_dir
+        assert new is not None
+        appeared = FileExistsError(
+            f"output folder {out} appeared while writing; "
+            + (
+                "it was left as it was (not checked as an earlier output): run again"
+                if self.overwrite
+                else "pass overwrite=True (--overwrite) to replace it"
             )
-        old = sibling(self.out_dir, "old")
-        os.rename(self.out_dir, old)
+        )
+        if os.path.lexists(out) and not self.overwrite:
+            raise appeared
+        ours = _folder_id(new)
+        old = sibling(out, "old")
         try:
-            os.rename(self.tmp_dir, self.out_dir)
-        except BaseException:
-            os.rename(old, self.out_dir)
+            if not os.path.lexists(out):
+                try:
+                    rename_noreplace(new, out)
+                except FileExistsError:
+                    raise appeared from None
+            elif exchange(new, out):
+                old = new  # the earlier output is now under the temporary name
+            else:
+                os.rename(out, old)
+                os.rename(new, out)
+            self.tmp_dir = None
+            if os.path.lexists(old):
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException as exc:
+            self._settle(exc, ours, (new, old))
             raise
-        shutil.rmtree(old, ignore_errors=True)
+
+    def _settle(self, exc: BaseException, ours: tuple[int, int], olds: tuple[Path, ...]) -> None:
+        """After ``exc`` stopped :meth:`_move_into_place`: make ``out_dir`` hold a complete
+        output again if it is missing, and record on ``exc`` what it holds."""
+        out = self.out_dir
+        if _folder_id(out) is None:  # between the two renames: put the earlier output back
+            earlier = next((p for p in olds if p != self.tmp_dir and os.path.lexists(p)), None)
+            if earlier is not None:
+                try:
+                    os.rename(earlier, out)
+                except BaseException:
+                    self.tmp_dir = None  # keep the new output where it is
+                    record_outcome(
+                        exc,
+                        f"{out} is missing: the new output is at {olds[0]} and the earlier one "
+                        f"at {earlier}; rename one of them to {out}",
+                    )
+                    raise
+            return  # out_dir as it was; abort() removes the new output
+        if _folder_id(out) != ours:
+            return  # not swapped: out_dir as it was
+        self.tmp_dir = None  # the new output is in place: abort() must not touch anything
+        left = next((p for p in olds if os.path.lexists(p)), None)
+        record_outcome(
+            exc,
+            f"{out} was written"
+            + (
+                f"; the earlier output it replaced was left at {left}: delete it (an "
+                "--overwrite run writing the same folder removes it once this process has ended)"
+                if left is not None
+                else ""
+            ),
+        )
 
     # ------------------------------------------------------------------ model card
 
@@ -577,6 +656,15 @@ def _located(path: Path) -> Iterator[None]:
         match = re.search(r"(?:os error |code: )(\d+)", str(err))
         code = int(match.group(1)) if match else errno.EIO
         raise OSError(code, f"{os.strerror(code)} ({err})", str(path)) from err
+
+
+def _folder_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path`` itself (a link is not followed), or None if absent."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _header_reserve(max_shard_bytes: int) -> int:
