@@ -23,7 +23,7 @@ validates the config and the plan (an error on any rank stops every rank with th
 message before any weight is read), reads and merges only the tensors the schedule gives
 it, and sends each result to rank 0, which alone writes ``OUT``. Each tensor is merged by
 the same code as in a single-process run, so with the same thread count per process the
-output is bit for bit the single-process output (README, *Precision and reproducibility*).
+output is bit for bit the single-process output (docs/precision.md).
 A rank that stops answering is named on the others, which stop: when it shows no progress for
 ``--timeout`` seconds, or at once when its process ended.
 

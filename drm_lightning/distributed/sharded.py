@@ -47,7 +47,7 @@ Numerics: the fallback path is bit-identical to the single-process merge. The ma
 sums in a different order: in float64 it equals the single-process merge to ~1e-12; in
 float32 it stays within the package's float32 bound of the float64 merge (1e-2 of the
 merged delta; measured ~1e-7 on the tests' matrices) — an entry at the pruning cut may fall
-the other way (README, *Precision and reproducibility*).
+the other way (docs/precision.md).
 """
 
 from __future__ import annotations
