@@ -26,7 +26,7 @@ from _common import demo_seed
 from drm_lightning.demo.backbone import ResidualMLP
 from drm_lightning.demo.config import DEFAULT_METHODS, DemoConfig
 from drm_lightning.demo.runner import _evaluate
-from drm_lightning.merge import merge_state_dicts
+from drm_lightning.merge.loop import merge_state_dicts
 from drm_lightning.methods import get_method
 from drm_lightning.methods.drm import shared_basis
 

@@ -135,8 +135,8 @@ def child_merge(spec: dict) -> dict:
     """
     import yaml
 
-    from drm_lightning.disk_job import open_job, run_job
-    from drm_lightning.config import load_config
+    from drm_lightning.cli.job import open_job, run_job
+    from drm_lightning.config.loading import load_config
     from drm_lightning.sources import writer as writer_mod
 
     _set_threads(spec["threads"])
@@ -244,7 +244,7 @@ def child_svd(spec: dict) -> dict:
     """
     import torch
 
-    from drm_lightning.merge import plan_merge
+    from drm_lightning.merge.plan import plan_merge
     from drm_lightning.methods.drm import shared_basis
     from drm_lightning.sources import open_source
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 from drm_lightning.distributed import DistributedMerger, merge_module_branches
-from drm_lightning.merge import merge_state_dicts
+from drm_lightning.merge.loop import merge_state_dicts
+from drm_lightning.merge.routing import Routing
 from drm_lightning.methods import available_methods, get_method
-from drm_lightning.routing import Routing
+from drm_lightning.sources.writer import package_version
 
-__version__ = "0.1.0"
+__version__ = package_version()  # from the installed metadata (pyproject.toml)
 
 _LAZY = {
     "MergeCallback": "drm_lightning.lightning",

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from drm_lightning.accelerate import MergeHook
 from drm_lightning.inloop import BranchedModel
 from drm_lightning.lightning import MergeCallback
-from drm_lightning.routing import Routing
+from drm_lightning.merge.routing import Routing
 from test_lightning_common import CLASSES, HIDDEN, TASKS, MultiHead, backbone, acc_specs, branched, task_data, train_loaders, trainer
 
 DRM = {"drop_rate": 0.5}

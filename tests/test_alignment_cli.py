@@ -25,10 +25,11 @@ from drm_lightning.alignment import (
     permute_state_dict,
     random_permutations,
 )
-from drm_lightning.alignment.calibration import load_batches
-from drm_lightning.cli import main
-from drm_lightning.config import ConfigError, load_config
-from drm_lightning.merge import merge_state_dicts
+from drm_lightning.cli.align_inputs import load_batches
+from drm_lightning.cli.command import main
+from drm_lightning.config.errors import ConfigError
+from drm_lightning.config.loading import load_config
+from drm_lightning.merge.loop import merge_state_dicts
 from drm_lightning.methods import get_method
 
 NETS_MODULE = """
@@ -142,7 +143,7 @@ def test_align_pre_step_then_drm_equals_drm_of_the_unpermuted(work: Path) -> Non
 
 def test_dry_runs_read_no_weight(work: Path, monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    from drm_lightning.alignment.cli_job import run_alignment_merge
+    from drm_lightning.cli.align_job import run_alignment_merge
 
     paths = [str(_save(seeded(MLP, s), work / f"m{s}")) for s in (0, 1)]
     _forbid_reading(monkeypatch)
@@ -238,7 +239,7 @@ def test_architecture_mismatch_named_before_any_read(work: Path, monkeypatch: py
 
 
 def test_align_refused_under_torchrun(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from drm_lightning.alignment.cli_job import run_alignment_merge
+    from drm_lightning.cli.align_job import run_alignment_merge
 
     paths = [str(_save(seeded(MLP, s), work / f"m{s}")) for s in (0, 1)]
     cfg = load_config(_config(work, {"method": "weight_matching", "branches": paths, "model": "nets_cli:mlp",

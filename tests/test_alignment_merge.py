@@ -23,7 +23,7 @@ from drm_lightning.alignment import (
     random_permutations,
     reset_batchnorm,
 )
-from drm_lightning.merge import merge_state_dicts
+from drm_lightning.merge.loop import merge_state_dicts
 from drm_lightning.methods import get_method
 
 NETS = {

@@ -23,7 +23,7 @@ def test_shapes_are_llama_3_2_1b_untied() -> None:
 
 
 def test_subset_routing_sends_exactly_the_chosen_layers_to_the_matrix_path(tmp_path: Path) -> None:
-    from drm_lightning.config import load_config
+    from drm_lightning.config.loading import load_config
 
     folders = {k: tmp_path / k for k in ("base", "b1", "b2", "b3")}
     for folder in folders.values():

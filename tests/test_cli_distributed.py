@@ -19,8 +19,8 @@ import yaml
 from helpers import tiny_llama_config
 from safetensors.torch import load_file, save_file
 
-from drm_lightning import cli
-from drm_lightning.cli import main
+from drm_lightning.cli import command as cli
+from drm_lightning.cli.command import main
 
 transformers = pytest.importorskip("transformers")
 
@@ -220,7 +220,7 @@ def test_on_device_wrapper_moves_reads(zoo: Path) -> None:
     from drm_lightning.sources import open_source
 
     source = open_source(zoo / "base")
-    from drm_lightning.disk_job import OnDevice
+    from drm_lightning.sources.on_device import OnDevice
 
     wrapped = OnDevice(source, torch.device("cpu"))
     name = source.keys()[0]

@@ -29,7 +29,7 @@ from drm_lightning.demo import (  # noqa: E402
 from drm_lightning.demo.report import paired_differences, summarize  # noqa: E402
 from drm_lightning.demo.tasks import VIEWS, load_digits_tensors, split_indices  # noqa: E402
 from drm_lightning.evaluation import evaluate_tasks  # noqa: E402
-from drm_lightning.merge import merge_state_dicts  # noqa: E402
+from drm_lightning.merge.loop import merge_state_dicts  # noqa: E402
 from drm_lightning.methods import get_method  # noqa: E402
 
 TINY_METHODS = tuple(m for m in DEFAULT_METHODS if m.label in ("linear", "ties", "drm_h", "drm_h_norenorm"))

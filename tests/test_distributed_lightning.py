@@ -29,7 +29,7 @@ def test_lightning_deepspeed_stage3_merge_in_hook() -> None:
 
     from drm_lightning.distributed import DistributedMerger, ParamSet, ShardSnapshot
     from drm_lightning.methods import get_method
-    from drm_lightning.routing import Routing
+    from drm_lightning.merge.routing import Routing
 
     method = get_method("drm", drop_rate=0.8)
     errors: dict[str, float] = {}

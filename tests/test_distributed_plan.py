@@ -30,7 +30,8 @@ from drm_lightning.distributed import (
     topk_mask_distributed,
 )
 from drm_lightning.distributed.tensors import held_range, partition_size
-from drm_lightning.merge import merge_state_dicts, merge_tensor
+from drm_lightning.merge.loop import merge_state_dicts
+from drm_lightning.merge.tensor import merge_tensor
 from drm_lightning.methods import get_method
 from drm_lightning.methods.ops import topk_mask
 

@@ -33,7 +33,7 @@ def _replica_worker(rank: int, world: int, port: int, outdir: str) -> None:
     from drm_lightning.distributed import DistributedMergeError, DistributedMerger, ParamSet, ShardSnapshot
     from drm_lightning.methods import get_method
     from drm_lightning.methods.drm import DRM
-    from drm_lightning.routing import Routing
+    from drm_lightning.merge.routing import Routing
 
     results: dict[str, Any] = {}
     try:

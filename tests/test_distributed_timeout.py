@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from drm_lightning.cli import main
+from drm_lightning.cli.command import main
 from drm_lightning.distributed import comm as comm_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ if where == "user":  # a group the user created (in-loop merges): their timeout,
     (marks / f"rank{rank}.done").write_text(f"{time.time()} {result}")
     sys.exit(int(result.split()[0]))
 
-from drm_lightning import cli
+from drm_lightning.cli import command as cli
 from drm_lightning.distributed import streaming
 from drm_lightning.distributed.comm import Comm
 

@@ -99,8 +99,8 @@ def batch(seed: int = 0) -> tuple[torch.Tensor, ...]:
 
 def reference(method: Any, full: dict[str, torch.Tensor], compute_dtype: torch.dtype, names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Single-process merge_tensor of every base tensor (ignored ones keep the base value)."""
-    from drm_lightning.merge import merge_tensor, tensor_generator
-    from drm_lightning.routing import Routing
+    from drm_lightning.merge.tensor import merge_tensor, tensor_generator
+    from drm_lightning.merge.routing import Routing
 
     routing = Routing(ignore=IGNORE)
     out = {}
@@ -188,7 +188,7 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
     )
     from drm_lightning.methods import get_method
     from drm_lightning.methods.drm import DRM
-    from drm_lightning.routing import Routing
+    from drm_lightning.merge.routing import Routing
 
     model = build_model()
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -283,7 +283,7 @@ def test_lowrank_equals_dense(direction: str, shape) -> None:
 
 # 14. dtype: bf16 in → bf16 out equal to fp32 computation rounded once.
 def test_bf16_inputs_round_once() -> None:
-    from drm_lightning.merge import merge_tensor
+    from drm_lightning.merge.tensor import merge_tensor
 
     g = torch.Generator().manual_seed(15)
     base = torch.randn(16, 12, generator=g).to(torch.bfloat16)

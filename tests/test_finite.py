@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from drm_lightning.distributed import merge_module_branches
-from drm_lightning.merge import merge_state_dicts, merge_tensor
+from drm_lightning.merge.loop import merge_state_dicts
+from drm_lightning.merge.tensor import merge_tensor
 from drm_lightning.methods import get_method
 from drm_lightning.methods.drm import drm_merge
 

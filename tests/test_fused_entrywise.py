@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from drm_lightning.merge import PlannedTensor
-from drm_lightning.merge_pieces import merge_in_pieces
+from drm_lightning.merge.plan import PlannedTensor
+from drm_lightning.merge.pieces import merge_in_pieces
 from drm_lightning.methods import get_method
 from drm_lightning.methods.task_vector import task_vector_merge_rows
 from drm_lightning.methods.task_vector_fused import task_vector_merge_stored_rows
@@ -333,7 +333,7 @@ def test_output_dtype_other_than_the_stored_one(stored, out) -> None:
 def test_sources_that_move_rows_to_a_device_stay_on_the_torch_route(monkeypatch) -> None:
     # The disk job's OnDevice moves every read to the GPU; the fused kernels read CPU memory.
     # Here rows go to the "meta" device: the fused route must not be asked for.
-    from drm_lightning.disk_job import OnDevice
+    from drm_lightning.sources.on_device import OnDevice
     from drm_lightning.methods.task_vector import TaskVectorMethod
 
     base_t, branch_ts, _ = _inputs(torch.float32, 2, (20, 6), tied=False)

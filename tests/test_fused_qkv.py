@@ -11,12 +11,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from drm_lightning.cli import main
-from drm_lightning.config import load_config
+from drm_lightning.cli.command import main
+from drm_lightning.config.loading import load_config
 from drm_lightning.distributed import merge_module_branches
-from drm_lightning.merge import merge_state_dicts, merge_tensor
+from drm_lightning.merge.loop import merge_state_dicts
+from drm_lightning.merge.tensor import merge_tensor
 from drm_lightning.methods import get_method
-from drm_lightning.routing import Routing
+from drm_lightning.merge.routing import Routing
 
 F64 = torch.float64
 FUSED = Routing(fused_qkv=[r".*in_proj_weight"])

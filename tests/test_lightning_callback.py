@@ -18,9 +18,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from drm_lightning.evaluation import TaskSpec, evaluate_task
 from drm_lightning.lightning import BranchedModule, MergeCallback
-from drm_lightning.merge import merge_state_dicts
+from drm_lightning.merge.loop import merge_state_dicts
 from drm_lightning.methods import get_method
-from drm_lightning.routing import Routing
+from drm_lightning.merge.routing import Routing
 from test_lightning_common import (
     CLASSES,
     TASKS,

@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from drm_lightning.evaluation import evaluate_task
 from drm_lightning.lightning import MergeCallback
-from drm_lightning.routing import Routing
+from drm_lightning.merge.routing import Routing
 from test_lightning_common import TASKS, assert_state_equal, branched, clone_state, specs, train_loaders, trainer
 
 MERGE_STEPS = (2, 4)

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from drm_lightning.lightning import BranchedModule, MergeCallback
-from drm_lightning.routing import Routing
+from drm_lightning.merge.routing import Routing
 from test_lightning_common import (
     MultiHead,
     acc_specs,

@@ -186,7 +186,7 @@ def _worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) -> Non
     warnings.filterwarnings("ignore", category=FutureWarning)
     cpu_deepspeed_rank(rank, world, port)
     from drm_lightning.lightning import MergeCallback
-    from drm_lightning.routing import Routing
+    from drm_lightning.merge.routing import Routing
 
     results: dict[str, Any] = {}
     try:
@@ -280,7 +280,7 @@ def _assert_close(merged: dict[str, Tensor], expected: dict[str, Tensor], names:
 
 
 def _oracle(base: dict[str, Tensor], branches: list[dict[str, Tensor]], routing: Any = None) -> dict[str, Tensor]:
-    from drm_lightning.merge import merge_state_dicts
+    from drm_lightning.merge.loop import merge_state_dicts
     from drm_lightning.methods import get_method
 
     return merge_state_dicts(get_method("drm", **DRM), base, branches, routing=routing, seed=0)
@@ -332,7 +332,7 @@ def test_parameters_stay_partitioned(zero3_fits: list[dict[str, Any]]) -> None:
 
 def test_single_model_merges_equal_single_process(zero3_fits: list[dict[str, Any]]) -> None:
     """Snapshots (shards) and safetensors checkpoints read shard-wise: merges equal the oracle."""
-    from drm_lightning.routing import Routing
+    from drm_lightning.merge.routing import Routing
 
     routing = Routing(ignore=IGNORE)
     checkpoints = checkpoint_states()

@@ -6,16 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from drm_lightning.merge import (
-    merge_state_dicts,
-    merge_tensor,
-    plan_merge,
-    tensor_generator,
-    validate_coefficients,
-)
+from drm_lightning.merge.loop import merge_state_dicts
+from drm_lightning.merge.plan import plan_merge, validate_coefficients
+from drm_lightning.merge.tensor import merge_tensor, tensor_generator
 from drm_lightning.methods import get_method
 from drm_lightning.methods.drm import drm_merge
-from drm_lightning.routing import Routing
+from drm_lightning.merge.routing import Routing
 
 
 def _mlp(seed: int) -> nn.Module:

@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from drm_lightning.config import load_config
-from drm_lightning.disk_job import open_job, run_job
-from drm_lightning.merge import PlannedTensor, iter_merge
-from drm_lightning.merge_pieces import merge_in_pieces, merges_in_pieces
+from drm_lightning.config.loading import load_config
+from drm_lightning.cli.job import open_job, run_job
+from drm_lightning.merge.loop import iter_merge
+from drm_lightning.merge.plan import PlannedTensor
+from drm_lightning.merge.pieces import merge_in_pieces, merges_in_pieces
 from drm_lightning.methods import get_method
 from drm_lightning.methods._select import (
     count_digits,
@@ -221,7 +222,7 @@ def test_disk_job_in_pieces_writes_the_whole_merge(tmp_path: Path, method: str) 
 _PEAK_SCRIPT = """
 import re, sys, pathlib, torch
 from drm_lightning.merge import PlannedTensor
-from drm_lightning.merge_pieces import merge_in_pieces
+from drm_lightning.merge.pieces import merge_in_pieces
 from drm_lightning.methods import get_method
 from drm_lightning.sources import HFFolderWriter, RowPieces, SafetensorsFileSource
 folder, rows, pieced = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
@@ -263,7 +264,7 @@ def test_peak_memory_of_a_pieced_merge_does_not_grow_with_the_tensor(tmp_path: P
 
 
 def test_cli_refuses_a_negative_piece_size(capsys: pytest.CaptureFixture[str]) -> None:
-    from drm_lightning.cli import main
+    from drm_lightning.cli.command import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["any.yaml", "-o", "out", "--piece-size", "-1"])

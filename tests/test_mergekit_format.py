@@ -24,9 +24,10 @@ import pytest
 import torch
 import yaml
 
-from drm_lightning import cli
-from drm_lightning.config import ConfigError, load_config
-from drm_lightning.mergekit_format import MergekitConfig, PerBranchDensity
+from drm_lightning.cli import command as cli
+from drm_lightning.config.errors import ConfigError
+from drm_lightning.config.loading import load_config
+from drm_lightning.config.mergekit import MergekitConfig, PerBranchDensity
 
 transformers = pytest.importorskip("transformers")
 mk_config = pytest.importorskip("mergekit.config")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from drm_lightning.merge import iter_merge
+from drm_lightning.merge.loop import iter_merge
 from drm_lightning.methods import get_method
 from drm_lightning.sources import SafetensorsFileSource
 from drm_lightning.sources.read_ahead import ReadAhead

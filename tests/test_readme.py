@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drm_lightning.config import load_config
+from drm_lightning.config.loading import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

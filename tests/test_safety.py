@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from drm_lightning.cli import main
+from drm_lightning.cli.command import main
 from drm_lightning.sources import HFFolderWriter, open_source
 
 ROOT = Path(__file__).resolve().parents[1]

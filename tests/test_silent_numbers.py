@@ -24,7 +24,9 @@ from torch import nn
 from drm_lightning.alignment import align_then_merge, get_alignment, merge_models
 from drm_lightning.alignment.spec import PermSpec
 from drm_lightning.distributed import merge_module_branches
-from drm_lightning.merge import merge_state_dicts, merge_tensor, plan_merge
+from drm_lightning.merge.loop import merge_state_dicts
+from drm_lightning.merge.plan import plan_merge
+from drm_lightning.merge.tensor import merge_tensor
 from drm_lightning.methods import (
     available_methods,
     drm_merge,
@@ -331,9 +333,9 @@ def test_config_linear_with_zero_coefficients_fails_at_planning(tmp_path) -> Non
     import yaml
     from safetensors.torch import save_file
 
-    from drm_lightning.cli import main
-    from drm_lightning.config import load_config
-    from drm_lightning.disk_job import open_job
+    from drm_lightning.cli.command import main
+    from drm_lightning.config.loading import load_config
+    from drm_lightning.cli.job import open_job
 
     paths = []
     for i, name in enumerate(["base", "a", "b"]):

@@ -660,7 +660,7 @@ def test_merge_loop_with_lora_branch_and_writer(
     llama: dict, peft_adapters: dict, tmp_path: Path
 ) -> None:
     """Sources + merge loop + writer: task arithmetic of one LoRA branch equals PEFT's merge."""
-    from drm_lightning.merge import iter_merge
+    from drm_lightning.merge.loop import iter_merge
     from drm_lightning.methods import get_method
     from drm_lightning.sources import HFFolderWriter
 

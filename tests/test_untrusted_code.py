@@ -30,8 +30,9 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from drm_lightning.cli import main
-from drm_lightning.config import ConfigError, load_config
+from drm_lightning.cli.command import main
+from drm_lightning.config.errors import ConfigError
+from drm_lightning.config.loading import load_config
 from drm_lightning.lightning import BranchedModule
 from drm_lightning.sources import UntrustedPickleError
 

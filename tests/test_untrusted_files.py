@@ -23,8 +23,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from drm_lightning import disk_job
-from drm_lightning.cli import main
+from drm_lightning.cli import job as disk_job
+from drm_lightning.cli.command import main
 from drm_lightning.sources import (
     HFFolderWriter,
     LoraBranch,

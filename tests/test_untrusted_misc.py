@@ -29,8 +29,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from drm_lightning.config import ConfigError, load_config, parse_config
-from drm_lightning.config_yaml import MAX_CONFIG_BYTES, load_yaml
+from drm_lightning.config.errors import ConfigError
+from drm_lightning.config.loading import load_config, parse_config
+from drm_lightning.config.loading import MAX_CONFIG_BYTES
+from drm_lightning.config.yaml_file import load_yaml
 from drm_lightning.evaluation import TaskSpec
 
 # ------------------------------------------------------------------------------ config file
@@ -43,9 +45,9 @@ def test_fifo_as_config_is_refused_not_read(
 ) -> None:
     fifo = tmp_path / "cfg.yaml"
     os.mkfifo(fifo)
-    with pytest.raises(ConfigError, match=r"cfg\.yaml: is not a regular file \(a FIFO\)"):
+    with pytest.raises(ConfigError, match=r"cfg\.yaml is not a regular file \(a FIFO\)"):
         load_config(fifo)
-    from drm_lightning.cli import main
+    from drm_lightning.cli.command import main
 
     out = tmp_path / "out"
     assert main([str(fifo), "-o", str(out), "--dry-run"]) == 2
@@ -54,11 +56,11 @@ def test_fifo_as_config_is_refused_not_read(
 
 
 def test_other_non_regular_files_and_oversized_configs_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"is not a regular file \(a directory\)"):
+    with pytest.raises(ConfigError, match=r"is not a regular file \(a folder\)"):
         load_config(tmp_path)
     if os.path.exists("/dev/zero"):  # endless: read_text would never return
         with pytest.raises(
-            ConfigError, match=r"/dev/zero: is not a regular file \(a character device\)"
+            ConfigError, match=r"/dev/zero is not a regular file \(a character device\)"
         ):
             load_config("/dev/zero")
     big = tmp_path / "big.yaml"
@@ -242,7 +244,7 @@ def calib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_calibration_batches_of_the_wrong_dtype_are_refused(calib: Path) -> None:
     from _alignment_nets import MLP
 
-    from drm_lightning.alignment.calibration import load_batches
+    from drm_lightning.cli.align_inputs import load_batches
 
     model = MLP().double()
     with pytest.raises(ValueError) as info:
@@ -271,7 +273,7 @@ def test_calibration_batches_of_the_wrong_dtype_are_refused(calib: Path) -> None
 def test_calibration_batches_that_fit_are_accepted(calib: Path) -> None:
     from _alignment_nets import MLP
 
-    from drm_lightning.alignment.calibration import load_batches
+    from drm_lightning.cli.align_inputs import load_batches
 
     assert len(load_batches("f32.safetensors", batch_size=16, model=MLP())) == 3
     assert (

@@ -23,8 +23,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from drm_lightning import cli
-from drm_lightning.cli import main
+from drm_lightning.cli import command as cli
+from drm_lightning.cli.command import main
 from drm_lightning.sources import HFFolderWriter, check_free_space, output_guard, sha256_of
 from drm_lightning.sources import base as base_module
 from drm_lightning.sources import writer as writer_module
@@ -329,7 +329,7 @@ def test_a_swallowed_ctrl_c_still_stops_the_run(
     monkeypatch: pytest.MonkeyPatch,
     when: str,
 ) -> None:
-    from drm_lightning import disk_job
+    from drm_lightning.cli import job as disk_job
 
     if when == "start-up":
         real_open = cli.open_job

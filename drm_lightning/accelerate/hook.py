@@ -16,8 +16,8 @@ from drm_lightning.inloop import LiveBranches, MergeCore, SingleModelBranches, m
 from drm_lightning.inloop.backends import gloo_group
 from drm_lightning.inloop.providers import parse_branches
 from drm_lightning.inloop.schedule import Schedule
+from drm_lightning.merge.routing import Routing
 from drm_lightning.methods import MergeMethod
-from drm_lightning.routing import Routing
 
 PathLike = str | os.PathLike[str]
 Predicate = Callable[[int | None, int | None], bool]

@@ -13,7 +13,11 @@ Example:
     True
 """
 
-from drm_lightning.alignment.activations import activation_similarity, default_forward, reset_batchnorm
+from drm_lightning.alignment.activations import (
+    activation_similarity,
+    default_forward,
+    reset_batchnorm,
+)
 from drm_lightning.alignment.api import align, align_models, align_then_merge, merge_models
 from drm_lightning.alignment.core import (
     AlignmentMethod,
@@ -23,11 +27,19 @@ from drm_lightning.alignment.core import (
     get_alignment,
     register_alignment,
 )
-from drm_lightning.alignment.similarity import CorrelationAccumulator, row_correlation, weight_similarity
+from drm_lightning.alignment.similarity import (
+    CorrelationAccumulator,
+    row_correlation,
+    weight_similarity,
+)
 from drm_lightning.alignment.solvers import Matching, align_match, identity_matching, zip_match
 from drm_lightning.alignment.spec import Member, PermGroup, PermSpec, Probe
 from drm_lightning.alignment.trace import derive_spec
-from drm_lightning.alignment.transforms import permutation_matrix, permute_state_dict, random_permutations
+from drm_lightning.alignment.transforms import (
+    permutation_matrix,
+    permute_state_dict,
+    random_permutations,
+)
 
 __all__ = [
     "AlignmentMethod",

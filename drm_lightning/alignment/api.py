@@ -200,7 +200,7 @@ def align_then_merge(
     Returns:
         The merged state dict (in the anchor's unit order).
     """
-    from drm_lightning.merge import merge_state_dicts
+    from drm_lightning.merge.loop import merge_state_dicts
     from drm_lightning.methods import get_method
 
     method = get_method(merge_method) if isinstance(merge_method, str) else merge_method

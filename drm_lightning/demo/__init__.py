@@ -19,7 +19,13 @@ from drm_lightning.demo.config import (
     MethodSpec,
 )
 from drm_lightning.demo.module import MultitaskDemoModule
-from drm_lightning.demo.report import format_table, format_targets, run_to_dict, summarize, write_report
+from drm_lightning.demo.report import (
+    format_table,
+    format_targets,
+    run_to_dict,
+    summarize,
+    write_report,
+)
 from drm_lightning.demo.runner import DemoRun, SeedResult, run_demo, run_seed
 from drm_lightning.demo.tasks import LABELS, VIEWS, Suite, TaskDef, build_suite
 

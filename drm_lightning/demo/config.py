@@ -180,3 +180,7 @@ class DemoConfig:
         out["seeds"] = list(self.seeds)
         out["consolidate"] = list(self.consolidate)
         return out
+
+
+CONSOLIDATED_SUFFIX = "_consolidated"
+"""Row suffix of a method's periodic-consolidation fit (``adopt=True``)."""

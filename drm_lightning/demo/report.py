@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from drm_lightning.demo.config import REFERENCE_ROWS
+from drm_lightning.demo.config import CONSOLIDATED_SUFFIX, REFERENCE_ROWS
 
 TARGETS: tuple[tuple[str, str, str, float, bool], ...] = (
     ("drm_{d}", "ties", "{D} ≥ TIES + 1 point", 1.0, False),
@@ -96,8 +96,6 @@ def paired_differences(data: Mapping[str, Any]) -> list[dict[str, Any]]:
 def run_to_dict(run: Any) -> dict[str, Any]:
     """JSON-ready record of a :class:`~drm_lightning.demo.runner.DemoRun`."""
     config = run.config
-    from drm_lightning.demo.runner import CONSOLIDATED_SUFFIX
-
     consolidated = [f"{label}{CONSOLIDATED_SUFFIX}" for label in config.consolidate]
     rows = ["branch", "joint"] + [m.label for m in config.methods] + consolidated + ["base_heads"]
     display = {**REFERENCE_ROWS, **{k: v["display"] for k, v in run.methods.items()}}

@@ -26,13 +26,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from drm_lightning.demo.backbone import ResidualMLP, pretrain_backbone
-from drm_lightning.demo.config import DemoConfig, MethodSpec
+from drm_lightning.demo.config import CONSOLIDATED_SUFFIX, DemoConfig, MethodSpec
 from drm_lightning.demo.module import MultitaskDemoModule
 from drm_lightning.demo.tasks import Suite, build_suite
 from drm_lightning.lightning import BranchedModule
-
-CONSOLIDATED_SUFFIX = "_consolidated"
-"""Row suffix of a method's periodic-consolidation fit (``adopt=True``)."""
 
 METRIC = "acc"
 """Name of every task's metric: multiclass accuracy (micro average)."""

@@ -48,10 +48,10 @@ from drm_lightning.distributed.comm import Comm, guarded
 from drm_lightning.distributed.plan import EngineKind, MergeItem, MergePlan, ShardablePredicate
 from drm_lightning.distributed.sharded import ShardedMerger, sharded_rule
 from drm_lightning.distributed.tensors import ParamSet, TensorSet, partition_size
-from drm_lightning.merge import check_fits, merge_tensor, tensor_generator
+from drm_lightning.merge.routing import Routing
+from drm_lightning.merge.tensor import check_fits, merge_tensor, tensor_generator
 from drm_lightning.methods.base import MergeMethod
 from drm_lightning.methods.drm import DRM
-from drm_lightning.routing import Routing
 
 OptimizerState = Literal["keep", "reset"]
 

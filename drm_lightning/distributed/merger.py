@@ -53,9 +53,10 @@ from drm_lightning.distributed.engines import (
 )
 from drm_lightning.distributed.plan import EngineKind, MergePlan, build_plan
 from drm_lightning.distributed.tensors import ParamSet, TensorSet, as_tensor_set
-from drm_lightning.merge import SUPPORTED_DTYPES, validate_coefficients
+from drm_lightning.merge.plan import validate_coefficients
+from drm_lightning.merge.routing import Routing
 from drm_lightning.methods.base import MergeMethod
-from drm_lightning.routing import Routing
+from drm_lightning.methods.ops import SUPPORTED_DTYPES
 
 EngineChoice = Literal["auto", "single", "replica", "zero3"]
 

@@ -72,7 +72,7 @@ class MergeItem:
     Attributes:
         name: parameter name (the same in the base, every branch and the target).
         shape: full (unpartitioned) shape.
-        route: ``"matrix"`` | ``"fallback"`` | ``"ignore"`` from :class:`~drm_lightning.routing.Routing`.
+        route: ``"matrix"`` | ``"fallback"`` | ``"ignore"`` from :class:`~drm_lightning.merge.routing.Routing`.
         cost: estimated FLOPs of merging it (:meth:`MergeMethod.cost`).
         bytes: size of one copy of the tensor in its stored dtype.
         mode: ``"owner"`` | ``"sharded"`` | ``"skip"`` (see the module docstring).

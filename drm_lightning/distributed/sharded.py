@@ -66,7 +66,7 @@ from drm_lightning.distributed.comm import (
 )
 from drm_lightning.distributed.plan import MergeItem, ShardablePredicate
 from drm_lightning.distributed.tensors import ParamSet, TensorSet, held_range, partition_size
-from drm_lightning.merge import RESULT_HINT, check_finite, check_fits
+from drm_lightning.merge.tensor import RESULT_HINT, check_finite, check_fits
 from drm_lightning.methods._basis import basis_dtype, basis_from_gram, gram_of_rows
 from drm_lightning.methods.base import MergeMethod, Route
 from drm_lightning.methods.drm import DRM, merge_coordinates

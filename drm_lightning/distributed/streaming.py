@@ -14,7 +14,7 @@ output; a rank that stops answering (stopped, too slow, or its process ended) is
 others by a :class:`~drm_lightning.distributed.comm.RankUnresponsiveError` (``drm-merge
 --timeout``, :meth:`~drm_lightning.distributed.comm.Comm.watch`).
 
-The job is a :class:`drm_lightning.disk_job.DiskMergeJob` (config, method, opened sources,
+The job is a :class:`drm_lightning.cli.job.DiskMergeJob` (config, method, opened sources,
 plan); this module only reads its fields.
 
 Example:
@@ -39,13 +39,14 @@ from torch import Tensor
 
 from drm_lightning.distributed.comm import Comm, guarded
 from drm_lightning.distributed.plan import MergePlan, build_plan
-from drm_lightning.merge import iter_merge
-from drm_lightning.merge_pieces import PIECE_ELEMENTS
+from drm_lightning.merge.loop import iter_merge
+from drm_lightning.merge.pieces import PIECE_ELEMENTS
 from drm_lightning.sources import RowPieces
+from drm_lightning.sources.on_device import OnDevice
 from drm_lightning.sources.read_ahead import ReadAhead
 
 if TYPE_CHECKING:  # the job is built by the layer above; only its fields are read here
-    from drm_lightning.disk_job import DiskMergeJob
+    from drm_lightning.cli.job import DiskMergeJob
     from drm_lightning.sources import HFFolderWriter
 
 
@@ -163,7 +164,7 @@ def run_job_distributed(
     order) and rank 0 writes them, so the output equals the single-process output file for
     file. Memory: a rank holds its share of one chunk; rank 0 at most one chunk
     (``max_pending`` tensors); a large entry-wise tensor is merged in row pieces of
-    ``piece_elements`` (:mod:`drm_lightning.merge_pieces`) into its output-dtype tensor.
+    ``piece_elements`` (:mod:`drm_lightning.merge.pieces`) into its output-dtype tensor.
     Rank 0 writes into a temporary folder and renames it into place after the last tensor;
     a failure on any rank removes it and raises everywhere.
 
@@ -177,8 +178,6 @@ def run_job_distributed(
     device = torch.device(device)
     base, branches = job.base, job.branches
     if device.type != "cpu":
-        from drm_lightning.disk_job import OnDevice
-
         base, branches = OnDevice(base, device), [OnDevice(b, device) for b in branches]
     out_dtype = job.config.out_torch_dtype
     stats = {"chunks": len(schedule.chunks), "sent_bytes": 0, "received_bytes": 0}

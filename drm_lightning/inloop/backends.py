@@ -34,10 +34,16 @@ from drm_lightning.distributed import (
     TensorSet,
     WeightSourceSet,
 )
-from drm_lightning.inloop.weights import DeltaSource, WeightSwap, compute_delta, cpu_clone, float_state
+from drm_lightning.inloop.weights import (
+    DeltaSource,
+    WeightSwap,
+    compute_delta,
+    cpu_clone,
+    float_state,
+)
 from drm_lightning.inloop.zero3 import MergedShards, adopt_values, local_values, swapped
+from drm_lightning.merge.routing import Routing
 from drm_lightning.methods import MergeMethod
-from drm_lightning.routing import Routing
 from drm_lightning.sources import StateDictSource
 
 
@@ -171,7 +177,7 @@ class DenseBackend(Backend):
         return DeltaSource(_tensors(base), delta, origin)
 
     def check(self, target: nn.Module, base: Any, inputs: Sequence[Any]) -> None:  # noqa: D102
-        from drm_lightning.merge import plan_merge
+        from drm_lightning.merge.plan import plan_merge
 
         plan_merge(base, list(inputs), routing=self.routing)
 

@@ -108,7 +108,7 @@ class MergeCore:
         info: Message | None = None,
         aligner: Any = None,
     ) -> None:
-        from drm_lightning.routing import Routing
+        from drm_lightning.merge.routing import Routing
 
         self.method = method
         self.provider = provider

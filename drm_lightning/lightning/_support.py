@@ -10,7 +10,6 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from drm_lightning.evaluation import TaskSpec
 from drm_lightning.inloop import BranchProvider, SingleModelBranches
-from drm_lightning.inloop.providers import parse_branches
 
 SAVE_WHILE_SWAPPED = (
     "a checkpoint was requested while MergeCallback has the merged weights swapped into the module for "
@@ -62,7 +61,12 @@ def resolve_tasks(trainer: pl.Trainer, tasks: Mapping[str, TaskSpec]) -> None:
 
 def check_strategy(trainer: pl.Trainer, *, adopt: bool, live: bool) -> bool:
     """Refuse unsupported strategies; returns whether the strategy is DeepSpeed ZeRO-3."""
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        SingleDeviceStrategy,
+    )
 
     strategy = trainer.strategy
     name = type(strategy).__name__

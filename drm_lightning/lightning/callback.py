@@ -19,18 +19,17 @@ from torch import Tensor
 from drm_lightning.evaluation import TaskSpec
 from drm_lightning.inloop import LiveBranches, MergeCore, SingleModelBranches, method_from
 from drm_lightning.inloop.backends import gloo_group
-from drm_lightning.inloop.providers import Snapshot
+from drm_lightning.inloop.providers import Snapshot, parse_branches
 from drm_lightning.inloop.schedule import Schedule, check_every
 from drm_lightning.lightning._support import (
     SAVE_WHILE_SWAPPED,
     ZERO3_CHECKPOINT,
     check_strategy,
-    parse_branches,
     refuse_under_zero3,
     resolve_tasks,
 )
+from drm_lightning.merge.routing import Routing
 from drm_lightning.methods import MergeMethod
-from drm_lightning.routing import Routing
 
 PathLike = str | os.PathLike[str]
 BranchesArg = Literal["live", "snapshots"] | Sequence[PathLike] | Mapping[str, PathLike]

@@ -131,3 +131,81 @@ def add_ties(mask: Tensor, magnitudes: Tensor, threshold: Tensor, ties: int) -> 
     at_threshold = torch.nonzero(magnitudes.reshape(-1) == threshold).squeeze(1)[:ties]
     mask.view(-1)[at_threshold] = True
     return ties - int(at_threshold.numel())
+
+
+DeltaRows = Callable[[int, int], Tensor]
+"""``read(start, stop)``: the (N, stop - start, ...) branch deltas of rows ``start:stop`` of
+one tensor, in the compute dtype. Called several times per piece (once per pass)."""
+
+
+DIGIT_BITS = 16
+"""Radix digits of the cut: 2 passes over the pieces in float32, 4 in float64."""
+
+
+def row_spans(rows: int, step: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive pieces of ``step`` rows (the last may be shorter).
+
+    Example:
+        >>> row_spans(5, 2)
+        [(0, 2), (2, 4), (4, 5)]
+    """
+    if step < 1:
+        raise ValueError(f"a piece needs at least one row, got step={step}")
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+class MagnitudeCut:
+    """Each branch's ``keeps[i]`` largest-magnitude entries over the whole tensor.
+
+    Built from :data:`DeltaRows` with ``width / 16`` passes over ``spans`` (none for a branch
+    that keeps everything or nothing); :meth:`masks` then gives the keep-masks piece by piece.
+
+    Args:
+        read: the row reader.
+        spans: the pieces, in row order, covering the tensor.
+        keeps: entries to keep per branch.
+        numel: entries of one branch's tensor.
+        dtype: the compute dtype of the deltas.
+    """
+
+    def __init__(
+        self, read: DeltaRows, spans: Sequence[tuple[int, int]], keeps: Sequence[int], numel: int,
+        dtype: torch.dtype,
+    ) -> None:
+        self.keeps = [int(k) for k in keeps]
+        self.numel = int(numel)
+        self.cuts: list[tuple[Tensor, int] | None] = [None] * len(self.keeps)
+        lanes = [i for i, k in enumerate(self.keeps) if 0 < k < self.numel]
+        if not lanes:
+            return
+        width = 64 if dtype == torch.float64 else 32
+
+        def count(shift: int, prefixes: Sequence[int]) -> Tensor:
+            hist = torch.zeros(len(lanes), 1 << DIGIT_BITS, dtype=torch.int64)
+            for start, stop in spans:
+                deltas = read(start, stop)
+                for row, lane in enumerate(lanes):
+                    bits, _ = ordered_bits(deltas[lane].abs())
+                    hist[row] += count_digits(bits, shift, prefixes[row], width, DIGIT_BITS).cpu()
+            return hist
+
+        selected = radix_select([self.keeps[i] for i in lanes], width, count, digit_bits=DIGIT_BITS)
+        for lane, (pattern, ties) in zip(lanes, selected, strict=True):
+            self.cuts[lane] = (from_ordered_bits(pattern, width, dtype), ties)
+
+    def masks(self) -> Callable[[Tensor], Tensor]:
+        """A function of the (N, rows, ...) deltas of consecutive pieces, from the first, giving
+        their keep-masks (ties at the cut: first in flattened order). One per pass."""
+        ties_left = [0 if cut is None else cut[1] for cut in self.cuts]
+
+        def apply(deltas: Tensor) -> Tensor:
+            out = torch.empty_like(deltas, dtype=torch.bool)
+            for i, cut in enumerate(self.cuts):
+                if cut is None:
+                    out[i] = self.keeps[i] >= self.numel
+                    continue
+                mask, ties_left[i] = keep_largest(deltas[i].abs(), cut[0].to(deltas.device), ties_left[i])
+                out[i] = mask
+            return out
+
+        return apply

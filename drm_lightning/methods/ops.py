@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from drm_lightning.methods._select import add_ties
+from drm_lightning.methods._select import MagnitudeCut, add_ties, row_spans
 
 TieBreak = Literal["majority", "positive"]
 
@@ -239,8 +239,6 @@ def largest_mask(scores: Tensor, keep: int) -> Tensor:
         return mask.reshape(scores.shape)
     # Large: the same cut by radix selection over blocks (rowwise.MagnitudeCut), with no
     # full-size copy of the magnitudes (the selection above copies them twice).
-    from drm_lightning.methods.rowwise import MagnitudeCut, row_spans
-
     def read(start: int, stop: int) -> Tensor:
         return flat[start:stop].unsqueeze(0)
 

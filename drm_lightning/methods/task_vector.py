@@ -56,72 +56,17 @@ from drm_lightning.methods.rowwise import (
 )
 from drm_lightning.methods.task_vector_params import (  # noqa: F401 - re-exported names
     DEFAULT_DENSITY,
+    WEIGHT_SUM_EPS,
     Convention,
     Sparsify,
     TaskVectorParams,
+    convention_count_rule,
     default_normalize,
     default_rescale,
     family_name,
+    normalizing_weight_sum,
+    weight_sum_problem,
 )
-
-WEIGHT_SUM_EPS = 1e-8
-"""Without sign election, a weight sum below this is treated as 1 (as mergekit does)."""
-
-
-def normalizing_weight_sum(weights: Tensor) -> Tensor | None:
-    """The divisor of a normalised merge without sign election: the sum of the weights, or
-    ``None`` (no division) when it is within :data:`WEIGHT_SUM_EPS` of zero.
-
-    Example:
-        >>> normalizing_weight_sum(torch.tensor([1.0, 3.0])), normalizing_weight_sum(torch.tensor([1.0, -1.0]))
-        (tensor(4.), None)
-    """
-    weight_sum = weights.sum()
-    return None if bool(weight_sum.abs() < WEIGHT_SUM_EPS) else weight_sum
-
-
-def weight_sum_problem(
-    coefficients: Sequence[float],
-    *,
-    method: str,
-    elect_signs: bool,
-    normalize: bool,
-    convention: Convention,
-) -> str | None:
-    """Why a merge that divides by a sum of the coefficients cannot use these (``None``: it can).
-
-    ``normalize`` divides by the sum of the weights (without election, e.g. ``linear``) or of
-    the agreeing weights (``mergekit`` TIES). Coefficients that are all 0 would leave nothing
-    to divide by — the merge silently wrote the base — and a negative sum flips the average's
-    sign back, so the sum must be above :data:`WEIGHT_SUM_EPS`. The ``peft`` disjoint mean
-    divides by counts, not weights: any coefficients.
-
-    Example:
-        >>> weight_sum_problem([0.0, 0.0], method="linear", elect_signs=False, normalize=True,
-        ...                    convention="peft")  # doctest: +ELLIPSIS
-        "method 'linear' normalises by the sum of the coefficients, which must be > 0; got 0 ..."
-    """
-    if not normalize or (elect_signs and convention != "mergekit"):
-        return None
-    total = math.fsum(coefficients)
-    if total > WEIGHT_SUM_EPS:
-        return None
-    shown = ", ".join(f"{c:g}" for c in coefficients)
-    return (
-        f"method {method!r} normalises by the sum of the coefficients, which must be > 0; got "
-        f"{total:g} (coefficients [{shown}]): give at least one branch a coefficient > 0"
-    )
-
-
-def convention_count_rule(convention: Convention) -> CountRule:
-    """How many entries a magnitude trim keeps: ``int(density·numel)`` (PEFT) or at least one
-    (mergekit).
-
-    Example:
-        >>> convention_count_rule("mergekit")
-        'floor_min1'
-    """
-    return "floor" if convention == "peft" else "floor_min1"
 
 
 def sparsify_branches(

@@ -38,8 +38,12 @@ from drm_lightning.methods._pieces_pool import in_order
 from drm_lightning.methods._select import from_ordered_bits, radix_select
 from drm_lightning.methods.ops import kept_count
 from drm_lightning.methods.rowwise import DIGIT_BITS, StoredPiece, StoredRows, row_spans
-from drm_lightning.methods.task_vector import convention_count_rule, normalizing_weight_sum
-from drm_lightning.methods.task_vector_params import Convention, Sparsify
+from drm_lightning.methods.task_vector_params import (
+    Convention,
+    Sparsify,
+    convention_count_rule,
+    normalizing_weight_sum,
+)
 
 STORED_BITS = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.int32, np.uint32)}
 """Stored dtypes the kernels read and write, with the integer views of their bit patterns."""

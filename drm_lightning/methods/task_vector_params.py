@@ -12,12 +12,17 @@ Example:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch  # noqa: F401 - the doctests use it
 from pydantic import Field, ValidationInfo, field_validator, model_validator
+from torch import Tensor
 
 from drm_lightning.methods._sparsify import RescaleRule
 from drm_lightning.methods.base import MethodParams
+from drm_lightning.methods.ops import CountRule
 
 Sparsify = Literal["none", "magnitude", "random"]
 Convention = Literal["peft", "mergekit"]
@@ -143,3 +148,63 @@ class TaskVectorParams(MethodParams):
         if data.get("rescale") is None:
             data["rescale"] = default_rescale(sparsify, convention)
         return data
+
+
+WEIGHT_SUM_EPS = 1e-8
+"""Without sign election, a weight sum below this is treated as 1 (as mergekit does)."""
+
+
+def normalizing_weight_sum(weights: Tensor) -> Tensor | None:
+    """The divisor of a normalised merge without sign election: the sum of the weights, or
+    ``None`` (no division) when it is within :data:`WEIGHT_SUM_EPS` of zero.
+
+    Example:
+        >>> normalizing_weight_sum(torch.tensor([1.0, 3.0])), normalizing_weight_sum(torch.tensor([1.0, -1.0]))
+        (tensor(4.), None)
+    """
+    weight_sum = weights.sum()
+    return None if bool(weight_sum.abs() < WEIGHT_SUM_EPS) else weight_sum
+
+
+def weight_sum_problem(
+    coefficients: Sequence[float],
+    *,
+    method: str,
+    elect_signs: bool,
+    normalize: bool,
+    convention: Convention,
+) -> str | None:
+    """Why a merge that divides by a sum of the coefficients cannot use these (``None``: it can).
+
+    ``normalize`` divides by the sum of the weights (without election, e.g. ``linear``) or of
+    the agreeing weights (``mergekit`` TIES). Coefficients that are all 0 would leave nothing
+    to divide by — the merge silently wrote the base — and a negative sum flips the average's
+    sign back, so the sum must be above :data:`WEIGHT_SUM_EPS`. The ``peft`` disjoint mean
+    divides by counts, not weights: any coefficients.
+
+    Example:
+        >>> weight_sum_problem([0.0, 0.0], method="linear", elect_signs=False, normalize=True,
+        ...                    convention="peft")  # doctest: +ELLIPSIS
+        "method 'linear' normalises by the sum of the coefficients, which must be > 0; got 0 ..."
+    """
+    if not normalize or (elect_signs and convention != "mergekit"):
+        return None
+    total = math.fsum(coefficients)
+    if total > WEIGHT_SUM_EPS:
+        return None
+    shown = ", ".join(f"{c:g}" for c in coefficients)
+    return (
+        f"method {method!r} normalises by the sum of the coefficients, which must be > 0; got "
+        f"{total:g} (coefficients [{shown}]): give at least one branch a coefficient > 0"
+    )
+
+
+def convention_count_rule(convention: Convention) -> CountRule:
+    """How many entries a magnitude trim keeps: ``int(density·numel)`` (PEFT) or at least one
+    (mergekit).
+
+    Example:
+        >>> convention_count_rule("mergekit")
+        'floor_min1'
+    """
+    return "floor" if convention == "peft" else "floor_min1"

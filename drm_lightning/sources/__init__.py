@@ -12,6 +12,7 @@ Example:
     ['bias', 'weight']
 """
 
+from drm_lightning.sources._shard_file import RowPieces
 from drm_lightning.sources.base import (
     TensorMeta,
     WeightSource,
@@ -19,7 +20,6 @@ from drm_lightning.sources.base import (
     hash_in_background,
     sha256_of,
 )
-from drm_lightning.sources._shard_file import RowPieces
 from drm_lightning.sources.factory import SourceLike, open_source
 from drm_lightning.sources.hf_folder import HFFolderSource
 from drm_lightning.sources.lightning_ckpt import LightningCheckpointSource

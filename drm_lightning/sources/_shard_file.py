@@ -63,7 +63,7 @@ _MOVE_CHUNK = 8 * 1024 * 1024
 @dataclass
 class RowPieces:
     """A tensor that arrives as consecutive row pieces (consumed once), e.g. a large tensor
-    merged piece by piece (:mod:`drm_lightning.merge_pieces`).
+    merged piece by piece (:mod:`drm_lightning.merge.pieces`).
 
     Attributes:
         shape: the whole tensor's shape.

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from drm_lightning.sources._digest_store import file_key, store_digest, stored_digest
-from drm_lightning.sources._input_files import changed_error, open_regular
+from drm_lightning.sources.input_files import changed_error, open_regular
 
 __all__ = ["TensorMeta", "WeightSource", "dtype_from_safetensors", "hash_in_background", "sha256_of"]
 
@@ -167,7 +167,7 @@ class WeightSource(ABC):
     def reads_rows(self, name: str) -> bool:
         """True when :meth:`get_rows` of ``name`` costs only the rows asked for (a slice read,
         or a tensor already in memory); the merge loop then merges a large tensor in row
-        pieces (:mod:`drm_lightning.merge_pieces`). Default: no."""
+        pieces (:mod:`drm_lightning.merge.pieces`). Default: no."""
         return False
 
     @abstractmethod

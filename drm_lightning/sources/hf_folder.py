@@ -30,8 +30,8 @@ from typing import Literal
 
 from torch import Tensor
 
-from drm_lightning.sources._input_files import FileIdentity, check_unchanged, read_regular
 from drm_lightning.sources.base import TensorMeta, WeightSource
+from drm_lightning.sources.input_files import FileIdentity, check_unchanged, read_regular
 from drm_lightning.sources.safetensors_file import SafetensorsFileSource
 from drm_lightning.sources.torch_file import TorchFileSource
 

@@ -50,8 +50,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from drm_lightning.sources._input_files import check_unchanged, read_regular
 from drm_lightning.sources.base import TensorMeta, WeightSource
+from drm_lightning.sources.input_files import check_unchanged, read_regular
 from drm_lightning.sources.safetensors_file import SafetensorsFileSource
 from drm_lightning.sources.torch_file import TorchFileSource
 

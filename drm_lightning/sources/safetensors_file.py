@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from drm_lightning.sources._input_files import check_unchanged, open_regular
 from drm_lightning.sources.base import TensorMeta, WeightSource, dtype_from_safetensors
+from drm_lightning.sources.input_files import check_unchanged, open_regular
 
 PREFETCH_CHUNK = 8 * 1024 * 1024
 """Bytes of one read of :meth:`SafetensorsFileSource.prefetch`."""

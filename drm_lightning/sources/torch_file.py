@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from drm_lightning.sources._input_files import check_regular, check_unchanged, file_identity
 from drm_lightning.sources.base import LoadedTensorsMixin, WeightSource
+from drm_lightning.sources.input_files import check_regular, check_unchanged, file_identity
 from drm_lightning.sources.trust import UntrustedPickleError, _essence
 
 __all__ = ["TorchFileSource", "load_pickled"]

@@ -32,21 +32,22 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from drm_lightning.sources._input_files import (
+from drm_lightning.sources._shard_file import RowPieces, ShardFile
+from drm_lightning.sources.base import hash_in_background, sha256_of
+from drm_lightning.sources.input_files import (
     FileIdentity,
     check_regular,
     check_unchanged,
     open_regular,
     read_regular,
 )
-from drm_lightning.sources._shard_file import RowPieces, ShardFile
-from drm_lightning.sources.base import hash_in_background, sha256_of
 from drm_lightning.sources.output_guard import (
     COPIED_FILES,
     check_parent,
@@ -577,7 +578,7 @@ class HFFolderWriter:
 
     def model_card(self) -> str:
         """The ``README.md`` text: method, parameters, branches, source files with SHA-256."""
-        from drm_lightning import __version__
+        version = package_version()
 
         meta = dict(self.metadata)
         method = str(meta.pop("method", "unknown"))
@@ -596,7 +597,7 @@ class HFFolderWriter:
             "",
             f"# Merged model ({method})",
             "",
-            f"Produced by drm_lightning {__version__} with the `{method}` method.",
+            f"Produced by drm_lightning {version} with the `{method}` method.",
             "",
             "## Parameters",
             "",
@@ -708,3 +709,16 @@ def _files_of(obj: Any) -> list[Path]:
                 )
             )
     return []
+
+
+def package_version() -> str:
+    """This package's version, from its installed metadata (``drm_lightning.__version__``).
+
+    Example:
+        >>> package_version() != ""
+        True
+    """
+    try:
+        return metadata.version("drm_lightning")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"

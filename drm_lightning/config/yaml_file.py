@@ -18,15 +18,12 @@ Example:
     >>> load_yaml("method: drm\\nmethod: ties\\n")
     Traceback (most recent call last):
     ...
-    drm_lightning.config_yaml.StrictYAMLError: duplicate key 'method' (first at line 1)...
+    drm_lightning.config.yaml_file.StrictYAMLError: duplicate key 'method' (first at line 1)...
 """
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -34,66 +31,19 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 __all__ = [
     "MAX_ALIASES",
-    "MAX_CONFIG_BYTES",
     "MAX_EXPANDED_NODES",
     "Lines",
     "StrictYAMLError",
     "load_yaml",
-    "read_config_text",
 ]
 
-#: Largest config file read (configs are a few KB; a larger file is not a config).
-MAX_CONFIG_BYTES = 1024**2
 #: Most aliases (``*name``) in one document.
 MAX_ALIASES = 1000
 #: Most values (scalars, lists, mappings) of one document with every alias expanded.
 MAX_EXPANDED_NODES = 100_000
 
-_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
-
-
 class StrictYAMLError(yaml.constructor.ConstructorError):
     """A refusal of the strict loader (duplicate key, alias bomb); ``problem`` is the message."""
-
-
-def _refuse_special(path: Path, mode: int) -> None:
-    from drm_lightning.config_errors import ConfigError  # config_errors imports this module
-
-    if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _KINDS if test(mode)), "not a file")
-        raise ConfigError(f"{path}: is not a regular file ({kind}); give the config as a file")
-
-
-def read_config_text(path: str | os.PathLike[str]) -> str:
-    """The text of the config file ``path``, refusing anything but a regular file of at most 1 MiB.
-
-    The file type is checked before the file is opened (opening a FIFO without a writer blocks)
-    and again on the open descriptor.
-
-    Raises:
-        ConfigError: not a regular file, or larger than :data:`MAX_CONFIG_BYTES`.
-        OSError, UnicodeDecodeError: missing or unreadable (as ``Path.read_text``).
-    """
-    from drm_lightning.config_errors import ConfigError  # config_errors imports this module
-
-    path = Path(path)
-    _refuse_special(path, os.stat(path).st_mode)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with open(fd, "rb", closefd=True) as file:
-        _refuse_special(path, os.fstat(fd).st_mode)
-        data = file.read(MAX_CONFIG_BYTES + 1)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(
-            f"{path}: is larger than {MAX_CONFIG_BYTES // 1024**2} MiB; a config is a few KB "
-            "(this does not look like a config file)"
-        )
-    return data.decode("utf-8")
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from drm_lightning.config_yaml import Lines
+from drm_lightning.config.yaml_file import Lines
 from drm_lightning.methods.base import closest_names
 
 

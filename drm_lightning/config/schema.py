@@ -18,7 +18,7 @@ parameters::
     seed: 0                                   # randomness of DARE, per tensor
 
 A file with mergekit's ``merge_method`` (and no ``method``) is in mergekit's format: it is
-checked and run with mergekit's semantics by :mod:`drm_lightning.mergekit_format`. In this
+checked and run with mergekit's semantics by :mod:`drm_lightning.config.mergekit`. In this
 format, mergekit spellings are accepted as aliases: ``base_model`` for ``base``, ``models``
 for ``branches``, ``model`` for ``path``, ``weight`` (also nested under a branch's
 ``parameters``) for ``coefficient`` and ``dtype`` for ``compute_dtype``.
@@ -62,7 +62,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-import yaml
 from pydantic import (
     AliasChoices,
     Field,
@@ -73,7 +72,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails
 
-from drm_lightning.config_errors import (  # noqa: F401 - ConfigError, format_* re-exported
+from drm_lightning.config.errors import (  # noqa: F401 - ConfigError, format_* re-exported
     ConfigError,
     _error,
     _friendly_message,
@@ -82,16 +81,15 @@ from drm_lightning.config_errors import (  # noqa: F401 - ConfigError, format_* 
     format_loc,
     format_validation_error,
 )
-from drm_lightning.config_values import (
+from drm_lightning.config.values import (
     BOOL_NOT_NUMBER,
     bool_params,
     bools_where_numbers,
     check_path,
 )
-from drm_lightning.config_yaml import StrictYAMLError, load_yaml, read_config_text
+from drm_lightning.merge.routing import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, Routing
 from drm_lightning.methods import MergeMethod, available_methods, get_method
 from drm_lightning.methods.base import method_class, parameter_problems
-from drm_lightning.routing import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, Routing
 
 ComputeDType = Literal["float32", "float64"]
 OutDType = Literal["float16", "bfloat16", "float32", "float64"]
@@ -229,7 +227,7 @@ class RoutingConfig(_Section):
         return value
 
     def build(self) -> Routing:
-        """The :class:`~drm_lightning.routing.Routing` these patterns describe."""
+        """The :class:`~drm_lightning.merge.routing.Routing` these patterns describe."""
         return Routing(
             include=DEFAULT_INCLUDE if self.include is None else self.include,
             exclude=DEFAULT_EXCLUDE if self.exclude is None else self.exclude,
@@ -447,65 +445,3 @@ CONFIG_OPT_IN = (
     "inputs) is the user's act, not the file's; pass --trust-pickles on the command line "
     "(trust_pickles=True in your own code)"
 )
-
-
-def load_config(path: str | Path, *, code: CodeMode = "refuse") -> MergeConfig:
-    """Read and validate a YAML config file.
-
-    ``code`` says what the ``module:function`` references of an alignment config get
-    (:data:`CodeMode`); by default they are refused, as a file cannot opt in to running code.
-
-    Raises:
-        ConfigError: the file is missing or unreadable, is not valid YAML (the message names
-            the file, line and column), is not a mapping, sets ``trust_pickles``, or fails
-            validation (every problem with its field path).
-    """
-    path = Path(path)
-    try:
-        text = read_config_text(path)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {str(path)!r}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {err}") from None
-    return parse_config(text, source=str(path), code=code)
-
-
-def parse_config(text: str, *, source: str = "<config>", code: CodeMode = "refuse") -> MergeConfig:
-    """Validate YAML ``text``; ``source`` names it in error messages (``code``: see
-    :func:`load_config`)."""
-    try:
-        data, lines = load_yaml(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
-        problem = getattr(err, "problem", None) or str(err)
-        context = getattr(err, "context", None)
-        detail = f"{problem} ({context})" if context else problem
-        if isinstance(err, StrictYAMLError):  # a duplicate key, an alias bomb: not syntax
-            raise ConfigError(f"{where}: {detail}") from None
-        raise ConfigError(f"{where}: YAML syntax error: {detail}") from None
-    if not isinstance(data, dict):
-        kind = "empty" if data is None else f"a {type(data).__name__}"
-        raise ConfigError(
-            f"{source}: the config must be a mapping with at least 'method', 'base' and "
-            f"'branches', but the file is {kind}"
-        )
-    if "trust_pickles" in data:  # every format: ours, mergekit's, alignment
-        line = lines.of(("trust_pickles",))
-        raise ConfigError(
-            f"invalid configuration {source}: line {line}: trust_pickles: {CONFIG_OPT_IN}"
-        )
-    if "merge_method" in data and "method" not in data:  # mergekit's format, its semantics
-        from drm_lightning.mergekit_format import mergekit_config
-
-        return mergekit_config(data, lines, source=source)
-    if "align" in data or data.get("method") not in (None, *available_methods()):
-        from drm_lightning.align_config import alignment_config  # mudsc_zip, align: (issue 11)
-
-        aligned = alignment_config(data, lines, source=source, code=code)
-        if aligned is not None:
-            return aligned  # type: ignore[return-value]
-    try:
-        return MergeConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source=source, where=lines)) from None

@@ -64,22 +64,22 @@ from pydantic import (
 from pydantic_core import InitErrorDetails
 
 from drm_lightning.alignment.core import AlignmentParams, available_alignments, get_alignment
-from drm_lightning.config import (
-    BranchConfig,
-    CodeMode,
-    MergeConfig,
-    OutDType,
-    _normalize_dtype,
-)
-from drm_lightning.config_errors import (
+from drm_lightning.config.errors import (
     ConfigError,
     _error,
     _friendly_message,
     _Section,
     format_validation_error,
 )
-from drm_lightning.config_values import check_path
-from drm_lightning.config_yaml import Lines
+from drm_lightning.config.schema import (
+    BranchConfig,
+    CodeMode,
+    MergeConfig,
+    OutDType,
+    _normalize_dtype,
+)
+from drm_lightning.config.values import check_path
+from drm_lightning.config.yaml_file import Lines
 from drm_lightning.methods import MergeMethod, available_methods
 from drm_lightning.methods.base import closest_names, parameter_problems
 
@@ -357,7 +357,7 @@ class AlignmentMergeConfig(_AlignInputs):
     """
 
     aliases: ClassVar[dict[str, str]] = {"models": "branches"}
-    #: Routes ``drm-merge`` to :func:`~drm_lightning.alignment.cli_job.run_alignment_merge`.
+    #: Routes ``drm-merge`` to :func:`~drm_lightning.cli.align_job.run_alignment_merge`.
     alignment_merge: ClassVar[bool] = True
     method: str
     branches: list[BranchConfig] = Field(min_length=2)
@@ -411,7 +411,7 @@ class AlignmentMergeConfig(_AlignInputs):
         """Not a merge method: refused with where it runs instead."""
         raise ValueError(
             f"method {self.method!r} is an alignment method: drm-merge runs it in one process "
-            "(drm_lightning.alignment.cli_job.run_alignment_merge); launch drm-merge without torchrun"
+            "(drm_lightning.cli.align_job.run_alignment_merge); launch drm-merge without torchrun"
         )
 
 

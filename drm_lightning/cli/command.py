@@ -2,9 +2,9 @@
 
 The command is thin: parse, validate, run, report. It loads the config
 (:mod:`drm_lightning.config`, or a mergekit-format file), opens every source and checks it
-from metadata (:func:`drm_lightning.disk_job.open_job`), then either prints the plan
-(``--dry-run``, no weight read; :mod:`drm_lightning.cli_report`) or runs the job
-(:func:`drm_lightning.disk_job.run_job`), which streams the merge loop into an
+from metadata (:func:`drm_lightning.cli.job.open_job`), then either prints the plan
+(``--dry-run``, no weight read; :mod:`drm_lightning.cli.report`) or runs the job
+(:func:`drm_lightning.cli.job.run_job`), which streams the merge loop into an
 :class:`~drm_lightning.sources.writer.HFFolderWriter` (temporary folder, renamed into
 ``OUT`` only when complete). Every error exits with status 2 and one message naming the
 file, field, tensor and shapes involved; ``--verbose`` adds the traceback.
@@ -45,11 +45,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from drm_lightning import __version__
-from drm_lightning.cli_guard import guard_output, input_paths
-from drm_lightning.cli_report import describe_plan
-from drm_lightning.config import MergeConfig, load_config
-from drm_lightning.disk_job import DiskMergeJob, make_writer, open_job, run_job
+from drm_lightning.cli.guard import guard_output, input_paths
+from drm_lightning.cli.job import DiskMergeJob, make_writer, open_job, run_job
+from drm_lightning.cli.report import describe_plan
+from drm_lightning.config.loading import load_config
+from drm_lightning.config.mergekit import MergekitConfig, tokenizer_source
+from drm_lightning.config.schema import MergeConfig
 from drm_lightning.distributed.comm import (
     DEFAULT_TIMEOUT_S,
     Comm,
@@ -57,8 +58,7 @@ from drm_lightning.distributed.comm import (
     RankUnresponsiveError,
 )
 from drm_lightning.distributed.streaming import run_job_distributed, stream_schedule
-from drm_lightning.merge_pieces import PIECE_ELEMENTS
-from drm_lightning.mergekit_format import MergekitConfig, tokenizer_source
+from drm_lightning.merge.pieces import PIECE_ELEMENTS
 from drm_lightning.sources import HFFolderWriter
 from drm_lightning.sources.output_guard import (
     Terminated,
@@ -67,7 +67,7 @@ from drm_lightning.sources.output_guard import (
     interrupted,
     outcome,
 )
-from drm_lightning.sources.writer import side_files
+from drm_lightning.sources.writer import package_version, side_files
 
 __all__ = ["build_parser", "load_config", "main", "open_job", "parse_size", "run_job", "stream_schedule"]
 
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="show the traceback of errors")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return parser
 
 
@@ -192,7 +192,7 @@ def _main(argv: Sequence[str] | None) -> int:
                      config_file=args.config)
         device = resolve_device(args.device)
         if getattr(config, "alignment_merge", False):  # method: mudsc_zip, ... (issue 11)
-            from drm_lightning.alignment.cli_job import run_alignment_merge
+            from drm_lightning.cli.align_job import run_alignment_merge
 
             with cleanup_on_signals():
                 print(run_alignment_merge(config, args.output, dry_run=args.dry_run,
@@ -310,8 +310,8 @@ def check_output(
 ) -> None:
     """Refuse an existing ``out`` without ``--overwrite``, any ``out`` that holds an input
     (``config_file`` and what the config names included,
-    :func:`~drm_lightning.cli_guard.input_paths`), and what ``--overwrite`` must not replace
-    (:func:`~drm_lightning.cli_guard.guard_output`); report leftovers of killed earlier runs."""
+    :func:`~drm_lightning.cli.guard.input_paths`), and what ``--overwrite`` must not replace
+    (:func:`~drm_lightning.cli.guard.guard_output`); report leftovers of killed earlier runs."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"output {str(out)!r} exists and is a file, not a folder")
     if out.exists() and not overwrite:

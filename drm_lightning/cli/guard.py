@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from drm_lightning.config import MergeConfig
+from drm_lightning.config.schema import MergeConfig
 from drm_lightning.sources import LoraBranch, WeightSource, open_source
 from drm_lightning.sources.output_guard import (
     check_parent,
@@ -85,7 +85,7 @@ def input_paths(
         for field in ("model", "batches"):
             value = getattr(section, field, None)
             if isinstance(value, str):  # only alignment configs have these: already imported
-                from drm_lightning.align_config import is_reference
+                from drm_lightning.config.align import is_reference
 
                 if not is_reference(value):
                     found.append((f"{prefix}{field}: input", Path(value)))

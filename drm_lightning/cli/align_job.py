@@ -5,14 +5,14 @@ random weights, every branch's names and shapes are compared with it from metada
 calibration batches are loaded, the permutation spec is derived or built and checked), so
 ``--dry-run`` reports every problem; only then are the branches read, each into a copy of
 the architecture. A ``module:function`` reference runs code, so a dry run (a config checked
-with ``code="check"``, see :mod:`drm_lightning.align_config`) does not build what it names:
+with ``code="check"``, see :mod:`drm_lightning.config.align`) does not build what it names:
 the plan says which checks were skipped; the other checks run.
 
 * :func:`run_alignment_merge` — ``method:`` an alignment method: the merged model
   (:func:`~drm_lightning.alignment.api.merge_models`) written by the
   :class:`~drm_lightning.sources.writer.HFFolderWriter` with the anchor's names and dtypes.
 * :class:`AlignStep` — ``align:`` before a merge method: opened by
-  :func:`drm_lightning.disk_job.open_job`; :meth:`AlignStep.aligned` gives the branches
+  :func:`drm_lightning.cli.job.open_job`; :meth:`AlignStep.aligned` gives the branches
   permuted into the anchor's unit order (:func:`~drm_lightning.alignment.api.align_models`)
   as in-memory sources with the files' dtypes, for the usual merge loop.
 
@@ -33,18 +33,18 @@ from typing import Any
 
 from torch import nn
 
-from drm_lightning.align_config import is_reference
 from drm_lightning.alignment.api import align_models, merge_models
-from drm_lightning.alignment.calibration import (
+from drm_lightning.alignment.core import AlignmentMethod, get_alignment
+from drm_lightning.alignment.spec import PermSpec
+from drm_lightning.alignment.trace import derive_spec
+from drm_lightning.cli.align_inputs import (
     build_model,
     build_spec,
     check_fits,
     load_batches,
     load_into,
 )
-from drm_lightning.alignment.core import AlignmentMethod, get_alignment
-from drm_lightning.alignment.spec import PermSpec
-from drm_lightning.alignment.trace import derive_spec
+from drm_lightning.config.align import is_reference
 from drm_lightning.sources import StateDictSource, open_source
 from drm_lightning.sources.renamed import RenamedSource
 
@@ -216,11 +216,11 @@ def run_alignment_merge(
     progress: bool = True,
     max_shard_bytes: int = 2 * 1024**3,
 ) -> str:
-    """Run an :class:`~drm_lightning.align_config.AlignmentMergeConfig`; returns the line to print.
+    """Run an :class:`~drm_lightning.config.align.AlignmentMergeConfig`; returns the line to print.
 
     With ``dry_run`` nothing is read or written: the plan is returned.
     """
-    from drm_lightning.config import TORCH_DTYPES
+    from drm_lightning.config.schema import TORCH_DTYPES
     from drm_lightning.sources import HFFolderWriter
 
     _refuse_torchrun(f"method {config.method!r}")

@@ -41,18 +41,14 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from drm_lightning.config import (
-    TORCH_DTYPES,
-    ConfigError,
-    MergeConfig,
-    format_validation_error,
-)
-from drm_lightning.config_values import check_path
-from drm_lightning.config_yaml import Lines
+from drm_lightning.config.errors import ConfigError, format_validation_error
+from drm_lightning.config.schema import TORCH_DTYPES, MergeConfig
+from drm_lightning.config.values import check_path
+from drm_lightning.config.yaml_file import Lines
 from drm_lightning.methods import MergeMethod
 from drm_lightning.methods.base import closest_names
 from drm_lightning.methods.per_branch import PerBranchDensity
-from drm_lightning.sources._input_files import read_regular
+from drm_lightning.sources.input_files import read_regular
 from drm_lightning.sources.writer import TOKENIZER_FILES
 
 __all__ = [

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drm_lightning.merge import PlannedTensor
+from drm_lightning.merge.plan import PlannedTensor
 from drm_lightning.methods import Route
 
 if TYPE_CHECKING:
-    from drm_lightning.disk_job import DiskMergeJob
+    from drm_lightning.cli.job import DiskMergeJob
 
 
 def model_card(job: DiskMergeJob) -> dict[str, Any]:

@@ -45,7 +45,7 @@ _INDICES = (nn.Embedding, nn.EmbeddingBag)  # integer indices
 
 
 def _resolve(reference: str) -> Any:
-    from drm_lightning.align_config import resolve_callable
+    from drm_lightning.config.align import resolve_callable
 
     return resolve_callable(reference)
 

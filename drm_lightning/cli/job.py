@@ -20,16 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from drm_lightning.cli_guard import key_mismatch_hint, open_inputs
-from drm_lightning.cli_report import model_card, output_bytes
-from drm_lightning.config import MergeConfig
-from drm_lightning.merge import PlannedTensor, iter_merge, plan_merge
-from drm_lightning.merge_pieces import PIECE_ELEMENTS
-from drm_lightning.mergekit_format import tokenizer_source
+from drm_lightning.cli.guard import key_mismatch_hint, open_inputs
+from drm_lightning.cli.report import model_card, output_bytes
+from drm_lightning.config.mergekit import tokenizer_source
+from drm_lightning.config.schema import MergeConfig
+from drm_lightning.merge.loop import iter_merge
+from drm_lightning.merge.pieces import PIECE_ELEMENTS
+from drm_lightning.merge.plan import PlannedTensor, plan_merge
 from drm_lightning.methods import MergeMethod
 from drm_lightning.sources import HFFolderWriter
+from drm_lightning.sources.on_device import OnDevice
 
 
 @dataclass
@@ -42,7 +43,7 @@ class DiskMergeJob:
     branches: list[Any]
     coefficients: list[float]
     plan: list[PlannedTensor]
-    align: Any = None  # the align: pre-step (drm_lightning.alignment.cli_job.AlignStep)
+    align: Any = None  # the align: pre-step (drm_lightning.cli.align_job.AlignStep)
 
 
 def open_job(config: MergeConfig) -> DiskMergeJob:
@@ -63,7 +64,7 @@ def open_job(config: MergeConfig) -> DiskMergeJob:
         raise ValueError(f"{err}\n(inputs: {legend}){hint}") from err
     job = DiskMergeJob(config, method, base, branches, coefficients, plan)
     if getattr(config, "align", None) is not None:  # checked from metadata too (issue 11)
-        from drm_lightning.alignment.cli_job import AlignStep
+        from drm_lightning.cli.align_job import AlignStep
 
         job.align = AlignStep.open(config, branches)
     return job
@@ -82,7 +83,7 @@ def run_job(
     """Stream the merge into ``out`` (temporary folder, renamed when complete).
 
     Tensors whose N-branch stack exceeds ``piece_elements`` entries are merged and written
-    in row pieces where the method and the inputs allow it (:mod:`drm_lightning.merge_pieces`);
+    in row pieces where the method and the inputs allow it (:mod:`drm_lightning.merge.pieces`);
     ``None`` merges every tensor whole.
     """
     base, branches = job.base, job.branches
@@ -117,28 +118,6 @@ def run_job(
             f"writing {out} failed: {reason} (at {err.filename}); the partial output "
             f"was removed and {out} was left as it was",
         ) from err
-
-
-class OnDevice:
-    """A source whose tensors (and LoRA factors) are moved to ``device`` when read."""
-
-    def __init__(self, source: Any, device: torch.device) -> None:
-        self._source, self._device = source, device
-        if callable(getattr(source, "lowrank", None)):
-            self.lowrank = self._lowrank
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._source, name)
-
-    def get(self, name: str) -> Tensor:
-        return self._source.get(name).to(self._device)
-
-    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
-        return self._source.get_rows(name, start, stop).to(self._device)
-
-    def _lowrank(self, name: str) -> tuple[Tensor, Tensor] | None:
-        pair = self._source.lowrank(name)
-        return None if pair is None else (pair[0].to(self._device), pair[1].to(self._device))
 
 
 def make_writer(

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from drm_lightning.merge import RESULT_HINT, PlannedTensor, _as_delta, _is_lora, check_finite
+from drm_lightning.merge.plan import PlannedTensor, is_lora_source
+from drm_lightning.merge.tensor import RESULT_HINT, as_delta, check_finite
 from drm_lightning.methods import MergeMethod
 from drm_lightning.methods.rowwise import StoredPiece, rows_per_piece
 
@@ -55,7 +56,7 @@ def merges_in_pieces(
         return False
     if not method.merges_in_rows(item.route, item.shape, len(branches)):
         return False
-    sources = [base, *(b for b in branches if not _is_lora(b))]
+    sources = [base, *(b for b in branches if not is_lora_source(b))]
     return all(callable(getattr(s, "reads_rows", None)) and s.reads_rows(item.name) for s in sources)
 
 
@@ -84,7 +85,7 @@ def merge_in_pieces(
     step = piece_rows or rows_per_piece(item.shape, n, PIECE_ELEMENTS)
     factors: dict[int, Any] = {}
     for i, branch in enumerate(branches):
-        if _is_lora(branch):
+        if is_lora_source(branch):
             factors[i] = branch.lowrank(name)
             for part in factors[i] or ():
                 check_finite(name, part, origins[i + 1])
@@ -107,7 +108,7 @@ def merge_in_pieces(
             else:
                 rows = branch.get_rows(name, start, stop)
                 check_finite(name, rows, origins[i + 1], f" (rows {start}:{stop})")
-            _as_delta(rows, base_c, compute_dtype, out=deltas[i])
+            as_delta(rows, base_c, compute_dtype, out=deltas[i])
         return deltas
 
     coef = torch.as_tensor(list(coefficients), dtype=compute_dtype).reshape(-1)
