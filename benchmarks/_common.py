@@ -15,17 +15,29 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 # Llama-shaped test models. Untied embeddings, vocab chosen so the total lands on the target.
 MODEL_SIZES: dict[str, dict] = {
     # 4 x (4·512² + 3·512·1408) + 2·2048·512 + norms = 14.95 M
-    "15m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                num_attention_heads=8, num_key_value_heads=8, vocab_size=2048),
+    "15m": dict(
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=2048,
+    ),
     # 8 x (4·1024² + 3·1024·2816) + 2·2048·1024 + norms = 107.0 M
-    "107m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                 num_attention_heads=16, num_key_value_heads=16, vocab_size=2048),
+    "107m": dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=2048,
+    ),
 }
 
 DELTA_RANK = 16
@@ -86,14 +98,26 @@ def python_command(args: list[str], ranks: int = 1) -> list[str]:
     for ``ranks > 1`` (``ARGS``: a script and its arguments, or ``-m module ...``)."""
     if ranks == 1:
         return [sys.executable, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        *args,
+    ]
 
 
 def limit_threads_env(threads: int) -> dict[str, str]:
     """Environment for a child process pinned to ``threads`` BLAS/OpenMP threads."""
     env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
+    for var in (
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "NUMEXPR_NUM_THREADS",
+        "VECLIB_MAXIMUM_THREADS",
+    ):
         env[var] = str(threads)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
@@ -148,7 +172,7 @@ def _folder_ok(path: Path) -> bool:
     if not marker.exists():
         return False
     try:
-            ok = json.loads(marker.read_text()).get("format_version") == FORMAT_VERSION
+        ok = json.loads(marker.read_text()).get("format_version") == FORMAT_VERSION
     except (OSError, ValueError):
         return False
     return ok and any(path.glob("*.safetensors"))
@@ -180,7 +204,8 @@ def _save_folder(config, state: dict, path: Path, shard_bytes: int, info: dict) 
         weight_map.update({n: fname for n in names})
     total = sum(t.numel() * t.element_size() for t in state.values())
     (tmp / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     config.save_pretrained(tmp)
     (tmp / "bench_model.json").write_text(json.dumps({**info, "format_version": FORMAT_VERSION}))
     if path.exists():
@@ -188,8 +213,9 @@ def _save_folder(config, state: dict, path: Path, shard_bytes: int, info: dict) 
     tmp.rename(path)
 
 
-def build_models(size: str, workdir: Path, n_branches: int = 3, log=print,
-                 noise: float = NOISE_SCALE) -> BenchModel:
+def build_models(
+    size: str, workdir: Path, n_branches: int = 3, log=print, noise: float = NOISE_SCALE
+) -> BenchModel:
     """Build (or reuse) the base and ``n_branches`` fine-tuned folders of model ``size``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -219,8 +245,9 @@ def build_models(size: str, workdir: Path, n_branches: int = 3, log=print,
             if _folder_ok(path):
                 continue
             with torch.no_grad():
-                tuned = {k: (v + branch_delta(v, i, k, noise)).contiguous()
-                         for k, v in state.items()}
+                tuned = {
+                    k: (v + branch_delta(v, i, k, noise)).contiguous() for k, v in state.items()
+                }
             _save_folder(config, tuned, path, shard, {**info, "role": f"branch {i}"})
             del tuned
         log(f"built {size} model folders under {root} in {time.perf_counter() - t0:.1f} s")

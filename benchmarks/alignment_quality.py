@@ -30,16 +30,35 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from drm_lightning.alignment import align, align_then_merge, derive_spec, merge_models, reset_batchnorm
+from drm_lightning.alignment import (
+    align,
+    align_then_merge,
+    derive_spec,
+    merge_models,
+)
 
-METHODS = ["weight_average", "weight_matching", "activation_align", "zipit", "weight_zip",
-           "mudsc_align", "mudsc_zip"]
+METHODS = [
+    "weight_average",
+    "weight_matching",
+    "activation_align",
+    "zipit",
+    "weight_zip",
+    "mudsc_align",
+    "mudsc_zip",
+]
 OUT = Path(__file__).parent / "results" / "alignment_quality.json"
 
 
 def mlp(width: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                         nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+    return nn.Sequential(
+        nn.Linear(64, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, 10),
+    )
 
 
 def digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,21 +106,29 @@ def scores(net: nn.Module, xte: torch.Tensor, yte: torch.Tensor) -> dict[str, fl
 def one_seed(seed: int, width: int) -> dict[str, dict[str, float]]:
     xtr, ytr, xte, yte = digits()
     a_mask, b_mask = ytr < 5, ytr >= 5
-    models = [train(width, xtr[a_mask], ytr[a_mask], 1000 + seed),
-              train(width, xtr[b_mask], ytr[b_mask], 2000 + seed)]
+    models = [
+        train(width, xtr[a_mask], ytr[a_mask], 1000 + seed),
+        train(width, xtr[b_mask], ytr[b_mask], 2000 + seed),
+    ]
     batches = list(torch.split(xtr, 256))  # unlabelled calibration images of both tasks
     spec = derive_spec(models[0], xtr[:2])
-    rows: dict[str, dict[str, float]] = {"model_A": scores(models[0], xte, yte),
-                                          "model_B": scores(models[1], xte, yte)}
+    rows: dict[str, dict[str, float]] = {
+        "model_A": scores(models[0], xte, yte),
+        "model_B": scores(models[1], xte, yte),
+    }
     for name in METHODS:
         t0 = time.perf_counter()
         merged = merge_models(models, batches, method=name, spec=spec, seed=seed)
         rows[name] = scores(merged, xte, yte) | {"seconds": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    state = align_then_merge("drm", "average", models, batches, spec=spec, alignment="mudsc_align", seed=seed)
+    state = align_then_merge(
+        "drm", "average", models, batches, spec=spec, alignment="mudsc_align", seed=seed
+    )
     merged = mlp(width)
     merged.load_state_dict(state)
-    rows["mudsc_align+drm"] = scores(merged.eval(), xte, yte) | {"seconds": time.perf_counter() - t0}
+    rows["mudsc_align+drm"] = scores(merged.eval(), xte, yte) | {
+        "seconds": time.perf_counter() - t0
+    }
     return rows
 
 
@@ -128,14 +155,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--timing", action="store_true", help="also time the alignment for W = 64..1024")
+    parser.add_argument(
+        "--timing", action="store_true", help="also time the alignment for W = 64..1024"
+    )
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     per_seed = {}
     for seed in args.seeds:
         per_seed[seed] = one_seed(seed, args.width)
-        print(f"seed {seed}: " + ", ".join(f"{k} {v['avg']:.1f}" for k, v in per_seed[seed].items()), flush=True)
+        print(
+            f"seed {seed}: " + ", ".join(f"{k} {v['avg']:.1f}" for k, v in per_seed[seed].items()),
+            flush=True,
+        )
     names = list(per_seed[args.seeds[0]])
     summary = {}
     print(f"\n{'method':18s} {'acc_A':>12s} {'acc_B':>12s} {'avg':>12s} {'joint':>12s}")
@@ -148,14 +180,25 @@ def main() -> None:
             summary[n][k] = (statistics.mean(vals), sd)
             cells.append(f"{statistics.mean(vals):6.1f} ± {sd:3.1f}")
         print(f"{n:18s} " + " ".join(f"{c:>12s}" for c in cells))
-    pairs = {"mudsc_zip - zipit": ("mudsc_zip", "zipit"), "mudsc_align - activation_align":
-             ("mudsc_align", "activation_align"), "zipit - weight_average": ("zipit", "weight_average"),
-             "mudsc_align+drm - mudsc_align": ("mudsc_align+drm", "mudsc_align")}
-    diffs = {k: [per_seed[s][a]["avg"] - per_seed[s][b]["avg"] for s in args.seeds] for k, (a, b) in pairs.items()}
+    pairs = {
+        "mudsc_zip - zipit": ("mudsc_zip", "zipit"),
+        "mudsc_align - activation_align": ("mudsc_align", "activation_align"),
+        "zipit - weight_average": ("zipit", "weight_average"),
+        "mudsc_align+drm - mudsc_align": ("mudsc_align+drm", "mudsc_align"),
+    }
+    diffs = {
+        k: [per_seed[s][a]["avg"] - per_seed[s][b]["avg"] for s in args.seeds]
+        for k, (a, b) in pairs.items()
+    }
     for k, v in diffs.items():
         print(f"paired avg difference {k}: " + ", ".join(f"{d:+.1f}" for d in v))
-    result = {"width": args.width, "seeds": args.seeds, "per_seed": per_seed, "summary": summary,
-              "paired_avg_differences": diffs}
+    result = {
+        "width": args.width,
+        "seeds": args.seeds,
+        "per_seed": per_seed,
+        "summary": summary,
+        "paired_avg_differences": diffs,
+    }
     if args.timing:
         result["timing"] = timing(args.widths)
     OUT.parent.mkdir(exist_ok=True)

@@ -41,8 +41,15 @@ from drm_lightning.alignment import derive_spec, merge_models
 from drm_lightning.demo.backbone import ResidualMLP
 from drm_lightning.demo.tasks import TaskDef, build_suite
 
-METHODS = ["weight_average", "weight_matching", "activation_align", "zipit", "weight_zip",
-           "mudsc_align", "mudsc_zip"]
+METHODS = [
+    "weight_average",
+    "weight_matching",
+    "activation_align",
+    "zipit",
+    "weight_zip",
+    "mudsc_align",
+    "mudsc_zip",
+]
 DEFAULT_TASKS = ["rot90:digit", "flip:digit", "transpose:mod3"]
 OUT = Path(__file__).parent / "results" / "alignment_quality_demo.json"
 
@@ -100,8 +107,10 @@ def scores(net: TaskModel, suite, only: str | None = None) -> dict[str, float]:
 
 def one_seed(suite, seed: int, hidden: int, depth: int, steps: int) -> dict[str, dict[str, float]]:
     names = suite.names
-    models = [train_task_model(suite, t, hidden, depth, steps, 1000 * (k + 1) + seed)
-              for k, t in enumerate(names)]
+    models = [
+        train_task_model(suite, t, hidden, depth, steps, 1000 * (k + 1) + seed)
+        for k, t in enumerate(names)
+    ]
     calib = torch.cat([suite.tasks[t].train_x for t in names])
     calib = calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))]
     batches = list(torch.split(calib, 256))
@@ -109,7 +118,9 @@ def one_seed(suite, seed: int, hidden: int, depth: int, steps: int) -> dict[str,
     own = {}
     for t, m in zip(names, models):
         own |= scores(m, suite, only=t)
-    rows: dict[str, dict[str, float]] = {"task_models": own | {"avg": statistics.mean(own.values())}}
+    rows: dict[str, dict[str, float]] = {
+        "task_models": own | {"avg": statistics.mean(own.values())}
+    }
     for name in METHODS:
         t0 = time.perf_counter()
         merged = merge_models(models, batches, method=name, spec=spec, seed=seed)
@@ -131,8 +142,11 @@ def main() -> None:
     for seed in args.seeds:
         t0 = time.perf_counter()
         per_seed[seed] = one_seed(suite, seed, args.hidden, args.depth, args.steps)
-        print(f"seed {seed} ({time.perf_counter() - t0:.0f}s): "
-              + ", ".join(f"{k} {v['avg']:.1f}" for k, v in per_seed[seed].items()), flush=True)
+        print(
+            f"seed {seed} ({time.perf_counter() - t0:.0f}s): "
+            + ", ".join(f"{k} {v['avg']:.1f}" for k, v in per_seed[seed].items()),
+            flush=True,
+        )
     rows = list(per_seed[args.seeds[0]])
     cols = suite.names + ["avg"]
     summary = {}
@@ -146,18 +160,34 @@ def main() -> None:
             summary[n][k] = (statistics.mean(vals), sd)
             cells.append(f"{statistics.mean(vals):6.1f} ± {sd:4.1f}")
         print(f"{n:18s} " + " ".join(f"{c:>16s}" for c in cells))
-    pairs = {"mudsc_zip - zipit": ("mudsc_zip", "zipit"),
-             "mudsc_align - activation_align": ("mudsc_align", "activation_align"),
-             "zipit - mudsc_align": ("zipit", "mudsc_align"),
-             "mudsc_align - weight_matching": ("mudsc_align", "weight_matching"),
-             "weight_matching - weight_average": ("weight_matching", "weight_average"),
-             "mudsc_zip - weight_zip": ("mudsc_zip", "weight_zip")}
-    diffs = {k: [per_seed[s][a]["avg"] - per_seed[s][b]["avg"] for s in args.seeds] for k, (a, b) in pairs.items()}
+    pairs = {
+        "mudsc_zip - zipit": ("mudsc_zip", "zipit"),
+        "mudsc_align - activation_align": ("mudsc_align", "activation_align"),
+        "zipit - mudsc_align": ("zipit", "mudsc_align"),
+        "mudsc_align - weight_matching": ("mudsc_align", "weight_matching"),
+        "weight_matching - weight_average": ("weight_matching", "weight_average"),
+        "mudsc_zip - weight_zip": ("mudsc_zip", "weight_zip"),
+    }
+    diffs = {
+        k: [per_seed[s][a]["avg"] - per_seed[s][b]["avg"] for s in args.seeds]
+        for k, (a, b) in pairs.items()
+    }
     for k, v in diffs.items():
-        print(f"paired avg difference {k}: " + ", ".join(f"{d:+.1f}" for d in v)
-              + f"  (mean {statistics.mean(v):+.1f})")
-    result = {"tasks": suite.names, "hidden": args.hidden, "depth": args.depth, "steps": args.steps,
-              "seeds": args.seeds, "per_seed": per_seed, "summary": summary, "paired_avg_differences": diffs}
+        print(
+            f"paired avg difference {k}: "
+            + ", ".join(f"{d:+.1f}" for d in v)
+            + f"  (mean {statistics.mean(v):+.1f})"
+        )
+    result = {
+        "tasks": suite.names,
+        "hidden": args.hidden,
+        "depth": args.depth,
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "per_seed": per_seed,
+        "summary": summary,
+        "paired_avg_differences": diffs,
+    }
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(json.dumps(result, indent=1))
 

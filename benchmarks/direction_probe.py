@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import demo_seed
 from threadpoolctl import threadpool_limits
 
-from _common import demo_seed
 from drm_lightning.demo.backbone import ResidualMLP
 from drm_lightning.demo.config import DEFAULT_METHODS, DemoConfig
 from drm_lightning.demo.runner import _evaluate
@@ -37,11 +37,16 @@ def main() -> None:
     torch.set_num_threads(1)
     start = time.perf_counter()
     only_drm = tuple(m for m in DEFAULT_METHODS if m.label == "drm_h")
-    config = DemoConfig(**{**vars(DemoConfig.large()), "methods": only_drm, "consolidate": (), "seeds": (0,)})
+    config = DemoConfig(
+        **{**vars(DemoConfig.large()), "methods": only_drm, "consolidate": (), "seeds": (0,)}
+    )
     with threadpool_limits(1):
         suite, module = demo_seed(config, 0)
         base = {k: v.detach().clone() for k, v in module.base.state_dict().items()}
-        branches = [{k: v.detach().clone() for k, v in module.branches[t].state_dict().items()} for t in module.task_names]
+        branches = [
+            {k: v.detach().clone() for k, v in module.branches[t].state_dict().items()}
+            for t in module.task_names
+        ]
         net = ResidualMLP(config.hidden, config.depth)
 
         def score(state: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -57,30 +62,58 @@ def main() -> None:
 
         def record(label: str, state: dict[str, torch.Tensor], **extra: Any) -> None:
             scores = score(state)
-            rows.append({"label": label, "scores": scores, "average": sum(scores.values()) / len(scores), **extra})
-            print(f"{label:44s} " + " ".join(f"{v:5.1f}" for v in scores.values()) + f"  avg {rows[-1]['average']:.1f}")
+            rows.append(
+                {
+                    "label": label,
+                    "scores": scores,
+                    "average": sum(scores.values()) / len(scores),
+                    **extra,
+                }
+            )
+            print(
+                f"{label:44s} "
+                + " ".join(f"{v:5.1f}" for v in scores.values())
+                + f"  avg {rows[-1]['average']:.1f}"
+            )
 
         print(f"{'merge':44s} " + " ".join(t[:5] for t in suite.tasks))
         for direction in ("vertical", "horizontal"):
             for renorm in (True, False):
                 for dtype in (torch.float32, torch.float64):
                     method = get_method("drm", direction=direction, renormalize=renorm)
-                    record(f"DRM-{direction[0].upper()} renorm={renorm} {str(dtype)[6:]}",
-                           merge_state_dicts(method, base, branches, compute_dtype=dtype))
+                    record(
+                        f"DRM-{direction[0].upper()} renorm={renorm} {str(dtype)[6:]}",
+                        merge_state_dicts(method, base, branches, compute_dtype=dtype),
+                    )
         with_renorm = merge_state_dicts(get_method("drm", direction="vertical"), base, branches)
-        without = merge_state_dicts(get_method("drm", direction="vertical", renormalize=False), base, branches)
+        without = merge_state_dicts(
+            get_method("drm", direction="vertical", renormalize=False), base, branches
+        )
         for name, b in base.items():
             if b.ndim != 2:
                 continue
             stack = torch.cat([br[name].double() - b.double() for br in branches])
             joint_rank = shared_basis(stack.reshape(len(branches), *b.shape), rank_rtol=1e-2).rank
-            record(f"DRM-V renorm, {name} without", {**with_renorm, name: without[name]},
-                   shape=list(b.shape), joint_rank=joint_rank, branch_rank_max=min(b.shape))
+            record(
+                f"DRM-V renorm, {name} without",
+                {**with_renorm, name: without[name]},
+                shape=list(b.shape),
+                joint_rank=joint_rank,
+                branch_rank_max=min(b.shape),
+            )
     print(f"{time.perf_counter() - start:.0f} s")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "direction_probe.json"
-    path.write_text(json.dumps({"command": "python benchmarks/direction_probe.py", "tasks": list(suite.tasks),
-                                "rows": rows}, indent=1))
+    path.write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/direction_probe.py",
+                "tasks": list(suite.tasks),
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {path}")
 
 

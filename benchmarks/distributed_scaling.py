@@ -68,7 +68,9 @@ class Stack(nn.Module):
         self.layers = nn.ModuleList(Layer(hidden, mlp) for _ in range(layers))
 
 
-def make_weights(layers: int, hidden: int, mlp: int) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+def make_weights(
+    layers: int, hidden: int, mlp: int
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """Deterministic base and branch state dicts (identical in every process)."""
     torch.manual_seed(0)
     base = {k: v.detach().clone() for k, v in Stack(layers, hidden, mlp).state_dict().items()}
@@ -80,7 +82,12 @@ def make_weights(layers: int, hidden: int, mlp: int) -> tuple[dict[str, torch.Te
             delta = 1e-3 * torch.randn(w.shape, generator=gen)
             if w.dim() == 2:
                 n, m = w.shape
-                delta += 0.02 * torch.randn(n, 16, generator=gen) @ torch.randn(16, m, generator=gen) / 16
+                delta += (
+                    0.02
+                    * torch.randn(n, 16, generator=gen)
+                    @ torch.randn(16, m, generator=gen)
+                    / 16
+                )
             sd[name] = w + delta
         branches.append(sd)
     return base, branches
@@ -93,8 +100,16 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -113,15 +128,23 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         deepspeed.init_distributed(dist_backend="gloo")
         holder = nn.Module()
         holder.base = Stack(args.layers, args.hidden, args.mlp)
-        holder.branches = nn.ModuleList(Stack(args.layers, args.hidden, args.mlp) for _ in range(N_BRANCHES))
+        holder.branches = nn.ModuleList(
+            Stack(args.layers, args.hidden, args.mlp) for _ in range(N_BRANCHES)
+        )
         holder.base.load_state_dict(base)
         for b, sd in zip(holder.branches, branches):
             b.load_state_dict(sd)
         holder.requires_grad_(False)
         holder.head = nn.Linear(2, 2)  # the only trainable parameter: the optimizer needs one
-        cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-               "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
-        engine, *_ = deepspeed.initialize(model=holder, optimizer=torch.optim.AdamW(holder.head.parameters()), config=cfg)
+        cfg = {
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        }
+        engine, *_ = deepspeed.initialize(
+            model=holder, optimizer=torch.optim.AdamW(holder.head.parameters()), config=cfg
+        )
         target = ParamSet.from_module(engine.module.base)
         theta0 = ShardSnapshot.capture(target)
         branch_sets = [ParamSet.from_module(b) for b in engine.module.branches]
@@ -129,8 +152,14 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
             dist.barrier()
             start, cpu = time.perf_counter(), time.process_time()
             result = DistributedMerger(method).merge(target, theta0, branch_sets)
-            records.append({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
-                            **vars(result.stats), "sharded": len(result.plan.sharded())})
+            records.append(
+                {
+                    "seconds": time.perf_counter() - start,
+                    "cpu_seconds": time.process_time() - cpu,
+                    **vars(result.stats),
+                    "sharded": len(result.plan.sharded()),
+                }
+            )
     else:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         target_module = Stack(args.layers, args.hidden, args.mlp)
@@ -138,9 +167,17 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
             target_module.load_state_dict(base)
             dist.barrier()
             start, cpu = time.perf_counter(), time.process_time()
-            result = DistributedMerger(method, engine="replica").merge(target_module, base, branches)
-            records.append({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
-                            **vars(result.stats), "sharded": 0})
+            result = DistributedMerger(method, engine="replica").merge(
+                target_module, base, branches
+            )
+            records.append(
+                {
+                    "seconds": time.perf_counter() - start,
+                    "cpu_seconds": time.process_time() - cpu,
+                    **vars(result.stats),
+                    "sharded": 0,
+                }
+            )
     Path(out, f"rank{rank}.json").write_text(json.dumps(records))
     dist.barrier()
     dist.destroy_process_group()
@@ -181,8 +218,12 @@ def machine_ceiling(args: argparse.Namespace, alone: float) -> dict[str, Any]:
         mp.spawn(_single_copy, args=(args, out), nprocs=2, join=True)
         copies = [json.loads(Path(out, f"copy{i}.json").read_text()) for i in range(2)]
     together = max(min(c["seconds"]) for c in copies)
-    return {"alone_seconds": alone, "two_copies_seconds": together, "ceiling": 2 * alone / together,
-            "two_copies_cpu_seconds": [min(c["cpu_seconds"]) for c in copies]}
+    return {
+        "alone_seconds": alone,
+        "two_copies_seconds": together,
+        "ceiling": 2 * alone / together,
+        "two_copies_cpu_seconds": [min(c["cpu_seconds"]) for c in copies],
+    }
 
 
 def main() -> None:
@@ -192,8 +233,12 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--mlp", type=int, default=1408)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--direction", choices=["horizontal", "vertical"], default="horizontal",
-                        help="DRM direction (vertical: ZeRO-3 merges matrices on the sharded route)")
+    parser.add_argument(
+        "--direction",
+        choices=["horizontal", "vertical"],
+        default="horizontal",
+        help="DRM direction (vertical: ZeRO-3 merges matrices on the sharded route)",
+    )
     parser.add_argument("--no-ceiling", action="store_true", help="skip the machine-ceiling run")
     args = parser.parse_args()
     import tempfile
@@ -213,31 +258,50 @@ def main() -> None:
     # CPU time: what each process computed, independent of how many cores other jobs left us.
     cpu2 = [min(r[i]["cpu_seconds"] for i in range(args.repeats)) for r in ranks]
     row = {
-        "engine": args.engine, "direction": args.direction, "layers": args.layers, "hidden": args.hidden, "mlp": args.mlp, "branches": N_BRANCHES,
-        "one_rank_seconds": min(t1), "two_rank_seconds": t2, "speedup": min(t1) / t2,
-        "comm_seconds_max_rank": comm, "comm_share": comm / t2,
-        "one_rank_cpu_seconds": min(c1), "two_rank_cpu_seconds_per_rank": cpu2,
+        "engine": args.engine,
+        "direction": args.direction,
+        "layers": args.layers,
+        "hidden": args.hidden,
+        "mlp": args.mlp,
+        "branches": N_BRANCHES,
+        "one_rank_seconds": min(t1),
+        "two_rank_seconds": t2,
+        "speedup": min(t1) / t2,
+        "comm_seconds_max_rank": comm,
+        "comm_share": comm / t2,
+        "one_rank_cpu_seconds": min(c1),
+        "two_rank_cpu_seconds_per_rank": cpu2,
         "cpu_speedup": min(c1) / max(cpu2),
-        "owner_items_per_rank": [r[best]["owner_items"] for r in ranks], "sharded_items": ranks[0][best]["sharded"],
+        "owner_items_per_rank": [r[best]["owner_items"] for r in ranks],
+        "sharded_items": ranks[0][best]["sharded"],
         "bytes_sent_per_rank": [r[best]["bytes_sent"] for r in ranks],
         "bytes_received_per_rank": [r[best]["bytes_received"] for r in ranks],
-        "all_one_rank_seconds": t1, "all_two_rank_seconds": per_repeat,
-        "load_average": os.getloadavg(), "cpus": os.cpu_count(), "threads_per_rank": 1,
+        "all_one_rank_seconds": t1,
+        "all_two_rank_seconds": per_repeat,
+        "load_average": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "threads_per_rank": 1,
     }
     if not args.no_ceiling:
         row["machine"] = machine_ceiling(args, min(t1))
         row["efficiency"] = row["speedup"] / row["machine"]["ceiling"]
-    print(f"{'engine':<8} {'1 rank s':>9} {'2 ranks s':>10} {'speed-up':>8} {'CPU speed-up':>12} {'comm share':>10} "
-          f"{'owner items':>12} {'sharded':>7} {'MiB sent/rank':>14}")
-    print(f"{args.engine:<8} {row['one_rank_seconds']:>9.2f} {t2:>10.2f} {row['speedup']:>8.2f} {row['cpu_speedup']:>12.2f} "
-          f"{row['comm_share']:>10.1%} "
-          f"{str(row['owner_items_per_rank']):>12} {row['sharded_items']:>7} "
-          f"{max(row['bytes_sent_per_rank']) / 2**20:>14.1f}")
+    print(
+        f"{'engine':<8} {'1 rank s':>9} {'2 ranks s':>10} {'speed-up':>8} {'CPU speed-up':>12} {'comm share':>10} "
+        f"{'owner items':>12} {'sharded':>7} {'MiB sent/rank':>14}"
+    )
+    print(
+        f"{args.engine:<8} {row['one_rank_seconds']:>9.2f} {t2:>10.2f} {row['speedup']:>8.2f} {row['cpu_speedup']:>12.2f} "
+        f"{row['comm_share']:>10.1%} "
+        f"{str(row['owner_items_per_rank']):>12} {row['sharded_items']:>7} "
+        f"{max(row['bytes_sent_per_rank']) / 2**20:>14.1f}"
+    )
     if "machine" in row:
         m = row["machine"]
-        print(f"machine ceiling: one copy alone {m['alone_seconds']:.2f} s, two copies at once "
-              f"{m['two_copies_seconds']:.2f} s -> ceiling {m['ceiling']:.2f}x; engine efficiency "
-              f"{row['efficiency']:.0%} (speed-up / ceiling)")
+        print(
+            f"machine ceiling: one copy alone {m['alone_seconds']:.2f} s, two copies at once "
+            f"{m['two_copies_seconds']:.2f} s -> ceiling {m['ceiling']:.2f}x; engine efficiency "
+            f"{row['efficiency']:.0%} (speed-up / ceiling)"
+        )
     print(f"load average {row['load_average']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.direction == "horizontal" else f"_{args.direction}"

@@ -144,9 +144,9 @@ def run_method(
     """Merge this rank's ``tensors`` with one method; per-class seconds, FLOPs, peak memory."""
     import torch
 
+    from drm_lightning.merge.routing import Routing
     from drm_lightning.merge.tensor import merge_tensor
     from drm_lightning.methods import get_method
-    from drm_lightning.merge.routing import Routing
 
     method_name, params = METHODS[key]
     method = get_method(method_name, **params)
@@ -242,8 +242,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         mine = tensors
         if world > 1:
             from drm_lightning.distributed.plan import assign_longest_first
-            from drm_lightning.methods import get_method
             from drm_lightning.merge.routing import Routing
+            from drm_lightning.methods import get_method
 
             method = get_method(METHODS[key][0], **METHODS[key][1])
             costs = [

@@ -97,8 +97,16 @@ def demo_loop(args: argparse.Namespace) -> Loop:
     config, suite, state = _demo_inputs()
     backbone = ResidualMLP(config.hidden, config.depth)
     backbone.load_state_dict(state)
-    heads: dict[str, nn.Module] = {name: nn.Linear(config.hidden, t.num_classes) for name, t in suite.tasks.items()}
-    return Loop(backbone, heads, train_loaders(suite, config, seed=0), task_specs(suite), lr=config.finetune_lr)
+    heads: dict[str, nn.Module] = {
+        name: nn.Linear(config.hidden, t.num_classes) for name, t in suite.tasks.items()
+    }
+    return Loop(
+        backbone,
+        heads,
+        train_loaders(suite, config, seed=0),
+        task_specs(suite),
+        lr=config.finetune_lr,
+    )
 
 
 LOOPS: dict[str, Callable[[argparse.Namespace], Loop]] = {"toy": toy_loop, "demo": demo_loop}
@@ -128,17 +136,28 @@ def accelerate_run(args: argparse.Namespace, with_front_end: bool) -> Run:
     tasks = list(loop.heads)
     model = BranchedModel(loop.backbone, loop.heads)
     # As BranchedModule.configure_optimizers: AdamW over branches and heads (the base is frozen).
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=loop.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=loop.lr, weight_decay=0.0
+    )
     accelerator = Accelerator(cpu=True)
     model, optimizer = accelerator.prepare(model, optimizer)
     train = [loop.train[t] for t in tasks]
-    hook = MergeHook(accelerator, model, args.method, tasks=loop.specs, every_n_steps=args.every, enabled=with_front_end)
+    hook = MergeHook(
+        accelerator,
+        model,
+        args.method,
+        tasks=loop.specs,
+        every_n_steps=args.every,
+        enabled=with_front_end,
+    )
     start = time.perf_counter()
     with hook:
         step = 0
         while step < args.steps:
             for batches in zip(*train):
-                loss = torch.stack([F.cross_entropy(model(x, t), y) for t, (x, y) in zip(tasks, batches)]).sum()
+                loss = torch.stack(
+                    [F.cross_entropy(model(x, t), y) for t, (x, y) in zip(tasks, batches)]
+                ).sum()
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
@@ -152,7 +171,10 @@ def accelerate_run(args: argparse.Namespace, with_front_end: bool) -> Run:
     return Run(seconds, list(hook.history), hook.merge)
 
 
-RUNNERS: dict[str, Callable[[argparse.Namespace, bool], Run]] = {"lightning": lightning_run, "accelerate": accelerate_run}
+RUNNERS: dict[str, Callable[[argparse.Namespace, bool], Run]] = {
+    "lightning": lightning_run,
+    "accelerate": accelerate_run,
+}
 
 
 def _pct(part: float, whole: float) -> float:
@@ -178,13 +200,24 @@ def summarize(without: list[Run], with_: list[Run]) -> dict[str, Any]:
         "overhead_accounted_pct_max": max(_pct(s, w) for s, w in zip(spent, merged)),
         "merge_and_scoring_s_per_merge": median(s / len(r.history) for s, r in zip(spent, with_)),
         "first_merge_s": median(rec["merge/seconds"] for rec in first),
-        "first_scoring_s": median(rec["merge/total_seconds"] - rec["merge/seconds"] for rec in first),
+        "first_scoring_s": median(
+            rec["merge/total_seconds"] - rec["merge/seconds"] for rec in first
+        ),
         "later_merge_s": median(rec["merge/seconds"] for rec in later) if later else float("nan"),
-        "later_scoring_s": median(rec["merge/total_seconds"] - rec["merge/seconds"] for rec in later) if later else float("nan"),
+        "later_scoring_s": median(
+            rec["merge/total_seconds"] - rec["merge/seconds"] for rec in later
+        )
+        if later
+        else float("nan"),
         "merged_average_last": [r.history[-1].get("merged/average", float("nan")) for r in with_],
         "per_repeat": [
-            {"without_s": p.seconds, "with_s": w.seconds,
-             "merges_s": [[rec["merge/seconds"], rec["merge/total_seconds"]] for rec in w.history]}
+            {
+                "without_s": p.seconds,
+                "with_s": w.seconds,
+                "merges_s": [
+                    [rec["merge/seconds"], rec["merge/total_seconds"]] for rec in w.history
+                ],
+            }
             for p, w in zip(without, with_)
         ],
     }
@@ -203,41 +236,66 @@ def profile(run: Run, top: int) -> list[str]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the interleaved repeats, print the table and write the JSON."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[lightning_overhead.build_parser(add_help=False)],
     )
     parser.set_defaults(repeats=5)
     parser.add_argument(
-        "--loop", choices=sorted(LOOPS), default="toy",
+        "--loop",
+        choices=sorted(LOOPS),
+        default="toy",
         help="toy: the MLP of --dim/--hidden/--tasks on teacher tasks; demo: the README demo suite (six tasks)",
     )
-    parser.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile one more merge of each front end")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "inloop_overhead.json")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="cProfile one more merge of each front end",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "inloop_overhead.json",
+    )
     args = parser.parse_args(argv)
     if args.adopt:  # the Accelerate loop has no adopt variant: the two rows would differ
-        parser.error("--adopt is for the Lightning loop alone: python -m drm_lightning.lightning.overhead --adopt")
+        parser.error(
+            "--adopt is for the Lightning loop alone: python -m drm_lightning.lightning.overhead --adopt"
+        )
     torch.set_num_threads(1)
-    variants = [(front_end, with_front_end) for front_end in FRONT_ENDS for with_front_end in (False, True)]
+    variants = [
+        (front_end, with_front_end) for front_end in FRONT_ENDS for with_front_end in (False, True)
+    ]
     runs: dict[tuple[str, bool], list[Run]] = {v: [] for v in variants}
     load_before, load_per_repeat, cold = load_average(), [], None
     for repeat in range(args.repeats):
         load_per_repeat.append(load_average())
-        order = variants[repeat % len(variants):] + variants[: repeat % len(variants)]
+        order = variants[repeat % len(variants) :] + variants[: repeat % len(variants)]
         for front_end, with_front_end in order:
             run = RUNNERS[front_end](args, with_front_end)
             runs[front_end, with_front_end].append(run)
             if cold is None and run.history:
-                cold = {"front_end": front_end, "merge_s": run.history[0]["merge/seconds"],
-                        "merge_and_scoring_s": run.history[0]["merge/total_seconds"]}
-            print(f"repeat {repeat}: {front_end:10s} {'with' if with_front_end else 'without':7s} {run.seconds:7.2f} s",
-                  flush=True)
+                cold = {
+                    "front_end": front_end,
+                    "merge_s": run.history[0]["merge/seconds"],
+                    "merge_and_scoring_s": run.history[0]["merge/total_seconds"],
+                }
+            print(
+                f"repeat {repeat}: {front_end:10s} {'with' if with_front_end else 'without':7s} {run.seconds:7.2f} s",
+                flush=True,
+            )
     result: dict[str, Any] = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "threads": torch.get_num_threads(),
         "load_average_before": load_before,
         "load_average_per_repeat": load_per_repeat,
         "cold_merge": cold,
-        **{front_end: summarize(runs[front_end, False], runs[front_end, True]) for front_end in FRONT_ENDS},
+        **{
+            front_end: summarize(runs[front_end, False], runs[front_end, True])
+            for front_end in FRONT_ENDS
+        },
         "load_average_after": load_average(),
     }
     if args.profile:

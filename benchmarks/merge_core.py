@@ -56,11 +56,24 @@ METHODS: dict[str, tuple[str, dict]] = {
     "drm_v": ("drm", {"direction": "vertical", "drop_rate": 0.8}),
     "drm_h": ("drm", {"direction": "horizontal", "drop_rate": 0.8}),
     # The basis in the compute dtype (float32): the default before issue 8, faster, less exact.
-    "drm_v_basis32": ("drm", {"direction": "vertical", "drop_rate": 0.8, "basis_precision": "compute"}),
-    "drm_h_basis32": ("drm", {"direction": "horizontal", "drop_rate": 0.8, "basis_precision": "compute"}),
+    "drm_v_basis32": (
+        "drm",
+        {"direction": "vertical", "drop_rate": 0.8, "basis_precision": "compute"},
+    ),
+    "drm_h_basis32": (
+        "drm",
+        {"direction": "horizontal", "drop_rate": 0.8, "basis_precision": "compute"},
+    ),
     # A float32 SVD, as the DRM reference library computes the basis.
-    "drm_h_svd32": ("drm", {"direction": "horizontal", "drop_rate": 0.8, "solver": "svd",
-                            "basis_precision": "compute"}),
+    "drm_h_svd32": (
+        "drm",
+        {
+            "direction": "horizontal",
+            "drop_rate": 0.8,
+            "solver": "svd",
+            "basis_precision": "compute",
+        },
+    ),
     "ties": ("ties", {"density": 0.2}),
     "task_arithmetic": ("task_arithmetic", {}),
     "dare_ties": ("dare_ties", {"density": 0.2}),
@@ -72,15 +85,21 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "drm_v+torch_eigh": ("drm_v", "torch_eigh"),
     "drm_h+torch_eigh": ("drm_h", "torch_eigh"),
 }
-ALIASES = {"drm": ["drm_v", "drm_h"], "drm_vertical": ["drm_v"], "drm_horizontal": ["drm_h"],
-           "all": list(METHODS)}
+ALIASES = {
+    "drm": ["drm_v", "drm_h"],
+    "drm_vertical": ["drm_v"],
+    "drm_horizontal": ["drm_h"],
+    "all": list(METHODS),
+}
 
 # Targets of issue 3, for the 107M model, 2 cores, fp32.
 TARGETS_107M = {"ties_s": 9.0, "drm_s": 40.0, "peak_rss_bytes": 1.3e9, "drm_over_svd": 0.4}
 REFERENCE_107M = {
-    "mergekit TIES": "46 s", "PEFT TIES functions": "18 s",
+    "mergekit TIES": "46 s",
+    "PEFT TIES functions": "18 s",
     "DRM reference (horizontal)": "202 s, of which 183 s SVDs",
-    "Gram + eigh, same shapes": "57 s", "peak RSS (all)": "2.5-2.9 GB",
+    "Gram + eigh, same shapes": "57 s",
+    "peak RSS (all)": "2.5-2.9 GB",
 }
 
 
@@ -97,12 +116,14 @@ class _TimedSource:
     def __getattr__(self, name):  # keys, meta, files, describe, origin, lowrank...
         attr = getattr(self._inner, name)
         if name in ("get", "lowrank") and callable(attr):
+
             def timed(*args, **kwargs):
                 t0 = time.perf_counter()
                 try:
                     return attr(*args, **kwargs)
                 finally:
                     self.read_s += time.perf_counter() - t0
+
             return timed
         return attr
 
@@ -151,11 +172,17 @@ def child_merge(spec: dict) -> dict:
         shutil.rmtree(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     config_path = out_dir.with_name(out_dir.name + ".yaml")
-    config_path.write_text(yaml.safe_dump({
-        "method": spec["method"], "base": spec["base"],
-        "branches": [{"path": p, "coefficient": 1.0} for p in spec["branches"]],
-        "parameters": spec["params"], "compute_dtype": "float32",
-    }))
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "method": spec["method"],
+                "base": spec["base"],
+                "branches": [{"path": p, "coefficient": 1.0} for p in spec["branches"]],
+                "parameters": spec["params"],
+                "compute_dtype": "float32",
+            }
+        )
+    )
 
     timers = {"add": 0.0, "finish": 0.0}
 
@@ -166,6 +193,7 @@ def child_merge(spec: dict) -> dict:
                 return fn(*args, **kwargs)
             finally:
                 timers[key] += time.perf_counter() - t
+
         return wrapper
 
     cls = writer_mod.HFFolderWriter
@@ -276,7 +304,8 @@ def child_svd(spec: dict) -> dict:
         eigh_s += t3 - t2
         key = f"{n_br * n}x{m}"
         row = per_shape.setdefault(
-            key, {"count": 0, "svd_s": 0.0, "basis_s": 0.0, "gram_torch_eigh_s": 0.0, "rank": []})
+            key, {"count": 0, "svd_s": 0.0, "basis_s": 0.0, "gram_torch_eigh_s": 0.0, "rank": []}
+        )
         row["count"] += 1
         row["svd_s"] += t1 - t0
         row["basis_s"] += t2 - t1
@@ -286,9 +315,15 @@ def child_svd(spec: dict) -> dict:
     for row in per_shape.values():
         ranks = row.pop("rank")
         row["rank_min_max"] = [min(ranks), max(ranks)]
-    return {"kind": "svd", "direction": spec["direction"], "svd_s": svd_s,
-            "shared_basis_s": basis_s, "gram_torch_eigh_s": eigh_s, "per_shape": per_shape,
-            "peak_rss_bytes": common.peak_rss_bytes()}
+    return {
+        "kind": "svd",
+        "direction": spec["direction"],
+        "svd_s": svd_s,
+        "shared_basis_s": basis_s,
+        "gram_torch_eigh_s": eigh_s,
+        "per_shape": per_shape,
+        "peak_rss_bytes": common.peak_rss_bytes(),
+    }
 
 
 def child_lora(spec: dict) -> dict:
@@ -323,12 +358,20 @@ def child_lora(spec: dict) -> dict:
             diff = (merged_f - merged_d).abs().max().item()
             scale = merged_d.abs().max().item()
             rel_fro = ((merged_f - merged_d).norm() / merged_d.norm().clamp_min(1e-300)).item()
-            rows.append({
-                "shape": [n, m], "rank": rank, "branches": n_br, "dtype": dtype_name,
-                "factored_s": min(fac_times), "dense_s": dense_s,
-                "speedup": dense_s / max(min(fac_times), 1e-9),
-                "max_abs_diff": diff, "max_abs_merged": scale, "rel_fro_diff": rel_fro,
-            })
+            rows.append(
+                {
+                    "shape": [n, m],
+                    "rank": rank,
+                    "branches": n_br,
+                    "dtype": dtype_name,
+                    "factored_s": min(fac_times),
+                    "dense_s": dense_s,
+                    "speedup": dense_s / max(min(fac_times), 1e-9),
+                    "max_abs_diff": diff,
+                    "max_abs_merged": scale,
+                    "rel_fro_diff": rel_fro,
+                }
+            )
             del dense, merged_d, merged_f
     return {"kind": "lora", "rows": rows, "peak_rss_bytes": common.peak_rss_bytes()}
 
@@ -347,13 +390,16 @@ def run_child(spec: dict, threads: int, timeout: float) -> dict:
     env = common.limit_threads_env(threads)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout
+    )
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0 or not result_path.exists():
         tail = (proc.stderr or proc.stdout)[-3000:]
-        return {"error": f"child exited with {proc.returncode}: {tail.strip()}",
-                "process_s": elapsed}
+        return {
+            "error": f"child exited with {proc.returncode}: {tail.strip()}",
+            "process_s": elapsed,
+        }
     out = json.loads(result_path.read_text())
     result_path.unlink(missing_ok=True)
     out["process_s"] = elapsed
@@ -368,8 +414,10 @@ def resolve_methods(text: str) -> list[str]:
             continue
         for name in ALIASES.get(raw, [raw]):
             if name not in METHODS:
-                raise SystemExit(f"unknown method {raw!r}; valid: {', '.join(METHODS)} "
-                                 f"(aliases: {', '.join(ALIASES)})")
+                raise SystemExit(
+                    f"unknown method {raw!r}; valid: {', '.join(METHODS)} "
+                    f"(aliases: {', '.join(ALIASES)})"
+                )
             if name not in names:
                 names.append(name)
     return names
@@ -385,19 +433,30 @@ def method_params(registered: str, wanted: dict) -> tuple[dict, list[str]]:
 
 
 def bench_size(size: str, args, log) -> dict:
-    model = common.build_models(size, args.workdir, n_branches=args.branches, log=log,
-                                noise=args.noise)
+    model = common.build_models(
+        size, args.workdir, n_branches=args.branches, log=log, noise=args.noise
+    )
     shapes = {}
     for _, shape in model.matrix_shapes:
         shapes[f"{shape[0]}x{shape[1]}"] = shapes.get(f"{shape[0]}x{shape[1]}", 0) + 1
-    log(f"\n== {size}: {model.n_params / 1e6:.2f} M parameters, {args.branches} branches, "
-        f"matrices {shapes}")
-    res: dict = {"n_params": model.n_params, "branches": args.branches,
-                 "matrix_shapes": shapes, "methods": {}, "bare_svd": {}}
+    log(
+        f"\n== {size}: {model.n_params / 1e6:.2f} M parameters, {args.branches} branches, "
+        f"matrices {shapes}"
+    )
+    res: dict = {
+        "n_params": model.n_params,
+        "branches": args.branches,
+        "matrix_shapes": shapes,
+        "methods": {},
+        "bare_svd": {},
+    }
     tmp = args.workdir / "results_tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    common_spec = {"base": str(model.base), "branches": [str(p) for p in model.branches],
-                   "threads": args.threads}
+    common_spec = {
+        "base": str(model.base),
+        "branches": [str(p) for p in model.branches],
+        "threads": args.threads,
+    }
     from drm_lightning.methods import available_methods
 
     registered = set(available_methods())
@@ -411,26 +470,38 @@ def bench_size(size: str, args, log) -> dict:
             log(f"  {name:16s} skipped: {reg!r} not registered")
             continue
         params, dropped = method_params(reg, wanted)
-        spec = {**common_spec, "child": "merge", "method": reg, "params": params,
-                "out": str(args.workdir / "out" / f"{size}_{name}"),
-                "result": str(tmp / f"{size}_{name}.json"), "profile": args.profile,
-                "patch": patch}
+        spec = {
+            **common_spec,
+            "child": "merge",
+            "method": reg,
+            "params": params,
+            "out": str(args.workdir / "out" / f"{size}_{name}"),
+            "result": str(tmp / f"{size}_{name}.json"),
+            "profile": args.profile,
+            "patch": patch,
+        }
         r = run_child(spec, args.threads, args.timeout)
         r.update(method=reg, params=params, params_not_declared=dropped)
         res["methods"][name] = r
         if "error" in r:
             log(f"  {name:16s} FAILED: {r['error'][-400:]}")
         else:
-            log(f"  {name:16s} {r['wall_s']:8.2f} s, cpu {r['cpu_s']:6.2f} s  (read {r['read_s']:.2f}, merge "
+            log(
+                f"  {name:16s} {r['wall_s']:8.2f} s, cpu {r['cpu_s']:6.2f} s  (read {r['read_s']:.2f}, merge "
                 f"{r['merge_s']:.2f}, write {r['write_s']:.2f})  peak RSS "
-                f"{common.fmt_bytes(r['peak_rss_bytes'])}")
+                f"{common.fmt_bytes(r['peak_rss_bytes'])}"
+            )
             if args.profile and r.get("profile"):
                 log(r["profile"])
     for name, direction in (("drm_v", "vertical"), ("drm_h", "horizontal")):
         if name not in args.methods or args.no_svd:
             continue
-        spec = {**common_spec, "child": "svd", "direction": direction,
-                "result": str(tmp / f"{size}_svd_{direction}.json")}
+        spec = {
+            **common_spec,
+            "child": "svd",
+            "direction": direction,
+            "result": str(tmp / f"{size}_svd_{direction}.json"),
+        }
         r = run_child(spec, args.threads, args.timeout)
         res["bare_svd"][direction] = r
         if "error" in r:
@@ -442,9 +513,15 @@ def bench_size(size: str, args, log) -> dict:
                 m["bare_svd_s"] = r["svd_s"]
                 m["ratio_to_bare_svd"] = m["wall_s"] / r["svd_s"]
         m = res["methods"].get(name, {})
-        log(f"  bare SVD {direction:10s} {r['svd_s']:8.2f} s   package shared_basis on the "
+        log(
+            f"  bare SVD {direction:10s} {r['svd_s']:8.2f} s   package shared_basis on the "
             f"same stacks {r['shared_basis_s']:.2f} s (Gram + torch eigh {r['gram_torch_eigh_s']:.2f} s)"
-            + (f"   -> DRM / SVD = {m['ratio_to_bare_svd']:.3f}" if "ratio_to_bare_svd" in m else ""))
+            + (
+                f"   -> DRM / SVD = {m['ratio_to_bare_svd']:.3f}"
+                if "ratio_to_bare_svd" in m
+                else ""
+            )
+        )
     return res
 
 
@@ -468,8 +545,15 @@ def check_targets(results: dict) -> list[dict]:
     def add(what, value, target, unit):
         if value is None:
             return
-        out.append({"check": what, "value": value, "target": target, "unit": unit,
-                    "met": bool(value <= target)})
+        out.append(
+            {
+                "check": what,
+                "value": value,
+                "target": target,
+                "unit": unit,
+                "met": bool(value <= target),
+            }
+        )
 
     add("ties wall time", methods.get("ties", {}).get("wall_s"), TARGETS_107M["ties_s"], "s")
     for name in ("drm_v", "drm_h"):
@@ -484,11 +568,15 @@ def check_targets(results: dict) -> list[dict]:
 def print_table(results: dict, log) -> str:
     lines = []
     info = results["system"]
-    lines.append(f"CPU: {info['cpu']} ({info['logical_cpus']} logical), threads={info['threads']}, "
-                 f"torch {info['torch']}, load avg before {results['load_before']} / after "
-                 f"{results['load_after']}")
+    lines.append(
+        f"CPU: {info['cpu']} ({info['logical_cpus']} logical), threads={info['threads']}, "
+        f"torch {info['torch']}, load avg before {results['load_before']} / after "
+        f"{results['load_after']}"
+    )
     lines.append("")
-    lines.append("| model | method | wall s | CPU s | read s | merge s | write s | peak RSS | RSS after imports | bare SVD s | DRM / SVD |")
+    lines.append(
+        "| model | method | wall s | CPU s | read s | merge s | write s | peak RSS | RSS after imports | bare SVD s | DRM / SVD |"
+    )
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size, res in results["sizes"].items():
         label = f"{size} ({res['n_params'] / 1e6:.1f} M)"
@@ -501,55 +589,84 @@ def print_table(results: dict, log) -> str:
             lines.append(
                 f"| {label} | {name} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['read_s']:.2f} | {m['merge_s']:.2f} | "
                 f"{m['write_s']:.2f} | {common.fmt_bytes(m['peak_rss_bytes'])} | "
-                f"{common.fmt_bytes(m['rss_after_imports_bytes'])} | {svd} | {ratio} |")
+                f"{common.fmt_bytes(m['rss_after_imports_bytes'])} | {svd} | {ratio} |"
+            )
     if results.get("lora"):
         lines.append("")
-        lines.append("| LoRA DRM | rank | N | dtype | factored s | dense s | dense / factored | max abs diff | max abs merged | rel Frobenius diff |")
+        lines.append(
+            "| LoRA DRM | rank | N | dtype | factored s | dense s | dense / factored | max abs diff | max abs merged | rel Frobenius diff |"
+        )
         lines.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
         for r in results["lora"].get("rows", []):
             lines.append(
                 f"| {r['shape'][0]}x{r['shape'][1]} | {r['rank']} | {r['branches']} | {r['dtype']} | "
                 f"{r['factored_s']:.4f} | {r['dense_s']:.3f} | {r['speedup']:.0f}x | "
-                f"{r['max_abs_diff']:.2e} | {r['max_abs_merged']:.2e} | {r['rel_fro_diff']:.2e} |")
+                f"{r['max_abs_diff']:.2e} | {r['max_abs_merged']:.2e} | {r['rel_fro_diff']:.2e} |"
+            )
     if results.get("targets"):
         lines.append("")
         lines.append("| target (107M, issue 3) | value | target | met |")
         lines.append("|---|---:|---:|---|")
         for t in results["targets"]:
-            fmt = (common.fmt_bytes if t["unit"] == "B" else
-                   (lambda v, u=t["unit"]: f"{v:.3g} {u}"))
-            lines.append(f"| {t['check']} | {fmt(t['value'])} | {fmt(t['target'])} | "
-                         f"{'yes' if t['met'] else 'NO'} |")
+            fmt = common.fmt_bytes if t["unit"] == "B" else (lambda v, u=t["unit"]: f"{v:.3g} {u}")
+            lines.append(
+                f"| {t['check']} | {fmt(t['value'])} | {fmt(t['target'])} | "
+                f"{'yes' if t['met'] else 'NO'} |"
+            )
     text = "\n".join(lines)
     log("\n" + text)
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Results under CPU contention are meaningless: run on "
-                                            "an idle machine; the load average is recorded.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Results under CPU contention are meaningless: run on "
+        "an idle machine; the load average is recorded.",
+    )
     parser.add_argument("--sizes", default="15m,107m", help="comma list of 15m, 107m")
-    parser.add_argument("--methods", default="all",
-                        help=f"comma list of {', '.join(METHODS)} (or drm, all)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="BLAS/OpenMP threads of every child (default 2, the target machine)")
+    parser.add_argument(
+        "--methods", default="all", help=f"comma list of {', '.join(METHODS)} (or drm, all)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="BLAS/OpenMP threads of every child (default 2, the target machine)",
+    )
     parser.add_argument("--branches", type=int, default=3)
-    parser.add_argument("--noise", type=float, default=common.NOISE_SCALE,
-                        help="Gaussian noise of each delta, relative to ||W||_F (default 1e-3: the "
-                             "kept DRM rank is then near full, as for full fine-tunes; 1e-4 keeps "
-                             "only the 3x16 low-rank directions)")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/drm_bench"),
-                        help="model cache and scratch output (default /tmp/drm_bench)")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "merge_core.json")
-    parser.add_argument("--markdown", type=Path, default=None,
-                        help="also write the table (with machine, threads, load) to this .md file")
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=common.NOISE_SCALE,
+        help="Gaussian noise of each delta, relative to ||W||_F (default 1e-3: the "
+        "kept DRM rank is then near full, as for full fine-tunes; 1e-4 keeps "
+        "only the 3x16 low-rank directions)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/tmp/drm_bench"),
+        help="model cache and scratch output (default /tmp/drm_bench)",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=ROOT / "benchmarks" / "results" / "merge_core.json"
+    )
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="also write the table (with machine, threads, load) to this .md file",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 15m only, small LoRA case")
     parser.add_argument("--no-svd", action="store_true", help="skip the bare-SVD reference")
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA micro-benchmark")
-    parser.add_argument("--variants", action="store_true",
-                        help="also run candidate fixes (DRM with torch.linalg.eigh instead of scipy syevr)")
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="also run candidate fixes (DRM with torch.linalg.eigh instead of scipy syevr)",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile each merge child")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per-child limit in seconds")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -570,22 +687,37 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     log = lambda *a: print(*a, flush=True)  # noqa: E731
 
-    results: dict = {"system": common.system_info(args.threads),
-                     "load_before": [round(x, 2) for x in common.load_average()],
-                     "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-                     "delta_model": {"rank": common.DELTA_RANK, "scale": common.DELTA_SCALE,
-                                     "noise": args.noise, "branches": args.branches},
-                     "reference_107m": REFERENCE_107M, "targets_107m": TARGETS_107M,
-                     "sizes": {}}
+    results: dict = {
+        "system": common.system_info(args.threads),
+        "load_before": [round(x, 2) for x in common.load_average()],
+        "command": " ".join(
+            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "delta_model": {
+            "rank": common.DELTA_RANK,
+            "scale": common.DELTA_SCALE,
+            "noise": args.noise,
+            "branches": args.branches,
+        },
+        "reference_107m": REFERENCE_107M,
+        "targets_107m": TARGETS_107M,
+        "sizes": {},
+    }
     if results["load_before"][0] > (os.cpu_count() or 1) * 0.5:
-        log(f"WARNING: load average {results['load_before']} on {os.cpu_count()} CPUs - "
-            "timings under contention are meaningless")
+        log(
+            f"WARNING: load average {results['load_before']} on {os.cpu_count()} CPUs - "
+            "timings under contention are meaningless"
+        )
     for size in sizes:
         results["sizes"][size] = bench_size(size, args, log)
     if not args.no_lora:
         tmp = args.workdir / "results_tmp"
-        spec = {"child": "lora", "threads": args.threads, "cases": lora_cases(args.quick),
-                "result": str(tmp / "lora.json")}
+        spec = {
+            "child": "lora",
+            "threads": args.threads,
+            "cases": lora_cases(args.quick),
+            "result": str(tmp / "lora.json"),
+        }
         results["lora"] = run_child(spec, args.threads, args.timeout)
         if "error" in results["lora"]:
             log(f"LoRA micro-benchmark FAILED: {results['lora']['error'][-400:]}")
@@ -598,7 +730,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(
-            f"Command: `python benchmarks/{results['command']}`\n\n{results['table_markdown']}\n")
+            f"Command: `python benchmarks/{results['command']}`\n\n{results['table_markdown']}\n"
+        )
         log(f"wrote {args.markdown}")
     return 0
 

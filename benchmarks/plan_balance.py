@@ -40,7 +40,10 @@ def llama_8b_entries(dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], str
             (p + "input_layernorm.weight", (4096,), "fallback", dtype),
             (p + "post_attention_layernorm.weight", (4096,), "fallback", dtype),
         ]
-    entries += [("model.norm.weight", (4096,), "fallback", dtype), ("lm_head.weight", (128256, 4096), "fallback", dtype)]
+    entries += [
+        ("model.norm.weight", (4096,), "fallback", dtype),
+        ("lm_head.weight", (128256, 4096), "fallback", dtype),
+    ]
     return entries
 
 
@@ -76,37 +79,65 @@ def main() -> None:
     ]
     for world in (2, 4, 8, 16):
         for label, engine, rule in configs:
-            plan = build_plan(entries, method, n_branches=args.branches, world_size=world, engine=engine, shardable=rule)
+            plan = build_plan(
+                entries,
+                method,
+                n_branches=args.branches,
+                world_size=world,
+                engine=engine,
+                shardable=rule,
+            )
             loads = plan.loads
-            rows.append({
-                "world_size": world,
-                "engine": label,
-                "max_over_mean_cost": round(plan.max_over_mean(), 4),
-                "sharded_items": len(plan.sharded()),
-                "owner_items": sum(it.mode == "owner" for it in plan.items),
-                "max_rank_tflop": round(max(ld.cost for ld in loads) / 1e12, 3),
-                "mean_rank_tflop": round(sum(ld.cost for ld in loads) / world / 1e12, 3),
-                "max_comm_gib_per_rank": round(max(ld.comm_bytes for ld in loads) / 2**30, 3),
-                "mean_comm_gib_per_rank": round(sum(ld.comm_bytes for ld in loads) / world / 2**30, 3),
-                "max_peak_gib_per_rank": round(max(ld.peak_bytes for ld in loads) / 2**30, 3),
-                "imbalance_note": plan.imbalance(),
-            })
+            rows.append(
+                {
+                    "world_size": world,
+                    "engine": label,
+                    "max_over_mean_cost": round(plan.max_over_mean(), 4),
+                    "sharded_items": len(plan.sharded()),
+                    "owner_items": sum(it.mode == "owner" for it in plan.items),
+                    "max_rank_tflop": round(max(ld.cost for ld in loads) / 1e12, 3),
+                    "mean_rank_tflop": round(sum(ld.cost for ld in loads) / world / 1e12, 3),
+                    "max_comm_gib_per_rank": round(max(ld.comm_bytes for ld in loads) / 2**30, 3),
+                    "mean_comm_gib_per_rank": round(
+                        sum(ld.comm_bytes for ld in loads) / world / 2**30, 3
+                    ),
+                    "max_peak_gib_per_rank": round(max(ld.peak_bytes for ld in loads) / 2**30, 3),
+                    "imbalance_note": plan.imbalance(),
+                }
+            )
     elapsed = time.perf_counter() - start
-    header = (f"{'ranks':>5}  {'engine':<17} {'max/mean':>8}  {'sharded':>7}  {'owner':>5}  {'max TFLOP':>9}  "
-              f"{'comm GiB max':>12}  {'comm GiB mean':>13}  {'peak GiB':>8}")
-    print(f"Llama-3.1-8B shapes ({total_params / 1e9:.2f} B params, {len(entries)} tensors), N={args.branches} branches, "
-          f"DRM-V drop 0.8, weights {args.dtype}; planning all {len(rows)} configurations took {elapsed:.2f} s")
+    header = (
+        f"{'ranks':>5}  {'engine':<17} {'max/mean':>8}  {'sharded':>7}  {'owner':>5}  {'max TFLOP':>9}  "
+        f"{'comm GiB max':>12}  {'comm GiB mean':>13}  {'peak GiB':>8}"
+    )
+    print(
+        f"Llama-3.1-8B shapes ({total_params / 1e9:.2f} B params, {len(entries)} tensors), N={args.branches} branches, "
+        f"DRM-V drop 0.8, weights {args.dtype}; planning all {len(rows)} configurations took {elapsed:.2f} s"
+    )
     print(header)
     for r in rows:
-        print(f"{r['world_size']:>5}  {r['engine']:<17} {r['max_over_mean_cost']:>8.3f}  {r['sharded_items']:>7}  "
-              f"{r['owner_items']:>5}  {r['max_rank_tflop']:>9.2f}  {r['max_comm_gib_per_rank']:>12.2f}  "
-              f"{r['mean_comm_gib_per_rank']:>13.2f}  {r['max_peak_gib_per_rank']:>8.2f}")
+        print(
+            f"{r['world_size']:>5}  {r['engine']:<17} {r['max_over_mean_cost']:>8.3f}  {r['sharded_items']:>7}  "
+            f"{r['owner_items']:>5}  {r['max_rank_tflop']:>9.2f}  {r['max_comm_gib_per_rank']:>12.2f}  "
+            f"{r['mean_comm_gib_per_rank']:>13.2f}  {r['max_peak_gib_per_rank']:>8.2f}"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "plan_balance.json"
-    out.write_text(json.dumps({
-        "model": "Llama-3.1-8B shapes", "params": total_params, "tensors": len(entries), "branches": args.branches,
-        "weights_dtype": args.dtype, "method": repr(method), "planning_seconds": elapsed, "rows": rows,
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "model": "Llama-3.1-8B shapes",
+                "params": total_params,
+                "tensors": len(entries),
+                "branches": args.branches,
+                "weights_dtype": args.dtype,
+                "method": repr(method),
+                "planning_seconds": elapsed,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -30,22 +30,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import demo_seed
 from threadpoolctl import threadpool_limits
 
-from _common import demo_seed
 from drm_lightning.demo.config import DEFAULT_METHODS, DemoConfig
-from drm_lightning.methods.ops import elect_signs, topk_mask
 from drm_lightning.methods.drm import drop_numerical_zeros, pruning_scores, shared_basis
+from drm_lightning.methods.ops import elect_signs, topk_mask
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def trained_branches(config: DemoConfig, seed: int) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+def trained_branches(
+    config: DemoConfig, seed: int
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     """Base and branch state dicts (float64) after one seed's fit of the demo."""
     _, module = demo_seed(config, seed)
     base = {k: v.detach().double() for k, v in module.base.state_dict().items()}
     branches = [
-        {k: v.detach().double() for k, v in module.branches[t].state_dict().items()} for t in module.task_names
+        {k: v.detach().double() for k, v in module.branches[t].state_dict().items()}
+        for t in module.task_names
     ]
     return base, branches
 
@@ -70,7 +73,8 @@ def probe(deltas: torch.Tensor, drop_rate: float = 0.8, rank_rtol: float = 1e-2)
         per_task = mask.reshape(mask.shape[0], -1).double().mean(1)
         key = "renorm" if renorm else "no_renorm"
         out[key] = {
-            "kept_min": float(per_task.min()), "kept_max": float(per_task.max()),
+            "kept_min": float(per_task.min()),
+            "kept_max": float(per_task.max()),
             "small_share": float(small.sum() / agree.sum().clamp_min(1)),
         }
     both = (masks[True] & masks[False]).sum()
@@ -86,7 +90,9 @@ def main() -> None:
     torch.set_num_threads(1)
     drm_only = tuple(m for m in DEFAULT_METHODS if m.label == "drm_h")
     config = DemoConfig.large() if args.large else DemoConfig()
-    config = DemoConfig(**{**vars(config), "methods": drm_only, "consolidate": (), "seeds": (args.seed,)})
+    config = DemoConfig(
+        **{**vars(config), "methods": drm_only, "consolidate": (), "seeds": (args.seed,)}
+    )
     start = time.perf_counter()
     with threadpool_limits(1):
         base, branches = trained_branches(config, args.seed)
@@ -96,7 +102,14 @@ def main() -> None:
                 continue
             stacked = torch.stack([br[name] - b for br in branches])
             for direction, deltas in (("H", stacked.mT), ("V", stacked)):
-                rows.append({"matrix": name, "direction": direction, "shape": list(b.shape), **probe(deltas)})
+                rows.append(
+                    {
+                        "matrix": name,
+                        "direction": direction,
+                        "shape": list(b.shape),
+                        **probe(deltas),
+                    }
+                )
     header = f"{'matrix':22s} dir  rank  top_share  kept/task renorm  kept/task no-renorm  overlap  small (r / no-r)"
     print(header)
     for r in rows:
@@ -106,14 +119,25 @@ def main() -> None:
             f"{r['no_renorm']['kept_min']:.2f}–{r['no_renorm']['kept_max']:.2f}            "
             f"{r['mask_overlap']:.2f}     {r['renorm']['small_share']:.3f} / {r['no_renorm']['small_share']:.3f}"
         )
-    print(f"median top_share {statistics.median(r['top_share'] for r in rows):.2f} "
-          f"(1/K = {1 / len(config.tasks):.2f}); {time.perf_counter() - start:.0f} s")
+    print(
+        f"median top_share {statistics.median(r['top_share'] for r in rows):.2f} "
+        f"(1/K = {1 / len(config.tasks):.2f}); {time.perf_counter() - start:.0f} s"
+    )
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / ("renorm_probe_large.json" if args.large else "renorm_probe.json")
-    path.write_text(json.dumps({
-        "command": "python benchmarks/renorm_probe.py" + (" --large" if args.large else "") + f" --seed {args.seed}",
-        "tasks": [t.name for t in config.tasks], "seed": args.seed, "rows": rows,
-    }, indent=1))
+    path.write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/renorm_probe.py"
+                + (" --large" if args.large else "")
+                + f" --seed {args.seed}",
+                "tasks": [t.name for t in config.tasks],
+                "seed": args.seed,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {path}")
 
 

@@ -424,7 +424,14 @@ def derive(results: dict[str, Any], drm_layers: list[int]) -> dict[str, Any]:
                     whole_base["wall_s"] + n_layers * per_layer
                 )
             out.setdefault(f"drm_{d}", entry)
-    for key in ("ties", "ties+stored", "ties@2", "ties_no_vocab", "ties_no_vocab@2", "task_arithmetic"):
+    for key in (
+        "ties",
+        "ties+stored",
+        "ties@2",
+        "ties_no_vocab",
+        "ties_no_vocab@2",
+        "task_arithmetic",
+    ):
         c = cases.get(key)
         if c and c["exit_code"] == 0:
             out[f"{key}_s_per_input_gb"] = c["wall_s"] / (c["input_bytes"] / 1e9)

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from drm_lightning.accelerate import MergeHook
 from drm_lightning.demo import DemoConfig
 from drm_lightning.demo.backbone import ResidualMLP
-from drm_lightning.demo.runner import train_loaders, pretrain, task_specs
+from drm_lightning.demo.runner import pretrain, task_specs, train_loaders
 from drm_lightning.demo.tasks import build_suite
 from drm_lightning.inloop import BranchedModel
 
@@ -35,8 +35,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--every", type=int, default=50, help="merge every n optimizer steps")
     parser.add_argument("--method", default="drm")
     parser.add_argument("--adopt", action="store_true", help="periodic consolidation")
-    parser.add_argument("--cpu", action="store_true", help="Accelerator(cpu=True): gloo ranks on CPU")
-    parser.add_argument("--out", default=None, help="write the last merge here (Hugging Face folder)")
+    parser.add_argument(
+        "--cpu", action="store_true", help="Accelerator(cpu=True): gloo ranks on CPU"
+    )
+    parser.add_argument(
+        "--out", default=None, help="write the last merge here (Hugging Face folder)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
@@ -47,16 +51,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     backbone = ResidualMLP(config.hidden, config.depth)
     backbone.load_state_dict(pretrain(suite, config))
     torch.manual_seed(0)
-    heads = {name: torch.nn.Linear(config.hidden, task.num_classes) for name, task in suite.tasks.items()}
+    heads = {
+        name: torch.nn.Linear(config.hidden, task.num_classes) for name, task in suite.tasks.items()
+    }
     model = BranchedModel(backbone, heads)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.finetune_lr)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.finetune_lr
+    )
     loaders = train_loaders(suite, config, seed=0)
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
     loaders = dict(zip(loaders, prepared))
 
     with MergeHook(
-        accelerator, model, args.method, tasks=task_specs(suite), every_n_steps=args.every,
-        adopt=args.adopt, export_dir=args.out,
+        accelerator,
+        model,
+        args.method,
+        tasks=task_specs(suite),
+        every_n_steps=args.every,
+        adopt=args.adopt,
+        export_dir=args.out,
     ) as hook:
         iterators = {name: iter(loader) for name, loader in loaders.items()}
         for _ in range(args.steps):

@@ -21,10 +21,16 @@ from drm_lightning.demo import DemoConfig, format_table, format_targets, run_dem
 def main(argv: list[str] | None = None) -> None:
     """Parse the flags, run the suite, print the table and the quality targets."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--large", action="store_true", help="8 tasks, wider/deeper backbone, longer fit, 5 seeds")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, or 5 with --large)")
+    parser.add_argument(
+        "--large", action="store_true", help="8 tasks, wider/deeper backbone, longer fit, 5 seeds"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="number of seeds (default 3, or 5 with --large)"
+    )
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--threads", type=int, default=None, help="torch and BLAS threads (default 1)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch and BLAS threads (default 1)"
+    )
     parser.add_argument(
         "--consolidate",
         nargs="*",

@@ -34,7 +34,9 @@ class Block(nn.Module):
         self.bn2 = norm(c_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), norm(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), norm(c_out)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.gelu(self.bn1(self.conv1(x)))
@@ -64,15 +66,23 @@ class ResNet(nn.Module):
 def bert_config(hidden: int = 16, heads: int = 4, layers: int = 2):
     from transformers import BertConfig
 
-    return BertConfig(hidden_size=hidden, num_attention_heads=heads, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, hidden_dropout_prob=0.0,
-                      attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    return BertConfig(
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
 
 
 class TinyBert(nn.Module):
     """Input projection, BERT encoder layers built from a config (no download), CLS head."""
 
-    def __init__(self, d_in: int = 6, hidden: int = 16, heads: int = 4, layers: int = 2, classes: int = 3) -> None:
+    def __init__(
+        self, d_in: int = 6, hidden: int = 16, heads: int = 4, layers: int = 2, classes: int = 3
+    ) -> None:
         super().__init__()
         from transformers.models.bert.modeling_bert import BertLayer
 

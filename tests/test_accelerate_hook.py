@@ -17,6 +17,18 @@ from typing import Any
 
 import pytest
 import torch
+from test_lightning_common import (
+    CLASSES,
+    HIDDEN,
+    TASKS,
+    MultiHead,
+    acc_specs,
+    backbone,
+    branched,
+    task_data,
+    train_loaders,
+    trainer,
+)
 from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
@@ -25,7 +37,6 @@ from drm_lightning.accelerate import MergeHook
 from drm_lightning.inloop import BranchedModel
 from drm_lightning.lightning import MergeCallback
 from drm_lightning.merge.routing import Routing
-from test_lightning_common import CLASSES, HIDDEN, TASKS, MultiHead, backbone, acc_specs, branched, task_data, train_loaders, trainer
 
 DRM = {"drop_rate": 0.5}
 STEPS, EVERY = 4, 2
@@ -49,7 +60,14 @@ def _branched_model(seed: int = 0) -> BranchedModel:
     return model
 
 
-def _train(model: torch.nn.Module, optimizer: Any, accelerator: Any, hook: MergeHook, steps: int, loaders: Any) -> None:
+def _train(
+    model: torch.nn.Module,
+    optimizer: Any,
+    accelerator: Any,
+    hook: MergeHook,
+    steps: int,
+    loaders: Any,
+) -> None:
     batches = zip(*(loaders[t] for t in TASKS))
     for _ in range(steps):
         batch = dict(zip(TASKS, next(batches)))
@@ -64,11 +82,23 @@ def _train(model: torch.nn.Module, optimizer: Any, accelerator: Any, hook: Merge
         hook.step()
 
 
-def _run_hook(accelerator: Any, *, tasks: Any = None, steps: int = STEPS, **kwargs: Any) -> tuple[BranchedModel, MergeHook]:
+def _run_hook(
+    accelerator: Any, *, tasks: Any = None, steps: int = STEPS, **kwargs: Any
+) -> tuple[BranchedModel, MergeHook]:
     model = _branched_model()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.0
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
-    with MergeHook(accelerator, model, "drm", method_params=DRM, tasks=tasks or acc_specs(), every_n_steps=EVERY, **kwargs) as hook:
+    with MergeHook(
+        accelerator,
+        model,
+        "drm",
+        method_params=DRM,
+        tasks=tasks or acc_specs(),
+        every_n_steps=EVERY,
+        **kwargs,
+    ) as hook:
         _train(model, optimizer, accelerator, hook, steps, train_loaders())
     return model, hook
 
@@ -97,7 +127,12 @@ def test_same_scenario_both_front_ends_single_process() -> None:
         assert torch.equal(hook.last_merged[name], cb.last_merged[name]), name
     assert [step for _, step in logged] == [2, 4]
     assert logged[-1][0]["merged/average"] == hook.history[-1]["merged/average"]
-    assert {"merged/a/MulticlassAccuracy", "branch/a/MulticlassAccuracy", "normalized/average", "merge/seconds"} <= set(logged[-1][0])
+    assert {
+        "merged/a/MulticlassAccuracy",
+        "branch/a/MulticlassAccuracy",
+        "normalized/average",
+        "merge/seconds",
+    } <= set(logged[-1][0])
 
 
 def test_disabled_is_a_no_op() -> None:
@@ -105,7 +140,9 @@ def test_disabled_is_a_no_op() -> None:
     before = _branched_model().state_dict()
     model, hook = _run_hook(accelerator, steps=2, enabled=False, adopt=True)
     assert hook.history == [] and hook.num_steps == 0
-    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # trained, not merged
+    assert any(
+        not torch.equal(before[k], v) for k, v in model.state_dict().items()
+    )  # trained, not merged
 
 
 def test_adopt_and_final_weights() -> None:
@@ -116,19 +153,30 @@ def test_adopt_and_final_weights() -> None:
         for name, value in hook.last_merged.items():
             assert torch.equal(state[prefix + name], value)
     accelerator = _accelerator()
-    model, hook = _run_hook(accelerator, steps=3, final_weights="merged")  # last merge at step 2: merged anew
+    model, hook = _run_hook(
+        accelerator, steps=3, final_weights="merged"
+    )  # last merge at step 2: merged anew
     merged = hook.core.latest(model, step=3).values
     assert all(torch.equal(model.state_dict()[f"branches.a.{k}"], v) for k, v in merged.items())
 
 
 def _snapshot_hook(accelerator: Any, model: Any) -> MergeHook:
     return MergeHook(
-        accelerator, model, "drm", method_params=DRM, tasks=acc_specs(), branches="snapshots",
-        snapshot_every_n_steps=1, every_n_steps=EVERY, routing=Routing(ignore=[r"heads\."]),
+        accelerator,
+        model,
+        "drm",
+        method_params=DRM,
+        tasks=acc_specs(),
+        branches="snapshots",
+        snapshot_every_n_steps=1,
+        every_n_steps=EVERY,
+        routing=Routing(ignore=[r"heads\."]),
     )
 
 
-def _single_train(model: Any, optimizer: Any, accelerator: Any, hook: MergeHook, steps: range) -> None:
+def _single_train(
+    model: Any, optimizer: Any, accelerator: Any, hook: MergeHook, steps: range
+) -> None:
     loaders = train_loaders(n=96)
     batches = list(zip(*(loaders[t] for t in TASKS)))
     for step in steps:
@@ -198,17 +246,22 @@ def test_refusals_and_bad_input() -> None:
     with pytest.raises(ValueError, match="not prepared by this accelerator"):
         MergeHook(accelerator, _branched_model(), every_n_steps=1).__enter__()
     fake = SimpleNamespace(distributed_type=DistributedType.FSDP, is_main_process=True)
-    with pytest.raises(NotImplementedError, match=r"FSDP.*supported: NO \(one process\), MULTI_CPU, MULTI_GPU"):
+    with pytest.raises(
+        NotImplementedError, match=r"FSDP.*supported: NO \(one process\), MULTI_CPU, MULTI_GPU"
+    ):
         MergeHook(fake, _branched_model(), every_n_steps=1).__enter__()
     ds2 = SimpleNamespace(
-        distributed_type=DistributedType.DEEPSPEED, is_main_process=True,
+        distributed_type=DistributedType.DEEPSPEED,
+        is_main_process=True,
         state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)),
     )
     with pytest.raises(NotImplementedError, match="adopt=True.*ZeRO-2"):
         MergeHook(ds2, _branched_model(), every_n_steps=1, adopt=True).__enter__()
     # Mismatched branches: one branch of another width.
     model = _branched_model()
-    model.branches["b"] = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 16))
+    model.branches["b"] = torch.nn.Sequential(
+        torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 16)
+    )
     model = accelerator.prepare(model)
     with pytest.raises(ValueError, match="shape"):
         MergeHook(accelerator, model, every_n_steps=1).__enter__()
@@ -246,7 +299,9 @@ def _worker(outdir: str) -> None:
     accelerator = _accelerator(dataloader_config=DataLoaderConfiguration(even_batches=False))
     tasks = acc_specs()
     # Uneven per-rank evaluation shares for task "a": 5 batches over 2 ranks (3 and 2).
-    tasks["a"].dataloader = accelerator.prepare(DataLoader(task_data("a", 48, split=1), batch_size=10))
+    tasks["a"].dataloader = accelerator.prepare(
+        DataLoader(task_data("a", 48, split=1), batch_size=10)
+    )
     _, hook = _run_hook(accelerator, tasks=tasks)
     torch.save(
         {
@@ -281,4 +336,6 @@ def test_two_processes_equal_each_other_and_single_process(tmp_path: Path) -> No
     cb = _lightning_run()
     assert ranks[0]["history"] == _scores(cb.history)
     for name, value in cb.last_merged.items():
-        torch.testing.assert_close(ranks[0]["merged"][name].double(), value.double(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            ranks[0]["merged"][name].double(), value.double(), rtol=0, atol=1e-6
+        )

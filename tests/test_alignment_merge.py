@@ -44,7 +44,9 @@ def permuted_copy(net: str, seed: int = 5):
     cls, kind, kw = NETS[net]
     a = seeded(cls, 0, **kw)
     spec = derive_spec(a, inputs(kind))
-    perms = random_permutations(spec, spec.check([a.state_dict()]), torch.Generator().manual_seed(seed))
+    perms = random_permutations(
+        spec, spec.check([a.state_dict()]), torch.Generator().manual_seed(seed)
+    )
     b = copy.deepcopy(a)
     b.load_state_dict(permute_state_dict(a.state_dict(), spec, perms))
     return a, b, spec, perms, kind
@@ -78,20 +80,29 @@ def test_self_merge_returns_the_model(name: str) -> None:
 def test_reference_eps_is_a_compat_flag() -> None:
     a = seeded(MLP, 1)
     x = inputs("mlp")
-    merged = merge_models([a, copy.deepcopy(a)], batches("mlp"), method="mudsc_align", merge_eps=1e-5)
+    merged = merge_models(
+        [a, copy.deepcopy(a)], batches("mlp"), method="mudsc_align", merge_eps=1e-5
+    )
     err = (merged(x) - a(x)).abs().max()
     assert 0 < err <= 1e-4
 
 
-@pytest.mark.parametrize(("dual", "single"), [("mudsc_align", "activation_align"), ("mudsc_zip", "zipit")])
+@pytest.mark.parametrize(
+    ("dual", "single"), [("mudsc_align", "activation_align"), ("mudsc_zip", "zipit")]
+)
 def test_alpha_zero_equals_activation_only(dual: str, single: str) -> None:
     models = [seeded(TinyBert, 0), seeded(TinyBert, 1)]
     data = batches("bert")
     ours = align(models, data, method=dual, fix_rate=0.0)
     ref = align(models, data, method=single)
-    assert all(torch.equal(ours.matchings[g].assign, ref.matchings[g].assign) for g in ref.matchings)
+    assert all(
+        torch.equal(ours.matchings[g].assign, ref.matchings[g].assign) for g in ref.matchings
+    )
     weighted = align(models, data, method=dual, fix_rate=1.0)
-    assert any(not torch.equal(weighted.matchings[g].assign, ref.matchings[g].assign) for g in ref.matchings)
+    assert any(
+        not torch.equal(weighted.matchings[g].assign, ref.matchings[g].assign)
+        for g in ref.matchings
+    )
 
 
 def test_coordinate_ascent_is_seeded_and_bounded() -> None:
@@ -118,7 +129,10 @@ def test_heads_never_split_between_different_models() -> None:
             c, g = qk.units, qk.units // 4
             for t in range(4):
                 cols = slice(t * g, (t + 1) * g)
-                src = [{(int(r) // c, int(r) % c // g) for r in m.assign[:, cols].nonzero()[:, 0]} for m in (qk, vo)]
+                src = [
+                    {(int(r) // c, int(r) % c // g) for r in m.assign[:, cols].nonzero()[:, 0]}
+                    for m in (qk, vo)
+                ]
                 assert src[0] == src[1] and len({mdl for mdl, _ in src[0]}) == len(src[0])
 
 
@@ -135,7 +149,9 @@ def test_batchnorm_reset_is_the_cumulative_average() -> None:
     net = seeded(ResNet, 0)
     data = batches("resnet", 3)
     seen: list[torch.Tensor] = []
-    handle = net.layer1.bn2.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    handle = net.layer1.bn2.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].detach().clone())
+    )
     assert reset_batchnorm(net, data) == 6
     handle.remove()
     means = torch.stack([s.mean(dim=(0, 2, 3)) for s in seen]).mean(0)
@@ -170,15 +186,27 @@ def test_align_then_drm_of_permuted_copy_equals_drm() -> None:
                 p.add_(0.01 * torch.randn(p.shape, generator=g, dtype=p.dtype))
         branches.append(b)
     spec = derive_spec(base, inputs("mlp"))
-    perms = random_permutations(spec, spec.check([base.state_dict()]), torch.Generator().manual_seed(9))
+    perms = random_permutations(
+        spec, spec.check([base.state_dict()]), torch.Generator().manual_seed(9)
+    )
     moved = copy.deepcopy(branches[1])
     moved.load_state_dict(permute_state_dict(branches[1].state_dict(), spec, perms))
     drm = get_method("drm")
-    want = merge_state_dicts(drm, base.state_dict(), [b.state_dict() for b in branches], compute_dtype=torch.float64)
-    got = align_then_merge(drm, base.state_dict(), [branches[0], moved], batches("mlp"), spec=spec,
-                           merge_kwargs={"compute_dtype": torch.float64})
+    want = merge_state_dicts(
+        drm, base.state_dict(), [b.state_dict() for b in branches], compute_dtype=torch.float64
+    )
+    got = align_then_merge(
+        drm,
+        base.state_dict(),
+        [branches[0], moved],
+        batches("mlp"),
+        spec=spec,
+        merge_kwargs={"compute_dtype": torch.float64},
+    )
     assert all(torch.equal(got[k], want[k]) for k in want)
-    ties = align_then_merge("ties", "anchor", [branches[0], moved], batches("mlp"), alignment="weight_matching")
+    ties = align_then_merge(
+        "ties", "anchor", [branches[0], moved], batches("mlp"), alignment="weight_matching"
+    )
     assert set(ties) == set(want)
 
 
@@ -195,7 +223,9 @@ def test_nan_activations_located() -> None:
     models = [seeded(MLP, 0), seeded(MLP, 1)]
     data = batches("mlp")
     data[1][3, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"non-finite activations in group 'fc1'.*model 0 on batch 1"):
+    with pytest.raises(
+        ValueError, match=r"non-finite activations in group 'fc1'.*model 0 on batch 1"
+    ):
         align(models, data, method="zipit")
     # NaN weights are refused by name before any activation is computed (issue 20)
     with torch.no_grad():

@@ -30,7 +30,9 @@ def test_hungarian_equals_brute_force(c: int) -> None:
         s = sym(2 * c, seed + 10 * c)
         m = align_match([s], 2, c)[0]
         cross = s[:c, c:]
-        best = max(itertools.permutations(range(c)), key=lambda p: sum(cross[j, p[j]] for j in range(c)))
+        best = max(
+            itertools.permutations(range(c)), key=lambda p: sum(cross[j, p[j]] for j in range(c))
+        )
         assert m.permutation(1).tolist() == list(best)
         assert m.value == pytest.approx(float(sum(cross[j, best[j]] for j in range(c))) / c)
 
@@ -51,10 +53,16 @@ def test_group_align_pairs_heads_optimally_and_never_splits() -> None:
 
         def score(a: int, b: int) -> float:
             blk = cross[a * g : (a + 1) * g, b * g : (b + 1) * g]
-            return max(sum(blk[i, p[i]] for i in range(g)) for p in itertools.permutations(range(g))) / g
+            return (
+                max(sum(blk[i, p[i]] for i in range(g)) for p in itertools.permutations(range(g)))
+                / g
+            )
 
         scores = np.array([[score(a, b) for b in range(heads)] for a in range(heads)])
-        best = max(itertools.permutations(range(heads)), key=lambda p: sum(scores[a, p[a]] for a in range(heads)))
+        best = max(
+            itertools.permutations(range(heads)),
+            key=lambda p: sum(scores[a, p[a]] for a in range(heads)),
+        )
         assert pairing == list(best)
 
 
@@ -112,7 +120,10 @@ def test_group_zip_heads_never_split() -> None:
     m = zip_match([sym(2 * c, 3)], 2, c, heads)[0]
     for t in range(heads):
         rows = m.assign[:, t * g : (t + 1) * g].nonzero()[:, 0]
-        assert len({int(r) // g for r in rows if r < c}) <= 1 and len({int(r) // g for r in rows if r >= c}) <= 1
+        assert (
+            len({int(r) // g for r in rows if r < c}) <= 1
+            and len({int(r) // g for r in rows if r >= c}) <= 1
+        )
 
 
 def test_streaming_correlation_equals_corrcoef_constant_memory() -> None:
@@ -132,8 +143,13 @@ def test_streaming_correlation_equals_corrcoef_constant_memory() -> None:
 
 
 def test_weight_similarity_equals_corrcoef_of_rows() -> None:
-    sds = [{"a.weight": torch.randn(4, 3), "a.bias": torch.randn(4), "b.weight": torch.randn(2, 4)} for _ in range(2)]
+    sds = [
+        {"a.weight": torch.randn(4, 3), "a.bias": torch.randn(4), "b.weight": torch.randn(2, 4)}
+        for _ in range(2)
+    ]
     spec = PermSpec.declare({"h": {"out": ["a.weight", "a.bias"], "in": ["b.weight"]}})
     s = weight_similarity(sds, spec, spec["h"], {})
-    rows = torch.cat([torch.cat([sd["a.weight"], sd["a.bias"][:, None], sd["b.weight"].T], 1) for sd in sds])
+    rows = torch.cat(
+        [torch.cat([sd["a.weight"], sd["a.bias"][:, None], sd["b.weight"].T], 1) for sd in sds]
+    )
     assert np.allclose(s.numpy(), np.corrcoef(rows.double().numpy()), atol=1e-12)

@@ -34,16 +34,21 @@ def test_mlp_groups_and_frozen_output() -> None:
     spec = derive_spec(net, inputs("mlp"))
     assert [g.name for g in spec.groups] == ["fc1", "fc2", "fc3"]
     assert members(spec, "fc2") == {
-        ("fc2.weight", 0, "out", False), ("fc2.bias", 0, "out", False), ("fc3.weight", 1, "in", False)
+        ("fc2.weight", 0, "out", False),
+        ("fc2.bias", 0, "out", False),
+        ("fc3.weight", 1, "in", False),
     }
     assert spec["fc3"].probes[0].module == "fc4"
     assert any("fc4" in n and "model output" in n for n in spec.notes)
 
 
 def test_manual_declaration_equals_derived() -> None:
-    declared = PermSpec.declare({
-        f"fc{i}": {"out": [f"fc{i}.weight", f"fc{i}.bias"], "in": [f"fc{i + 1}.weight"]} for i in (1, 2, 3)
-    })
+    declared = PermSpec.declare(
+        {
+            f"fc{i}": {"out": [f"fc{i}.weight", f"fc{i}.bias"], "in": [f"fc{i + 1}.weight"]}
+            for i in (1, 2, 3)
+        }
+    )
     derived = derive_spec(seeded(MLP, 0), inputs("mlp"))
     for a, b in zip(declared.groups, derived.groups):
         assert set(a.members) == set(b.members) and a.probes[0].module == b.probes[0].module
@@ -52,11 +57,21 @@ def test_manual_declaration_equals_derived() -> None:
 def test_resnet_residual_stream_is_one_group() -> None:
     spec = derive_spec(seeded(ResNet, 0), inputs("resnet"))
     stream = members(spec, "conv1")  # stage 1: stem, block-1 output, readers of stage 1
-    assert {("conv1.weight", 0, "out", False), ("layer1.conv2.weight", 0, "out", False),
-            ("layer1.conv1.weight", 1, "in", False), ("layer2.conv1.weight", 1, "in", False),
-            ("layer2.shortcut.0.weight", 1, "in", False), ("bn1.running_var", 0, "out", True)} <= stream
+    assert {
+        ("conv1.weight", 0, "out", False),
+        ("layer1.conv2.weight", 0, "out", False),
+        ("layer1.conv1.weight", 1, "in", False),
+        ("layer2.conv1.weight", 1, "in", False),
+        ("layer2.shortcut.0.weight", 1, "in", False),
+        ("bn1.running_var", 0, "out", True),
+    } <= stream
     stage2 = members(spec, "layer2.conv2")
-    assert ("layer2.shortcut.0.weight", 0, "out", False) in stage2 and ("fc.weight", 1, "in", False) in stage2
+    assert ("layer2.shortcut.0.weight", 0, "out", False) in stage2 and (
+        "fc.weight",
+        1,
+        "in",
+        False,
+    ) in stage2
     assert spec["layer2.conv2"].probes[0].module == "fc"
 
 
@@ -69,8 +84,14 @@ def test_bert_block_from_config_heads_linked() -> None:
     spec = derive_spec(seeded(TinyBert, 0), inputs("bert"))
     qk, vo = spec["layers.0.attention.self.qk"], spec["layers.0.attention.self.vo"]
     assert qk.num_groups == vo.num_groups == 4 and qk.link == vo.link
-    assert {m.param for m in qk.members} >= {"layers.0.attention.self.query.weight", "layers.0.attention.self.key.weight"}
-    assert [p.module for p in qk.probes] == ["layers.0.attention.self.query", "layers.0.attention.self.key"]
+    assert {m.param for m in qk.members} >= {
+        "layers.0.attention.self.query.weight",
+        "layers.0.attention.self.key.weight",
+    }
+    assert [p.module for p in qk.probes] == [
+        "layers.0.attention.self.query",
+        "layers.0.attention.self.key",
+    ]
     assert ("layers.0.attention.output.dense.weight", 1, "in", False) in members(spec, vo.name)
     assert ("layers.1.output.LayerNorm.weight", 0, "out", False) in members(spec, "inp")
 
@@ -113,19 +134,25 @@ def test_demo_backbone() -> None:
     spec = derive_spec(net, x)  # with its head, the stream is permutable too
     assert "backbone.embed" in [g.name for g in spec.groups]
     sd = net.state_dict()
-    moved = permute_state_dict(sd, spec, random_permutations(spec, spec.check([sd]), torch.Generator().manual_seed(0)))
+    moved = permute_state_dict(
+        sd, spec, random_permutations(spec, spec.check([sd]), torch.Generator().manual_seed(0))
+    )
     assert (functional_call(net, moved, (x,)) - net(x)).abs().max() <= 1e-6
 
 
 def test_fused_block_identity_is_bit_exact() -> None:
     qkv = torch.randn(12, 4)
-    spec = PermSpec.declare({
-        "q": {"out": [Member("qkv", 0, "out", block=(0, 3))]},
-        "v": {"out": [Member("qkv", 0, "out", block=(2, 3))]},
-    })
+    spec = PermSpec.declare(
+        {
+            "q": {"out": [Member("qkv", 0, "out", block=(0, 3))]},
+            "v": {"out": [Member("qkv", 0, "out", block=(2, 3))]},
+        }
+    )
     ident = {"q": torch.arange(4), "v": torch.arange(4)}
     assert torch.equal(permute_state_dict({"qkv": qkv}, spec, ident)["qkv"], qkv)
-    moved = permute_state_dict({"qkv": qkv}, spec, {"q": torch.tensor([1, 0, 2, 3]), "v": torch.arange(4)})
+    moved = permute_state_dict(
+        {"qkv": qkv}, spec, {"q": torch.tensor([1, 0, 2, 3]), "v": torch.arange(4)}
+    )
     assert torch.equal(moved["qkv"][4:], qkv[4:]) and torch.equal(moved["qkv"][0], qkv[1])
 
 
@@ -155,7 +182,9 @@ def test_no_spec_names_first_unsupported_module() -> None:
         derive_spec(WithLSTM(), torch.randn(2, 3, 4))
     with pytest.raises(NotImplementedError, match=r"module 'attn' \(MultiheadAttention\).*declare"):
         derive_spec(WithMHA(), torch.randn(2, 3, 8))
-    with pytest.raises(NotImplementedError, match=r"could not trace TransformerEncoderLayer.*declare"):
+    with pytest.raises(
+        NotImplementedError, match=r"could not trace TransformerEncoderLayer.*declare"
+    ):
         derive_spec(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), torch.randn(2, 3, 8))
 
 
@@ -168,8 +197,12 @@ def test_different_widths_refused() -> None:
 
 
 def test_bad_declaration_listed() -> None:
-    spec = PermSpec.declare({"h": {"out": ["fc1.weight", "nope.weight"], "in": ["fc2.weight"], "heads": 5}})
-    with pytest.raises(ValueError, match=r"'nope.weight' is not in the state dict(.|\n)*5 heads do not divide 32"):
+    spec = PermSpec.declare(
+        {"h": {"out": ["fc1.weight", "nope.weight"], "in": ["fc2.weight"], "heads": 5}}
+    )
+    with pytest.raises(
+        ValueError, match=r"'nope.weight' is not in the state dict(.|\n)*5 heads do not divide 32"
+    ):
         spec.check([MLP().state_dict()])
     with pytest.raises(ValueError, match="unknown key"):
         PermSpec.declare({"h": {"outs": ["fc1.weight"]}})

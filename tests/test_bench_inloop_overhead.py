@@ -20,8 +20,23 @@ def _run(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "r.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--repeats", "1", "--steps", "4", "--every", "2", "--out", str(out), *args],
-        env=env, timeout=240, capture_output=True, text=True,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--repeats",
+            "1",
+            "--steps",
+            "4",
+            "--every",
+            "2",
+            "--out",
+            str(out),
+            *args,
+        ],
+        env=env,
+        timeout=240,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
@@ -29,7 +44,21 @@ def _run(tmp_path: Path, *args: str) -> dict:
 
 @pytest.mark.parametrize(
     "loop_args",
-    [["--loop", "toy", "--tasks", "2", "--hidden", "16", "--val-size", "64", "--train-size", "256"], ["--loop", "demo"]],
+    [
+        [
+            "--loop",
+            "toy",
+            "--tasks",
+            "2",
+            "--hidden",
+            "16",
+            "--val-size",
+            "64",
+            "--train-size",
+            "256",
+        ],
+        ["--loop", "demo"],
+    ],
     ids=["toy", "demo"],
 )
 def test_both_front_ends_merge_on_schedule_and_agree(tmp_path: Path, loop_args: list[str]) -> None:

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from drm_lightning.cli.command import main, parse_size
 from drm_lightning.merge.loop import merge_state_dicts
-from drm_lightning.methods import get_method
 from drm_lightning.merge.routing import Routing
+from drm_lightning.methods import get_method
 
 transformers = pytest.importorskip("transformers")
 

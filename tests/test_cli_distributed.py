@@ -70,9 +70,16 @@ def _torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[s
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     env.pop("WORLD_SIZE", None)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
         "--standalone",
-        "-m", "drm_lightning.cli", *args, "--no-progress",
+        "-m",
+        "drm_lightning.cli",
+        *args,
+        "--no-progress",
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
@@ -103,13 +110,22 @@ def _read(folder: Path) -> dict[str, torch.Tensor]:
     ],
 )
 def test_two_ranks_equal_single_process(
-    zoo: Path, tmp_path: Path, method: str, parameters: dict[str, Any], extra: dict[str, Any],
+    zoo: Path,
+    tmp_path: Path,
+    method: str,
+    parameters: dict[str, Any],
+    extra: dict[str, Any],
     pieces: list[str],
 ) -> None:
     cfg = _config(zoo, tmp_path, method, parameters, **extra)
     single, multi = tmp_path / "single", tmp_path / "multi"
-    assert main([str(cfg), "-o", str(single), "--no-progress", "--max-shard-size", "30KB", *pieces]) == 0
-    run = _torchrun(str(cfg), "-o", str(multi), "--max-shard-size", "30KB", "--max-pending", "3", *pieces)
+    assert (
+        main([str(cfg), "-o", str(single), "--no-progress", "--max-shard-size", "30KB", *pieces])
+        == 0
+    )
+    run = _torchrun(
+        str(cfg), "-o", str(multi), "--max-shard-size", "30KB", "--max-pending", "3", *pieces
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "drm-merge: wrote" in run.stdout and "2 ranks" in run.stdout
     # Same files (shards cut at the same tensors), same tensors bit for bit.

@@ -21,7 +21,9 @@ PACKAGE = ROOT / "drm_lightning"
 def _tool(name: str) -> str:
     found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if found is None:
-        pytest.fail(f"{name} is not installed: it is part of the test extras (pip install -e '.[test]')")
+        pytest.fail(
+            f"{name} is not installed: it is part of the test extras (pip install -e '.[test]')"
+        )
     return found
 
 

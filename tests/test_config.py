@@ -13,8 +13,8 @@ import yaml
 from drm_lightning.config.errors import ConfigError
 from drm_lightning.config.loading import load_config, parse_config
 from drm_lightning.config.schema import MergeConfig
-from drm_lightning.methods import available_methods, get_method
 from drm_lightning.merge.routing import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+from drm_lightning.methods import available_methods, get_method
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

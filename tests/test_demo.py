@@ -30,9 +30,10 @@ from drm_lightning.demo.report import paired_differences, summarize  # noqa: E40
 from drm_lightning.demo.tasks import VIEWS, load_digits_tensors, split_indices  # noqa: E402
 from drm_lightning.evaluation import evaluate_tasks  # noqa: E402
 from drm_lightning.merge.loop import merge_state_dicts  # noqa: E402
-from drm_lightning.methods import get_method  # noqa: E402
 
-TINY_METHODS = tuple(m for m in DEFAULT_METHODS if m.label in ("linear", "ties", "drm_h", "drm_h_norenorm"))
+TINY_METHODS = tuple(
+    m for m in DEFAULT_METHODS if m.label in ("linear", "ties", "drm_h", "drm_h_norenorm")
+)
 
 
 def test_views_are_the_named_image_transforms() -> None:
@@ -53,7 +54,10 @@ def test_split_is_disjoint_and_validation_never_trained_on() -> None:
     assert len(joined) == 1797 and len(torch.unique(joined)) == 1797
     suite = build_suite([TaskDef("identity", "digit"), TaskDef("rot180", "parity")])
     val = {tuple(r.tolist()) for r in suite.tasks["identity_digit"].val_x}
-    seen = {tuple(r.tolist()) for r in torch.cat([suite.pretrain_x, suite.tasks["identity_digit"].train_x])}
+    seen = {
+        tuple(r.tolist())
+        for r in torch.cat([suite.pretrain_x, suite.tasks["identity_digit"].train_x])
+    }
     # digits has a few duplicate images; beyond those, no validation image was trained on
     assert len(val & seen) <= 5
     assert set(suite.tasks["rot180_parity"].val_y.tolist()) == {0, 1}
@@ -101,13 +105,17 @@ def test_callback_scores_equal_an_offline_merge_of_the_final_branches() -> None:
         net.load_state_dict(merged)
         heads = module.heads
 
-        def predict(_m: torch.nn.Module, task: str, batch: tuple, net: torch.nn.Module = net) -> tuple:
+        def predict(
+            _m: torch.nn.Module, task: str, batch: tuple, net: torch.nn.Module = net
+        ) -> tuple:
             x, y = batch
             return heads[task](net(x)), y
 
         offline = evaluate_tasks(module, task_specs(suite, predict=predict))
         for task in names:
-            assert result.scores[spec.label][task] == pytest.approx(offline[task]["acc"], abs=1e-6), (spec.label, task)
+            assert result.scores[spec.label][task] == pytest.approx(
+                offline[task]["acc"], abs=1e-6
+            ), (spec.label, task)
     # the merged model is not a branch: some method differs from the branch on some task
     assert any(result.scores[m.label] != result.scores["branch"] for m in TINY_METHODS)
 
@@ -133,7 +141,8 @@ def test_run_demo_writes_consistent_report(tmp_path: Path) -> None:
     # the normalised average is recomputed from the per-seed accuracies
     for row in data["rows"]:
         per_seed = [
-            100 * sum(s[row][t] / s["branch"][t] for t in tasks) / len(tasks) for s in data["per_seed"]
+            100 * sum(s[row][t] / s["branch"][t] for t in tasks) / len(tasks)
+            for s in data["per_seed"]
         ]
         mean = sum(per_seed) / 2
         std = math.sqrt(sum((v - mean) ** 2 for v in per_seed))  # ddof=1 with n=2
@@ -143,7 +152,9 @@ def test_run_demo_writes_consistent_report(tmp_path: Path) -> None:
 
     with (tmp_path / "results.csv").open() as handle:
         rows = {r["row"]: r for r in csv.DictReader(handle)}
-    assert float(rows["ties"]["normalized_mean"]) == pytest.approx(summary["ties"]["normalized"]["mean"], abs=1e-4)
+    assert float(rows["ties"]["normalized_mean"]) == pytest.approx(
+        summary["ties"]["normalized"]["mean"], abs=1e-4
+    )
     with (tmp_path / "per_seed.csv").open() as handle:
         assert sum(1 for _ in csv.DictReader(handle)) == 2 * len(data["rows"]) * len(tasks)
     table = format_table(data)
@@ -173,10 +184,20 @@ def test_paired_differences_and_target_verdicts() -> None:
         "tasks": ["a"],
         "rows": ["branch", "ties", "task_arithmetic", "drm_v", "drm_v_norenorm"],
         "per_seed": [
-            {"branch": {"a": 1.0}, "ties": {"a": 0.80}, "task_arithmetic": {"a": 0.9},
-             "drm_v": {"a": 0.825}, "drm_v_norenorm": {"a": 0.825}},
-            {"branch": {"a": 0.5}, "ties": {"a": 0.40}, "task_arithmetic": {"a": 0.4},
-             "drm_v": {"a": 0.41}, "drm_v_norenorm": {"a": 0.40}},
+            {
+                "branch": {"a": 1.0},
+                "ties": {"a": 0.80},
+                "task_arithmetic": {"a": 0.9},
+                "drm_v": {"a": 0.825},
+                "drm_v_norenorm": {"a": 0.825},
+            },
+            {
+                "branch": {"a": 0.5},
+                "ties": {"a": 0.40},
+                "task_arithmetic": {"a": 0.4},
+                "drm_v": {"a": 0.41},
+                "drm_v_norenorm": {"a": 0.40},
+            },
         ],
     }
     targets = {t["target"]: t for t in paired_differences(data)}

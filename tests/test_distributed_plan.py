@@ -38,7 +38,9 @@ from drm_lightning.methods.ops import topk_mask
 
 def llama_entries(layers: int = 32) -> list[tuple[str, tuple[int, ...], str]]:
     """Llama-3.1-8B tensor list (hidden 4096, MLP 14336, GQA 8 kv heads, vocab 128256)."""
-    entries: list[tuple[str, tuple[int, ...], str]] = [("model.embed_tokens.weight", (128256, 4096), "fallback")]
+    entries: list[tuple[str, tuple[int, ...], str]] = [
+        ("model.embed_tokens.weight", (128256, 4096), "fallback")
+    ]
     for i in range(layers):
         p = f"model.layers.{i}."
         entries += [
@@ -52,7 +54,10 @@ def llama_entries(layers: int = 32) -> list[tuple[str, tuple[int, ...], str]]:
             (p + "input_layernorm.weight", (4096,), "fallback"),
             (p + "post_attention_layernorm.weight", (4096,), "fallback"),
         ]
-    entries += [("model.norm.weight", (4096,), "fallback"), ("lm_head.weight", (128256, 4096), "fallback")]
+    entries += [
+        ("model.norm.weight", (4096,), "fallback"),
+        ("lm_head.weight", (128256, 4096), "fallback"),
+    ]
     return entries
 
 
@@ -79,14 +84,19 @@ def test_plan_is_deterministic_and_order_free() -> None:
 
 def test_waves_bound_what_each_rank_holds() -> None:
     """Waves are whole rounds in plan order, each rank's results per wave fit the budget."""
-    plan = build_plan(llama_entries(4), get_method("drm"), n_branches=4, world_size=4, engine="replica")
+    plan = build_plan(
+        llama_entries(4), get_method("drm"), n_branches=4, world_size=4, engine="replica"
+    )
     rounds = plan.rounds()
     biggest = max(it.numel for it in plan.items) * plan.compute_itemsize
     for budget in (1, biggest, 4 * biggest, 1 << 40):
         waves = plan.waves(budget)
         assert [it.name for w in waves for it in w] == [it.name for r in rounds for it in r]
         for wave in waves:
-            held = [sum(it.numel * plan.compute_itemsize for it in wave if it.owner == r) for r in range(4)]
+            held = [
+                sum(it.numel * plan.compute_itemsize for it in wave if it.owner == r)
+                for r in range(4)
+            ]
             one_round = any(wave == r for r in rounds)
             assert one_round or max(held) <= budget
     assert len(plan.waves(1)) == len(rounds) and len(plan.waves(1 << 40)) == 1
@@ -107,10 +117,17 @@ def test_plan_more_ranks_than_items() -> None:
 def test_plan_sharded_items_spread_over_all_ranks() -> None:
     """Sharded items add cost/world to every rank and have no owner."""
     entries = [("w", (256, 64), "matrix"), ("v", (16, 512), "matrix"), ("b", (64,), "fallback")]
-    plan = build_plan(entries, get_method("drm"), n_branches=4, world_size=2,
-                      shardable=lambda name, shape, route: name in ("w", "b"))
+    plan = build_plan(
+        entries,
+        get_method("drm"),
+        n_branches=4,
+        world_size=2,
+        shardable=lambda name, shape, route: name in ("w", "b"),
+    )
     modes = {it.name: (it.mode, it.owner) for it in plan.items}
-    assert modes["w"] == ("sharded", -1) and modes["b"] == ("sharded", -1) and modes["v"][0] == "owner"
+    assert (
+        modes["w"] == ("sharded", -1) and modes["b"] == ("sharded", -1) and modes["v"][0] == "owner"
+    )
     assert min(ld.cost for ld in plan.loads) >= sum(it.cost for it in plan.sharded()) / 2
 
 
@@ -142,8 +159,13 @@ def test_assign_longest_first_improves_greedy() -> None:
 def test_kth_largest_exact(dtype: torch.dtype) -> None:
     """Radix selection equals sorting, with duplicates and zeros."""
     gen = torch.Generator().manual_seed(1)
-    values = torch.cat([torch.rand(500, generator=gen, dtype=dtype), torch.zeros(20, dtype=dtype),
-                        torch.full((30,), 0.5, dtype=dtype)])
+    values = torch.cat(
+        [
+            torch.rand(500, generator=gen, dtype=dtype),
+            torch.zeros(20, dtype=dtype),
+            torch.full((30,), 0.5, dtype=dtype),
+        ]
+    )
     ordered = values.sort(descending=True).values
     comm = Comm(None)
     for k in (1, 2, 17, 200, 510, 550):
@@ -157,7 +179,9 @@ def test_topk_mask_distributed_matches_topk_mask(compat: bool, density: float) -
     gen = torch.Generator().manual_seed(2)
     scores = torch.randint(-5, 6, (3, 7, 4), generator=gen).float()  # many ties
     expected = topk_mask(scores, density, reference_compat=compat)
-    got = topk_mask_distributed(scores, scores.numel(), density, Comm(None), reference_compat=compat)
+    got = topk_mask_distributed(
+        scores, scores.numel(), density, Comm(None), reference_compat=compat
+    )
     assert torch.equal(got, expected)
 
 
@@ -176,31 +200,47 @@ class _FlatTarget(ParamSet):
             p.copy_(chunk[: p.numel()].reshape(p.shape).to(p.dtype))
 
 
-@pytest.mark.parametrize("params", [
-    dict(drop_rate=0.8),
-    dict(drop_rate=0.5, renormalize=False, tie_break="positive"),
-    dict(drop_rate=0.8, reference_compat=True),
-    dict(drop_rate=0.0, disjoint_mean=False),
-    dict(drop_rate=0.6, fallback_trim_rate=0.4),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(drop_rate=0.8),
+        dict(drop_rate=0.5, renormalize=False, tie_break="positive"),
+        dict(drop_rate=0.8, reference_compat=True),
+        dict(drop_rate=0.0, disjoint_mean=False),
+        dict(drop_rate=0.6, fallback_trim_rate=0.4),
+    ],
+)
 def test_sharded_merger_equals_drm(params: dict) -> None:
     """The sharded route's maths (Gram, norms, distributed top-k, elect) equals DRM, in float64."""
     method = get_method("drm", direction="vertical", **params)
     gen = torch.Generator().manual_seed(3)
     shapes = {"w": (40, 36), "b": (40,), "z": (33, 32)}
     base = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
-    branches = [{k: v + torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in base.items()}
-                for _ in range(3)]
+    branches = [
+        {k: v + torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in base.items()}
+        for _ in range(3)
+    ]
     branches[1]["z"] = base["z"].clone()  # an untouched branch: zero delta
     coefficients = [1.0, 0.5, 2.0]
     target = _FlatTarget({k: nn.Parameter(v.clone()) for k, v in base.items()}, "target")
-    items = [MergeItem(k, s, "matrix" if len(s) == 2 else "fallback", 1.0, 8 * math.prod(s), "sharded") for k, s in shapes.items()]
+    items = [
+        MergeItem(k, s, "matrix" if len(s) == 2 else "fallback", 1.0, 8 * math.prod(s), "sharded")
+        for k, s in shapes.items()
+    ]
     merger = ShardedMerger(Comm(None), method, coefficients, torch.float64)
     merger.run(items, target, TensorDictSet(base), [TensorDictSet(b) for b in branches])
     for it in items:
-        expected = merge_tensor(method, it.route, base[it.name], [b[it.name] for b in branches], coefficients,
-                                compute_dtype=torch.float64)
-        torch.testing.assert_close(target.params[it.name].detach(), expected, rtol=1e-10, atol=1e-12)
+        expected = merge_tensor(
+            method,
+            it.route,
+            base[it.name],
+            [b[it.name] for b in branches],
+            coefficients,
+            compute_dtype=torch.float64,
+        )
+        torch.testing.assert_close(
+            target.params[it.name].detach(), expected, rtol=1e-10, atol=1e-12
+        )
 
 
 def test_sharded_rule() -> None:
@@ -212,11 +252,15 @@ def test_sharded_rule() -> None:
     assert drm("w", (64,), "fallback")
     assert not drm("w", (8, 512), "matrix")  # N·n < m: the single-process merge uses the n×n Gram
     assert not drm("w", (8, 16), "matrix")  # tiny: the single-process merge uses the SVD
-    assert not sharded_rule(get_method("drm", direction="horizontal"), 4, target)("w", (64, 64), "matrix")
+    assert not sharded_rule(get_method("drm", direction="horizontal"), 4, target)(
+        "w", (64, 64), "matrix"
+    )
     assert not sharded_rule(get_method("drm", solver="svd"), 4, target)("w", (64, 64), "matrix")
     assert sharded_rule(get_method("drm"), 4, target)("w", (64,), "fallback")  # any direction
     assert not sharded_rule(get_method("ties"), 4, target)("w", (64,), "fallback")
-    assert not sharded_rule(get_method("drm"), 4, ParamSet({"w": nn.Parameter(torch.zeros(1))}))("w", (64,), "fallback")
+    assert not sharded_rule(get_method("drm"), 4, ParamSet({"w": nn.Parameter(torch.zeros(1))}))(
+        "w", (64,), "fallback"
+    )
 
 
 # ---------------------------------------------------------------------- tensor sets
@@ -226,7 +270,11 @@ def test_checkpoint_shards_read_flat(tmp_path) -> None:
     """Flat ranges read shard-wise equal slices of the full tensor; only covering rows are read."""
     from safetensors.torch import save_file
 
-    tensors = {"m": torch.arange(7 * 9, dtype=torch.float32).reshape(7, 9), "v": torch.arange(10.0), "s": torch.tensor(3.0)}
+    tensors = {
+        "m": torch.arange(7 * 9, dtype=torch.float32).reshape(7, 9),
+        "v": torch.arange(10.0),
+        "s": torch.tensor(3.0),
+    }
     save_file(tensors, str(tmp_path / "x.safetensors"))
     ckpt = CheckpointShards(tmp_path)
     assert ckpt.shape("m") == (7, 9) and ckpt.dtype("v") == torch.float32
@@ -279,7 +327,9 @@ def test_entry_point_validation_lists_every_problem() -> None:
     text = str(info.value)
     assert "branch 1" in text and "'b'" in text and "shape mismatch" in text and "[3, 3]" in text
     with pytest.raises(ValueError, match="coefficients"):
-        merge_module_branches(get_method("ties"), None, base, [base], coefficients=[1.0, 2.0], collect=True)
+        merge_module_branches(
+            get_method("ties"), None, base, [base], coefficients=[1.0, 2.0], collect=True
+        )
     with pytest.raises(ValueError, match="nothing to do"):
         merge_module_branches(get_method("ties"), None, base, [base])
     with pytest.raises(ValueError, match="engine"):
@@ -289,15 +339,24 @@ def test_entry_point_validation_lists_every_problem() -> None:
 def test_dry_run_plan_without_process_group() -> None:
     """The planner simulates any world size from metadata only (drm-merge --dry-run)."""
     base = {f"l{i}.weight": torch.zeros(64, 64) for i in range(8)} | {"norm": torch.zeros(64)}
-    plan = DistributedMerger(get_method("drm")).plan(None, base, [base, base], world_size=4, engine="replica")
+    plan = DistributedMerger(get_method("drm")).plan(
+        None, base, [base, base], world_size=4, engine="replica"
+    )
     assert plan.world_size == 4 and plan.engine == "replica"
-    assert [len(plan.owned_by(r)) for r in range(4)] in ([3, 2, 2, 2], [2, 2, 2, 3], [2, 3, 2, 2], [2, 2, 3, 2])
+    assert [len(plan.owned_by(r)) for r in range(4)] in (
+        [3, 2, 2, 2],
+        [2, 2, 2, 3],
+        [2, 3, 2, 2],
+        [2, 2, 3, 2],
+    )
 
 
 def test_sharded_merger_refuses_horizontal_matrices() -> None:
     """DRM-H's basis is not a sum over rows: a matrix routed to the sharded merger is refused."""
     target = _FlatTarget({"w": nn.Parameter(torch.zeros(4, 4))}, "target")
-    merger = ShardedMerger(Comm(None), get_method("drm", direction="horizontal"), [1.0, 1.0], torch.float64)
+    merger = ShardedMerger(
+        Comm(None), get_method("drm", direction="horizontal"), [1.0, 1.0], torch.float64
+    )
     item = MergeItem("w", (4, 4), "matrix", 1.0, 128, "sharded")
     base = TensorDictSet({"w": torch.zeros(4, 4)})
     with pytest.raises(ValueError, match="DRM-V only"):

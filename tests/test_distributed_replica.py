@@ -16,9 +16,17 @@ from typing import Any
 
 import pytest
 import torch
-
 from helpers import free_port
-from test_distributed_zero3 import COEFFICIENTS, IGNORE, N_BRANCHES, FailingSet, _rel, batch, build_model, reference
+from test_distributed_zero3 import (
+    COEFFICIENTS,
+    IGNORE,
+    N_BRANCHES,
+    FailingSet,
+    _rel,
+    batch,
+    build_model,
+    reference,
+)
 
 WORLD = 2
 
@@ -30,10 +38,15 @@ def _replica_worker(rank: int, world: int, port: int, outdir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from drm_lightning.distributed import DistributedMergeError, DistributedMerger, ParamSet, ShardSnapshot
+    from drm_lightning.distributed import (
+        DistributedMergeError,
+        DistributedMerger,
+        ParamSet,
+        ShardSnapshot,
+    )
+    from drm_lightning.merge.routing import Routing
     from drm_lightning.methods import get_method
     from drm_lightning.methods.drm import DRM
-    from drm_lightning.merge.routing import Routing
 
     results: dict[str, Any] = {}
     try:
@@ -43,40 +56,67 @@ def _replica_worker(rank: int, world: int, port: int, outdir: str) -> None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         module = ddp.module
         target = ParamSet.from_module(module.base, origin="module.base")
-        branches = [ParamSet.from_module(b, origin=f"branches[{i}]") for i, b in enumerate(module.branches)]
+        branches = [
+            ParamSet.from_module(b, origin=f"branches[{i}]") for i, b in enumerate(module.branches)
+        ]
         routing = Routing(ignore=IGNORE)
 
-        def run(key: str, method: Any, *, branch_sets: list[Any] | None = None, names: list[str] | None = None,
-                optimizer_state: str = "keep") -> None:
+        def run(
+            key: str,
+            method: Any,
+            *,
+            branch_sets: list[Any] | None = None,
+            names: list[str] | None = None,
+            optimizer_state: str = "keep",
+        ) -> None:
             with torch.no_grad():
                 for n, p in module.base.named_parameters():
                     p.copy_(initial[f"base.{n}"])
             inputs = {k: v.detach().clone() for k, v in module.state_dict().items()}
             theta0 = ShardSnapshot.capture(target)
             try:
-                result = DistributedMerger(method, routing=routing, optimizer_state=optimizer_state).merge(
-                    target, theta0, branch_sets or branches, coefficients=COEFFICIENTS, names=names,
+                result = DistributedMerger(
+                    method, routing=routing, optimizer_state=optimizer_state
+                ).merge(
+                    target,
+                    theta0,
+                    branch_sets or branches,
+                    coefficients=COEFFICIENTS,
+                    names=names,
                     optimizer=optimizer,
                 )
             except Exception as err:  # noqa: BLE001
-                results[key] = {"error": f"{type(err).__name__}: {err}", "is_merge_error": isinstance(err, DistributedMergeError)}
+                results[key] = {
+                    "error": f"{type(err).__name__}: {err}",
+                    "is_merge_error": isinstance(err, DistributedMergeError),
+                }
                 return
             expected = reference(method, inputs, torch.float32, names)
             results[key] = {
-                "errs": {n: _rel(p.detach(), expected[n]) for n, p in module.base.named_parameters() if n in expected},
+                "errs": {
+                    n: _rel(p.detach(), expected[n])
+                    for n, p in module.base.named_parameters()
+                    if n in expected
+                },
                 "engine": result.engine,
                 "owner_items": result.stats.owner_items,
                 "rank_costs": [ld.cost for ld in result.plan.loads],
-                "item_costs": sorted((it.cost for it in result.plan.items if it.mode == "owner"), reverse=True),
+                "item_costs": sorted(
+                    (it.cost for it in result.plan.items if it.mode == "owner"), reverse=True
+                ),
                 "modes": sorted({it.mode for it in result.plan.items}),
                 "checksum": float(sum(p.double().sum() for p in module.base.parameters())),
             }
 
-        drm = get_method("drm", drop_rate=0.8, direction="vertical")  # the failing read below targets its plan
+        drm = get_method(
+            "drm", drop_rate=0.8, direction="vertical"
+        )  # the failing read below targets its plan
         run("drm", drm)
         run("drm_horizontal", get_method("drm", drop_rate=0.7, direction="horizontal"))
         run("ties", get_method("ties", density=0.4))
-        run("dare_ties", get_method("dare_ties", density=0.5))  # random: same generator on every rank
+        run(
+            "dare_ties", get_method("dare_ties", density=0.5)
+        )  # random: same generator on every rank
         run("one_item", drm, names=["wide.weight"])
 
         failing = list(branches)
@@ -96,10 +136,19 @@ def _replica_worker(rank: int, world: int, port: int, outdir: str) -> None:
 
         # Collect mode: the merged state dict on every rank, target untouched.
         base_sd = {k[5:]: v for k, v in initial.items() if k.startswith("base.")}
-        branch_sds = [{k[len(f"branches.{i}."):]: v for k, v in initial.items() if k.startswith(f"branches.{i}.")}
-                      for i in range(N_BRANCHES)]
-        collected = DistributedMerger(drm, routing=routing).merge(None, base_sd, branch_sds, coefficients=COEFFICIENTS,
-                                                                   collect=True).merged
+        branch_sds = [
+            {
+                k[len(f"branches.{i}.") :]: v
+                for k, v in initial.items()
+                if k.startswith(f"branches.{i}.")
+            }
+            for i in range(N_BRANCHES)
+        ]
+        collected = (
+            DistributedMerger(drm, routing=routing)
+            .merge(None, base_sd, branch_sds, coefficients=COEFFICIENTS, collect=True)
+            .merged
+        )
         expected = reference(drm, initial, torch.float32)
         results["collect_errs"] = {n: _rel(collected[n], expected[n]) for n in expected}
 
@@ -111,7 +160,8 @@ def _replica_worker(rank: int, world: int, port: int, outdir: str) -> None:
         run("reset", drm, optimizer_state="reset")
         results["moments_after_reset"] = max(
             float(optimizer.state[p]["exp_avg"].abs().max())
-            for n, p in module.base.named_parameters() if p.requires_grad and not n.startswith("classifier")
+            for n, p in module.base.named_parameters()
+            if p.requires_grad and not n.startswith("classifier")
         )
         merged = {n: p.detach().clone() for n, p in module.base.named_parameters()}
         loss = ddp(*batch(2))
@@ -119,7 +169,9 @@ def _replica_worker(rank: int, world: int, port: int, outdir: str) -> None:
         for group in optimizer.param_groups:
             group["lr"] = 0.0
         optimizer.step()
-        results["after_step_errs"] = {n: _rel(p.detach(), merged[n]) for n, p in module.base.named_parameters()}
+        results["after_step_errs"] = {
+            n: _rel(p.detach(), merged[n]) for n, p in module.base.named_parameters()
+        }
     except Exception:  # noqa: BLE001
         results["worker_error"] = traceback.format_exc()
     Path(outdir, f"rank{rank}.json").write_text(json.dumps(results, default=str))
@@ -143,7 +195,9 @@ def replica_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 
 
-@pytest.mark.parametrize("key", ["drm", "drm_horizontal", "ties", "dare_ties", "one_item", "after_errors", "reset"])
+@pytest.mark.parametrize(
+    "key", ["drm", "drm_horizontal", "ties", "dare_ties", "one_item", "after_errors", "reset"]
+)
 def test_replica_equals_single_process(replica_results: list[dict[str, Any]], key: str) -> None:
     """Both ranks hold the single-process result (bit for bit: the owner runs merge_tensor)."""
     for res in replica_results:
@@ -161,17 +215,24 @@ def test_replica_work_is_split(replica_results: list[dict[str, Any]]) -> None:
     # Balanced by cost (longest job first), not by count: the busier rank carries at most the
     # lighter one's load plus one item (the LPT bound), and both ranks agree on the plan.
     costs, items = replica_results[0]["drm"]["rank_costs"], replica_results[0]["drm"]["item_costs"]
-    assert costs == replica_results[1]["drm"]["rank_costs"] and sum(costs) == pytest.approx(sum(items))
+    assert costs == replica_results[1]["drm"]["rank_costs"] and sum(costs) == pytest.approx(
+        sum(items)
+    )
     assert max(costs) - min(costs) <= items[0] + 1e-6 * sum(items)
     assert sorted(res["one_item"]["owner_items"] for res in replica_results) == [0, 1]
 
 
-@pytest.mark.parametrize("key,needle", [
-    ("error_read", "disk read failed for up.weight"),
-    ("error_compute", "eigensolver diverged"),
-    ("nan_read", "'up.weight' in branch 2 (failing branches[2]) contains 1 NaN"),
-])
-def test_replica_failure_raises_everywhere(replica_results: list[dict[str, Any]], key: str, needle: str) -> None:
+@pytest.mark.parametrize(
+    "key,needle",
+    [
+        ("error_read", "disk read failed for up.weight"),
+        ("error_compute", "eigensolver diverged"),
+        ("nan_read", "'up.weight' in branch 2 (failing branches[2]) contains 1 NaN"),
+    ],
+)
+def test_replica_failure_raises_everywhere(
+    replica_results: list[dict[str, Any]], key: str, needle: str
+) -> None:
     """A rank raising mid-merge makes every rank raise the same DistributedMergeError."""
     messages = [res[key]["error"] for res in replica_results]
     assert all(res[key]["is_merge_error"] for res in replica_results)

@@ -42,11 +42,18 @@ class Net(nn.Module):
         self.frozen = nn.Linear(40, 45)  # frozen matrix: no fp32 master
         self.frozen.requires_grad_(False)
 
-    def forward(self, idx: torch.Tensor, x: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, x: torch.Tensor, w: torch.Tensor, c: torch.Tensor
+    ) -> torch.Tensor:
         e = self.embed_tokens(idx).mean(1) + x
         h = self.norm(self.up(torch.tanh(self.q_proj(e))))
         out = self.classifier(self.wide(w))
-        return h.pow(2).mean() + out.pow(2).mean() + self.conv(c).pow(2).mean() + self.frozen(e).pow(2).mean()
+        return (
+            h.pow(2).mean()
+            + out.pow(2).mean()
+            + self.conv(c).pow(2).mean()
+            + self.frozen(e).pow(2).mean()
+        )
 
 
 class Branched(nn.Module):
@@ -93,26 +100,44 @@ def build_model(seed: int = 0, noise: float = 1e-4) -> Branched:
 def batch(seed: int = 0) -> tuple[torch.Tensor, ...]:
     """One deterministic input batch."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 11, (4, 5), generator=g), torch.randn(4, 40, generator=g),
-            torch.randn(4, 120, generator=g), torch.randn(4, 3, 8, generator=g))
+    return (
+        torch.randint(0, 11, (4, 5), generator=g),
+        torch.randn(4, 40, generator=g),
+        torch.randn(4, 120, generator=g),
+        torch.randn(4, 3, 8, generator=g),
+    )
 
 
-def reference(method: Any, full: dict[str, torch.Tensor], compute_dtype: torch.dtype, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+def reference(
+    method: Any,
+    full: dict[str, torch.Tensor],
+    compute_dtype: torch.dtype,
+    names: list[str] | None = None,
+) -> dict[str, torch.Tensor]:
     """Single-process merge_tensor of every base tensor (ignored ones keep the base value)."""
-    from drm_lightning.merge.tensor import merge_tensor, tensor_generator
     from drm_lightning.merge.routing import Routing
+    from drm_lightning.merge.tensor import merge_tensor, tensor_generator
 
     routing = Routing(ignore=IGNORE)
     out = {}
     for name, base in full.items():
         if not name.startswith("base.") or (names is not None and name[5:] not in names):
             continue
-        short = name[len("base."):]
+        short = name[len("base.") :]
         branches = [full[f"branches.{i}.{short}"] for i in range(N_BRANCHES)]
         route = routing.route(short, tuple(base.shape))
-        generator = tensor_generator(0, short) if method.uses_randomness else None  # as iter_merge does
-        out[short] = merge_tensor(method, route, base, branches, COEFFICIENTS, compute_dtype=compute_dtype,
-                                  generator=generator)
+        generator = (
+            tensor_generator(0, short) if method.uses_randomness else None
+        )  # as iter_merge does
+        out[short] = merge_tensor(
+            method,
+            route,
+            base,
+            branches,
+            COEFFICIENTS,
+            compute_dtype=compute_dtype,
+            generator=generator,
+        )
     return out
 
 
@@ -186,9 +211,9 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
         ParamSet,
         ShardSnapshot,
     )
+    from drm_lightning.merge.routing import Routing
     from drm_lightning.methods import get_method
     from drm_lightning.methods.drm import DRM
-    from drm_lightning.merge.routing import Routing
 
     model = build_model()
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -205,12 +230,17 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
     module = engine.module
     target = ParamSet.from_module(module.base, origin="module.base")
-    branch_sets = [ParamSet.from_module(b, origin=f"module.branches[{i}]") for i, b in enumerate(module.branches)]
+    branch_sets = [
+        ParamSet.from_module(b, origin=f"module.branches[{i}]")
+        for i, b in enumerate(module.branches)
+    ]
     coefficients = COEFFICIENTS
     everything = ParamSet.from_module(module, origin="module")
     routing = Routing(ignore=IGNORE)
-    results: dict[str, Any] = {"total_numel": sum(v.numel() for v in initial.values()),
-                               "largest_numel": max(v.numel() for v in initial.values())}
+    results: dict[str, Any] = {
+        "total_numel": sum(v.numel() for v in initial.values()),
+        "largest_numel": max(v.numel() for v in initial.values()),
+    }
 
     def gathered(p: torch.nn.Parameter) -> torch.Tensor:
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
@@ -242,9 +272,17 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
             partitioned &= p.numel() == 0 and tuple(p.shape) == (0,)
         return {"errs": errs, "master_errs": master_errs, "partitioned": partitioned}
 
-    def run(key: str, method: Any, *, compute_dtype: torch.dtype = torch.float32, names: list[str] | None = None,
-            branches: list[Any] | None = None, sharded: bool = True, optimizer_state: str = "keep",
-            coefs: list[float] | None = None) -> None:
+    def run(
+        key: str,
+        method: Any,
+        *,
+        compute_dtype: torch.dtype = torch.float32,
+        names: list[str] | None = None,
+        branches: list[Any] | None = None,
+        sharded: bool = True,
+        optimizer_state: str = "keep",
+        coefs: list[float] | None = None,
+    ) -> None:
         load_base = {k: v for k, v in current().items()}
         for k in list(load_base):
             if k.startswith("base."):
@@ -253,13 +291,25 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
         inputs = current()
         base_snapshot = ShardSnapshot.capture(target, origin="θ0")
         try:
-            merger = DistributedMerger(method, routing=routing, compute_dtype=compute_dtype, sharded=sharded,
-                                       optimizer_state=optimizer_state)
-            result = merger.merge(target, base_snapshot, branches or branch_sets, coefficients=coefs or coefficients,
-                                  names=names)
+            merger = DistributedMerger(
+                method,
+                routing=routing,
+                compute_dtype=compute_dtype,
+                sharded=sharded,
+                optimizer_state=optimizer_state,
+            )
+            result = merger.merge(
+                target,
+                base_snapshot,
+                branches or branch_sets,
+                coefficients=coefs or coefficients,
+                names=names,
+            )
         except Exception as err:  # noqa: BLE001 - recorded for the test
-            results[key] = {"error": f"{type(err).__name__}: {err}",
-                            "is_merge_error": isinstance(err, DistributedMergeError)}
+            results[key] = {
+                "error": f"{type(err).__name__}: {err}",
+                "is_merge_error": isinstance(err, DistributedMergeError),
+            }
             return
         expected = reference(method, inputs, compute_dtype, names)
         entry = compare(expected)
@@ -268,16 +318,20 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
         delta = {n: exact[n] - inputs[f"base.{n}"].double() for n in exact}
         entry["delta_err_vs_fp64"] = {
             n: float((gathered(p).double() - exact[n]).norm() / delta[n].norm().clamp(min=1e-30))
-            for n, p in module.base.named_parameters() if n in exact and delta[n].norm() > 0
+            for n, p in module.base.named_parameters()
+            if n in exact and delta[n].norm() > 0
         }
         entry["single_delta_err_vs_fp64"] = {
-            n: float((expected[n].double() - exact[n]).norm() / delta[n].norm()) for n in entry["delta_err_vs_fp64"]
+            n: float((expected[n].double() - exact[n]).norm() / delta[n].norm())
+            for n in entry["delta_err_vs_fp64"]
         }
         entry["stats"] = vars(result.stats)
         entry["modes"] = {it.name: it.mode for it in result.plan.items}
         entry["owners"] = {it.name: it.owner for it in result.plan.items}
         entry["ignored_unchanged"] = all(
-            torch.equal(gathered(p), initial[f"base.{n}"]) for n, p in module.base.named_parameters() if n.startswith("classifier")
+            torch.equal(gathered(p), initial[f"base.{n}"])
+            for n, p in module.base.named_parameters()
+            if n.startswith("classifier")
         )
         results[key] = entry
 
@@ -292,18 +346,28 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
         run("noisy_fp32", drm)
         load(initial)
         run("drm_sharded_fp64", drm, compute_dtype=torch.float64)
-        run("drm_horizontal_fp64", get_method("drm", drop_rate=0.7, direction="horizontal"),
-            compute_dtype=torch.float64)
+        run(
+            "drm_horizontal_fp64",
+            get_method("drm", drop_rate=0.7, direction="horizontal"),
+            compute_dtype=torch.float64,
+        )
         run("drm_horizontal", get_method("drm", drop_rate=0.7, direction="horizontal"))
-        run("drm_trim", get_method("drm", drop_rate=0.5, fallback_trim_rate=0.3, tie_break="positive"))
+        run(
+            "drm_trim",
+            get_method("drm", drop_rate=0.5, fallback_trim_rate=0.3, tie_break="positive"),
+        )
         run("ties", get_method("ties", density=0.4))
         run("one_item_owner", drm, names=["wide.weight"], sharded=False)
         run("one_item_sharded", drm, names=["up.weight"])
         # Branches from ZeRO shard snapshots and from checkpoint files read shard-wise.
-        snaps = [ShardSnapshot.capture(b, origin=f"snapshot {i}") for i, b in enumerate(branch_sets)]
+        snaps = [
+            ShardSnapshot.capture(b, origin=f"snapshot {i}") for i, b in enumerate(branch_sets)
+        ]
         results["snapshot_numel"] = sum(t.numel() for t in snaps[0].tensors.values())
         run("drm_snapshots", drm, branches=snaps)
-        ckpts = [CheckpointShards(Path(ckpt_dir) / f"branch{i}.safetensors") for i in range(N_BRANCHES)]
+        ckpts = [
+            CheckpointShards(Path(ckpt_dir) / f"branch{i}.safetensors") for i in range(N_BRANCHES)
+        ]
         run("drm_checkpoints", drm, branches=ckpts)
         results["checkpoint_bytes_read"] = ckpts[0].bytes_read
 
@@ -342,7 +406,9 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
         loss = engine(*batch(2))
         engine.backward(loss)
         engine.step()
-        results["after_step_errs"] = {n: _rel(gathered(p), merged[n]) for n, p in module.base.named_parameters()}
+        results["after_step_errs"] = {
+            n: _rel(gathered(p), merged[n]) for n, p in module.base.named_parameters()
+        }
         for group in engine.optimizer.param_groups:
             group["lr"] = 1e-3
         losses = []
@@ -356,7 +422,9 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
         run("reset", drm, optimizer_state="reset")
         moments = {}
         for name, p in module.base.named_parameters():
-            if p.requires_grad and not name.startswith("classifier"):  # ignored: not merged, not reset
+            if p.requires_grad and not name.startswith(
+                "classifier"
+            ):  # ignored: not merged, not reset
                 moments[name] = float(safe_get_local_optimizer_state(p, "exp_avg").abs().max())
         results["moments_after_reset"] = moments
     except Exception:  # noqa: BLE001
@@ -378,8 +446,10 @@ def zero3_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, An
     full = build_model().state_dict()
     for i in range(N_BRANCHES):
         prefix = f"branches.{i}."
-        save_file({k[len(prefix):]: v.contiguous() for k, v in full.items() if k.startswith(prefix)},
-                  str(ckpt / f"branch{i}.safetensors"))
+        save_file(
+            {k[len(prefix) :]: v.contiguous() for k, v in full.items() if k.startswith(prefix)},
+            str(ckpt / f"branch{i}.safetensors"),
+        )
     mp.spawn(_zero3_worker, args=(WORLD, free_port(), str(out), str(ckpt)), nprocs=WORLD, join=True)
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     for r in results:
@@ -396,8 +466,16 @@ EXACT = ["drm_owner", "drm_horizontal", "ties", "one_item_owner", "drm_trim"]
 # package states for float32 DRM: within F32_DELTA_BOUND of the float64 merge of the same
 # inputs, relative to the merged delta (benchmarks/RESULTS.md § Precision).
 FLOAT64 = ["noisy_fp64", "drm_sharded_fp64", "drm_horizontal_fp64"]
-SHARDED = ["drm_sharded", "noisy_fp32", "one_item_sharded", "drm_snapshots", "drm_checkpoints", "after_errors",
-           "before_step", "reset"]
+SHARDED = [
+    "drm_sharded",
+    "noisy_fp32",
+    "one_item_sharded",
+    "drm_snapshots",
+    "drm_checkpoints",
+    "after_errors",
+    "before_step",
+    "reset",
+]
 F32_DELTA_BOUND = 1e-2
 
 
@@ -413,7 +491,9 @@ def test_equals_single_process(zero3_results: list[dict[str, Any]], key: str) ->
         assert not bad, f"rank {r}: {bad}"
         bad = {n: e for n, e in entry["master_errs"].items() if e > tol}
         assert not bad, f"rank {r} fp32 master: {bad}"
-        assert entry["partitioned"], "parameters must be re-partitioned (shape (0,)) after the merge"
+        assert entry["partitioned"], (
+            "parameters must be re-partitioned (shape (0,)) after the merge"
+        )
         assert entry["ignored_unchanged"]
 
 
@@ -427,17 +507,24 @@ def test_float32_sharded_within_stated_bound(zero3_results: list[dict[str, Any]]
         assert entry["delta_err_vs_fp64"], "nothing compared"
         bad = {n: e for n, e in entry["delta_err_vs_fp64"].items() if not e <= F32_DELTA_BOUND}
         assert not bad, f"rank {r}: {bad}"
-        bad = {n: e for n, e in entry["single_delta_err_vs_fp64"].items() if not e <= F32_DELTA_BOUND}
+        bad = {
+            n: e for n, e in entry["single_delta_err_vs_fp64"].items() if not e <= F32_DELTA_BOUND
+        }
         assert not bad, f"single process: {bad}"
         assert entry["partitioned"] and entry["ignored_unchanged"]
 
 
-@pytest.mark.parametrize("key,needle", [
-    ("nan_sharded", "'up.weight' in branch 1 (failing module.branches[1]) contains 1 NaN"),
-    ("nan_owner", "'wide.weight' in branch 1 (failing module.branches[1]) contains 1 NaN"),
-    ("overflow", "the merged result"),
-])
-def test_non_finite_input_or_result_raises_everywhere(zero3_results: list[dict[str, Any]], key: str, needle: str) -> None:
+@pytest.mark.parametrize(
+    "key,needle",
+    [
+        ("nan_sharded", "'up.weight' in branch 1 (failing module.branches[1]) contains 1 NaN"),
+        ("nan_owner", "'wide.weight' in branch 1 (failing module.branches[1]) contains 1 NaN"),
+        ("overflow", "the merged result"),
+    ],
+)
+def test_non_finite_input_or_result_raises_everywhere(
+    zero3_results: list[dict[str, Any]], key: str, needle: str
+) -> None:
     """NaN in a branch (sharded and owner routes) or an overflowing result: every rank raises, naming it."""
     messages = [res[key]["error"] for res in zero3_results]
     assert all(res[key]["is_merge_error"] for res in zero3_results)
@@ -453,7 +540,9 @@ def test_routes_taken(zero3_results: list[dict[str, Any]]) -> None:
     assert modes["classifier.weight"] == "skip"
     assert set(zero3_results[0]["drm_owner"]["modes"].values()) <= {"owner", "skip"}
     horizontal = zero3_results[0]["drm_horizontal"]["modes"]
-    assert horizontal["up.weight"] == horizontal["q_proj.weight"] == "owner"  # DRM-H is not row-local
+    assert (
+        horizontal["up.weight"] == horizontal["q_proj.weight"] == "owner"
+    )  # DRM-H is not row-local
     assert horizontal["norm.weight"] == "sharded"  # the fallback is element-wise in both directions
     assert set(zero3_results[0]["ties"]["modes"].values()) <= {"owner", "skip"}
 
@@ -482,12 +571,17 @@ def test_rank_without_items(zero3_results: list[dict[str, Any]]) -> None:
     assert zero3_results[0]["one_item_owner"]["errs"] == zero3_results[1]["one_item_owner"]["errs"]
 
 
-@pytest.mark.parametrize("key,needle", [
-    ("error_read_sharded", "disk read failed for up.weight"),
-    ("error_read_owner", "disk read failed for wide.weight"),
-    ("error_compute", "eigensolver diverged"),
-])
-def test_rank_failure_raises_everywhere(zero3_results: list[dict[str, Any]], key: str, needle: str) -> None:
+@pytest.mark.parametrize(
+    "key,needle",
+    [
+        ("error_read_sharded", "disk read failed for up.weight"),
+        ("error_read_owner", "disk read failed for wide.weight"),
+        ("error_compute", "eigensolver diverged"),
+    ],
+)
+def test_rank_failure_raises_everywhere(
+    zero3_results: list[dict[str, Any]], key: str, needle: str
+) -> None:
     """A rank raising mid-merge makes every rank raise the same DistributedMergeError."""
     messages = [res[key]["error"] for res in zero3_results]
     assert all(res[key]["is_merge_error"] for res in zero3_results)

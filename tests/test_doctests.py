@@ -21,8 +21,11 @@ def test_modules_found() -> None:
     """Every package module whose source holds a docstring example is collected."""
     package = Path(drm_lightning.__file__).parent
     with_examples = {
-        ".".join(("drm_lightning", *f.relative_to(package).with_suffix("").parts)).removesuffix(".__init__")
-        for f in package.rglob("*.py") if ">>>" in f.read_text()
+        ".".join(("drm_lightning", *f.relative_to(package).with_suffix("").parts)).removesuffix(
+            ".__init__"
+        )
+        for f in package.rglob("*.py")
+        if ">>>" in f.read_text()
     }
     missing = sorted(with_examples - set(MODULES))
     assert not missing, f"modules with examples not collected: {missing}"

@@ -11,13 +11,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from drm_lightning.methods import get_method
-from drm_lightning.methods.ops import disjoint_mean, elect_signs, kept_count, kth_smallest, topk_mask
 from drm_lightning.methods.drm import (
     drm_merge,
     drm_merge_lowrank,
     merge_coordinates,
     pruning_scores,
     shared_basis,
+)
+from drm_lightning.methods.ops import (
+    disjoint_mean,
+    elect_signs,
+    kept_count,
+    kth_smallest,
+    topk_mask,
 )
 
 F64 = torch.float64
@@ -51,8 +57,12 @@ def test_matches_reference_fixtures(case: str, direction: str, solver: str) -> N
     expected = tensors[f"{case}.{direction}"]
     coefs = torch.tensor(info["coefficients"], dtype=F64)
     out = drm_merge(
-        deltas, coefs, drop_rate=info["drop_rate"], direction=direction,
-        reference_compat=True, solver=solver,
+        deltas,
+        coefs,
+        drop_rate=info["drop_rate"],
+        direction=direction,
+        reference_compat=True,
+        solver=solver,
     )
     tol = 1e-12 if solver == "svd" else 1e-10
     assert torch.allclose(out, expected, rtol=0, atol=tol * expected.abs().max()), case
@@ -112,7 +122,9 @@ def test_single_model_no_pruning_is_truncated_svd() -> None:
     truncated = (q1[:, :6] * sig[:6]) @ q2[:, :6].mT
     assert torch.allclose(out, truncated, atol=1e-12)
     well = (q1 * torch.linspace(1, 2, 8, dtype=F64)) @ q2.mT
-    assert torch.allclose(drm_merge(well[None], torch.tensor([0.7], dtype=F64), drop_rate=0.0), 0.7 * well, atol=1e-12)
+    assert torch.allclose(
+        drm_merge(well[None], torch.tensor([0.7], dtype=F64), drop_rate=0.0), 0.7 * well, atol=1e-12
+    )
 
 
 # 5. Identical deltas.
@@ -183,7 +195,10 @@ def test_pruning_keeps_exact_count_and_compat_one_more() -> None:
     total = scores.numel()
     for p in (0.5, 0.8, 0.9):
         assert int(topk_mask(scores, 1 - p).sum()) == kept_count(total, 1 - p)
-        assert int(topk_mask(scores, 1 - p, reference_compat=True).sum()) == kept_count(total, 1 - p) + 1
+        assert (
+            int(topk_mask(scores, 1 - p, reference_compat=True).sum())
+            == kept_count(total, 1 - p) + 1
+        )
     assert int(topk_mask(torch.randn(1000, dtype=F64), 0.2, reference_compat=True).sum()) == 201
 
 
@@ -253,7 +268,9 @@ def test_gram_route_zero_and_full_rank_large() -> None:
 
 
 def test_single_zero_branch_and_n1() -> None:
-    assert torch.equal(drm_merge(torch.zeros(1, 4, 4, dtype=F64), _ones(1)), torch.zeros(4, 4, dtype=F64))
+    assert torch.equal(
+        drm_merge(torch.zeros(1, 4, 4, dtype=F64), _ones(1)), torch.zeros(4, 4, dtype=F64)
+    )
     d = _deltas(1, 6, 4, seed=13)
     out = drm_merge(d, _ones(1), drop_rate=0.8)
     assert torch.isfinite(out).all() and out.abs().sum() > 0
@@ -287,11 +304,16 @@ def test_bf16_inputs_round_once() -> None:
 
     g = torch.Generator().manual_seed(15)
     base = torch.randn(16, 12, generator=g).to(torch.bfloat16)
-    branches = [(base.float() + 0.05 * torch.randn(16, 12, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    branches = [
+        (base.float() + 0.05 * torch.randn(16, 12, generator=g)).to(torch.bfloat16)
+        for _ in range(3)
+    ]
     method = get_method("drm", drop_rate=0.8)
     out = merge_tensor(method, "matrix", base, branches, [1.0, 1.0, 1.0])
     assert out.dtype == torch.bfloat16
-    ref = merge_tensor(method, "matrix", base.float(), [b.float() for b in branches], [1.0, 1.0, 1.0])
+    ref = merge_tensor(
+        method, "matrix", base.float(), [b.float() for b in branches], [1.0, 1.0, 1.0]
+    )
     assert torch.equal(out, ref.to(torch.bfloat16))
     assert torch.isfinite(out.float()).all()
     half = merge_tensor(method, "matrix", base.half(), [b.half() for b in branches], [1.0] * 3)
@@ -305,11 +327,13 @@ def test_gram_route_equals_svd(shape, direction: str) -> None:
     g = torch.Generator().manual_seed(16)
     n, m = shape
     # low rank plus noise, as real fine-tuning deltas look
-    d = torch.stack([
-        torch.randn(n, 8, generator=g, dtype=F64) @ torch.randn(8, m, generator=g, dtype=F64)
-        + 0.05 * torch.randn(n, m, generator=g, dtype=F64)
-        for _ in range(3)
-    ])
+    d = torch.stack(
+        [
+            torch.randn(n, 8, generator=g, dtype=F64) @ torch.randn(8, m, generator=g, dtype=F64)
+            + 0.05 * torch.randn(n, m, generator=g, dtype=F64)
+            for _ in range(3)
+        ]
+    )
     a = drm_merge(d, _ones(3), direction=direction, solver="svd")
     b = drm_merge(d, _ones(3), direction=direction, solver="gram")
     assert torch.allclose(a, b, rtol=0, atol=1e-9 * a.abs().max())

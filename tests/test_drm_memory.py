@@ -31,7 +31,9 @@ def _same_columns_up_to_sign(a: torch.Tensor, b: torch.Tensor, atol: float) -> N
 def test_low_memory_eigh_equals_torch_eigh_and_reads_the_lower_triangle() -> None:
     gram = _gram(64)
     asymmetric = gram.clone()
-    asymmetric.triu_(1).mul_(7.0).add_(gram.tril())  # upper triangle garbage: only the lower one counts
+    asymmetric.triu_(1).mul_(7.0).add_(
+        gram.tril()
+    )  # upper triangle garbage: only the lower one counts
     evals, evecs = _basis.eigh_low_memory(asymmetric)
     ref_vals, ref_vecs = torch.linalg.eigh(gram)
     torch.testing.assert_close(evals, ref_vals, rtol=1e-12, atol=1e-9)
@@ -72,7 +74,9 @@ def test_drm_merge_through_the_low_memory_route_equals_the_default_route(
     coefficients = torch.ones(3, dtype=torch.float64)
     reference = drm_merge(deltas, coefficients, direction=direction)
     monkeypatch.setattr(_basis, "LOW_MEMORY_EIGH_N", 16)
-    monkeypatch.setattr(_basis, "BLOCK_BYTES", 7 * 3 * 48 * 8)  # several column blocks in the wide route
+    monkeypatch.setattr(
+        _basis, "BLOCK_BYTES", 7 * 3 * 48 * 8
+    )  # several column blocks in the wide route
     low = drm_merge(deltas, coefficients, direction=direction)
     torch.testing.assert_close(low, reference, rtol=0, atol=1e-10)
     float32 = drm_merge(deltas.float(), coefficients.float(), direction=direction)
@@ -89,10 +93,14 @@ def _reference_largest_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("keep", [0, 1, 17, 50, 99, 100])
-def test_blockwise_topk_mask_keeps_exactly_keep_with_ties_in_order(monkeypatch: pytest.MonkeyPatch, keep: int) -> None:
+def test_blockwise_topk_mask_keeps_exactly_keep_with_ties_in_order(
+    monkeypatch: pytest.MonkeyPatch, keep: int
+) -> None:
     monkeypatch.setattr(ops, "MASK_BLOCK", 7)  # ties at the cut spread over many blocks
     gen = torch.Generator().manual_seed(2)
-    scores = torch.randint(-4, 5, (10, 10), generator=gen).to(torch.float32)  # many equal magnitudes
+    scores = torch.randint(-4, 5, (10, 10), generator=gen).to(
+        torch.float32
+    )  # many equal magnitudes
     mask = ops.largest_mask(scores, keep)
     assert int(mask.sum()) == keep
     assert torch.equal(mask, _reference_largest_mask(scores, keep))
@@ -131,7 +139,9 @@ def test_pruning_in_place_by_blocks_equals_the_score_tensor_route(
         coords = (coords * 4).round() / 4
     sigma = torch.rand(40, generator=gen) + 0.1
     kwargs = {"reduced_dim": 50, "renormalize": renormalize}
-    reference = drm.merge_coordinates(coords.clone(), sigma, torch.ones(3), reductions=ops.Reductions(), **kwargs)
+    reference = drm.merge_coordinates(
+        coords.clone(), sigma, torch.ones(3), reductions=ops.Reductions(), **kwargs
+    )
     in_place = drm.merge_coordinates(coords.clone(), sigma, torch.ones(3), overwrite=True, **kwargs)
     assert torch.equal(in_place, reference) and torch.equal(in_place.signbit(), reference.signbit())
     kept = drm.merge_coordinates(coords.clone(), sigma, torch.ones(3), **kwargs)  # a copy is pruned
@@ -160,7 +170,10 @@ def test_peak_of_one_matrix_merge_is_a_few_float32_stacks(direction: str) -> Non
     the 192 MiB stack of the 1B benchmark's 8192×2048 matrices); 8.5 / 7.8 stacks before."""
     run = subprocess.run(
         [sys.executable, "-c", _PEAK_SCRIPT, direction],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     stacks = float(run.stdout.split()[-1])

@@ -25,7 +25,10 @@ from test_cli import zoo  # noqa: E402, F401 - the CLI tests' tiny Llama zoo, as
 def _states(n_branches: int = 3) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     g = torch.Generator().manual_seed(0)
     base = {"fc.weight": torch.randn(8, 6, generator=g), "fc.bias": torch.randn(8, generator=g)}
-    branches = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(n_branches)]
+    branches = [
+        {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        for _ in range(n_branches)
+    ]
     return base, branches
 
 
@@ -35,7 +38,10 @@ def _states(n_branches: int = 3) -> tuple[dict[str, torch.Tensor], list[dict[str
 def test_state_dict_merge_names_branch_and_tensor(method: str, name: str, bad: float) -> None:
     base, branches = _states()
     branches[1][name].view(-1)[2] = bad
-    with pytest.raises(ValueError, match=rf"'{name}' in branch 1 .*contains {'1 NaN' if bad != bad else '0 NaN and 1 Inf'}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"'{name}' in branch 1 .*contains {'1 NaN' if bad != bad else '0 NaN and 1 Inf'}",
+    ):
         merge_state_dicts(get_method(method), base, branches)
 
 
@@ -60,7 +66,9 @@ def test_overflowing_result_is_refused() -> None:
     """A coefficient of 1e300 used to write an all-Inf model and exit 0."""
     base, branches = _states()
     with pytest.raises(ValueError, match=r"in the merged result contains .*overflowed"):
-        merge_state_dicts(get_method("task_arithmetic"), base, branches, coefficients=[1e300, 1.0, 1.0])
+        merge_state_dicts(
+            get_method("task_arithmetic"), base, branches, coefficients=[1e300, 1.0, 1.0]
+        )
 
 
 def test_result_beyond_the_output_dtype_is_refused() -> None:
@@ -84,9 +92,9 @@ def test_direct_drm_call_refuses_non_finite_deltas() -> None:
 def test_callback_merge_names_the_tensor() -> None:
     """A NaN in one live branch stops the run at the merge with the tensor named."""
     import lightning.pytorch as pl
+    from test_lightning_common import acc_specs, branched, train_loaders, trainer
 
     from drm_lightning.lightning import MergeCallback
-    from test_lightning_common import acc_specs, branched, train_loaders, trainer
 
     class Poison(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):  # noqa: ANN001, ANN002
@@ -96,7 +104,9 @@ def test_callback_merge_names_the_tensor() -> None:
     model = branched()
     cb = MergeCallback("drm", method_params={"drop_rate": 0.5}, tasks=acc_specs(), every_n_steps=2)
     # The poisoned step spreads NaN through branch b's backbone by the merge at step 2.
-    with pytest.raises(Exception, match=r"'\d\.(weight|bias)' in branch 1 \(branch 'b'\) contains \d+ NaN"):
+    with pytest.raises(
+        Exception, match=r"'\d\.(weight|bias)' in branch 1 \(branch 'b'\) contains \d+ NaN"
+    ):
         trainer(max_steps=3, callbacks=[Poison(), cb]).fit(model, train_loaders())
 
 
@@ -106,7 +116,10 @@ def test_cli_overflowing_result_fails_and_writes_nothing(zoo, tmp_path, capsys) 
 
     paths = [str(zoo["root"] / f"branch{i}") for i in range(test_cli.N_BRANCHES)]
     cfg = test_cli._write_config(
-        tmp_path, zoo, method="task_arithmetic", parameters={},
+        tmp_path,
+        zoo,
+        method="task_arithmetic",
+        parameters={},
         branches=[{"path": paths[0], "coefficient": 1e300}, paths[1], paths[2]],
     )
     (tmp_path / "outs").mkdir()

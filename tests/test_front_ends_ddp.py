@@ -46,7 +46,10 @@ from drm_lightning.accelerate import MergeHook
 from drm_lightning.lightning import MergeCallback
 
 WORLD, EPOCH = 2, 3  # processes; batches per epoch (the checkpoint: end of epoch 0, step 3)
-STEPS, N = 2 * EPOCH, 2 * EPOCH * 16  # optimizer steps (merges at 2, 4, 6); training samples per task
+STEPS, N = (
+    2 * EPOCH,
+    2 * EPOCH * 16,
+)  # optimizer steps (merges at 2, 4, 6); training samples per task
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 
 
@@ -58,8 +61,10 @@ class _Record(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         record = {
-            "world": trainer.world_size, "history": _scores(self.merge.history),
-            "counters": _counters(self.merge.state_dict()), "merged": self.merge.last_merged,
+            "world": trainer.world_size,
+            "history": _scores(self.merge.history),
+            "counters": _counters(self.merge.state_dict()),
+            "merged": self.merge.last_merged,
             "state": clone_state(pl_module),
         }
         torch.save(record, self.out / f"{self.name}{trainer.global_rank}.pt")
@@ -81,13 +86,24 @@ def _counters(state: dict[str, Any]) -> dict[str, Any]:
     return {**state, "history": _scores(state["history"])}
 
 
-def _lightning_fit(out: Path, name: str, *, seed: int = 0, crash_at: int | None = None, ckpt: Path | None = None) -> None:
+def _lightning_fit(
+    out: Path, name: str, *, seed: int = 0, crash_at: int | None = None, ckpt: Path | None = None
+) -> None:
     merge = MergeCallback("drm", method_params=DRM, tasks=acc_specs(), every_n_steps=EVERY)
-    every_epoch = ModelCheckpoint(dirpath=out / f"{name}_ckpt", every_n_epochs=1, save_top_k=-1, filename="{epoch}")
-    callbacks = [merge, _Record(out, name, merge), every_epoch] + ([_Crash(crash_at)] if crash_at else [])
+    every_epoch = ModelCheckpoint(
+        dirpath=out / f"{name}_ckpt", every_n_epochs=1, save_top_k=-1, filename="{epoch}"
+    )
+    callbacks = [merge, _Record(out, name, merge), every_epoch] + (
+        [_Crash(crash_at)] if crash_at else []
+    )
     tr = trainer(
-        devices=WORLD, strategy=DDPStrategy(start_method="fork", process_group_backend="gloo"), max_epochs=2,
-        callbacks=callbacks, deterministic=False, use_distributed_sampler=False, enable_checkpointing=True,
+        devices=WORLD,
+        strategy=DDPStrategy(start_method="fork", process_group_backend="gloo"),
+        max_epochs=2,
+        callbacks=callbacks,
+        deterministic=False,
+        use_distributed_sampler=False,
+        enable_checkpointing=True,
     )
     tr.fit(branched(seed=seed), epoch_loaders(EPOCH, n=N), ckpt_path=ckpt)
 
@@ -112,9 +128,13 @@ def _lightning_ddp(out: Path) -> dict[str, list[dict[str, Any]]]:
 
 def _prepared(accelerator: Any, seed: int = 0) -> tuple[Any, Any, MergeHook]:
     model = _branched_model(seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.0
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
-    hook = MergeHook(accelerator, model, "drm", method_params=DRM, tasks=acc_specs(), every_n_steps=EVERY)
+    hook = MergeHook(
+        accelerator, model, "drm", method_params=DRM, tasks=acc_specs(), every_n_steps=EVERY
+    )
     return model, optimizer, hook
 
 
@@ -122,7 +142,9 @@ def _train(accelerator: Any, model: Any, optimizer: Any, hook: MergeHook, steps:
     loaders = train_loaders(n=N)
     batches = list(zip(*(loaders[t] for t in TASKS)))
     for step in steps:
-        loss = torch.stack([F.cross_entropy(model(x, t), y) for t, (x, y) in zip(TASKS, batches[step])]).sum()
+        loss = torch.stack(
+            [F.cross_entropy(model(x, t), y) for t, (x, y) in zip(TASKS, batches[step])]
+        ).sum()
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
@@ -133,9 +155,14 @@ def _train(accelerator: Any, model: Any, optimizer: Any, hook: MergeHook, steps:
 
 def _result(accelerator: Any, hook: MergeHook) -> dict[str, Any]:
     return {
-        "world": accelerator.num_processes, "type": str(accelerator.distributed_type), "history": _scores(hook.history),
-        "counters": _counters(hook.core.state_dict()), "epoch": hook.epoch,
-        "merged": hook.last_merged, "state": clone_state(hook.unwrapped), "engine": hook.core._last.engine,
+        "world": accelerator.num_processes,
+        "type": str(accelerator.distributed_type),
+        "history": _scores(hook.history),
+        "counters": _counters(hook.core.state_dict()),
+        "epoch": hook.epoch,
+        "merged": hook.last_merged,
+        "state": clone_state(hook.unwrapped),
+        "engine": hook.core._last.engine,
     }
 
 
@@ -225,6 +252,9 @@ def test_lightning_ddp_crash_and_resume_equals_uninterrupted(runs: dict[str, Any
         _assert_equal(resumed["merged"], full["merged"])
         _assert_equal(resumed["state"], full["state"])
         # both front ends' resumed runs agree
-        assert resumed["history"] == acc["resumed"]["history"] and resumed["counters"] == acc["resumed"]["counters"]
+        assert (
+            resumed["history"] == acc["resumed"]["history"]
+            and resumed["counters"] == acc["resumed"]["counters"]
+        )
         _assert_equal(resumed["merged"], acc["resumed"]["merged"])
         _assert_equal(resumed["state"], acc["resumed"]["state"])

@@ -56,8 +56,15 @@ from test_lightning_zero3 import (
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-WORLD, LR, EPOCH = 2, 5e-2, 3  # ranks; learning rate; batches per epoch (checkpoint: end of epoch 0, step 3)
-STEPS, N = 2 * EPOCH, 2 * EPOCH * 16  # optimizer steps (merges at 2, 4, 6); training samples per task
+WORLD, LR, EPOCH = (
+    2,
+    5e-2,
+    3,
+)  # ranks; learning rate; batches per epoch (checkpoint: end of epoch 0, step 3)
+STEPS, N = (
+    2 * EPOCH,
+    2 * EPOCH * 16,
+)  # optimizer steps (merges at 2, 4, 6); training samples per task
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 
 
@@ -74,7 +81,12 @@ def _perturbed(lr: float = LR, seed: int = 0) -> Any:
 
 def _counters(state: dict[str, Any]) -> dict[str, Any]:
     """A merge state dict without the timings of its history records."""
-    return {**state, "history": [{k: v for k, v in r.items() if not k.startswith("merge/")} for r in state["history"]]}
+    return {
+        **state,
+        "history": [
+            {k: v for k, v in r.items() if not k.startswith("merge/")} for r in state["history"]
+        ],
+    }
 
 
 def _gather(module: nn.Module) -> dict[str, Tensor]:
@@ -111,19 +123,34 @@ def _accelerate_setup(seed: int = 0) -> tuple[Any, Any, Any, Any]:
     GradientState._reset_state()
     # The CPU recipe: without it Accelerate picks no backend on a CPU-only box (1 process).
     PartialState._prepare_backend = lambda self, cpu=False, sagemaker_dp=False, backend=None: (  # type: ignore[method-assign]
-        "gloo", DistributedType.MULTI_CPU,
+        "gloo",
+        DistributedType.MULTI_CPU,
     )
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=_ds_config()))
     twin = _perturbed(seed=seed)
-    model = BranchedModel(backbone(seed), {t: nn.Linear(HIDDEN, CLASSES) for t in TASKS})  # trainable branches
+    model = BranchedModel(
+        backbone(seed), {t: nn.Linear(HIDDEN, CLASSES) for t in TASKS}
+    )  # trainable branches
     model.load_state_dict(twin.state_dict())
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
-    hook = MergeHook(accelerator, model, "drm", method_params=DRM, tasks=specs(), every_n_steps=MERGE_STEP, adopt=True)
+    hook = MergeHook(
+        accelerator,
+        model,
+        "drm",
+        method_params=DRM,
+        tasks=specs(),
+        every_n_steps=MERGE_STEP,
+        adopt=True,
+    )
     return accelerator, model, optimizer, hook
 
 
-def _accelerate_steps(run: dict[str, Any], accelerator: Any, model: Any, optimizer: Any, hook: Any, steps: range) -> None:
+def _accelerate_steps(
+    run: dict[str, Any], accelerator: Any, model: Any, optimizer: Any, hook: Any, steps: range
+) -> None:
     """Optimizer steps ``steps`` (1-based) of the scenario; the weights after each step (before the
     hook runs) go to ``run["states"]``, each merge (reassembled) to ``run["merged"]``."""
     loaders = train_loaders(n=N)
@@ -141,10 +168,17 @@ def _accelerate_steps(run: dict[str, Any], accelerator: Any, model: Any, optimiz
             hook.end_epoch()  # epochs of EPOCH batches, as Lightning's EpochWindow
 
 
-def _accelerate_result(run: dict[str, Any], accelerator: Any, model: Any, hook: Any) -> dict[str, Any]:
+def _accelerate_result(
+    run: dict[str, Any], accelerator: Any, model: Any, hook: Any
+) -> dict[str, Any]:
     return {
-        **run, "world": accelerator.num_processes, "type": str(accelerator.distributed_type), "zero3": hook.zero3,
-        "engine": type(model).__name__, "history": _history(hook), "counters": _counters(hook.core.state_dict()),
+        **run,
+        "world": accelerator.num_processes,
+        "type": str(accelerator.distributed_type),
+        "zero3": hook.zero3,
+        "engine": type(model).__name__,
+        "history": _history(hook),
+        "counters": _counters(hook.core.state_dict()),
         "final": _gather(hook.unwrapped),
     }
 
@@ -161,9 +195,13 @@ def _accelerate_run(outdir: str) -> dict[str, Any]:
     accelerator, model, optimizer, hook = _accelerate_setup()
     accelerator.register_for_checkpointing(hook)
     with hook:
-        _accelerate_steps({"states": {}, "merged": {}}, accelerator, model, optimizer, hook, range(1, EPOCH + 1))
+        _accelerate_steps(
+            {"states": {}, "merged": {}}, accelerator, model, optimizer, hook, range(1, EPOCH + 1)
+        )
         accelerator.save_state(str(Path(outdir) / "accelerate_state"))
-    accelerator, model, optimizer, hook = _accelerate_setup(seed=5)  # everything must come from the checkpoint
+    accelerator, model, optimizer, hook = _accelerate_setup(
+        seed=5
+    )  # everything must come from the checkpoint
     accelerator.register_for_checkpointing(hook)
     accelerator.load_state(str(Path(outdir) / "accelerate_state"))
     resumed: dict[str, Any] = {"states": {}, "merged": {}}
@@ -184,27 +222,44 @@ class _Crash(Callback):
             raise RuntimeError("simulated crash")
 
 
-def _lightning_fit(outdir: str, name: str, *, seed: int = 0, crash_at: int | None = None,
-                   ckpt: Path | None = None) -> dict[str, Any]:
+def _lightning_fit(
+    outdir: str, name: str, *, seed: int = 0, crash_at: int | None = None, ckpt: Path | None = None
+) -> dict[str, Any]:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from drm_lightning.lightning import MergeCallback
 
-    live = MergeCallback("drm", method_params=DRM, tasks=specs(), every_n_steps=MERGE_STEP, adopt=True)
+    live = MergeCallback(
+        "drm", method_params=DRM, tasks=specs(), every_n_steps=MERGE_STEP, adopt=True
+    )
     before, probe = ZeroProbe(), ZeroProbe(shards_of=live)
-    every_epoch = ModelCheckpoint(dirpath=Path(outdir) / f"{name}_ckpt", every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+    every_epoch = ModelCheckpoint(
+        dirpath=Path(outdir) / f"{name}_ckpt", every_n_epochs=1, save_top_k=-1, filename="{epoch}"
+    )
     callbacks = [before, live, probe, every_epoch] + ([_Crash(crash_at)] if crash_at else [])
     trainer = pl.Trainer(
-        accelerator="cpu", devices=WORLD, strategy=_cpu_strategy(0), max_epochs=2, callbacks=callbacks,
-        logger=False, enable_checkpointing=True, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, use_distributed_sampler=False,  # every rank trains on all the data, as above
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=_cpu_strategy(0),
+        max_epochs=2,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=True,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # every rank trains on all the data, as above
     )
     model = _perturbed(seed=seed)
     trainer.fit(model, epoch_loaders(EPOCH, n=N), ckpt_path=ckpt)
     return {
-        "world": trainer.world_size, "zero3": live._zero3, "history": _history(live),
-        "counters": _counters(live.state_dict()), "merged": probe.merged, "final": probe.states[STEPS],
+        "world": trainer.world_size,
+        "zero3": live._zero3,
+        "history": _history(live),
+        "counters": _counters(live.state_dict()),
+        "merged": probe.merged,
+        "final": probe.states[STEPS],
         "states": before.states,
     }
 
@@ -218,7 +273,9 @@ def _lightning_run(outdir: str) -> dict[str, Any]:
         results["crashed"] = "did not crash"
     except Exception as err:  # noqa: BLE001 - the expected failure, checked by the test
         results["crashed"] = str(err)
-    results["resumed"] = _lightning_fit(outdir, "resumed", seed=5, ckpt=Path(outdir) / "crashed_ckpt" / "epoch=0.ckpt")
+    results["resumed"] = _lightning_fit(
+        outdir, "resumed", seed=5, ckpt=Path(outdir) / "crashed_ckpt" / "epoch=0.ckpt"
+    )
     return results
 
 
@@ -228,7 +285,11 @@ class _Validating:
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         task = TASKS[dataloader_idx]
         x, y = batch
-        self.log(f"val/{task}/acc", (self(x, task).argmax(-1) == y).float().mean(), add_dataloader_idx=False)  # type: ignore[attr-defined]
+        self.log(
+            f"val/{task}/acc",
+            (self(x, task).argmax(-1) == y).float().mean(),
+            add_dataloader_idx=False,
+        )  # type: ignore[attr-defined]
 
 
 def _validating_model() -> Any:
@@ -251,10 +312,18 @@ def _validate_run() -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     for validate_merged in (True, False):
-        cb = MergeCallback("drm", method_params=DRM, every_n_steps=MERGE_STEP, validate_merged=validate_merged)
+        cb = MergeCallback(
+            "drm", method_params=DRM, every_n_steps=MERGE_STEP, validate_merged=validate_merged
+        )
         trainer = pl.Trainer(
-            accelerator="cpu", devices=WORLD, strategy=_cpu_strategy(0), callbacks=[cb], logger=False,
-            enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+            accelerator="cpu",
+            devices=WORLD,
+            strategy=_cpu_strategy(0),
+            callbacks=[cb],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
         )
         loaders = [DataLoader(task_data(t, 48, split=1), batch_size=48) for t in TASKS]
         metrics = trainer.validate(_validating_model(), loaders, verbose=False)
@@ -302,7 +371,11 @@ def test_both_front_ends_really_ran_zero3_on_two_ranks(runs: list[dict[str, Any]
             assert acc["world"] == lit["world"] == WORLD
             assert "DEEPSPEED" in acc["type"] and acc["engine"] == "DeepSpeedEngine"
             assert acc["zero3"] and lit["zero3"]
-        assert [(r["step"], r["epoch"]) for r in res["accelerate"]["full"]["history"]] == [(2, 0), (4, 1), (6, 1)]
+        assert [(r["step"], r["epoch"]) for r in res["accelerate"]["full"]["history"]] == [
+            (2, 0),
+            (4, 1),
+            (6, 1),
+        ]
 
 
 def _assert_equal(a: dict[Any, Tensor], b: dict[Any, Tensor], what: str) -> None:
@@ -333,7 +406,9 @@ def test_same_merge_and_scores_through_both_front_ends(runs: list[dict[str, Any]
         assert sorted(lit["merged"]) == [2, 4, 6]
         _assert_same_run(acc, lit, ["start", *range(1, STEPS + 1)])
         pre = lit["states"][MERGE_STEP]
-        assert any(not torch.equal(pre[f"base.{k}"], v) for k, v in lit["merged"][MERGE_STEP].items())  # it merged
+        assert any(
+            not torch.equal(pre[f"base.{k}"], v) for k, v in lit["merged"][MERGE_STEP].items()
+        )  # it merged
 
 
 def test_resume_equals_uninterrupted_through_both_front_ends(runs: list[dict[str, Any]]) -> None:
@@ -350,7 +425,10 @@ def test_resume_equals_uninterrupted_through_both_front_ends(runs: list[dict[str
             full, resumed = res[front_end]["full"], res[front_end]["resumed"]
             assert [r["step"] for r in resumed["history"]] == [2, 4, 6], front_end
             assert sorted(resumed["merged"]) == [4, 6], front_end  # merged after the resume
-            full = {**full, "merged": {k: v for k, v in full["merged"].items() if k in resumed["merged"]}}
+            full = {
+                **full,
+                "merged": {k: v for k, v in full["merged"].items() if k in resumed["merged"]},
+            }
             _assert_same_run(resumed, full, resumed_steps)
         _assert_same_run(res["accelerate"]["resumed"], res["lightning"]["resumed"], resumed_steps)
 
@@ -367,11 +445,22 @@ def test_validate_outside_fit_scores_the_merge_under_zero3(runs: list[dict[str, 
         model.branches[t].load_state_dict(merged)
         x, y = task_data(t, 48, split=1).tensors
         expected[f"val/{t}/acc"] = float((model(x, t).argmax(-1) == y).float().mean())
-    live = {t: float((_perturbed()(*[task_data(t, 48, split=1).tensors[0], t]).argmax(-1)
-                      == task_data(t, 48, split=1).tensors[1]).float().mean()) for t in TASKS}
+    live = {
+        t: float(
+            (
+                _perturbed()(*[task_data(t, 48, split=1).tensors[0], t]).argmax(-1)
+                == task_data(t, 48, split=1).tensors[1]
+            )
+            .float()
+            .mean()
+        )
+        for t in TASKS
+    }
     for res in runs:
         validate = res["validate"]
         assert validate["backend_True"] == "Zero3Backend"
         assert validate[True] == pytest.approx(expected, abs=1e-6)
-        assert validate[False] == pytest.approx({f"val/{t}/acc": v for t, v in live.items()}, abs=1e-6)
+        assert validate[False] == pytest.approx(
+            {f"val/{t}/acc": v for t, v in live.items()}, abs=1e-6
+        )
         assert validate[True] != validate[False]

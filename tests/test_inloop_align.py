@@ -26,7 +26,9 @@ def _model(states: list[dict[str, torch.Tensor]], base: nn.Module) -> BranchedMo
 
 
 def _merge(model: BranchedModel, aligner: BranchAligner | None) -> dict[str, torch.Tensor]:
-    core = MergeCore(method_from("drm", None), LiveBranches(), compute_dtype=torch.float64, aligner=aligner)
+    core = MergeCore(
+        method_from("drm", None), LiveBranches(), compute_dtype=torch.float64, aligner=aligner
+    )
     core.start(model, core.make_backend(partitioned=False))
     core.merge(model, step=1, epoch=0)
     assert core.last_merged is not None
@@ -39,10 +41,16 @@ def test_aligned_merge_of_a_permuted_branch_equals_the_unpermuted_merge(method: 
     states = []
     for s in (1, 2):
         g = torch.Generator().manual_seed(s)
-        states.append({k: v + 0.01 * torch.randn(v.shape, generator=g, dtype=v.dtype)
-                       for k, v in base.state_dict().items()})
+        states.append(
+            {
+                k: v + 0.01 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+                for k, v in base.state_dict().items()
+            }
+        )
     spec = derive_spec(base, inputs("mlp"))
-    perms = random_permutations(spec, spec.check([base.state_dict()]), torch.Generator().manual_seed(3))
+    perms = random_permutations(
+        spec, spec.check([base.state_dict()]), torch.Generator().manual_seed(3)
+    )
     moved = permute_state_dict(states[1], spec, perms)
     want = _merge(_model(states, base), None)
     loader = [inputs("mlp", 32, seed=s) for s in (1, 2, 3)]
@@ -50,7 +58,9 @@ def test_aligned_merge_of_a_permuted_branch_equals_the_unpermuted_merge(method: 
     live_b = copy.deepcopy(permuted.branches["b"].state_dict())
     got = _merge(permuted, BranchAligner(method, loader))
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
-    assert all(torch.equal(permuted.branches["b"].state_dict()[k], v) for k, v in live_b.items())  # untouched
+    assert all(
+        torch.equal(permuted.branches["b"].state_dict()[k], v) for k, v in live_b.items()
+    )  # untouched
     unaligned = _merge(_model([states[0], moved], base), None)
     assert not torch.equal(unaligned["fc1.weight"], want["fc1.weight"])
 

@@ -12,15 +12,6 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from torch import nn
-from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
-
-from drm_lightning.evaluation import TaskSpec, evaluate_task
-from drm_lightning.lightning import BranchedModule, MergeCallback
-from drm_lightning.merge.loop import merge_state_dicts
-from drm_lightning.methods import get_method
-from drm_lightning.merge.routing import Routing
 from test_lightning_common import (
     CLASSES,
     TASKS,
@@ -35,6 +26,15 @@ from test_lightning_common import (
     train_loaders,
     trainer,
 )
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+
+from drm_lightning.evaluation import TaskSpec, evaluate_task
+from drm_lightning.lightning import BranchedModule, MergeCallback
+from drm_lightning.merge.loop import merge_state_dicts
+from drm_lightning.merge.routing import Routing
+from drm_lightning.methods import get_method
 
 DRM = dict(drop_rate=0.5)
 
@@ -47,7 +47,9 @@ def test_live_merge_equals_core_and_live_weights_restored(tmp_path: Path) -> Non
     model = branched()
     before, after = Probe(), Probe()
     cb = MergeCallback("drm", method_params=DRM, tasks=specs(), every_n_steps=3)
-    trainer(max_steps=7, callbacks=[before, cb, after], logger=CSVLogger(tmp_path)).fit(model, train_loaders())
+    trainer(max_steps=7, callbacks=[before, cb, after], logger=CSVLogger(tmp_path)).fit(
+        model, train_loaders()
+    )
 
     assert [r["step"] for r in cb.history] == [3, 6]
     for step in (3, 6):  # the live weights after the merge are bit-identical to those before it
@@ -78,14 +80,24 @@ def test_live_merge_equals_core_and_live_weights_restored(tmp_path: Path) -> Non
         own = evaluate_task(live_model, t, specs()[t])
         assert record[f"branch/{t}/acc"] == pytest.approx(own["acc"])
         if own["acc"]:
-            assert record[f"normalized/{t}/acc"] == pytest.approx(record[f"merged/{t}/acc"] / own["acc"])
-    assert record["merged/average"] == pytest.approx(sum(record[f"merged/{t}/acc"] for t in TASKS) / 3)
+            assert record[f"normalized/{t}/acc"] == pytest.approx(
+                record[f"merged/{t}/acc"] / own["acc"]
+            )
+    assert record["merged/average"] == pytest.approx(
+        sum(record[f"merged/{t}/acc"] for t in TASKS) / 3
+    )
     assert "normalized/average" in record and "branch/average" in record
 
     # ... and they reach the logger and callback_metrics.
     csv = (Path(cb_logger_dir(tmp_path)) / "metrics.csv").read_text()
     header = csv.splitlines()[0].split(",")
-    for key in ("merged/a/acc", "merged/c/micro", "branch/b/acc", "normalized/average", "merged/average"):
+    for key in (
+        "merged/a/acc",
+        "merged/c/micro",
+        "branch/b/acc",
+        "normalized/average",
+        "merged/average",
+    ):
         assert key in header
 
 
@@ -101,7 +113,9 @@ def test_adopt_consolidates_branches_and_base() -> None:
         trainer(max_steps=4, callbacks=[before, cb, after]).fit(model, train_loaders())
     pre, post = before.states[4], after.states[4]
     assert cb.last_merged is not None
-    assert not torch.equal(pre["branches.a.0.weight"], pre["branches.b.0.weight"])  # branches had diverged
+    assert not torch.equal(
+        pre["branches.a.0.weight"], pre["branches.b.0.weight"]
+    )  # branches had diverged
     for prefix in ["base."] + [f"branches.{t}." for t in TASKS]:
         assert_state_equal(_sub(post, prefix), cb.last_merged)
     assert_state_equal(_sub(post, "heads."), _sub(pre, "heads."))  # heads stay per task
@@ -117,7 +131,14 @@ def test_no_checkpoint_while_swapped(tmp_path: Path) -> None:
         holder["trainer"].save_checkpoint(tmp_path / "never-written.ckpt")
         return module.predict_task(task, batch)  # type: ignore[operator]
 
-    tasks = {t: TaskSpec(DataLoader(task_data(t, 16), batch_size=16), MulticlassAccuracy(num_classes=CLASSES), predict=predict) for t in TASKS}
+    tasks = {
+        t: TaskSpec(
+            DataLoader(task_data(t, 16), batch_size=16),
+            MulticlassAccuracy(num_classes=CLASSES),
+            predict=predict,
+        )
+        for t in TASKS
+    }
     tr = trainer(max_steps=2, callbacks=[MergeCallback("drm", tasks=tasks, every_n_steps=1)])
     holder["trainer"] = tr
     with pytest.raises(RuntimeError, match="swapped into the module"):
@@ -129,8 +150,12 @@ def test_model_checkpoint_at_merge_step_holds_live_weights(tmp_path: Path) -> No
     model = branched()
     before = Probe()
     cb = MergeCallback("drm", method_params=DRM, tasks=acc_specs(), every_n_steps=2)
-    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
-    trainer(max_steps=4, callbacks=[before, cb, ckpt], enable_checkpointing=True).fit(model, train_loaders())
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}"
+    )
+    trainer(max_steps=4, callbacks=[before, cb, ckpt], enable_checkpointing=True).fit(
+        model, train_loaders()
+    )
     for step in (2, 4):
         saved = torch.load(tmp_path / f"step={step}.ckpt", weights_only=False)["state_dict"]
         assert_state_equal(saved, before.states[step])
@@ -138,7 +163,9 @@ def test_model_checkpoint_at_merge_step_holds_live_weights(tmp_path: Path) -> No
 
 def test_gradient_accumulation_merges_once_per_optimizer_step() -> None:
     cb = MergeCallback("drm", tasks=None, every_n_steps=2)
-    trainer(max_steps=4, accumulate_grad_batches=2, callbacks=[cb]).fit(branched(), train_loaders(batch_size=8))
+    trainer(max_steps=4, accumulate_grad_batches=2, callbacks=[cb]).fit(
+        branched(), train_loaders(batch_size=8)
+    )
     assert [r["step"] for r in cb.history] == [2, 4]
 
 
@@ -180,7 +207,11 @@ def test_snapshots_sequential_tasks(tmp_path: Path, on_disk: bool) -> None:
     else:  # compact: a snapshot holds only the tensors that changed (its own head, the backbone)
         first = cb._snapshots[0].delta
         assert first is not None
-        assert "heads.b.weight" not in first and "heads.a.weight" in first and "backbone.0.weight" in first
+        assert (
+            "heads.b.weight" not in first
+            and "heads.a.weight" in first
+            and "backbone.0.weight" in first
+        )
 
     # Oracle: the live states at the end of each epoch are the three branches.
     ends = sorted(before.states)
@@ -193,9 +224,13 @@ def test_snapshots_sequential_tasks(tmp_path: Path, on_disk: bool) -> None:
 
     # Task b is scored with the merged backbone and snapshot b's own head.
     probe = MultiHead()
-    probe.load_state_dict({**oracle, **{k: v for k, v in branch_states[1].items() if k.startswith("heads.")}})
+    probe.load_state_dict(
+        {**oracle, **{k: v for k, v in branch_states[1].items() if k.startswith("heads.")}}
+    )
     expected = evaluate_task(probe, "b", acc_specs()["b"])
-    assert cb.history[-1]["merged/b/MulticlassAccuracy"] == pytest.approx(next(iter(expected.values())))
+    assert cb.history[-1]["merged/b/MulticlassAccuracy"] == pytest.approx(
+        next(iter(expected.values()))
+    )
     # The live model (task c's state) is untouched.
     assert_state_equal(clone_state(model), before.states[ends[-1]])
 
@@ -222,13 +257,22 @@ def test_checkpoints_merged_with_live_model(tmp_path: Path) -> None:
     base = clone_state(model)
     before = Probe()
     cb = MergeCallback(
-        "drm", method_params=DRM, branches={"a": path_a, "b": path_b}, tasks=acc_specs(),
-        every_n_steps=2, live_task="c", routing=Routing(ignore=[r"heads\."]), export_dir=tmp_path / "export",
+        "drm",
+        method_params=DRM,
+        branches={"a": path_a, "b": path_b},
+        tasks=acc_specs(),
+        every_n_steps=2,
+        live_task="c",
+        routing=Routing(ignore=[r"heads\."]),
+        export_dir=tmp_path / "export",
     )
     trainer(max_steps=2, callbacks=[before, cb]).fit(model, train_loaders(n=32))
     assert cb.history[0]["branches"] == ["a", "b", "c"]
     oracle = merge_state_dicts(
-        get_method("drm", **DRM), base, [state_a, state_b, before.states[2]], routing=Routing(ignore=[r"heads\."])
+        get_method("drm", **DRM),
+        base,
+        [state_a, state_b, before.states[2]],
+        routing=Routing(ignore=[r"heads\."]),
     )
     assert cb.last_merged is not None
     assert_state_equal(cb.last_merged, oracle)
@@ -248,10 +292,16 @@ def test_export_live_branches_with_heads(tmp_path: Path) -> None:
     # Step 4 did not merge, so the export is a fresh merge of the final branches.
     state = clone_state(model)
     oracle = merge_state_dicts(
-        get_method("drm", **DRM), _sub(state, "base."), [_sub(state, f"branches.{t}.") for t in TASKS], seed=1
+        get_method("drm", **DRM),
+        _sub(state, "base."),
+        [_sub(state, f"branches.{t}.") for t in TASKS],
+        seed=1,
     )
     assert_state_equal(load_file(str(tmp_path / "out" / "model.safetensors")), oracle)
-    assert_state_equal(load_file(str(tmp_path / "out" / "heads.safetensors")), {f"heads.{k}": v for k, v in _sub(state, "heads.").items()})
+    assert_state_equal(
+        load_file(str(tmp_path / "out" / "heads.safetensors")),
+        {f"heads.{k}": v for k, v in _sub(state, "heads.").items()},
+    )
 
 
 def test_missing_checkpoint_fails_at_setup(tmp_path: Path) -> None:
@@ -279,10 +329,14 @@ def test_branches_with_different_parameter_sets() -> None:
     model.branches["c"][0] = nn.Linear(8, 32)
     model.branches["c"][2] = nn.Linear(32, 16)
     with pytest.raises(ValueError) as err:
-        trainer(max_steps=2, callbacks=[MergeCallback("drm", every_n_steps=1)]).fit(model, train_loaders())
+        trainer(max_steps=2, callbacks=[MergeCallback("drm", every_n_steps=1)]).fit(
+            model, train_loaders()
+        )
     message = str(err.value)
     assert "branch 'b'" in message and "2.bias" in message  # missing key named
-    assert "0.weight: base [16, 8]" in message and "branch 2 [32, 8]" in message  # every shape listed
+    assert (
+        "0.weight: base [16, 8]" in message and "branch 2 [32, 8]" in message
+    )  # every shape listed
 
 
 def test_task_without_dataloader_or_metric() -> None:
@@ -328,14 +382,16 @@ def test_constructor_errors() -> None:
     with pytest.raises(ValueError, match="only used with branches='snapshots'"):
         MergeCallback("drm", snapshot_every_n_epochs=1)
     with pytest.raises(TypeError, match="BranchedModule"):
-        trainer(max_steps=1, callbacks=[MergeCallback("drm", every_n_steps=1)]).fit(MultiHead(), train_loaders())
+        trainer(max_steps=1, callbacks=[MergeCallback("drm", every_n_steps=1)]).fit(
+            MultiHead(), train_loaders()
+        )
 
 
 def test_snapshot_mode_needs_a_snapshot_before_merging() -> None:
     with pytest.raises(ValueError, match="without a snapshot schedule"):
-        trainer(max_steps=1, callbacks=[MergeCallback("drm", branches="snapshots", every_n_steps=1)]).fit(
-            MultiHead(), train_loaders(n=32)
-        )
+        trainer(
+            max_steps=1, callbacks=[MergeCallback("drm", branches="snapshots", every_n_steps=1)]
+        ).fit(MultiHead(), train_loaders(n=32))
     cb = MergeCallback("drm", branches="snapshots", every_n_steps=1, snapshot_every_n_steps=2)
     with pytest.warns(UserWarning, match="merge skipped at step 1: no snapshot captured yet"):
         trainer(max_steps=2, callbacks=[cb]).fit(MultiHead(), train_loaders(n=32))
@@ -350,7 +406,9 @@ def test_coefficients_by_task() -> None:
     trainer(max_steps=2, callbacks=[before, cb]).fit(model, train_loaders())
     state = before.states[2]
     oracle = merge_state_dicts(
-        get_method("drm", **DRM), _sub(state, "base."), [_sub(state, f"branches.{t}.") for t in TASKS],
+        get_method("drm", **DRM),
+        _sub(state, "base."),
+        [_sub(state, f"branches.{t}.") for t in TASKS],
         coefficients=[0.5, 1.0, 2.0],
     )
     assert cb.last_merged is not None
@@ -365,16 +423,22 @@ def test_zero3_limits_and_sharded_strategies_refused(tmp_path: Path) -> None:
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
     cb = MergeCallback("drm", every_n_steps=1)
-    cb.setup(_stub_trainer(DeepSpeedStrategy(stage=3)), branched(), "fit")  # ZeRO-3 goes through the engine
+    cb.setup(
+        _stub_trainer(DeepSpeedStrategy(stage=3)), branched(), "fit"
+    )  # ZeRO-3 goes through the engine
     assert cb._zero3
     # What the ZeRO-3 route cannot do is refused at setup, all of it in one message.
     ckpt = tmp_path / "a.ckpt"
     torch.save({"state_dict": {}}, ckpt)
-    zero3 = MergeCallback("drm", branches={"a": ckpt}, export_dir=tmp_path / "out", snapshot_dir=None)
+    zero3 = MergeCallback(
+        "drm", branches={"a": ckpt}, export_dir=tmp_path / "out", snapshot_dir=None
+    )
     with pytest.raises(NotImplementedError, match=r"(?s)ZeRO-3.*export_dir=.*'a'.*not safetensors"):
         zero3.setup(_stub_trainer(DeepSpeedStrategy(stage=3)), MultiHead(), "fit")
     with pytest.raises(NotImplementedError, match=r"adopt=True\) is not supported with DeepSpeed"):
-        MergeCallback("drm", adopt=True).setup(_stub_trainer(DeepSpeedStrategy(stage=2)), branched(), "fit")
+        MergeCallback("drm", adopt=True).setup(
+            _stub_trainer(DeepSpeedStrategy(stage=2)), branched(), "fit"
+        )
     with pytest.raises(NotImplementedError, match="FSDPStrategy"):
         cb.setup(_stub_trainer(FSDPStrategy()), branched(), "fit")
 
@@ -389,7 +453,16 @@ def test_branched_module_routing_errors() -> None:
         BranchedModule(nn.Linear(2, 2), {"a.b": nn.Linear(2, 2)})
     # A (task, batch) tuple trains only that task's branch and head.
     before = clone_state(model)
-    trainer(max_steps=1).fit(model, DataLoader([("b", b) for b in DataLoader(task_data("b", 16), batch_size=16)], batch_size=None))
+    trainer(max_steps=1).fit(
+        model,
+        DataLoader(
+            [("b", b) for b in DataLoader(task_data("b", 16), batch_size=16)], batch_size=None
+        ),
+    )
     after = clone_state(model)
-    changed = {k.split(".")[0] + "." + k.split(".")[1] for k in before if not torch.equal(before[k], after[k])}
+    changed = {
+        k.split(".")[0] + "." + k.split(".")[1]
+        for k in before
+        if not torch.equal(before[k], after[k])
+    }
     assert changed == {"branches.b", "heads.b"}

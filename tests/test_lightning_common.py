@@ -29,7 +29,9 @@ def task_data(task: str, n: int = 64, *, split: int = 0) -> TensorDataset:
     return TensorDataset(x, (x @ w).argmax(-1))
 
 
-def train_loaders(tasks: Sequence[str] = TASKS, batch_size: int = 16, n: int = 64) -> dict[str, DataLoader]:
+def train_loaders(
+    tasks: Sequence[str] = TASKS, batch_size: int = 16, n: int = 64
+) -> dict[str, DataLoader]:
     return {t: DataLoader(task_data(t, n), batch_size=batch_size) for t in tasks}
 
 
@@ -58,10 +60,16 @@ class EpochWindow(Sampler[int]):
         return len(self._window())
 
 
-def epoch_loaders(batches_per_epoch: int, tasks: Sequence[str] = TASKS, batch_size: int = 16, n: int = 64) -> dict[str, DataLoader]:
+def epoch_loaders(
+    batches_per_epoch: int, tasks: Sequence[str] = TASKS, batch_size: int = 16, n: int = 64
+) -> dict[str, DataLoader]:
     """:func:`train_loaders`' batches, in order, cut into epochs of ``batches_per_epoch`` batches."""
     return {
-        t: DataLoader(task_data(t, n), batch_size=batch_size, sampler=EpochWindow(n, batches_per_epoch * batch_size))
+        t: DataLoader(
+            task_data(t, n),
+            batch_size=batch_size,
+            sampler=EpochWindow(n, batches_per_epoch * batch_size),
+        )
         for t in tasks
     }
 
@@ -91,10 +99,15 @@ def branched(tasks: Sequence[str] = TASKS, seed: int = 0, lr: float = 5e-2) -> B
     return BranchedModule(body, heads, lr=lr)
 
 
-def acc_specs(tasks: Sequence[str] = TASKS, n: int = 48, batch_size: int = 16) -> dict[str, TaskSpec]:
+def acc_specs(
+    tasks: Sequence[str] = TASKS, n: int = 48, batch_size: int = 16
+) -> dict[str, TaskSpec]:
     """Accuracy only (the common case)."""
     return {
-        t: TaskSpec(DataLoader(task_data(t, n, split=1), batch_size=batch_size), MulticlassAccuracy(num_classes=CLASSES))
+        t: TaskSpec(
+            DataLoader(task_data(t, n, split=1), batch_size=batch_size),
+            MulticlassAccuracy(num_classes=CLASSES),
+        )
         for t in tasks
     }
 
@@ -133,7 +146,9 @@ class Probe(Callback):
     def __init__(self) -> None:
         self.states: dict[int, dict[str, Tensor]] = {}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
         self.states[trainer.global_step] = clone_state(pl_module)
 
 

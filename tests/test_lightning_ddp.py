@@ -10,11 +10,19 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
+from test_lightning_common import (
+    TASKS,
+    assert_state_equal,
+    branched,
+    clone_state,
+    specs,
+    train_loaders,
+    trainer,
+)
 
 from drm_lightning.evaluation import evaluate_task
 from drm_lightning.lightning import MergeCallback
 from drm_lightning.merge.routing import Routing
-from test_lightning_common import TASKS, assert_state_equal, branched, clone_state, specs, train_loaders, trainer
 
 MERGE_STEPS = (2, 4)
 
@@ -26,7 +34,9 @@ class DriftOnRankOne(Callback):
     inputs that differ between ranks, every rank ends up with bit-identical merged weights.
     """
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
         if trainer.global_rank == 1 and trainer.global_step in MERGE_STEPS:
             with torch.no_grad():
                 for name, p in pl_module.named_parameters():
@@ -43,7 +53,10 @@ class Record(Callback):
         for cb in trainer.callbacks:
             if isinstance(cb, MergeCallback):
                 record[cb.mode] = {
-                    "history": [{k: v for k, v in r.items() if not k.startswith("merge/")} for r in cb.history],
+                    "history": [
+                        {k: v for k, v in r.items() if not k.startswith("merge/")}
+                        for r in cb.history
+                    ],
                     "merged": cb.last_merged,
                     "snapshots": [s.path for s in cb._snapshots],
                 }
@@ -53,7 +66,9 @@ class Record(Callback):
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_ddp_merges_identical_on_every_rank(tmp_path: Path) -> None:
-    live = MergeCallback("drm", method_params={"drop_rate": 0.5}, tasks=specs(), every_n_steps=2, adopt=True)
+    live = MergeCallback(
+        "drm", method_params={"drop_rate": 0.5}, tasks=specs(), every_n_steps=2, adopt=True
+    )
     snapshots = MergeCallback(
         "drm",
         branches="snapshots",
@@ -74,7 +89,9 @@ def test_ddp_merges_identical_on_every_rank(tmp_path: Path) -> None:
 
     assert [r["step"] for r in rank0["live"]["history"]] == list(MERGE_STEPS)
     assert_state_equal(rank0["live"]["merged"], rank1["live"]["merged"])  # bit-identical merges
-    assert_state_equal(rank0["state"], rank1["state"])  # adopted identically: the ranks stay in sync
+    assert_state_equal(
+        rank0["state"], rank1["state"]
+    )  # adopted identically: the ranks stay in sync
     assert rank0["live"]["history"] == rank1["live"]["history"]  # identical scores on every rank
 
     # Scores computed on half the validation batches per rank and synchronised by torchmetrics
@@ -96,7 +113,9 @@ def test_ddp_merges_identical_on_every_rank(tmp_path: Path) -> None:
 class PoisonOnRankOne(Callback):
     """Runs before the merge callback: on rank 1 only, a NaN enters branch b right before the merge."""
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
         if trainer.global_rank == 1 and trainer.global_step == MERGE_STEPS[0]:
             with torch.no_grad():
                 pl_module.branches["b"][0].weight[0, 0] = float("nan")

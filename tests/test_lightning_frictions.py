@@ -9,6 +9,16 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from test_lightning_common import (
+    CLASSES,
+    TASKS,
+    acc_specs,
+    branched,
+    clone_state,
+    task_data,
+    train_loaders,
+    trainer,
+)
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
@@ -16,7 +26,6 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from drm_lightning.evaluation import TaskSpec, evaluate_task
 from drm_lightning.lightning import BranchedModule, MergeCallback
-from test_lightning_common import CLASSES, TASKS, acc_specs, branched, clone_state, task_data, train_loaders, trainer
 
 
 class _Validating(BranchedModule):
@@ -78,14 +87,22 @@ def test_tasks_name_datamodule_val_loaders() -> None:
         def val_dataloader(self) -> Any:
             return {t: DataLoader(task_data(t, 48, split=1), batch_size=16) for t in TASKS}
 
-    by_name = MergeCallback("drm", every_n_steps=2, tasks={t: TaskSpec(t, MulticlassAccuracy(num_classes=CLASSES)) for t in TASKS})
+    by_name = MergeCallback(
+        "drm",
+        every_n_steps=2,
+        tasks={t: TaskSpec(t, MulticlassAccuracy(num_classes=CLASSES)) for t in TASKS},
+    )
     by_ref = MergeCallback("drm", every_n_steps=2, tasks=acc_specs())
     model_a, model_b = branched(), branched()
     trainer(max_steps=2, callbacks=[by_name], limit_val_batches=0).fit(model_a, datamodule=DM())
     trainer(max_steps=2, callbacks=[by_ref], limit_val_batches=0).fit(model_b, train_loaders())
     strip = lambda h: [{k: v for k, v in r.items() if not k.startswith("merge/")} for r in h]  # noqa: E731
     assert strip(by_name.history) == strip(by_ref.history)
-    bad = MergeCallback("drm", every_n_steps=2, tasks={t: TaskSpec("zzz", MulticlassAccuracy(num_classes=CLASSES)) for t in TASKS})
+    bad = MergeCallback(
+        "drm",
+        every_n_steps=2,
+        tasks={t: TaskSpec("zzz", MulticlassAccuracy(num_classes=CLASSES)) for t in TASKS},
+    )
     with pytest.raises(ValueError, match=r"dataloader='zzz'.*have \['a', 'b', 'c'\]"):
         trainer(max_steps=1, callbacks=[bad]).fit(branched(), datamodule=DM())
 
@@ -101,13 +118,17 @@ def test_load_from_checkpoint(tmp_path: Path) -> None:
     assert loaded.task_names == list(TASKS) and loaded.lr == model.lr
     for k, v in clone_state(model).items():
         assert torch.equal(loaded.state_dict()[k], v), k
-    given = BranchedModule.load_from_checkpoint(tmp_path / "m.ckpt", backbone=branched().base, heads=dict(branched().heads))
+    given = BranchedModule.load_from_checkpoint(
+        tmp_path / "m.ckpt", backbone=branched().base, heads=dict(branched().heads)
+    )
     assert torch.equal(given.branches["a"][0].weight, model.branches["a"][0].weight)
 
 
 def test_one_log_line_per_merge(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO):
-        trainer(max_steps=4, callbacks=[MergeCallback("drm", every_n_steps=2, tasks=acc_specs())]).fit(branched(), train_loaders())
+        trainer(
+            max_steps=4, callbacks=[MergeCallback("drm", every_n_steps=2, tasks=acc_specs())]
+        ).fit(branched(), train_loaders())
     lines = [r.getMessage() for r in caplog.records if "MergeCallback: merge" in r.getMessage()]
     assert len(lines) == 2
     assert lines[1].startswith("MergeCallback: merge 2 at step 4") and "merged/average=" in lines[1]
@@ -116,7 +137,9 @@ def test_one_log_line_per_merge(caplog: pytest.LogCaptureFixture) -> None:
 def test_final_weights_merged_with_adopt_false() -> None:
     model = branched()
     cb = MergeCallback("drm", every_n_steps=2, final_weights="merged")
-    trainer(max_steps=3, callbacks=[cb]).fit(model, train_loaders())  # last merge at step 2: merged again
+    trainer(max_steps=3, callbacks=[cb]).fit(
+        model, train_loaders()
+    )  # last merge at step 2: merged again
     state = clone_state(model)
     final = cb.core.latest(model, step=3).values
     for prefix in ["base."] + [f"branches.{t}." for t in TASKS]:
@@ -128,7 +151,11 @@ def test_final_weights_merged_with_adopt_false() -> None:
 def test_hf_export_loads_with_from_pretrained(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
         max_position_embeddings=16,
     )
     torch.manual_seed(0)
@@ -141,7 +168,12 @@ def test_hf_export_loads_with_from_pretrained(tmp_path: Path) -> None:
     heads = {t: nn.Linear(16, 2) for t in ("a", "b")}
     model = Branched(backbone, heads)
     gen = torch.Generator().manual_seed(0)
-    data = {t: DataLoader([(torch.randint(0, 40, (6,), generator=gen), i % 2) for i in range(16)], batch_size=8) for t in heads}
+    data = {
+        t: DataLoader(
+            [(torch.randint(0, 40, (6,), generator=gen), i % 2) for i in range(16)], batch_size=8
+        )
+        for t in heads
+    }
     out = tmp_path / "export"
     cb = MergeCallback("task_arithmetic", every_n_steps=2, export_dir=out)
     trainer(max_steps=2, callbacks=[cb]).fit(model, data)
@@ -167,7 +199,10 @@ def test_model_output_logits_are_scored() -> None:
             return transformers.modeling_outputs.SequenceClassifierOutput(logits=self.linear(x))
 
     model = Classifier()
-    spec = TaskSpec(DataLoader(task_data("a", 32, split=1), batch_size=16), MulticlassAccuracy(num_classes=CLASSES))
+    spec = TaskSpec(
+        DataLoader(task_data("a", 32, split=1), batch_size=16),
+        MulticlassAccuracy(num_classes=CLASSES),
+    )
     x, y = task_data("a", 32, split=1).tensors
     expected = MulticlassAccuracy(num_classes=CLASSES)(model.linear(x), y).item()
     assert evaluate_task(model, "a", spec)["MulticlassAccuracy"] == pytest.approx(expected)

@@ -11,9 +11,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-
-from drm_lightning.lightning import BranchedModule, MergeCallback
-from drm_lightning.merge.routing import Routing
 from test_lightning_common import (
     MultiHead,
     acc_specs,
@@ -23,6 +20,9 @@ from test_lightning_common import (
     train_loaders,
     trainer,
 )
+
+from drm_lightning.lightning import BranchedModule, MergeCallback
+from drm_lightning.merge.routing import Routing
 
 
 class Crash(Callback):
@@ -49,7 +49,9 @@ def _run(
     resume: str | None = None,
 ) -> tuple[pl.LightningModule, MergeCallback]:
     model, cb = make_model(), make_cb(tmp)
-    ckpt = ModelCheckpoint(dirpath=tmp / "ckpt", every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+    ckpt = ModelCheckpoint(
+        dirpath=tmp / "ckpt", every_n_epochs=1, save_top_k=-1, filename="{epoch}"
+    )
     callbacks: list[Callback] = [cb, ckpt] + ([Crash(crash_at)] if crash_at is not None else [])
     tr = trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=True)
     if crash_at is None:
@@ -65,7 +67,9 @@ def _live_model() -> BranchedModule:
 
 
 def _live_cb(tmp: Path) -> MergeCallback:
-    return MergeCallback("drm", method_params={"drop_rate": 0.5}, tasks=acc_specs(), every_n_steps=3, adopt=True)
+    return MergeCallback(
+        "drm", method_params={"drop_rate": 0.5}, tasks=acc_specs(), every_n_steps=3, adopt=True
+    )
 
 
 def _snap_model(seed: int = 0) -> MultiHead:
@@ -88,7 +92,9 @@ def _snap_cb(on_disk: bool) -> Any:
     return make
 
 
-def _assert_same_run(a: tuple[pl.LightningModule, MergeCallback], b: tuple[pl.LightningModule, MergeCallback]) -> None:
+def _assert_same_run(
+    a: tuple[pl.LightningModule, MergeCallback], b: tuple[pl.LightningModule, MergeCallback]
+) -> None:
     assert_state_equal(clone_state(a[0]), clone_state(b[0]))
     assert _scores(a[1].history) == _scores(b[1].history)
     assert a[1].last_merged is not None and b[1].last_merged is not None
@@ -115,7 +121,13 @@ def test_crash_and_resume_snapshots(tmp_path: Path, on_disk: bool) -> None:
     _run(_snap_model, _snap_cb(on_disk), tmp_path / "crash", max_epochs=4, crash_at=7)
     ckpt = tmp_path / "crash" / "ckpt" / "epoch=2.ckpt"
     # The resumed model starts from other weights: the base must come from the checkpoint.
-    resumed = _run(lambda: _snap_model(seed=5), _snap_cb(on_disk), tmp_path / "crash", max_epochs=4, resume=str(ckpt))
+    resumed = _run(
+        lambda: _snap_model(seed=5),
+        _snap_cb(on_disk),
+        tmp_path / "crash",
+        max_epochs=4,
+        resume=str(ckpt),
+    )
     assert [s.task for s in resumed[1]._snapshots] == ["a", "b", "c", "a"]
     _assert_same_run(full, resumed)
 
@@ -132,26 +144,40 @@ def test_load_outside_fit_warns(tmp_path: Path) -> None:
     path = tmp_path / "x.ckpt"
     fit_tr.save_checkpoint(path)
     with pytest.warns(UserWarning, match="loading a checkpoint outside fit"):
-        trainer(callbacks=[MergeCallback("drm", every_n_steps=2)]).validate(model, train_loaders()["a"], ckpt_path=path)
+        trainer(callbacks=[MergeCallback("drm", every_n_steps=2)]).validate(
+            model, train_loaders()["a"], ckpt_path=path
+        )
 
 
 def test_load_ours_and_foreign(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # A checkpoint written without the callback ("foreign") ...
-    foreign_tr = trainer(max_steps=2, callbacks=[ModelCheckpoint(dirpath=tmp_path)], enable_checkpointing=True)
+    foreign_tr = trainer(
+        max_steps=2, callbacks=[ModelCheckpoint(dirpath=tmp_path)], enable_checkpointing=True
+    )
     trained = MultiHead()
     foreign_tr.fit(trained, train_loaders(n=32))
     foreign = tmp_path / "foreign.ckpt"
     foreign_tr.save_checkpoint(foreign)
     cb = MergeCallback("drm", branches="snapshots", snapshot_every_n_steps=1, every_n_steps=1)
-    with pytest.warns(UserWarning, match="not written with this callback; the merge base is the weights just loaded"):
-        trainer(max_steps=3, callbacks=[cb]).fit(MultiHead(seed=3), train_loaders(n=32), ckpt_path=foreign)
+    with pytest.warns(
+        UserWarning,
+        match="not written with this callback; the merge base is the weights just loaded",
+    ):
+        trainer(max_steps=3, callbacks=[cb]).fit(
+            MultiHead(seed=3), train_loaders(n=32), ckpt_path=foreign
+        )
     assert cb._base is not None
     assert_state_equal(cb._base, {k: v for k, v in clone_state(trained).items()})
     assert [s.step for s in cb._snapshots] == [3]  # counters start at zero, nothing restored
 
     # ... and one written with it ("ours").
     ours = tmp_path / "ours.ckpt"
-    tr = trainer(max_steps=2, callbacks=[MergeCallback("drm", branches="snapshots", snapshot_every_n_steps=1, every_n_steps=2)])
+    tr = trainer(
+        max_steps=2,
+        callbacks=[
+            MergeCallback("drm", branches="snapshots", snapshot_every_n_steps=1, every_n_steps=2)
+        ],
+    )
     tr.fit(MultiHead(), train_loaders(n=32))
     tr.save_checkpoint(ours)
     resumed = MergeCallback("drm", branches="snapshots", snapshot_every_n_steps=1, every_n_steps=2)
@@ -159,16 +185,27 @@ def test_load_ours_and_foreign(tmp_path: Path, caplog: pytest.LogCaptureFixture)
         warnings.simplefilter("error", UserWarning)  # no "foreign" warning
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         warnings.filterwarnings("ignore", message=".*(dataloader|num_workers|log_every_n_steps).*")
-        trainer(max_steps=3, callbacks=[resumed]).fit(MultiHead(seed=3), train_loaders(n=32), ckpt_path=ours)
+        trainer(max_steps=3, callbacks=[resumed]).fit(
+            MultiHead(seed=3), train_loaders(n=32), ckpt_path=ours
+        )
     assert [s.step for s in resumed._snapshots] == [1, 2, 3]
     assert [r["step"] for r in resumed.history] == [2]  # history restored, no merge at step 3
     assert resumed._num_merges == 1
 
 
 def test_checkpoint_of_another_configuration_is_foreign(tmp_path: Path) -> None:
-    tr = trainer(max_steps=1, callbacks=[MergeCallback("drm", branches="snapshots", snapshot_every_n_steps=1, every_n_steps=1)])
+    tr = trainer(
+        max_steps=1,
+        callbacks=[
+            MergeCallback("drm", branches="snapshots", snapshot_every_n_steps=1, every_n_steps=1)
+        ],
+    )
     tr.fit(MultiHead(), train_loaders(n=32))
     tr.save_checkpoint(tmp_path / "s.ckpt")
     path_cb = MergeCallback("drm", branches=[tmp_path / "s.ckpt"], every_n_steps=1)
-    with pytest.warns(UserWarning, match=r"holds the merge state of other MergeCallback configurations"):
-        trainer(max_steps=2, callbacks=[path_cb]).fit(MultiHead(), train_loaders(n=32), ckpt_path=tmp_path / "s.ckpt")
+    with pytest.warns(
+        UserWarning, match=r"holds the merge state of other MergeCallback configurations"
+    ):
+        trainer(max_steps=2, callbacks=[path_cb]).fit(
+            MultiHead(), train_loaders(n=32), ckpt_path=tmp_path / "s.ckpt"
+        )

@@ -75,7 +75,10 @@ def checkpoint_states() -> dict[str, dict[str, Tensor]]:
         torch.manual_seed(0)
         model = HeadsModel()
         gen = torch.Generator().manual_seed(50 + i)
-        states[task] = {k: (v + 0.1 * torch.randn(v.shape, generator=gen)).contiguous() for k, v in model.state_dict().items()}
+        states[task] = {
+            k: (v + 0.1 * torch.randn(v.shape, generator=gen)).contiguous()
+            for k, v in model.state_dict().items()
+        }
     return states
 
 
@@ -133,12 +136,16 @@ class ZeroProbe(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.states["start"] = self._gather(pl_module)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
         from deepspeed.utils import safe_get_full_fp32_param
 
         step = trainer.global_step
         self.shapes[step] = {k: tuple(p.shape) for k, p in pl_module.named_parameters()}
-        self.partitions[step] = {k: p.ds_tensor.detach().clone() for k, p in pl_module.named_parameters()}
+        self.partitions[step] = {
+            k: p.ds_tensor.detach().clone() for k, p in pl_module.named_parameters()
+        }
         masters = {}
         for k, p in pl_module.named_parameters():
             master = safe_get_full_fp32_param(p)  # collective: every rank, same order
@@ -146,7 +153,9 @@ class ZeroProbe(Callback):
                 masters[k] = master.detach().clone()
         self.masters[step] = masters
         self.states[step] = self._gather(pl_module)
-        if self.shards_of is not None and self.shards_of.core.last_merge_step == step:  # it merged at this step
+        if (
+            self.shards_of is not None and self.shards_of.core.last_merge_step == step
+        ):  # it merged at this step
             self.merged[step] = _reassemble(self.shards_of.last_merged_shards)
 
 
@@ -170,10 +179,19 @@ def _history(cb: Any) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not k.startswith("merge/")} for r in cb.history]
 
 
-def _fit(model: pl.LightningModule, strategy: Any, callbacks: list[Callback], max_steps: int) -> pl.Trainer:
+def _fit(
+    model: pl.LightningModule, strategy: Any, callbacks: list[Callback], max_steps: int
+) -> pl.Trainer:
     trainer = pl.Trainer(
-        accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=max_steps, callbacks=callbacks,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=strategy,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         num_sanity_val_steps=0,
     )
     trainer.fit(model, train_loaders(n=64))
@@ -192,11 +210,19 @@ def _worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) -> Non
     try:
         # fit 1: live branches, consolidation (adopt=True), lr = 0, every parameter partitioned.
         before, after = ZeroProbe(), ZeroProbe()
-        live = MergeCallback("drm", method_params=DRM, tasks=specs(), every_n_steps=MERGE_STEP, adopt=True)
-        trainer = _fit(perturbed_branches(), _cpu_strategy(0), [before, live, after], MERGE_STEP + 1)
+        live = MergeCallback(
+            "drm", method_params=DRM, tasks=specs(), every_n_steps=MERGE_STEP, adopt=True
+        )
+        trainer = _fit(
+            perturbed_branches(), _cpu_strategy(0), [before, live, after], MERGE_STEP + 1
+        )
         results["live"] = {
-            "before": before.states, "after": after.states, "after_masters": after.masters,
-            "after_shapes": after.shapes, "history": _history(live), "zero3": live._zero3,
+            "before": before.states,
+            "after": after.states,
+            "after_masters": after.masters,
+            "after_shapes": after.shapes,
+            "history": _history(live),
+            "zero3": live._zero3,
             "stats": vars(live.last_merge_stats),
             "global_rank": trainer.global_rank,
         }
@@ -205,30 +231,53 @@ def _worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) -> Non
         # small parameters persistent (full on every rank).
         before, after = ZeroProbe(), ZeroProbe()
         routing = Routing(ignore=IGNORE)
-        snaps = MergeCallback("drm", method_params=DRM, tasks=specs(), branches="snapshots", routing=routing,
-                              snapshot_every_n_steps=1, every_n_steps=MERGE_STEP)
-        ckpts = MergeCallback("drm", method_params=DRM, tasks=specs(), routing=routing, live_task="c",
-                              branches={t: Path(ckpt_dir) / f"{t}.safetensors" for t in ("a", "b")},
-                              every_n_steps=MERGE_STEP)
+        snaps = MergeCallback(
+            "drm",
+            method_params=DRM,
+            tasks=specs(),
+            branches="snapshots",
+            routing=routing,
+            snapshot_every_n_steps=1,
+            every_n_steps=MERGE_STEP,
+        )
+        ckpts = MergeCallback(
+            "drm",
+            method_params=DRM,
+            tasks=specs(),
+            routing=routing,
+            live_task="c",
+            branches={t: Path(ckpt_dir) / f"{t}.safetensors" for t in ("a", "b")},
+            every_n_steps=MERGE_STEP,
+        )
         probe_snaps, probe_ckpts = ZeroProbe(shards_of=snaps), ZeroProbe(shards_of=ckpts)
         callbacks: list[Callback] = [before, snaps, ckpts, after, probe_snaps, probe_ckpts]
         _fit(HeadsModel(), _cpu_strategy(20), callbacks, MERGE_STEP)
         results["single"] = {
-            "before": before.states, "after": after.states,
-            "before_partitions": before.partitions, "after_partitions": after.partitions,
-            "before_masters": before.masters, "after_masters": after.masters,
+            "before": before.states,
+            "after": after.states,
+            "before_partitions": before.partitions,
+            "after_partitions": after.partitions,
+            "before_masters": before.masters,
+            "after_masters": after.masters,
             "after_shapes": after.shapes,
-            "snap_merged": probe_snaps.merged, "ckpt_merged": probe_ckpts.merged,
-            "snap_history": _history(snaps), "ckpt_history": _history(ckpts),
+            "snap_merged": probe_snaps.merged,
+            "ckpt_merged": probe_ckpts.merged,
+            "snap_history": _history(snaps),
+            "ckpt_history": _history(ckpts),
             "snap_tasks": [s.task for s in snaps._snapshots],
         }
 
         # fit 3: a NaN enters one branch's partition on rank 1 right before the merge (issue 8).
         class Poison(Callback):
-            def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            def on_train_batch_end(
+                self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+            ) -> None:
                 if trainer.global_rank == 1 and trainer.global_step == MERGE_STEP:
-                    name, param = next((n, q) for n, q in pl_module.named_parameters()
-                                       if n.startswith("branches.") and n.endswith("weight"))
+                    name, param = next(
+                        (n, q)
+                        for n, q in pl_module.named_parameters()
+                        if n.startswith("branches.") and n.endswith("weight")
+                    )
                     results["poisoned"] = name
                     with torch.no_grad():
                         param.ds_tensor[0] = float("nan")
@@ -279,7 +328,9 @@ def _assert_close(merged: dict[str, Tensor], expected: dict[str, Tensor], names:
     assert max(errors.values()) < 1e-5, errors
 
 
-def _oracle(base: dict[str, Tensor], branches: list[dict[str, Tensor]], routing: Any = None) -> dict[str, Tensor]:
+def _oracle(
+    base: dict[str, Tensor], branches: list[dict[str, Tensor]], routing: Any = None
+) -> dict[str, Tensor]:
     from drm_lightning.merge.loop import merge_state_dicts
     from drm_lightning.methods import get_method
 
@@ -294,7 +345,9 @@ def test_live_consolidation_equals_single_process(zero3_fits: list[dict[str, Any
         state = live["before"][MERGE_STEP]
         expected = _oracle(_sub(state, "base."), [_sub(state, f"branches.{t}.") for t in TASKS])
         adopted = live["after"][MERGE_STEP]
-        for target in ["base."] + [f"branches.{t}." for t in TASKS]:  # consolidation: base and every branch
+        for target in ["base."] + [
+            f"branches.{t}." for t in TASKS
+        ]:  # consolidation: base and every branch
             _assert_close(_sub(adopted, target), expected, list(expected))
         heads = [k for k in state if k.startswith("heads.")]
         assert all(torch.equal(adopted[k], state[k]) for k in heads)  # heads stay per task
@@ -306,7 +359,9 @@ def test_merge_never_holds_the_whole_model(zero3_fits: list[dict[str, Any]]) -> 
         live = res["live"]
         largest = max(v.numel() for v in live["before"]["start"].values())
         assert live["stats"]["max_full_numel"] <= (len(TASKS) + 2) * largest
-        inputs = sum(v.numel() for k, v in live["before"]["start"].items() if not k.startswith("heads."))
+        inputs = sum(
+            v.numel() for k, v in live["before"]["start"].items() if not k.startswith("heads.")
+        )
         assert live["stats"]["max_full_numel"] < inputs  # never base + every branch at once
 
 
@@ -319,7 +374,9 @@ def test_live_training_continues_from_merged_weights(zero3_fits: list[dict[str, 
             assert torch.equal(master, adopted[name]), name
         next_step = live["before"][MERGE_STEP + 1]
         assert all(torch.equal(next_step[k], adopted[k]) for k in adopted)
-        assert any(not torch.equal(live["before"][MERGE_STEP][k], adopted[k]) for k in adopted)  # it did change
+        assert any(
+            not torch.equal(live["before"][MERGE_STEP][k], adopted[k]) for k in adopted
+        )  # it did change
 
 
 def test_parameters_stay_partitioned(zero3_fits: list[dict[str, Any]]) -> None:
@@ -327,7 +384,11 @@ def test_parameters_stay_partitioned(zero3_fits: list[dict[str, Any]]) -> None:
     for res in zero3_fits:
         assert all(s == (0,) for s in res["live"]["after_shapes"][MERGE_STEP].values())
         shapes = res["single"]["after_shapes"][MERGE_STEP]
-        assert all(s == (0,) for k, s in shapes.items() if k.endswith("weight") and not k.startswith("heads."))
+        assert all(
+            s == (0,)
+            for k, s in shapes.items()
+            if k.endswith("weight") and not k.startswith("heads.")
+        )
 
 
 def test_single_model_merges_equal_single_process(zero3_fits: list[dict[str, Any]]) -> None:
@@ -341,10 +402,16 @@ def test_single_model_merges_equal_single_process(zero3_fits: list[dict[str, Any
         base = single["before"]["start"]
         merged_names = [k for k in base if not k.startswith("heads.")]
         snaps = [single["before"][1], single["before"][2]]
-        _assert_close(single["snap_merged"][MERGE_STEP], _oracle(base, snaps, routing), merged_names)
+        _assert_close(
+            single["snap_merged"][MERGE_STEP], _oracle(base, snaps, routing), merged_names
+        )
         assert set(single["snap_merged"][MERGE_STEP]) == set(merged_names)  # heads are never merged
-        branches = [{k: v.float() for k, v in checkpoints[t].items()} for t in ("a", "b")] + [single["before"][MERGE_STEP]]
-        _assert_close(single["ckpt_merged"][MERGE_STEP], _oracle(base, branches, routing), merged_names)
+        branches = [{k: v.float() for k, v in checkpoints[t].items()} for t in ("a", "b")] + [
+            single["before"][MERGE_STEP]
+        ]
+        _assert_close(
+            single["ckpt_merged"][MERGE_STEP], _oracle(base, branches, routing), merged_names
+        )
 
 
 def test_live_weights_restored_exactly(zero3_fits: list[dict[str, Any]]) -> None:
@@ -362,14 +429,29 @@ def test_live_weights_restored_exactly(zero3_fits: list[dict[str, Any]]) -> None
 def _same_bits(a: Tensor, b: Tensor) -> bool:
     """Bit-identical. A partition's padding is uninitialised memory (DeepSpeed allocates it with
     ``torch.empty``); it may hold NaN patterns, which ``torch.equal`` reports as different."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(
+            a.contiguous().reshape(-1).view(torch.uint8),
+            b.contiguous().reshape(-1).view(torch.uint8),
+        )
     )
 
 
 def _where_changed(before: Tensor, after: Tensor) -> str:
-    bits_b, bits_a = before.contiguous().reshape(-1).view(torch.uint8), after.contiguous().reshape(-1).view(torch.uint8)
-    idx = (bits_b != bits_a).nonzero().reshape(-1).div(before.element_size(), rounding_mode="floor").unique().tolist()
+    bits_b, bits_a = (
+        before.contiguous().reshape(-1).view(torch.uint8),
+        after.contiguous().reshape(-1).view(torch.uint8),
+    )
+    idx = (
+        (bits_b != bits_a)
+        .nonzero()
+        .reshape(-1)
+        .div(before.element_size(), rounding_mode="floor")
+        .unique()
+        .tolist()
+    )
     flat_b, flat_a = before.reshape(-1), after.reshape(-1)
     return f"numel {flat_b.numel()}, changed at {idx[:8]}: {flat_b[idx[:4]].tolist()} -> {flat_a[idx[:4]].tolist()}"
 
@@ -401,7 +483,9 @@ def test_merged_scores_match_a_single_process_evaluation(zero3_fits: list[dict[s
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's DeepSpeedStrategy needs CUDA")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="Lightning's DeepSpeedStrategy needs CUDA"
+)
 def test_real_deepspeed_strategy_live_consolidation() -> None:
     """Lightning's own DeepSpeedStrategy (stage 3, one GPU): the adopted merge equals the oracle."""
     pytest.importorskip("deepspeed")
@@ -410,15 +494,23 @@ def test_real_deepspeed_strategy_live_consolidation() -> None:
     from drm_lightning.lightning import MergeCallback
 
     before, after = ZeroProbe(), ZeroProbe()
-    live = MergeCallback("drm", method_params=DRM, tasks=specs(), every_n_steps=MERGE_STEP, adopt=True)
+    live = MergeCallback(
+        "drm", method_params=DRM, tasks=specs(), every_n_steps=MERGE_STEP, adopt=True
+    )
     config = {
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
         "zero_allow_untested_optimizer": True,
         "train_micro_batch_size_per_gpu": 16,
     }
     trainer = pl.Trainer(
-        accelerator="cuda", devices=1, strategy=DeepSpeedStrategy(config=config), max_steps=MERGE_STEP + 1,
-        callbacks=[before, live, after], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cuda",
+        devices=1,
+        strategy=DeepSpeedStrategy(config=config),
+        max_steps=MERGE_STEP + 1,
+        callbacks=[before, live, after],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
     )
     trainer.fit(perturbed_branches(), train_loaders(n=64))
     assert live._zero3
@@ -426,9 +518,10 @@ def test_real_deepspeed_strategy_live_consolidation() -> None:
     expected = _oracle(_sub(state, "base."), [_sub(state, f"branches.{t}.") for t in TASKS])
     adopted = {k: v.cpu() for k, v in after.states[MERGE_STEP].items()}
     _assert_close(_sub(adopted, "base."), expected, list(expected))
-    assert all(torch.equal(before.states[MERGE_STEP + 1][k], after.states[MERGE_STEP][k]) for k in adopted)
+    assert all(
+        torch.equal(before.states[MERGE_STEP + 1][k], after.states[MERGE_STEP][k]) for k in adopted
+    )
     assert f"merged/{TASKS[0]}/acc" in live.history[-1]
-
 
 
 def test_single_model_scores_use_each_tasks_own_heads(zero3_fits: list[dict[str, Any]]) -> None:
@@ -438,7 +531,9 @@ def test_single_model_scores_use_each_tasks_own_heads(zero3_fits: list[dict[str,
 
     single = zero3_fits[0]["single"]
     live = single["before"][MERGE_STEP]
-    snapshots = dict(zip(single["snap_tasks"], (single["before"][1], single["before"][2])))  # last one wins
+    snapshots = dict(
+        zip(single["snap_tasks"], (single["before"][1], single["before"][2]))
+    )  # last one wins
     checkpoints = {t: {k: v.float() for k, v in s.items()} for t, s in checkpoint_states().items()}
     for merged_key, history_key, owners in (
         ("snap_merged", "snap_history", snapshots),
@@ -449,7 +544,9 @@ def test_single_model_scores_use_each_tasks_own_heads(zero3_fits: list[dict[str,
             model = HeadsModel()
             model.load_state_dict({**live, **heads, **single[merged_key][MERGE_STEP]})
             expected = evaluate_task(model, t, specs()[t])
-            assert single[history_key][0][f"merged/{t}/acc"] == pytest.approx(expected["acc"], abs=1e-6), (merged_key, t)
+            assert single[history_key][0][f"merged/{t}/acc"] == pytest.approx(
+                expected["acc"], abs=1e-6
+            ), (merged_key, t)
 
 
 def test_nan_in_a_partition_stops_every_rank_naming_it(zero3_fits: list[dict[str, Any]]) -> None:
@@ -459,4 +556,6 @@ def test_nan_in_a_partition_stops_every_rank_naming_it(zero3_fits: list[dict[str
     tensor = poisoned.split(".", 2)[2]  # branches.<task>.<tensor>
     for res in zero3_fits:
         assert res["nan_error"] is not None, "the merge went through with a NaN branch"
-        assert f"'{tensor}' in branch" in res["nan_error"] and "NaN" in res["nan_error"], res["nan_error"]
+        assert f"'{tensor}' in branch" in res["nan_error"] and "NaN" in res["nan_error"], res[
+            "nan_error"
+        ]

@@ -8,16 +8,21 @@ from torch import nn
 
 from drm_lightning.merge.loop import merge_state_dicts
 from drm_lightning.merge.plan import plan_merge, validate_coefficients
+from drm_lightning.merge.routing import Routing
 from drm_lightning.merge.tensor import merge_tensor, tensor_generator
 from drm_lightning.methods import get_method
 from drm_lightning.methods.drm import drm_merge
-from drm_lightning.merge.routing import Routing
 
 
 def _mlp(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Linear(12, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+        nn.Linear(12, 16),
+        nn.LayerNorm(16),
+        nn.ReLU(),
+        nn.Linear(16, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
     )
 
 
@@ -25,7 +30,9 @@ def _finetunes(base: nn.Module, n: int, scale: float = 0.05) -> list[dict[str, t
     out = []
     for i in range(n):
         g = torch.Generator().manual_seed(100 + i)
-        out.append({k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
+        out.append(
+            {k: v + scale * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()}
+        )
     return out
 
 
@@ -58,12 +65,16 @@ def test_end_to_end_mlp_routes_and_oracles() -> None:
     assert torch.equal(merged["5.bias"], base_sd["5.bias"])
     for name in ("0.weight", "3.weight"):
         deltas = torch.stack([b[name].double() - base_sd[name].double() for b in branches])
-        expected = base_sd[name].double() + drm_merge(deltas, torch.ones(3, dtype=torch.float64), drop_rate=0.8)
+        expected = base_sd[name].double() + drm_merge(
+            deltas, torch.ones(3, dtype=torch.float64), drop_rate=0.8
+        )
         assert torch.allclose(merged[name].double(), expected, atol=1e-6)
         assert not torch.equal(merged[name], base_sd[name])
     for name in ("0.bias", "1.weight", "1.bias", "3.bias"):
         deltas = [b[name].double() - base_sd[name].double() for b in branches]
-        ties = merge_utils.ties(deltas, torch.ones(3, dtype=torch.float64), density=1.0, majority_sign_method="total")
+        ties = merge_utils.ties(
+            deltas, torch.ones(3, dtype=torch.float64), density=1.0, majority_sign_method="total"
+        )
         assert torch.allclose(merged[name].double(), base_sd[name].double() + ties, atol=1e-6)
     # inputs untouched
     assert all(torch.equal(v, _mlp(0).state_dict()[k]) for k, v in base.state_dict().items())
@@ -85,7 +96,11 @@ def test_coefficients_change_the_result_and_are_validated() -> None:
 
 
 def test_validation_lists_every_problem_before_reading() -> None:
-    base = {"a.weight": torch.zeros(4, 3), "b.weight": torch.zeros(5, 3), "step": torch.zeros(1, dtype=torch.long)}
+    base = {
+        "a.weight": torch.zeros(4, 3),
+        "b.weight": torch.zeros(5, 3),
+        "step": torch.zeros(1, dtype=torch.long),
+    }
     good = {k: v.clone() for k, v in base.items()}
     bad_shape = {"a.weight": torch.zeros(4, 2), "b.weight": torch.zeros(6, 3), "step": base["step"]}
     missing = {"a.weight": torch.zeros(4, 3), "step": base["step"], "extra": torch.zeros(1)}
@@ -109,7 +124,11 @@ def test_vocab_mismatch_and_dtype_errors() -> None:
         base = {"w": torch.zeros(2, 2).to(f8)}
         with pytest.raises(ValueError, match="unsupported dtype"):
             plan_merge(_src(base), [_src(base)])
-    ok = plan_merge(_src({"w": torch.zeros(2, 2, dtype=torch.long)}), [_src({"w": torch.zeros(2, 2, dtype=torch.long)})], routing=Routing(ignore=["w"]))
+    ok = plan_merge(
+        _src({"w": torch.zeros(2, 2, dtype=torch.long)}),
+        [_src({"w": torch.zeros(2, 2, dtype=torch.long)})],
+        routing=Routing(ignore=["w"]),
+    )
     assert ok[0].route == "ignore"
 
 
@@ -140,9 +159,21 @@ def test_merge_tensor_ignore_is_bit_identical_and_lowrank_mix() -> None:
     assert torch.equal(out, base) and out.data_ptr() != base.data_ptr()
     g = torch.Generator().manual_seed(3)
     b64 = torch.zeros(6, 5, dtype=torch.float64)
-    lora = (torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64))
+    lora = (
+        torch.randn(6, 2, generator=g, dtype=torch.float64),
+        torch.randn(2, 5, generator=g, dtype=torch.float64),
+    )
     dense = torch.randn(6, 5, generator=g, dtype=torch.float64)
     method = get_method("drm", drop_rate=0.5)
-    mixed = merge_tensor(method, "matrix", b64, [lora, dense, None], [1, 1, 1], compute_dtype=torch.float64)
-    expected = merge_tensor(method, "matrix", b64, [lora[0] @ lora[1], dense, b64], [1, 1, 1], compute_dtype=torch.float64)
+    mixed = merge_tensor(
+        method, "matrix", b64, [lora, dense, None], [1, 1, 1], compute_dtype=torch.float64
+    )
+    expected = merge_tensor(
+        method,
+        "matrix",
+        b64,
+        [lora[0] @ lora[1], dense, b64],
+        [1, 1, 1],
+        compute_dtype=torch.float64,
+    )
     assert torch.allclose(mixed, expected, atol=1e-12)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from drm_lightning.config.loading import load_config
 from drm_lightning.cli.job import open_job, run_job
+from drm_lightning.config.loading import load_config
 from drm_lightning.merge.loop import iter_merge
-from drm_lightning.merge.plan import PlannedTensor
 from drm_lightning.merge.pieces import merge_in_pieces, merges_in_pieces
+from drm_lightning.merge.plan import PlannedTensor
 from drm_lightning.methods import get_method
 from drm_lightning.methods._select import (
     count_digits,
@@ -52,19 +52,34 @@ def _quantised(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype)
     return (torch.randint(-3, 4, shape, generator=gen) * 0.25).to(dtype)
 
 
-def _inputs(dtype: torch.dtype, *, quantised: bool, n: int = 3, seed: int = 0) -> tuple[dict, list[dict]]:
+def _inputs(
+    dtype: torch.dtype, *, quantised: bool, n: int = 3, seed: int = 0
+) -> tuple[dict, list[dict]]:
     gen = torch.Generator().manual_seed(seed)
-    draw = (lambda s: _quantised(gen, s, dtype)) if quantised else (lambda s: torch.randn(s, generator=gen, dtype=dtype))
-    base = {"emb.weight": draw((ROWS, COLS)), "norm.weight": draw((COLS,)), "lin.weight": draw((COLS, COLS))}
+    draw = (
+        (lambda s: _quantised(gen, s, dtype))
+        if quantised
+        else (lambda s: torch.randn(s, generator=gen, dtype=dtype))
+    )
+    base = {
+        "emb.weight": draw((ROWS, COLS)),
+        "norm.weight": draw((COLS,)),
+        "lin.weight": draw((COLS, COLS)),
+    }
     branches = [{k: v + draw(tuple(v.shape)) for k, v in base.items()} for _ in range(n)]
     return base, branches
 
 
-def _merge(method: Any, base: dict, branches: list[dict], piece_elements: int | None, **kw: Any) -> dict:
+def _merge(
+    method: Any, base: dict, branches: list[dict], piece_elements: int | None, **kw: Any
+) -> dict:
     out = {}
     for name, value in iter_merge(
-        method, StateDictSource(base), [StateDictSource(b) for b in branches],
-        piece_elements=piece_elements, **kw,
+        method,
+        StateDictSource(base),
+        [StateDictSource(b) for b in branches],
+        piece_elements=piece_elements,
+        **kw,
     ):
         out[name] = value.materialize() if isinstance(value, RowPieces) else value
     return out
@@ -76,10 +91,16 @@ def test_pieces_equal_the_whole_tensor_in_float64(name: str, params: dict, quant
     method = get_method(name, **params)
     base, branches = _inputs(torch.float64, quantised=quantised)
     coefficients = [1.0, 0.5, 2.0]
-    whole = _merge(method, base, branches, None, coefficients=coefficients, compute_dtype=torch.float64)
-    pieces = _merge(method, base, branches, 4 * 3 * COLS, coefficients=coefficients, compute_dtype=torch.float64)
+    whole = _merge(
+        method, base, branches, None, coefficients=coefficients, compute_dtype=torch.float64
+    )
+    pieces = _merge(
+        method, base, branches, 4 * 3 * COLS, coefficients=coefficients, compute_dtype=torch.float64
+    )
     plan = [PlannedTensor("emb.weight", (ROWS, COLS), torch.float64, "fallback")]
-    assert merges_in_pieces(method, plan[0], StateDictSource(base), [StateDictSource(b) for b in branches], 4 * 3 * COLS)
+    assert merges_in_pieces(
+        method, plan[0], StateDictSource(base), [StateDictSource(b) for b in branches], 4 * 3 * COLS
+    )
     for key in whole:
         scale = float(whole[key].abs().max()) or 1.0
         # Same operations on the same entries in the same order: equal to rounding (bit-equal here).
@@ -117,15 +138,22 @@ def test_ties_at_the_cut_go_to_the_first_entries_across_pieces() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_radix_select_is_the_sorted_order(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(1)
-    lanes = [torch.randn(5000, generator=gen).abs().to(dtype), (torch.randint(0, 5, (3000,), generator=gen) * 0.5).to(dtype)]
+    lanes = [
+        torch.randn(5000, generator=gen).abs().to(dtype),
+        (torch.randint(0, 5, (3000,), generator=gen) * 0.5).to(dtype),
+    ]
     lanes.append(torch.zeros(100, dtype=dtype))
     for k in (1, 2, 77, 2999, 3000):
         ks = [k, k, min(k, 100)]
         bits = [ordered_bits(v) for v in lanes]
         width = bits[0][1]
 
-        def count(shift: int, prefixes: list[int], bits: list = bits, width: int = width) -> torch.Tensor:
-            return torch.stack([count_digits(b, shift, p, width) for (b, _), p in zip(bits, prefixes, strict=True)])
+        def count(
+            shift: int, prefixes: list[int], bits: list = bits, width: int = width
+        ) -> torch.Tensor:
+            return torch.stack(
+                [count_digits(b, shift, p, width) for (b, _), p in zip(bits, prefixes, strict=True)]
+            )
 
         for lane, (pattern, ties) in enumerate(radix_select(ks, width, count)):
             values = lanes[lane].double().sort(descending=True).values
@@ -147,7 +175,10 @@ def test_lora_branches_in_pieces_equal_the_whole_tensor() -> None:
     gen = torch.Generator().manual_seed(5)
     base = torch.randn(ROWS, COLS, generator=gen, dtype=torch.float64)
     dense = base + torch.randn(ROWS, COLS, generator=gen, dtype=torch.float64)
-    factors = (torch.randn(ROWS, 2, generator=gen, dtype=torch.float64), torch.randn(2, COLS, generator=gen, dtype=torch.float64))
+    factors = (
+        torch.randn(ROWS, 2, generator=gen, dtype=torch.float64),
+        torch.randn(2, COLS, generator=gen, dtype=torch.float64),
+    )
 
     class Lora:
         def lowrank(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,10 +186,23 @@ def test_lora_branches_in_pieces_equal_the_whole_tensor() -> None:
 
     item = PlannedTensor("w", (ROWS, COLS), torch.float64, "matrix")
     srcs = [StateDictSource({"w": dense}), Lora()]
-    pieces = torch.cat(list(merge_in_pieces(get_method("ties", density=0.4), item, StateDictSource({"w": base}),
-                                            srcs, [1.0, 1.0], compute_dtype=torch.float64, piece_rows=5)))
+    pieces = torch.cat(
+        list(
+            merge_in_pieces(
+                get_method("ties", density=0.4),
+                item,
+                StateDictSource({"w": base}),
+                srcs,
+                [1.0, 1.0],
+                compute_dtype=torch.float64,
+                piece_rows=5,
+            )
+        )
+    )
     deltas = torch.stack([dense - base, factors[0] @ factors[1]])
-    whole = base + get_method("ties", density=0.4).merge_matrix(deltas, torch.ones(2, dtype=torch.float64))
+    whole = base + get_method("ties", density=0.4).merge_matrix(
+        deltas, torch.ones(2, dtype=torch.float64)
+    )
     assert float((pieces - whole).abs().max()) <= 1e-12 * float(whole.abs().max())
 
 
@@ -166,17 +210,23 @@ def test_methods_that_need_the_whole_tensor_are_not_pieced() -> None:
     item = PlannedTensor("w", (1000, 100), torch.float32, "matrix")
     src = StateDictSource({"w": torch.zeros(1000, 100)})
     assert not merges_in_pieces(get_method("dare_ties", density=0.5), item, src, [src, src], 1000)
-    assert not merges_in_pieces(get_method("dare_linear", density=0.5, convention="mergekit"), item, src, [src], 1000)
+    assert not merges_in_pieces(
+        get_method("dare_linear", density=0.5, convention="mergekit"), item, src, [src], 1000
+    )
     assert not merges_in_pieces(get_method("drm"), item, src, [src, src], 1000)  # the matrix path
     fallback = PlannedTensor("w", (1000, 100), torch.float32, "fallback")
     assert merges_in_pieces(get_method("drm"), fallback, src, [src, src], 1000)
-    assert not merges_in_pieces(get_method("drm"), fallback, src, [src, src], 10**6)  # fits one piece
+    assert not merges_in_pieces(
+        get_method("drm"), fallback, src, [src, src], 10**6
+    )  # fits one piece
 
     class Pickled(StateDictSource):
         def reads_rows(self, name: str) -> bool:
             return False  # e.g. a source that would read the whole tensor for every piece
 
-    assert not merges_in_pieces(get_method("ties"), fallback, src, [Pickled({"w": torch.zeros(1000, 100)})], 1000)
+    assert not merges_in_pieces(
+        get_method("ties"), fallback, src, [Pickled({"w": torch.zeros(1000, 100)})], 1000
+    )
 
 
 def test_writer_streams_row_pieces_into_the_file(tmp_path: Path) -> None:
@@ -187,7 +237,11 @@ def test_writer_streams_row_pieces_into_the_file(tmp_path: Path) -> None:
         w.add("odd", RowPieces((5, 3), torch.float16, iter(odd.split(2))))
         w.add("b", torch.ones(3))
     loaded = load_file(tmp_path / "m" / "model.safetensors")
-    assert torch.equal(loaded["a"], whole) and torch.equal(loaded["odd"], odd) and torch.equal(loaded["b"], torch.ones(3))
+    assert (
+        torch.equal(loaded["a"], whole)
+        and torch.equal(loaded["odd"], odd)
+        and torch.equal(loaded["b"], torch.ones(3))
+    )
     with pytest.raises(ValueError, match="cover 11 rows"), HFFolderWriter(tmp_path / "n") as w:
         w.add("a", RowPieces((12, 4), torch.bfloat16, iter(whole[:11].split(5))))
     assert not (tmp_path / "n").exists()
@@ -202,21 +256,30 @@ def _folder(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
 @pytest.mark.parametrize("method", ["ties", "drm"])
 def test_disk_job_in_pieces_writes_the_whole_merge(tmp_path: Path, method: str) -> None:
     base, branches = _inputs(torch.bfloat16, quantised=True)
-    paths = [_folder(tmp_path / "base", base)] + [_folder(tmp_path / f"b{i}", b) for i, b in enumerate(branches)]
+    paths = [_folder(tmp_path / "base", base)] + [
+        _folder(tmp_path / f"b{i}", b) for i, b in enumerate(branches)
+    ]
     cfg = tmp_path / "merge.yaml"
     cfg.write_text(
-        f"method: {method}\nbase: {paths[0]}\nbranches:\n" + "".join(f"  - path: {p}\n" for p in paths[1:])
+        f"method: {method}\nbase: {paths[0]}\nbranches:\n"
+        + "".join(f"  - path: {p}\n" for p in paths[1:])
     )
     job = open_job(load_config(cfg))
     run_job(job, tmp_path / "whole", progress=False, piece_elements=None)
-    run_job(open_job(load_config(cfg)), tmp_path / "pieces", progress=False, piece_elements=4 * 3 * COLS)
+    run_job(
+        open_job(load_config(cfg)), tmp_path / "pieces", progress=False, piece_elements=4 * 3 * COLS
+    )
     whole = load_file(tmp_path / "whole" / "model.safetensors")
     pieces = load_file(tmp_path / "pieces" / "model.safetensors")
     assert sorted(whole) == sorted(pieces)
     for k in whole:
         assert whole[k].dtype == pieces[k].dtype == torch.bfloat16
-        assert float((whole[k].float() - pieces[k].float()).abs().max()) <= 1e-2 * float(whole[k].float().abs().max()), k
-    assert isinstance(SafetensorsFileSource(paths[0] / "model.safetensors").reads_rows("emb.weight"), bool)
+        assert float((whole[k].float() - pieces[k].float()).abs().max()) <= 1e-2 * float(
+            whole[k].float().abs().max()
+        ), k
+    assert isinstance(
+        SafetensorsFileSource(paths[0] / "model.safetensors").reads_rows("emb.weight"), bool
+    )
 
 
 _PEAK_SCRIPT = """
@@ -251,10 +314,18 @@ def test_peak_memory_of_a_pieced_merge_does_not_grow_with_the_tensor(tmp_path: P
         folder = tmp_path / str(rows)
         folder.mkdir()
         for i in range(4):
-            save_file({"w": torch.randn(rows, 1024, generator=gen).to(torch.bfloat16)}, str(folder / f"{i}.safetensors"))
+            save_file(
+                {"w": torch.randn(rows, 1024, generator=gen).to(torch.bfloat16)},
+                str(folder / f"{i}.safetensors"),
+            )
         for pieced in ("1",) if rows == 8192 else ("1", "0"):
-            run = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(folder), str(rows), pieced],
-                                 capture_output=True, text=True, timeout=300, check=True)
+            run = subprocess.run(
+                [sys.executable, "-c", _PEAK_SCRIPT, str(folder), str(rows), pieced],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=True,
+            )
             growth[(rows, pieced)] = int(run.stdout.split()[-1])
     print(growth)
     mib = 1024 * 1024
@@ -275,9 +346,21 @@ def test_cli_refuses_a_negative_piece_size(capsys: pytest.CaptureFixture[str]) -
 def test_nan_in_a_piece_of_a_disk_job_leaves_no_output(tmp_path: Path) -> None:
     base, branches = _inputs(torch.float32, quantised=False)
     branches[1]["emb.weight"][33, 0] = float("inf")
-    paths = [_folder(tmp_path / "base", base)] + [_folder(tmp_path / f"b{i}", b) for i, b in enumerate(branches)]
+    paths = [_folder(tmp_path / "base", base)] + [
+        _folder(tmp_path / f"b{i}", b) for i, b in enumerate(branches)
+    ]
     cfg = tmp_path / "merge.yaml"
-    cfg.write_text("method: ties\nbase: " + str(paths[0]) + "\nbranches:\n" + "".join(f"  - path: {p}\n" for p in paths[1:]))
+    cfg.write_text(
+        "method: ties\nbase: "
+        + str(paths[0])
+        + "\nbranches:\n"
+        + "".join(f"  - path: {p}\n" for p in paths[1:])
+    )
     with pytest.raises(ValueError, match=r"'emb.weight' in branch 1 .*1 Inf.* \(rows 32:36\)"):
-        run_job(open_job(load_config(cfg)), tmp_path / "out", progress=False, piece_elements=4 * 3 * COLS)
+        run_job(
+            open_job(load_config(cfg)),
+            tmp_path / "out",
+            progress=False,
+            piece_elements=4 * 3 * COLS,
+        )
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))

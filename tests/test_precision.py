@@ -23,7 +23,9 @@ from drm_lightning.methods.drm import (
 F64 = torch.float64
 
 
-def _decaying(n_branches: int, n: int, m: int, floors: list[float], seed: int, tops: list[float] | None = None) -> torch.Tensor:
+def _decaying(
+    n_branches: int, n: int, m: int, floors: list[float], seed: int, tops: list[float] | None = None
+) -> torch.Tensor:
     """Deltas with singular values geometric from ``tops[i]`` (default 1) to ``floors[i]``."""
     g = torch.Generator().manual_seed(seed)
     k = min(n, m)
@@ -51,10 +53,25 @@ def test_float32_within_stated_bound() -> None:
         for floor in (1e-2, 1e-4):
             deltas = _decaying(3, *shape, [floor] * 3, seed=int(shape[0] + 1 / floor)).float()
             for direction in ("vertical", "horizontal"):
-                exact = drm_merge(deltas.double(), ones.double(), drop_rate=0.8, direction=direction, solver="svd")
-                default_errs.append(_rel(drm_merge(deltas, ones, drop_rate=0.8, direction=direction), exact))
-                svd_errs.append(_rel(drm_merge(deltas, ones, drop_rate=0.8, direction=direction, solver="svd",
-                                               basis_precision="compute"), exact))
+                exact = drm_merge(
+                    deltas.double(), ones.double(), drop_rate=0.8, direction=direction, solver="svd"
+                )
+                default_errs.append(
+                    _rel(drm_merge(deltas, ones, drop_rate=0.8, direction=direction), exact)
+                )
+                svd_errs.append(
+                    _rel(
+                        drm_merge(
+                            deltas,
+                            ones,
+                            drop_rate=0.8,
+                            direction=direction,
+                            solver="svd",
+                            basis_precision="compute",
+                        ),
+                        exact,
+                    )
+                )
     assert max(default_errs) <= 1e-2, default_errs
     assert sum(default_errs) <= 2 * sum(svd_errs), (default_errs, svd_errs)
 
@@ -63,10 +80,23 @@ def test_float64_basis_beats_float32_gram() -> None:
     """The float32 Gram squares the condition number: measurably worse than the float64 basis."""
     deltas = _decaying(3, 256, 704, [1e-3] * 3, seed=3).float()
     ones = torch.ones(3)
-    exact = drm_merge(deltas.double(), ones.double(), drop_rate=0.8, direction="vertical", solver="svd")
-    gram32 = _rel(drm_merge(deltas, ones, drop_rate=0.8, direction="vertical", solver="gram",
-                            basis_precision="compute"), exact)
-    default = _rel(drm_merge(deltas, ones, drop_rate=0.8, direction="vertical", solver="gram"), exact)
+    exact = drm_merge(
+        deltas.double(), ones.double(), drop_rate=0.8, direction="vertical", solver="svd"
+    )
+    gram32 = _rel(
+        drm_merge(
+            deltas,
+            ones,
+            drop_rate=0.8,
+            direction="vertical",
+            solver="gram",
+            basis_precision="compute",
+        ),
+        exact,
+    )
+    default = _rel(
+        drm_merge(deltas, ones, drop_rate=0.8, direction="vertical", solver="gram"), exact
+    )
     assert default < gram32 / 3, (default, gram32)
 
 
@@ -90,15 +120,24 @@ def test_real_small_columns_survive_in_float32() -> None:
     g = torch.Generator().manual_seed(5)
     n = 256
     v = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0]
-    spectra = [torch.logspace(math.log10(2.0), 0.0, n, dtype=F64), torch.logspace(0.0, -4.0, n, dtype=F64)]
-    deltas = torch.stack([torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0] * s @ v.mT for s in spectra])
+    spectra = [
+        torch.logspace(math.log10(2.0), 0.0, n, dtype=F64),
+        torch.logspace(0.0, -4.0, n, dtype=F64),
+    ]
+    deltas = torch.stack(
+        [torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0] * s @ v.mT for s in spectra]
+    )
     ones = torch.ones(2, dtype=F64)
     basis = shared_basis(deltas, solver="svd")
     coords32 = deltas.float() @ basis.vectors.float()
     zeroed = int((drop_numerical_zeros(coords32, reduced_dim=n)[1].norm(dim=0) == 0).sum())
     assert zeroed == 0, f"{zeroed} real columns of branch 2 zeroed"
-    old_floor = 16 * torch.finfo(torch.float32).eps * n * coords32[1].norm()  # 16·eps·sqrt(n·r)·||T_2||
-    assert int((coords32[1].norm(dim=0) <= old_floor).sum()) > 50  # the case does exercise the old defect
+    old_floor = (
+        16 * torch.finfo(torch.float32).eps * n * coords32[1].norm()
+    )  # 16·eps·sqrt(n·r)·||T_2||
+    assert (
+        int((coords32[1].norm(dim=0) <= old_floor).sum()) > 50
+    )  # the case does exercise the old defect
     exact = drm_merge(deltas, ones, drop_rate=0.0, direction="vertical", solver="svd")
     got = drm_merge(deltas.float(), ones.float(), drop_rate=0.0, direction="vertical")
     assert _rel(got, exact) < 1e-2
@@ -151,14 +190,18 @@ def test_thread_count_moves_float32_drm_by_rounding_only(direction: str) -> None
     and float64 agrees across thread counts to 1e-12 (the README's reproducibility claims)."""
     deltas = _decaying(3, 256, 704, [1e-3] * 3, seed=21).float()
     ones = torch.ones(3)
-    exact = drm_merge(deltas.double(), ones.double(), drop_rate=0.8, direction=direction, solver="svd")
+    exact = drm_merge(
+        deltas.double(), ones.double(), drop_rate=0.8, direction=direction, solver="svd"
+    )
     previous = torch.get_num_threads()
     results = {}
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            results[threads] = (drm_merge(deltas, ones, drop_rate=0.8, direction=direction),
-                                drm_merge(deltas.double(), ones.double(), drop_rate=0.8, direction=direction))
+            results[threads] = (
+                drm_merge(deltas, ones, drop_rate=0.8, direction=direction),
+                drm_merge(deltas.double(), ones.double(), drop_rate=0.8, direction=direction),
+            )
     finally:
         torch.set_num_threads(previous)
     for threads, (f32, _) in results.items():

@@ -38,7 +38,9 @@ def test_iter_merge_asks_for_the_next_tensor_while_one_merges(tmp_path: Path) ->
     names = []
     for name, _ in iter_merge(get_method("task_arithmetic"), base, [branch], piece_elements=256):
         names.append(name)
-        time.sleep(0.3)  # "merging": the read-ahead thread works meanwhile (pending asks are dropped at the end)
+        time.sleep(
+            0.3
+        )  # "merging": the read-ahead thread works meanwhile (pending asks are dropped at the end)
     assert names == ["a", "b", "c"]
     assert done.wait(10)
     assert asked == [["b"], ["c"]]  # the last tensor has no next one
@@ -53,14 +55,18 @@ def test_read_ahead_ignores_sources_that_fail_or_cannot_prefetch() -> None:
         ahead.ask(["w"])  # a hint: nothing raises here or later
 
 
-def test_safetensors_prefetch_reads_every_byte_of_the_tensors_asked(tmp_path: Path, monkeypatch) -> None:
+def test_safetensors_prefetch_reads_every_byte_of_the_tensors_asked(
+    tmp_path: Path, monkeypatch
+) -> None:
     # posix_fadvise(WILLNEED) would start only the first read-ahead window of a range: the
     # prefetch reads the whole tensor (in chunks), and nothing else of the file.
     import os
 
     import drm_lightning.sources.safetensors_file as module
 
-    save_file({"a": torch.zeros(300, 100), "b": torch.ones(50, 100)}, str(tmp_path / "m.safetensors"))
+    save_file(
+        {"a": torch.zeros(300, 100), "b": torch.ones(50, 100)}, str(tmp_path / "m.safetensors")
+    )
     source = SafetensorsFileSource(tmp_path / "m.safetensors")
     monkeypatch.setattr(module, "PREFETCH_CHUNK", 4096)
     monkeypatch.setattr(module, "_SCRATCH", threading.local())

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import torch
+from test_accelerate_hook import _accelerator, _branched_model
+from test_lightning_common import CLASSES, TASKS, task_data
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
@@ -20,8 +22,6 @@ from torchmetrics.classification import MulticlassAccuracy
 from drm_lightning.accelerate import MergeHook
 from drm_lightning.evaluation import TaskSpec
 from drm_lightning.evaluation.replay import ReplayBatches, ReplayBudget, batch_nbytes
-from test_accelerate_hook import _accelerator, _branched_model
-from test_lightning_common import CLASSES, TASKS, task_data
 
 
 class CountingLoader:
@@ -80,7 +80,10 @@ def test_an_iterable_without_length_is_replayed_too() -> None:
 
 def _counting_specs() -> dict[str, TaskSpec]:
     return {
-        t: TaskSpec(CountingLoader(DataLoader(task_data(t, 48, split=1), batch_size=16)), MulticlassAccuracy(num_classes=CLASSES))
+        t: TaskSpec(
+            CountingLoader(DataLoader(task_data(t, 48, split=1), batch_size=16)),
+            MulticlassAccuracy(num_classes=CLASSES),
+        )
         for t in TASKS
     }
 
@@ -89,16 +92,28 @@ def _shuffled_train_loaders() -> dict[str, DataLoader]:
     return {t: DataLoader(task_data(t, 64), batch_size=16, shuffle=True) for t in TASKS}
 
 
-def _fit(*, enabled: bool, epochs: int = 3, replay_bytes: int | None = None) -> tuple[dict[str, torch.Tensor], MergeHook, dict]:
+def _fit(
+    *, enabled: bool, epochs: int = 3, replay_bytes: int | None = None
+) -> tuple[dict[str, torch.Tensor], MergeHook, dict]:
     """Three epochs of 4 steps with shuffled loaders (the global RNG draws each epoch's order)."""
     torch.manual_seed(0)
     accelerator = _accelerator()
     model = _branched_model()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.0
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     specs = _counting_specs()
     loaders = _shuffled_train_loaders()
-    hook = MergeHook(accelerator, model, "drm", method_params={"drop_rate": 0.5}, tasks=specs, every_n_steps=3, enabled=enabled)
+    hook = MergeHook(
+        accelerator,
+        model,
+        "drm",
+        method_params={"drop_rate": 0.5},
+        tasks=specs,
+        every_n_steps=3,
+        enabled=enabled,
+    )
     if replay_bytes is not None:
         hook.core.scorer.replay_bytes = replay_bytes
     with hook:
@@ -128,4 +143,6 @@ def test_each_validation_loader_is_read_once_per_merge_and_scores_do_not_change(
     _, reread, specs = _fit(enabled=True, epochs=2, replay_bytes=0)
     assert [spec.dataloader.iterations for spec in specs.values()] == [4] * len(TASKS)  # type: ignore[union-attr]
     scores = [{k: v for k, v in r.items() if not k.startswith("merge/")} for r in replayed.history]
-    assert scores == [{k: v for k, v in r.items() if not k.startswith("merge/")} for r in reread.history]
+    assert scores == [
+        {k: v for k, v in r.items() if not k.startswith("merge/")} for r in reread.history
+    ]

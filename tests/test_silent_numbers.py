@@ -334,8 +334,8 @@ def test_config_linear_with_zero_coefficients_fails_at_planning(tmp_path) -> Non
     from safetensors.torch import save_file
 
     from drm_lightning.cli.command import main
-    from drm_lightning.config.loading import load_config
     from drm_lightning.cli.job import open_job
+    from drm_lightning.config.loading import load_config
 
     paths = []
     for i, name in enumerate(["base", "a", "b"]):

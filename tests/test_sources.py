@@ -161,7 +161,9 @@ def test_lightning_checkpoint_with_prefix(llama: dict) -> None:
 
 def test_lightning_checkpoint_with_python_objects(llama: dict) -> None:
     path = llama["root"] / "custom.ckpt"
-    with pytest.raises(UntrustedPickleError, match=r"custom\.ckpt holds Python objects.*--trust-pickles"):
+    with pytest.raises(
+        UntrustedPickleError, match=r"custom\.ckpt holds Python objects.*--trust-pickles"
+    ):
         LightningCheckpointSource(path, prefix="model.")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -691,16 +693,18 @@ def test_merge_loop_with_lora_branch_and_writer(
     ).read_bytes()
 
 
-def test_safetensors_rows_read_from_threads_at_once_open_the_file_once(tmp_path: Path, monkeypatch) -> None:
+def test_safetensors_rows_read_from_threads_at_once_open_the_file_once(
+    tmp_path: Path, monkeypatch
+) -> None:
     # The fused merge's piece threads make their first reads together: one descriptor, not one each.
     import os
+    import pickle
     import threading
     import time
 
-    import drm_lightning.sources.safetensors_file as module
     from safetensors.torch import save_file
 
-    import pickle
+    import drm_lightning.sources.safetensors_file as module
 
     save_file({"w": torch.arange(64.0).reshape(16, 4)}, str(tmp_path / "m.safetensors"))
     # a copy in another process (here: unpickled) has no descriptor yet and opens its own
@@ -716,7 +720,10 @@ def test_safetensors_rows_read_from_threads_at_once_open_the_file_once(tmp_path:
 
     monkeypatch.setattr(module.os, "open", slow_open)
     rows = {}
-    threads = [threading.Thread(target=lambda a=a: rows.setdefault(a, source.get_rows("w", a, a + 8))) for a in (0, 8)]
+    threads = [
+        threading.Thread(target=lambda a=a: rows.setdefault(a, source.get_rows("w", a, a + 8)))
+        for a in (0, 8)
+    ]
     for t in threads:
         t.start()
     for t in threads:

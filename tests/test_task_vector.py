@@ -108,9 +108,7 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_peft_task_arithmetic_and_linear(shape) -> None:
     x, w = _deltas(shape), _weights(shape[0])
     assert _maxdiff(_ours("task_arithmetic", x, w), _peft("task_arithmetic", x, w)) == 0.0
-    assert _maxdiff(
-        _ours("linear", x, w), _peft("task_arithmetic", x, w) / w.sum()
-    ) < 1e-14
+    assert _maxdiff(_ours("linear", x, w), _peft("task_arithmetic", x, w) / w.sum()) < 1e-14
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
@@ -214,7 +212,12 @@ def test_mergekit_dare_same_rng_float32(seed: int, density: float) -> None:
         for normalize in (False, True):
             ref = _mergekit(name, x, w, density=density, seed=seed, normalize=normalize)
             ours = _ours(
-                name, x, w, seed=seed, density=density, convention="mergekit",
+                name,
+                x,
+                w,
+                seed=seed,
+                density=density,
+                convention="mergekit",
                 normalize=normalize,
             )
             assert _maxdiff(ours, ref) == 0.0, (name, normalize)
@@ -399,7 +402,11 @@ def test_registered_with_documented_defaults() -> None:
         name: _method(name).params.model_dump(exclude={"seed", "scaling"}) for name in NAMES
     }
     assert resolved["ties"] == dict(
-        sparsify="magnitude", elect_signs=True, density=0.2, normalize=True, rescale="none",
+        sparsify="magnitude",
+        elect_signs=True,
+        density=0.2,
+        normalize=True,
+        rescale="none",
         convention="peft",
     )
     assert resolved["dare_ties"]["density"] == 0.5
@@ -412,7 +419,12 @@ def test_registered_with_documented_defaults() -> None:
     assert (mk.rescale, mk.normalize) == ("l1", False)  # mergekit's dare_ties defaults
     assert _method("ties", convention="mergekit").params.normalize is True
     assert set(method_parameters("ties")) == {
-        "density", "scaling", "normalize", "rescale", "convention", "seed"
+        "density",
+        "scaling",
+        "normalize",
+        "rescale",
+        "convention",
+        "seed",
     }
     assert "normalize" not in method_parameters("linear")
 

@@ -30,8 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from drm_lightning.config.errors import ConfigError
-from drm_lightning.config.loading import load_config, parse_config
-from drm_lightning.config.loading import MAX_CONFIG_BYTES
+from drm_lightning.config.loading import MAX_CONFIG_BYTES, load_config, parse_config
 from drm_lightning.config.yaml_file import load_yaml
 from drm_lightning.evaluation import TaskSpec
 

@@ -442,11 +442,16 @@ def test_row_pieces_written_behind_the_producer_raise_a_write_error_and_leave_no
 
     monkeypatch.setattr(shard_file_module, "write_at", real_write)
     with HFFolderWriter(out) as w:  # and written whole when the disk holds it
-        w.add("big", RowPieces((20, 8), torch.float32, (torch.full((4, 8), float(i)) for i in range(5))))
+        w.add(
+            "big",
+            RowPieces((20, 8), torch.float32, (torch.full((4, 8), float(i)) for i in range(5))),
+        )
     from safetensors.torch import load_file
 
     (shard,) = out.glob("*.safetensors")
-    assert torch.equal(load_file(shard)["big"], torch.arange(5.0).repeat_interleave(4)[:, None].expand(20, 8))
+    assert torch.equal(
+        load_file(shard)["big"], torch.arange(5.0).repeat_interleave(4)[:, None].expand(20, 8)
+    )
 
 
 def test_pieces_not_marked_fresh_may_reuse_one_buffer(tmp_path: Path) -> None:

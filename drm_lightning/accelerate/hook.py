@@ -21,7 +21,9 @@ from drm_lightning.methods import MergeMethod
 
 PathLike = str | os.PathLike[str]
 Predicate = Callable[[int | None, int | None], bool]
-SUPPORTED = "NO (one process), MULTI_CPU, MULTI_GPU (DDP) and DEEPSPEED (ZeRO-3; ZeRO-1/2 with adopt=False)"
+SUPPORTED = (
+    "NO (one process), MULTI_CPU, MULTI_GPU (DDP) and DEEPSPEED (ZeRO-3; ZeRO-1/2 with adopt=False)"
+)
 logger = logging.getLogger(__name__)
 
 
@@ -112,7 +114,9 @@ class MergeHook:
         method: str | MergeMethod = "drm",
         *,
         tasks: Mapping[str, TaskSpec] | None = None,
-        branches: Literal["live", "snapshots"] | Sequence[PathLike] | Mapping[str, PathLike] = "live",
+        branches: Literal["live", "snapshots"]
+        | Sequence[PathLike]
+        | Mapping[str, PathLike] = "live",
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         should_merge: Predicate | None = None,
@@ -146,14 +150,27 @@ class MergeHook:
             LiveBranches()
             if self.mode == "live"
             else SingleModelBranches(
-                self.mode, paths=paths, include_live=include, live_task=live_task, base=base,
+                self.mode,
+                paths=paths,
+                include_live=include,
+                live_task=live_task,
+                base=base,
                 trust_pickles=trust_pickles,
             )
         )
         self.core = MergeCore(
-            self.method, provider, tasks=tasks, routing=routing, coefficients=coefficients,
-            compute_dtype=compute_dtype, seed=seed, evaluate_branches=evaluate_branches, adopt=adopt,
-            name="MergeHook", warn=self._warn, info=self._info,
+            self.method,
+            provider,
+            tasks=tasks,
+            routing=routing,
+            coefficients=coefficients,
+            compute_dtype=compute_dtype,
+            seed=seed,
+            evaluate_branches=evaluate_branches,
+            adopt=adopt,
+            name="MergeHook",
+            warn=self._warn,
+            info=self._info,
         )
         self.core.merge_schedule = Schedule(every_n_steps, every_n_epochs)
         self.core.snapshot_schedule = Schedule(snapshot_every_n_steps)
@@ -163,13 +180,21 @@ class MergeHook:
         self.num_steps = 0
         self.epoch = 0
         self.zero3 = False
-        self._pending: Mapping[str, Any] | None = None  # a payload loaded before the base was recorded
+        self._pending: Mapping[str, Any] | None = (
+            None  # a payload loaded before the base was recorded
+        )
         self._inside = False  # between __enter__ and __exit__
 
     # ------------------------------------------------------------------ views
-    history = property(lambda self: self.core.history, doc="One record per merge (step, epoch, scores).")
-    last_merged = property(lambda self: self.core.last_merged, doc="Full tensors of the latest merge (dense).")
-    last_merged_shards = property(lambda self: self.core.last_merged_shards, doc="ZeRO-3: this rank's share.")
+    history = property(
+        lambda self: self.core.history, doc="One record per merge (step, epoch, scores)."
+    )
+    last_merged = property(
+        lambda self: self.core.last_merged, doc="Full tensors of the latest merge (dense)."
+    )
+    last_merged_shards = property(
+        lambda self: self.core.last_merged_shards, doc="ZeRO-3: this rank's share."
+    )
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -201,7 +226,9 @@ class MergeHook:
         self.zero3 = check_accelerator(self.accelerator, adopt=self.core.adopt)
         prepared = getattr(self.accelerator, "_models", None)
         inner = self.unwrapped
-        if prepared is not None and not any(m is self.model or m is inner or getattr(m, "module", None) is inner for m in prepared):
+        if prepared is not None and not any(
+            m is self.model or m is inner or getattr(m, "module", None) is inner for m in prepared
+        ):
             raise ValueError(
                 f"MergeHook: the model ({type(self.model).__name__}) was not prepared by this accelerator; pass "
                 "the model returned by accelerator.prepare(model, ...)"
@@ -214,7 +241,9 @@ class MergeHook:
         if self.zero3 and isinstance(self.core.provider, SingleModelBranches):
             problems += self.core.provider.zero3_problems()
         if problems:
-            raise NotImplementedError("MergeHook under DeepSpeed ZeRO-3 does not support:\n- " + "\n- ".join(problems))
+            raise NotImplementedError(
+                "MergeHook under DeepSpeed ZeRO-3 does not support:\n- " + "\n- ".join(problems)
+            )
         model = self.unwrapped
         self.core.check_model(model)
         group = gloo_group(self.accelerator.num_processes)
@@ -225,8 +254,9 @@ class MergeHook:
                 self._pending = None
         if self.core.merge_schedule.empty and self._predicate is None:
             self.core.warn_once(
-                "never", "MergeHook has no schedule (every_n_steps, every_n_epochs, should_merge): it never "
-                "merges unless merge() is called"
+                "never",
+                "MergeHook has no schedule (every_n_steps, every_n_epochs, should_merge): it never "
+                "merges unless merge() is called",
             )
         self.accelerator.register_save_state_pre_hook(self._refuse_swapped_save)
         self._inside = True
@@ -238,15 +268,22 @@ class MergeHook:
         if not self.enabled or exc_type is not None:
             return
         if self.core.num_merges == 0:
-            self.core.warn_once("never", f"MergeHook never merged in {self.num_steps} optimizer steps")
+            self.core.warn_once(
+                "never", f"MergeHook never merged in {self.num_steps} optimizer steps"
+            )
         if self.export_dir is not None:
             self.core.export(
-                self.unwrapped, self.export_dir, step=self.num_steps, front_end="MergeHook",
+                self.unwrapped,
+                self.export_dir,
+                step=self.num_steps,
+                front_end="MergeHook",
                 write=self.accelerator.is_main_process,
             )
             self.accelerator.wait_for_everyone()
         if self.final_weights == "merged":
-            self.core.adopt_into(self.unwrapped, self.core.latest(self.unwrapped, step=self.num_steps))
+            self.core.adopt_into(
+                self.unwrapped, self.core.latest(self.unwrapped, step=self.num_steps)
+            )
 
     def _need_inside(self, method: str) -> None:
         """Refuse a call outside ``with MergeHook(...)`` at once, not at the first merge."""
@@ -259,7 +296,9 @@ class MergeHook:
 
     def _refuse_swapped_save(self, *args: Any) -> None:
         if self.core.swapped:
-            raise RuntimeError("MergeHook: save_state while merged weights are swapped in for evaluation")
+            raise RuntimeError(
+                "MergeHook: save_state while merged weights are swapped in for evaluation"
+            )
 
     # ------------------------------------------------------------------ the loop
 
@@ -312,7 +351,9 @@ class MergeHook:
         self._need_inside("merge")
         record = self.core.merge(self.unwrapped, step=self.num_steps, epoch=self.epoch)
         if record is not None:
-            logged = {k: float(v) for k, v in record.items() if k not in ("step", "epoch", "branches")}
+            logged = {
+                k: float(v) for k, v in record.items() if k not in ("step", "epoch", "branches")
+            }
             self.accelerator.log(logged, step=self.num_steps)
         return record
 
@@ -356,4 +397,6 @@ def check_accelerator(accelerator: Any, *, adopt: bool) -> bool:
                 "weights would overwrite the adopted weights. Use adopt=False, ZeRO-3 or DDP."
             )
         return False
-    raise NotImplementedError(f"MergeHook does not support distributed type {kind}; supported: {SUPPORTED}")
+    raise NotImplementedError(
+        f"MergeHook does not support distributed type {kind}; supported: {SUPPORTED}"
+    )

@@ -32,9 +32,15 @@ from drm_lightning.alignment.spec import PermSpec, Probe
 Forward = Callable[[nn.Module, Any], Any]
 """``forward(model, batch)``: how one batch is fed to a model."""
 
-_CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
-                  nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AvgPoolNd,
-                  nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+_CHANNEL_FIRST = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
@@ -91,11 +97,17 @@ def activation_similarity(
         for g in wanted:
             for p in g.probes:
                 if p.module not in named:
-                    raise ValueError(f"group {g.name!r}: probe module {p.module!r} is not in model {i}")
+                    raise ValueError(
+                        f"group {g.name!r}: probe module {p.module!r} is not in model {i}"
+                    )
                 module = named[p.module]
 
                 def hook(mod, args, out=None, *, _i=i, _g=g.name, _p=p):
-                    t = args[0] if _p.site == "input" else (out[0] if isinstance(out, (tuple, list)) else out)
+                    t = (
+                        args[0]
+                        if _p.site == "input"
+                        else (out[0] if isinstance(out, (tuple, list)) else out)
+                    )
                     current[_i].setdefault(_g, []).append(_features(t, _p, mod))
 
                 if p.site == "input":
@@ -126,7 +138,9 @@ def activation_similarity(
                         per_model.append(x)
                     rows = {x.shape for x in per_model}
                     if len(rows) != 1:
-                        raise ValueError(f"group {g.name!r}: the models gave activations of shapes {sorted(rows)}")
+                        raise ValueError(
+                            f"group {g.name!r}: the models gave activations of shapes {sorted(rows)}"
+                        )
                     joint = torch.cat(per_model, dim=1)
                     acc = accs.setdefault(g.name, CorrelationAccumulator(joint.shape[1]))
                     if joint.shape[1] != acc.features:
@@ -140,7 +154,9 @@ def activation_similarity(
     out = {}
     for g in wanted:
         if g.name not in accs:
-            raise ValueError(f"group {g.name!r}: no activations reached probe(s) {[p.module for p in g.probes]}")
+            raise ValueError(
+                f"group {g.name!r}: no activations reached probe(s) {[p.module for p in g.probes]}"
+            )
         acc = accs[g.name]
         if acc.count < acc.features:
             warnings.warn(
@@ -152,7 +168,9 @@ def activation_similarity(
     return out
 
 
-def reset_batchnorm(model: nn.Module, batches: Iterable[Any], *, forward: Forward = default_forward) -> int:
+def reset_batchnorm(
+    model: nn.Module, batches: Iterable[Any], *, forward: Forward = default_forward
+) -> int:
     """Recompute every BatchNorm's running statistics from ``batches`` (REPAIR-style reset).
 
     Sets ``momentum=None`` (cumulative average), resets the statistics, runs one pass in

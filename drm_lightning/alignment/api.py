@@ -48,7 +48,9 @@ from drm_lightning.methods.ops import finite_inputs_checked
 
 def _example(batches: Sequence[Any] | None) -> tuple[Any, ...]:
     if not batches:
-        raise ValueError("no spec and no batches: pass spec=... or example_inputs=(...) to derive one")
+        raise ValueError(
+            "no spec and no batches: pass spec=... or example_inputs=(...) to derive one"
+        )
     first = next(iter(batches))
     return (first[0],) if isinstance(first, (tuple, list)) else (first,)
 
@@ -128,8 +130,15 @@ def merge_models(
     the model has BatchNorm, recomputes its statistics on ``reset_batches`` (default:
     ``batches``). The result is in eval mode.
     """
-    result = align(models, batches, method=method, spec=spec, example_inputs=example_inputs,
-                   forward=forward, **params)
+    result = align(
+        models,
+        batches,
+        method=method,
+        spec=spec,
+        example_inputs=example_inputs,
+        forward=forward,
+        **params,
+    )
     merged = copy.deepcopy(models[0])
     with finite_inputs_checked():  # by align
         merged.load_state_dict(result.merged_state_dict([m.state_dict() for m in models]))
@@ -158,8 +167,15 @@ def align_models(
     if not 0 <= anchor < len(models):
         raise ValueError(f"anchor {anchor} is out of range for {len(models)} models")
     order = [anchor] + [i for i in range(len(models)) if i != anchor]
-    result = align([models[i] for i in order], batches, method=method, spec=spec,
-                   example_inputs=example_inputs, forward=forward, **params)
+    result = align(
+        [models[i] for i in order],
+        batches,
+        method=method,
+        spec=spec,
+        example_inputs=example_inputs,
+        forward=forward,
+        **params,
+    )
     aligned = result.aligned_state_dicts([models[i].state_dict() for i in order])
     out: list[dict[str, Tensor]] = [{}] * len(models)
     for pos, i in enumerate(order):
@@ -204,19 +220,28 @@ def align_then_merge(
     from drm_lightning.methods import get_method
 
     method = get_method(merge_method) if isinstance(merge_method, str) else merge_method
-    aligned = align_models(branches, batches, method=alignment, anchor=anchor, spec=spec,
-                           forward=forward, **params)
+    aligned = align_models(
+        branches, batches, method=alignment, anchor=anchor, spec=spec, forward=forward, **params
+    )
     if isinstance(base, str):
         if base == "anchor":
             base_sd: Any = aligned[anchor]
         elif base == "average":
-            base_sd = {k: (sum(a[k].double() for a in aligned) / len(aligned)).to(v.dtype)
-                       if v.is_floating_point() else v for k, v in aligned[anchor].items()}
+            base_sd = {
+                k: (sum(a[k].double() for a in aligned) / len(aligned)).to(v.dtype)
+                if v.is_floating_point()
+                else v
+                for k, v in aligned[anchor].items()
+            }
         else:
-            raise ValueError(f"base must be a state dict, a module, 'anchor' or 'average', got {base!r}")
+            raise ValueError(
+                f"base must be a state dict, a module, 'anchor' or 'average', got {base!r}"
+            )
     else:
         base_sd = base
-    return merge_state_dicts(method, base_sd, aligned, coefficients=coefficients, **dict(merge_kwargs or {}))
+    return merge_state_dicts(
+        method, base_sd, aligned, coefficients=coefficients, **dict(merge_kwargs or {})
+    )
 
 
 __all__ = ["align", "align_models", "align_then_merge", "merge_models"]

@@ -53,14 +53,22 @@ class AlignmentParams(MethodParams):
 
     similarity: Similarity = "dual"
     solver: Solver = "zip"
-    fix_rate: float = Field(0.5, ge=0.0, le=1.0, description="alpha: weight of the weight-space similarity")
+    fix_rate: float = Field(
+        0.5, ge=0.0, le=1.0, description="alpha: weight of the weight-space similarity"
+    )
     max_sweeps: int = Field(100, ge=1, description="coordinate-ascent sweeps at most")
     patience: int = Field(5, ge=1, description="stop after this many sweeps without improvement")
     seed: int = Field(0, description="seed of the random group order")
-    zip_decay: float = Field(0.5, description="ZipIt alpha: similarity decay of a merged unit (<= 0: forbid)")
-    zip_budget: float = Field(1.0, ge=0.0, description="ZipIt beta: within-model merges, fraction of R/N")
+    zip_decay: float = Field(
+        0.5, description="ZipIt alpha: similarity decay of a merged unit (<= 0: forbid)"
+    )
+    zip_budget: float = Field(
+        1.0, ge=0.0, description="ZipIt beta: within-model merges, fraction of R/N"
+    )
     cosine: bool = Field(False, description="cosine instead of Pearson for the weight similarity")
-    merge_eps: float = Field(0.0, ge=0.0, description="1e-5 reproduces the reference's colsum + 1e-5")
+    merge_eps: float = Field(
+        0.0, ge=0.0, description="1e-5 reproduces the reference's colsum + 1e-5"
+    )
 
 
 def check_models_finite(state_dicts: Sequence[Mapping[str, Tensor]]) -> None:
@@ -98,6 +106,7 @@ class AlignmentResult:
         n = len(state_dicts)
         acc: dict[str, Tensor] = {}
         for i, sd in enumerate(state_dicts):
+
             def pick(m, g, _i=i):
                 match = self.matchings[g]
                 return match.merge(_i, self.merge_eps) if m.role == "out" else match.unmerge(_i)
@@ -118,7 +127,9 @@ class AlignmentResult:
                     return False
         return True
 
-    def aligned_state_dicts(self, state_dicts: Sequence[Mapping[str, Tensor]]) -> list[dict[str, Tensor]]:
+    def aligned_state_dicts(
+        self, state_dicts: Sequence[Mapping[str, Tensor]]
+    ) -> list[dict[str, Tensor]]:
         """Every model permuted into model 0's unit order (exact; Align matchings only).
 
         Raises:
@@ -148,7 +159,9 @@ class AlignmentMethod:
     without improvement restarts from the best).
     """
 
-    paper: ClassVar[str] = "Xu et al., Training-Free Pretrained Model Merging, CVPR 2024 (arXiv 2403.01753)"
+    paper: ClassVar[str] = (
+        "Xu et al., Training-Free Pretrained Model Merging, CVPR 2024 (arXiv 2403.01753)"
+    )
 
     def __init__(self, name: str = "mudsc_zip", **params: Any) -> None:
         self.name = name
@@ -168,13 +181,17 @@ class AlignmentMethod:
             units.setdefault(g.link or f"\0{g.name}", []).append(g.name)
         return list(units.values())
 
-    def _solve(self, spec: PermSpec, unit: list[str], sims: list[Tensor], n: int, sizes: Mapping[str, int]) -> dict[str, Matching]:
+    def _solve(
+        self, spec: PermSpec, unit: list[str], sims: list[Tensor], n: int, sizes: Mapping[str, int]
+    ) -> dict[str, Matching]:
         heads = spec[unit[0]].num_groups
         c = sizes[unit[0]]
         if self.params.solver == "align":
             found = align_match(sims, n, c, heads)
         else:
-            found = zip_match(sims, n, c, heads, decay=self.params.zip_decay, budget=self.params.zip_budget)
+            found = zip_match(
+                sims, n, c, heads, decay=self.params.zip_decay, budget=self.params.zip_budget
+            )
         return dict(zip(unit, found))
 
     def solve(
@@ -211,7 +228,9 @@ class AlignmentMethod:
         if self.needs_activations:
             missing = [g for g in sizes if g not in act]
             if missing:
-                raise ValueError(f"method {self.name!r} needs activation similarities for groups {missing}")
+                raise ValueError(
+                    f"method {self.name!r} needs activation similarities for groups {missing}"
+                )
         units = self._units(spec)
         match: dict[str, Matching] = {}
         if self.needs_activations:
@@ -276,7 +295,9 @@ def get_alignment(name: str, **params: Any) -> AlignmentMethod:
         0.3
     """
     if name not in _PRESETS:
-        raise ValueError(f"unknown alignment method {name!r} ({closest_names(name, list(_PRESETS))})")
+        raise ValueError(
+            f"unknown alignment method {name!r} ({closest_names(name, list(_PRESETS))})"
+        )
     preset = _PRESETS[name]
     fixed = sorted(set(params) & set(preset))
     if fixed:
@@ -292,5 +313,12 @@ register_alignment("zipit", similarity="activation", solver="zip")
 register_alignment("mudsc_align", similarity="dual", solver="align")
 register_alignment("mudsc_zip", similarity="dual", solver="zip")
 
-__all__ = ["AlignmentMethod", "AlignmentParams", "AlignmentResult", "available_alignments",
-           "check_models_finite", "get_alignment", "register_alignment"]
+__all__ = [
+    "AlignmentMethod",
+    "AlignmentParams",
+    "AlignmentResult",
+    "available_alignments",
+    "check_models_finite",
+    "get_alignment",
+    "register_alignment",
+]

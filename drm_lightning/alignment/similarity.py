@@ -52,7 +52,9 @@ class CorrelationAccumulator:
         centred = x - mean_b
         delta = mean_b - self.mean
         total = self.count + n_b
-        self.comoment += centred.T @ centred + torch.outer(delta, delta) * (self.count * n_b / total)
+        self.comoment += centred.T @ centred + torch.outer(delta, delta) * (
+            self.count * n_b / total
+        )
         self.mean += delta * (n_b / total)
         self.count = total
 
@@ -105,9 +107,7 @@ def weight_features(
             continue
         t = state_dict[member.param]
         ax = member.axis % t.dim()
-        others = {
-            a: entries for a, entries in index[member.param].items() if a % t.dim() != ax
-        }
+        others = {a: entries for a, entries in index[member.param].items() if a % t.dim() != ax}
 
         def pick(m, g, _i=model):
             match = matchings.get(g)
@@ -120,7 +120,9 @@ def weight_features(
         block = torch.chunk(mapped, n, dim=ax)[k]
         rows.append(torch.movedim(block, ax, 0).reshape(block.shape[ax], -1))
     if not rows:
-        raise ValueError(f"group {group.name!r} has no member for the weight similarity (all ignored)")
+        raise ValueError(
+            f"group {group.name!r} has no member for the weight similarity (all ignored)"
+        )
     return torch.cat(rows, dim=1)
 
 

@@ -72,7 +72,9 @@ def _hungarian(block: Tensor) -> tuple[np.ndarray, float]:
     return cols[np.argsort(rows)], float(arr[rows, cols].mean())
 
 
-def _head_pairing(sims: Sequence[Tensor], c: int, i: int, heads: int) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
+def _head_pairing(
+    sims: Sequence[Tensor], c: int, i: int, heads: int
+) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
     """Pair model 0's heads with model ``i``'s (Hungarian on the summed head scores).
 
     Returns the within-pair unit matchings per similarity, the head pairing and the per-sim
@@ -98,7 +100,9 @@ def _head_pairing(sims: Sequence[Tensor], c: int, i: int, heads: int) -> tuple[l
     return units, pair, scores
 
 
-def align_match(sims: Sequence[Tensor], n_models: int, units: int, heads: int = 1) -> list[Matching]:
+def align_match(
+    sims: Sequence[Tensor], n_models: int, units: int, heads: int = 1
+) -> list[Matching]:
     """Align: match every model to model 0 one-to-one (Hungarian), per similarity in ``sims``.
 
     With ``heads > 1`` the units are ``heads`` contiguous groups: heads are paired by a
@@ -220,7 +224,9 @@ def zip_match(
         col, vals = 0, []
         for idx in tuples:
             target = len(idx) // n_models
-            clusters, v = _zip_greedy(arr[np.ix_(idx, idx)], labels[idx], n_models, target, decay, budget)
+            clusters, v = _zip_greedy(
+                arr[np.ix_(idx, idx)], labels[idx], n_models, target, decay, budget
+            )
             vals += v
             for cl in sorted(clusters, key=min):
                 assign[torch.as_tensor(idx[cl]), col] = 1

@@ -126,7 +126,9 @@ class PermSpec:
             members += [_member(m, "out", True) for m in body.get("ignore", ())]
             members += [_member(m, "in", False) for m in body.get("in", ())]
             if not members:
-                raise ValueError(f"group {name!r} has no members: give 'out' and/or 'in' parameters")
+                raise ValueError(
+                    f"group {name!r} has no members: give 'out' and/or 'in' parameters"
+                )
             probe = body.get("probe")
             if probe is None:
                 consumers = [m for m in members if m.role == "in"]
@@ -134,7 +136,9 @@ class PermSpec:
             else:
                 names = [probe] if isinstance(probe, (str, Probe)) else list(probe)
                 probes = tuple(p if isinstance(p, Probe) else Probe(p) for p in names)
-            out.append(PermGroup(name, tuple(members), probes, int(body.get("heads", 1)), body.get("link")))
+            out.append(
+                PermGroup(name, tuple(members), probes, int(body.get("heads", 1)), body.get("link"))
+            )
         return cls(tuple(out))
 
     def check(self, state_dicts: Sequence[Mapping[str, Tensor]]) -> dict[str, int]:
@@ -151,7 +155,9 @@ class PermSpec:
         for i, sd in enumerate(state_dicts[1:], start=1):
             if set(sd) != keys:
                 extra, missing = sorted(set(sd) - keys)[:5], sorted(keys - set(sd))[:5]
-                problems.append(f"model {i} has different parameters than model 0 (extra {extra}, missing {missing})")
+                problems.append(
+                    f"model {i} has different parameters than model 0 (extra {extra}, missing {missing})"
+                )
                 continue
             for k, v in sd.items():
                 if tuple(v.shape) != tuple(ref[k].shape):
@@ -165,23 +171,33 @@ class PermSpec:
             counts = set()
             for m in g.members:
                 if m.param not in ref:
-                    problems.append(f"group {g.name!r}: parameter {m.param!r} is not in the state dict")
+                    problems.append(
+                        f"group {g.name!r}: parameter {m.param!r} is not in the state dict"
+                    )
                     continue
                 shape = tuple(ref[m.param].shape)
                 if not -len(shape) <= m.axis < len(shape) or shape[m.axis] % m.block[1]:
-                    problems.append(f"group {g.name!r}: {m.param!r} {shape} has no axis {m.axis} in {m.block[1]} block(s)")
+                    problems.append(
+                        f"group {g.name!r}: {m.param!r} {shape} has no axis {m.axis} in {m.block[1]} block(s)"
+                    )
                     continue
                 counts.add(shape[m.axis] // m.block[1])
                 slot = (m.param, m.axis % len(shape), m.block[0])
                 if slot in seen and seen[slot] != g.name:
-                    problems.append(f"{m.param!r} axis {m.axis} is in groups {seen[slot]!r} and {g.name!r}")
+                    problems.append(
+                        f"{m.param!r} axis {m.axis} is in groups {seen[slot]!r} and {g.name!r}"
+                    )
                 seen[slot] = g.name
             if len(counts) > 1:
-                problems.append(f"group {g.name!r}: members disagree on the number of units {sorted(counts)}")
+                problems.append(
+                    f"group {g.name!r}: members disagree on the number of units {sorted(counts)}"
+                )
             elif counts:
                 sizes[g.name] = counts.pop()
                 if sizes[g.name] % g.num_groups:
-                    problems.append(f"group {g.name!r}: {g.num_groups} heads do not divide {sizes[g.name]} units")
+                    problems.append(
+                        f"group {g.name!r}: {g.num_groups} heads do not divide {sizes[g.name]} units"
+                    )
         links: dict[str, tuple[str, int, int]] = {}
         for g in self.groups:
             if g.link is None or g.name not in sizes:

@@ -38,27 +38,71 @@ from torch.nn import functional as F
 from drm_lightning.alignment.spec import Member, PermGroup, PermSpec, Probe
 
 _ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Softplus,
-    nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Identity, nn.modules.dropout._DropoutNd,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Softplus,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.Identity,
+    nn.modules.dropout._DropoutNd,
 )
 _POOLS = (
-    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
 )
 _ELEMENTWISE_FUNCTIONS = {
-    F.relu, torch.relu, F.gelu, torch._C._nn.gelu, F.silu, torch.tanh, torch.sigmoid, F.dropout,
-    F.leaky_relu, F.elu, F.softplus, F.mish, F.hardswish, F.relu6,
+    F.relu,
+    torch.relu,
+    F.gelu,
+    torch._C._nn.gelu,
+    F.silu,
+    torch.tanh,
+    torch.sigmoid,
+    F.dropout,
+    F.leaky_relu,
+    F.elu,
+    F.softplus,
+    F.mish,
+    F.hardswish,
+    F.relu6,
 }
-_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "float", "double", "to", "detach"}
-_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
+_ELEMENTWISE_METHODS = {
+    "relu",
+    "sigmoid",
+    "tanh",
+    "contiguous",
+    "clone",
+    "float",
+    "double",
+    "to",
+    "detach",
+}
+_BINARY = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+}
 _BINARY_METHODS = {"add", "sub", "mul", "div"}
 
 
 def is_attention(module: nn.Module) -> bool:
     """A BERT-style attention: ``query``, ``key``, ``value`` Linears and ``num_attention_heads``."""
-    return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value")) and hasattr(
-        module, "num_attention_heads"
-    )
+    return all(
+        isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value")
+    ) and hasattr(module, "num_attention_heads")
 
 
 class _Tracer(fx.Tracer):
@@ -162,7 +206,11 @@ class _Deriver:
             axis_in = -1 if is_linear else 1
             if not is_linear and mod.groups != 1:
                 if x is not None and mod.groups == mod.in_channels == mod.out_channels:
-                    self.add(x, Member(f"{name}.weight", 0), Member(f"{name}.bias", 0) if mod.bias is not None else None)
+                    self.add(
+                        x,
+                        Member(f"{name}.weight", 0),
+                        Member(f"{name}.bias", 0) if mod.bias is not None else None,
+                    )
                     self.space(x).outputs.append(Probe(name, "output", 1))
                     return x
                 self.freeze_args(node, f"grouped conv {name}")
@@ -176,7 +224,11 @@ class _Deriver:
                     self.space(x).inputs.append(Probe(name, "input", axis_in))
             s = self.new(mod.weight.shape[0], name)
             v = _Val(s, ndim - 1 if is_linear else 1)
-            self.add(v, Member(f"{name}.weight", 0), Member(f"{name}.bias", 0) if mod.bias is not None else None)
+            self.add(
+                v,
+                Member(f"{name}.weight", 0),
+                Member(f"{name}.bias", 0) if mod.bias is not None else None,
+            )
             self.space(v).outputs.append(Probe(name, "output", axis_in))
             return v
         if isinstance(mod, nn.Embedding):
@@ -188,7 +240,9 @@ class _Deriver:
         if isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
             if x is None:
                 return None
-            if isinstance(mod, nn.LayerNorm) and (len(mod.normalized_shape) != 1 or x.axis != ndim - 1):
+            if isinstance(mod, nn.LayerNorm) and (
+                len(mod.normalized_shape) != 1 or x.axis != ndim - 1
+            ):
                 self.freeze(x.space, f"LayerNorm {name} over more than the channel axis")
                 return None
             if not isinstance(mod, nn.LayerNorm) and x.axis != 1:
@@ -197,10 +251,16 @@ class _Deriver:
             params = dict(mod.named_parameters(recurse=False))
             self.add(x, *(Member(f"{name}.{p}", 0) for p in params))
             if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
-                self.add(x, Member(f"{name}.running_mean", 0, ignore=True), Member(f"{name}.running_var", 0, ignore=True))
+                self.add(
+                    x,
+                    Member(f"{name}.running_mean", 0, ignore=True),
+                    Member(f"{name}.running_var", 0, ignore=True),
+                )
             if isinstance(mod, nn.GroupNorm):
                 self.space(x).num_groups = max(self.space(x).num_groups, mod.num_groups)
-            self.space(x).inputs.append(Probe(name, "input", x.axis if isinstance(mod, nn.LayerNorm) else 1))
+            self.space(x).inputs.append(
+                Probe(name, "input", x.axis if isinstance(mod, nn.LayerNorm) else 1)
+            )
             return x
         if isinstance(mod, _ELEMENTWISE_MODULES):
             return x
@@ -212,7 +272,9 @@ class _Deriver:
             return None
         if isinstance(mod, nn.Flatten):
             return self.flatten(node, x, mod.start_dim)
-        if any(True for _ in mod.parameters(recurse=False)) or any(True for _ in mod.buffers(recurse=False)):
+        if any(True for _ in mod.parameters(recurse=False)) or any(
+            True for _ in mod.buffers(recurse=False)
+        ):
             raise NotImplementedError(
                 f"cannot derive a permutation spec: module {name!r} ({type(mod).__name__}) is not "
                 "supported. Declare the groups by hand, e.g. PermSpec.declare({'hidden': {'out': "
@@ -272,12 +334,16 @@ class _Deriver:
                 return self.getitem(node, first, args[1])
             return None
         method = node.op == "call_method"
-        if (not method and target in _ELEMENTWISE_FUNCTIONS) or (method and target in _ELEMENTWISE_METHODS):
+        if (not method and target in _ELEMENTWISE_FUNCTIONS) or (
+            method and target in _ELEMENTWISE_METHODS
+        ):
             return first
         if (not method and target in _BINARY) or (method and target in _BINARY_METHODS):
             return self.binary(node)
         if (not method and target is torch.flatten) or (method and target == "flatten"):
-            start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0 if not method else 0)
+            start = (
+                args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0 if not method else 0)
+            )
             return self.flatten(node, first, int(start))
         if (not method and target is torch.mean) or (method and target == "mean"):
             dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
@@ -286,7 +352,10 @@ class _Deriver:
                 xs = self.shape(args[0]) or ()
                 dims = [d % len(xs) for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
                 if first.axis not in dims:
-                    return _Val(first.space, first.axis if keep else first.axis - sum(d < first.axis for d in dims))
+                    return _Val(
+                        first.space,
+                        first.axis if keep else first.axis - sum(d < first.axis for d in dims),
+                    )
         self.freeze_args(node, f"function {getattr(target, '__name__', target)}")
         return None
 
@@ -309,7 +378,9 @@ class _Deriver:
         if out is None:
             self.freeze_args(node, "binary op without shape")
             return None
-        rel = {len(self.shape(a) or ()) - v.axis for a, v in zip(tensors, vals) if isinstance(v, _Val)}
+        rel = {
+            len(self.shape(a) or ()) - v.axis for a, v in zip(tensors, vals) if isinstance(v, _Val)
+        }
         if len(rel) != 1:
             self.freeze_args(node, "binary op on different channel axes")
             return None
@@ -346,7 +417,9 @@ class _Deriver:
                 notes.append(f"{sp.name}: not permuted ({sp.frozen})")
                 continue
             probes = sp.probes or sp.inputs[-1:] or sp.outputs[-1:]
-            groups.append(PermGroup(sp.name, tuple(sp.members), tuple(probes), sp.num_groups, sp.link))
+            groups.append(
+                PermGroup(sp.name, tuple(sp.members), tuple(probes), sp.num_groups, sp.link)
+            )
         return PermSpec(tuple(groups), tuple(notes))
 
 

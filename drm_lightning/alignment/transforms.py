@@ -61,7 +61,11 @@ def map_param(t: Tensor, axes: Mapping[int, list[tuple[Member, str]]], pick: Pic
 
 
 def transform_state_dict(
-    state_dict: Mapping[str, Tensor], spec: PermSpec, pick: Pick, *, dtype: torch.dtype | None = None
+    state_dict: Mapping[str, Tensor],
+    spec: PermSpec,
+    pick: Pick,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
     """Apply ``pick``'s matrices to every grouped parameter; others are returned as they are.
 

@@ -36,7 +36,12 @@ from drm_lightning.alignment.activations import default_forward
 from drm_lightning.alignment.spec import PermSpec
 
 __all__ = [
-    "build_model", "build_spec", "check_fits", "check_input_dtype", "load_batches", "load_into",
+    "build_model",
+    "build_spec",
+    "check_fits",
+    "check_input_dtype",
+    "load_batches",
+    "load_into",
 ]
 
 _EXACT_DTYPE = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)  # input dtype == weight dtype
@@ -67,7 +72,9 @@ def build_model(model: str) -> nn.Module:
     else:
         built = _resolve(model)()
     if not isinstance(built, nn.Module):
-        raise TypeError(f"model: {model!r} returned a {type(built).__name__}, not a torch.nn.Module")
+        raise TypeError(
+            f"model: {model!r} returned a {type(built).__name__}, not a torch.nn.Module"
+        )
     return built.eval()
 
 
@@ -86,12 +93,16 @@ def _from_loaded(obj: Any, batch_size: int, what: str) -> Sequence[Any]:
             return _split(next(iter(tensors.values())), batch_size)
         if "inputs" in tensors:
             return _split(tensors["inputs"], batch_size)
-        raise ValueError(f"{what} holds {sorted(tensors)}: keep one tensor, or name the inputs 'inputs'")
+        raise ValueError(
+            f"{what} holds {sorted(tensors)}: keep one tensor, or name the inputs 'inputs'"
+        )
     if isinstance(obj, (torch.utils.data.DataLoader, list, tuple)):
         return obj  # type: ignore[return-value]
     if isinstance(obj, Iterable):
         return list(obj)  # a generator: read once, kept for the second pass (BatchNorm reset)
-    raise TypeError(f"{what} gave a {type(obj).__name__}; expected a DataLoader, a tensor or a list of batches")
+    raise TypeError(
+        f"{what} gave a {type(obj).__name__}; expected a DataLoader, a tensor or a list of batches"
+    )
 
 
 def load_batches(

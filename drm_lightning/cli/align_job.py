@@ -93,21 +93,33 @@ class PreparedAlignment:
         """Lines of the ``--dry-run`` report."""
         p = self.method.params
         lines = [
-            (f"{field}alignment: {self.method.name} (similarity {p.similarity}, solver {p.solver}, "
-             f"fix_rate {p.fix_rate}, seed {p.seed}); {self.method.paper}"),
+            (
+                f"{field}alignment: {self.method.name} (similarity {p.similarity}, solver {p.solver}, "
+                f"fix_rate {p.fix_rate}, seed {p.seed}); {self.method.paper}"
+            ),
         ]
         if self.model is None:
-            lines.append(f"{field}architecture: {self.model_ref} ({SKIPPED}); the check of the "
-                         "architecture against the branches was skipped (the run does it)")
+            lines.append(
+                f"{field}architecture: {self.model_ref} ({SKIPPED}); the check of the "
+                "architecture against the branches was skipped (the run does it)"
+            )
         else:
-            lines.append(f"{field}architecture: {self.model_ref} ({type(self.model).__name__}, "
-                         f"{sum(v.numel() for v in self.model.state_dict().values()):,} values)")
+            lines.append(
+                f"{field}architecture: {self.model_ref} ({type(self.model).__name__}, "
+                f"{sum(v.numel() for v in self.model.state_dict().values()):,} values)"
+            )
         if self.spec is None:
-            why = f"{self.spec_ref}: {SKIPPED}" if self.spec_ref else "needs the architecture and a batch"
+            why = (
+                f"{self.spec_ref}: {SKIPPED}"
+                if self.spec_ref
+                else "needs the architecture and a batch"
+            )
             lines.append(f"{field}permutation spec: not checked ({why})")
         else:
             sizes = self.spec.check([self.model.state_dict()]) if self.model is not None else {}
-            shown = ", ".join(f"{g} {c}" for g, c in list(sizes.items())[:6]) + (" ..." if len(sizes) > 6 else "")
+            shown = ", ".join(f"{g} {c}" for g, c in list(sizes.items())[:6]) + (
+                " ..." if len(sizes) > 6 else ""
+            )
             lines.append(f"{field}permutation spec: {len(sizes)} group(s): {shown}")
         if self.batches_ref is None:
             lines.append(f"{field}calibration: none (weights only)")
@@ -120,7 +132,12 @@ class PreparedAlignment:
 
 
 def prepare_alignment(
-    inputs: Any, method: str, sources: list[Any], labels: list[str], anchor_path: Path, field: str = ""
+    inputs: Any,
+    method: str,
+    sources: list[Any],
+    labels: list[str],
+    anchor_path: Path,
+    field: str = "",
 ) -> PreparedAlignment:
     """Build and check everything an alignment needs, reading no branch weight.
 
@@ -163,8 +180,9 @@ def prepare_alignment(
         )
     if spec is not None and model is not None and not spec.check([model.state_dict()]):
         raise ValueError(f"{field}spec: the permutation spec has no groups: nothing to align")
-    return PreparedAlignment(algo, model, model_ref, batches, inputs.batches, spec, sources, labels,
-                             spec_ref=inputs.spec)
+    return PreparedAlignment(
+        algo, model, model_ref, batches, inputs.batches, spec, sources, labels, spec_ref=inputs.spec
+    )
 
 
 def _open(path: Path, prefix: str | None, add: str | None, trust: bool) -> Any:
@@ -186,25 +204,36 @@ class AlignStep:
         section = config.align
         labels = [f"branches[{i}] ({b.path})" for i, b in enumerate(config.branches)]
         anchor_path = config.branches[section.anchor].path
-        prepared = prepare_alignment(section, section.method, list(branches), labels, anchor_path, "align.")
+        prepared = prepare_alignment(
+            section, section.method, list(branches), labels, anchor_path, "align."
+        )
         return cls(prepared, section.anchor)
 
     def aligned(self, branches: list[Any]) -> list[Any]:
         """``branches`` permuted into the anchor's unit order (reads every branch's weights)."""
         p = self.prepared
-        states = align_models(p.models(), p.batches, method=p.method, anchor=self.anchor, spec=p.spec)
+        states = align_models(
+            p.models(), p.batches, method=p.method, anchor=self.anchor, spec=p.spec
+        )
         out = []
         for branch, state, label in zip(branches, states, p.labels, strict=True):
             names = list(branch.keys())  # a WeightSource, not a dict
-            tensors = {k: state[k].to(branch.meta(k).dtype) if k in state else branch.get(k) for k in names}
+            tensors = {
+                k: state[k].to(branch.meta(k).dtype) if k in state else branch.get(k) for k in names
+            }
             out.append(StateDictSource(tensors, origin=f"{label}, aligned to branch {self.anchor}"))
         return out
 
     def card(self) -> dict[str, Any]:
         """What the model card says about the pre-step."""
         m = self.prepared.method
-        return {"method": m.name, "anchor": self.anchor, "parameters": m.params.model_dump(mode="json"),
-                "model": self.prepared.model_ref, "batches": self.prepared.batches_ref}
+        return {
+            "method": m.name,
+            "anchor": self.anchor,
+            "parameters": m.params.model_dump(mode="json"),
+            "model": self.prepared.model_ref,
+            "batches": self.prepared.batches_ref,
+        }
 
 
 def run_alignment_merge(
@@ -235,16 +264,22 @@ def run_alignment_merge(
         for m in map(anchor.meta, list(anchor.keys()))
     )
     if dry_run:
-        lines = [f"drm-merge plan (dry run: no weight was read) -> {out}",
-                 f"method: {config.method} of {len(sources)} branches (branch 0 is the anchor)"]
+        lines = [
+            f"drm-merge plan (dry run: no weight was read) -> {out}",
+            f"method: {config.method} of {len(sources)} branches (branch 0 is the anchor)",
+        ]
         lines += [f"branch {i}: {label}" for i, label in enumerate(labels)]
         lines += prepared.describe()
-        lines.append(f"output dtype: {config.out_dtype or 'as the anchor'}; output size: {size / 2**20:.1f} MiB")
+        lines.append(
+            f"output dtype: {config.out_dtype or 'as the anchor'}; output size: {size / 2**20:.1f} MiB"
+        )
         return "\n".join(lines)
     models = prepared.models()
     if progress:
         print(f"drm-merge: aligning {len(models)} models ({config.method})", flush=True)
-    merged = merge_models(models, prepared.batches, method=prepared.method, spec=prepared.spec).state_dict()
+    merged = merge_models(
+        models, prepared.batches, method=prepared.method, spec=prepared.spec
+    ).state_dict()
     metadata = {
         "method": config.method,
         "parameters": prepared.method.params.model_dump(mode="json"),
@@ -254,8 +289,14 @@ def run_alignment_merge(
         "paper": prepared.method.paper,
     }
     copy_from = config.base if config.base.is_dir() else None
-    with HFFolderWriter(out, overwrite=overwrite, copy_from=copy_from, metadata=metadata,
-                        max_shard_bytes=max_shard_bytes, expected_bytes=size) as writer:
+    with HFFolderWriter(
+        out,
+        overwrite=overwrite,
+        copy_from=copy_from,
+        metadata=metadata,
+        max_shard_bytes=max_shard_bytes,
+        expected_bytes=size,
+    ) as writer:
         for name in list(anchor.keys()):
             dtype = anchor.meta(name).dtype
             value = merged[name] if name in merged else anchor.get(name)

@@ -69,15 +69,21 @@ from drm_lightning.sources.output_guard import (
 )
 from drm_lightning.sources.writer import package_version, side_files
 
-__all__ = ["build_parser", "load_config", "main", "open_job", "parse_size", "run_job", "stream_schedule"]
+__all__ = [
+    "build_parser",
+    "load_config",
+    "main",
+    "open_job",
+    "parse_size",
+    "run_job",
+    "stream_schedule",
+]
 
 EXIT_ERROR = 2
 
 
 class CLIError(ValueError):
     """A problem with the command line itself (output folder, device)."""
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,12 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
         "merged tensors before writing them (default 8 x ranks)",
     )
     parser.add_argument(
-        "--piece-size", type=int, default=PIECE_ELEMENTS, metavar="E",
+        "--piece-size",
+        type=int,
+        default=PIECE_ELEMENTS,
+        metavar="E",
         help="merge a large entry-wise tensor (TIES, task arithmetic, DRM's fallback) in row "
         f"pieces of about E entries across branches (default {PIECE_ELEMENTS}); 0: whole tensors",
     )
     parser.add_argument(
-        "--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+        "--timeout",
+        type=_positive_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
         help="under torchrun: stop the job, naming the rank, when a rank shows no progress (no "
         f"tensor merged) for SECONDS (default {DEFAULT_TIMEOUT_S:g}: over 5x the slowest "
         "single-tensor merge measured at 8B shapes on CPU, a 14336x4096 DRM matrix at about "
@@ -180,29 +192,47 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.piece_size < 0:
         parser.error(f"--piece-size must be >= 0 (0: merge whole tensors), got {args.piece_size}")
     if args.ranks is not None and not args.dry_run:
-        parser.error("--ranks only applies with --dry-run; launch with torchrun "
-                     "--nproc_per_node N to merge on N ranks")
-    if launched_world_size() > 1 or (dist.is_available() and dist.is_initialized()
-                                     and dist.get_world_size() > 1):
+        parser.error(
+            "--ranks only applies with --dry-run; launch with torchrun "
+            "--nproc_per_node N to merge on N ranks"
+        )
+    if launched_world_size() > 1 or (
+        dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    ):
         with cleanup_on_signals():
             return _main_distributed(args)
     try:
         config = _load_config(args)
-        check_output(args.output, config, overwrite=args.overwrite, dry_run=args.dry_run,
-                     config_file=args.config)
+        check_output(
+            args.output,
+            config,
+            overwrite=args.overwrite,
+            dry_run=args.dry_run,
+            config_file=args.config,
+        )
         device = resolve_device(args.device)
         if getattr(config, "alignment_merge", False):  # method: mudsc_zip, ... (issue 11)
             from drm_lightning.cli.align_job import run_alignment_merge
 
             with cleanup_on_signals():
-                print(run_alignment_merge(config, args.output, dry_run=args.dry_run,
-                                          overwrite=args.overwrite, progress=not args.no_progress,
-                                          max_shard_bytes=args.max_shard_size))
+                print(
+                    run_alignment_merge(
+                        config,
+                        args.output,
+                        dry_run=args.dry_run,
+                        overwrite=args.overwrite,
+                        progress=not args.no_progress,
+                        max_shard_bytes=args.max_shard_size,
+                    )
+                )
             return 0
         job = open_job(config)
         if args.dry_run:
-            print(describe_plan(job, args.output, world_size=args.ranks or 1,
-                                max_pending=args.max_pending))
+            print(
+                describe_plan(
+                    job, args.output, world_size=args.ranks or 1, max_pending=args.max_pending
+                )
+            )
             return 0
         with cleanup_on_signals():
             run_job(
@@ -357,12 +387,6 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     return torch.device(name)
 
 
-
-
-
-
-
-
 # ------------------------------------------------------------------ torchrun: rank-parallel merge
 
 
@@ -431,13 +455,19 @@ def _main_distributed(args: argparse.Namespace) -> int:
         local: BaseException | None = None
         try:
             config = _load_config(args)
-            check_output(args.output, config, overwrite=args.overwrite, dry_run=args.dry_run,
-                         config_file=args.config)
+            check_output(
+                args.output,
+                config,
+                overwrite=args.overwrite,
+                dry_run=args.dry_run,
+                config_file=args.config,
+            )
             device = resolve_device(args.device, _local_rank())
             job = open_job(config)
             if rank == 0 and not args.dry_run:
-                writer = make_writer(job, args.output, overwrite=args.overwrite,
-                                     max_shard_bytes=args.max_shard_size)
+                writer = make_writer(
+                    job, args.output, overwrite=args.overwrite, max_shard_bytes=args.max_shard_size
+                )
         except KeyboardInterrupt:
             raise
         except Exception as err:  # shared with every rank below
@@ -471,12 +501,18 @@ def _main_distributed(args: argparse.Namespace) -> int:
             )
         if args.dry_run:
             if rank == 0:
-                print(describe_plan(job, args.output, world_size=world,
-                                    max_pending=args.max_pending))
+                print(
+                    describe_plan(job, args.output, world_size=world, max_pending=args.max_pending)
+                )
             return 0
         stats = run_job_distributed(
-            job, comm, writer, device=device, progress=not args.no_progress,
-            max_pending=args.max_pending, piece_elements=args.piece_size or None,
+            job,
+            comm,
+            writer,
+            device=device,
+            progress=not args.no_progress,
+            max_pending=args.max_pending,
+            piece_elements=args.piece_size or None,
         )
         if rank == 0:
             print(
@@ -544,39 +580,7 @@ def _exit_on_sigterm(status: int) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------------- plan and model card
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 if __name__ == "__main__":

@@ -135,7 +135,9 @@ def resolve_callable(reference: str) -> Callable[..., Any]:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")], n=3)
+            close = difflib.get_close_matches(
+                part, [n for n in dir(obj) if not n.startswith("_")], n=3
+            )
             hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
             raise ValueError(f"module {module_name!r} has no attribute {attr!r}{hint}")
         obj = getattr(obj, part)
@@ -228,13 +230,17 @@ class _AlignInputs(_Section):
         "config.json (default: the anchor branch's folder when it has one)",
     )
     batches: str | None = Field(
-        None, description="module:function returning a DataLoader or tensor, or a .safetensors/.pt file"
+        None,
+        description="module:function returning a DataLoader or tensor, or a .safetensors/.pt file",
     )
     batch_size: int = Field(64, ge=1, description="rows per batch when the batches are one tensor")
     spec: str | None = Field(
-        None, description="module:function returning a PermSpec (called with the model if it takes an argument)"
+        None,
+        description="module:function returning a PermSpec (called with the model if it takes an argument)",
     )
-    parameters: dict[str, Any] = Field(default_factory=dict, description="the alignment method's parameters")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="the alignment method's parameters"
+    )
     _code: CodeMode = PrivateAttr("import")
 
     @field_validator("model")
@@ -280,13 +286,25 @@ class _AlignInputs(_Section):
         preset = _preset(method)
         reads = preset is not None and preset["similarity"] in ("activation", "dual")
         if reads and data.get("batches") is None:
-            errors.append(_error((*loc, "batches"), f"method {method!r} reads activations: name "
-                                 "calibration batches (module:function or a .safetensors/.pt file)"))
-        anchor_hf = isinstance(anchor_path, (str, Path)) and (Path(anchor_path) / "config.json").is_file()
+            errors.append(
+                _error(
+                    (*loc, "batches"),
+                    f"method {method!r} reads activations: name "
+                    "calibration batches (module:function or a .safetensors/.pt file)",
+                )
+            )
+        anchor_hf = (
+            isinstance(anchor_path, (str, Path)) and (Path(anchor_path) / "config.json").is_file()
+        )
         if data.get("model") is None and isinstance(anchor_path, (str, Path)) and not anchor_hf:
-            errors.append(_error((*loc, "model"), "required: name the architecture as "
-                                     "module:function returning an nn.Module, or a folder with a "
-                                     "transformers config.json (the anchor branch has none)"))
+            errors.append(
+                _error(
+                    (*loc, "model"),
+                    "required: name the architecture as "
+                    "module:function returning an nn.Module, or a folder with a "
+                    "transformers config.json (the anchor branch has none)",
+                )
+            )
         return errors
 
 
@@ -297,7 +315,11 @@ def _method_name(value: str, valid: list[str], what: str) -> str:
 
 
 def _branch_path(branches: Any, index: Any) -> Any:
-    if not isinstance(branches, list) or not isinstance(index, int) or not 0 <= index < len(branches):
+    if (
+        not isinstance(branches, list)
+        or not isinstance(index, int)
+        or not 0 <= index < len(branches)
+    ):
         return None
     branch = branches[index]
     return branch.get("path", branch.get("model")) if isinstance(branch, Mapping) else branch
@@ -306,7 +328,9 @@ def _branch_path(branches: Any, index: Any) -> Any:
 class AlignSection(_AlignInputs):
     """The ``align:`` pre-step: permute every branch into ``anchor``'s unit order."""
 
-    method: str = Field("mudsc_align", description=f"a permuting alignment method: {', '.join(PERMUTING)}")
+    method: str = Field(
+        "mudsc_align", description=f"a permuting alignment method: {', '.join(PERMUTING)}"
+    )
     anchor: int = Field(0, ge=0, description="index of the branch whose unit order is kept")
 
     @field_validator("method")
@@ -335,16 +359,33 @@ class AlignedMergeConfig(MergeConfig):
             return errors
         branches = data.get("branches", data.get("models"))
         anchor = align.get("anchor", 0)
-        if isinstance(branches, list) and isinstance(anchor, int) and not 0 <= anchor < len(branches):
-            errors.append(_error(("align", "anchor"), f"out of range for {len(branches)} branches "
-                                 f"(0 to {len(branches) - 1})", anchor))
+        if (
+            isinstance(branches, list)
+            and isinstance(anchor, int)
+            and not 0 <= anchor < len(branches)
+        ):
+            errors.append(
+                _error(
+                    ("align", "anchor"),
+                    f"out of range for {len(branches)} branches (0 to {len(branches) - 1})",
+                    anchor,
+                )
+            )
         for i, branch in enumerate(branches if isinstance(branches, list) else []):
             path = _branch_path(branches, i)
             if isinstance(path, (str, Path)) and (Path(path) / "adapter_config.json").is_file():
-                errors.append(_error(("branches", i), "a LoRA adapter cannot be aligned (alignment "
-                                     "permutes full weights); give a full model", str(path)))
+                errors.append(
+                    _error(
+                        ("branches", i),
+                        "a LoRA adapter cannot be aligned (alignment "
+                        "permutes full weights); give a full model",
+                        str(path),
+                    )
+                )
         method = align.get("method", "mudsc_align")
-        errors += AlignSection._input_errors(align, method, _branch_path(branches, anchor), ("align",))
+        errors += AlignSection._input_errors(
+            align, method, _branch_path(branches, anchor), ("align",)
+        )
         return errors
 
 
@@ -377,10 +418,20 @@ class AlignmentMergeConfig(_AlignInputs):
     @classmethod
     def _unknown_key_message(cls, key: str, data: Any) -> str:
         method = data.get("method") if isinstance(data, Mapping) else None
-        if key in ("base", "base_model", "coefficients", "routing", "compute_dtype", "seed", "align"):
-            return (f"not used by alignment method {method!r}: it merges the branches' matched units "
-                    "as means, branch 0 is the anchor (to merge against a base with a merge method, "
-                    "write method: drm (or ties, ...) with an align: pre-step)")
+        if key in (
+            "base",
+            "base_model",
+            "coefficients",
+            "routing",
+            "compute_dtype",
+            "seed",
+            "align",
+        ):
+            return (
+                f"not used by alignment method {method!r}: it merges the branches' matched units "
+                "as means, branch 0 is the anchor (to merge against a base with a merge method, "
+                "write method: drm (or ties, ...) with an align: pre-step)"
+            )
         return super()._unknown_key_message(key, data)
 
     @classmethod
@@ -389,12 +440,21 @@ class AlignmentMergeConfig(_AlignInputs):
         errors = []
         for i, branch in enumerate(branches if isinstance(branches, list) else []):
             if isinstance(branch, Mapping) and ("coefficient" in branch or "weight" in branch):
-                errors.append(_error(("branches", i, "coefficient"), "not used: an alignment merge "
-                                     "averages matched units with equal weights"))
+                errors.append(
+                    _error(
+                        ("branches", i, "coefficient"),
+                        "not used: an alignment merge averages matched units with equal weights",
+                    )
+                )
             path = _branch_path(branches, i)
             if isinstance(path, (str, Path)) and (Path(path) / "adapter_config.json").is_file():
-                errors.append(_error(("branches", i), "a LoRA adapter cannot be aligned; give a full model",
-                                     str(path)))
+                errors.append(
+                    _error(
+                        ("branches", i),
+                        "a LoRA adapter cannot be aligned; give a full model",
+                        str(path),
+                    )
+                )
         return errors + cls._input_errors(data, data.get("method"), _branch_path(branches, 0))
 
     @property

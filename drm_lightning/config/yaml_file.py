@@ -42,6 +42,7 @@ MAX_ALIASES = 1000
 #: Most values (scalars, lists, mappings) of one document with every alias expanded.
 MAX_EXPANDED_NODES = 100_000
 
+
 class StrictYAMLError(yaml.constructor.ConstructorError):
     """A refusal of the strict loader (duplicate key, alias bomb); ``problem`` is the message."""
 

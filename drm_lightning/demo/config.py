@@ -56,8 +56,15 @@ DEFAULT_METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("dare_linear", "dare_linear", {}, "DARE-linear"),
     MethodSpec("drm_h", "drm", {"direction": "horizontal"}, "DRM-H"),
     MethodSpec("drm_v", "drm", {"direction": "vertical"}, "DRM-V"),
-    MethodSpec("drm_h_norenorm", "drm", {"direction": "horizontal", "renormalize": False}, "DRM-H w/o renorm"),
-    MethodSpec("drm_v_norenorm", "drm", {"direction": "vertical", "renormalize": False}, "DRM-V w/o renorm"),
+    MethodSpec(
+        "drm_h_norenorm",
+        "drm",
+        {"direction": "horizontal", "renormalize": False},
+        "DRM-H w/o renorm",
+    ),
+    MethodSpec(
+        "drm_v_norenorm", "drm", {"direction": "vertical", "renormalize": False}, "DRM-V w/o renorm"
+    ),
 )
 """Every method at its library defaults; only DRM's direction (default: horizontal) and renorm
 switch are set."""
@@ -136,7 +143,9 @@ class DemoConfig:
             problems.append("seeds is empty")
         labels = [m.label for m in self.methods]
         if len(set(labels)) != len(labels) or set(labels) & set(REFERENCE_ROWS):
-            problems.append(f"method labels must be unique and differ from {list(REFERENCE_ROWS)}: {labels}")
+            problems.append(
+                f"method labels must be unique and differ from {list(REFERENCE_ROWS)}: {labels}"
+            )
         unknown = [c for c in self.consolidate if c not in labels]
         if unknown:
             problems.append(f"consolidate names unknown method labels {unknown} (valid: {labels})")
@@ -152,8 +161,13 @@ class DemoConfig:
     def large(cls, **overrides: Any) -> DemoConfig:
         """The larger suite: 8 tasks, a wider and deeper backbone, longer training, 5 seeds."""
         values: dict[str, Any] = dict(
-            tasks=LARGE_TASKS, hidden=256, depth=3, pretrain_steps=3000, finetune_steps=600,
-            merges=6, seeds=(0, 1, 2, 3, 4),
+            tasks=LARGE_TASKS,
+            hidden=256,
+            depth=3,
+            pretrain_steps=3000,
+            finetune_steps=600,
+            merges=6,
+            seeds=(0, 1, 2, 3, 4),
         )
         values.update(overrides)
         return cls(**values)
@@ -162,8 +176,14 @@ class DemoConfig:
     def tiny(cls, **overrides: Any) -> DemoConfig:
         """A seconds-long configuration for tests: narrow backbone, few steps, one seed."""
         values: dict[str, Any] = dict(
-            tasks=DEFAULT_TASKS[:4], hidden=16, depth=1, pretrain_steps=30, finetune_steps=20,
-            merges=2, seeds=(0,), consolidate=(),
+            tasks=DEFAULT_TASKS[:4],
+            hidden=16,
+            depth=1,
+            pretrain_steps=30,
+            finetune_steps=20,
+            merges=2,
+            seeds=(0,),
+            consolidate=(),
         )
         values.update(overrides)
         return cls(**values)
@@ -176,7 +196,9 @@ class DemoConfig:
         """JSON-ready description (tasks by name, methods with their given parameters)."""
         out = asdict(self)
         out["tasks"] = [t.name for t in self.tasks]
-        out["methods"] = [{"label": m.label, "method": m.method, "params": m.params} for m in self.methods]
+        out["methods"] = [
+            {"label": m.label, "method": m.method, "params": m.params} for m in self.methods
+        ]
         out["seeds"] = list(self.seeds)
         out["consolidate"] = list(self.consolidate)
         return out

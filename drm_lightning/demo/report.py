@@ -65,7 +65,9 @@ def summarize(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     for row in data["rows"]:
         out[row] = {
             "tasks": {t: mean_std([100.0 * s[row][t] for s in per_seed]) for t in tasks},
-            "average": mean_std([100.0 * math.fsum(s[row][t] for t in tasks) / len(tasks) for s in per_seed]),
+            "average": mean_std(
+                [100.0 * math.fsum(s[row][t] for t in tasks) / len(tasks) for s in per_seed]
+            ),
             "normalized": mean_std([_normalized(s, row, tasks) for s in per_seed]),
         }
     return out
@@ -89,7 +91,16 @@ def paired_differences(data: Mapping[str, Any]) -> list[dict[str, Any]]:
             diffs = [_normalized(s, a, tasks) - _normalized(s, b, tasks) for s in per_seed]
             stats = mean_std(diffs)
             met = stats["mean"] > margin if strict else stats["mean"] >= margin
-            out.append({"target": text.format(D=display), "row": a, "other": b, "margin": margin, **stats, "met": met})
+            out.append(
+                {
+                    "target": text.format(D=display),
+                    "row": a,
+                    "other": b,
+                    "margin": margin,
+                    **stats,
+                    "met": met,
+                }
+            )
     return out
 
 
@@ -111,9 +122,7 @@ def run_to_dict(run: Any) -> dict[str, Any]:
         "config": config.to_dict(),
         "seeds": [s.seed for s in run.seeds],
         "per_seed": per_seed,
-        "curves": {
-            label: [s.curves[label] for s in run.seeds] for label in run.seeds[0].curves
-        },
+        "curves": {label: [s.curves[label] for s in run.seeds] for label in run.seeds[0].curves},
     }
     data["summary"] = summarize(data)
     data["targets"] = paired_differences(data)
@@ -127,7 +136,9 @@ def run_to_dict(run: Any) -> dict[str, Any]:
         "callbacks_seconds": callback,
         "merge_arithmetic_seconds": merge,
         "callbacks_share_of_fit": [c / f for c, f in zip(callback, fit)],
-        "one_callback_share_of_fit": [c / f / max(len(run.methods), 1) for c, f in zip(callback, fit)],
+        "one_callback_share_of_fit": [
+            c / f / max(len(run.methods), 1) for c, f in zip(callback, fit)
+        ],
     }
     data["environment"] = run.environment
     return data
@@ -162,11 +173,16 @@ def format_table(data: Mapping[str, Any], *, markdown: bool = False) -> str:
             ]
         )
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        lines = [
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+        ]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
         return "\n".join(lines)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body])
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body]
+    )
 
 
 def format_targets(data: Mapping[str, Any]) -> str:
@@ -224,7 +240,9 @@ def write_per_seed_csv(data: Mapping[str, Any], path: Path) -> None:
             for row in data["rows"]:
                 for task in data["tasks"]:
                     value = scores[row][task]
-                    writer.writerow([seed, row, task, f"{value:.6f}", f"{value / scores['branch'][task]:.6f}"])
+                    writer.writerow(
+                        [seed, row, task, f"{value:.6f}", f"{value / scores['branch'][task]:.6f}"]
+                    )
 
 
 def plot(data: Mapping[str, Any], path: Path) -> None:
@@ -238,7 +256,10 @@ def plot(data: Mapping[str, Any], path: Path) -> None:
     names = [data["display"].get(r, r) for r in rows]
     means = [data["summary"][r]["normalized"]["mean"] for r in rows]
     stds = [data["summary"][r]["normalized"]["std"] for r in rows]
-    colors = ["#4c72b0" if r.startswith("drm") else "#999999" if r in REFERENCE_ROWS else "#dd8452" for r in rows]
+    colors = [
+        "#4c72b0" if r.startswith("drm") else "#999999" if r in REFERENCE_ROWS else "#dd8452"
+        for r in rows
+    ]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1.1, 1]})
     positions = list(range(len(rows)))[::-1]
     left.barh(positions, means, xerr=stds, color=colors, capsize=3)
@@ -251,17 +272,23 @@ def plot(data: Mapping[str, Any], path: Path) -> None:
         left.text(m + s + 0.4, y, f"{m:.1f}", va="center", fontsize=8)
     for label, per_seed in data["curves"].items():
         steps = [step for step, _ in per_seed[0]]
-        values = [math.fsum(c[i][1] for c in per_seed) / len(per_seed) * 100.0 for i in range(len(steps))]
+        values = [
+            math.fsum(c[i][1] for c in per_seed) / len(per_seed) * 100.0 for i in range(len(steps))
+        ]
         style = ":" if "norenorm" in label else "-" if label.startswith("drm") else "--"
         if label.endswith("_consolidated"):
             style = "-."
-        right.plot(steps, values, style, marker="o", markersize=3, label=data["display"].get(label, label))
+        right.plot(
+            steps, values, style, marker="o", markersize=3, label=data["display"].get(label, label)
+        )
     right.set_xlabel("optimizer step of the fit (merge points)")
     right.set_ylabel("normalised accuracy of the merge (%)")
     right.legend(fontsize=7, loc="lower left")
     right.grid(alpha=0.3)
     n = len(data["seeds"])
-    fig.suptitle(f"{len(data['tasks'])} tasks, {n} seed{'s' if n != 1 else ''}: merged model vs. each task's branch")
+    fig.suptitle(
+        f"{len(data['tasks'])} tasks, {n} seed{'s' if n != 1 else ''}: merged model vs. each task's branch"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

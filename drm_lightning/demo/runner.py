@@ -177,14 +177,18 @@ def _quiet_lightning() -> Iterator[None]:
                 lg.setLevel(level)
 
 
-def _evaluate(module: nn.Module, suite: Suite, predict: Callable[..., tuple[Tensor, Tensor]]) -> dict[str, float]:
+def _evaluate(
+    module: nn.Module, suite: Suite, predict: Callable[..., tuple[Tensor, Tensor]]
+) -> dict[str, float]:
     from drm_lightning.evaluation import evaluate_tasks
 
     scores = evaluate_tasks(module, task_specs(suite, predict=predict))
     return {task: values[METRIC] for task, values in scores.items()}
 
 
-def pretrain(suite: Suite, config: DemoConfig, *, on_step: Callable[[int], None] | None = None) -> dict[str, Tensor]:
+def pretrain(
+    suite: Suite, config: DemoConfig, *, on_step: Callable[[int], None] | None = None
+) -> dict[str, Tensor]:
     """State dict of the run's pretrained backbone (the same for every seed; global RNG untouched)."""
     with torch.random.fork_rng():
         torch.manual_seed(config.pretrain_seed)
@@ -228,7 +232,9 @@ def run_seed(
     backbone = ResidualMLP(config.hidden, config.depth)
     backbone.load_state_dict(pretrained)
     heads = {name: nn.Linear(config.hidden, task.num_classes) for name, task in suite.tasks.items()}
-    joint_heads = {name: nn.Linear(config.hidden, task.num_classes) for name, task in suite.tasks.items()}
+    joint_heads = {
+        name: nn.Linear(config.hidden, task.num_classes) for name, task in suite.tasks.items()
+    }
     module = MultitaskDemoModule(backbone, heads, joint_heads, lr=config.finetune_lr)
     # Every callback merges the same live branches; the first one also scores the branches
     # themselves (the denominators of the normalised scores), the others skip that repeat.
@@ -250,11 +256,14 @@ def run_seed(
         final = _final_record(label, callback, config)
         scores[label] = {t: float(final[f"merged/{t}/{METRIC}"]) for t in tasks}
         curves[label] = [
-            (int(r["step"]), _normalized_average(r, branch_history[int(r["step"])], tasks)) for r in callback.history
+            (int(r["step"]), _normalized_average(r, branch_history[int(r["step"])], tasks))
+            for r in callback.history
         ]
         callback_seconds[label] = sum(float(r["merge/total_seconds"]) for r in callback.history)
         merge_seconds[label] = sum(float(r["merge/seconds"]) for r in callback.history)
-    scores["branch"] = {t: float(branch_history[config.finetune_steps][f"branch/{t}/{METRIC}"]) for t in tasks}
+    scores["branch"] = {
+        t: float(branch_history[config.finetune_steps][f"branch/{t}/{METRIC}"]) for t in tasks
+    }
     scores["joint"] = _evaluate(module, suite, lambda m, t, b: m.predict_joint(t, b))
     scores["base_heads"] = _evaluate(module, suite, lambda m, t, b: m.predict_base(t, b))
 
@@ -266,15 +275,20 @@ def run_seed(
         pl.seed_everything(seed, verbose=False)
         backbone = ResidualMLP(config.hidden, config.depth)
         backbone.load_state_dict(pretrained)
-        heads = {name: nn.Linear(config.hidden, task.num_classes) for name, task in suite.tasks.items()}
+        heads = {
+            name: nn.Linear(config.hidden, task.num_classes) for name, task in suite.tasks.items()
+        }
         branched = BranchedModule(backbone, heads, lr=config.finetune_lr)
-        callback = _merge_callback(specs[label], suite, config, seed, evaluate_branches=False, adopt=True)
+        callback = _merge_callback(
+            specs[label], suite, config, seed, evaluate_branches=False, adopt=True
+        )
         _fit(branched, [callback], train_loaders(suite, config, seed), config, bar)
         _final_record(label, callback, config)
         row = f"{label}{CONSOLIDATED_SUFFIX}"
         scores[row] = {t: float(callback.history[-1][f"merged/{t}/{METRIC}"]) for t in tasks}
         curves[row] = [
-            (int(r["step"]), _normalized_average(r, branch_history[int(r["step"])], tasks)) for r in callback.history
+            (int(r["step"]), _normalized_average(r, branch_history[int(r["step"])], tasks))
+            for r in callback.history
         ]
     return SeedResult(
         seed=seed,
@@ -324,7 +338,9 @@ def _merge_callback(
     )
 
 
-def _fit(module: Any, callbacks: list[Any], loaders: dict[str, DataLoader], config: DemoConfig, bar: Any) -> None:
+def _fit(
+    module: Any, callbacks: list[Any], loaders: dict[str, DataLoader], config: DemoConfig, bar: Any
+) -> None:
     """One quiet CPU ``Trainer.fit`` of ``finetune_steps`` optimizer steps."""
     import lightning.pytorch as pl
 
@@ -354,7 +370,9 @@ def _final_record(label: str, callback: Any, config: DemoConfig) -> dict[str, An
 
 def _normalized_average(merged: dict[str, Any], branch: dict[str, Any], tasks: list[str]) -> float:
     """Mean over tasks of merged ÷ branch accuracy, from two callback history records."""
-    ratios = [float(merged[f"merged/{t}/{METRIC}"]) / float(branch[f"branch/{t}/{METRIC}"]) for t in tasks]
+    ratios = [
+        float(merged[f"merged/{t}/{METRIC}"]) / float(branch[f"branch/{t}/{METRIC}"]) for t in tasks
+    ]
     return sum(ratios) / len(ratios)
 
 

@@ -191,7 +191,9 @@ def build_suite(
     names = [d.name for d in definitions]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"duplicate task names {duplicates}: each (view, label) pair may appear once")
+        raise ValueError(
+            f"duplicate task names {duplicates}: each (view, label) pair may appear once"
+        )
     x, y = load_digits_tensors()
     pre, train, val = split_indices(len(x), fractions, data_seed)
     tasks: dict[str, TaskData] = {}

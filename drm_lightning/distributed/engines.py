@@ -137,11 +137,21 @@ def _out_dtype(job: MergeJob, name: str) -> torch.dtype:
 def _merge_full(job: MergeJob, item: MergeItem, base: Tensor, branches: list[Tensor]) -> Tensor:
     """The single-process merge of one item (in ``_out_dtype``)."""
     generator = tensor_generator(job.seed, item.name) if job.method.uses_randomness else None
-    origins = [f"base ({job.base.origin})", *(f"branch {i} ({b.origin})" for i, b in enumerate(job.branches))]
+    origins = [
+        f"base ({job.base.origin})",
+        *(f"branch {i} ({b.origin})" for i, b in enumerate(job.branches)),
+    ]
     value = merge_tensor(
-        job.method, item.route, base, branches, job.coefficients,
-        compute_dtype=job.compute_dtype, out_dtype=_out_dtype(job, item.name), generator=generator,
-        name=item.name, origins=origins,
+        job.method,
+        item.route,
+        base,
+        branches,
+        job.coefficients,
+        compute_dtype=job.compute_dtype,
+        out_dtype=_out_dtype(job, item.name),
+        generator=generator,
+        name=item.name,
+        origins=origins,
         row_blocks=job.routing.row_blocks(item.name, item.shape) if job.routing is not None else 1,
     )
     check_fits(item.name, value, job.base.dtype(item.name))
@@ -161,7 +171,9 @@ class MergeEngine(ABC):
         """Ranks taking part."""
         return self.comm.world_size
 
-    def shardable(self, method: MergeMethod, n_branches: int, target: ParamSet | None, enabled: bool) -> ShardablePredicate | None:
+    def shardable(
+        self, method: MergeMethod, n_branches: int, target: ParamSet | None, enabled: bool
+    ) -> ShardablePredicate | None:
         """Which items may take the sharded mode (only the ZeRO-3 engine has one)."""
         return None
 
@@ -173,12 +185,17 @@ class MergeEngine(ABC):
         stats.seconds = time.perf_counter() - start
         c = self.comm.stats
         stats.comm_seconds, stats.bytes_sent, stats.bytes_received, stats.collectives = (
-            c.comm_seconds, c.bytes_sent, c.bytes_received, c.collectives,
+            c.comm_seconds,
+            c.bytes_sent,
+            c.bytes_received,
+            c.collectives,
         )
         return MergeResult(plan, stats, merged, self.kind)
 
     @abstractmethod
-    def _execute(self, plan: MergePlan, job: MergeJob, stats: EngineStats) -> dict[str, Tensor] | None:
+    def _execute(
+        self, plan: MergePlan, job: MergeJob, stats: EngineStats
+    ) -> dict[str, Tensor] | None:
         """Do the merge; return collected tensors when ``job.collect``."""
 
     # ------------------------------------------------------------------ shared helpers
@@ -186,7 +203,9 @@ class MergeEngine(ABC):
         if job.optimizer_state == "reset" and job.target is not None:
             job.target.reset_optimizer_state(name, job.optimizer, job.state_keys)
 
-    def _store(self, job: MergeJob, item: MergeItem, value: Tensor, out: dict[str, Tensor] | None) -> None:
+    def _store(
+        self, job: MergeJob, item: MergeItem, value: Tensor, out: dict[str, Tensor] | None
+    ) -> None:
         """Write a full merged value into the target and/or the collected dict."""
         if job.target is not None:
             job.target.write_full(item.name, value, self.comm.world_size, self.comm.rank)
@@ -194,7 +213,9 @@ class MergeEngine(ABC):
         if out is not None:
             out[item.name] = value.to(job.base.dtype(item.name))
 
-    def _collect_skipped(self, plan: MergePlan, job: MergeJob, out: dict[str, Tensor] | None) -> None:
+    def _collect_skipped(
+        self, plan: MergePlan, job: MergeJob, out: dict[str, Tensor] | None
+    ) -> None:
         """Ignored tensors: the target keeps its value; a collected dict gets the base."""
         if out is None:
             return
@@ -207,7 +228,9 @@ class SingleProcessEngine(MergeEngine):
 
     kind = "single"
 
-    def _execute(self, plan: MergePlan, job: MergeJob, stats: EngineStats) -> dict[str, Tensor] | None:
+    def _execute(
+        self, plan: MergePlan, job: MergeJob, stats: EngineStats
+    ) -> dict[str, Tensor] | None:
         out: dict[str, Tensor] | None = {} if job.collect else None
         n = len(job.branches)
         for item in plan.items:
@@ -227,7 +250,9 @@ class ReplicaEngine(MergeEngine):
 
     kind = "replica"
 
-    def _execute(self, plan: MergePlan, job: MergeJob, stats: EngineStats) -> dict[str, Tensor] | None:
+    def _execute(
+        self, plan: MergePlan, job: MergeJob, stats: EngineStats
+    ) -> dict[str, Tensor] | None:
         comm = self.comm
         out: dict[str, Tensor] | None = {} if job.collect else None
         n = len(job.branches)
@@ -256,7 +281,12 @@ class ReplicaEngine(MergeEngine):
                     value = torch.empty(item.shape, dtype=_out_dtype(job, item.name))
                 comm.broadcast(value, item.owner)
                 stats.hold(item.numel)
-                guarded(comm, f"writing {item.name!r}", lambda item=item, value=value: self._store(job, item, value, out), lambda: None)
+                guarded(
+                    comm,
+                    f"writing {item.name!r}",
+                    lambda item=item, value=value: self._store(job, item, value, out),
+                    lambda: None,
+                )
             comm.check("writing merged tensors")
         self._collect_skipped(plan, job, out)
         return out
@@ -270,23 +300,32 @@ class Zero3Engine(MergeEngine):
     def __init__(self, comm: Comm | None = None) -> None:
         super().__init__(comm)
 
-    def shardable(self, method: MergeMethod, n_branches: int, target: ParamSet | None, enabled: bool) -> ShardablePredicate | None:  # noqa: D102
+    def shardable(
+        self, method: MergeMethod, n_branches: int, target: ParamSet | None, enabled: bool
+    ) -> ShardablePredicate | None:  # noqa: D102
         return sharded_rule(method, n_branches, target, enabled=enabled)
 
-    def _execute(self, plan: MergePlan, job: MergeJob, stats: EngineStats) -> dict[str, Tensor] | None:
+    def _execute(
+        self, plan: MergePlan, job: MergeJob, stats: EngineStats
+    ) -> dict[str, Tensor] | None:
         if job.collect:
             raise NotImplementedError(
                 "collect=True is not available under ZeRO-3: the merged weights are written into the "
                 "partitioned target parameters and never exist in full on one rank"
             )
         if job.target is None:
-            raise ValueError("the ZeRO-3 engine writes into a target: pass target=<module or ParamSet>")
+            raise ValueError(
+                "the ZeRO-3 engine writes into a target: pass target=<module or ParamSet>"
+            )
         comm = self.comm
         sharded = plan.sharded()
         if sharded:
             assert isinstance(job.method, DRM), "the sharded route merges DRM items only"
             ShardedMerger(
-                comm, job.method, job.coefficients, job.compute_dtype,
+                comm,
+                job.method,
+                job.coefficients,
+                job.compute_dtype,
                 on_write=lambda name: self._after_write(job, name),
             ).run(sharded, job.target, job.base, job.branches)
             stats.sharded_items += len(sharded)
@@ -308,17 +347,27 @@ class Zero3Engine(MergeEngine):
             for k, src in enumerate(sources):
                 who = "base" if k == 0 else f"branch {k - 1}"
                 if src.is_partitioned(item.name):
-                    row.append(guarded(
-                        comm, f"reading {item.name!r} from {who} ({src.origin})",
-                        lambda src=src, item=item: src.local_partition(item.name, world, rank).contiguous(),
-                        lambda src=src, item=item, size=size: torch.zeros(size, dtype=src.dtype(item.name)),
-                    ))
+                    row.append(
+                        guarded(
+                            comm,
+                            f"reading {item.name!r} from {who} ({src.origin})",
+                            lambda src=src, item=item: src.local_partition(
+                                item.name, world, rank
+                            ).contiguous(),
+                            lambda src=src, item=item, size=size: torch.zeros(
+                                size, dtype=src.dtype(item.name)
+                            ),
+                        )
+                    )
                 elif item.owner == rank:
-                    row.append(guarded(
-                        comm, f"reading {item.name!r} from {who} ({src.origin})",
-                        lambda src=src, item=item: src.read_full(item.name),
-                        lambda: None,
-                    ))
+                    row.append(
+                        guarded(
+                            comm,
+                            f"reading {item.name!r} from {who} ({src.origin})",
+                            lambda src=src, item=item: src.read_full(item.name),
+                            lambda: None,
+                        )
+                    )
                 else:
                     row.append(None)
             local.append(row)
@@ -372,13 +421,23 @@ class Zero3Engine(MergeEngine):
                     padded[: item.numel] = value.reshape(-1)
                     chunks = list(padded.split(size))
                 chunk = comm.scatter(chunks, torch.empty(size, dtype=dtype), item.owner)
-                guarded(comm, f"writing {item.name!r}", lambda item=item, chunk=chunk: self._write_part(job, item, chunk), lambda: None)
+                guarded(
+                    comm,
+                    f"writing {item.name!r}",
+                    lambda item=item, chunk=chunk: self._write_part(job, item, chunk),
+                    lambda: None,
+                )
             else:
                 if value is None:
                     value = torch.empty(item.shape, dtype=_out_dtype(job, item.name))
                 comm.broadcast(value, item.owner)
                 stats.hold(item.numel)
-                guarded(comm, f"writing {item.name!r}", lambda item=item, value=value: self._store(job, item, value, None), lambda: None)
+                guarded(
+                    comm,
+                    f"writing {item.name!r}",
+                    lambda item=item, value=value: self._store(job, item, value, None),
+                    lambda: None,
+                )
         comm.check("writing merged tensors")
 
     def _write_part(self, job: MergeJob, item: MergeItem, chunk: Tensor) -> None:

@@ -95,11 +95,15 @@ class DistributedMerger:
         group: Any = None,
     ) -> None:
         if engine not in ("auto", *ENGINES):
-            raise ValueError(f"engine must be one of 'auto', {', '.join(map(repr, ENGINES))}; got {engine!r}")
+            raise ValueError(
+                f"engine must be one of 'auto', {', '.join(map(repr, ENGINES))}; got {engine!r}"
+            )
         if optimizer_state not in ("keep", "reset"):
             raise ValueError(f"optimizer_state must be 'keep' or 'reset', got {optimizer_state!r}")
         if compute_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
+            raise ValueError(
+                f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}"
+            )
         self.method = method
         self.routing = routing or Routing()
         self.compute_dtype = compute_dtype
@@ -117,10 +121,18 @@ class DistributedMerger:
             raise ValueError("branches is empty: at least one branch is needed to merge")
         target_set = None if target is None else as_tensor_set(target, "target")
         if target_set is not None and not isinstance(target_set, ParamSet):
-            raise TypeError(f"target must be an nn.Module or a mapping of parameters, got {type(target).__name__}")
-        return target_set, as_tensor_set(base, "base"), [as_tensor_set(b, f"branch {i}") for i, b in enumerate(branches)]
+            raise TypeError(
+                f"target must be an nn.Module or a mapping of parameters, got {type(target).__name__}"
+            )
+        return (
+            target_set,
+            as_tensor_set(base, "base"),
+            [as_tensor_set(b, f"branch {i}") for i, b in enumerate(branches)],
+        )
 
-    def _engine_kind(self, comm: Comm, target: ParamSet | None, sets: Sequence[TensorSet]) -> EngineKind:
+    def _engine_kind(
+        self, comm: Comm, target: ParamSet | None, sets: Sequence[TensorSet]
+    ) -> EngineKind:
         if self.engine_choice != "auto":
             return self.engine_choice  # type: ignore[return-value]
         holders: list[TensorSet] = ([target] if target is not None else []) + list(sets)
@@ -129,13 +141,23 @@ class DistributedMerger:
         return "replica" if comm.world_size > 1 else "single"
 
     def _entries(
-        self, target: ParamSet | None, base: TensorSet, branches: Sequence[TensorSet], names: Sequence[str] | None
+        self,
+        target: ParamSet | None,
+        base: TensorSet,
+        branches: Sequence[TensorSet],
+        names: Sequence[str] | None,
     ) -> list[tuple[str, tuple[int, ...], Any, torch.dtype]]:
         """Validate names, shapes and dtypes from metadata; route every tensor."""
-        wanted = list(names) if names is not None else (target.names() if target is not None else base.names())
+        wanted = (
+            list(names)
+            if names is not None
+            else (target.names() if target is not None else base.names())
+        )
         problems: list[str] = []
         entries = []
-        holders: list[tuple[str, TensorSet]] = [("base", base)] + [(f"branch {i}", b) for i, b in enumerate(branches)]
+        holders: list[tuple[str, TensorSet]] = [("base", base)] + [
+            (f"branch {i}", b) for i, b in enumerate(branches)
+        ]
         if target is not None:
             holders.insert(0, ("target", target))
         shape_lines = []
@@ -147,7 +169,9 @@ class DistributedMerger:
                 else:
                     shapes[who] = s.shape(name)
             if len(set(shapes.values())) > 1:
-                shape_lines.append(f"  {name}: " + ", ".join(f"{k} {list(v)}" for k, v in shapes.items()))
+                shape_lines.append(
+                    f"  {name}: " + ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+                )
                 continue
             if name not in base:
                 continue
@@ -160,12 +184,16 @@ class DistributedMerger:
             if route != "ignore":
                 for who, s in holders:
                     if name in s and s.dtype(name) not in SUPPORTED_DTYPES:
-                        problems.append(f"{name!r} in {who} has dtype {s.dtype(name)}; supported: "
-                                        + ", ".join(str(d) for d in SUPPORTED_DTYPES)
-                                        + " (add it to routing.ignore to leave it alone)")
+                        problems.append(
+                            f"{name!r} in {who} has dtype {s.dtype(name)}; supported: "
+                            + ", ".join(str(d) for d in SUPPORTED_DTYPES)
+                            + " (add it to routing.ignore to leave it alone)"
+                        )
             entries.append((name, shape, route, dtype))
         if shape_lines:
-            problems.append(f"shape mismatch in {len(shape_lines)} tensor(s):\n" + "\n".join(shape_lines))
+            problems.append(
+                f"shape mismatch in {len(shape_lines)} tensor(s):\n" + "\n".join(shape_lines)
+            )
         if problems:
             raise ValueError("cannot merge:\n- " + "\n- ".join(problems))
         return entries
@@ -186,13 +214,24 @@ class DistributedMerger:
         kind = engine or self._engine_kind(comm, target_set, [base_set, *branch_sets])
         world = world_size or comm.world_size
         entries = self._entries(target_set, base_set, branch_sets, names)
-        shardable = ENGINES[kind]().shardable(self.method, len(branch_sets), target_set, self.sharded) if kind == "zero3" else None
+        shardable = (
+            ENGINES[kind]().shardable(self.method, len(branch_sets), target_set, self.sharded)
+            if kind == "zero3"
+            else None
+        )
         if shardable is not None:  # fused-QKV matrices are merged block by block on an owner
             rule = shardable
-            shardable = lambda n, shape, route: self.routing.row_blocks(n, shape) == 1 and rule(n, shape, route)  # noqa: E731
+            shardable = lambda n, shape, route: (
+                self.routing.row_blocks(n, shape) == 1 and rule(n, shape, route)
+            )  # noqa: E731
         return build_plan(
-            entries, self.method, n_branches=len(branch_sets), world_size=world, engine=kind,
-            shardable=shardable, compute_dtype=self.compute_dtype,
+            entries,
+            self.method,
+            n_branches=len(branch_sets),
+            world_size=world,
+            engine=kind,
+            shardable=shardable,
+            compute_dtype=self.compute_dtype,
         )
 
     # ------------------------------------------------------------------ run
@@ -235,9 +274,13 @@ class DistributedMerger:
             coefs = validate_coefficients(coefficients, len(branch_sets), self.method)
             kind = self._engine_kind(comm, target_set, [base_set, *branch_sets])
             if target_set is None and not collect:
-                raise ValueError("nothing to do: pass target= (written in place) and/or collect=True")
+                raise ValueError(
+                    "nothing to do: pass target= (written in place) and/or collect=True"
+                )
             if kind == "zero3" and target_set is None:
-                raise ValueError("under ZeRO-3 the merge writes into partitioned parameters: pass target=")
+                raise ValueError(
+                    "under ZeRO-3 the merge writes into partitioned parameters: pass target="
+                )
             plan = self.plan(target_set, base_set, branch_sets, names=names, engine=kind)
         except (ValueError, TypeError, KeyError, NotImplementedError) as err:
             problem = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
@@ -255,8 +298,17 @@ class DistributedMerger:
             )
         engine: MergeEngine = ENGINES[plan.engine](comm)
         job = MergeJob(
-            self.method, target_set, base_set, branch_sets, coefs, self.compute_dtype, self.seed,
-            self.optimizer_state, optimizer, collect=collect, routing=self.routing,
+            self.method,
+            target_set,
+            base_set,
+            branch_sets,
+            coefs,
+            self.compute_dtype,
+            self.seed,
+            self.optimizer_state,
+            optimizer,
+            collect=collect,
+            routing=self.routing,
         )
         return engine.run(plan, job)
 
@@ -281,7 +333,21 @@ def merge_module_branches(
 ) -> MergeResult:
     """One-call form of :class:`DistributedMerger` (see there and the module docstring)."""
     merger = DistributedMerger(
-        method, routing=routing, compute_dtype=compute_dtype, seed=seed, engine=engine,
-        sharded=sharded, optimizer_state=optimizer_state, group=group,
+        method,
+        routing=routing,
+        compute_dtype=compute_dtype,
+        seed=seed,
+        engine=engine,
+        sharded=sharded,
+        optimizer_state=optimizer_state,
+        group=group,
     )
-    return merger.merge(target, base, branches, coefficients=coefficients, names=names, optimizer=optimizer, collect=collect)
+    return merger.merge(
+        target,
+        base,
+        branches,
+        coefficients=coefficients,
+        names=names,
+        optimizer=optimizer,
+        collect=collect,
+    )

@@ -192,11 +192,15 @@ class MergePlan:
                 f"max/mean = {ratio:.2f}: item {biggest.name!r} alone costs {biggest.cost:.3g} FLOPs, "
                 f"more than the mean rank load {mean:.3g}; fewer ranks, or the sharded mode, would balance it"
             )
-        return f"max/mean = {ratio:.2f} with {len(owner_items)} owner items on {self.world_size} ranks"
+        return (
+            f"max/mean = {ratio:.2f} with {len(owner_items)} owner items on {self.world_size} ranks"
+        )
 
     def fingerprint(self) -> str:
         """A short hash of the plan; ranks compare it before the first collective."""
-        payload = json.dumps([(it.name, it.shape, it.route, it.mode, it.owner) for it in self.items])
+        payload = json.dumps(
+            [(it.name, it.shape, it.route, it.mode, it.owner) for it in self.items]
+        )
         return hashlib.sha256(f"{self.world_size}|{payload}".encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ output
@@ -230,9 +234,13 @@ class MergePlan:
         if warning:
             lines.append(f"note: {warning}")
         if items:
-            lines.append(f"{'owner':>5}  {'mode':<7}  {'route':<8}  {'GFLOP':>9}  {'shape':<16}  name")
+            lines.append(
+                f"{'owner':>5}  {'mode':<7}  {'route':<8}  {'GFLOP':>9}  {'shape':<16}  name"
+            )
             for it in self.items:
-                who = "all" if it.mode == "sharded" else ("-" if it.mode == "skip" else str(it.owner))
+                who = (
+                    "all" if it.mode == "sharded" else ("-" if it.mode == "skip" else str(it.owner))
+                )
                 lines.append(
                     f"{who:>5}  {it.mode:<7}  {it.route:<8}  {it.cost / 1e9:>9.3f}  "
                     f"{'x'.join(map(str, it.shape)):<16}  {it.name}"
@@ -243,7 +251,9 @@ class MergePlan:
         return self.summary()
 
 
-def assign_longest_first(costs: Sequence[float], world_size: int, *, base_load: float = 0.0, passes: int = 4) -> list[int]:
+def assign_longest_first(
+    costs: Sequence[float], world_size: int, *, base_load: float = 0.0, passes: int = 4
+) -> list[int]:
     """Deterministic longest-job-first assignment of jobs to ``world_size`` bins.
 
     Jobs are taken by decreasing cost (index breaks ties) and each goes to the least-loaded
@@ -267,7 +277,9 @@ def assign_longest_first(costs: Sequence[float], world_size: int, *, base_load: 
     for _ in range(passes):
         improved = False
         hi = max(range(world_size), key=lambda b: (loads[b], -b))
-        hi_jobs = sorted((i for i in range(len(costs)) if owner[i] == hi), key=lambda i: (-costs[i], i))
+        hi_jobs = sorted(
+            (i for i in range(len(costs)) if owner[i] == hi), key=lambda i: (-costs[i], i)
+        )
         for lo in sorted(range(world_size), key=lambda b: (loads[b], b)):
             if lo == hi:
                 continue
@@ -303,7 +315,9 @@ def assign_longest_first(costs: Sequence[float], world_size: int, *, base_load: 
     return owner
 
 
-def _owner_traffic(item: MergeItem, n_branches: int, world: int, engine: EngineKind, itemsize: int) -> tuple[int, int]:
+def _owner_traffic(
+    item: MergeItem, n_branches: int, world: int, engine: EngineKind, itemsize: int
+) -> tuple[int, int]:
     """(bytes at the owner, bytes at every other rank) moved for one owner item."""
     if world == 1 or engine == "single":
         return 0, 0
@@ -345,7 +359,9 @@ def _peak(item: MergeItem, n_branches: int, world: int, compute_itemsize: int, o
 
 
 def build_plan(
-    entries: Iterable[tuple[str, Sequence[int], Route] | tuple[str, Sequence[int], Route, torch.dtype]],
+    entries: Iterable[
+        tuple[str, Sequence[int], Route] | tuple[str, Sequence[int], Route, torch.dtype]
+    ],
     method: MergeMethod,
     *,
     n_branches: int,
@@ -390,12 +406,18 @@ def build_plan(
             raw.append(MergeItem(name, shape, route, 0.0, _numel(shape) * _itemsize(dtype), "skip"))
             continue
         cost = float(method.cost(route, shape, n_branches))
-        mode: Mode = "sharded" if shardable is not None and shardable(name, shape, route) else "owner"
+        mode: Mode = (
+            "sharded" if shardable is not None and shardable(name, shape, route) else "owner"
+        )
         raw.append(MergeItem(name, shape, route, cost, _numel(shape) * _itemsize(dtype), mode))
     sharded_cost = sum(it.cost for it in raw if it.mode == "sharded") / world_size
     # Name order first, so equal costs tie-break by name whatever the input order.
-    owner_idx = sorted((i for i, it in enumerate(raw) if it.mode == "owner"), key=lambda i: raw[i].name)
-    owners = assign_longest_first([raw[i].cost for i in owner_idx], world_size, base_load=sharded_cost)
+    owner_idx = sorted(
+        (i for i, it in enumerate(raw) if it.mode == "owner"), key=lambda i: raw[i].name
+    )
+    owners = assign_longest_first(
+        [raw[i].cost for i in owner_idx], world_size, base_load=sharded_cost
+    )
     for i, r in zip(owner_idx, owners):
         it = raw[i]
         raw[i] = MergeItem(it.name, it.shape, it.route, it.cost, it.bytes, it.mode, r)
@@ -410,7 +432,9 @@ def build_plan(
         peak = 0
         for it in items:
             if it.mode == "owner":
-                at_owner, at_peer = _owner_traffic(it, n_branches, world_size, engine, _itemsize_of(it))
+                at_owner, at_peer = _owner_traffic(
+                    it, n_branches, world_size, engine, _itemsize_of(it)
+                )
                 comm += at_owner if it.owner == r else at_peer
                 if engine != "replica" or it.owner == r:
                     peak = max(peak, _peak(it, n_branches, world_size, csize, it.owner == r))

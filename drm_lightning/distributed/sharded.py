@@ -129,7 +129,13 @@ class ShardedMerger:
         self.on_write = on_write
 
     # ------------------------------------------------------------------ entry point
-    def run(self, items: Sequence[MergeItem], target: ParamSet, base: TensorSet, branches: Sequence[TensorSet]) -> None:
+    def run(
+        self,
+        items: Sequence[MergeItem],
+        target: ParamSet,
+        base: TensorSet,
+        branches: Sequence[TensorSet],
+    ) -> None:
         """Merge every item (all ranks call this with the same items in the same order)."""
         world = self.comm.world_size
         fallback = [it for it in items if it.route != "matrix"]
@@ -160,7 +166,9 @@ class ShardedMerger:
         check_finite(item.name, chunk, f"{who} ({src.origin})")
         return chunk
 
-    def _read_all(self, items: Sequence[MergeItem], base: TensorSet, branches: Sequence[TensorSet]) -> list[list[Tensor]]:
+    def _read_all(
+        self, items: Sequence[MergeItem], base: TensorSet, branches: Sequence[TensorSet]
+    ) -> list[list[Tensor]]:
         """Chunks of base and branches per item; failures become zero placeholders."""
         world, rank = self.comm.world_size, self.comm.rank
         out = []
@@ -171,7 +179,8 @@ class ShardedMerger:
                 who = "base" if k == 0 else f"branch {k - 1}"
                 row.append(
                     guarded(
-                        self.comm, f"reading {it.name!r} from {who} ({src.origin})",
+                        self.comm,
+                        f"reading {it.name!r} from {who} ({src.origin})",
                         lambda src=src, it=it, who=who: self._held_finite(src, it, who),
                         lambda lo=lo, hi=hi: torch.zeros(hi - lo, dtype=self.dtype),
                     )
@@ -192,7 +201,11 @@ class ShardedMerger:
 
     # ------------------------------------------------------------------ fallback (element-wise)
     def _fallback_group(
-        self, items: Sequence[MergeItem], target: ParamSet, base: TensorSet, branches: Sequence[TensorSet]
+        self,
+        items: Sequence[MergeItem],
+        target: ParamSet,
+        base: TensorSet,
+        branches: Sequence[TensorSet],
     ) -> None:
         comm, p = self.comm, self.params
         chunks = self._read_all(items, base, branches)
@@ -204,8 +217,11 @@ class ShardedMerger:
             stacked = torch.stack([b.to(self.dtype) - base_c for b in row[1:]])
             if p.fallback_trim_rate > 0:
                 stacked = trim_per_branch(
-                    stacked, 1.0 - p.fallback_trim_rate,
-                    mask=lambda row, density, it=it: topk_mask_distributed(row[None], it.numel, density, comm)[0],
+                    stacked,
+                    1.0 - p.fallback_trim_rate,
+                    mask=lambda row, density, it=it: topk_mask_distributed(
+                        row[None], it.numel, density, comm
+                    )[0],
                 )
             deltas.append(stacked)
             bases.append(base_c)
@@ -215,12 +231,17 @@ class ShardedMerger:
             counts = torch.zeros(len(items), dtype=torch.int64)
             if p.tie_break == "majority":  # one all-reduce for the whole group
                 counts = comm.all_reduce(torch.stack([majority_count(m) for m in masses]))
-            signs = [break_ties(m, tie_break=p.tie_break, majority=c) for m, c in zip(masses, counts)]
+            signs = [
+                break_ties(m, tie_break=p.tie_break, majority=c) for m, c in zip(masses, counts)
+            ]
         for it, base_c, d, s in zip(items, bases, deltas, signs):
             guarded(
-                comm, f"writing {it.name!r}",
+                comm,
+                f"writing {it.name!r}",
                 lambda it=it, base_c=base_c, d=d, s=s: self._write(
-                    target, it, base_c + disjoint_mean(d, s, self.coefficients, disjoint=p.disjoint_mean)
+                    target,
+                    it,
+                    base_c + disjoint_mean(d, s, self.coefficients, disjoint=p.disjoint_mean),
                 ),
                 lambda: None,
             )
@@ -239,7 +260,11 @@ class ShardedMerger:
         return out
 
     def _matrix_wave(
-        self, items: Sequence[MergeItem], target: ParamSet, base: TensorSet, branches: Sequence[TensorSet]
+        self,
+        items: Sequence[MergeItem],
+        target: ParamSet,
+        base: TensorSet,
+        branches: Sequence[TensorSet],
     ) -> None:
         comm, p = self.comm, self.params
         world, rank = comm.world_size, comm.rank
@@ -258,7 +283,8 @@ class ShardedMerger:
             rows = [comm.redistribute(c, held, wanted) for c in row]
             base_c = rows[0].to(self.dtype).reshape(n_local, m)
             deltas = guarded(
-                comm, f"building the deltas of {it.name!r}",
+                comm,
+                f"building the deltas of {it.name!r}",
                 lambda rows=rows, base_c=base_c, n_local=n_local, m=m: torch.stack(
                     [r.to(self.dtype).reshape(n_local, m) - base_c for r in rows[1:]]
                 ),
@@ -266,13 +292,24 @@ class ShardedMerger:
             )
 
             gram = guarded(
-                comm, f"the Gram of {it.name!r}",
+                comm,
+                f"the Gram of {it.name!r}",
                 lambda deltas=deltas: gram_of_rows(deltas, self.basis_dtype),
                 lambda m=m: torch.zeros(m, m, dtype=self.basis_dtype),
             )
             comm.reduce(gram, dst=j % world)
-            state.append({"item": it, "n": n, "m": m, "base": base_c, "deltas": deltas, "gram": gram if j % world == rank else None,
-                          "held": held, "wanted": wanted})
+            state.append(
+                {
+                    "item": it,
+                    "n": n,
+                    "m": m,
+                    "base": base_c,
+                    "deltas": deltas,
+                    "gram": gram if j % world == rank else None,
+                    "held": held,
+                    "wanted": wanted,
+                }
+            )
             del rows
 
         # 2. Eigendecompositions in parallel: item j on rank j % world.
@@ -280,7 +317,8 @@ class ShardedMerger:
             if j % world == rank:
                 gram = st.pop("gram")
                 st["basis"] = guarded(
-                    comm, f"the basis of {st['item'].name!r}",
+                    comm,
+                    f"the basis of {st['item'].name!r}",
                     lambda gram=gram: basis_from_gram(gram, p.rank_rtol),
                     lambda: None,
                 )
@@ -296,8 +334,16 @@ class ShardedMerger:
             r_t = torch.tensor([basis.rank if basis is not None else 0], dtype=torch.int64)
             comm.broadcast(r_t, src)
             r = int(r_t[0])
-            vectors = basis.vectors.to(self.dtype).contiguous() if basis is not None else torch.empty(m, r, dtype=self.dtype)
-            sigma = basis.sigma.to(self.dtype).contiguous() if basis is not None else torch.empty(r, dtype=self.dtype)
+            vectors = (
+                basis.vectors.to(self.dtype).contiguous()
+                if basis is not None
+                else torch.empty(m, r, dtype=self.dtype)
+            )
+            sigma = (
+                basis.sigma.to(self.dtype).contiguous()
+                if basis is not None
+                else torch.empty(r, dtype=self.dtype)
+            )
             comm.broadcast(vectors, src)
             comm.broadcast(sigma, src)
             st["vectors"], st["sigma"], st["rank"] = vectors, sigma, r
@@ -308,7 +354,12 @@ class ShardedMerger:
             merged_rows = self._merge_rows(st)
             out = st["base"] + merged_rows
             back = comm.redistribute(out.reshape(-1), st["wanted"], st["held"])
-            guarded(comm, f"writing {it.name!r}", lambda it=it, back=back: self._write(target, it, back), lambda: None)
+            guarded(
+                comm,
+                f"writing {it.name!r}",
+                lambda it=it, back=back: self._write(target, it, back),
+                lambda: None,
+            )
         comm.check("writing merged matrices")
 
     def _merge_rows(self, st: dict[str, Any]) -> Tensor:
@@ -319,7 +370,11 @@ class ShardedMerger:
         if r == 0:
             return torch.zeros(n_local, m, dtype=self.dtype)
         merged = merge_coordinates(
-            deltas @ vectors, sigma, self.coefficients, reduced_dim=m,
-            reductions=CollectiveReductions(self.comm, numel=n_br * n * r), **self.method.coordinate_kwargs(),
+            deltas @ vectors,
+            sigma,
+            self.coefficients,
+            reduced_dim=m,
+            reductions=CollectiveReductions(self.comm, numel=n_br * n * r),
+            **self.method.coordinate_kwargs(),
         )
         return merged @ vectors.mT

@@ -158,7 +158,9 @@ class ParamSet(TensorSet):
     def read_full(self, name: str) -> Tensor:  # noqa: D102
         p = self.params[name]
         if self.is_partitioned(name):
-            raise NotImplementedError(f"{name!r} is ZeRO-3 partitioned; only its partition can be read")
+            raise NotImplementedError(
+                f"{name!r} is ZeRO-3 partitioned; only its partition can be read"
+            )
         return p.detach().cpu()
 
     # ------------------------------------------------------------------ writing
@@ -381,8 +383,15 @@ class CheckpointShards(TensorSet):
         from drm_lightning.sources import SafetensorsFileSource, open_source
 
         root = Path(path)
-        hf_layout = any((root / f).exists() for f in ("model.safetensors.index.json", "model.safetensors",
-                                                      "pytorch_model.bin", "pytorch_model.bin.index.json"))
+        hf_layout = any(
+            (root / f).exists()
+            for f in (
+                "model.safetensors.index.json",
+                "model.safetensors",
+                "pytorch_model.bin",
+                "pytorch_model.bin.index.json",
+            )
+        )
         if root.is_dir() and not hf_layout:
             files = sorted(root.glob("*.safetensors"))
             if not files:

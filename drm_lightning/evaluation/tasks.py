@@ -58,7 +58,9 @@ def _as_collection(metrics: MetricsLike) -> MetricCollection:
     if isinstance(metrics, Metric):
         return MetricCollection([metrics])
     if isinstance(metrics, Mapping):
-        bad = [f"{k!r}: {type(v).__name__}" for k, v in metrics.items() if not isinstance(v, Metric)]
+        bad = [
+            f"{k!r}: {type(v).__name__}" for k, v in metrics.items() if not isinstance(v, Metric)
+        ]
         if bad:
             raise TypeError(f"metrics must be torchmetrics.Metric objects; got {', '.join(bad)}")
         if not metrics:
@@ -149,13 +151,17 @@ class TaskSpec:
         if ref is None:
             return
         if loaders is None:
-            raise ValueError(f"TaskSpec(dataloader={ref!r}) names a validation dataloader, but there is none")
+            raise ValueError(
+                f"TaskSpec(dataloader={ref!r}) names a validation dataloader, but there is none"
+            )
         if isinstance(loaders, Mapping):
             keys: list[Any] = list(loaders)
             if isinstance(ref, int) and ref not in loaders and 0 <= ref < len(keys):
                 ref = keys[ref]
             if ref not in loaders:
-                raise ValueError(f"TaskSpec(dataloader={ref!r}): no validation dataloader of that name; have {keys}")
+                raise ValueError(
+                    f"TaskSpec(dataloader={ref!r}): no validation dataloader of that name; have {keys}"
+                )
             self.dataloader = loaders[ref]
             return
         seq = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
@@ -250,7 +256,9 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 def _on_device(collection: MetricCollection, device: torch.device) -> MetricCollection:
     """``collection`` moved to ``device`` (no ``.to`` walk when every metric is already there)."""
-    if all(m.device == device for m in collection.modules() if isinstance(m, Metric)):  # no compute-group side effects
+    if all(
+        m.device == device for m in collection.modules() if isinstance(m, Metric)
+    ):  # no compute-group side effects
         return collection
     return collection.to(device)
 
@@ -372,7 +380,10 @@ def evaluate_tasks(
         >>> evaluate_tasks(nn.Identity(), tasks)
         {'a': {'mse': 0.0}}
     """
-    return {task: evaluate_task(module, task, spec, device=device, shard=shard) for task, spec in tasks.items()}
+    return {
+        task: evaluate_task(module, task, spec, device=device, shard=shard)
+        for task, spec in tasks.items()
+    }
 
 
 def summarize_scores(
@@ -419,7 +430,11 @@ def summarize_scores(
             branch_primary.append(own[main])
         if f"normalized/{task}/{main}" in out:
             normalized_primary.append(out[f"normalized/{task}/{main}"])
-    for prefix, values in (("merged", merged_primary), ("branch", branch_primary), ("normalized", normalized_primary)):
+    for prefix, values in (
+        ("merged", merged_primary),
+        ("branch", branch_primary),
+        ("normalized", normalized_primary),
+    ):
         if values:
             out[f"{prefix}/average"] = _mean(values)
     return out

@@ -102,7 +102,9 @@ class BranchAligner:
                 "permutation; use 'mudsc_align', 'activation_align' or 'weight_matching'"
             )
         if self.method.needs_activations and loader is None:
-            raise ValueError(f"aligner method {method!r} reads activations: pass loader= (unlabelled batches)")
+            raise ValueError(
+                f"aligner method {method!r} reads activations: pass loader= (unlabelled batches)"
+            )
         if anchor < 0:
             raise ValueError(f"anchor must be >= 0, got {anchor}")
         self.loader = loader
@@ -118,7 +120,9 @@ class BranchAligner:
 
         if self.spec is None:
             if self.loader is None:
-                raise ValueError("BranchAligner without loader= needs spec= (the spec is traced on a batch)")
+                raise ValueError(
+                    "BranchAligner without loader= needs spec= (the spec is traced on a batch)"
+                )
             first = next(iter(self.loader))
             x = first[0] if isinstance(first, (tuple, list)) else first
             self.spec = derive_spec(model, x.to(next(model.parameters()).device))
@@ -134,20 +138,34 @@ class BranchAligner:
         from drm_lightning.alignment import align_models
 
         if getattr(backend, "partitioned", False):
-            raise NotImplementedError("aligner= needs whole tensors: not supported under DeepSpeed ZeRO-3")
+            raise NotImplementedError(
+                "aligner= needs whole tensors: not supported under DeepSpeed ZeRO-3"
+            )
         if not 0 <= self.anchor < len(sources):
-            raise ValueError(f"aligner anchor {self.anchor} is out of range for {len(sources)} branches")
+            raise ValueError(
+                f"aligner anchor {self.anchor} is out of range for {len(sources)} branches"
+            )
         models = []
         for source in sources:
             model = copy.deepcopy(target)
             with torch.no_grad():
                 model.load_state_dict({k: source.get(k) for k in source.keys()}, strict=False)  # noqa: SIM118
             models.append(model.eval())
-        states = align_models(models, self.loader, method=self.method, anchor=self.anchor,
-                              spec=self._spec(models[0]), forward=self.forward)
+        states = align_models(
+            models,
+            self.loader,
+            method=self.method,
+            anchor=self.anchor,
+            spec=self._spec(models[0]),
+            forward=self.forward,
+        )
         out = []
         for i, (source, state) in enumerate(zip(sources, states, strict=True)):
             names = list(source.keys())
             tensors = {k: state[k].detach().to(source.meta(k).dtype) for k in names}
-            out.append(StateDictSource(tensors, origin=f"{getattr(source, 'origin', f'branch {i}')} (aligned)"))
+            out.append(
+                StateDictSource(
+                    tensors, origin=f"{getattr(source, 'origin', f'branch {i}')} (aligned)"
+                )
+            )
         return out

@@ -66,7 +66,12 @@ def gloo_group(world_size: int) -> Any:
     """A gloo group for the merge engines when the default group uses another backend, else ``None``."""
     import torch.distributed as dist
 
-    if world_size > 1 and dist.is_available() and dist.is_initialized() and dist.get_backend() != "gloo":
+    if (
+        world_size > 1
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_backend() != "gloo"
+    ):
         return dist.new_group(backend="gloo")  # the engines exchange CPU tensors
     return None
 
@@ -93,7 +98,11 @@ class Backend(ABC):
     def merger(self, seed: int = 0) -> DistributedMerger:
         """The merger of every merge and check (the engine is chosen by the merger)."""
         return DistributedMerger(
-            self.method, routing=self.routing, compute_dtype=self.compute_dtype, seed=seed, group=self.group
+            self.method,
+            routing=self.routing,
+            compute_dtype=self.compute_dtype,
+            seed=seed,
+            group=self.group,
         )
 
     def ignored(self, names: Iterable[str], shape_of: Any) -> list[str]:
@@ -109,7 +118,9 @@ class Backend(ABC):
         """A copy of ``module``'s weights now, kept as a base."""
 
     @abstractmethod
-    def capture(self, module: nn.Module, base: Any, *, dtype: torch.dtype | None, origin: str) -> Any:
+    def capture(
+        self, module: nn.Module, base: Any, *, dtype: torch.dtype | None, origin: str
+    ) -> Any:
         """What a snapshot of ``module`` stores (a delta to ``base``, or this rank's partitions)."""
 
     @abstractmethod
@@ -122,7 +133,12 @@ class Backend(ABC):
 
     @abstractmethod
     def merge(
-        self, target: nn.Module, base: Any, inputs: Sequence[Any], coefficients: Sequence[float] | None, seed: int
+        self,
+        target: nn.Module,
+        base: Any,
+        inputs: Sequence[Any],
+        coefficients: Sequence[float] | None,
+        seed: int,
     ) -> Merged:
         """Merge ``inputs`` against ``base`` for the tensors of ``target`` (``target`` is not written)."""
 
@@ -169,7 +185,9 @@ class DenseBackend(Backend):
     def frozen_copy(self, module: nn.Module, origin: str) -> Any:  # noqa: D102
         return StateDictSource(cpu_clone(float_state(module)), origin=origin)
 
-    def capture(self, module: nn.Module, base: Any, *, dtype: torch.dtype | None, origin: str) -> Any:  # noqa: D102
+    def capture(
+        self, module: nn.Module, base: Any, *, dtype: torch.dtype | None, origin: str
+    ) -> Any:  # noqa: D102
         return compute_delta(float_state(module), _tensors(base), dtype)
 
     def snapshot_input(self, stored: Any, base: Any, origin: str) -> Any:  # noqa: D102
@@ -182,10 +200,17 @@ class DenseBackend(Backend):
         plan_merge(base, list(inputs), routing=self.routing)
 
     def merge(  # noqa: D102
-        self, target: nn.Module, base: Any, inputs: Sequence[Any], coefficients: Sequence[float] | None, seed: int
+        self,
+        target: nn.Module,
+        base: Any,
+        inputs: Sequence[Any],
+        coefficients: Sequence[float] | None,
+        seed: int,
     ) -> Merged:
         named = [_named(x) for x in inputs]  # keep each input's own label in the merger's messages
-        result = self.merger(seed).merge(None, _named(base), named, coefficients=coefficients, collect=True)
+        result = self.merger(seed).merge(
+            None, _named(base), named, coefficients=coefficients, collect=True
+        )
         assert result.merged is not None
         return Merged(dict(result.merged), result.stats, result.engine)
 
@@ -209,7 +234,11 @@ class DenseBackend(Backend):
 
     @torch.no_grad()
     def adopt(self, modules: Sequence[nn.Module], merged: Merged) -> None:  # noqa: D102
-        keep = [n for n in merged.values if n not in self.ignored(merged.values, lambda n: merged.values[n].shape)]
+        keep = [
+            n
+            for n in merged.values
+            if n not in self.ignored(merged.values, lambda n: merged.values[n].shape)
+        ]
         for module in modules:
             state = module.state_dict(keep_vars=True)
             for name in keep:
@@ -233,7 +262,9 @@ class Zero3Backend(Backend):
     def frozen_copy(self, module: nn.Module, origin: str) -> Any:  # noqa: D102
         return ShardSnapshot.capture(ParamSet.from_module(module), origin=origin)
 
-    def capture(self, module: nn.Module, base: Any, *, dtype: torch.dtype | None, origin: str) -> Any:  # noqa: D102
+    def capture(
+        self, module: nn.Module, base: Any, *, dtype: torch.dtype | None, origin: str
+    ) -> Any:  # noqa: D102
         return ShardSnapshot.capture(ParamSet.from_module(module), dtype=dtype, origin=origin)
 
     def snapshot_input(self, stored: Any, base: Any, origin: str) -> Any:  # noqa: D102
@@ -246,7 +277,12 @@ class Zero3Backend(Backend):
         self.merger().plan(self._target(target), base, list(inputs))
 
     def merge(  # noqa: D102
-        self, target: nn.Module, base: Any, inputs: Sequence[Any], coefficients: Sequence[float] | None, seed: int
+        self,
+        target: nn.Module,
+        base: Any,
+        inputs: Sequence[Any],
+        coefficients: Sequence[float] | None,
+        seed: int,
     ) -> Merged:
         shards = self._target(target)
         result = self.merger(seed).merge(shards, base, list(inputs), coefficients=coefficients)

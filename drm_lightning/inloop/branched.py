@@ -16,10 +16,15 @@ def check_heads(backbone: Any, heads: Any) -> None:
     if not isinstance(heads, Mapping) or not heads:
         raise ValueError("heads must be a non-empty mapping {task name: head module}")
     bad = [f"{name!r}" for name in heads if not isinstance(name, str) or not name or "." in name]
-    bad += [f"{name!r} ({type(h).__name__})" for name, h in heads.items() if not isinstance(h, nn.Module)]
+    bad += [
+        f"{name!r} ({type(h).__name__})"
+        for name, h in heads.items()
+        if not isinstance(h, nn.Module)
+    ]
     if bad:
         raise ValueError(
-            "heads must map non-empty task names without '.' to nn.Module heads; invalid: " + ", ".join(bad)
+            "heads must map non-empty task names without '.' to nn.Module heads; invalid: "
+            + ", ".join(bad)
         )
 
 

@@ -38,7 +38,9 @@ def method_from(method: str | MergeMethod, params: Mapping[str, Any] | None) -> 
     """
     if isinstance(method, MergeMethod):
         if params:
-            raise ValueError("method_params is only used with a method name, not a MergeMethod instance")
+            raise ValueError(
+                "method_params is only used with a method name, not a MergeMethod instance"
+            )
         return method
     if isinstance(method, str):
         return get_method(method, **dict(params or {}))
@@ -53,7 +55,9 @@ def check_tasks(tasks: Mapping[str, TaskSpec] | None) -> dict[str, TaskSpec]:
         raise TypeError(f"tasks must be a mapping {{task: TaskSpec}}, got {type(tasks).__name__}")
     bad = [f"{k!r} ({type(v).__name__})" for k, v in tasks.items() if not isinstance(v, TaskSpec)]
     if bad:
-        raise TypeError("tasks values must be TaskSpec(dataloader, metrics); invalid: " + ", ".join(bad))
+        raise TypeError(
+            "tasks values must be TaskSpec(dataloader, metrics); invalid: " + ", ".join(bad)
+        )
     return dict(tasks)
 
 
@@ -315,7 +319,8 @@ class MergeCore:
             "latest_snapshot_epoch": self.snapshot_schedule.latest_epoch,
             "num_merges": self.num_merges,
             "snapshots": [
-                {"task": s.task, "step": s.step, "epoch": s.epoch, "path": s.path} for s in self.provider.snapshots
+                {"task": s.task, "step": s.step, "epoch": s.epoch, "path": s.path}
+                for s in self.provider.snapshots
             ],
             "history": [dict(r) for r in self.history],
         }
@@ -326,7 +331,10 @@ class MergeCore:
             {"latest_step": state["latest_merge_step"], "latest_epoch": state["latest_merge_epoch"]}
         )
         self.snapshot_schedule.load_state_dict(
-            {"latest_step": state["latest_snapshot_step"], "latest_epoch": state["latest_snapshot_epoch"]}
+            {
+                "latest_step": state["latest_snapshot_step"],
+                "latest_epoch": state["latest_snapshot_epoch"],
+            }
         )
         self.num_merges = int(state["num_merges"])
         self.history = [dict(r) for r in state.get("history", [])]
@@ -347,7 +355,9 @@ class MergeCore:
 
     # ------------------------------------------------------------------ export
 
-    def export(self, model: nn.Module, folder: Any, *, step: int, front_end: str, write: bool = True) -> Merged:
+    def export(
+        self, model: nn.Module, folder: Any, *, step: int, front_end: str, write: bool = True
+    ) -> Merged:
         """Write the merge of ``step`` (the last one, or a new one) as a Hugging Face folder.
 
         Every rank must call it (a new merge is collective); only ``write=True`` ranks write.

@@ -29,7 +29,9 @@ def find_pretrained(module: nn.Module) -> tuple[str, nn.Module] | None:
         True
     """
     for name, sub in module.named_modules():
-        if any(cls.__name__ == "PreTrainedModel" for cls in type(sub).__mro__) and hasattr(sub, "config"):
+        if any(cls.__name__ == "PreTrainedModel" for cls in type(sub).__mro__) and hasattr(
+            sub, "config"
+        ):
             return (f"{name}." if name else ""), sub
     return None
 
@@ -74,7 +76,9 @@ def write_export(
             config.architectures = [type(pretrained).__name__]  # type: ignore[union-attr]
             config.save_pretrained(side)  # type: ignore[union-attr,operator]
             copy_from = side
-        with HFFolderWriter(folder, overwrite=True, metadata=metadata, copy_from=copy_from) as writer:
+        with HFFolderWriter(
+            folder, overwrite=True, metadata=metadata, copy_from=copy_from
+        ) as writer:
             for name, tensor in weights.items():
                 writer.add(name, tensor.detach().to("cpu").contiguous())
     if heads:

@@ -56,7 +56,11 @@ class Snapshot:
     @property
     def stored(self) -> Any:
         """What the backend stored."""
-        return self.shards if self.shards is not None else (self.path if self.path is not None else self.delta)
+        return (
+            self.shards
+            if self.shards is not None
+            else (self.path if self.path is not None else self.delta)
+        )
 
 
 def is_safetensors(path: Path) -> bool:
@@ -107,7 +111,9 @@ class BranchProvider(ABC):
         """Per-task tensors written beside an export (``heads.safetensors``)."""
         return {}
 
-    def capture(self, model: nn.Module, backend: Backend, *, task: str, step: int, epoch: int) -> Snapshot:
+    def capture(
+        self, model: nn.Module, backend: Backend, *, task: str, step: int, epoch: int
+    ) -> Snapshot:
         """Capture the live model (snapshots only)."""
         raise NotImplementedError(f"branches={self.kind!r} takes no snapshots")
 
@@ -134,9 +140,9 @@ class LiveBranches(BranchProvider):
     kind: Kind = "live"
 
     def check_model(self, model: nn.Module) -> None:  # noqa: D102
-        if not isinstance(getattr(model, "branches", None), (Mapping, nn.ModuleDict)) or not isinstance(
-            getattr(model, "base", None), nn.Module
-        ):
+        if not isinstance(
+            getattr(model, "branches", None), (Mapping, nn.ModuleDict)
+        ) or not isinstance(getattr(model, "base", None), nn.Module):
             raise TypeError(
                 f"branches='live' needs a model with a frozen `base` module and a `branches` ModuleDict "
                 f"(BranchedModule or drm_lightning.inloop.BranchedModel); got {type(model).__name__}. Use "
@@ -156,7 +162,9 @@ class LiveBranches(BranchProvider):
 
     def branches(self, model: nn.Module, backend: Backend) -> list[Branch]:  # noqa: D102
         return [
-            Branch(t, f"live:{t}", backend.module_input(model.branches[t], f"branch {t!r}"), live=True)  # type: ignore[index]
+            Branch(
+                t, f"live:{t}", backend.module_input(model.branches[t], f"branch {t!r}"), live=True
+            )  # type: ignore[index]
             for t in self.tasks(model)
         ]
 
@@ -171,7 +179,11 @@ class LiveBranches(BranchProvider):
 
     def heads(self, model: nn.Module) -> dict[str, Tensor]:  # noqa: D102
         heads = getattr(model, "heads", None)
-        return {f"heads.{k}": v for k, v in float_state(heads).items()} if isinstance(heads, nn.Module) else {}
+        return (
+            {f"heads.{k}": v for k, v in float_state(heads).items()}
+            if isinstance(heads, nn.Module)
+            else {}
+        )
 
 
 class SingleModelBranches(BranchProvider):
@@ -238,7 +250,9 @@ class SingleModelBranches(BranchProvider):
         """What the ZeRO-3 backend cannot read or store (one line each)."""
         problems: list[str] = []
         if self.snapshot_dir is not None:
-            problems.append("snapshot_dir= (ZeRO-3 snapshots stay in CPU memory, each rank its own partition)")
+            problems.append(
+                "snapshot_dir= (ZeRO-3 snapshots stay in CPU memory, each rank its own partition)"
+            )
         check_paths(self.paths)
         problems += [
             f"checkpoint {task!r} ({os.fspath(path)}) is not safetensors: under ZeRO-3 branches are read "
@@ -251,7 +265,9 @@ class SingleModelBranches(BranchProvider):
             if not path.exists():
                 raise FileNotFoundError(f"base={os.fspath(path)!r}: the file does not exist")
             if not is_safetensors(path):
-                problems.append(f"base={os.fspath(path)!r} is not safetensors (read shard-wise under ZeRO-3)")
+                problems.append(
+                    f"base={os.fspath(path)!r} is not safetensors (read shard-wise under ZeRO-3)"
+                )
         return problems
 
     def _read(self, backend: Backend, path: Path, origin: str) -> Any:
@@ -267,9 +283,15 @@ class SingleModelBranches(BranchProvider):
         from drm_lightning.sources import StateDictSource
 
         if isinstance(self.base_arg, Mapping):
-            floats = cpu_clone({k: v for k, v in self.base_arg.items() if torch.is_floating_point(v)})
+            floats = cpu_clone(
+                {k: v for k, v in self.base_arg.items() if torch.is_floating_point(v)}
+            )
             partitioned = isinstance(backend, Zero3Backend)
-            self._base = TensorDictSet(floats, "base") if partitioned else StateDictSource(floats, origin="base")
+            self._base = (
+                TensorDictSet(floats, "base")
+                if partitioned
+                else StateDictSource(floats, origin="base")
+            )
         elif self.base_arg is not None:
             path = Path(self.base_arg)
             if not path.exists():
@@ -300,7 +322,11 @@ class SingleModelBranches(BranchProvider):
     def branches(self, model: nn.Module, backend: Backend) -> list[Branch]:  # noqa: D102
         out = [Branch(t, f"checkpoint:{t}", source) for t, source in self._checkpoints.items()]
         out += [
-            Branch(s.task, f"snapshot:{i}", backend.snapshot_input(s.stored, self._base, f"snapshot {i} ({s.task})"))
+            Branch(
+                s.task,
+                f"snapshot:{i}",
+                backend.snapshot_input(s.stored, self._base, f"snapshot {i} ({s.task})"),
+            )
             for i, s in enumerate(self._snapshots)
         ]
         if self.include_live:
@@ -317,9 +343,13 @@ class SingleModelBranches(BranchProvider):
     def adopt_modules(self, model: nn.Module) -> list[nn.Module]:  # noqa: D102
         return [model]
 
-    def capture(self, model: nn.Module, backend: Backend, *, task: str, step: int, epoch: int) -> Snapshot:  # noqa: D102
+    def capture(
+        self, model: nn.Module, backend: Backend, *, task: str, step: int, epoch: int
+    ) -> Snapshot:  # noqa: D102
         index = len(self._snapshots)
-        stored = backend.capture(model, self._base, dtype=self.snapshot_dtype, origin=f"snapshot {index} ({task})")
+        stored = backend.capture(
+            model, self._base, dtype=self.snapshot_dtype, origin=f"snapshot {index} ({task})"
+        )
         snapshot = Snapshot(task=task, step=step, epoch=epoch)
         if isinstance(backend, Zero3Backend):
             snapshot.shards = stored
@@ -341,7 +371,9 @@ class SingleModelBranches(BranchProvider):
         return snapshot
 
     def payload(self, backend: Backend | None) -> dict[str, Any] | None:  # noqa: D102
-        if isinstance(backend, Zero3Backend):  # per-rank partitions: the checkpoint is written by one rank
+        if isinstance(
+            backend, Zero3Backend
+        ):  # per-rank partitions: the checkpoint is written by one rank
             return {"mode": self.kind, "zero3": True}
         if self._base is None:
             return None  # never set up: nothing to store
@@ -363,7 +395,9 @@ class SingleModelBranches(BranchProvider):
         if payload.get("base") is not None:
             self._base = StateDictSource(payload["base"], origin="base (from the checkpoint)")
         self._snapshots = [Snapshot(**s) for s in payload.get("snapshots", [])]
-        missing = [s.path for s in self._snapshots if s.path is not None and not Path(s.path).exists()]
+        missing = [
+            s.path for s in self._snapshots if s.path is not None and not Path(s.path).exists()
+        ]
         if missing:
             raise FileNotFoundError(f"snapshot file(s) of the checkpoint are gone: {missing}")
 

@@ -57,7 +57,13 @@ class Schedule:
             return (epoch_idx + 1) % self.every_n_epochs == 0
         return False
 
-    def due(self, *, step: int | None = None, epoch: int | None = None, predicate: Predicate | None = None) -> bool:
+    def due(
+        self,
+        *,
+        step: int | None = None,
+        epoch: int | None = None,
+        predicate: Predicate | None = None,
+    ) -> bool:
         """Whether to act now; records the step or epoch when it says yes."""
         ask = predicate or self.fires
         if step is not None:
@@ -78,7 +84,9 @@ class Schedule:
         if self.every_n_steps is not None:
             if total_steps is None or total_steps >= self.every_n_steps:
                 return None
-            limits.append(f"every_n_steps={self.every_n_steps} > {int(total_steps)} optimizer steps")
+            limits.append(
+                f"every_n_steps={self.every_n_steps} > {int(total_steps)} optimizer steps"
+            )
         if self.every_n_epochs is not None:
             if max_epochs is None or max_epochs < 0 or max_epochs >= self.every_n_epochs:
                 return None

@@ -52,13 +52,19 @@ class Scorer:
     """
 
     def __init__(
-        self, tasks: Mapping[str, TaskSpec], *, evaluate_branches: bool = True, replay_bytes: int = REPLAY_BYTES
+        self,
+        tasks: Mapping[str, TaskSpec],
+        *,
+        evaluate_branches: bool = True,
+        replay_bytes: int = REPLAY_BYTES,
     ) -> None:
         self.tasks = dict(tasks)
         self.evaluate_branches = evaluate_branches
         self.replay_bytes = replay_bytes
         self.cache: dict[str, dict[str, float]] = {}
-        self._batches: dict[str, ReplayBatches] = {}  # during one evaluate(): each task's batches, read once
+        self._batches: dict[
+            str, ReplayBatches
+        ] = {}  # during one evaluate(): each task's batches, read once
 
     def check_loaders(self, name: str) -> None:
         """Refuse, at setup, a task whose dataloader has no batch (``len() == 0``).
@@ -100,15 +106,24 @@ class Scorer:
                 lengths = [None] * world
                 torch.distributed.all_gather_object(lengths, loader_length(batches))
                 pad_to = max(n or 0 for n in lengths)
-            return evaluate_task(model, task, spec, device=device, per_rank=True, pad_to=pad_to, batches=batches)
+            return evaluate_task(
+                model, task, spec, device=device, per_rank=True, pad_to=pad_to, batches=batches
+            )
         length = loader_length(batches)
         if not partitioned or (length is not None and length % world == 0):
-            return evaluate_task(model, task, spec, device=device, shard=(rank, world), batches=batches)
+            return evaluate_task(
+                model, task, spec, device=device, shard=(rank, world), batches=batches
+            )
         with metrics_unsynced(spec.collection):
             return evaluate_task(model, task, spec, device=device, batches=batches)
 
     def score_merged(
-        self, model: nn.Module, backend: Backend, provider: BranchProvider, merged: Merged, branches: Sequence[Branch]
+        self,
+        model: nn.Module,
+        backend: Backend,
+        provider: BranchProvider,
+        merged: Merged,
+        branches: Sequence[Branch],
     ) -> dict[str, dict[str, float]]:
         """Swap the merge in and score every task (per-task tensors from each task's own branch)."""
         out: dict[str, dict[str, float]] = {}
@@ -138,12 +153,21 @@ class Scorer:
                 out[task] = self.cache[own.key]
             else:
                 with backend.swap(model) as swap:
-                    swap.load(backend.values(model, own.source, backend.input_names(model, own.source)))
-                    out[task] = self.cache[own.key] = self.score(model, task, partitioned=backend.partitioned)
+                    swap.load(
+                        backend.values(model, own.source, backend.input_names(model, own.source))
+                    )
+                    out[task] = self.cache[own.key] = self.score(
+                        model, task, partitioned=backend.partitioned
+                    )
         return out
 
     def evaluate(
-        self, model: nn.Module, backend: Backend, provider: BranchProvider, merged: Merged, branches: Sequence[Branch]
+        self,
+        model: nn.Module,
+        backend: Backend,
+        provider: BranchProvider,
+        merged: Merged,
+        branches: Sequence[Branch],
     ) -> dict[str, float]:
         """The flat ``merged/…``, ``branch/…``, ``normalized/…`` scores of one merge."""
         if not self.tasks:
@@ -155,7 +179,9 @@ class Scorer:
             self._batches = self._replayable_batches() if self.evaluate_branches else {}
             try:
                 merged_scores = self.score_merged(model, backend, provider, merged, branches)
-                branch_scores = self.score_branches(model, backend, branches) if self.evaluate_branches else {}
+                branch_scores = (
+                    self.score_branches(model, backend, branches) if self.evaluate_branches else {}
+                )
             finally:
                 self._batches = {}
         primary = {t: spec.primary_name for t, spec in self.tasks.items()}

@@ -26,7 +26,9 @@ class DeltaSource:
     ``delta`` is either an in-memory mapping or a safetensors file read one tensor at a time.
     """
 
-    def __init__(self, base: Mapping[str, Tensor], delta: Mapping[str, Tensor] | Path, origin: str) -> None:
+    def __init__(
+        self, base: Mapping[str, Tensor], delta: Mapping[str, Tensor] | Path, origin: str
+    ) -> None:
         self.base = base
         self.delta = delta
         self.origin = origin
@@ -67,7 +69,9 @@ class DeltaSource:
         return {name: self.get(name) for name in self.keys()}
 
 
-def compute_delta(live: Mapping[str, Tensor], base: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+def compute_delta(
+    live: Mapping[str, Tensor], base: Mapping[str, Tensor], dtype: torch.dtype | None
+) -> dict[str, Tensor]:
     """CPU ``live - base`` for every tensor that changed (unchanged tensors are left out)."""
     out: dict[str, Tensor] = {}
     for name, base_t in base.items():
@@ -131,4 +135,3 @@ class WeightSwap:
         for name, saved in self._backup.items():
             self._targets[name].copy_(saved)
         self._backup.clear()
-

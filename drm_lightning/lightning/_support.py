@@ -24,7 +24,9 @@ ZERO3_CHECKPOINT = (
 )
 
 
-def refuse_under_zero3(export_dir: Path | None, final_weights: str, provider: BranchProvider) -> None:
+def refuse_under_zero3(
+    export_dir: Path | None, final_weights: str, provider: BranchProvider
+) -> None:
     """Refuse, at ``setup``, what the ZeRO-3 route cannot do (one ``NotImplementedError`` listing all)."""
     problems: list[str] = []
     if export_dir is not None:
@@ -33,11 +35,15 @@ def refuse_under_zero3(export_dir: Path | None, final_weights: str, provider: Br
             "training from a consolidated checkpoint instead)"
         )
     if final_weights == "merged":
-        problems.append("final_weights='merged' (use adopt=True: ZeRO-3 adoption writes the fp32 masters)")
+        problems.append(
+            "final_weights='merged' (use adopt=True: ZeRO-3 adoption writes the fp32 masters)"
+        )
     if isinstance(provider, SingleModelBranches):
         problems += provider.zero3_problems()
     if problems:
-        raise NotImplementedError("MergeCallback under DeepSpeed ZeRO-3 does not support:\n- " + "\n- ".join(problems))
+        raise NotImplementedError(
+            "MergeCallback under DeepSpeed ZeRO-3 does not support:\n- " + "\n- ".join(problems)
+        )
 
 
 def resolve_tasks(trainer: pl.Trainer, tasks: Mapping[str, TaskSpec]) -> None:

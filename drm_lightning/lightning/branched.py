@@ -76,7 +76,9 @@ class BranchedModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_heads(backbone, heads)
-        self.save_hyperparameters(ignore=["backbone", "heads", "loss_fn"])  # modules: on_save_checkpoint
+        self.save_hyperparameters(
+            ignore=["backbone", "heads", "loss_fn"]
+        )  # modules: on_save_checkpoint
         self.task_names: list[str] = list(heads)
         self.base = copy.deepcopy(backbone).requires_grad_(False)
         self.branches = nn.ModuleDict({task: copy.deepcopy(backbone) for task in self.task_names})
@@ -113,7 +115,9 @@ class BranchedModule(pl.LightningModule):
         if any(hasattr(p, "ds_id") for p in self.parameters()):
             return
         buffer = io.BytesIO()
-        torch.save({"backbone": self.base, "heads": dict(self.heads), "loss_fn": self.loss_fn}, buffer)
+        torch.save(
+            {"backbone": self.base, "heads": dict(self.heads), "loss_fn": self.loss_fn}, buffer
+        )
         checkpoint[ARCHITECTURE_KEY] = buffer.getvalue()
 
     @classmethod

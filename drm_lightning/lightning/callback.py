@@ -222,7 +222,9 @@ class MergeCallback(Callback):
             raise ValueError(f"final_weights must be 'live' or 'merged', got {final_weights!r}")
         self.mode, paths = parse_branches(branches)
         if self.mode != "snapshots" and (snapshot_every_n_steps or snapshot_every_n_epochs):
-            raise ValueError("snapshot_every_n_steps/epochs are only used with branches='snapshots'")
+            raise ValueError(
+                "snapshot_every_n_steps/epochs are only used with branches='snapshots'"
+            )
         self._paths = paths
         self.include_live = (self.mode == "checkpoints") if include_live is None else include_live
         self.live_task = live_task
@@ -236,14 +238,29 @@ class MergeCallback(Callback):
             LiveBranches()
             if self.mode == "live"
             else SingleModelBranches(
-                self.mode, paths=paths, include_live=self.include_live, live_task=live_task, base=base,
-                snapshot_dir=self.snapshot_dir, snapshot_dtype=snapshot_dtype, trust_pickles=trust_pickles,
+                self.mode,
+                paths=paths,
+                include_live=self.include_live,
+                live_task=live_task,
+                base=base,
+                snapshot_dir=self.snapshot_dir,
+                snapshot_dtype=snapshot_dtype,
+                trust_pickles=trust_pickles,
             )
         )
         self.core = MergeCore(
-            self.method, provider, tasks=tasks, routing=self.routing, coefficients=coefficients,
-            compute_dtype=compute_dtype, seed=seed, evaluate_branches=evaluate_branches, adopt=adopt,
-            name="MergeCallback", warn=rank_zero_warn, info=rank_zero_info,
+            self.method,
+            provider,
+            tasks=tasks,
+            routing=self.routing,
+            coefficients=coefficients,
+            compute_dtype=compute_dtype,
+            seed=seed,
+            evaluate_branches=evaluate_branches,
+            adopt=adopt,
+            name="MergeCallback",
+            warn=rank_zero_warn,
+            info=rank_zero_info,
         )
         self.core.merge_schedule = Schedule(every_n_steps, every_n_epochs)
         self.core.snapshot_schedule = Schedule(snapshot_every_n_steps, snapshot_every_n_epochs)
@@ -372,12 +389,22 @@ class MergeCallback(Callback):
             total = None
         reason = self.core.merge_schedule.never_fires(total, trainer.max_epochs)
         if reason and self.core.merge_schedule.empty:
-            self.core.warn_once("never", f"MergeCallback has {reason} and should_merge is not overridden: it will never merge")
+            self.core.warn_once(
+                "never",
+                f"MergeCallback has {reason} and should_merge is not overridden: it will never merge",
+            )
         elif reason:
-            self.core.warn_once("never", f"MergeCallback's schedule never fires: {reason} in this fit")
+            self.core.warn_once(
+                "never", f"MergeCallback's schedule never fires: {reason} in this fit"
+            )
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: STEP_OUTPUT,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         """Snapshot and/or merge after an optimizer step, as the predicates decide."""
         self._act(trainer, pl_module, step=trainer.global_step)
@@ -391,11 +418,17 @@ class MergeCallback(Callback):
         snap = lambda s, e: self.should_snapshot(step_idx=s, epoch_idx=e)  # noqa: E731
         if self.mode == "snapshots" and core.snapshot_schedule.due(predicate=snap, **when):
             label = core.provider.live_label(pl_module, f"snapshot_{len(core.provider.snapshots)}")  # type: ignore[attr-defined]
-            core.capture(pl_module, task=label, step=trainer.global_step, epoch=trainer.current_epoch)
-        if core.merge_schedule.due(predicate=lambda s, e: self.should_merge(step_idx=s, epoch_idx=e), **when):
+            core.capture(
+                pl_module, task=label, step=trainer.global_step, epoch=trainer.current_epoch
+            )
+        if core.merge_schedule.due(
+            predicate=lambda s, e: self.should_merge(step_idx=s, epoch_idx=e), **when
+        ):
             record = core.merge(pl_module, step=trainer.global_step, epoch=trainer.current_epoch)
             if record is not None:
-                logged = {k: float(v) for k, v in record.items() if k not in ("step", "epoch", "branches")}
+                logged = {
+                    k: float(v) for k, v in record.items() if k not in ("step", "epoch", "branches")
+                }
                 for logger in trainer.loggers:
                     logger.log_metrics(logged, step=trainer.global_step)
                 trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
@@ -411,15 +444,27 @@ class MergeCallback(Callback):
             )
         step = trainer.global_step
         if self.export_dir is not None:
-            self.core.export(pl_module, self.export_dir, step=step, front_end="MergeCallback", write=trainer.is_global_zero)
+            self.core.export(
+                pl_module,
+                self.export_dir,
+                step=step,
+                front_end="MergeCallback",
+                write=trainer.is_global_zero,
+            )
             rank_zero_info(f"MergeCallback: exported the merged model to {self.export_dir}")
         if self.final_weights == "merged":
             self.core.adopt_into(pl_module, self.core.latest(pl_module, step=step))
-            rank_zero_info("MergeCallback: the module now holds the merged weights (final_weights='merged').")
+            rank_zero_info(
+                "MergeCallback: the module now holds the merged weights (final_weights='merged')."
+            )
 
     def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.validate_merged and self.core.backend is None and self._zero3:  # validate/test outside fit:
-            group = gloo_group(trainer.world_size)  # the parameters are partitioned only from here on
+        if (
+            self.validate_merged and self.core.backend is None and self._zero3
+        ):  # validate/test outside fit:
+            group = gloo_group(
+                trainer.world_size
+            )  # the parameters are partitioned only from here on
             self.core.start(pl_module, self.core.make_backend(partitioned=True, group=group))
         if not self.validate_merged or self.core.backend is None:
             return
@@ -484,7 +529,9 @@ class MergeCallback(Callback):
                 if others
                 else "was not written with this callback"
             )
-            rank_zero_warn(f"MergeCallback: the checkpoint {origin}; {detail}; merge counters start from zero.")
+            rank_zero_warn(
+                f"MergeCallback: the checkpoint {origin}; {detail}; merge counters start from zero."
+            )
             return
         try:
             self.core.load_payload(payload)

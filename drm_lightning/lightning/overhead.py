@@ -64,7 +64,11 @@ def toy_loop(args: argparse.Namespace) -> Loop:
     )
     heads: dict[str, nn.Module] = {t: nn.Linear(args.hidden, args.classes) for t in tasks}
     train = {
-        t: DataLoader(teacher_task(i, args.train_size, args.dim, args.classes, 0), batch_size=args.batch_size, shuffle=True)
+        t: DataLoader(
+            teacher_task(i, args.train_size, args.dim, args.classes, 0),
+            batch_size=args.batch_size,
+            shuffle=True,
+        )
         for i, t in enumerate(tasks)
     }
     specs = {
@@ -78,7 +82,9 @@ def toy_loop(args: argparse.Namespace) -> Loop:
 
 
 def fit(
-    args: argparse.Namespace, with_callback: bool, build: Callable[[argparse.Namespace], Loop] = toy_loop
+    args: argparse.Namespace,
+    with_callback: bool,
+    build: Callable[[argparse.Namespace], Loop] = toy_loop,
 ) -> tuple[float, MergeCallback | None, BranchedModule]:
     """One fit of ``build(args)`` (seeded): its wall seconds, the callback, the module."""
     pl.seed_everything(0, verbose=False)
@@ -87,7 +93,9 @@ def fit(
     callbacks: list[Any] = []
     cb = None
     if with_callback:
-        cb = MergeCallback(args.method, tasks=loop.specs, every_n_steps=args.every, adopt=args.adopt)
+        cb = MergeCallback(
+            args.method, tasks=loop.specs, every_n_steps=args.every, adopt=args.adopt
+        )
         callbacks.append(cb)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -120,7 +128,9 @@ def build_parser(*, add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--val-size", type=int, default=512)
     parser.add_argument("--method", default="drm")
     parser.add_argument("--adopt", action="store_true")
-    parser.add_argument("--repeats", type=int, default=2, help="alternate plain/callback fits; keep the fastest")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="alternate plain/callback fits; keep the fastest"
+    )
     return parser
 
 

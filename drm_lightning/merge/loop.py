@@ -1,5 +1,4 @@
-"""The merge loop: the planned tensors of a model merged one at a time (whole or in row pieces).
-"""
+"""The merge loop: the planned tensors of a model merged one at a time (whole or in row pieces)."""
 
 from __future__ import annotations
 
@@ -57,47 +56,93 @@ def iter_merge(
     if seed is None:
         seed = int(getattr(method.params, "seed", 0) or 0)
     coefs = validate_coefficients(coefficients, len(branches), method)
-    plan = plan if plan is not None else plan_merge(base, branches, routing=routing, coefficients=coefs)
+    plan = (
+        plan
+        if plan is not None
+        else plan_merge(base, branches, routing=routing, coefficients=coefs)
+    )
     items: Any = plan
     if progress:
         from tqdm.auto import tqdm
 
-        items = tqdm(plan, desc=f"merging ({getattr(method, 'registered_name', method.name)})", unit="tensor")
+        items = tqdm(
+            plan, desc=f"merging ({getattr(method, 'registered_name', method.name)})", unit="tensor"
+        )
     origins = [origin_label(base, None), *(origin_label(b, i) for i, b in enumerate(branches))]
     with ReadAhead([base, *branches]) as ahead:
         for position, item in enumerate(items):
             if position + 1 < len(plan):  # the disk reads the next tensor while this one merges
                 ahead.ask([plan[position + 1].name])
             yield from _merge_item(
-                method, item, base, branches, coefs, compute_dtype=compute_dtype, out_dtype=out_dtype,
-                seed=seed, piece_elements=piece_elements, origins=origins,
+                method,
+                item,
+                base,
+                branches,
+                coefs,
+                compute_dtype=compute_dtype,
+                out_dtype=out_dtype,
+                seed=seed,
+                piece_elements=piece_elements,
+                origins=origins,
             )
 
 
 def _merge_item(
-    method: MergeMethod, item: PlannedTensor, base: Any, branches: Sequence[Any], coefs: list[float], *,
-    compute_dtype: torch.dtype, out_dtype: torch.dtype | None, seed: int, piece_elements: int | None,
+    method: MergeMethod,
+    item: PlannedTensor,
+    base: Any,
+    branches: Sequence[Any],
+    coefs: list[float],
+    *,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype | None,
+    seed: int,
+    piece_elements: int | None,
     origins: list[str],
 ) -> Iterator[tuple[str, Any]]:
     """:func:`iter_merge`'s ``(name, merged)`` of one planned tensor."""
     if item.route == "ignore":
-        yield item.name, merge_tensor(method, "ignore", base.get(item.name), [], coefs, out_dtype=out_dtype)
+        yield (
+            item.name,
+            merge_tensor(method, "ignore", base.get(item.name), [], coefs, out_dtype=out_dtype),
+        )
         return
     generator = tensor_generator(seed, item.name) if method.uses_randomness else None
     if merges_in_pieces(method, item, base, branches, piece_elements):
         pieces = merge_in_pieces(
-            method, item, base, branches, coefs, compute_dtype=compute_dtype, out_dtype=out_dtype,
-            generator=generator, origins=origins,
+            method,
+            item,
+            base,
+            branches,
+            coefs,
+            compute_dtype=compute_dtype,
+            out_dtype=out_dtype,
+            generator=generator,
+            origins=origins,
             piece_rows=rows_per_piece(item.shape, len(branches), int(piece_elements or 0)),
         )
-        yield item.name, RowPieces(item.shape, out_dtype or item.dtype, pieces, fresh=True)  # new tensors
+        yield (
+            item.name,
+            RowPieces(item.shape, out_dtype or item.dtype, pieces, fresh=True),
+        )  # new tensors
         return
     base_t = base.get(item.name)
     branch_ts = [branch_tensor(branch, item.name, item.route) for branch in branches]
-    yield item.name, merge_tensor(
-        method, item.route, base_t, branch_ts, coefs, compute_dtype=compute_dtype,
-        out_dtype=out_dtype, generator=generator, name=item.name, origins=origins,
-        row_blocks=item.row_blocks,
+    yield (
+        item.name,
+        merge_tensor(
+            method,
+            item.route,
+            base_t,
+            branch_ts,
+            coefs,
+            compute_dtype=compute_dtype,
+            out_dtype=out_dtype,
+            generator=generator,
+            name=item.name,
+            origins=origins,
+            row_blocks=item.row_blocks,
+        ),
     )
 
 
@@ -127,7 +172,14 @@ def merge_state_dicts(
     branch_srcs = [_as_source(b, f"branch state dict {i}") for i, b in enumerate(branches)]
     return dict(
         iter_merge(
-            method, base_src, branch_srcs, coefficients=coefficients, routing=routing,
-            compute_dtype=compute_dtype, out_dtype=out_dtype, seed=seed, progress=progress,
+            method,
+            base_src,
+            branch_srcs,
+            coefficients=coefficients,
+            routing=routing,
+            compute_dtype=compute_dtype,
+            out_dtype=out_dtype,
+            seed=seed,
+            progress=progress,
         )
     )

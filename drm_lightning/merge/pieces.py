@@ -46,7 +46,11 @@ raise peak RSS by 54 MiB in 7.6 s, of 2**22 by 158 MiB in 14.6 s, of 2**24 by 50
 
 
 def merges_in_pieces(
-    method: MergeMethod, item: PlannedTensor, base: Any, branches: Sequence[Any], piece_elements: int | None
+    method: MergeMethod,
+    item: PlannedTensor,
+    base: Any,
+    branches: Sequence[Any],
+    piece_elements: int | None,
 ) -> bool:
     """Whether :func:`merge_in_pieces` pays off for ``item``: a tensor larger than one piece,
     a method that merges it in row pieces, and inputs that read row slices cheaply."""
@@ -57,7 +61,9 @@ def merges_in_pieces(
     if not method.merges_in_rows(item.route, item.shape, len(branches)):
         return False
     sources = [base, *(b for b in branches if not is_lora_source(b))]
-    return all(callable(getattr(s, "reads_rows", None)) and s.reads_rows(item.name) for s in sources)
+    return all(
+        callable(getattr(s, "reads_rows", None)) and s.reads_rows(item.name) for s in sources
+    )
 
 
 def merge_in_pieces(
@@ -118,17 +124,27 @@ def merge_in_pieces(
         stored = [base.meta(name).dtype, *(b.meta(name).dtype for b in branches)]
 
         def read_stored(start: int, stop: int) -> tuple[Tensor, list[Tensor]]:
-            return base.get_rows(name, start, stop), [b.get_rows(name, start, stop) for b in branches]
+            return base.get_rows(name, start, stop), [
+                b.get_rows(name, start, stop) for b in branches
+            ]
 
         fused = method.merge_stored_rows(
-            item.route, read_stored, item.shape, coef, piece_rows=step, stored=stored, out_dtype=out_dtype,
+            item.route,
+            read_stored,
+            item.shape,
+            coef,
+            piece_rows=step,
+            stored=stored,
+            out_dtype=out_dtype,
             compute_dtype=compute_dtype,
         )
         if fused is not None:
             yield from _checked_stored_pieces(fused, name, base, branches, origins, item.shape[0])
             return
     row = 0
-    for delta in method.merge_rows(item.route, read, item.shape, coef, piece_rows=step, generator=generator):
+    for delta in method.merge_rows(
+        item.route, read, item.shape, coef, piece_rows=step, generator=generator
+    ):
         stop = row + delta.shape[0]
         merged = (base_rows(row, stop) + delta).to(out_dtype)
         check_finite(name, merged, "the merged result", f" (rows {row}:{stop}){RESULT_HINT}")
@@ -138,7 +154,12 @@ def merge_in_pieces(
 
 
 def _checked_stored_pieces(
-    pieces: Iterator[StoredPiece], name: str, base: Any, branches: Sequence[Any], origins: Sequence[str], rows: int
+    pieces: Iterator[StoredPiece],
+    name: str,
+    base: Any,
+    branches: Sequence[Any],
+    origins: Sequence[str],
+    rows: int,
 ) -> Iterator[Tensor]:
     """The merged pieces of :meth:`~drm_lightning.methods.MergeMethod.merge_stored_rows`, with
     the checks of the eager route: a non-finite input raises naming the input and the rows,
@@ -149,9 +170,16 @@ def _checked_stored_pieces(
             hint = f" (rows {piece.start}:{piece.stop})"
             for source, origin in zip([base, *branches], origins, strict=True):
                 check_finite(name, source.get_rows(name, piece.start, piece.stop), origin, hint)
-            raise RuntimeError(f"{name!r}: the fused merge saw a non-finite input in rows {piece.start}:{piece.stop}")
+            raise RuntimeError(
+                f"{name!r}: the fused merge saw a non-finite input in rows {piece.start}:{piece.stop}"
+            )
         if not piece.merged_finite:  # raises, naming the tensor and the rows
-            check_finite(name, piece.merged, "the merged result", f" (rows {piece.start}:{piece.stop}){RESULT_HINT}")
+            check_finite(
+                name,
+                piece.merged,
+                "the merged result",
+                f" (rows {piece.start}:{piece.stop}){RESULT_HINT}",
+            )
         yield piece.merged
         row = piece.stop
     _check_all_rows(name, row, rows)

@@ -83,7 +83,11 @@ def validate_coefficients(
             f"coefficients has {len(values)} values but there are {n_branches} branches; "
             "give one coefficient per branch"
         )
-    bad = [f"branches[{i}].coefficient={v}" for i, v in enumerate(values) if not v >= 0 or v != v or v == float("inf")]
+    bad = [
+        f"branches[{i}].coefficient={v}"
+        for i, v in enumerate(values)
+        if not v >= 0 or v != v or v == float("inf")
+    ]
     if bad:
         raise ValueError(f"coefficients must be finite and >= 0: {', '.join(bad)}")
     if method is not None:
@@ -118,9 +122,13 @@ def plan_merge(
         keys = set(branch.keys())
         missing, extra = sorted(base_set - keys), sorted(keys - base_set)
         if missing:
-            problems.append(f"{origin_label(branch, i)} is missing {len(missing)} key(s) of the base: {_short(missing)}")
+            problems.append(
+                f"{origin_label(branch, i)} is missing {len(missing)} key(s) of the base: {_short(missing)}"
+            )
         if extra:
-            problems.append(f"{origin_label(branch, i)} has {len(extra)} key(s) not in the base: {_short(extra)}")
+            problems.append(
+                f"{origin_label(branch, i)} has {len(extra)} key(s) not in the base: {_short(extra)}"
+            )
     planned: list[PlannedTensor] = []
     shape_lines: list[str] = []
     for name in base_keys:
@@ -136,7 +144,11 @@ def plan_merge(
                 dtypes[f"branch {i}"] = bm.dtype
         if len(set(shapes.values())) > 1:
             listing = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
-            hint = " (vocabulary size differs: resize the embeddings to the base's tokenizer first)" if _looks_like_vocab(name) else ""
+            hint = (
+                " (vocabulary size differs: resize the embeddings to the base's tokenizer first)"
+                if _looks_like_vocab(name)
+                else ""
+            )
             shape_lines.append(f"  {name}: {listing}{hint}")
         if route != "ignore":
             problems += [
@@ -149,7 +161,9 @@ def plan_merge(
             problems.append(split_problem)
         planned.append(PlannedTensor(name, shape, dtype, route, routing.row_blocks(name, shape)))
     if shape_lines:
-        problems.append("shape mismatch in {} tensor(s):\n{}".format(len(shape_lines), "\n".join(shape_lines)))
+        problems.append(
+            "shape mismatch in {} tensor(s):\n{}".format(len(shape_lines), "\n".join(shape_lines))
+        )
     if problems:
         raise ValueError("cannot merge:\n- " + "\n- ".join(problems))
     return planned
@@ -165,5 +179,3 @@ def dtype_refusal(name: str, origin: str, dtype: torch.dtype) -> str:
 def _short(names: Sequence[str], limit: int = 20) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
-
-

@@ -56,7 +56,9 @@ def _compile(patterns: Sequence[str], field_name: str) -> tuple[re.Pattern[str],
         try:
             compiled.append(re.compile(pattern))
         except re.error as err:
-            raise ValueError(f"routing.{field_name}[{i}]: invalid regex {pattern!r}: {err}") from None
+            raise ValueError(
+                f"routing.{field_name}[{i}]: invalid regex {pattern!r}: {err}"
+            ) from None
     return tuple(compiled)
 
 
@@ -74,12 +76,16 @@ class Routing:
         for name in ("include", "exclude", "ignore", "fused_qkv"):
             value = getattr(self, name)
             if isinstance(value, str):
-                raise TypeError(f"routing.{name} must be a list of regexes, got the string {value!r}")
+                raise TypeError(
+                    f"routing.{name} must be a list of regexes, got the string {value!r}"
+                )
             object.__setattr__(self, name, tuple(value))
         object.__setattr__(
             self,
             "_compiled",
-            tuple(_compile(getattr(self, n), n) for n in ("include", "exclude", "ignore", "fused_qkv")),
+            tuple(
+                _compile(getattr(self, n), n) for n in ("include", "exclude", "ignore", "fused_qkv")
+            ),
         )
 
     def route(self, name: str, shape: Sequence[int]) -> Route:

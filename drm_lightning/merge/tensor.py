@@ -109,13 +109,24 @@ def merge_tensor(
     if route == "matrix" and row_blocks > 1:
         rows = base.shape[0] // row_blocks
         blocks = [slice(k * rows, (k + 1) * rows) for k in range(row_blocks)]
-        merged = torch.cat([
-            _merge_checked_inputs(method, route, base[rows_k], [_row_block(t, rows_k) for t in branch_tensors],
-                                  coefficients, compute_dtype, generator)
-            for rows_k in blocks
-        ])
+        merged = torch.cat(
+            [
+                _merge_checked_inputs(
+                    method,
+                    route,
+                    base[rows_k],
+                    [_row_block(t, rows_k) for t in branch_tensors],
+                    coefficients,
+                    compute_dtype,
+                    generator,
+                )
+                for rows_k in blocks
+            ]
+        )
     else:
-        merged = _merge_checked_inputs(method, route, base, branch_tensors, coefficients, compute_dtype, generator)
+        merged = _merge_checked_inputs(
+            method, route, base, branch_tensors, coefficients, compute_dtype, generator
+        )
     merged = merged.to(out_dtype)
     check_finite(name, merged, "the merged result", RESULT_HINT)
     if route == "matrix" and base.numel() * len(branch_tensors) >= TRIM_AFTER_ELEMENTS:
@@ -153,7 +164,9 @@ def _merge_checked_inputs(
     if route == "matrix" and len(dense) < len(branch_tensors):
         if not dense:
             factors = [
-                None if t is None else (t[0].to(base.device, compute_dtype), t[1].to(base.device, compute_dtype))
+                None
+                if t is None
+                else (t[0].to(base.device, compute_dtype), t[1].to(base.device, compute_dtype))
                 for t in branch_tensors
             ]
             with finite_inputs_checked():
@@ -185,5 +198,3 @@ def branch_tensor(branch: Any, name: str, route: Route) -> BranchTensor:
     if is_lora_source(branch):
         return branch.lowrank(name)
     return branch.get(name)
-
-

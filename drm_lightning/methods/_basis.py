@@ -51,7 +51,9 @@ class SharedBasis:
 def _truncate(vectors: Tensor, sigma: Tensor, rank_rtol: float) -> SharedBasis:
     """Keep the directions with ``sigma > rank_rtol * sigma_max`` (spec §4.2 step 3)."""
     if sigma.numel() and not bool(torch.isfinite(sigma[0])):
-        raise ValueError("DRM: the deltas hold NaN or Inf (the largest singular value is not finite)")
+        raise ValueError(
+            "DRM: the deltas hold NaN or Inf (the largest singular value is not finite)"
+        )
     if sigma.numel() == 0 or not bool(sigma[0] > 0):
         return SharedBasis(vectors[:, :0], sigma[:0])
     keep = int((sigma > rank_rtol * sigma[0]).sum())
@@ -303,7 +305,10 @@ def gram_of_rows(deltas: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 
 def lowrank_shared_basis(
-    factors: Sequence[LowRankFactors], *, rank_rtol: float = 1e-2, precision: BasisPrecision = "float64"
+    factors: Sequence[LowRankFactors],
+    *,
+    rank_rtol: float = 1e-2,
+    precision: BasisPrecision = "float64",
 ) -> SharedBasis:
     """Exact shared basis of ``[B_1A_1; …; B_NA_N]`` from the factors (spec §7).
 

@@ -189,7 +189,19 @@ def tie_counts(base, branches, modes, cuts, counts):  # type: ignore[no-untyped-
 
 @njit(cache=True, nogil=True)
 def merge_piece(  # type: ignore[no-untyped-def]
-    base, branches, weights, modes, cuts, budgets, seen, elect, normalize, peft, weight_sum, scaling, out
+    base,
+    branches,
+    weights,
+    modes,
+    cuts,
+    budgets,
+    seen,
+    elect,
+    normalize,
+    peft,
+    weight_sum,
+    scaling,
+    out,
 ):
     """``base + merged delta`` of one piece into ``out``; returns whether every input entry is
     finite and whether every result entry is.

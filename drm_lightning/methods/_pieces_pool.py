@@ -24,7 +24,9 @@ AHEAD_PER_THREAD = 4
 that stalls for a while (a writer the kernel throttles) without idling the threads."""
 
 
-def in_order(work: Callable[[Item], Result], items: Iterable[Item], threads: int) -> Iterator[Result]:
+def in_order(
+    work: Callable[[Item], Result], items: Iterable[Item], threads: int
+) -> Iterator[Result]:
     """``work(item)`` of each item, yielded in the items' order, computed on ``threads`` threads.
 
     One thread: computed in the caller's thread, one at a time. More: items start in order,

@@ -169,7 +169,11 @@ class MagnitudeCut:
     """
 
     def __init__(
-        self, read: DeltaRows, spans: Sequence[tuple[int, int]], keeps: Sequence[int], numel: int,
+        self,
+        read: DeltaRows,
+        spans: Sequence[tuple[int, int]],
+        keeps: Sequence[int],
+        numel: int,
         dtype: torch.dtype,
     ) -> None:
         self.keeps = [int(k) for k in keeps]
@@ -204,7 +208,9 @@ class MagnitudeCut:
                 if cut is None:
                     out[i] = self.keeps[i] >= self.numel
                     continue
-                mask, ties_left[i] = keep_largest(deltas[i].abs(), cut[0].to(deltas.device), ties_left[i])
+                mask, ties_left[i] = keep_largest(
+                    deltas[i].abs(), cut[0].to(deltas.device), ties_left[i]
+                )
                 out[i] = mask
             return out
 

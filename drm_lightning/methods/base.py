@@ -156,7 +156,9 @@ class MergeMethod(ABC):
         dense = coefficients.new_zeros((len(factors), *shape))
         for i, pair in enumerate(factors):
             if pair is not None:
-                dense[i] = pair[0].to(coefficients.device, dtype) @ pair[1].to(coefficients.device, dtype)
+                dense[i] = pair[0].to(coefficients.device, dtype) @ pair[1].to(
+                    coefficients.device, dtype
+                )
         return self.merge_matrix(dense, coefficients, generator=generator)
 
     merge_lowrank = checked_entry(merge_lowrank)
@@ -246,20 +248,33 @@ def parameter_problems(
     out = []
     for key in params:
         if key in preset:
-            out.append((key, f"fixed to {preset[key]!r} by method {method!r} (settable: {', '.join(settable)})"))
+            out.append(
+                (
+                    key,
+                    f"fixed to {preset[key]!r} by method {method!r} (settable: {', '.join(settable)})",
+                )
+            )
         elif key not in params_cls.model_fields:
-            out.append((key, f"unknown parameter for method {method!r} ({closest_names(str(key), settable)})"))
+            out.append(
+                (
+                    key,
+                    f"unknown parameter for method {method!r} ({closest_names(str(key), settable)})",
+                )
+            )
     return out
 
 
 def _raise_problems(problems: list[tuple[str, str]]) -> None:
     """One ``ValueError`` for every problem, each naming its parameter."""
     if problems:
-        raise ValueError("; ".join(
-            problem.replace("unknown parameter", f"unknown parameter {key!r}", 1)
-            if problem.startswith("unknown") else f"parameter {key!r} is {problem}"
-            for key, problem in problems
-        ))
+        raise ValueError(
+            "; ".join(
+                problem.replace("unknown parameter", f"unknown parameter {key!r}", 1)
+                if problem.startswith("unknown")
+                else f"parameter {key!r} is {problem}"
+                for key, problem in problems
+            )
+        )
 
 
 def build_params(method: str, params_cls: type[MethodParams], params: dict[str, Any]) -> Any:
@@ -305,9 +320,7 @@ def method_class(name: str) -> tuple[type[MergeMethod], dict[str, Any]]:
 def method_parameters(name: str) -> dict[str, Any]:
     """The user-settable parameters of a registered method with their defaults."""
     cls, preset = method_class(name)
-    return {
-        k: f.default for k, f in cls.Params.model_fields.items() if k not in preset
-    }
+    return {k: f.default for k, f in cls.Params.model_fields.items() if k not in preset}
 
 
 def get_method(name: str, **params: Any) -> MergeMethod:

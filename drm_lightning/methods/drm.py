@@ -185,16 +185,25 @@ def merge_coordinates(
     Returns:
         (n, r) merged coordinates.
     """
-    col_sq = reductions.sum(torch.stack([(c * c).sum(dim=0) for c in coords]))  # (N, r), over every row
+    col_sq = reductions.sum(
+        torch.stack([(c * c).sum(dim=0) for c in coords])
+    )  # (N, r), over every row
     if not reference_compat:
         noise = column_is_noise(col_sq, reduced_dim, coords.dtype)
         if bool(noise.any()):
             coords = coords.masked_fill(noise.unsqueeze(1), 0)
             col_sq = col_sq.masked_fill(noise, 0)
-    if drop_rate > 0 and reductions is LOCAL and not reference_compat and coords.numel() > MASK_BLOCK:
+    if (
+        drop_rate > 0
+        and reductions is LOCAL
+        and not reference_compat
+        and coords.numel() > MASK_BLOCK
+    ):
         # large: the scores a block at a time, the pruning in place (in a copy unless `overwrite`)
         scale = col_sq.sqrt() if renormalize else sigma.reshape(1, -1).expand_as(col_sq)
-        coords = prune_scaled_in_place(coords if overwrite else coords.clone(), scale, 1.0 - drop_rate)
+        coords = prune_scaled_in_place(
+            coords if overwrite else coords.clone(), scale, 1.0 - drop_rate
+        )
     elif drop_rate > 0:
         scores = pruning_scores(coords, sigma, renormalize=renormalize, col_norms=col_sq.sqrt())
         mask = reductions.topk_mask(scores, 1.0 - drop_rate, reference_compat=reference_compat)
@@ -204,7 +213,9 @@ def merge_coordinates(
     signs = mass_signs(coords)
     majority = reductions.sum(majority_count(signs)) if tie_break == "majority" else 0
     signs = break_ties(signs, tie_break=tie_break, majority=majority)
-    return disjoint_mean(coords, signs, coefficients, disjoint=disjoint, overwrite=drop_rate > 0 or overwrite)
+    return disjoint_mean(
+        coords, signs, coefficients, disjoint=disjoint, overwrite=drop_rate > 0 or overwrite
+    )
 
 
 def drm_merge(
@@ -238,9 +249,16 @@ def drm_merge(
     if direction == "horizontal":
         with finite_inputs_checked():
             return drm_merge(
-                deltas.mT, coefficients, drop_rate=drop_rate, direction="vertical",
-                renormalize=renormalize, rank_rtol=rank_rtol, reference_compat=reference_compat,
-                tie_break=tie_break, disjoint=disjoint, solver=solver,
+                deltas.mT,
+                coefficients,
+                drop_rate=drop_rate,
+                direction="vertical",
+                renormalize=renormalize,
+                rank_rtol=rank_rtol,
+                reference_compat=reference_compat,
+                tie_break=tie_break,
+                disjoint=disjoint,
+                solver=solver,
                 basis_precision=basis_precision,
             ).mT
     _, n, m = deltas.shape
@@ -253,9 +271,16 @@ def drm_merge(
     vectors, sigma = basis.vectors.to(work), basis.sigma.to(work)
     del basis  # the float64 basis, before the coordinates are made
     merged = merge_coordinates(  # no reference kept to the coordinates: they are freed once pruned
-        project(deltas, vectors), sigma, coefficients, reduced_dim=m, drop_rate=drop_rate,
-        renormalize=renormalize, reference_compat=reference_compat, tie_break=tie_break,
-        disjoint=disjoint, overwrite=True,
+        project(deltas, vectors),
+        sigma,
+        coefficients,
+        reduced_dim=m,
+        drop_rate=drop_rate,
+        renormalize=renormalize,
+        reference_compat=reference_compat,
+        tie_break=tie_break,
+        disjoint=disjoint,
+        overwrite=True,
     )
     return (merged @ vectors.mT).to(deltas.dtype)
 
@@ -302,13 +327,26 @@ def drm_merge_lowrank(
         swapped = [None if f is None else (f[1].mT, f[0].mT) for f in factors]
         with finite_inputs_checked():
             return drm_merge_lowrank(
-                swapped, coefficients, (m, n), drop_rate=drop_rate, direction="vertical",
-                renormalize=renormalize, rank_rtol=rank_rtol, reference_compat=reference_compat,
-                tie_break=tie_break, disjoint=disjoint, basis_precision=basis_precision,
+                swapped,
+                coefficients,
+                (m, n),
+                drop_rate=drop_rate,
+                direction="vertical",
+                renormalize=renormalize,
+                rank_rtol=rank_rtol,
+                reference_compat=reference_compat,
+                tie_break=tie_break,
+                disjoint=disjoint,
+                basis_precision=basis_precision,
             ).mT
     out_dtype, dtype = coefficients.dtype, working_dtype(coefficients.dtype)
     coefficients = coefficients.to(dtype)
-    present = [(b.to(coefficients.device, dtype), a.to(coefficients.device, dtype)) for f in factors if f is not None for b, a in [f]]
+    present = [
+        (b.to(coefficients.device, dtype), a.to(coefficients.device, dtype))
+        for f in factors
+        if f is not None
+        for b, a in [f]
+    ]
     present = [(b, a) for b, a in present if a.shape[0] > 0]
     if not present:
         return coefficients.new_zeros(n, m, dtype=out_dtype)
@@ -322,8 +360,15 @@ def drm_merge_lowrank(
             b, a = f[0].to(coefficients.device, dtype), f[1].to(coefficients.device, dtype)
             coords[i] = b @ (a @ basis.vectors)
     merged = merge_coordinates(
-        coords, basis.sigma, coefficients, reduced_dim=m, drop_rate=drop_rate, renormalize=renormalize,
-        reference_compat=reference_compat, tie_break=tie_break, disjoint=disjoint,
+        coords,
+        basis.sigma,
+        coefficients,
+        reduced_dim=m,
+        drop_rate=drop_rate,
+        renormalize=renormalize,
+        reference_compat=reference_compat,
+        tie_break=tie_break,
+        disjoint=disjoint,
     )
     return (merged @ basis.vectors.mT).to(out_dtype)
 
@@ -386,7 +431,9 @@ class DRMParams(MethodParams):
     projections; DRM-H did not.
     """
 
-    drop_rate: float = Field(0.8, ge=0.0, lt=1.0, description="fraction of basis coordinates pruned")
+    drop_rate: float = Field(
+        0.8, ge=0.0, lt=1.0, description="fraction of basis coordinates pruned"
+    )
     direction: Direction = Field("horizontal", description="horizontal (DRM-H) or vertical (DRM-V)")
     renormalize: bool = Field(True, description="prune on unit-normalised blocks (the 'Renorm')")
     rank_rtol: float = Field(1e-2, ge=0.0, lt=1.0, description="keep σ_j > rank_rtol·σ_1")
@@ -397,7 +444,9 @@ class DRMParams(MethodParams):
     disjoint_mean: bool = Field(True, description="divide by agreeing branches (else by N)")
     elect_signs: bool = Field(True, description="sign election on the fallback path")
     fallback_trim_rate: float = Field(
-        0.0, ge=0.0, lt=1.0,
+        0.0,
+        ge=0.0,
+        lt=1.0,
         description=(
             "magnitude trim on the fallback path, per branch and per TENSOR (spec §5 trims one "
             "vector per branch over all fallback tensors together; that variant is not offered)"
@@ -430,9 +479,14 @@ class DRM(MergeMethod):
     def _kwargs(self) -> dict:
         p = self.params
         return dict(
-            drop_rate=p.drop_rate, direction=p.direction, renormalize=p.renormalize,
-            rank_rtol=p.rank_rtol, reference_compat=p.reference_compat,
-            tie_break=p.tie_break, disjoint=p.disjoint_mean, basis_precision=p.basis_precision,
+            drop_rate=p.drop_rate,
+            direction=p.direction,
+            renormalize=p.renormalize,
+            rank_rtol=p.rank_rtol,
+            reference_compat=p.reference_compat,
+            tie_break=p.tie_break,
+            disjoint=p.disjoint_mean,
+            basis_precision=p.basis_precision,
         )
 
     def merge_matrix(self, deltas, coefficients, *, generator=None):  # noqa: D102
@@ -457,16 +511,25 @@ class DRM(MergeMethod):
             return
         p = self.params
         yield from drm_fallback_rows(
-            read, shape, coefficients, piece_rows=piece_rows, trim_rate=p.fallback_trim_rate,
-            elect=p.elect_signs, tie_break=p.tie_break, disjoint=p.disjoint_mean,
+            read,
+            shape,
+            coefficients,
+            piece_rows=piece_rows,
+            trim_rate=p.fallback_trim_rate,
+            elect=p.elect_signs,
+            tie_break=p.tie_break,
+            disjoint=p.disjoint_mean,
         )
 
     def coordinate_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`merge_coordinates` these parameters set."""
         p = self.params
         return dict(
-            drop_rate=p.drop_rate, renormalize=p.renormalize, reference_compat=p.reference_compat,
-            tie_break=p.tie_break, disjoint=p.disjoint_mean,
+            drop_rate=p.drop_rate,
+            renormalize=p.renormalize,
+            reference_compat=p.reference_compat,
+            tie_break=p.tie_break,
+            disjoint=p.disjoint_mean,
         )
 
     def row_local(self, route: Route, shape, n_branches: int) -> bool:  # noqa: D102

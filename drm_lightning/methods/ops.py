@@ -121,8 +121,11 @@ def check_merge_inputs(
     if isinstance(deltas, Tensor):
         parts = [("deltas", deltas, "the merge call")]
     else:
-        parts = [(f"factor {name}", part, f"branch {i}")
-                 for i, pair in enumerate(deltas) for name, part in zip(("B", "A"), pair or ())]
+        parts = [
+            (f"factor {name}", part, f"branch {i}")
+            for i, pair in enumerate(deltas)
+            for name, part in zip(("B", "A"), pair or ())
+        ]
     if isinstance(coefficients, Tensor):
         parts.insert(0, ("coefficients", coefficients, "the merge call"))
     for name, tensor, origin in parts:
@@ -204,7 +207,11 @@ def kth_smallest(magnitudes: Tensor, k: int) -> Tensor:
     """
     if magnitudes.device.type != "cpu":
         return torch.kthvalue(magnitudes, k).values
-    exact = magnitudes if magnitudes.dtype in (torch.float32, torch.float64) else magnitudes.to(torch.float32)
+    exact = (
+        magnitudes
+        if magnitudes.dtype in (torch.float32, torch.float64)
+        else magnitudes.to(torch.float32)
+    )
     values = exact.numpy()
     zeros = values.size - np.count_nonzero(values)
     if k <= zeros:
@@ -237,6 +244,7 @@ def largest_mask(scores: Tensor, keep: int) -> Tensor:
         mask = magnitudes > threshold
         add_ties(mask, magnitudes, threshold, keep - int(mask.sum()))
         return mask.reshape(scores.shape)
+
     # Large: the same cut by radix selection over blocks (rowwise.MagnitudeCut), with no
     # full-size copy of the magnitudes (the selection above copies them twice).
     def read(start: int, stop: int) -> Tensor:
@@ -287,7 +295,9 @@ def majority_count(signs: Tensor) -> Tensor:
     return (signs > 0).sum(dtype=torch.int64) - (signs < 0).sum(dtype=torch.int64)
 
 
-def break_ties(signs: Tensor, *, tie_break: TieBreak = "majority", majority: int | Tensor = 0) -> Tensor:
+def break_ties(
+    signs: Tensor, *, tie_break: TieBreak = "majority", majority: int | Tensor = 0
+) -> Tensor:
     """Give the entries with sign 0 the majority sign (``"majority"``) or ``+1`` (``"positive"``).
 
     ``majority`` is :func:`majority_count` of the whole tensor; with no majority (0) the
@@ -357,7 +367,9 @@ class Reductions:
         """Sum of ``t`` over every holder of the tensor (here: ``t`` itself)."""
         return t
 
-    def topk_mask(self, scores: Tensor, density: float, *, reference_compat: bool = False) -> Tensor:
+    def topk_mask(
+        self, scores: Tensor, density: float, *, reference_compat: bool = False
+    ) -> Tensor:
         """:func:`topk_mask` over the whole tensor."""
         return topk_mask(scores, density, reference_compat=reference_compat)
 
@@ -367,11 +379,18 @@ LOCAL = Reductions()
 
 def broadcast_coefficients(coefficients: Tensor, like: Tensor) -> Tensor:
     """Reshape a length-N coefficient vector so it broadcasts over ``like`` (N, ...)."""
-    return coefficients.to(device=like.device, dtype=like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+    return coefficients.to(device=like.device, dtype=like.dtype).reshape(
+        (-1,) + (1,) * (like.dim() - 1)
+    )
 
 
 def disjoint_mean(
-    x: Tensor, signs: Tensor | None, coefficients: Tensor, *, disjoint: bool = True, overwrite: bool = False
+    x: Tensor,
+    signs: Tensor | None,
+    coefficients: Tensor,
+    *,
+    disjoint: bool = True,
+    overwrite: bool = False,
 ) -> Tensor:
     """Scale branches by their coefficients and average the entries that agree with ``signs``.
 
@@ -394,7 +413,12 @@ def disjoint_mean(
     total = weighted.sum(dim=0)
     if not disjoint:
         return (total / x.shape[0]).add_(0.0)
-    count = torch.sign(weighted, out=factors if signs is not None else None).abs_().sum(dim=0).clamp_(min=1)
+    count = (
+        torch.sign(weighted, out=factors if signs is not None else None)
+        .abs_()
+        .sum(dim=0)
+        .clamp_(min=1)
+    )
     return (total / count).add_(0.0)  # -0.0 + 0.0 = +0.0: entries no branch kept are +0 as before
 
 

@@ -76,7 +76,9 @@ def rows_per_piece(shape: Sequence[int], n_branches: int, piece_elements: int) -
 
 
 def majority_over_pieces(
-    read: DeltaRows, spans: Sequence[tuple[int, int]], masks: Callable[[], Callable[[Tensor], Tensor]] | None
+    read: DeltaRows,
+    spans: Sequence[tuple[int, int]],
+    masks: Callable[[], Callable[[Tensor], Tensor]] | None,
 ) -> int:
     """:func:`~drm_lightning.methods.ops.majority_count` of the whole tensor's mass signs, one
     pass over the pieces (each trimmed by a fresh ``masks()`` when given)."""

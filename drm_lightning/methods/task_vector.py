@@ -232,7 +232,9 @@ def task_vector_merge(
         problem = weight_sum_problem(
             [float(c) for c in coefficients.tolist()],
             method=family_name(sparsify, elect_signs, normalize),
-            elect_signs=elect_signs, normalize=normalize, convention=convention,
+            elect_signs=elect_signs,
+            normalize=normalize,
+            convention=convention,
         )
         if problem:
             raise ValueError(problem)
@@ -240,9 +242,13 @@ def task_vector_merge(
     if convention == "mergekit" and deltas.dtype != torch.bfloat16:
         mask_dtype = torch.float32  # mergekit draws DARE masks in float32 on CPU
     sparse = sparsify_branches(
-        deltas, sparsify=sparsify, density=density, rescale=rescale,
+        deltas,
+        sparsify=sparsify,
+        density=density,
+        rescale=rescale,
         count_rule=convention_count_rule(convention),
-        generator=generator, mask_dtype=mask_dtype,
+        generator=generator,
+        mask_dtype=mask_dtype,
     )
     merged = combine_branches(
         sparse, coefficients, elect_signs=elect_signs, normalize=normalize, convention=convention
@@ -294,7 +300,11 @@ def task_vector_merge_rows(
             if rescale != "none":
                 deltas = rescale_masked(deltas, deltas, how=rescale, density=density)
         merged = combine_branches(
-            deltas, coefficients, elect_signs=elect_signs, normalize=normalize, convention=convention
+            deltas,
+            coefficients,
+            elect_signs=elect_signs,
+            normalize=normalize,
+            convention=convention,
         )
         yield merged * scaling if scaling != 1 else merged
 
@@ -361,7 +371,8 @@ class TaskVectorMethod(MergeMethod):
     def __init__(self, **params: Any) -> None:
         # Errors name the family the preset selects ("ties.density: ..."), not "task_vector".
         self.name = family_name(
-            params.get("sparsify", "none"), params.get("elect_signs", False),
+            params.get("sparsify", "none"),
+            params.get("elect_signs", False),
             params.get("normalize"),
         )
         super().__init__(**params)
@@ -372,8 +383,11 @@ class TaskVectorMethod(MergeMethod):
         p = self.params
         assert p.normalize is not None
         return weight_sum_problem(
-            coefficients, method=getattr(self, "registered_name", self.name),
-            elect_signs=p.elect_signs, normalize=p.normalize, convention=p.convention,
+            coefficients,
+            method=getattr(self, "registered_name", self.name),
+            elect_signs=p.elect_signs,
+            normalize=p.normalize,
+            convention=p.convention,
         )
 
     @property
@@ -390,9 +404,16 @@ class TaskVectorMethod(MergeMethod):
             generator = torch.Generator().manual_seed(p.seed)
         assert p.density is not None and p.normalize is not None and p.rescale is not None
         return task_vector_merge(
-            deltas, coefficients, sparsify=p.sparsify, density=p.density,
-            elect_signs=p.elect_signs, normalize=p.normalize, rescale=p.rescale,
-            convention=p.convention, scaling=p.scaling, generator=generator,
+            deltas,
+            coefficients,
+            sparsify=p.sparsify,
+            density=p.density,
+            elect_signs=p.elect_signs,
+            normalize=p.normalize,
+            rescale=p.rescale,
+            convention=p.convention,
+            scaling=p.scaling,
+            generator=generator,
         )
 
     def merge_matrix(
@@ -413,25 +434,48 @@ class TaskVectorMethod(MergeMethod):
         return route != "ignore" and not self.uses_randomness and p.rescale != "l1"
 
     def merge_rows(
-        self, route: Route, read: DeltaRows, shape: Sequence[int], coefficients: Tensor, *,
-        piece_rows: int, generator: torch.Generator | None = None,
+        self,
+        route: Route,
+        read: DeltaRows,
+        shape: Sequence[int],
+        coefficients: Tensor,
+        *,
+        piece_rows: int,
+        generator: torch.Generator | None = None,
     ) -> Iterator[Tensor]:
         """:func:`task_vector_merge_rows` with these parameters (the whole tensor at once for DARE)."""
         if not self.merges_in_rows(route, shape, int(coefficients.shape[0])):
-            yield from super().merge_rows(route, read, shape, coefficients, piece_rows=piece_rows,
-                                          generator=generator)
+            yield from super().merge_rows(
+                route, read, shape, coefficients, piece_rows=piece_rows, generator=generator
+            )
             return
         p = self.params
         assert p.density is not None and p.normalize is not None and p.rescale is not None
         yield from task_vector_merge_rows(
-            read, shape, coefficients, piece_rows=piece_rows, sparsify=p.sparsify,
-            density=p.density, elect_signs=p.elect_signs, normalize=p.normalize,
-            rescale=p.rescale, convention=p.convention, scaling=p.scaling,
+            read,
+            shape,
+            coefficients,
+            piece_rows=piece_rows,
+            sparsify=p.sparsify,
+            density=p.density,
+            elect_signs=p.elect_signs,
+            normalize=p.normalize,
+            rescale=p.rescale,
+            convention=p.convention,
+            scaling=p.scaling,
         )
 
     def merge_stored_rows(
-        self, route: Route, read: StoredRows, shape: Sequence[int], coefficients: Tensor, *,
-        piece_rows: int, stored: Sequence[torch.dtype], out_dtype: torch.dtype, compute_dtype: torch.dtype,
+        self,
+        route: Route,
+        read: StoredRows,
+        shape: Sequence[int],
+        coefficients: Tensor,
+        *,
+        piece_rows: int,
+        stored: Sequence[torch.dtype],
+        out_dtype: torch.dtype,
+        compute_dtype: torch.dtype,
     ) -> Iterator[StoredPiece] | None:
         """The fused CPU route (:func:`~drm_lightning.methods.task_vector_fused.task_vector_merge_stored_rows`)
         where it applies: every preset that merges in rows, bfloat16 or float32 inputs, float32 maths."""
@@ -441,18 +485,34 @@ class TaskVectorMethod(MergeMethod):
         )
 
         p = self.params
-        if not self.merges_in_rows(route, shape, int(coefficients.shape[0])) or coefficients.device.type != "cpu":
+        if (
+            not self.merges_in_rows(route, shape, int(coefficients.shape[0]))
+            or coefficients.device.type != "cpu"
+        ):
             return None
         assert p.density is not None and p.normalize is not None and p.rescale is not None
         sparsify = p.sparsify if p.density < 1 else "none"
         rescale = p.rescale if sparsify != "none" else "none"
         if not stored_rows_supported(
-            stored, out_dtype, compute_dtype, sparsify=sparsify, rescale=rescale, convention=p.convention
+            stored,
+            out_dtype,
+            compute_dtype,
+            sparsify=sparsify,
+            rescale=rescale,
+            convention=p.convention,
         ):
             return None
         return task_vector_merge_stored_rows(
-            read, shape, coefficients, piece_rows=piece_rows, sparsify=sparsify, density=p.density,
-            elect_signs=p.elect_signs, normalize=p.normalize, convention=p.convention, scaling=p.scaling,
+            read,
+            shape,
+            coefficients,
+            piece_rows=piece_rows,
+            sparsify=sparsify,
+            density=p.density,
+            elect_signs=p.elect_signs,
+            normalize=p.normalize,
+            convention=p.convention,
+            scaling=p.scaling,
             out_dtype=out_dtype,
         )
 

@@ -50,8 +50,13 @@ STORED_BITS = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.i
 
 
 def stored_rows_supported(
-    stored: Sequence[torch.dtype], out_dtype: torch.dtype, compute_dtype: torch.dtype, *,
-    sparsify: Sparsify, rescale: str, convention: Convention,
+    stored: Sequence[torch.dtype],
+    out_dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+    *,
+    sparsify: Sparsify,
+    rescale: str,
+    convention: Convention,
 ) -> bool:
     """Whether the fused route applies: numba installed and not switched off
     (``DRM_LIGHTNING_FUSED=0``), every input stored in one dtype of :data:`STORED_BITS`, output
@@ -164,12 +169,16 @@ def task_vector_merge_stored_rows(
         if keep <= 0:
             modes[:] = _fused.KEEP_NONE
         elif keep < numel:
-            for i, (pattern, ties) in enumerate(_magnitude_cuts(read, spans, n, keep, numel, threads)):
+            for i, (pattern, ties) in enumerate(
+                _magnitude_cuts(read, spans, n, keep, numel, threads)
+            ):
                 modes[i] = _fused.KEEP_CUT
                 cuts[i] = float(from_ordered_bits(pattern, 32, torch.float32))
                 budgets[i] = ties
     weights = coefficients.detach().to(torch.float32).cpu().numpy()
-    divisor = normalizing_weight_sum(torch.from_numpy(weights)) if normalize and not elect_signs else None
+    divisor = (
+        normalizing_weight_sum(torch.from_numpy(weights)) if normalize and not elect_signs else None
+    )
     weight_sum = np.float32(0.0 if divisor is None else divisor.item())  # 0: no division
     trims_at_cut = modes == _fused.KEEP_CUT
     # Ties at a cut go to the first entries: a piece keeps its ties only once it knows how many
@@ -195,8 +204,19 @@ def task_vector_merge_stored_rows(
             known[index + 1].set()
         merged = torch.empty((count, *(int(s) for s in shape[1:])), dtype=out_dtype)
         inputs_finite, merged_finite = _fused.merge_piece(
-            base, branches, weights, modes, cuts, budgets, seen, elect_signs, normalize,
-            convention == "peft", weight_sum, np.float32(scaling), _bits(merged, count),
+            base,
+            branches,
+            weights,
+            modes,
+            cuts,
+            budgets,
+            seen,
+            elect_signs,
+            normalize,
+            convention == "peft",
+            weight_sum,
+            np.float32(scaling),
+            _bits(merged, count),
         )
         return StoredPiece(start, stop, merged, bool(inputs_finite), bool(merged_finite))
 
@@ -237,7 +257,9 @@ def bracketed_cuts(
     per_row = numel // spans[-1][1]
     entries = sum((stop - start) * per_row for start, stop in pieces)
     stride = max(1, entries // SAMPLE_ENTRIES)
-    while math.gcd(stride, per_row) > 1:  # a stride sharing a factor with the row would see few columns
+    while (
+        math.gcd(stride, per_row) > 1
+    ):  # a stride sharing a factor with the row would see few columns
         stride += 1
     magnitudes = np.empty((n, entries // stride + len(pieces)), np.uint32)
     taken = 0
@@ -248,7 +270,9 @@ def bracketed_cuts(
         lows[lane], highs[lane] = bracket(magnitudes[lane, :taken], keep, numel)
     room = max(SAMPLE_ENTRIES, int(numel * FOUND_ROOM / threads))
     slabs = _pass_over(  # (counts, found, filled) of each thread
-        read, spans, threads,
+        read,
+        spans,
+        threads,
         lambda: (np.zeros((n, 3), np.int64), np.empty((n, room), np.uint32), np.zeros(n, np.int64)),
         lambda base, branches, *slab: _fused.bracket_counts(base, branches, lows, highs, *slab),
     )
@@ -283,23 +307,33 @@ def _radix_cuts(
     def count(shift: int, prefixes: Sequence[int]) -> Tensor:
         prefix_array = np.asarray(prefixes, np.int64)
         slabs = _pass_over(
-            read, spans, threads, lambda: (np.zeros((n, _fused.DIGITS), np.int64),),
-            lambda base, branches, counts: _fused.digit_counts(base, branches, shift, prefix_array, counts),
+            read,
+            spans,
+            threads,
+            lambda: (np.zeros((n, _fused.DIGITS), np.int64),),
+            lambda base, branches, counts: _fused.digit_counts(
+                base, branches, shift, prefix_array, counts
+            ),
         )
-        return torch.from_numpy(sum(counts for counts, in slabs))
+        return torch.from_numpy(sum(counts for (counts,) in slabs))
 
     return radix_select([keep] * n, 32, count, digit_bits=DIGIT_BITS)
 
 
-def _read_bits(read: StoredRows, start: int, stop: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+def _read_bits(
+    read: StoredRows, start: int, stop: int
+) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     """Rows ``start:stop`` of the base and the branches as the kernels' bit-pattern views."""
     base, branches = read(start, stop)
     return _bits(base, stop - start), tuple(_bits(b, stop - start) for b in branches)
 
 
 def _pass_over(
-    read: StoredRows, spans: Sequence[tuple[int, int]], threads: int,
-    new_slab: Callable[[], tuple[np.ndarray, ...]], kernel: Callable[..., object],
+    read: StoredRows,
+    spans: Sequence[tuple[int, int]],
+    threads: int,
+    new_slab: Callable[[], tuple[np.ndarray, ...]],
+    kernel: Callable[..., object],
 ) -> list[tuple[np.ndarray, ...]]:
     """One pass over the pieces on ``threads`` threads: ``kernel(base, branches, *slab)`` with
     each thread's own accumulators (``new_slab()``); returns every thread's slab."""

@@ -33,6 +33,7 @@ PEFT's merging guide uses 0.2. ``random`` 0.5: the DARE paper sweeps drop rates 
 shared mergekit ``dare_ties`` configs cluster around 0.5. (mergekit's own default is 1.0, no
 sparsification, for every method.)"""
 
+
 def default_normalize(sparsify: Sparsify, elect_signs: bool, convention: Convention) -> bool:
     """The library default of ``normalize`` for a preset under ``convention``.
 
@@ -58,6 +59,7 @@ def default_rescale(sparsify: Sparsify, convention: Convention) -> RescaleRule:
     if sparsify != "random":
         return "none"
     return "inverse_density" if convention == "peft" else "l1"
+
 
 def family_name(sparsify: object, elect_signs: object, normalize: object = None) -> str:
     """The usual name of a (sparsify, elect_signs) configuration, for messages.

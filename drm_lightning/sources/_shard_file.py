@@ -103,8 +103,10 @@ class RowPieces:
 
 
 def _check_piece(piece: Tensor, whole: RowPieces, row: int) -> None:
-    if piece.dtype != whole.dtype or tuple(piece.shape[1:]) != tuple(whole.shape[1:]) or (
-        row + piece.shape[0] > whole.shape[0]
+    if (
+        piece.dtype != whole.dtype
+        or tuple(piece.shape[1:]) != tuple(whole.shape[1:])
+        or (row + piece.shape[0] > whole.shape[0])
     ):
         raise ValueError(
             f"piece at row {row} is {piece.dtype} {list(piece.shape)}, which does not continue "
@@ -145,7 +147,9 @@ class _WriteBehind:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drm-write")
         # write_at is looked up when the write runs (tests replace it to fill the disk)
-        self._pending.append((self._pool.submit(lambda: write_at(self._fd, data, offset)), len(data)))
+        self._pending.append(
+            (self._pool.submit(lambda: write_at(self._fd, data, offset)), len(data))
+        )
         self._queued += len(data)
         while self._queued > WRITE_BEHIND_BYTES:
             self._wait_oldest()

@@ -34,7 +34,13 @@ from torch import Tensor
 from drm_lightning.sources._digest_store import file_key, store_digest, stored_digest
 from drm_lightning.sources.input_files import changed_error, open_regular
 
-__all__ = ["TensorMeta", "WeightSource", "dtype_from_safetensors", "hash_in_background", "sha256_of"]
+__all__ = [
+    "TensorMeta",
+    "WeightSource",
+    "dtype_from_safetensors",
+    "hash_in_background",
+    "sha256_of",
+]
 
 _SAFETENSORS_DTYPES: dict[str, str] = {
     "F64": "float64",

@@ -157,7 +157,9 @@ class SafetensorsFileSource(WeightSource):
         view = _bytes_view(out)
         row_bytes = out[0].numel() * out.element_size() if out.shape[0] else 0
         if self._read_into(view, self._offsets[name] + start * row_bytes) < len(view):
-            raise ValueError(f"{self.path}: {name!r} ends before its rows {start}:{stop} (file truncated?)")
+            raise ValueError(
+                f"{self.path}: {name!r} ends before its rows {start}:{stop} (file truncated?)"
+            )
         return out
 
     def prefetch(self, names: Sequence[str]) -> None:

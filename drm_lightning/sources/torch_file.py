@@ -225,4 +225,6 @@ class TorchFileSource(LoadedTensorsMixin, WeightSource):
 
 def top_level_entries(payload: Any) -> list[str] | str:
     """What a loaded file holds at its top level, for error messages: sorted keys or a type name."""
-    return sorted(str(k) for k in payload) if isinstance(payload, Mapping) else type(payload).__name__
+    return (
+        sorted(str(k) for k in payload) if isinstance(payload, Mapping) else type(payload).__name__
+    )

@@ -386,7 +386,9 @@ class HFFolderWriter:
         if name in self._names:
             raise ValueError(f"tensor {name!r} was already added to {self.out_dir}")
         owned = tensor if isinstance(tensor, RowPieces) else tensor.detach().to("cpu").contiguous()
-        size = owned.nbytes if isinstance(owned, RowPieces) else owned.numel() * owned.element_size()
+        size = (
+            owned.nbytes if isinstance(owned, RowPieces) else owned.numel() * owned.element_size()
+        )
         if self._open is not None and self._open_bytes + size > self.max_shard_bytes:
             self._flush()
         if self._open is None:
