@@ -9,52 +9,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
 
-import torch
 import yaml
-from pydantic import (
-    ValidationError,
-)
+from pydantic import ValidationError
 
-from drm_lightning.config.errors import (  # noqa: F401 - ConfigError, format_* re-exported
-    ConfigError,
-    _error,
-    _friendly_message,
-    _reraise,
-    _Section,
-    format_loc,
-    format_validation_error,
-)
+from drm_lightning.config.align import alignment_config
+from drm_lightning.config.errors import ConfigError, format_validation_error
+from drm_lightning.config.mergekit import mergekit_config
+from drm_lightning.config.schema import CONFIG_OPT_IN, CodeMode, MergeConfig
 from drm_lightning.config.yaml_file import StrictYAMLError, load_yaml
 from drm_lightning.methods import available_methods
 from drm_lightning.sources.input_files import open_regular
-
-ComputeDType = Literal["float32", "float64"]
-OutDType = Literal["float16", "bfloat16", "float32", "float64"]
-
-_DTYPE_ALIASES: dict[str, str] = {
-    "fp32": "float32",
-    "float": "float32",
-    "f32": "float32",
-    "fp64": "float64",
-    "double": "float64",
-    "f64": "float64",
-    "fp16": "float16",
-    "half": "float16",
-    "f16": "float16",
-    "bf16": "bfloat16",
-}
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
-ADAPTER_CONFIG = "adapter_config.json"
-from drm_lightning.config.align import alignment_config
-from drm_lightning.config.mergekit import mergekit_config
-from drm_lightning.config.schema import CONFIG_OPT_IN, CodeMode, MergeConfig
 
 #: Largest config file read (configs are a few KB; a larger file is not a config).
 MAX_CONFIG_BYTES = 1024**2
