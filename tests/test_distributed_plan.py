@@ -1,4 +1,5 @@
-"""In-process tests of the distributed package: plan, selection, sharded maths, sources, entry point.
+"""In-process tests of the distributed package: plan, selection, sharded
+maths, sources, entry point.
 
 No process group: the plan is a pure function, and the collectives degrade to local
 operations with one rank, so the sharded DRM maths can be checked against the
@@ -103,7 +104,8 @@ def test_waves_bound_what_each_rank_holds() -> None:
 
 
 def test_plan_more_ranks_than_items() -> None:
-    """World size > number of items: idle ranks, an explanation of the imbalance, rounds still well formed."""
+    """World size > number of items: idle ranks, an explanation of the
+    imbalance, rounds still well formed."""
     entries = [("a", (64, 64), "matrix"), ("b", (32, 64), "matrix"), ("head", (2, 64), "ignore")]
     plan = build_plan(entries, get_method("drm"), n_branches=2, world_size=4)
     assert [len(plan.owned_by(r)) for r in range(4)] == [1, 1, 0, 0]
@@ -325,7 +327,10 @@ def test_entry_point_validation_lists_every_problem() -> None:
     with pytest.raises(ValueError) as info:
         merge_module_branches(get_method("ties"), None, base, bad, collect=True)
     text = str(info.value)
-    assert "branch 1" in text and "'b'" in text and "shape mismatch" in text and "[3, 3]" in text
+    assert "branch 1 is missing 1 key(s) of the base: b" in text
+    assert (
+        "shape mismatch in 1 tensor(s):\n  a: base [3, 2], branch 0 [3, 3], branch 1 [3, 2]" in text
+    )
     with pytest.raises(ValueError, match="coefficients"):
         merge_module_branches(
             get_method("ties"), None, base, [base], coefficients=[1.0, 2.0], collect=True
@@ -334,6 +339,61 @@ def test_entry_point_validation_lists_every_problem() -> None:
         merge_module_branches(get_method("ties"), None, base, [base])
     with pytest.raises(ValueError, match="engine"):
         DistributedMerger(get_method("ties"), engine="fsdp")  # type: ignore[arg-type]
+
+
+def test_disk_and_distributed_paths_share_the_planner_messages() -> None:
+    """One planner: plan_merge (disk job, merge loop) and DistributedMerger refuse the same
+    inputs with the same message (missing and extra names, shapes, dtypes, fused-QKV split)."""
+    from drm_lightning.merge.plan import plan_merge
+    from drm_lightning.merge.routing import Routing
+    from drm_lightning.sources import StateDictSource
+
+    base = {
+        "a": torch.zeros(4, 3),
+        "b": torch.zeros(5, 3),
+        "ids": torch.zeros(2, dtype=torch.long),
+        "attn.qkv.weight": torch.zeros(7, 3),
+    }
+    wide = base | {"a": torch.zeros(4, 2)}
+    short = {k: v for k, v in base.items() if k != "b"} | {"extra": torch.zeros(1)}
+    routing = Routing(fused_qkv=[r".*qkv\.weight"])
+
+    def sources() -> tuple[StateDictSource, list[StateDictSource]]:
+        return StateDictSource(base, origin="b.pt"), [
+            StateDictSource(d, origin=f"x{i}.pt") for i, d in enumerate([wide, short])
+        ]
+
+    with pytest.raises(ValueError) as disk:
+        plan_merge(*sources(), routing=routing)
+    with pytest.raises(ValueError) as dist:
+        merge_module_branches(get_method("ties"), None, *sources(), routing=routing, collect=True)
+    assert str(dist.value) == str(disk.value)
+    text = str(disk.value)
+    assert "branch 1 (x1.pt) is missing 1 key(s) of the base: b" in text
+    assert "branch 1 (x1.pt) has 1 key(s) not in the base: extra" in text
+    assert "a: base [4, 3], branch 0 [4, 2], branch 1 [4, 3]" in text
+    assert "'ids' in branch 0 has non-float dtype torch.int64" in text
+    assert "'attn.qkv.weight' matches routing.fused_qkv but its 7 rows" in text
+    # The same messages from dicts (the in-memory path wraps them without a source label).
+    with pytest.raises(ValueError) as plain:
+        merge_module_branches(
+            get_method("ties"), None, base, [wide, short], routing=routing, collect=True
+        )
+    assert "branch 1 is missing 1 key(s) of the base: b" in str(plain.value)
+
+
+def test_distributed_planner_checks_the_target_names() -> None:
+    """With a target, its names are merged: every input must hold them (the planner's
+    message), and inputs may hold more (a state dict's buffers next to the parameters)."""
+    target = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    state = {k: v.clone() for k, v in target.state_dict().items()}  # buffers, one int64
+    plan = DistributedMerger(get_method("ties")).plan(target, state, [state])
+    assert sorted(it.name for it in plan.items) == sorted(n for n, _ in target.named_parameters())
+    partial = {k: v for k, v in state.items() if k != "1.bias"}
+    with pytest.raises(ValueError, match=r"branch 0 is missing 1 key\(s\) of the target: 1\.bias"):
+        merge_module_branches(get_method("ties"), target, state, [partial])
+    with pytest.raises(ValueError, match=r"base is missing 1 key\(s\) of the names to merge: z"):
+        DistributedMerger(get_method("ties")).plan(None, state, [state], names=["0.weight", "z"])
 
 
 def test_dry_run_plan_without_process_group() -> None:

@@ -29,8 +29,10 @@ Example:
     >>> import torch
     >>> from drm_lightning.methods import get_method
     >>> base = {"w": torch.zeros(4, 3), "b": torch.zeros(4)}
-    >>> branches = [{"w": torch.ones(4, 3), "b": torch.ones(4)}, {"w": torch.ones(4, 3), "b": -torch.ones(4)}]
-    >>> result = merge_module_branches(get_method("drm", drop_rate=0.0), None, base, branches, collect=True)
+    >>> branches = [{"w": torch.ones(4, 3), "b": torch.ones(4)},
+    ...             {"w": torch.ones(4, 3), "b": -torch.ones(4)}]
+    >>> drm = get_method("drm", drop_rate=0.0)
+    >>> result = merge_module_branches(drm, None, base, branches, collect=True)
     >>> result.engine, result.merged["w"][0].tolist()
     ('single', [1.0, 1.0, 1.0])
 """
@@ -53,10 +55,9 @@ from drm_lightning.distributed.engines import (
 )
 from drm_lightning.distributed.plan import EngineKind, MergePlan, build_plan
 from drm_lightning.distributed.tensors import ParamSet, TensorSet, as_tensor_set
-from drm_lightning.merge.plan import validate_coefficients
+from drm_lightning.merge.plan import PlannedTensor, plan_tensors, validate_coefficients
 from drm_lightning.merge.routing import Routing
-from drm_lightning.methods.base import MergeMethod
-from drm_lightning.methods.ops import SUPPORTED_DTYPES
+from drm_lightning.methods.base import MergeMethod, Route
 
 EngineChoice = Literal["auto", "single", "replica", "zero3"]
 
@@ -122,7 +123,8 @@ class DistributedMerger:
         target_set = None if target is None else as_tensor_set(target, "target")
         if target_set is not None and not isinstance(target_set, ParamSet):
             raise TypeError(
-                f"target must be an nn.Module or a mapping of parameters, got {type(target).__name__}"
+                "target must be an nn.Module or a mapping of parameters, "
+                f"got {type(target).__name__}"
             )
         return (
             target_set,
@@ -146,57 +148,10 @@ class DistributedMerger:
         base: TensorSet,
         branches: Sequence[TensorSet],
         names: Sequence[str] | None,
-    ) -> list[tuple[str, tuple[int, ...], Any, torch.dtype]]:
-        """Validate names, shapes and dtypes from metadata; route every tensor."""
-        wanted = (
-            list(names)
-            if names is not None
-            else (target.names() if target is not None else base.names())
-        )
-        problems: list[str] = []
-        entries = []
-        holders: list[tuple[str, TensorSet]] = [("base", base)] + [
-            (f"branch {i}", b) for i, b in enumerate(branches)
-        ]
-        if target is not None:
-            holders.insert(0, ("target", target))
-        shape_lines = []
-        for name in wanted:
-            shapes = {}
-            for who, s in holders:
-                if name not in s:
-                    problems.append(f"{who} ({s.origin}) has no tensor {name!r}")
-                else:
-                    shapes[who] = s.shape(name)
-            if len(set(shapes.values())) > 1:
-                shape_lines.append(
-                    f"  {name}: " + ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
-                )
-                continue
-            if name not in base:
-                continue
-            shape = base.shape(name)
-            route = self.routing.route(name, shape)
-            dtype = base.dtype(name)
-            split_problem = self.routing.row_split_problem(name, shape)
-            if split_problem:
-                problems.append(split_problem)
-            if route != "ignore":
-                for who, s in holders:
-                    if name in s and s.dtype(name) not in SUPPORTED_DTYPES:
-                        problems.append(
-                            f"{name!r} in {who} has dtype {s.dtype(name)}; supported: "
-                            + ", ".join(str(d) for d in SUPPORTED_DTYPES)
-                            + " (add it to routing.ignore to leave it alone)"
-                        )
-            entries.append((name, shape, route, dtype))
-        if shape_lines:
-            problems.append(
-                f"shape mismatch in {len(shape_lines)} tensor(s):\n" + "\n".join(shape_lines)
-            )
-        if problems:
-            raise ValueError("cannot merge:\n- " + "\n- ".join(problems))
-        return entries
+    ) -> list[PlannedTensor]:
+        """The planner's checks (:func:`~drm_lightning.merge.plan.plan_tensors`, the same as the
+        disk job's) on the target and the inputs; every tensor routed."""
+        return plan_tensors(base, branches, routing=self.routing, target=target, names=names)
 
     def plan(
         self,
@@ -213,24 +168,28 @@ class DistributedMerger:
         comm = Comm(self.group)
         kind = engine or self._engine_kind(comm, target_set, [base_set, *branch_sets])
         world = world_size or comm.world_size
-        entries = self._entries(target_set, base_set, branch_sets, names)
-        shardable = (
+        entries = [
+            (p.name, p.shape, p.route, p.dtype)
+            for p in self._entries(target_set, base_set, branch_sets, names)
+        ]
+        rule = (
             ENGINES[kind]().shardable(self.method, len(branch_sets), target_set, self.sharded)
             if kind == "zero3"
             else None
         )
-        if shardable is not None:  # fused-QKV matrices are merged block by block on an owner
-            rule = shardable
-            shardable = lambda n, shape, route: (
-                self.routing.row_blocks(n, shape) == 1 and rule(n, shape, route)
-            )  # noqa: E731
+
+        def shardable(n: str, shape: tuple[int, ...], route: Route) -> bool:
+            # fused-QKV matrices are merged block by block on an owner
+            assert rule is not None
+            return self.routing.row_blocks(n, shape) == 1 and rule(n, shape, route)
+
         return build_plan(
             entries,
             self.method,
             n_branches=len(branch_sets),
             world_size=world,
             engine=kind,
-            shardable=shardable,
+            shardable=None if rule is None else shardable,
             compute_dtype=self.compute_dtype,
         )
 
@@ -294,7 +253,8 @@ class DistributedMerger:
         prints = comm.all_gather_object(plan.fingerprint())
         if len(set(prints)) > 1:
             raise DistributedMergeError(
-                f"ranks built different merge plans (fingerprints {prints}): the inputs differ between ranks"
+                f"ranks built different merge plans (fingerprints {prints}): "
+                "the inputs differ between ranks"
             )
         engine: MergeEngine = ENGINES[plan.engine](comm)
         job = MergeJob(

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from drm_lightning.sources.base import TensorMeta
+
 
 def partition_size(numel: int, world_size: int) -> int:
     """ZeRO-3 partition length: ``ceil(numel / world_size)`` (the last ones padded)."""
@@ -71,6 +73,14 @@ class TensorSet(ABC):
     @abstractmethod
     def dtype(self, name: str) -> torch.dtype:
         """Stored dtype."""
+
+    def keys(self) -> list[str]:
+        """Tensor names (the planner's view, as a weight source's ``keys``)."""
+        return self.names()
+
+    def meta(self, name: str) -> TensorMeta:
+        """Full shape and stored dtype of ``name`` (the planner's view)."""
+        return TensorMeta(self.shape(name), self.dtype(name))
 
     def is_partitioned(self, name: str) -> bool:
         """True when this rank holds only its ZeRO-3 partition of ``name``."""
@@ -449,7 +459,7 @@ def as_tensor_set(obj: Any, origin: str) -> TensorSet:
             return ParamSet(obj, origin)
         return TensorDictSet(obj, origin)
     if all(callable(getattr(obj, attr, None)) for attr in ("keys", "meta", "get")):
-        return WeightSourceSet(obj, origin)
+        return WeightSourceSet(obj, getattr(obj, "origin", None) or origin)
     raise TypeError(
         f"{origin}: expected an nn.Module, a state dict, a weight source, a safetensors path or a "
         f"TensorSet, got {type(obj).__name__}"

@@ -6,7 +6,7 @@ messages for every entry point (CLI, Python API, engines).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -53,9 +53,15 @@ class PlannedTensor:
 
 
 def origin_label(source: Any, index: int | None) -> str:
+    """``base (where from)`` or ``branch i (where from)``: an input named in messages."""
+    return input_label("base" if index is None else f"branch {index}", source)
+
+
+def input_label(who: str, source: Any) -> str:
+    """``who (where from)``, from the source's ``origin`` or ``describe()``; just ``who`` when
+    the source tells nothing more."""
     label = getattr(source, "origin", None) or getattr(source, "describe", lambda: None)()
-    who = "base" if index is None else f"branch {index}"
-    return f"{who} ({label})" if label else who
+    return f"{who} ({label})" if label and label != who else who
 
 
 def is_lora_source(source: Any) -> bool:
@@ -106,42 +112,80 @@ def plan_merge(
     """Check keys, shapes and dtypes of every input from metadata and route each tensor.
 
     No tensor data is read. All problems are collected and raised together. ``method``: the
-    coefficients are also checked for it (:func:`validate_coefficients`).
+    coefficients are also checked for it (:func:`validate_coefficients`). LoRA branches are
+    checked by their own reader (against the base, when opened); the others by
+    :func:`plan_tensors`.
 
     Raises:
         ValueError: missing or extra keys, shape mismatches (every key with all shapes),
             vocabulary-size mismatches, non-float or unsupported dtypes, bad coefficients.
     """
-    routing = routing or Routing()
     validate_coefficients(coefficients, len(branches), method)
-    base_keys = list(base.keys())
-    base_set = set(base_keys)
+    full = {i: b for i, b in enumerate(branches) if not is_lora_source(b)}
+    return plan_tensors(base, full, routing=routing)
+
+
+class MetadataReader(Protocol):
+    """What the planner reads of an input: its names and, per name, ``.shape`` and ``.dtype``
+    (a :class:`~drm_lightning.sources.WeightSource` or a distributed tensor set)."""
+
+    def keys(self) -> list[str]: ...
+
+    def meta(self, name: str) -> Any: ...
+
+
+def plan_tensors(
+    base: MetadataReader,
+    branches: Sequence[MetadataReader] | Mapping[int, MetadataReader],
+    *,
+    routing: Routing | None = None,
+    target: MetadataReader | None = None,
+    names: Sequence[str] | None = None,
+) -> list[PlannedTensor]:
+    """The per-tensor checks of every entry point (the disk job, the merge loop, the in-memory
+    and distributed engines), from metadata only; each tensor gets its route.
+
+    The tensors planned are ``names``, else the target's, else the base's (in that order).
+    Every input (target, base, branches) must hold each of them, all with one shape and, unless
+    the tensor is routed to ``ignore``, a dtype the merge reads; a fused-QKV matrix must split
+    into its blocks. When the whole base is merged (no target, no ``names``), a branch holding
+    a name the base lacks is refused too; otherwise inputs may hold more (a state dict's
+    buffers next to a module's parameters). ``branches`` as a mapping keeps each branch's
+    number when some are left out (LoRA branches). Shape and dtype of a plan entry are the
+    base's.
+
+    Raises:
+        ValueError: every problem found, in one message (``cannot merge:`` then one line each).
+    """
+    routing = routing or Routing()
+    numbered = branches if isinstance(branches, Mapping) else dict(enumerate(branches))
+    holders: list[tuple[str, MetadataReader]] = [("base", base)]
+    holders += [(f"branch {i}", b) for i, b in numbered.items()]
+    if target is not None:
+        holders.insert(0, ("target", target))
+    keys = {who: list(reader.keys()) for who, reader in holders}
+    held = {who: set(k) for who, k in keys.items()}
+    reference = (
+        "names to merge" if names is not None else "target" if target is not None else "base"
+    )
+    wanted = list(names) if names is not None else keys[reference]
+    wanted_set = set(wanted)
     problems: list[str] = []
-    full_branches = [(i, b) for i, b in enumerate(branches) if not is_lora_source(b)]
-    for i, branch in full_branches:
-        keys = set(branch.keys())
-        missing, extra = sorted(base_set - keys), sorted(keys - base_set)
+    for who, reader in holders:
+        label = input_label(who, reader)
+        missing = sorted(wanted_set - held[who])
         if missing:
             problems.append(
-                f"{origin_label(branch, i)} is missing {len(missing)} key(s) of the base: {_short(missing)}"
+                f"{label} is missing {len(missing)} key(s) of the {reference}: {_short(missing)}"
             )
+        extra = sorted(held[who] - wanted_set) if reference == "base" else []
         if extra:
-            problems.append(
-                f"{origin_label(branch, i)} has {len(extra)} key(s) not in the base: {_short(extra)}"
-            )
+            problems.append(f"{label} has {len(extra)} key(s) not in the base: {_short(extra)}")
     planned: list[PlannedTensor] = []
     shape_lines: list[str] = []
-    for name in base_keys:
-        meta = base.meta(name)
-        shape, dtype = tuple(int(s) for s in meta.shape), meta.dtype
-        route = routing.route(name, shape)
-        shapes = {"base": shape}
-        dtypes = {"base": dtype}
-        for i, branch in full_branches:
-            if name in set(branch.keys()):
-                bm = branch.meta(name)
-                shapes[f"branch {i}"] = tuple(int(s) for s in bm.shape)
-                dtypes[f"branch {i}"] = bm.dtype
+    for name in wanted:
+        metas = {who: reader.meta(name) for who, reader in holders if name in held[who]}
+        shapes = {who: tuple(int(s) for s in m.shape) for who, m in metas.items()}
         if len(set(shapes.values())) > 1:
             listing = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
             hint = (
@@ -150,11 +194,15 @@ def plan_merge(
                 else ""
             )
             shape_lines.append(f"  {name}: {listing}{hint}")
+        if "base" not in metas:
+            continue
+        shape, dtype = shapes["base"], metas["base"].dtype
+        route = routing.route(name, shape)
         if route != "ignore":
             problems += [
-                dtype_refusal(name, who, dt)
-                for who, dt in dtypes.items()
-                if dtype_problem(name, who, dt)
+                dtype_refusal(name, who, m.dtype)
+                for who, m in metas.items()
+                if dtype_problem(name, who, m.dtype)
             ]
         split_problem = routing.row_split_problem(name, shape)
         if split_problem:
