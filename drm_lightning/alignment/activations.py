@@ -139,7 +139,8 @@ def activation_similarity(
                     rows = {x.shape for x in per_model}
                     if len(rows) != 1:
                         raise ValueError(
-                            f"group {g.name!r}: the models gave activations of shapes {sorted(rows)}"
+                            f"group {g.name!r}: the models gave activations of shapes "
+                            f"{sorted(rows)}"
                         )
                     joint = torch.cat(per_model, dim=1)
                     acc = accs.setdefault(g.name, CorrelationAccumulator(joint.shape[1]))

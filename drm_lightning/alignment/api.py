@@ -210,7 +210,8 @@ def align_then_merge(
         alignment: An Align method (permutations only).
         anchor: Index of the branch whose unit order is kept.
         merge_kwargs: Extra arguments of
-            :func:`drm_lightning.merge.merge_state_dicts` (``routing``, ``compute_dtype``, ``seed``).
+            :func:`drm_lightning.merge.merge_state_dicts` (``routing``, ``compute_dtype``,
+            ``seed``).
         **params: Alignment parameters.
 
     Returns:

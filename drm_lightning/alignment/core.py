@@ -281,8 +281,9 @@ def available_alignments() -> list[str]:
     """Names accepted by :func:`get_alignment`.
 
     Example:
-        >>> available_alignments()
-        ['activation_align', 'mudsc_align', 'mudsc_zip', 'weight_average', 'weight_matching', 'weight_zip', 'zipit']
+        >>> available_alignments()  # doctest: +NORMALIZE_WHITESPACE
+        ['activation_align', 'mudsc_align', 'mudsc_zip', 'weight_average', 'weight_matching',
+         'weight_zip', 'zipit']
     """
     return sorted(_PRESETS)
 

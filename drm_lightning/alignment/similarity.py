@@ -32,8 +32,9 @@ class CorrelationAccumulator:
     """Pearson correlation of ``features`` columns over samples, streamed batch by batch.
 
     Holds the running mean, the centred co-moment and the count in float64: memory is
-    ``O(features²)`` whatever the number of batches (a constant unit stays exactly 0). Variances are clamped at 0 and the
-    denominator at :data:`STD_FLOOR`, so constant features give 0, never NaN.
+    ``O(features²)`` whatever the number of batches (a constant unit stays exactly 0). Variances
+    are clamped at 0 and the denominator at :data:`STD_FLOOR`, so constant features give 0, never
+    NaN.
     """
 
     def __init__(self, features: int) -> None:

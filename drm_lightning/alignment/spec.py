@@ -77,7 +77,8 @@ class PermGroup:
     link: str | None = None
 
     def size(self, shapes: Mapping[str, Sequence[int]]) -> int:
-        """Number of units, read from the first member's axis (checked by :meth:`PermSpec.check`)."""
+        """Number of units, read from the first member's axis (checked by
+        :meth:`PermSpec.check`)."""
         m = self.members[0]
         return int(shapes[m.param][m.axis]) // m.block[1]
 
@@ -113,14 +114,17 @@ class PermSpec:
             >>> s = PermSpec.declare({"c": {"out": ["conv.weight"], "ignore": ["bn.running_mean"],
             ...                             "in": ["fc.weight"], "heads": 2}})
             >>> [(m.param, m.axis, m.role, m.ignore) for m in s.groups[0].members]
-            [('conv.weight', 0, 'out', False), ('bn.running_mean', 0, 'out', True), ('fc.weight', 1, 'in', False)]
+            ... # doctest: +NORMALIZE_WHITESPACE
+            [('conv.weight', 0, 'out', False), ('bn.running_mean', 0, 'out', True),
+             ('fc.weight', 1, 'in', False)]
         """
         out: list[PermGroup] = []
         for name, body in groups.items():
             unknown = sorted(set(body) - {"out", "in", "ignore", "probe", "heads", "link"})
             if unknown:
                 raise ValueError(
-                    f"group {name!r}: unknown key(s) {unknown}; valid: out, in, ignore, probe, heads, link"
+                    f"group {name!r}: unknown key(s) {unknown}; "
+                    "valid: out, in, ignore, probe, heads, link"
                 )
             members = [_member(m, "out", False) for m in body.get("out", ())]
             members += [_member(m, "out", True) for m in body.get("ignore", ())]
@@ -156,13 +160,15 @@ class PermSpec:
             if set(sd) != keys:
                 extra, missing = sorted(set(sd) - keys)[:5], sorted(keys - set(sd))[:5]
                 problems.append(
-                    f"model {i} has different parameters than model 0 (extra {extra}, missing {missing})"
+                    f"model {i} has different parameters than model 0 "
+                    f"(extra {extra}, missing {missing})"
                 )
                 continue
             for k, v in sd.items():
                 if tuple(v.shape) != tuple(ref[k].shape):
                     problems.append(
-                        f"{k!r}: model {i} has shape {tuple(v.shape)}, model 0 {tuple(ref[k].shape)} "
+                        f"{k!r}: model {i} has shape {tuple(v.shape)}, "
+                        f"model 0 {tuple(ref[k].shape)} "
                         "(models of different widths cannot be aligned unit for unit)"
                     )
         sizes: dict[str, int] = {}
@@ -178,7 +184,8 @@ class PermSpec:
                 shape = tuple(ref[m.param].shape)
                 if not -len(shape) <= m.axis < len(shape) or shape[m.axis] % m.block[1]:
                     problems.append(
-                        f"group {g.name!r}: {m.param!r} {shape} has no axis {m.axis} in {m.block[1]} block(s)"
+                        f"group {g.name!r}: {m.param!r} {shape} has no axis {m.axis} "
+                        f"in {m.block[1]} block(s)"
                     )
                     continue
                 counts.add(shape[m.axis] // m.block[1])
@@ -196,7 +203,8 @@ class PermSpec:
                 sizes[g.name] = counts.pop()
                 if sizes[g.name] % g.num_groups:
                     problems.append(
-                        f"group {g.name!r}: {g.num_groups} heads do not divide {sizes[g.name]} units"
+                        f"group {g.name!r}: {g.num_groups} heads do not divide "
+                        f"{sizes[g.name]} units"
                     )
         links: dict[str, tuple[str, int, int]] = {}
         for g in self.groups:

@@ -32,7 +32,8 @@ Pick = Callable[[Member, str], "Tensor | None"]
 
 
 def map_axis(t: Tensor, axis: int, mat: Tensor) -> Tensor:
-    """``new[..., c', ...] = sum_c mat[c, c'] t[..., c, ...]`` along ``axis`` (computed in ``mat``'s dtype)."""
+    """``new[..., c', ...] = sum_c mat[c, c'] t[..., c, ...]`` along ``axis`` (computed in
+    ``mat``'s dtype)."""
     moved = torch.tensordot(t.to(mat.dtype), mat, dims=([axis], [0]))
     return torch.movedim(moved, -1, axis)
 
@@ -123,6 +124,7 @@ def random_permutations(
 def permute_state_dict(
     state_dict: Mapping[str, Tensor], spec: PermSpec, perms: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
-    """Move unit ``perms[g][j]`` of every group ``g`` to position ``j`` (exact: one-hot matrices)."""
+    """Move unit ``perms[g][j]`` of every group ``g`` to position ``j`` (exact: one-hot
+    matrices)."""
     mats = {g: permutation_matrix(p) for g, p in perms.items()}
     return transform_state_dict(state_dict, spec, lambda m, g: mats.get(g))

@@ -226,7 +226,8 @@ def _expected(module: nn.Module, given: torch.dtype) -> tuple[str, torch.dtype] 
 
 
 def build_spec(spec: str, model: nn.Module) -> PermSpec:
-    """The :class:`PermSpec` of ``spec`` (``module:function``, called with ``model`` if it takes an argument)."""
+    """The :class:`PermSpec` of ``spec`` (``module:function``, called with ``model`` if it takes
+    an argument)."""
     fn = _resolve(spec)
     try:
         takes = bool(inspect.signature(fn).parameters)
@@ -266,7 +267,8 @@ def check_fits(model: nn.Module, source: Any, label: str, model_ref: str) -> Non
             problems.append(f"{what}: {shown}")
     if problems:
         raise ValueError(
-            f"{label} does not fit the architecture of model: {model_ref!r} ({'; '.join(problems)}); "
+            f"{label} does not fit the architecture of model: {model_ref!r} "
+            f"({'; '.join(problems)}); "
             "name the architecture the branches were trained with (or set prefix: on the branch)"
         )
 

@@ -85,7 +85,8 @@ class PreparedAlignment:
         if self.model is None or self.spec is None or (self.batches_ref and self.batches is None):
             raise ValueError(
                 "the alignment was checked without importing its module:function references "
-                "(a dry run); validate the config with code='import' (drm-merge --trust-code) to run it"
+                "(a dry run); validate the config with code='import' (drm-merge --trust-code) "
+                "to run it"
             )
         return [load_into(self.model, s) for s in self.sources]
 
@@ -94,7 +95,8 @@ class PreparedAlignment:
         p = self.method.params
         lines = [
             (
-                f"{field}alignment: {self.method.name} (similarity {p.similarity}, solver {p.solver}, "
+                f"{field}alignment: {self.method.name} "
+                f"(similarity {p.similarity}, solver {p.solver}, "
                 f"fix_rate {p.fix_rate}, seed {p.seed}); {self.method.paper}"
             ),
         ]
@@ -271,7 +273,8 @@ def run_alignment_merge(
         lines += [f"branch {i}: {label}" for i, label in enumerate(labels)]
         lines += prepared.describe()
         lines.append(
-            f"output dtype: {config.out_dtype or 'as the anchor'}; output size: {size / 2**20:.1f} MiB"
+            f"output dtype: {config.out_dtype or 'as the anchor'}; "
+            f"output size: {size / 2**20:.1f} MiB"
         )
         return "\n".join(lines)
     models = prepared.models()

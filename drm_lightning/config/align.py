@@ -33,14 +33,16 @@ Example:
     >>> import pathlib, tempfile
     >>> cfg = AlignmentMergeConfig.model_validate(
     ...     {"method": "weight_matching", "branches": [".", "."], "model": "torch.nn:Identity"})
-    >>> cfg.base == pathlib.Path(".")   # the anchor: what -o must not hold, where config.json comes from
+    >>> # the anchor: what -o must not hold, where config.json comes from
+    >>> cfg.base == pathlib.Path(".")
     True
-    >>> try:
+    >>> try:  # doctest: +NORMALIZE_WHITESPACE
     ...     AlignmentMergeConfig.model_validate({"method": "mudsc_zip", "branches": [".", "."],
     ...                                          "model": "torch.nn:Identity"})
     ... except ValidationError as err:
     ...     print(format_validation_error(err))
-    batches: method 'mudsc_zip' reads activations: name calibration batches (module:function or a .safetensors/.pt file)
+    batches: method 'mudsc_zip' reads activations: name calibration batches
+    (module:function or a .safetensors/.pt file)
 """
 
 from __future__ import annotations
@@ -236,7 +238,9 @@ class _AlignInputs(_Section):
     batch_size: int = Field(64, ge=1, description="rows per batch when the batches are one tensor")
     spec: str | None = Field(
         None,
-        description="module:function returning a PermSpec (called with the model if it takes an argument)",
+        description=(
+            "module:function returning a PermSpec (called with the model if it takes an argument)"
+        ),
     )
     parameters: dict[str, Any] = Field(
         default_factory=dict, description="the alignment method's parameters"
@@ -339,7 +343,8 @@ class AlignSection(_AlignInputs):
         _method_name(value, available_alignments(), "alignment method")
         if value not in PERMUTING:
             raise ValueError(
-                f"{value!r} merges units within a model (a Zip solver), which is not a permutation; "
+                f"{value!r} merges units within a model (a Zip solver), "
+                "which is not a permutation; "
                 f"an align: pre-step needs one of {', '.join(PERMUTING)} (or use method: {value} "
                 "to merge the branches with it directly)"
             )

@@ -199,7 +199,9 @@ class RoutingConfig(_Section):
     ignore: list[str] = Field(default_factory=list)
     fused_qkv: list[str] = Field(
         default_factory=list,
-        description="matrices stacking Q, K, V by rows (e.g. '.*in_proj_weight'): merged as 3 blocks",
+        description=(
+            "matrices stacking Q, K, V by rows (e.g. '.*in_proj_weight'): merged as 3 blocks"
+        ),
     )
 
     @classmethod

@@ -6,7 +6,8 @@
 * ``true``/``false`` where a number is expected (``coefficient: true`` would be read as 1.0).
 
 Example:
-    >>> bools_where_numbers({"coefficients": [1.0, True], "branches": [{"path": "a", "weight": False}]})
+    >>> bools_where_numbers({"coefficients": [1.0, True],
+    ...                      "branches": [{"path": "a", "weight": False}]})
     [(('coefficients', 1), True), (('branches', 0, 'weight'), False)]
 """
 

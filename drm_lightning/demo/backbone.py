@@ -9,7 +9,9 @@ Example:
     >>> net(torch.zeros(3, 64)).shape
     torch.Size([3, 16])
     >>> sorted(k for k, v in net.state_dict().items() if v.dim() == 2)
-    ['blocks.0.fc1.weight', 'blocks.0.fc2.weight', 'blocks.1.fc1.weight', 'blocks.1.fc2.weight', 'embed.weight']
+    ... # doctest: +NORMALIZE_WHITESPACE
+    ['blocks.0.fc1.weight', 'blocks.0.fc2.weight', 'blocks.1.fc1.weight', 'blocks.1.fc2.weight',
+     'embed.weight']
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ class MethodSpec:
     resolved values are written to the results (``method.params``).
 
     Example:
-        >>> MethodSpec("drm_h", "drm", {"direction": "horizontal"}, "DRM-H").build().params.drop_rate
+        >>> MethodSpec("drm_h", "drm", {"direction": "horizontal"},
+        ...            "DRM-H").build().params.drop_rate
         0.8
     """
 

@@ -30,7 +30,8 @@ class MultitaskDemoModule(BranchedModule):
 
     Example:
         >>> import torch
-        >>> module = MultitaskDemoModule(nn.Linear(4, 8), {"a": nn.Linear(8, 2)}, {"a": nn.Linear(8, 2)})
+        >>> module = MultitaskDemoModule(nn.Linear(4, 8), {"a": nn.Linear(8, 2)},
+        ...                              {"a": nn.Linear(8, 2)})
         >>> sorted(name for name, _ in module.named_children())
         ['base', 'branches', 'heads', 'joint', 'joint_heads']
         >>> batch = {"a": (torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))}
@@ -49,7 +50,8 @@ class MultitaskDemoModule(BranchedModule):
         super().__init__(backbone, heads, lr=lr)
         if set(joint_heads) != set(heads):
             raise ValueError(
-                f"joint_heads tasks {sorted(joint_heads)} differ from the branch tasks {sorted(heads)}"
+                f"joint_heads tasks {sorted(joint_heads)} differ from the branch tasks "
+                f"{sorted(heads)}"
             )
         self.joint = copy.deepcopy(backbone)
         self.joint_heads = nn.ModuleDict(dict(joint_heads))

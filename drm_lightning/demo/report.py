@@ -114,7 +114,9 @@ def run_to_dict(run: Any) -> dict[str, Any]:
         display[f"{label}{CONSOLIDATED_SUFFIX}"] = f"{display[label]}, consolidated"
     per_seed = [s.scores for s in run.seeds]
     data: dict[str, Any] = {
-        "suite": "digits views (scikit-learn load_digits), residual-MLP backbone pretrained by the demo",
+        "suite": (
+            "digits views (scikit-learn load_digits), residual-MLP backbone pretrained by the demo"
+        ),
         "tasks": run.tasks,
         "rows": rows,
         "display": display,
@@ -198,7 +200,8 @@ def format_targets(data: Mapping[str, Any]) -> str:
 
 
 def write_report(run: Any, out_dir: str | Path) -> list[Path]:
-    """Write ``results.json``, ``results.csv``, ``per_seed.csv`` and ``results.png`` to ``out_dir``."""
+    """Write ``results.json``, ``results.csv``, ``per_seed.csv`` and ``results.png`` to
+    ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = run_to_dict(run)
@@ -211,7 +214,8 @@ def write_report(run: Any, out_dir: str | Path) -> list[Path]:
 
 
 def write_csv(data: Mapping[str, Any], path: Path) -> None:
-    """One line per row: ``mean``/``std`` of each task, of the average and of the normalised average."""
+    """One line per row: ``mean``/``std`` of each task, of the average and of the normalised
+    average."""
     tasks = list(data["tasks"])
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -246,7 +250,8 @@ def write_per_seed_csv(data: Mapping[str, Any], path: Path) -> None:
 
 
 def plot(data: Mapping[str, Any], path: Path) -> None:
-    """Two panels: normalised average per row (mean ± std), and its curve over the fit per method."""
+    """Two panels: normalised average per row (mean ± std), and its curve over the fit per
+    method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,7 +292,8 @@ def plot(data: Mapping[str, Any], path: Path) -> None:
     right.grid(alpha=0.3)
     n = len(data["seeds"])
     fig.suptitle(
-        f"{len(data['tasks'])} tasks, {n} seed{'s' if n != 1 else ''}: merged model vs. each task's branch"
+        f"{len(data['tasks'])} tasks, {n} seed{'s' if n != 1 else ''}: "
+        "merged model vs. each task's branch"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

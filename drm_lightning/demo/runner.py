@@ -189,7 +189,8 @@ def _evaluate(
 def pretrain(
     suite: Suite, config: DemoConfig, *, on_step: Callable[[int], None] | None = None
 ) -> dict[str, Tensor]:
-    """State dict of the run's pretrained backbone (the same for every seed; global RNG untouched)."""
+    """State dict of the run's pretrained backbone (the same for every seed; global RNG
+    untouched)."""
     with torch.random.fork_rng():
         torch.manual_seed(config.pretrain_seed)
         backbone = ResidualMLP(config.hidden, config.depth)

@@ -23,7 +23,8 @@ Example:
     >>> target = torch.nn.Linear(3, 2)
     >>> base = {k: torch.zeros_like(v) for k, v in target.state_dict().items()}
     >>> branch = {k: torch.ones_like(v) for k, v in target.state_dict().items()}
-    >>> result = merge_module_branches(get_method("ties", density=1.0), target, base, [branch, branch])
+    >>> result = merge_module_branches(get_method("ties", density=1.0), target, base,
+    ...                                [branch, branch])
     >>> target.bias.tolist(), result.engine
     ([1.0, 1.0], 'single')
 """

@@ -431,7 +431,8 @@ class Comm:
         return out
 
     def scatter(self, chunks: Sequence[Tensor] | None, like: Tensor, src: int) -> Tensor:
-        """Chunk ``rank`` of ``chunks`` (given on ``src`` only) into a tensor shaped like ``like``."""
+        """Chunk ``rank`` of ``chunks`` (given on ``src`` only) into a tensor shaped like
+        ``like``."""
         if self.world_size == 1:
             assert chunks is not None
             return chunks[0]

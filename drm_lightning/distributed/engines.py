@@ -293,7 +293,8 @@ class ReplicaEngine(MergeEngine):
 
 
 class Zero3Engine(MergeEngine):
-    """DeepSpeed ZeRO-3: gather-to-owner / scatter-back for owner items, no gather for sharded ones."""
+    """DeepSpeed ZeRO-3: gather-to-owner / scatter-back for owner items, no gather for sharded
+    ones."""
 
     kind = "zero3"
 
@@ -310,8 +311,8 @@ class Zero3Engine(MergeEngine):
     ) -> dict[str, Tensor] | None:
         if job.collect:
             raise NotImplementedError(
-                "collect=True is not available under ZeRO-3: the merged weights are written into the "
-                "partitioned target parameters and never exist in full on one rank"
+                "collect=True is not available under ZeRO-3: the merged weights are written "
+                "into the partitioned target parameters and never exist in full on one rank"
             )
         if job.target is None:
             raise ValueError(

@@ -26,7 +26,8 @@ says so.
 
 Example:
     >>> from drm_lightning.methods import get_method
-    >>> entries = [(f"layers.{i}.w", (64, 64), "matrix") for i in range(6)] + [("norm", (64,), "fallback")]
+    >>> entries = [(f"layers.{i}.w", (64, 64), "matrix") for i in range(6)]
+    >>> entries += [("norm", (64,), "fallback")]
     >>> plan = build_plan(entries, get_method("drm"), n_branches=4, world_size=2)
     >>> [len(plan.owned_by(r)) for r in range(2)]
     [4, 3]
@@ -72,7 +73,8 @@ class MergeItem:
     Attributes:
         name: parameter name (the same in the base, every branch and the target).
         shape: full (unpartitioned) shape.
-        route: ``"matrix"`` | ``"fallback"`` | ``"ignore"`` from :class:`~drm_lightning.merge.routing.Routing`.
+        route: ``"matrix"`` | ``"fallback"`` | ``"ignore"`` from
+            :class:`~drm_lightning.merge.routing.Routing`.
         cost: estimated FLOPs of merging it (:meth:`MergeMethod.cost`).
         bytes: size of one copy of the tensor in its stored dtype.
         mode: ``"owner"`` | ``"sharded"`` | ``"skip"`` (see the module docstring).
@@ -189,8 +191,9 @@ class MergePlan:
         biggest = max(owner_items, key=lambda it: it.cost, default=None)
         if biggest is not None and biggest.cost >= mean:
             return (
-                f"max/mean = {ratio:.2f}: item {biggest.name!r} alone costs {biggest.cost:.3g} FLOPs, "
-                f"more than the mean rank load {mean:.3g}; fewer ranks, or the sharded mode, would balance it"
+                f"max/mean = {ratio:.2f}: item {biggest.name!r} alone costs "
+                f"{biggest.cost:.3g} FLOPs, more than the mean rank load {mean:.3g}; "
+                "fewer ranks, or the sharded mode, would balance it"
             )
         return (
             f"max/mean = {ratio:.2f} with {len(owner_items)} owner items on {self.world_size} ranks"
@@ -220,8 +223,9 @@ class MergePlan:
         """A printable table: one row per rank, optionally one row per item."""
         n_owner = sum(it.mode == "owner" for it in self.items)
         lines = [
-            f"merge plan: {len(self.items)} tensors ({n_owner} owner, {len(self.sharded())} sharded, "
-            f"{len(self.skipped())} skipped), {self.n_branches} branches, {self.world_size} rank(s), "
+            f"merge plan: {len(self.items)} tensors "
+            f"({n_owner} owner, {len(self.sharded())} sharded, {len(self.skipped())} skipped), "
+            f"{self.n_branches} branches, {self.world_size} rank(s), "
             f"engine {self.engine}; max/mean cost {self.max_over_mean():.3f}",
             f"{'rank':>4}  {'items':>5}  {'GFLOP':>10}  {'comm MiB':>10}  {'peak MiB':>10}",
         ]

@@ -142,8 +142,9 @@ class ShardedMerger:
         matrices = [it for it in items if it.route == "matrix"]
         if matrices and self.params.direction != "vertical":
             raise ValueError(
-                f"the sharded route merges matrices with DRM-V only; {matrices[0].name!r} was routed "
-                f"here with direction={self.params.direction!r} (see sharded_rule)"
+                "the sharded route merges matrices with DRM-V only; "
+                f"{matrices[0].name!r} was routed here with "
+                f"direction={self.params.direction!r} (see sharded_rule)"
             )
         for start in range(0, len(fallback), 64):
             self._fallback_group(fallback[start : start + 64], target, base, branches)
@@ -363,7 +364,8 @@ class ShardedMerger:
         comm.check("writing merged matrices")
 
     def _merge_rows(self, st: dict[str, Any]) -> Tensor:
-        """:func:`~drm_lightning.methods.drm.merge_coordinates` on this rank's rows, then ``@ Bᵀ``."""
+        """:func:`~drm_lightning.methods.drm.merge_coordinates` on this rank's rows, then
+        ``@ Bᵀ``."""
         deltas, vectors, sigma, r = st["deltas"], st["vectors"], st["sigma"], st["rank"]
         n, m = st["n"], st["m"]
         n_br, n_local = deltas.shape[0], deltas.shape[1]

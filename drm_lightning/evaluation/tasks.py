@@ -36,7 +36,8 @@ def default_predict(module: nn.Module, task: str, batch: Any) -> tuple[Tensor, T
     and returns ``(module(x), y)``.
 
     Example:
-        >>> preds, target = default_predict(nn.Identity(), "any", (torch.ones(2, 3), torch.zeros(2)))
+        >>> preds, target = default_predict(nn.Identity(), "any",
+        ...                                 (torch.ones(2, 3), torch.zeros(2)))
         >>> tuple(preds.shape), tuple(target.shape)
         ((2, 3), (2,))
     """
@@ -45,7 +46,8 @@ def default_predict(module: nn.Module, task: str, batch: Any) -> tuple[Tensor, T
         return predict_task(task, batch)
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(
-            f"task {task!r}: cannot split the batch ({type(batch).__name__}) into (inputs, target); "
+            f"task {task!r}: cannot split the batch ({type(batch).__name__}) "
+            "into (inputs, target); "
             "define predict_task(task, batch) on the module or pass TaskSpec(predict=...)"
         )
     x, y = batch
@@ -111,7 +113,8 @@ class TaskSpec:
         self.collection = _as_collection(self.metrics)
         if self.primary is not None and self.primary not in self.metric_names:
             raise ValueError(
-                f"TaskSpec.primary={self.primary!r} is not one of the metric names {self.metric_names}"
+                f"TaskSpec.primary={self.primary!r} is not one of the metric names "
+                f"{self.metric_names}"
             )
         if self.predict is not None and not callable(self.predict):
             raise TypeError(f"TaskSpec.predict must be callable, got {type(self.predict).__name__}")
@@ -128,14 +131,16 @@ class TaskSpec:
 
     @property
     def reference(self) -> str | int | None:
-        """The dataloader's name or index when it still has to be :meth:`resolve`-d, else ``None``."""
+        """The dataloader's name or index when it still has to be :meth:`resolve`-d, else
+        ``None``."""
         loader = self.dataloader
         if isinstance(loader, (str, int)) and not isinstance(loader, bool):
             return loader
         return None
 
     def resolve(self, loaders: Any) -> None:
-        """Bind a named or indexed dataloader to one of ``loaders`` (a mapping, a sequence or one loader).
+        """Bind a named or indexed dataloader to one of ``loaders`` (a mapping, a sequence or one
+        loader).
 
         Raises:
             ValueError: the name or index is not among ``loaders`` (the valid ones are listed).
@@ -160,15 +165,16 @@ class TaskSpec:
                 ref = keys[ref]
             if ref not in loaders:
                 raise ValueError(
-                    f"TaskSpec(dataloader={ref!r}): no validation dataloader of that name; have {keys}"
+                    f"TaskSpec(dataloader={ref!r}): no validation dataloader of that name; "
+                    f"have {keys}"
                 )
             self.dataloader = loaders[ref]
             return
         seq = list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
         if not isinstance(ref, int) or not 0 <= ref < len(seq):
             raise ValueError(
-                f"TaskSpec(dataloader={ref!r}): the validation dataloaders are a sequence of {len(seq)}; "
-                f"give an index 0..{len(seq) - 1}"
+                f"TaskSpec(dataloader={ref!r}): the validation dataloaders are a sequence of "
+                f"{len(seq)}; give an index 0..{len(seq) - 1}"
             )
         self.dataloader = seq[ref]
 
@@ -177,8 +183,8 @@ class TaskSpec:
         loader = self.dataloader
         if self.reference is not None:
             raise ValueError(
-                f"TaskSpec(dataloader={loader!r}) names a validation dataloader that was never resolved; "
-                "the Lightning callback resolves it from the datamodule at setup"
+                f"TaskSpec(dataloader={loader!r}) names a validation dataloader that was never "
+                "resolved; the Lightning callback resolves it from the datamodule at setup"
             )
         if callable(loader) and not hasattr(loader, "__iter__"):
             loader = loader()
@@ -187,7 +193,8 @@ class TaskSpec:
 
 
 def _to_device(batch: Any, device: torch.device | None) -> Any:
-    """``batch`` with every tensor moved to ``device`` (mappings, sequences and objects with ``.to``)."""
+    """``batch`` with every tensor moved to ``device`` (mappings, sequences and objects with
+    ``.to``)."""
     if device is None:
         return batch
     if isinstance(batch, Tensor):
@@ -267,8 +274,8 @@ def _scalar(task: str, name: str, value: Any) -> float:
     tensor = torch.as_tensor(value)
     if tensor.numel() != 1:
         raise ValueError(
-            f"task {task!r}: metric {name!r} returned a tensor of shape {tuple(tensor.shape)}; only "
-            "scalar metrics can be logged (use average='macro' or similar)"
+            f"task {task!r}: metric {name!r} returned a tensor of shape {tuple(tensor.shape)}; "
+            "only scalar metrics can be logged (use average='macro' or similar)"
         )
     return float(tensor.item())
 
@@ -345,8 +352,9 @@ def evaluate_task(
             for _ in range(max(0, (pad_to or 0) - seen)):
                 if last is None:  # pragma: no cover - needs an empty ZeRO-3 rank
                     raise ValueError(
-                        f"task {task!r}: this rank's validation dataloader is empty but other ranks have "
-                        f"{pad_to} batches; under ZeRO-3 every rank needs at least one batch"
+                        f"task {task!r}: this rank's validation dataloader is empty "
+                        f"but other ranks have {pad_to} batches; "
+                        "under ZeRO-3 every rank needs at least one batch"
                     )
                 predict(module, task, _to_device(last, device))
         if seen == 0 and shard is None and not per_rank:

@@ -2,8 +2,9 @@
 
 A 128256×2048 vocabulary matrix of a 1B model is 1 GiB in float32 per branch; merged whole,
 its N deltas and the method's temporaries take 10–20× that. When every input reads row
-slices cheaply (safetensors, tensors in memory: :meth:`~drm_lightning.sources.WeightSource.reads_rows`)
-and the method merges entry by entry (:meth:`~drm_lightning.methods.MergeMethod.merges_in_rows`:
+slices cheaply (safetensors, tensors in memory:
+:meth:`~drm_lightning.sources.WeightSource.reads_rows`) and the method merges entry by entry
+(:meth:`~drm_lightning.methods.MergeMethod.merges_in_rows`:
 task arithmetic, TIES, DRM's fallback), :func:`merge_in_pieces` reads the tensor a piece of
 rows at a time, lets the method make its passes (its whole-tensor cut, its majority count)
 and yields the merged rows piece by piece; the writer streams them to disk
@@ -171,7 +172,8 @@ def _checked_stored_pieces(
             for source, origin in zip([base, *branches], origins, strict=True):
                 check_finite(name, source.get_rows(name, piece.start, piece.stop), origin, hint)
             raise RuntimeError(
-                f"{name!r}: the fused merge saw a non-finite input in rows {piece.start}:{piece.stop}"
+                f"{name!r}: the fused merge saw a non-finite input in rows "
+                f"{piece.start}:{piece.stop}"
             )
         if not piece.merged_finite:  # raises, naming the tensor and the rows
             check_finite(

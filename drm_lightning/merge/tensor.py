@@ -29,7 +29,8 @@ RESULT_HINT = (
 
 
 def check_fits(name: str, value: Tensor, dtype: torch.dtype) -> None:
-    """Raise ``ValueError`` if a finite merged ``value`` would overflow to Inf when cast to ``dtype``."""
+    """Raise ``ValueError`` if a finite merged ``value`` would overflow to Inf when cast to
+    ``dtype``."""
     if not dtype.is_floating_point or torch.finfo(dtype).max >= torch.finfo(value.dtype).max:
         return
     largest = float(value.detach().abs().max()) if value.numel() else 0.0
@@ -94,7 +95,8 @@ def merge_tensor(
     Example:
         >>> from drm_lightning.methods import get_method
         >>> base = torch.zeros(3, 2)
-        >>> merged = merge_tensor(get_method("drm", drop_rate=0.0), "matrix", base, [torch.ones(3, 2)], [1.0])
+        >>> merged = merge_tensor(get_method("drm", drop_rate=0.0), "matrix", base,
+        ...                       [torch.ones(3, 2)], [1.0])
         >>> torch.allclose(merged, torch.ones(3, 2))
         True
     """

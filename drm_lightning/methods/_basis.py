@@ -61,7 +61,8 @@ def _truncate(vectors: Tensor, sigma: Tensor, rank_rtol: float) -> SharedBasis:
 
 
 def _rayleigh_lower_bound(gram: Tensor, iterations: int = 8) -> float:
-    """A lower bound on the largest eigenvalue of a PSD matrix (power-iteration Rayleigh quotient)."""
+    """A lower bound on the largest eigenvalue of a PSD matrix (power-iteration Rayleigh
+    quotient)."""
     x = gram[:, int(torch.argmax(torch.diagonal(gram)))].clone()
     for _ in range(iterations):
         norm = x.norm()
@@ -137,7 +138,8 @@ LOW_MEMORY_EIGH_N = 2048
 
 
 def eigh_low_memory(gram: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor] | None:
-    """Ascending eigenpairs of a symmetric float64 CPU matrix with LAPACK ``syevr`` on the matrix itself.
+    """Ascending eigenpairs of a symmetric float64 CPU matrix with LAPACK ``syevr`` on the matrix
+    itself.
 
     torch's ``eigh`` (``syevd``) copies the matrix and takes ``2n²`` of workspace: with the
     eigenvectors, 4n² doubles besides the caller's matrix. ``syevr`` (scipy, ``overwrite_a``)

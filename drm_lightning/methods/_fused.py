@@ -153,9 +153,9 @@ def bracket_counts(base, branches, lows, highs, counts, found, filled):  # type:
 
 @njit(cache=True, nogil=True)
 def digit_counts(base, branches, shift, prefixes, counts):  # type: ignore[no-untyped-def]
-    """Add one radix round's digit counts of ``|branch - base|`` to ``counts`` (``(lanes, DIGITS)``):
-    ``shift`` 16 counts the high digit of every entry, ``shift`` 0 the low digit of entries
-    whose high digit is ``prefixes[lane]``."""
+    """Add one radix round's digit counts of ``|branch - base|`` to ``counts``
+    (``(lanes, DIGITS)``): ``shift`` 16 counts the high digit of every entry, ``shift`` 0 the low
+    digit of entries whose high digit is ``prefixes[lane]``."""
     rows, inner = base.shape
     for r in range(rows):
         for lane in range(len(branches)):

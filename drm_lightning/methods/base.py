@@ -251,14 +251,16 @@ def parameter_problems(
             out.append(
                 (
                     key,
-                    f"fixed to {preset[key]!r} by method {method!r} (settable: {', '.join(settable)})",
+                    f"fixed to {preset[key]!r} by method {method!r} "
+                    f"(settable: {', '.join(settable)})",
                 )
             )
         elif key not in params_cls.model_fields:
             out.append(
                 (
                     key,
-                    f"unknown parameter for method {method!r} ({closest_names(str(key), settable)})",
+                    f"unknown parameter for method {method!r} "
+                    f"({closest_names(str(key), settable)})",
                 )
             )
     return out

@@ -180,7 +180,8 @@ def merge_coordinates(
         reference_compat: the reference's pruning rule and no noise floor (bit-matching).
         reductions: how sums and the top-k reach rows held elsewhere.
         overwrite: ``coords`` is scratch: large ones are pruned in place, with no score or
-            mask tensor of their size (:func:`~drm_lightning.methods.rowwise.prune_scaled_in_place`).
+            mask tensor of their size
+            (:func:`~drm_lightning.methods.rowwise.prune_scaled_in_place`).
 
     Returns:
         (n, r) merged coordinates.

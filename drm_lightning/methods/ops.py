@@ -153,7 +153,8 @@ def kept_count(numel: int, density: float, *, rule: CountRule = "round") -> int:
     so it also matches them where rounding bites (``int(0.29 * 100) == 28``).
 
     Example:
-        >>> kept_count(10, 0.25), kept_count(10, 0.25, rule="floor"), kept_count(10, 0.05, rule="floor_min1")
+        >>> (kept_count(10, 0.25), kept_count(10, 0.25, rule="floor"),
+        ...  kept_count(10, 0.05, rule="floor_min1"))
         (2, 2, 1)
     """
     if rule == "round":

@@ -443,7 +443,8 @@ class TaskVectorMethod(MergeMethod):
         piece_rows: int,
         generator: torch.Generator | None = None,
     ) -> Iterator[Tensor]:
-        """:func:`task_vector_merge_rows` with these parameters (the whole tensor at once for DARE)."""
+        """:func:`task_vector_merge_rows` with these parameters (the whole tensor at once for
+        DARE)."""
         if not self.merges_in_rows(route, shape, int(coefficients.shape[0])):
             yield from super().merge_rows(
                 route, read, shape, coefficients, piece_rows=piece_rows, generator=generator
@@ -477,8 +478,9 @@ class TaskVectorMethod(MergeMethod):
         out_dtype: torch.dtype,
         compute_dtype: torch.dtype,
     ) -> Iterator[StoredPiece] | None:
-        """The fused CPU route (:func:`~drm_lightning.methods.task_vector_fused.task_vector_merge_stored_rows`)
-        where it applies: every preset that merges in rows, bfloat16 or float32 inputs, float32 maths."""
+        """The fused CPU route
+        (:func:`~drm_lightning.methods.task_vector_fused.task_vector_merge_stored_rows`) where it
+        applies: every preset that merges in rows, bfloat16 or float32 inputs, float32 maths."""
         from drm_lightning.methods.task_vector_fused import (
             stored_rows_supported,
             task_vector_merge_stored_rows,

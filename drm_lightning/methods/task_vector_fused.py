@@ -17,7 +17,8 @@ Example:
     >>> d = torch.tensor([[[1.0], [-4.0], [-2.0], [0.5]], [[-1.0], [-1.5], [-0.5], [3.0]]])
     >>> read = lambda a, b: (base[a:b], [d[0, a:b], d[1, a:b]])
     >>> pieces = task_vector_merge_stored_rows(read, (4, 1), torch.ones(2), piece_rows=3,
-    ...     sparsify="magnitude", density=0.5, elect_signs=True, normalize=True, out_dtype=torch.float32)
+    ...     sparsify="magnitude", density=0.5, elect_signs=True, normalize=True,
+    ...     out_dtype=torch.float32)
     >>> torch.cat([p.merged for p in pieces]).squeeze(1)
     tensor([ 0.0000, -2.7500, -2.0000,  3.0000])
 """

@@ -161,7 +161,8 @@ def normalizing_weight_sum(weights: Tensor) -> Tensor | None:
     ``None`` (no division) when it is within :data:`WEIGHT_SUM_EPS` of zero.
 
     Example:
-        >>> normalizing_weight_sum(torch.tensor([1.0, 3.0])), normalizing_weight_sum(torch.tensor([1.0, -1.0]))
+        >>> (normalizing_weight_sum(torch.tensor([1.0, 3.0])),
+        ...  normalizing_weight_sum(torch.tensor([1.0, -1.0])))
         (tensor(4.), None)
     """
     weight_sum = weights.sum()

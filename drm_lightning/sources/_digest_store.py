@@ -1,8 +1,9 @@
 """SHA-256 digests of input files kept across runs, so a re-merge does not hash them again.
 
-The model card lists the SHA-256 of every input file (:func:`~drm_lightning.sources.base.sha256_of`).
-Hashing runs at about 1.2 GB/s on one core: 16 GB of an 8B model's inputs cost 13 CPU-seconds
-on every merge. Digests are stored in ``sha256.json`` under ``$DRM_LIGHTNING_CACHE`` (default
+The model card lists the SHA-256 of every input file
+(:func:`~drm_lightning.sources.base.sha256_of`). Hashing runs at about 1.2 GB/s on one core:
+16 GB of an 8B model's inputs cost 13 CPU-seconds on every merge. Digests are stored in
+``sha256.json`` under ``$DRM_LIGHTNING_CACHE`` (default
 ``$XDG_CACHE_HOME/drm_lightning``, else ``~/.cache/drm_lightning``; ``off`` keeps nothing),
 keyed by the file's real path, size, inode, modification and change times: writing the file
 changes its change time, which no user call can set back, so a stale digest is not taken
@@ -178,7 +179,8 @@ def _load(store: Path) -> dict[str, str]:
 
 
 def stored_digest(path: str | os.PathLike[str], key: str | None = None) -> str | None:
-    """The digest stored for ``path`` as it is now (or as ``key``, its :func:`file_key`), or None."""
+    """The digest stored for ``path`` as it is now (or as ``key``, its :func:`file_key`), or
+    None."""
     store = store_file()
     if store is None:
         return None

@@ -74,7 +74,8 @@ class RowPieces:
             made. Otherwise each piece is written before the next is asked for.
 
     Example:
-        >>> RowPieces((3, 2), torch.float32, iter([torch.ones(2, 2), torch.zeros(1, 2)])).materialize()
+        >>> RowPieces((3, 2), torch.float32,
+        ...           iter([torch.ones(2, 2), torch.zeros(1, 2)])).materialize()
         tensor([[1., 1.],
                 [1., 1.],
                 [0., 0.]])

@@ -81,7 +81,8 @@ def dtype_from_safetensors(code: str, *, where: str = "") -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         known = ", ".join(sorted(_SAFETENSORS_DTYPES))
         raise ValueError(
-            f"unsupported safetensors dtype {code!r}{f' in {where}' if where else ''}; known: {known}"
+            f"unsupported safetensors dtype {code!r}{f' in {where}' if where else ''}; "
+            f"known: {known}"
         )
     return dtype
 

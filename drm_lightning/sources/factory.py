@@ -88,8 +88,8 @@ def open_source(
         return StateDictSource(obj)
     if not isinstance(obj, (str, os.PathLike)):
         raise TypeError(
-            f"cannot open weights from a {type(obj).__name__}; give a path, a state dict, an nn.Module "
-            "or a WeightSource"
+            f"cannot open weights from a {type(obj).__name__}; "
+            "give a path, a state dict, an nn.Module or a WeightSource"
         )
     path = Path(obj)
     if not path.exists():
@@ -98,7 +98,8 @@ def open_source(
         if (path / "adapter_config.json").is_file():
             if base is None:
                 raise ValueError(
-                    f"{path} is a PEFT adapter folder; open it with base= the model it was trained on"
+                    f"{path} is a PEFT adapter folder; "
+                    "open it with base= the model it was trained on"
                 )
             return LoraBranch(
                 path,

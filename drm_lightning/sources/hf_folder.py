@@ -1,4 +1,5 @@
-"""Hugging Face model folders: sharded or single safetensors, or ``pytorch_model.bin`` (sharded too).
+"""Hugging Face model folders: sharded or single safetensors, or ``pytorch_model.bin``
+(sharded too).
 
 The layout is found from the file names ``save_pretrained`` writes, in the order
 ``transformers`` prefers them:
@@ -75,7 +76,8 @@ class HFFolderSource(WeightSource):
         >>> HFFolderSource(tempfile.mkdtemp())
         Traceback (most recent call last):
         ...
-        FileNotFoundError: no model weights in ...: expected a .safetensors file, a folder with model.safetensors[.index.json] or pytorch_model.bin, ...
+        FileNotFoundError: no model weights in ...: expected a .safetensors file, a folder with
+        model.safetensors[.index.json] or pytorch_model.bin, ...
     """
 
     def __init__(self, path: str | os.PathLike[str], *, trust_pickles: bool = False) -> None:

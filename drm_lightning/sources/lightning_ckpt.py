@@ -51,7 +51,8 @@ class LightningCheckpointSource(TorchFileSource):
         >>> LightningCheckpointSource(p)
         Traceback (most recent call last):
         ...
-        ValueError: .../bad.ckpt is not a Lightning checkpoint: it has no 'state_dict' entry (top-level entries: ['weights'])...
+        ValueError: .../bad.ckpt is not a Lightning checkpoint: it has no 'state_dict' entry
+        (top-level entries: ['weights'])...
     """
 
     kind = "Lightning checkpoint"

@@ -197,7 +197,8 @@ class LoraBranch(WeightSource):
         if not self.path.is_dir():
             what = "is a file" if self.path.exists() else "does not exist"
             raise FileNotFoundError(
-                f"LoRA adapter folder {self.path} {what}; expected a folder with adapter_config.json"
+                f"LoRA adapter folder {self.path} {what}; "
+                "expected a folder with adapter_config.json"
             )
         self.config_path = self.path / "adapter_config.json"
         if not self.config_path.is_file():
@@ -228,8 +229,8 @@ class LoraBranch(WeightSource):
         peft_type = str(cfg.get("peft_type", "")).upper()
         if peft_type != "LORA":
             raise NotImplementedError(
-                f"{self.config_path}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters (peft_type 'LORA') "
-                "can be merged as low-rank branches"
+                f"{self.config_path}: peft_type is {cfg.get('peft_type')!r}; "
+                "only LoRA adapters (peft_type 'LORA') can be merged as low-rank branches"
             )
         problems: list[str] = []
         if cfg.get("use_dora"):
@@ -238,15 +239,17 @@ class LoraBranch(WeightSource):
             )
         if cfg.get("modules_to_save"):
             problems.append(
-                f"modules_to_save={cfg['modules_to_save']} (fully trained modules are not low-rank deltas)"
+                f"modules_to_save={cfg['modules_to_save']} "
+                "(fully trained modules are not low-rank deltas)"
             )
         if cfg.get("bias", "none") not in ("none", None):
             problems.append(f"bias={cfg['bias']!r} (trained biases)")
         init = cfg.get("init_lora_weights")
         if isinstance(init, str) and init.lower().startswith(_REWRITING_INITS):
             problems.append(
-                f"init_lora_weights={init!r}: this adapter is relative to a modified base; save it with "
-                "save_pretrained(..., path_initial_model_for_weight_conversion=...) to get a plain LoRA adapter"
+                f"init_lora_weights={init!r}: this adapter is relative to a modified base; "
+                "save it with save_pretrained(..., path_initial_model_for_weight_conversion=...) "
+                "to get a plain LoRA adapter"
             )
         if cfg.get("loftq_config"):
             problems.append("loftq_config is set (LoftQ adapters are relative to a quantized base)")
@@ -316,7 +319,8 @@ class LoraBranch(WeightSource):
                 unknown.remove(key)
         if unknown:
             raise NotImplementedError(
-                f"LoRA adapter {self.weights_path} holds {len(unknown)} tensor(s) that are not plain LoRA factors "
+                f"LoRA adapter {self.weights_path} holds {len(unknown)} tensor(s) "
+                "that are not plain LoRA factors "
                 f"(DoRA magnitudes, saved modules, biases...): {unknown[:10]}"
             )
         if conv:
@@ -327,7 +331,8 @@ class LoraBranch(WeightSource):
         if adapter_name is not None:
             if adapter_name not in names:
                 raise ValueError(
-                    f"adapter_name={adapter_name!r} not found in {self.weights_path}; names present: {names or 'none'}"
+                    f"adapter_name={adapter_name!r} not found in {self.weights_path}; "
+                    f"names present: {names or 'none'}"
                 )
             factors = {s: f for s, f in factors.items() if s[1] == adapter_name}
         elif len(names) > 1 or (names and any(n is None for _, n in factors)):
@@ -374,8 +379,9 @@ class LoraBranch(WeightSource):
                 close = difflib.get_close_matches(m.target, base_keys, n=1, cutoff=0.6)
                 lines.append(f"{m.target}" + (f" (closest base name: {close[0]})" if close else ""))
             raise ValueError(
-                f"LoRA adapter {self.path} adapts {len(absent)} module(s) whose weight is not in the base "
-                f"{self.base.origin}: {'; '.join(lines)}. Is the base the model the adapter was trained on "
+                f"LoRA adapter {self.path} adapts {len(absent)} module(s) "
+                f"whose weight is not in the base {self.base.origin}: {'; '.join(lines)}. "
+                "Is the base the model the adapter was trained on "
                 f"(adapter config says {self.config.get('base_model_name_or_path')!r})?"
             )
         problems: list[str] = []
@@ -385,12 +391,14 @@ class LoraBranch(WeightSource):
             base_shape = tuple(self.base.meta(m.target).shape)
             if a[0] != b[1]:
                 problems.append(
-                    f"module {m.module!r}: lora_A {list(a)} and lora_B {list(b)} have different ranks"
+                    f"module {m.module!r}: lora_A {list(a)} and lora_B {list(b)} "
+                    "have different ranks"
                 )
                 continue
             if a[0] != m.rank:
                 problems.append(
-                    f"module {m.module!r}: factors have rank {a[0]} but the config gives r={m.rank} "
+                    f"module {m.module!r}: factors have rank {a[0]} "
+                    f"but the config gives r={m.rank} "
                     "(check r / rank_pattern in adapter_config.json)"
                 )
                 continue
@@ -398,8 +406,9 @@ class LoraBranch(WeightSource):
             if delta_shape != base_shape:
                 how = " (transposed: fan_in_fan_out/embedding)" if m.transpose else ""
                 problems.append(
-                    f"module {m.module!r}: adapter delta shape {list(delta_shape)}{how} from lora_B {list(b)} @ "
-                    f"lora_A {list(a)} vs base {m.target!r} shape {list(base_shape)}"
+                    f"module {m.module!r}: adapter delta shape {list(delta_shape)}{how} "
+                    f"from lora_B {list(b)} @ lora_A {list(a)} "
+                    f"vs base {m.target!r} shape {list(base_shape)}"
                 )
         if problems:
             raise ValueError(
@@ -410,17 +419,20 @@ class LoraBranch(WeightSource):
             saved_meta, base_meta = self._weights.meta(key), self.base.meta(target)
             if tuple(saved_meta.shape) != tuple(base_meta.shape):
                 raise ValueError(
-                    f"LoRA adapter {self.path} saved its own {target!r} with shape {list(saved_meta.shape)}, the base "
-                    f"{self.base.origin} has {list(base_meta.shape)}: the vocabulary was resized during fine-tuning. "
+                    f"LoRA adapter {self.path} saved its own {target!r} "
+                    f"with shape {list(saved_meta.shape)}, "
+                    f"the base {self.base.origin} has {list(base_meta.shape)}: "
+                    "the vocabulary was resized during fine-tuning. "
                     "Resize the base the same way, or merge from the full fine-tuned model"
                 )
             base_t = self.base.get(target)
             if not torch.equal(self._weights.get(key).to(base_t.dtype), base_t):
                 raise ValueError(
-                    f"LoRA adapter {self.path} saved its own {target!r} and it differs from the base "
-                    f"{self.base.origin}: the adapter was trained on other {target} values (trained or resized "
-                    "embeddings), so it is not a low-rank delta of this base. Use the matching base, or merge "
-                    "from the full fine-tuned model"
+                    f"LoRA adapter {self.path} saved its own {target!r} "
+                    f"and it differs from the base {self.base.origin}: "
+                    f"the adapter was trained on other {target} values "
+                    "(trained or resized embeddings), so it is not a low-rank delta of this base. "
+                    "Use the matching base, or merge from the full fine-tuned model"
                 )
 
     # ------------------------------------------------------------------ public API
@@ -473,7 +485,8 @@ class LoraBranch(WeightSource):
         out = b @ a
         if base_tensor is not None and tuple(base_tensor.shape) != tuple(out.shape):
             raise ValueError(
-                f"{name!r}: LoRA delta shape {list(out.shape)} vs given base tensor {list(base_tensor.shape)}"
+                f"{name!r}: LoRA delta shape {list(out.shape)} "
+                f"vs given base tensor {list(base_tensor.shape)}"
             )
         return out if base_tensor is None else out.to(base_tensor.device)
 
@@ -484,7 +497,8 @@ class LoraBranch(WeightSource):
         return self.base.meta(name)
 
     def get(self, name: str) -> Tensor:
-        """The adapted weight ``base + delta`` in the base dtype (the base tensor itself if not adapted)."""
+        """The adapted weight ``base + delta`` in the base dtype (the base tensor itself if not
+        adapted)."""
         base_t = self.base.get(name)
         if name not in self._modules:
             return base_t
@@ -502,7 +516,8 @@ class LoraBranch(WeightSource):
 
     def describe(self) -> str:
         return (
-            f"LoRA adapter {self.path} (r={self.config.get('r')}, lora_alpha={self.config.get('lora_alpha')}, "
+            f"LoRA adapter {self.path} (r={self.config.get('r')}, "
+            f"lora_alpha={self.config.get('lora_alpha')}, "
             f"{len(self._modules)} modules) on {self.base.origin}"
         )
 

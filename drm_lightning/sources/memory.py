@@ -57,7 +57,8 @@ class StateDictSource(LoadedTensorsMixin, WeightSource):
             state = weights
         else:
             raise TypeError(
-                f"StateDictSource expects a mapping of tensors or an nn.Module, got {type(weights).__name__}"
+                "StateDictSource expects a mapping of tensors or an nn.Module, "
+                f"got {type(weights).__name__}"
             )
         bad = [
             f"{k!r} ({type(v).__name__})"

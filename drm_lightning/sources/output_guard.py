@@ -26,7 +26,8 @@ Example:
     >>> check_replaceable(root)
     Traceback (most recent call last):
     ...
-    FileExistsError: refusing to replace .../: it holds 'my_thesis.tex', which drm_lightning did not write...
+    FileExistsError: refusing to replace .../: it holds 'my_thesis.tex',
+    which drm_lightning did not write...
 """
 
 from __future__ import annotations

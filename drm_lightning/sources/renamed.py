@@ -53,8 +53,9 @@ class RenamedSource(WeightSource):
             self._to_inner[self.add + name[len(self.strip) :]] = name
         if self.strip and not self._to_inner:
             raise ValueError(
-                f"no tensor name in {source.origin} starts with prefix {self.strip!r}; first names: "
-                f"{source.keys()[:5]}. Give the prefix the names actually start with, or none"
+                f"no tensor name in {source.origin} starts with prefix {self.strip!r}; "
+                f"first names: {source.keys()[:5]}. "
+                "Give the prefix the names actually start with, or none"
             )
         self._keys = sorted(self._to_inner)
 

@@ -179,7 +179,8 @@ class TorchFileSource(LoadedTensorsMixin, WeightSource):
         if prefix and not self._tensors:
             sample = sorted(str(k) for k in state)[:5]
             raise ValueError(
-                f"no tensor name in {self.path} starts with prefix {prefix!r}; first names: {sample}. "
+                f"no tensor name in {self.path} starts with prefix {prefix!r}; "
+                f"first names: {sample}. "
                 "Give the prefix the names actually start with, or none"
             )
         self._keys = sorted(self._tensors)
@@ -195,7 +196,8 @@ class TorchFileSource(LoadedTensorsMixin, WeightSource):
             payload = payload[key]
         if not isinstance(payload, Mapping):
             raise ValueError(
-                f"{self.path} holds a {type(payload).__name__}, expected a state dict (a mapping of tensors)"
+                f"{self.path} holds a {type(payload).__name__}, "
+                "expected a state dict (a mapping of tensors)"
             )
         if payload and not any(isinstance(v, Tensor) for v in payload.values()):
             top = sorted(str(k) for k in payload)[:10]

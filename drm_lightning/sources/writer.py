@@ -250,11 +250,13 @@ class HFFolderWriter:
         ...     for i in range(3):
         ...         w.add(f"layer{i}.weight", torch.zeros(4, 4))
         >>> sorted(p.name for p in out.glob("*.safetensors"))
-        ['model-00001-of-00003.safetensors', 'model-00002-of-00003.safetensors', 'model-00003-of-00003.safetensors']
+        ['model-00001-of-00003.safetensors', 'model-00002-of-00003.safetensors',
+         'model-00003-of-00003.safetensors']
         >>> HFFolderWriter(out)
         Traceback (most recent call last):
         ...
-        FileExistsError: output folder .../m already exists; pass overwrite=True (--overwrite) to replace it
+        FileExistsError: output folder .../m already exists;
+        pass overwrite=True (--overwrite) to replace it
     """
 
     def __init__(
@@ -284,7 +286,8 @@ class HFFolderWriter:
                 )
             if not overwrite:
                 raise FileExistsError(
-                    f"output folder {self.out_dir} already exists; pass overwrite=True (--overwrite) to replace it"
+                    f"output folder {self.out_dir} already exists; "
+                    "pass overwrite=True (--overwrite) to replace it"
                 )
             check_replaceable(self.out_dir)
         check_parent(self.out_dir)
@@ -638,7 +641,10 @@ class HFFolderWriter:
             "",
             "## Output",
             "",
-            f"{len(self._sizes)} tensors, {self.total_bytes} bytes, {max(len(self._shards), 1)} shard(s).",
+            (
+                f"{len(self._sizes)} tensors, {self.total_bytes} bytes, "
+                f"{max(len(self._shards), 1)} shard(s)."
+            ),
             "",
         ]
         return "\n".join(lines)
@@ -671,7 +677,8 @@ def _folder_id(path: Path) -> tuple[int, int] | None:
 
 
 def _header_reserve(max_shard_bytes: int) -> int:
-    """Header bytes reserved per shard: 64 KiB (≈ 500 tensors) for big shards, less for tiny ones."""
+    """Header bytes reserved per shard: 64 KiB (≈ 500 tensors) for big shards, less for tiny
+    ones."""
     return min(64 * 1024, max(1024, max_shard_bytes // 1024))
 
 
