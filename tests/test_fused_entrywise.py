@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from drm_lightning.merge.pieces import merge_in_pieces
+from drm_lightning.merge.pieces_pool import ThreadedPieces
 from drm_lightning.merge.plan import PlannedTensor
 from drm_lightning.methods import get_method
 from drm_lightning.methods.task_vector import task_vector_merge_rows
@@ -46,7 +47,13 @@ def _fused(
 
     pieces = list(
         task_vector_merge_stored_rows(
-            read, base.shape, coef, piece_rows=piece_rows, out_dtype=base.dtype, **kw
+            read,
+            base.shape,
+            coef,
+            piece_rows=piece_rows,
+            out_dtype=base.dtype,
+            runner=ThreadedPieces(torch.get_num_threads()),
+            **kw,
         )
     )
     assert all(p.inputs_finite for p in pieces)
@@ -158,6 +165,7 @@ def test_a_read_failing_on_a_thread_raises_in_the_caller_and_stops_the_threads(
         elect_signs=True,
         normalize=True,
         out_dtype=base.dtype,
+        runner=ThreadedPieces(2),
     )
     got = []
     with pytest.raises(OSError, match="disk error at row 42"):

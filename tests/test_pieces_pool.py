@@ -1,4 +1,4 @@
-"""Row pieces on a few threads, results in order (methods/_pieces_pool.py)."""
+"""Row pieces on a few threads, results in order (merge/pieces_pool.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from drm_lightning.methods._pieces_pool import AHEAD_PER_THREAD, in_order
+from drm_lightning.merge.pieces_pool import AHEAD_PER_THREAD, in_order
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from drm_lightning.methods._select import (
+from drm_lightning.methods.selection import (
     count_digits,
     from_ordered_bits,
     ordered_bits,
@@ -588,7 +588,7 @@ def _rank_list(ranks: Sequence[int], prefix: bool = True) -> str:
 def kth_largest(values: Tensor, k: int, comm: Comm) -> Tensor:
     """The exact k-th largest of the non-negative ``values`` of all ranks (1-based k).
 
-    :func:`~drm_lightning.methods._select.radix_select` with 8-bit digits: each round every
+    :func:`~drm_lightning.methods.selection.radix_select` with 8-bit digits: each round every
     rank counts its candidates per digit, one all-reduce of 256 counts picks the digit, and
     the candidates shrink to those with the chosen prefix. 4 rounds for float32, 8 for
     float64; the traffic does not depend on the size. Every rank returns the same value.

@@ -13,7 +13,7 @@ all-reduce of a sign count, batched over a group of items) and, with
 of the row stack ``[Δ_1; …; Δ_N]``), every step but the basis is row-local (spec §4.7):
 
 1. ``G = Σ_i Δ_iᵀΔ_i`` is a sum over rows: each rank adds its rows' m×m Gram
-   (:func:`~drm_lightning.methods._basis.gram_of_rows`, in the basis precision — float64 by
+   (:func:`~drm_lightning.methods.basis.gram_of_rows`, in the basis precision — float64 by
    default), one reduce sends G to the rank that decomposes it (a different rank for each
    item of a wave of ``world_size`` items, so the eigendecompositions run in parallel),
    which broadcasts ``B`` (m×r) and σ;
@@ -67,7 +67,7 @@ from drm_lightning.distributed.comm import (
 from drm_lightning.distributed.plan import MergeItem, ShardablePredicate
 from drm_lightning.distributed.tensors import ParamSet, TensorSet, held_range, partition_size
 from drm_lightning.merge.tensor import RESULT_HINT, check_finite, check_fits
-from drm_lightning.methods._basis import basis_dtype, basis_from_gram, gram_of_rows
+from drm_lightning.methods.basis import basis_dtype, basis_from_gram, gram_of_rows
 from drm_lightning.methods.base import MergeMethod, Route
 from drm_lightning.methods.drm import DRM, merge_coordinates
 from drm_lightning.methods.ops import (

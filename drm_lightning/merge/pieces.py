@@ -28,12 +28,14 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from drm_lightning.merge.pieces_pool import ThreadedPieces
 from drm_lightning.merge.plan import PlannedTensor, is_lora_source
 from drm_lightning.merge.tensor import RESULT_HINT, as_delta, check_finite
 from drm_lightning.methods import MergeMethod
@@ -44,6 +46,12 @@ PIECE_ELEMENTS = 1 << 20
 TIES of three 65536×1024 bf16 branches (2-core Xeon, 1 thread): pieces of 2**20 entries
 raise peak RSS by 54 MiB in 7.6 s, of 2**22 by 158 MiB in 14.6 s, of 2**24 by 501 MiB in
 24.7 s; the whole tensor at once by 3.7 GiB in 20 s (small pieces stay in cache)."""
+
+
+def fused_route_enabled() -> bool:
+    """Whether row pieces may take a method's fused route (``merge_stored_rows``): yes unless
+    ``DRM_LIGHTNING_FUSED=0`` (the eager torch route for every method, e.g. to compare)."""
+    return os.environ.get("DRM_LIGHTNING_FUSED", "1") != "0"
 
 
 def merges_in_pieces(
@@ -129,15 +137,20 @@ def merge_in_pieces(
                 b.get_rows(name, start, stop) for b in branches
             ]
 
-        fused = method.merge_stored_rows(
-            item.route,
-            read_stored,
-            item.shape,
-            coef,
-            piece_rows=step,
-            stored=stored,
-            out_dtype=out_dtype,
-            compute_dtype=compute_dtype,
+        fused = (
+            method.merge_stored_rows(
+                item.route,
+                read_stored,
+                item.shape,
+                coef,
+                piece_rows=step,
+                stored=stored,
+                out_dtype=out_dtype,
+                compute_dtype=compute_dtype,
+                runner=ThreadedPieces(torch.get_num_threads()),
+            )
+            if fused_route_enabled()
+            else None
         )
         if fused is not None:
             yield from _checked_stored_pieces(fused, name, base, branches, origins, item.shape[0])

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
 from drm_lightning.methods.ops import check_merge_inputs, finite_inputs_checked, inputs_checked
-from drm_lightning.methods.rowwise import DeltaRows, StoredPiece, StoredRows
+from drm_lightning.methods.rowwise import SERIAL, DeltaRows, PieceRunner, StoredPiece, StoredRows
 
 Route = Literal["matrix", "fallback", "ignore"]
 LowRankFactors = tuple[Tensor, Tensor]
@@ -203,12 +203,14 @@ class MergeMethod(ABC):
         stored: Sequence[torch.dtype],
         out_dtype: torch.dtype,
         compute_dtype: torch.dtype,
+        runner: PieceRunner = SERIAL,
     ) -> Iterator[StoredPiece] | None:
         """``base + merged delta`` of a tensor read as stored row pieces (``read(start, stop)``
         gives the base's rows and each branch's, in their ``stored`` dtypes), piece by piece, or
         ``None`` when the method has no such route for these inputs (the caller then uses
         :meth:`merge_rows`). The pieces equal the base plus :meth:`merge_rows`' pieces, rounded
-        to ``out_dtype``. Default: ``None``; the task-vector recipe fuses its passes here
+        to ``out_dtype``. ``runner`` runs the pieces (the engine's threads; default: serial).
+        Default: ``None``; the task-vector recipe fuses its passes here
         (:mod:`drm_lightning.methods.task_vector_fused`)."""
         return None
 

@@ -32,7 +32,8 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from drm_lightning.methods._basis import (  # noqa: F401 - re-exported: the basis is part of DRM's API
+from drm_lightning.methods.base import LowRankFactors, MergeMethod, MethodParams, Route
+from drm_lightning.methods.basis import (  # noqa: F401 - re-exported: the basis is part of DRM's API
     BasisPrecision,
     SharedBasis,
     Solver,
@@ -43,7 +44,6 @@ from drm_lightning.methods._basis import (  # noqa: F401 - re-exported: the basi
     shared_basis,
     working_dtype,
 )
-from drm_lightning.methods.base import LowRankFactors, MergeMethod, MethodParams, Route
 from drm_lightning.methods.ops import (
     LOCAL,
     MASK_BLOCK,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from drm_lightning.methods._select import MagnitudeCut, add_ties, row_spans
+from drm_lightning.methods.selection import MagnitudeCut, add_ties, row_spans
 
 TieBreak = Literal["majority", "positive"]
 

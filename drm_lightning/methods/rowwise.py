@@ -7,7 +7,7 @@ will not hold the whole (N, rows, ...) stack — a 128256×2048 embedding of thr
 3 GiB in float32 — passes a reader of row pieces instead (:data:`DeltaRows`); the method
 makes a few passes over the pieces for those numbers (:class:`MagnitudeCut`,
 :func:`majority_over_pieces`), then merges piece by piece. The result equals the merge of
-the whole tensor: the cut is exact (:mod:`drm_lightning.methods._select`) and gives its ties
+the whole tensor: the cut is exact (:mod:`drm_lightning.methods.selection`) and gives its ties
 to the first entries in flattened order, as :func:`~drm_lightning.methods.ops.largest_mask`.
 
 Example:
@@ -23,18 +23,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import torch  # noqa: F401 - the doctests use it
 from torch import Tensor
 
-from drm_lightning.methods._select import (  # noqa: F401 - DIGIT_BITS, MagnitudeCut, row_spans re-exported
-    DIGIT_BITS,
-    DeltaRows,
-    MagnitudeCut,
-    row_spans,
-)
 from drm_lightning.methods.ops import (
     MASK_BLOCK,
     kept_count,
@@ -42,6 +37,49 @@ from drm_lightning.methods.ops import (
     mass_signs,
     safe_divide,
 )
+from drm_lightning.methods.selection import (  # noqa: F401 - DIGIT_BITS, MagnitudeCut, row_spans re-exported
+    DIGIT_BITS,
+    DeltaRows,
+    MagnitudeCut,
+    row_spans,
+)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class PieceRunner(Protocol):
+    """How a method's piece work is run: ``map(work, items)`` yields ``work(item)`` in the
+    items' order, up to ``threads`` items at a time. Methods never start threads: the engine
+    passes its runner (:class:`drm_lightning.merge.pieces_pool.ThreadedPieces`); the default
+    is :data:`SERIAL`. ``work`` must be safe to call from several threads at once.
+    """
+
+    threads: int
+
+    def map(self, work: Callable[[Item], Result], items: Iterable[Item]) -> Iterator[Result]:
+        """``work(item)`` of each item, in order."""
+        ...
+
+
+@dataclass(frozen=True)
+class SerialPieces:
+    """Pieces one after another in the caller's thread.
+
+    Example:
+        >>> list(SERIAL.map(lambda x: x * x, range(4)))
+        [0, 1, 4, 9]
+    """
+
+    threads: int = 1
+
+    def map(self, work: Callable[[Item], Result], items: Iterable[Item]) -> Iterator[Result]:
+        for item in items:
+            yield work(item)
+
+
+SERIAL = SerialPieces()
+"""The default :class:`PieceRunner`: no threads."""
 
 StoredRows = Callable[[int, int], tuple[Tensor, Sequence[Tensor]]]
 """``read(start, stop)``: the base's rows ``start:stop`` and each branch's, as stored (CPU)."""

@@ -48,8 +48,10 @@ from drm_lightning.methods._sparsify import (
 from drm_lightning.methods.base import MergeMethod, Route
 from drm_lightning.methods.ops import CountRule, check_merge_inputs, kept_count
 from drm_lightning.methods.rowwise import (
+    SERIAL,
     DeltaRows,
     MagnitudeCut,
+    PieceRunner,
     StoredPiece,
     StoredRows,
     row_spans,
@@ -477,6 +479,7 @@ class TaskVectorMethod(MergeMethod):
         stored: Sequence[torch.dtype],
         out_dtype: torch.dtype,
         compute_dtype: torch.dtype,
+        runner: PieceRunner = SERIAL,
     ) -> Iterator[StoredPiece] | None:
         """The fused CPU route
         (:func:`~drm_lightning.methods.task_vector_fused.task_vector_merge_stored_rows`) where it
@@ -516,6 +519,7 @@ class TaskVectorMethod(MergeMethod):
             convention=p.convention,
             scaling=p.scaling,
             out_dtype=out_dtype,
+            runner=runner,
         )
 
     def cost(self, route: Route, shape: Sequence[int], n_branches: int) -> float:

@@ -4,10 +4,10 @@
 :func:`~drm_lightning.methods.task_vector.task_vector_merge_rows` and the merge loop give
 together — the base plus the merged delta of every piece, rounded to the output dtype — bit
 for bit, from the stored rows themselves (bfloat16 or float32 on the CPU): the magnitude cut
-by the same radix selection (:func:`~drm_lightning.methods._select.radix_select`) with counts
+by the same radix selection (:func:`~drm_lightning.methods.selection.radix_select`) with counts
 from :func:`~drm_lightning.methods._fused.digit_counts`, the rest in one loop per entry
 (:func:`~drm_lightning.methods._fused.merge_piece`). Pieces are read and merged on
-``torch.get_num_threads()`` threads (:func:`~drm_lightning.methods._pieces_pool.in_order`),
+the caller's :class:`~drm_lightning.methods.rowwise.PieceRunner` (the engine's runner),
 each piece's reads overlapping the others' kernels. :func:`stored_rows_supported` says when
 it applies; everything else takes the eager route.
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
@@ -35,10 +34,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from drm_lightning.methods._pieces_pool import in_order
-from drm_lightning.methods._select import from_ordered_bits, radix_select
 from drm_lightning.methods.ops import kept_count
-from drm_lightning.methods.rowwise import DIGIT_BITS, StoredPiece, StoredRows, row_spans
+from drm_lightning.methods.rowwise import (
+    DIGIT_BITS,
+    SERIAL,
+    PieceRunner,
+    StoredPiece,
+    StoredRows,
+    row_spans,
+)
+from drm_lightning.methods.selection import from_ordered_bits, radix_select
 from drm_lightning.methods.task_vector_params import (
     Convention,
     Sparsify,
@@ -59,12 +64,10 @@ def stored_rows_supported(
     rescale: str,
     convention: Convention,
 ) -> bool:
-    """Whether the fused route applies: numba installed and not switched off
-    (``DRM_LIGHTNING_FUSED=0``), every input stored in one dtype of :data:`STORED_BITS`, output
-    in one of them, float32 maths, no random drop, no rescale."""
+    """Whether the fused route applies: numba installed, every input stored in one dtype of
+    :data:`STORED_BITS`, output in one of them, float32 maths, no random drop, no rescale."""
     return (
-        os.environ.get("DRM_LIGHTNING_FUSED", "1") != "0"
-        and importlib.util.find_spec("numba") is not None
+        importlib.util.find_spec("numba") is not None
         and len(set(stored)) == 1
         and stored[0] in STORED_BITS
         and out_dtype in STORED_BITS
@@ -86,7 +89,7 @@ BRACKET_MARGIN = 0.005
 sample quantile's standard errors): the entries it holds are the ones kept aside."""
 
 FOUND_ROOM = 1 / 32
-"""Entries strictly inside the bracket kept aside per branch (shared out among the threads), as
+"""Entries strictly inside the bracket kept aside per branch (shared out among the runner), as
 a fraction of the tensor's entries; more than that and the radix passes decide (nothing wrong,
 just slower)."""
 
@@ -149,16 +152,16 @@ def task_vector_merge_stored_rows(
     convention: Convention = "peft",
     scaling: float = 1.0,
     out_dtype: torch.dtype,
+    runner: PieceRunner = SERIAL,
 ) -> Iterator[StoredPiece]:
     """``base + task_vector_merge(...)`` of a tensor read as stored row pieces, piece by piece.
 
     The arguments are :func:`~drm_lightning.methods.task_vector.task_vector_merge_rows`'s
     (no ``rescale``: none is supported). Inputs must satisfy :func:`stored_rows_supported`.
-    ``read`` is called from several threads at once when ``torch.get_num_threads() > 1``.
+    ``read`` is called from several threads at once when ``runner.threads > 1``.
     """
     from drm_lightning.methods import _fused  # numba compiles on first use
 
-    threads = torch.get_num_threads()
     n = int(coefficients.shape[0])
     spans = row_spans(int(shape[0]), piece_rows)
     numel = math.prod(int(s) for s in shape)
@@ -171,7 +174,7 @@ def task_vector_merge_stored_rows(
             modes[:] = _fused.KEEP_NONE
         elif keep < numel:
             for i, (pattern, ties) in enumerate(
-                _magnitude_cuts(read, spans, n, keep, numel, threads)
+                _magnitude_cuts(read, spans, n, keep, numel, runner)
             ):
                 modes[i] = _fused.KEEP_CUT
                 cuts[i] = float(from_ordered_bits(pattern, 32, torch.float32))
@@ -221,29 +224,39 @@ def task_vector_merge_stored_rows(
         )
         return StoredPiece(start, stop, merged, bool(inputs_finite), bool(merged_finite))
 
-    yield from in_order(merge, range(len(spans)), threads)
+    yield from runner.map(merge, range(len(spans)))
 
 
 def _magnitude_cuts(
-    read: StoredRows, spans: Sequence[tuple[int, int]], n: int, keep: int, numel: int, threads: int
+    read: StoredRows,
+    spans: Sequence[tuple[int, int]],
+    n: int,
+    keep: int,
+    numel: int,
+    runner: PieceRunner,
 ) -> list[tuple[int, int]]:
     """Per branch: the bit pattern of the ``keep``-th largest ``|branch - base|`` and how many
     entries equal to it are among the ``keep`` largest.
 
     One pass places every magnitude around a bracket guessed from a sample
     (:func:`bracketed_cuts`); where the bracket misses, two radix passes
-    (:func:`~drm_lightning.methods._select.radix_select`) find it, as for tensors too
+    (:func:`~drm_lightning.methods.selection.radix_select`) find it, as for tensors too
     small to sample.
     """
     if len(spans) >= 2 * SAMPLE_PIECES:
-        found = bracketed_cuts(read, spans, n, keep, numel, threads)
+        found = bracketed_cuts(read, spans, n, keep, numel, runner)
         if found is not None:
             return found
-    return _radix_cuts(read, spans, n, keep, threads)
+    return _radix_cuts(read, spans, n, keep, runner)
 
 
 def bracketed_cuts(
-    read: StoredRows, spans: Sequence[tuple[int, int]], n: int, keep: int, numel: int, threads: int
+    read: StoredRows,
+    spans: Sequence[tuple[int, int]],
+    n: int,
+    keep: int,
+    numel: int,
+    runner: PieceRunner,
 ) -> list[tuple[int, int]] | None:
     """:func:`_magnitude_cuts` from one pass over a guessed bracket, or None where it missed.
 
@@ -269,11 +282,11 @@ def bracketed_cuts(
     lows, highs = np.zeros(n, np.int64), np.zeros(n, np.int64)
     for lane in range(n):
         lows[lane], highs[lane] = bracket(magnitudes[lane, :taken], keep, numel)
-    room = max(SAMPLE_ENTRIES, int(numel * FOUND_ROOM / threads))
+    room = max(SAMPLE_ENTRIES, int(numel * FOUND_ROOM / runner))
     slabs = _pass_over(  # (counts, found, filled) of each thread
         read,
         spans,
-        threads,
+        runner,
         lambda: (np.zeros((n, 3), np.int64), np.empty((n, room), np.uint32), np.zeros(n, np.int64)),
         lambda base, branches, *slab: _fused.bracket_counts(base, branches, lows, highs, *slab),
     )
@@ -300,7 +313,7 @@ def bracketed_cuts(
 
 
 def _radix_cuts(
-    read: StoredRows, spans: Sequence[tuple[int, int]], n: int, keep: int, threads: int
+    read: StoredRows, spans: Sequence[tuple[int, int]], n: int, keep: int, runner: PieceRunner
 ) -> list[tuple[int, int]]:
     """:func:`_magnitude_cuts` by :func:`radix_select`: two passes of digit counts."""
     from drm_lightning.methods import _fused
@@ -310,7 +323,7 @@ def _radix_cuts(
         slabs = _pass_over(
             read,
             spans,
-            threads,
+            runner,
             lambda: (np.zeros((n, _fused.DIGITS), np.int64),),
             lambda base, branches, counts: _fused.digit_counts(
                 base, branches, shift, prefix_array, counts
@@ -332,11 +345,11 @@ def _read_bits(
 def _pass_over(
     read: StoredRows,
     spans: Sequence[tuple[int, int]],
-    threads: int,
+    runner: PieceRunner,
     new_slab: Callable[[], tuple[np.ndarray, ...]],
     kernel: Callable[..., object],
 ) -> list[tuple[np.ndarray, ...]]:
-    """One pass over the pieces on ``threads`` threads: ``kernel(base, branches, *slab)`` with
+    """One pass over the pieces on ``runner``'s threads: ``kernel(base, branches, *slab)`` with
     each thread's own accumulators (``new_slab()``); returns every thread's slab."""
     slabs: list[tuple[np.ndarray, ...]] = []
     local = threading.local()
@@ -347,6 +360,6 @@ def _pass_over(
             slabs.append(local.slab)
         kernel(*_read_bits(read, *span), *local.slab)
 
-    for _ in in_order(work, spans, threads):
+    for _ in runner.map(work, spans):
         pass
     return slabs

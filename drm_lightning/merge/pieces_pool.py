@@ -4,9 +4,15 @@ The fused kernels (:mod:`drm_lightning.methods._fused`) release the GIL and the 
 reader's ``pread`` does too, so plain threads run one piece's read beside another's kernel.
 No numba or OpenMP thread pool is involved: nothing here stops a process from forking.
 
+This is the engine's side of :class:`~drm_lightning.methods.rowwise.PieceRunner`: the merge
+loop passes :class:`ThreadedPieces` to a method's ``merge_stored_rows``; the method only
+supplies thread-safe piece work.
+
 Example:
     >>> list(in_order(lambda x: x * x, range(5), threads=2))
     [0, 1, 4, 9, 16]
+    >>> list(ThreadedPieces(2).map(lambda x: -x, range(3)))
+    [0, -1, -2]
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 Item = TypeVar("Item")
@@ -54,3 +61,14 @@ def in_order(
             yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class ThreadedPieces:
+    """A :class:`~drm_lightning.methods.rowwise.PieceRunner` on ``threads`` plain threads
+    (:func:`in_order`)."""
+
+    threads: int
+
+    def map(self, work: Callable[[Item], Result], items: Iterable[Item]) -> Iterator[Result]:
+        return in_order(work, items, self.threads)
