@@ -1,4 +1,4 @@
-"""Merging models trained from DIFFERENT random inits: the six MuDSC-paper methods and align-then-DRM.
+"""Merging models trained from DIFFERENT random inits: six MuDSC-paper methods and align-then-DRM.
 
 The setting of the paper's MNIST study, on scikit-learn's bundled digits (nothing downloaded):
 two MLPs (64 → W → W → W → 10, ReLU) are trained from different random inits, model A on

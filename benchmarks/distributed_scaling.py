@@ -1,4 +1,4 @@
-"""Measured CPU scaling of the distributed merge: 2 ranks × 1 thread against 1 rank × 1 thread.
+r"""Measured CPU scaling of the distributed merge: 2 ranks × 1 thread against 1 rank × 1 thread.
 
 The same DRM merge (a Llama-shaped stack of matrices and norms, N = 4 branches, float32)
 runs once in one process with the single-process engine and once on 2 ranks (gloo,
@@ -18,7 +18,8 @@ CPUs were independent, each copy would take as long as one alone and the ceiling
 engine's own efficiency, with the machine's limits (SMT siblings, shared memory bandwidth,
 other jobs) factored out.
 
-    python benchmarks/distributed_scaling.py --engine replica [--layers 4 --hidden 512 --mlp 1408 --repeats 2]
+    python benchmarks/distributed_scaling.py --engine replica \
+        [--layers 4 --hidden 512 --mlp 1408 --repeats 2]
 """
 
 from __future__ import annotations
@@ -286,11 +287,13 @@ def main() -> None:
         row["machine"] = machine_ceiling(args, min(t1))
         row["efficiency"] = row["speedup"] / row["machine"]["ceiling"]
     print(
-        f"{'engine':<8} {'1 rank s':>9} {'2 ranks s':>10} {'speed-up':>8} {'CPU speed-up':>12} {'comm share':>10} "
+        f"{'engine':<8} {'1 rank s':>9} {'2 ranks s':>10} {'speed-up':>8} "
+        f"{'CPU speed-up':>12} {'comm share':>10} "
         f"{'owner items':>12} {'sharded':>7} {'MiB sent/rank':>14}"
     )
     print(
-        f"{args.engine:<8} {row['one_rank_seconds']:>9.2f} {t2:>10.2f} {row['speedup']:>8.2f} {row['cpu_speedup']:>12.2f} "
+        f"{args.engine:<8} {row['one_rank_seconds']:>9.2f} {t2:>10.2f} {row['speedup']:>8.2f} "
+        f"{row['cpu_speedup']:>12.2f} "
         f"{row['comm_share']:>10.1%} "
         f"{str(row['owner_items_per_rank']):>12} {row['sharded_items']:>7} "
         f"{max(row['bytes_sent_per_rank']) / 2**20:>14.1f}"

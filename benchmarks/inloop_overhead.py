@@ -1,4 +1,4 @@
-"""In-loop overhead of both front ends at the default schedule: Lightning and Accelerate.
+r"""In-loop overhead of both front ends at the default schedule: Lightning and Accelerate.
 
 The loop: a branched MLP (``--dim`` → ``--hidden`` → ``--hidden``, one head per task, ``--tasks``
 synthetic teacher tasks), AdamW, one optimizer step per batch of every task, ``--steps`` steps;
@@ -37,8 +37,9 @@ the ``N`` entries of highest cumulative time.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/inloop_overhead.py      # writes results/inloop_overhead.json
-    OMP_NUM_THREADS=1 python benchmarks/inloop_overhead.py --loop demo --out results/inloop_overhead_demo.json
+    OMP_NUM_THREADS=1 python benchmarks/inloop_overhead.py  # writes results/inloop_overhead.json
+    OMP_NUM_THREADS=1 python benchmarks/inloop_overhead.py --loop demo \
+        --out results/inloop_overhead_demo.json
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ FRONT_ENDS = ("lightning", "accelerate")
 
 @dataclass
 class Run:
-    """One loop: its wall seconds, the front end's history (empty without it), a way to merge again."""
+    """One loop: its wall seconds, the front end's history (empty without it), a way to merge
+    again."""
 
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -245,7 +247,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--loop",
         choices=sorted(LOOPS),
         default="toy",
-        help="toy: the MLP of --dim/--hidden/--tasks on teacher tasks; demo: the README demo suite (six tasks)",
+        help=(
+            "toy: the MLP of --dim/--hidden/--tasks on teacher tasks; "
+            "demo: the README demo suite (six tasks)"
+        ),
     )
     parser.add_argument(
         "--profile",
@@ -262,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.adopt:  # the Accelerate loop has no adopt variant: the two rows would differ
         parser.error(
-            "--adopt is for the Lightning loop alone: python -m drm_lightning.lightning.overhead --adopt"
+            "--adopt is for the Lightning loop alone: "
+            "python -m drm_lightning.lightning.overhead --adopt"
         )
     torch.set_num_threads(1)
     variants = [
@@ -283,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "merge_and_scoring_s": run.history[0]["merge/total_seconds"],
                 }
             print(
-                f"repeat {repeat}: {front_end:10s} {'with' if with_front_end else 'without':7s} {run.seconds:7.2f} s",
+                f"repeat {repeat}: {front_end:10s} "
+                f"{'with' if with_front_end else 'without':7s} {run.seconds:7.2f} s",
                 flush=True,
             )
     result: dict[str, Any] = {
@@ -312,7 +319,8 @@ def table(result: dict[str, Any]) -> str:
     """The Markdown table of RESULTS.md §5."""
     lines = [
         (
-            "| front end | loop without s | loop with s | wall overhead (min; median paired) | merges | "
+            "| front end | loop without s | loop with s | "
+            "wall overhead (min; median paired) | merges | "
             "merge s (first; later) | scoring s (first; later) | accounted overhead (median; max) |"
         ),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -321,8 +329,10 @@ def table(result: dict[str, Any]) -> str:
         r = result[front_end]
         lines.append(
             f"| {front_end} | {r['loop_without_s']:.2f} | {r['loop_with_s']:.2f} | "
-            f"{r['overhead_wall_pct']:.1f} %; {r['overhead_wall_pct_median_paired']:.1f} % | {r['merges_per_loop']} | "
-            f"{r['first_merge_s']:.3f}; {r['later_merge_s']:.3f} | {r['first_scoring_s']:.3f}; {r['later_scoring_s']:.3f} | "
+            f"{r['overhead_wall_pct']:.1f} %; {r['overhead_wall_pct_median_paired']:.1f} % | "
+            f"{r['merges_per_loop']} | "
+            f"{r['first_merge_s']:.3f}; {r['later_merge_s']:.3f} | "
+            f"{r['first_scoring_s']:.3f}; {r['later_scoring_s']:.3f} | "
             f"**{r['overhead_accounted_pct']:.1f} %**; {r['overhead_accounted_pct_max']:.1f} % |"
         )
     return "\n".join(lines)

@@ -487,7 +487,8 @@ def bench_size(size: str, args, log) -> dict:
             log(f"  {name:16s} FAILED: {r['error'][-400:]}")
         else:
             log(
-                f"  {name:16s} {r['wall_s']:8.2f} s, cpu {r['cpu_s']:6.2f} s  (read {r['read_s']:.2f}, merge "
+                f"  {name:16s} {r['wall_s']:8.2f} s, cpu {r['cpu_s']:6.2f} s  "
+                f"(read {r['read_s']:.2f}, merge "
                 f"{r['merge_s']:.2f}, write {r['write_s']:.2f})  peak RSS "
                 f"{common.fmt_bytes(r['peak_rss_bytes'])}"
             )
@@ -515,7 +516,8 @@ def bench_size(size: str, args, log) -> dict:
         m = res["methods"].get(name, {})
         log(
             f"  bare SVD {direction:10s} {r['svd_s']:8.2f} s   package shared_basis on the "
-            f"same stacks {r['shared_basis_s']:.2f} s (Gram + torch eigh {r['gram_torch_eigh_s']:.2f} s)"
+            f"same stacks {r['shared_basis_s']:.2f} s "
+            f"(Gram + torch eigh {r['gram_torch_eigh_s']:.2f} s)"
             + (
                 f"   -> DRM / SVD = {m['ratio_to_bare_svd']:.3f}"
                 if "ratio_to_bare_svd" in m
@@ -575,7 +577,8 @@ def print_table(results: dict, log) -> str:
     )
     lines.append("")
     lines.append(
-        "| model | method | wall s | CPU s | read s | merge s | write s | peak RSS | RSS after imports | bare SVD s | DRM / SVD |"
+        "| model | method | wall s | CPU s | read s | merge s | write s | peak RSS | "
+        "RSS after imports | bare SVD s | DRM / SVD |"
     )
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size, res in results["sizes"].items():
@@ -587,19 +590,22 @@ def print_table(results: dict, log) -> str:
             svd = f"{m['bare_svd_s']:.2f}" if "bare_svd_s" in m else ""
             ratio = f"{m['ratio_to_bare_svd']:.3f}" if "ratio_to_bare_svd" in m else ""
             lines.append(
-                f"| {label} | {name} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | {m['read_s']:.2f} | {m['merge_s']:.2f} | "
+                f"| {label} | {name} | {m['wall_s']:.2f} | {m['cpu_s']:.2f} | "
+                f"{m['read_s']:.2f} | {m['merge_s']:.2f} | "
                 f"{m['write_s']:.2f} | {common.fmt_bytes(m['peak_rss_bytes'])} | "
                 f"{common.fmt_bytes(m['rss_after_imports_bytes'])} | {svd} | {ratio} |"
             )
     if results.get("lora"):
         lines.append("")
         lines.append(
-            "| LoRA DRM | rank | N | dtype | factored s | dense s | dense / factored | max abs diff | max abs merged | rel Frobenius diff |"
+            "| LoRA DRM | rank | N | dtype | factored s | dense s | dense / factored | "
+            "max abs diff | max abs merged | rel Frobenius diff |"
         )
         lines.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
         for r in results["lora"].get("rows", []):
             lines.append(
-                f"| {r['shape'][0]}x{r['shape'][1]} | {r['rank']} | {r['branches']} | {r['dtype']} | "
+                f"| {r['shape'][0]}x{r['shape'][1]} | {r['rank']} | {r['branches']} | "
+                f"{r['dtype']} | "
                 f"{r['factored_s']:.4f} | {r['dense_s']:.3f} | {r['speedup']:.0f}x | "
                 f"{r['max_abs_diff']:.2e} | {r['max_abs_merged']:.2e} | {r['rel_fro_diff']:.2e} |"
             )

@@ -1,10 +1,11 @@
 """Balance of the distributed merge plan for Llama-3.1-8B shapes (simulated ranks, no GPU needed).
 
-For N = 4 branches and 2, 4, 8, 16 ranks, prints and stores (``benchmarks/results/plan_balance.json``):
-the most loaded rank's cost over the mean, and per rank the bytes communicated and the peak
-transient memory of one item, for three engines — ZeRO-3 with the sharded (no-gather) route,
-ZeRO-3 with every item sent to an owner, and DDP replicas. Costs are DRM's FLOP model
-(:meth:`DRM.cost`); bytes and memory are the plan's estimates for bf16 weights, fp32 maths.
+For N = 4 branches and 2, 4, 8, 16 ranks, prints and stores
+(``benchmarks/results/plan_balance.json``): the most loaded rank's cost over the mean, and per
+rank the bytes communicated and the peak transient memory of one item, for three engines —
+ZeRO-3 with the sharded (no-gather) route, ZeRO-3 with every item sent to an owner, and DDP
+replicas. Costs are DRM's FLOP model (:meth:`DRM.cost`); bytes and memory are the plan's
+estimates for bf16 weights, fp32 maths.
 
     python benchmarks/plan_balance.py [--branches 4] [--dtype bfloat16]
 """
@@ -25,7 +26,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def llama_8b_entries(dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], str, torch.dtype]]:
-    """Llama-3.1-8B: hidden 4096, MLP 14336, 32 layers, vocab 128256, GQA 8 kv heads (k/v 1024×4096)."""
+    """Llama-3.1-8B: hidden 4096, MLP 14336, 32 layers, vocab 128256, GQA 8 kv heads
+    (k/v 1024×4096)."""
     entries = [("model.embed_tokens.weight", (128256, 4096), "fallback", dtype)]
     for i in range(32):
         p = f"model.layers.{i}."
@@ -107,18 +109,21 @@ def main() -> None:
             )
     elapsed = time.perf_counter() - start
     header = (
-        f"{'ranks':>5}  {'engine':<17} {'max/mean':>8}  {'sharded':>7}  {'owner':>5}  {'max TFLOP':>9}  "
+        f"{'ranks':>5}  {'engine':<17} {'max/mean':>8}  {'sharded':>7}  {'owner':>5}  "
+        f"{'max TFLOP':>9}  "
         f"{'comm GiB max':>12}  {'comm GiB mean':>13}  {'peak GiB':>8}"
     )
     print(
-        f"Llama-3.1-8B shapes ({total_params / 1e9:.2f} B params, {len(entries)} tensors), N={args.branches} branches, "
-        f"DRM-V drop 0.8, weights {args.dtype}; planning all {len(rows)} configurations took {elapsed:.2f} s"
+        f"Llama-3.1-8B shapes ({total_params / 1e9:.2f} B params, {len(entries)} tensors), "
+        f"N={args.branches} branches, DRM-V drop 0.8, weights {args.dtype}; "
+        f"planning all {len(rows)} configurations took {elapsed:.2f} s"
     )
     print(header)
     for r in rows:
         print(
-            f"{r['world_size']:>5}  {r['engine']:<17} {r['max_over_mean_cost']:>8.3f}  {r['sharded_items']:>7}  "
-            f"{r['owner_items']:>5}  {r['max_rank_tflop']:>9.2f}  {r['max_comm_gib_per_rank']:>12.2f}  "
+            f"{r['world_size']:>5}  {r['engine']:<17} {r['max_over_mean_cost']:>8.3f}  "
+            f"{r['sharded_items']:>7}  {r['owner_items']:>5}  {r['max_rank_tflop']:>9.2f}  "
+            f"{r['max_comm_gib_per_rank']:>12.2f}  "
             f"{r['mean_comm_gib_per_rank']:>13.2f}  {r['max_peak_gib_per_rank']:>8.2f}"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)

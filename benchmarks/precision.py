@@ -161,7 +161,8 @@ def main() -> None:
             f"{r['rel_error']:9.2e} {r['seconds']:8.2f} s" for r in row["routes"].values()
         )
         print(
-            f"{row['shape']:>11} {floor:8.0e} {direction[0].upper():>3} | {cells} | {row['float64_s']:6.2f} s",
+            f"{row['shape']:>11} {floor:8.0e} {direction[0].upper():>3} | {cells} | "
+            f"{row['float64_s']:6.2f} s",
             flush=True,
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

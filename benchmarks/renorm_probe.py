@@ -110,14 +110,18 @@ def main() -> None:
                         **probe(deltas),
                     }
                 )
-    header = f"{'matrix':22s} dir  rank  top_share  kept/task renorm  kept/task no-renorm  overlap  small (r / no-r)"
+    header = (
+        f"{'matrix':22s} dir  rank  top_share  kept/task renorm  kept/task no-renorm  "
+        "overlap  small (r / no-r)"
+    )
     print(header)
     for r in rows:
         print(
             f"{r['matrix']:22s} {r['direction']:>3s} {r['rank']:5d}  {r['top_share']:9.2f}  "
             f"{r['renorm']['kept_min']:.2f}–{r['renorm']['kept_max']:.2f}        "
             f"{r['no_renorm']['kept_min']:.2f}–{r['no_renorm']['kept_max']:.2f}            "
-            f"{r['mask_overlap']:.2f}     {r['renorm']['small_share']:.3f} / {r['no_renorm']['small_share']:.3f}"
+            f"{r['mask_overlap']:.2f}     "
+            f"{r['renorm']['small_share']:.3f} / {r['no_renorm']['small_share']:.3f}"
         )
     print(
         f"median top_share {statistics.median(r['top_share'] for r in rows):.2f} "

@@ -444,13 +444,18 @@ def derive(results: dict[str, Any], drm_layers: list[int]) -> dict[str, Any]:
 def table(results: dict[str, Any]) -> str:
     gib = 2**30
     lines = [
-        "| case | ranks | matrix path | wall s | CPU s | peak RSS GiB (largest proc) | read GB | written GB | load 1-min before→after |",
+        (
+            "| case | ranks | matrix path | wall s | CPU s | peak RSS GiB (largest proc) | "
+            "read GB | written GB | load 1-min before→after |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["cases"].values():
         lines.append(
-            f"| {c['case']} | {c['ranks']} | {c['matrix_path']} | {c['wall_s']:.1f} | {c['cpu_s']:.1f} | "
-            f"{c['peak_rss_largest_process'] / gib:.2f} | {c['read_bytes'] / 1e9:.2f} | {c['written_bytes'] / 1e9:.2f} | "
+            f"| {c['case']} | {c['ranks']} | {c['matrix_path']} | "
+            f"{c['wall_s']:.1f} | {c['cpu_s']:.1f} | "
+            f"{c['peak_rss_largest_process'] / gib:.2f} | {c['read_bytes'] / 1e9:.2f} | "
+            f"{c['written_bytes'] / 1e9:.2f} | "
             f"{c['load_before'][0]}→{c['load_after'][0]} |"
             + ("" if c["exit_code"] == 0 else f" FAILED ({c['exit_code']})")
         )
@@ -499,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
             case, folders, args.workdir, drm_layers, args.threads, args.timeout_s
         )
         print(
-            f"   wall {r['wall_s']:.1f} s, cpu {r['cpu_s']:.1f} s, peak RSS {r['peak_rss_largest_process'] / 2**30:.2f} GiB, "
+            f"   wall {r['wall_s']:.1f} s, cpu {r['cpu_s']:.1f} s, "
+            f"peak RSS {r['peak_rss_largest_process'] / 2**30:.2f} GiB, "
             f"exit {r['exit_code']}, load {r['load_before'][0]}→{r['load_after'][0]}",
             flush=True,
         )

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             hook.step()
     last = hook.history[-1] if hook.history else {}
     accelerator.print(
-        f"world size {accelerator.num_processes} ({accelerator.distributed_type}); {len(hook.history)} merges; "
+        f"world size {accelerator.num_processes} ({accelerator.distributed_type}); "
+        f"{len(hook.history)} merges; "
         f"last merged/average {last.get('merged/average', float('nan')):.4f}, "
         f"normalized/average {last.get('normalized/average', float('nan')):.4f}"
     )

@@ -1,4 +1,5 @@
-"""Alignment end to end: recovery of permuted copies, self-merge, α limits, BN reset, align-then-DRM."""
+"""Alignment end to end: recovery of permuted copies, self-merge, α
+limits, BN reset, align-then-DRM."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Permutation specs: derivation from torch.fx, manual declaration, function preservation, bad input."""
+"""Permutation specs: derivation from torch.fx, manual declaration,
+function preservation, bad input."""
 
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ pytestmark = [
 
 
 def test_lightning_deepspeed_stage3_merge_in_hook() -> None:
-    """Merge the branches into the base at the end of fit under ZeRO-3; matches the single-process merge."""
+    """Merge the branches into the base at the end of fit under ZeRO-3;
+    matches the single-process merge."""
     pytest.importorskip("deepspeed")
     import deepspeed
     import lightning.pytorch as pl

@@ -240,7 +240,8 @@ def test_replica_failure_raises_everywhere(
 
 
 def test_replica_collect_and_training(replica_results: list[dict[str, Any]]) -> None:
-    """collect=True returns the merged state dict; training continues from merged weights; reset zeroes moments."""
+    """collect=True returns the merged state dict; training continues
+    from merged weights; reset zeroes moments."""
     for res in replica_results:
         assert max(res["collect_errs"].values()) == 0.0
         assert max(res["after_step_errs"].values()) == 0.0

@@ -28,7 +28,8 @@ IGNORE = [r"classifier\."]
 
 
 class Net(nn.Module):
-    """A backbone with every kind of tensor: matrices (tall and wide), embedding, norm, conv, head, frozen."""
+    """A backbone with every kind of tensor: matrices (tall and wide),
+    embedding, norm, conv, head, frozen."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -247,8 +248,9 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
             return p.detach().clone()
 
     def load(values: dict[str, torch.Tensor]) -> None:
-        """Set every parameter of the module (partition + fp32 master) with the engine's own writer."""
-        world_, rank_ = dist.get_world_size(), dist.get_rank()
+        """Set every parameter of the module (partition + fp32 master)
+        with the engine's own writer."""
+        rank_ = dist.get_rank()
         for name, p in module.named_parameters():
             value = values[name].reshape(-1)
             size = p.ds_tensor.numel()
@@ -313,7 +315,8 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
             return
         expected = reference(method, inputs, compute_dtype, names)
         entry = compare(expected)
-        # Distance of both results to the float64 merge of the same inputs, relative to the merged delta.
+        # Distance of both results to the float64 merge of the same inputs, relative to the merged
+        # delta.
         exact = reference(method, {k: v.double() for k, v in inputs.items()}, torch.float64, names)
         delta = {n: exact[n] - inputs[f"base.{n}"].double() for n in exact}
         entry["delta_err_vs_fp64"] = {
@@ -481,7 +484,8 @@ F32_DELTA_BOUND = 1e-2
 
 @pytest.mark.parametrize("key", EXACT + FLOAT64)
 def test_equals_single_process(zero3_results: list[dict[str, Any]], key: str) -> None:
-    """Owner route and every route in float64, both ranks: working weights and fp32 masters match merge_tensor."""
+    """Owner route and every route in float64, both ranks: working
+    weights and fp32 masters match merge_tensor."""
     tol = 1e-12 if key in FLOAT64 else 1e-5
     for r, res in enumerate(zero3_results):
         entry = res[key]
@@ -500,7 +504,8 @@ def test_equals_single_process(zero3_results: list[dict[str, Any]], key: str) ->
 @pytest.mark.parametrize("key", SHARDED)
 def test_float32_sharded_within_stated_bound(zero3_results: list[dict[str, Any]], key: str) -> None:
     """Float32 sharded route, both ranks: as close to the float64 merge as the package promises
-    (F32_DELTA_BOUND of the merged delta), like the single-process float32 merge; partitions restored."""
+    (F32_DELTA_BOUND of the merged delta), like the single-process float32 merge; partitions
+    restored."""
     for r, res in enumerate(zero3_results):
         entry = res[key]
         assert "error" not in entry, entry
@@ -525,14 +530,16 @@ def test_float32_sharded_within_stated_bound(zero3_results: list[dict[str, Any]]
 def test_non_finite_input_or_result_raises_everywhere(
     zero3_results: list[dict[str, Any]], key: str, needle: str
 ) -> None:
-    """NaN in a branch (sharded and owner routes) or an overflowing result: every rank raises, naming it."""
+    """NaN in a branch (sharded and owner routes) or an overflowing
+    result: every rank raises, naming it."""
     messages = [res[key]["error"] for res in zero3_results]
     assert all(res[key]["is_merge_error"] for res in zero3_results)
     assert messages[0] == messages[1] and needle in messages[0], messages[0]
 
 
 def test_routes_taken(zero3_results: list[dict[str, Any]]) -> None:
-    """The documented routes: tall DRM-V matrices and fallbacks sharded, the rest owner, heads skipped."""
+    """The documented routes: tall DRM-V matrices and fallbacks sharded,
+    the rest owner, heads skipped."""
     modes = zero3_results[0]["drm_sharded"]["modes"]
     assert modes["q_proj.weight"] == modes["up.weight"] == modes["frozen.weight"] == "sharded"
     assert modes["embed_tokens.weight"] == modes["norm.weight"] == modes["conv.weight"] == "sharded"
@@ -564,7 +571,8 @@ def test_memory_bounded(zero3_results: list[dict[str, Any]]) -> None:
 
 
 def test_rank_without_items(zero3_results: list[dict[str, Any]]) -> None:
-    """World size larger than the number of owner items: the idle rank neither hangs nor diverges."""
+    """World size larger than the number of owner items: the idle rank
+    neither hangs nor diverges."""
     owners = zero3_results[0]["one_item_owner"]["owners"]
     assert [o for n, o in owners.items() if n == "wide.weight"] == [0]
     assert zero3_results[1]["one_item_owner"]["stats"]["owner_items"] == 0
@@ -593,5 +601,5 @@ def test_training_continues_from_merged_weights(zero3_results: list[dict[str, An
     """An optimizer step (lr = 0) keeps the merged weights: the fp32 master was updated too."""
     for res in zero3_results:
         assert max(res["after_step_errs"].values()) < 1e-7, res["after_step_errs"]
-        assert all(l == l and abs(l) < 1e6 for l in res["losses"])
+        assert all(loss == loss and abs(loss) < 1e6 for loss in res["losses"])
         assert max(res["moments_after_reset"].values()) == 0.0

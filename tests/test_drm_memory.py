@@ -68,7 +68,8 @@ def test_low_memory_basis_equals_the_default_one(monkeypatch: pytest.MonkeyPatch
 def test_drm_merge_through_the_low_memory_route_equals_the_default_route(
     monkeypatch: pytest.MonkeyPatch, direction: str
 ) -> None:
-    """Eigenvector signs may differ between the two solvers; DRM's result does not depend on them."""
+    """Eigenvector signs may differ between the two solvers; DRM's
+    result does not depend on them."""
     gen = torch.Generator().manual_seed(1)
     deltas = torch.randn(3, 48, 40, generator=gen, dtype=torch.float64)
     coefficients = torch.ones(3, dtype=torch.float64)

@@ -110,7 +110,7 @@ def test_callback_merge_names_the_tensor() -> None:
         trainer(max_steps=3, callbacks=[Poison(), cb]).fit(model, train_loaders())
 
 
-def test_cli_overflowing_result_fails_and_writes_nothing(zoo, tmp_path, capsys) -> None:  # noqa: ANN001
+def test_cli_overflowing_result_fails_and_writes_nothing(zoo, tmp_path, capsys) -> None:  # noqa: ANN001, F811
     """``drm-merge`` with a coefficient of 1e300: a located error, exit 2, nothing at ``-o``."""
     import test_cli
 

@@ -54,7 +54,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 
 
 class _Record(Callback):
-    """Each rank saves what the parent cannot see (forked or spawned ranks copy no callback state back)."""
+    """Each rank saves what the parent cannot see (forked or spawned
+    ranks copy no callback state back)."""
 
     def __init__(self, out: Path, name: str, merge: MergeCallback) -> None:
         self.out, self.name, self.merge = out, name, merge
@@ -175,8 +176,9 @@ def _accelerate_worker(outdir: str) -> None:
         _train(accelerator, model, optimizer, hook, range(STEPS))
     results = {"full": _result(accelerator, hook)}
 
-    # Interrupted after step 3 (after the first merge): save_state; then a fresh Accelerator, a model built
-    # from another seed (everything must come from the checkpoint), load_state, the rest.
+    # Interrupted after step 3 (after the first merge): save_state; then a fresh Accelerator, a
+    # model built from another seed (everything must come from the checkpoint), load_state, the
+    # rest.
     accelerator = _accelerator()
     model, optimizer, hook = _prepared(accelerator)
     accelerator.register_for_checkpointing(hook)

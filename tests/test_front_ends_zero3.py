@@ -102,7 +102,8 @@ def _ds_config() -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "train_micro_batch_size_per_gpu": 16,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": 0.0,  # Accelerate fills "auto" with 1.0, Lightning with 0.0 (no clipping)
+        # Accelerate fills "auto" with 1.0, Lightning with 0.0 (no clipping)
+        "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
     }
 
@@ -385,7 +386,8 @@ def _assert_equal(a: dict[Any, Tensor], b: dict[Any, Tensor], what: str) -> None
 
 
 def _assert_same_run(a: dict[str, Any], b: dict[str, Any], steps: list[Any]) -> None:
-    """Same history, counters, merges (reassembled), weights before each merge point and at the end."""
+    """Same history, counters, merges (reassembled), weights before each
+    merge point and at the end."""
     assert a["history"] == b["history"]
     assert a["counters"] == b["counters"]
     assert a["merged"].keys() == b["merged"].keys()
@@ -398,7 +400,8 @@ def _assert_same_run(a: dict[str, Any], b: dict[str, Any], steps: list[Any]) -> 
 
 def test_same_merge_and_scores_through_both_front_ends(runs: list[dict[str, Any]]) -> None:
     """Merged weights (reassembled from the partitions), logged scores, the weights after every step
-    (each merge adopted) and at the end: identical through Accelerate and Lightning, on both ranks."""
+    (each merge adopted) and at the end: identical through Accelerate and Lightning, on both
+    ranks."""
     reference = runs[0]["lightning"]["full"]
     for res in runs:
         acc, lit = res["accelerate"]["full"], res["lightning"]["full"]

@@ -112,5 +112,8 @@ def test_callback_built_from_lightning_cli_yaml(
         "drm", method_params={"drop_rate": 0.5}, tasks=acc_specs(), every_n_steps=2
     )
     trainer(max_steps=4, callbacks=[direct], limit_val_batches=0).fit(branched(), train_loaders())
-    strip = lambda h: [{k: v for k, v in r.items() if not k.startswith("merge/")} for r in h]
+
+    def strip(h: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if not k.startswith("merge/")} for r in h]
+
     assert strip(cb.history) == strip(direct.history)

@@ -63,7 +63,8 @@ class EpochWindow(Sampler[int]):
 def epoch_loaders(
     batches_per_epoch: int, tasks: Sequence[str] = TASKS, batch_size: int = 16, n: int = 64
 ) -> dict[str, DataLoader]:
-    """:func:`train_loaders`' batches, in order, cut into epochs of ``batches_per_epoch`` batches."""
+    """:func:`train_loaders`' batches, in order, cut into epochs of
+    ``batches_per_epoch`` batches."""
     return {
         t: DataLoader(
             task_data(t, n),

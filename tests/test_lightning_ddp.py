@@ -1,4 +1,5 @@
-"""MergeCallback under DDP: 2 CPU processes (``ddp_spawn``, gloo); replica engine, merges identical on every rank."""
+"""MergeCallback under DDP: 2 CPU processes (``ddp_spawn``, gloo);
+replica engine, merges identical on every rank."""
 
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def test_ddp_merges_identical_on_every_rank(tmp_path: Path) -> None:
 
 
 class PoisonOnRankOne(Callback):
-    """Runs before the merge callback: on rank 1 only, a NaN enters branch b right before the merge."""
+    """Runs before the merge callback: on rank 1 only, a NaN enters
+    branch b right before the merge."""
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
@@ -124,7 +126,8 @@ class PoisonOnRankOne(Callback):
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
 def test_ddp_nan_in_one_rank_branch_stops_the_run_naming_it(tmp_path: Path) -> None:
-    """Issue 8: a NaN in a branch on one rank stops the DDP run at the merge, tensor and branch named."""
+    """Issue 8: a NaN in a branch on one rank stops the DDP run at the
+    merge, tensor and branch named."""
     merge = MergeCallback("drm", method_params={"drop_rate": 0.5}, tasks=specs(), every_n_steps=2)
     tr = trainer(
         devices=2,

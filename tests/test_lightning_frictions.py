@@ -29,7 +29,8 @@ from drm_lightning.lightning import BranchedModule, MergeCallback
 
 
 class _Validating(BranchedModule):
-    """A BranchedModule with the user's own validation_step (one val loader per task, in TASKS order)."""
+    """A BranchedModule with the user's own validation_step (one val
+    loader per task, in TASKS order)."""
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         task = TASKS[dataloader_idx]

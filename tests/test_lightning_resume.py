@@ -1,4 +1,5 @@
-"""Checkpoint semantics of MergeCallback: crash-and-resume equals an uninterrupted run; load cases."""
+"""Checkpoint semantics of MergeCallback: crash-and-resume equals an
+uninterrupted run; load cases."""
 
 from __future__ import annotations
 

@@ -41,7 +41,8 @@ MERGE_STEP = 2
 
 
 def perturbed_branches(seed: int = 0) -> pl.LightningModule:
-    """A BranchedModule whose branches already differ from the base (non-zero task vectors), lr = 0."""
+    """A BranchedModule whose branches already differ from the base
+    (non-zero task vectors), lr = 0."""
     model = branched(seed=seed, lr=0.0)
     gen = torch.Generator().manual_seed(seed + 7)
     with torch.no_grad():
@@ -338,7 +339,8 @@ def _oracle(
 
 
 def test_live_consolidation_equals_single_process(zero3_fits: list[dict[str, Any]]) -> None:
-    """Live branches under ZeRO-3: the adopted merge equals merge_state_dicts on the same weights."""
+    """Live branches under ZeRO-3: the adopted merge equals
+    merge_state_dicts on the same weights."""
     for res in zero3_fits:
         live = res["live"]
         assert live["zero3"]
@@ -415,7 +417,8 @@ def test_single_model_merges_equal_single_process(zero3_fits: list[dict[str, Any
 
 
 def test_live_weights_restored_exactly(zero3_fits: list[dict[str, Any]]) -> None:
-    """adopt=False: full weights, local partitions and fp32 masters bit-identical around the merges."""
+    """adopt=False: full weights, local partitions and fp32 masters
+    bit-identical around the merges."""
     for res in zero3_fits:
         single = res["single"]
         for step in (1, MERGE_STEP):
@@ -453,7 +456,10 @@ def _where_changed(before: Tensor, after: Tensor) -> str:
         .tolist()
     )
     flat_b, flat_a = before.reshape(-1), after.reshape(-1)
-    return f"numel {flat_b.numel()}, changed at {idx[:8]}: {flat_b[idx[:4]].tolist()} -> {flat_a[idx[:4]].tolist()}"
+    return (
+        f"numel {flat_b.numel()}, changed at {idx[:8]}: "
+        f"{flat_b[idx[:4]].tolist()} -> {flat_a[idx[:4]].tolist()}"
+    )
 
 
 def test_logged_scores_identical_on_every_rank(zero3_fits: list[dict[str, Any]]) -> None:

@@ -296,10 +296,15 @@ def peak():  # VmHWM: this process's own high-water mark (ru_maxrss keeps the pa
 before = peak()
 with HFFolderWriter(folder / f"out-{rows}-{pieced}") as w:
     if pieced:
-        w.add("w", RowPieces(item.shape, torch.bfloat16, merge_in_pieces(get_method("ties"), item, srcs[0], srcs[1:], [1.0] * 3)))
+        w.add("w", RowPieces(item.shape, torch.bfloat16, merge_in_pieces(
+            get_method("ties"), item, srcs[0], srcs[1:], [1.0] * 3
+        )))
     else:
         from drm_lightning.merge import merge_tensor
-        w.add("w", merge_tensor(get_method("ties"), "fallback", srcs[0].get("w"), [s.get("w") for s in srcs[1:]], [1.0] * 3))
+        w.add("w", merge_tensor(
+            get_method("ties"), "fallback", srcs[0].get("w"),
+            [s.get("w") for s in srcs[1:]], [1.0] * 3,
+        ))
 print(peak() - before)
 """
 

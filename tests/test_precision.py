@@ -154,7 +154,8 @@ def test_floor_does_not_grow_with_rows_or_directions() -> None:
 
 def test_columns_of_pure_rounding_noise_are_dropped() -> None:
     """Branch 2 lives in the orthogonal complement of branch 1's row space: its coordinates on
-    branch 1's directions are rounding noise and are dropped; real ones 100× above the floor stay."""
+    branch 1's directions are rounding noise and are dropped; real ones 100× above the floor
+    stay."""
     g = torch.Generator().manual_seed(7)
     n, m, rank = 64, 96, 8
     q = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=F64))[0]

@@ -80,7 +80,10 @@ def _run_block(index: int, block: Block, workdir: Path) -> str:
         cmd, check=False, cwd=workdir, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
     )
     if proc.returncode != 0:
-        return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+        return (
+            f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
+            f"--- stderr\n{proc.stderr[-3000:]}"
+        )
     return ""
 
 

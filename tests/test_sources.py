@@ -1,4 +1,5 @@
-"""Weight sources: every reader round-trips a tiny Llama; metadata without data; errors; LoRA vs PEFT."""
+"""Weight sources: every reader round-trips a tiny Llama; metadata
+without data; errors; LoRA vs PEFT."""
 
 from __future__ import annotations
 
@@ -292,14 +293,21 @@ def test_safetensors_dtype_mapping(tmp_path: Path) -> None:
 
 
 def test_missing_paths_name_the_path_and_what_was_expected(tmp_path: Path, llama: dict) -> None:
-    expected = r"expected a \.safetensors file, a folder with model\.safetensors\[\.index\.json\] or pytorch_model\.bin, a Lightning \.ckpt, or a PEFT adapter folder with adapter_config\.json"
+    expected = (
+        r"expected a \.safetensors file, a folder with model\.safetensors\[\.index\.json\] "
+        r"or pytorch_model\.bin, a Lightning \.ckpt, "
+        r"or a PEFT adapter folder with adapter_config\.json"
+    )
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/nope does not exist; {expected}"):
         open_source(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(
         FileNotFoundError,
-        match=rf"no model weights in {tmp_path}/empty: {expected}; the folder holds \['notes.txt'\]",
+        match=(
+            rf"no model weights in {tmp_path}/empty: {expected}; "
+            r"the folder holds \['notes.txt'\]"
+        ),
     ):
         open_source(tmp_path / "empty")
     (tmp_path / "model.onnx").write_bytes(b"x")
@@ -506,15 +514,19 @@ def test_lora_base_mismatch_is_caught_at_construction(
     with pytest.raises(
         ValueError,
         match=(
-            r"does not match the base .*\n- module 'model.layers.0.self_attn.q_proj': adapter delta shape \[32, 32\] "
-            r"from lora_B \[32, 4\] @ lora_A \[4, 32\] vs base 'model.layers.0.self_attn.q_proj.weight' shape \[32, 16\]"
+            r"does not match the base .*\n- module 'model.layers.0.self_attn.q_proj': "
+            r"adapter delta shape \[32, 32\] from lora_B \[32, 4\] @ lora_A \[4, 32\] "
+            r"vs base 'model.layers.0.self_attn.q_proj.weight' shape \[32, 16\]"
         ),
     ):
         LoraBranch(adapter_dir, StateDictSource(state))
     bigger = _llama(hidden_size=48)
     with pytest.raises(
         ValueError,
-        match=r"module 'model.embed_tokens'.*\[128, 32\].*vs base 'model.embed_tokens.weight' shape \[128, 48\]",
+        match=(
+            r"module 'model.embed_tokens'.*\[128, 32\]"
+            r".*vs base 'model.embed_tokens.weight' shape \[128, 48\]"
+        ),
     ):
         LoraBranch(adapter_dir, StateDictSource(bigger))
     del state["model.layers.1.mlp.down_proj.weight"]

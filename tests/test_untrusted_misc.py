@@ -34,7 +34,7 @@ from drm_lightning.config.loading import MAX_CONFIG_BYTES, load_config, parse_co
 from drm_lightning.config.yaml_file import load_yaml
 from drm_lightning.evaluation import TaskSpec
 
-# ------------------------------------------------------------------------------ config file
+# ------------------------------------------------------------ config file
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
@@ -119,7 +119,7 @@ def test_a_config_with_a_few_aliases_still_loads() -> None:
     assert lines.of(("branches", 0, "path")) == 3
 
 
-# ------------------------------------------------------------------------------ empty validation data
+# ------------------------------------------------------------ empty validation data
 
 
 def _empty_task() -> dict[str, TaskSpec]:
@@ -197,7 +197,7 @@ def test_loaders_without_length_are_not_consumed_at_setup() -> None:
     assert pulled == []
 
 
-# ------------------------------------------------------------------------------ MergeHook.step() outside `with`
+# ------------------------------------------------------------ MergeHook.step() outside `with`
 
 
 @pytest.mark.filterwarnings("ignore:MergeHook never merged")
@@ -222,7 +222,7 @@ def test_hook_step_outside_with_is_refused_at_the_first_call() -> None:
     assert off.step() is None  # disabled: a no-op anywhere
 
 
-# ------------------------------------------------------------------------------ calibration dtype
+# ------------------------------------------------------------ calibration dtype
 
 
 @pytest.fixture()
@@ -232,7 +232,8 @@ def calib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     save_file({"inputs": torch.randint(0, 5, (40, 20))}, str(tmp_path / "ints.safetensors"))
     save_file({"inputs": torch.randn(40, 20)}, str(tmp_path / "f32.safetensors"))
     (tmp_path / "calib_fns.py").write_text(
-        "import torch\n\ndef tokens():\n    return torch.rand(8, 20)\n\ndef ids():\n    return torch.randint(0, 9, (8, 20))\n"
+        "import torch\n\ndef tokens():\n    return torch.rand(8, 20)\n\n"
+        "def ids():\n    return torch.randint(0, 9, (8, 20))\n"
     )
     monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
     monkeypatch.delitem(sys.modules, "calib_fns", raising=False)
@@ -249,15 +250,16 @@ def test_calibration_batches_of_the_wrong_dtype_are_refused(calib: Path) -> None
     with pytest.raises(ValueError) as info:
         load_batches("ints.safetensors", batch_size=16, model=model)
     assert str(info.value) == (
-        "batches file 'ints.safetensors': the calibration batch is torch.int64, but the model's first "
-        "layer fc1 (Linear) takes floating-point inputs (torch.float64, the dtype of its weight); "
+        "batches file 'ints.safetensors': the calibration batch is torch.int64, "
+        "but the model's first layer fc1 (Linear) takes floating-point inputs "
+        "(torch.float64, the dtype of its weight); "
         "convert the batches to torch.float64"
     )
     with pytest.raises(
         ValueError,
         match=r"^batches file 'f32\.safetensors': the calibration batch is torch\.float32, "
-        r"but the model's first layer fc1 \(Linear\) takes torch\.float64 inputs .* or build the model "
-        r"in torch\.float32$",
+        r"but the model's first layer fc1 \(Linear\) takes torch\.float64 inputs .* "
+        r"or build the model in torch\.float32$",
     ):
         load_batches("f32.safetensors", batch_size=16, model=model)
     with pytest.raises(

@@ -1,4 +1,5 @@
-"""HFFolderWriter: shards + index, side files, model card, atomicity on failure, overwrite, tied weights."""
+"""HFFolderWriter: shards + index, side files, model card, atomicity on
+failure, overwrite, tied weights."""
 
 from __future__ import annotations
 
