@@ -3,23 +3,19 @@ r"""Merge task branches inside an Accelerate training loop, in the shape of ``Lo
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from drm_lightning.evaluation import TaskSpec
-from drm_lightning.inloop import LiveBranches, MergeCore, SingleModelBranches, method_from
+from drm_lightning.inloop import MergeOptions
 from drm_lightning.inloop.backends import gloo_group
-from drm_lightning.inloop.providers import parse_branches
-from drm_lightning.inloop.schedule import Schedule
+from drm_lightning.inloop.options import BranchesArg, PathLike
 from drm_lightning.merge.routing import Routing
 from drm_lightning.methods import MergeMethod
 
-PathLike = str | os.PathLike[str]
 Predicate = Callable[[int | None, int | None], bool]
 SUPPORTED = (
     "NO (one process), MULTI_CPU, MULTI_GPU (DDP) and DEEPSPEED (ZeRO-3; ZeRO-1/2 with adopt=False)"
@@ -28,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 class MergeHook:
-    r"""Merge task branches on a schedule inside an Accelerate loop and score the merge on every task.
+    r"""Merge task branches on a schedule inside an Accelerate loop; score the merge on every task.
 
     Used like ``accelerate.local_sgd.LocalSGD``: a context manager around the loop, with
     ``enabled=`` to switch it off, :meth:`step` called after every ``optimizer.step()``, and the
@@ -96,7 +92,10 @@ class MergeHook:
         >>> model = BranchedModel(nn.Linear(4, 8), {"a": nn.Linear(8, 2), "b": nn.Linear(8, 2)})
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> model, optimizer = accelerator.prepare(model, optimizer)
-        >>> with MergeHook(accelerator, model, "ties", method_params={"density": 0.5}, every_n_steps=2) as hook:
+        >>> hook = MergeHook(
+        ...     accelerator, model, "ties", method_params={"density": 0.5}, every_n_steps=2
+        ... )
+        >>> with hook:
         ...     for _ in range(4):
         ...         loss = sum(model(torch.randn(3, 4), t).pow(2).mean() for t in "ab")
         ...         accelerator.backward(loss)
@@ -114,9 +113,7 @@ class MergeHook:
         method: str | MergeMethod = "drm",
         *,
         tasks: Mapping[str, TaskSpec] | None = None,
-        branches: Literal["live", "snapshots"]
-        | Sequence[PathLike]
-        | Mapping[str, PathLike] = "live",
+        branches: BranchesArg = "live",
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         should_merge: Predicate | None = None,
@@ -139,44 +136,30 @@ class MergeHook:
         self.accelerator = accelerator
         self.model = model
         self.enabled = bool(enabled)
-        self.method = method_from(method, method_params)
-        self.mode, paths = parse_branches(branches)
-        if final_weights not in ("live", "merged"):
-            raise ValueError(f"final_weights must be 'live' or 'merged', got {final_weights!r}")
-        if self.mode != "snapshots" and snapshot_every_n_steps:
-            raise ValueError("snapshot_every_n_steps is only used with branches='snapshots'")
-        include = (self.mode == "checkpoints") if include_live is None else include_live
-        provider = (
-            LiveBranches()
-            if self.mode == "live"
-            else SingleModelBranches(
-                self.mode,
-                paths=paths,
-                include_live=include,
-                live_task=live_task,
-                base=base,
-                trust_pickles=trust_pickles,
-            )
-        )
-        self.core = MergeCore(
-            self.method,
-            provider,
+        #: The options shared with ``MergeCallback`` (:class:`~drm_lightning.inloop.MergeOptions`).
+        self.options = MergeOptions(
+            method,
             tasks=tasks,
+            branches=branches,
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            snapshot_every_n_steps=snapshot_every_n_steps,
+            adopt=adopt,
+            include_live=include_live,
+            live_task=live_task,
+            base=base,
             routing=routing,
             coefficients=coefficients,
             compute_dtype=compute_dtype,
             seed=seed,
             evaluate_branches=evaluate_branches,
-            adopt=adopt,
-            name="MergeHook",
-            warn=self._warn,
-            info=self._info,
+            export_dir=export_dir,
+            final_weights=final_weights,
+            method_params=method_params,
+            trust_pickles=trust_pickles,
         )
-        self.core.merge_schedule = Schedule(every_n_steps, every_n_epochs)
-        self.core.snapshot_schedule = Schedule(snapshot_every_n_steps)
+        self.core = self.options.build_core(name="MergeHook", warn=self._warn, info=self._info)
         self._predicate = should_merge
-        self.export_dir = Path(export_dir) if export_dir is not None else None
-        self.final_weights = final_weights
         self.num_steps = 0
         self.epoch = 0
         self.zero3 = False
@@ -186,6 +169,8 @@ class MergeHook:
         self._inside = False  # between __enter__ and __exit__
 
     # ------------------------------------------------------------------ views
+    method = property(lambda self: self.options.merge_method, doc="The merge method.")
+    mode = property(lambda self: self.options.mode, doc="'live', 'snapshots' or 'checkpoints'.")
     history = property(
         lambda self: self.core.history, doc="One record per merge (step, epoch, scores)."
     )
@@ -230,20 +215,11 @@ class MergeHook:
             m is self.model or m is inner or getattr(m, "module", None) is inner for m in prepared
         ):
             raise ValueError(
-                f"MergeHook: the model ({type(self.model).__name__}) was not prepared by this accelerator; pass "
-                "the model returned by accelerator.prepare(model, ...)"
+                f"MergeHook: the model ({type(self.model).__name__}) was not prepared by this "
+                "accelerator; pass the model returned by accelerator.prepare(model, ...)"
             )
-        problems: list[str] = []
-        if self.zero3 and self.export_dir is not None:
-            problems.append("export_dir= (it would assemble the whole merged model on one rank)")
-        if self.zero3 and self.final_weights == "merged":
-            problems.append("final_weights='merged' (use adopt=True)")
-        if self.zero3 and isinstance(self.core.provider, SingleModelBranches):
-            problems += self.core.provider.zero3_problems()
-        if problems:
-            raise NotImplementedError(
-                "MergeHook under DeepSpeed ZeRO-3 does not support:\n- " + "\n- ".join(problems)
-            )
+        if self.zero3:
+            self.options.refuse_under_zero3(self.core.provider, name="MergeHook")
         model = self.unwrapped
         self.core.check_model(model)
         group = gloo_group(self.accelerator.num_processes)
@@ -263,7 +239,7 @@ class MergeHook:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        """Final work (unless an exception is propagating): warn if never merged, export, final weights."""
+        """On exit (unless an exception propagates): warn if never merged, export, final weights."""
         self._inside = False
         if not self.enabled or exc_type is not None:
             return
@@ -271,16 +247,16 @@ class MergeHook:
             self.core.warn_once(
                 "never", f"MergeHook never merged in {self.num_steps} optimizer steps"
             )
-        if self.export_dir is not None:
+        if self.options.export_dir is not None:
             self.core.export(
                 self.unwrapped,
-                self.export_dir,
+                self.options.export_dir,
                 step=self.num_steps,
                 front_end="MergeHook",
                 write=self.accelerator.is_main_process,
             )
             self.accelerator.wait_for_everyone()
-        if self.final_weights == "merged":
+        if self.options.final_weights == "merged":
             self.core.adopt_into(
                 self.unwrapped, self.core.latest(self.unwrapped, step=self.num_steps)
             )
@@ -303,7 +279,8 @@ class MergeHook:
     # ------------------------------------------------------------------ the loop
 
     def should_merge(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
-        """Whether to merge after this optimizer step (zero-based) or epoch; ``should_merge=`` or the period."""
+        """Whether to merge after this optimizer step (zero-based) or epoch: ``should_merge=`` or
+        the period."""
         if self._predicate is not None:
             return bool(self._predicate(step_idx, epoch_idx))
         return self.core.merge_schedule.fires(step_idx, epoch_idx)
@@ -393,7 +370,8 @@ def check_accelerator(accelerator: Any, *, adopt: bool) -> bool:
             return True
         if adopt:
             raise NotImplementedError(
-                f"MergeHook(adopt=True) is not supported with DeepSpeed ZeRO-{stage}: the optimizer's fp32 master "
+                f"MergeHook(adopt=True) is not supported with DeepSpeed ZeRO-{stage}: the "
+                "optimizer's fp32 master "
                 "weights would overwrite the adopted weights. Use adopt=False, ZeRO-3 or DDP."
             )
         return False

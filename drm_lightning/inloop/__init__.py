@@ -5,7 +5,8 @@ Framework-free (no Lightning or Accelerate import): branch providers
 (:mod:`~drm_lightning.inloop.backends`: whole tensors or ZeRO-3 partitions, every merge through
 :class:`~drm_lightning.distributed.DistributedMerger`), scoring with torchmetrics
 (:mod:`~drm_lightning.inloop.scoring`), schedules, history and checkpoint state
-(:class:`MergeCore`), export as a Hugging Face folder (:mod:`~drm_lightning.inloop.export`).
+(:class:`MergeCore`), export as a Hugging Face folder (:mod:`~drm_lightning.inloop.export`),
+and the options both front ends share, checked once (:class:`MergeOptions`).
 
 Example:
     >>> import torch
@@ -23,6 +24,7 @@ from drm_lightning.inloop.backends import Backend, DenseBackend, Merged, Zero3Ba
 from drm_lightning.inloop.branched import BranchedModel
 from drm_lightning.inloop.core import MergeCore, check_tasks, method_from
 from drm_lightning.inloop.export import write_export
+from drm_lightning.inloop.options import MergeOptions
 from drm_lightning.inloop.providers import (
     Branch,
     BranchProvider,
@@ -42,6 +44,7 @@ __all__ = [
     "DenseBackend",
     "LiveBranches",
     "MergeCore",
+    "MergeOptions",
     "Merged",
     "Schedule",
     "Scorer",

@@ -63,7 +63,7 @@ class Merged:
 
 
 def gloo_group(world_size: int) -> Any:
-    """A gloo group for the merge engines when the default group uses another backend, else ``None``."""
+    """A gloo group for the merge engines if the default group is not gloo, else ``None``."""
     import torch.distributed as dist
 
     if (
@@ -79,7 +79,7 @@ def gloo_group(world_size: int) -> Any:
 class Backend(ABC):
     """The operations the in-loop core needs, for one way of holding weights."""
 
-    #: ``True`` when weights are ZeRO-3 partitions (scoring must run the same forwards on every rank).
+    #: ``True`` when weights are ZeRO-3 partitions (scoring runs the same forwards on every rank).
     partitioned: bool = False
 
     def __init__(
@@ -111,7 +111,8 @@ class Backend(ABC):
 
     @abstractmethod
     def module_input(self, module: nn.Module, origin: str, device: str | None = None) -> Any:
-        """``module``'s current weights as a merge input (no copy; dense tensors read onto ``device``)."""
+        """``module``'s current weights as a merge input (no copy; dense tensors read onto
+        ``device``)."""
 
     @abstractmethod
     def frozen_copy(self, module: nn.Module, origin: str) -> Any:
@@ -125,7 +126,7 @@ class Backend(ABC):
 
     @abstractmethod
     def snapshot_input(self, stored: Any, base: Any, origin: str) -> Any:
-        """The merge input of a stored snapshot (``stored`` a delta mapping, a delta file or partitions)."""
+        """The merge input of a stored snapshot (``stored``: delta mapping, file or partitions)."""
 
     @abstractmethod
     def check(self, target: nn.Module, base: Any, inputs: Sequence[Any]) -> None:
@@ -140,7 +141,7 @@ class Backend(ABC):
         coefficients: Sequence[float] | None,
         seed: int,
     ) -> Merged:
-        """Merge ``inputs`` against ``base`` for the tensors of ``target`` (``target`` is not written)."""
+        """Merge ``inputs`` against ``base`` for the tensors of ``target`` (not written to)."""
 
     @abstractmethod
     def swap(self, module: nn.Module) -> Any:

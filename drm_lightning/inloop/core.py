@@ -174,8 +174,8 @@ class MergeCore:
         unknown = [t for t in self.tasks if t not in names]
         if missing:
             problems.append(
-                f"branch task(s) {missing} have no TaskSpec (validation dataloader + metric) in tasks=; "
-                "every branch must be scored"
+                f"branch task(s) {missing} have no TaskSpec (validation dataloader + metric) in "
+                "tasks=; every branch must be scored"
             )
         if unknown:
             problems.append(f"tasks= names {unknown} that are not branches of the module {names}")
@@ -217,15 +217,15 @@ class MergeCore:
         )
 
     def merge(self, model: nn.Module, *, step: int, epoch: int) -> dict[str, Any] | None:
-        """Merge, score every task, adopt if asked; returns the history record (``None``: no branch yet)."""
+        """Merge, score every task, adopt if asked; the history record (``None``: no branch yet)."""
         backend = self._need_backend()
         start = time.perf_counter()
         branches = self.branches(model)
         if not branches:
             self.warn_once(
                 "empty",
-                f"{self.name}: merge skipped at step {step}: no snapshot captured yet and include_live=False "
-                "(the merge schedule fired before the snapshot schedule)",
+                f"{self.name}: merge skipped at step {step}: no snapshot captured yet and "
+                "include_live=False (the merge schedule fired before the snapshot schedule)",
             )
             return None
         merged = self.compute(model, branches)
@@ -264,9 +264,9 @@ class MergeCore:
         """The one line logged per merge."""
         name = getattr(self.method, "registered_name", self.method.name)
         line = (
-            f"{self.name}: merge {self.num_merges} at step {record['step']} (epoch {record['epoch']}): "
-            f"{name} of {len(record['branches'])} branches {record['branches']} in "
-            f"{record['merge/seconds']:.2f} s ({merged.engine} engine)"
+            f"{self.name}: merge {self.num_merges} at step {record['step']} (epoch "
+            f"{record['epoch']}): {name} of {len(record['branches'])} branches "
+            f"{record['branches']} in {record['merge/seconds']:.2f} s ({merged.engine} engine)"
         )
         if "merged/average" in record:
             line += f"; merged/average={record['merged/average']:.4f}"
@@ -275,7 +275,7 @@ class MergeCore:
         return line + f"; {record['merge/total_seconds']:.2f} s with scoring"
 
     def latest(self, model: nn.Module, *, step: int) -> Merged:
-        """The merge of ``step``: the last one if it ran at ``step``, else a new one (not recorded)."""
+        """The merge of ``step``: the last one if it ran at ``step``, else a new unrecorded one."""
         if self._last is not None and self.last_merge_step == step:
             return self._last
         return self.compute(model)
@@ -347,8 +347,8 @@ class MergeCore:
         """Restore :meth:`payload`; the scores of frozen branches are computed again."""
         if payload.get("mode") != self.provider.kind:
             raise ValueError(
-                f"{self.name}: checkpoint written with branches mode {payload.get('mode')!r}, this one uses "
-                f"{self.provider.kind!r}; use the same mode to resume"
+                f"{self.name}: checkpoint written with branches mode {payload.get('mode')!r}, this "
+                f"one uses {self.provider.kind!r}; use the same mode to resume"
             )
         self.provider.load_payload(payload)
         self.scorer.cache.clear()

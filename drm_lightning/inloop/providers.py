@@ -34,7 +34,7 @@ Kind = Literal["live", "snapshots", "checkpoints"]
 
 @dataclass
 class Branch:
-    """One merge input: its task label, a stable key (to cache frozen branches' scores), its weights."""
+    """One merge input: task label, a stable key (caches frozen branches' scores), weights."""
 
     task: str
     key: str
@@ -125,7 +125,7 @@ class BranchProvider(ABC):
         """Restore :meth:`payload`."""
 
     def reset(self, model: nn.Module, backend: Backend | None) -> str:
-        """Forget restored state when a checkpoint holds none of ours; returns what the merge uses now."""
+        """Forget restored state if a checkpoint holds none of ours; say what the merge uses now."""
         return "the branches and the base are those of the loaded model"
 
     @property
@@ -135,7 +135,7 @@ class BranchProvider(ABC):
 
 
 class LiveBranches(BranchProvider):
-    """K live backbones ``model.branches[task]`` merged against ``model.base``; heads stay per task."""
+    """K live backbones ``model.branches[task]`` merged against ``model.base``; heads per task."""
 
     kind: Kind = "live"
 
@@ -144,9 +144,10 @@ class LiveBranches(BranchProvider):
             getattr(model, "branches", None), (Mapping, nn.ModuleDict)
         ) or not isinstance(getattr(model, "base", None), nn.Module):
             raise TypeError(
-                f"branches='live' needs a model with a frozen `base` module and a `branches` ModuleDict "
-                f"(BranchedModule or drm_lightning.inloop.BranchedModel); got {type(model).__name__}. Use "
-                "branches='snapshots' or a list of checkpoint paths for a single model"
+                "branches='live' needs a model with a frozen `base` module and a `branches` "
+                "ModuleDict (BranchedModule or drm_lightning.inloop.BranchedModel); got "
+                f"{type(model).__name__}. Use branches='snapshots' or a list of checkpoint paths "
+                "for a single model"
             )
 
     def tasks(self, model: nn.Module) -> list[str]:  # noqa: D102
@@ -255,8 +256,8 @@ class SingleModelBranches(BranchProvider):
             )
         check_paths(self.paths)
         problems += [
-            f"checkpoint {task!r} ({os.fspath(path)}) is not safetensors: under ZeRO-3 branches are read "
-            "shard-wise from .safetensors files or folders only"
+            f"checkpoint {task!r} ({os.fspath(path)}) is not safetensors: under ZeRO-3 branches "
+            "are read shard-wise from .safetensors files or folders only"
             for task, path in self.paths.items()
             if not is_safetensors(path)
         ]
@@ -390,7 +391,7 @@ class SingleModelBranches(BranchProvider):
         from drm_lightning.sources import StateDictSource
 
         if payload.get("zero3"):
-            self._snapshots = []  # ZeRO-3 checkpoints hold no snapshot; setup records the base again
+            self._snapshots = []  # ZeRO-3 checkpoints hold no snapshot; setup records the base
             return
         if payload.get("base") is not None:
             self._base = StateDictSource(payload["base"], origin="base (from the checkpoint)")
@@ -414,7 +415,7 @@ class SingleModelBranches(BranchProvider):
 def coefficient_list(
     coefficients: Sequence[float] | Mapping[str, float] | None, branches: Sequence[Branch]
 ) -> list[float] | None:
-    """One coefficient per branch: a sequence in branch order, or ``{task: weight}`` (missing: 1.0)."""
+    """One coefficient per branch: a sequence in branch order or ``{task: weight}`` (missing: 1)."""
     if coefficients is None:
         return None
     if isinstance(coefficients, Mapping):
@@ -432,7 +433,8 @@ def parse_branches(branches: Any) -> tuple[Kind, dict[str, Path]]:
     if isinstance(branches, str):
         if branches not in ("live", "snapshots"):
             raise ValueError(
-                f"branches={branches!r}: use 'live', 'snapshots', a list of checkpoint paths or {{task: path}}"
+                f"branches={branches!r}: use 'live', 'snapshots', a list of checkpoint paths or "
+                "{task: path}"
             )
         return branches, {}  # type: ignore[return-value]
     if isinstance(branches, Mapping):

@@ -85,13 +85,13 @@ class Scorer:
                 continue
             if loader_length(loader) == 0:
                 raise ValueError(
-                    f"{name}: task {task!r}: the validation dataloader is empty (len() == 0), so no "
-                    "merge could be scored on it; give it at least one batch (a DataLoader with "
-                    "drop_last=True and fewer samples than batch_size has none)"
+                    f"{name}: task {task!r}: the validation dataloader is empty (len() == 0), so "
+                    "no merge could be scored on it; give it at least one batch (a DataLoader "
+                    "with drop_last=True and fewer samples than batch_size has none)"
                 )
 
     def score(self, model: nn.Module, task: str, *, partitioned: bool) -> dict[str, float]:
-        """Score ``model`` as it is on one task (see the module docstring for the sharing of batches)."""
+        """Score ``model`` as it is on one task (batches shared as the module docstring says)."""
         spec = self.tasks[task]
         replay = self._batches.get(task)
         loader = replay.loader if replay is not None else spec.batches()

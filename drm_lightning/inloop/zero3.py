@@ -153,7 +153,7 @@ def swapped(params: ParamSet) -> Iterator[PartitionSwap]:
 
 @torch.no_grad()
 def adopt_values(targets: Iterable[ParamSet], values: Mapping[str, Tensor]) -> None:
-    """Make ``values`` the live weights of every target: partitions, persistent data and fp32 masters."""
+    """Make ``values`` the live weights of each target: partitions, persistent data, fp32 master."""
     rank, world = rank_and_world()
     for target in targets:
         # Persistent parameters too: every ZeRO-3 parameter is then written as its partition

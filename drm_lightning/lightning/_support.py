@@ -3,47 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from drm_lightning.evaluation import TaskSpec
-from drm_lightning.inloop import BranchProvider, SingleModelBranches
 
 SAVE_WHILE_SWAPPED = (
-    "a checkpoint was requested while MergeCallback has the merged weights swapped into the module for "
-    "evaluation; it would store merged weights as the live ones. Save from a hook that runs outside the "
-    "merge evaluation (e.g. ModelCheckpoint)."
+    "a checkpoint was requested while MergeCallback has the merged weights swapped into the "
+    "module for evaluation; it would store merged weights as the live ones. Save from a hook that "
+    "runs outside the merge evaluation (e.g. ModelCheckpoint)."
 )
 ZERO3_CHECKPOINT = (
-    "MergeCallback under ZeRO-3: the checkpoint stores the merge counters and history but not the base or "
-    "the snapshots (they are per-rank partitions); after a resume the base is the module's weights when fit "
-    "starts, before DeepSpeed loads the checkpoint (the original base if the module is built the same way), "
-    "and snapshots start afresh."
+    "MergeCallback under ZeRO-3: the checkpoint stores the merge counters and history but not the "
+    "base or the snapshots (they are per-rank partitions); after a resume the base is the "
+    "module's weights when fit starts, before DeepSpeed loads the checkpoint (the original base "
+    "if the module is built the same way), and snapshots start afresh."
 )
-
-
-def refuse_under_zero3(
-    export_dir: Path | None, final_weights: str, provider: BranchProvider
-) -> None:
-    """Refuse, at ``setup``, what the ZeRO-3 route cannot do (one ``NotImplementedError`` listing all)."""
-    problems: list[str] = []
-    if export_dir is not None:
-        problems.append(
-            "export_dir= (exporting would assemble the whole merged model on one rank; export after "
-            "training from a consolidated checkpoint instead)"
-        )
-    if final_weights == "merged":
-        problems.append(
-            "final_weights='merged' (use adopt=True: ZeRO-3 adoption writes the fp32 masters)"
-        )
-    if isinstance(provider, SingleModelBranches):
-        problems += provider.zero3_problems()
-    if problems:
-        raise NotImplementedError(
-            "MergeCallback under DeepSpeed ZeRO-3 does not support:\n- " + "\n- ".join(problems)
-        )
 
 
 def resolve_tasks(trainer: pl.Trainer, tasks: Mapping[str, TaskSpec]) -> None:
@@ -81,9 +57,9 @@ def check_strategy(trainer: pl.Trainer, *, adopt: bool, live: bool) -> bool:
             return True
         if adopt:
             raise NotImplementedError(
-                "MergeCallback(adopt=True) is not supported with DeepSpeed ZeRO-1/2: the optimizer's fp32 "
-                "master weights would overwrite the adopted weights at the next step. Use adopt=False, "
-                "ZeRO-3 or DDP."
+                "MergeCallback(adopt=True) is not supported with DeepSpeed ZeRO-1/2: the "
+                "optimizer's fp32 master weights would overwrite the adopted weights at the next "
+                "step. Use adopt=False, ZeRO-3 or DDP."
             )
         return False
     try:
@@ -92,12 +68,12 @@ def check_strategy(trainer: pl.Trainer, *, adopt: bool, live: bool) -> bool:
         ModelParallelStrategy = FSDPStrategy  # type: ignore[misc,assignment]
     if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
         raise NotImplementedError(
-            f"MergeCallback does not support {name}: parameters are sharded across ranks. Use DDP or a "
-            "single device."
+            f"MergeCallback does not support {name}: parameters are sharded across ranks. Use DDP "
+            "or a single device."
         )
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise NotImplementedError(
-            f"MergeCallback supports single-device, DDP (ddp, ddp_spawn) and DeepSpeed (ZeRO-1/2/3) "
-            f"strategies; got {name}"
+            "MergeCallback supports single-device, DDP (ddp, ddp_spawn) and DeepSpeed "
+            f"(ZeRO-1/2/3) strategies; got {name}"
         )
     return False

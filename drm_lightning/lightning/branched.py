@@ -92,7 +92,7 @@ class BranchedModule(pl.LightningModule):
         return self.heads[task](self.branches[task](x))
 
     def task_loss(self, task: str, batch: Any) -> Tensor:
-        """Loss of one task's batch; default ``loss_fn(self(x, task), y)`` for ``batch = (x, y)``."""
+        """Loss of one task's batch; default ``loss_fn(self(x, task), y)`` for ``batch=(x, y)``."""
         x, y = batch
         return self.loss_fn(self(x, task), y)
 
@@ -102,11 +102,11 @@ class BranchedModule(pl.LightningModule):
         return self(x, task), y
 
     def split_batch(self, batch: Any) -> list[tuple[str, Any]]:
-        """``[(task, batch), ...]`` from a ``{task: batch}`` mapping or a ``(task, batch)`` tuple."""
+        """``[(task, batch), ...]`` from a ``{task: batch}`` mapping or a ``(task, batch)`` pair."""
         return split_batch(batch, self.heads)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the architecture (backbone, heads, loss) as pickled bytes for :meth:`load_from_checkpoint`.
+        """Store the architecture (backbone, heads, loss) pickled, for :meth:`load_from_checkpoint`.
 
         Bytes keep the checkpoint loadable weights-only (resuming ``fit`` is unaffected); they are
         unpickled only by ``load_from_checkpoint(..., trust_pickles=True)``. Skipped when the
@@ -132,7 +132,7 @@ class BranchedModule(pl.LightningModule):
         trust_pickles: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Lightning's ``load_from_checkpoint``, with the backbone and heads rebuilt from the checkpoint.
+        """Lightning's ``load_from_checkpoint``, backbone and heads rebuilt from the checkpoint.
 
         Pass ``backbone=`` and ``heads=`` (modules of the same architecture; the weights come from
         the checkpoint), or ``trust_pickles=True`` to unpickle the architecture stored by
@@ -162,13 +162,15 @@ class BranchedModule(pl.LightningModule):
             stored = stored.get(ARCHITECTURE_KEY)
             if stored is None:
                 raise ValueError(
-                    f"{checkpoint_path}: the checkpoint holds no BranchedModule architecture; pass backbone= and "
-                    "heads= (modules of the trained architecture; the weights come from the checkpoint)"
+                    f"{checkpoint_path}: the checkpoint holds no BranchedModule architecture; pass "
+                    "backbone= and heads= (modules of the trained architecture; the weights come "
+                    "from the checkpoint)"
                 )
             if not trust_pickles:
                 raise ValueError(
-                    f"{checkpoint_path}: rebuilding the backbone and heads unpickles them from the checkpoint, "
-                    "which can run code; pass trust_pickles=True if you trust the file, or backbone= and heads="
+                    f"{checkpoint_path}: rebuilding the backbone and heads unpickles them from the "
+                    "checkpoint, which can run code; pass trust_pickles=True if you trust the "
+                    "file, or backbone= and heads="
                 )
             parts = torch.load(io.BytesIO(stored), map_location="cpu", weights_only=False)
             for name in ("backbone", "heads", "loss_fn"):

@@ -1,11 +1,13 @@
-r"""Merge task branches inside ``Trainer.fit``: a Lightning adapter over :class:`~drm_lightning.inloop.MergeCore`."""
+r"""Merge task branches inside ``Trainer.fit``: a Lightning adapter over the in-loop core.
+
+:class:`MergeCallback` builds :class:`~drm_lightning.inloop.MergeOptions` from its arguments and
+holds the :class:`~drm_lightning.inloop.MergeCore` they build; its hooks say when to act.
+"""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -17,22 +19,19 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 
 from drm_lightning.evaluation import TaskSpec
-from drm_lightning.inloop import LiveBranches, MergeCore, SingleModelBranches, method_from
+from drm_lightning.inloop import MergeOptions
 from drm_lightning.inloop.backends import gloo_group
-from drm_lightning.inloop.providers import Snapshot, parse_branches
-from drm_lightning.inloop.schedule import Schedule, check_every
+from drm_lightning.inloop.options import BranchesArg, PathLike
+from drm_lightning.inloop.providers import Snapshot
 from drm_lightning.lightning._support import (
     SAVE_WHILE_SWAPPED,
     ZERO3_CHECKPOINT,
     check_strategy,
-    refuse_under_zero3,
     resolve_tasks,
 )
 from drm_lightning.merge.routing import Routing
 from drm_lightning.methods import MergeMethod
 
-PathLike = str | os.PathLike[str]
-BranchesArg = Literal["live", "snapshots"] | Sequence[PathLike] | Mapping[str, PathLike]
 CHECKPOINT_KEY = "merge_callback"
 
 
@@ -212,64 +211,45 @@ class MergeCallback(Callback):
         validate_merged: bool = False,
         final_weights: Literal["live", "merged"] = "live",
     ) -> None:
-        self.method = method_from(method, method_params)
-        for name, value in (
-            ("snapshot_every_n_steps", snapshot_every_n_steps),
-            ("snapshot_every_n_epochs", snapshot_every_n_epochs),
-        ):
-            check_every(name, value)
-        if final_weights not in ("live", "merged"):
-            raise ValueError(f"final_weights must be 'live' or 'merged', got {final_weights!r}")
-        self.mode, paths = parse_branches(branches)
-        if self.mode != "snapshots" and (snapshot_every_n_steps or snapshot_every_n_epochs):
-            raise ValueError(
-                "snapshot_every_n_steps/epochs are only used with branches='snapshots'"
-            )
-        self._paths = paths
-        self.include_live = (self.mode == "checkpoints") if include_live is None else include_live
-        self.live_task = live_task
-        self.routing = routing or Routing()
-        self.adopt = adopt
-        self.export_dir = Path(export_dir) if export_dir is not None else None
-        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
-        self.validate_merged = validate_merged
-        self.final_weights = final_weights
-        provider = (
-            LiveBranches()
-            if self.mode == "live"
-            else SingleModelBranches(
-                self.mode,
-                paths=paths,
-                include_live=self.include_live,
-                live_task=live_task,
-                base=base,
-                snapshot_dir=self.snapshot_dir,
-                snapshot_dtype=snapshot_dtype,
-                trust_pickles=trust_pickles,
-            )
-        )
-        self.core = MergeCore(
-            self.method,
-            provider,
+        #: The options shared with ``MergeHook`` (:class:`~drm_lightning.inloop.MergeOptions`).
+        self.options = MergeOptions(
+            method,
             tasks=tasks,
-            routing=self.routing,
+            branches=branches,
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            snapshot_every_n_steps=snapshot_every_n_steps,
+            snapshot_every_n_epochs=snapshot_every_n_epochs,
+            adopt=adopt,
+            include_live=include_live,
+            live_task=live_task,
+            base=base,
+            routing=routing,
             coefficients=coefficients,
             compute_dtype=compute_dtype,
             seed=seed,
+            snapshot_dir=snapshot_dir,
+            snapshot_dtype=snapshot_dtype,
             evaluate_branches=evaluate_branches,
-            adopt=adopt,
-            name="MergeCallback",
-            warn=rank_zero_warn,
-            info=rank_zero_info,
+            export_dir=export_dir,
+            final_weights=final_weights,
+            method_params=method_params,
+            trust_pickles=trust_pickles,
         )
-        self.core.merge_schedule = Schedule(every_n_steps, every_n_epochs)
-        self.core.snapshot_schedule = Schedule(snapshot_every_n_steps, snapshot_every_n_epochs)
+        self.validate_merged = validate_merged
+        self.core = self.options.build_core(
+            name="MergeCallback", warn=rank_zero_warn, info=rank_zero_info
+        )
         self.tasks: dict[str, TaskSpec] = self.core.tasks
         self._zero3 = False
         self._fitting = False
         self._validation = ExitStack()
 
-    # ------------------------------------------------------------------ views of the core's state
+    # ------------------------------------------------------------------ views of options and core
+    #: The :class:`~drm_lightning.methods.MergeMethod`.
+    method = property(lambda self: self.options.merge_method)
+    #: ``"live"``, ``"snapshots"`` or ``"checkpoints"``.
+    mode = property(lambda self: self.options.mode)
     every_n_steps = property(lambda self: self.core.merge_schedule.every_n_steps)
     every_n_epochs = property(lambda self: self.core.merge_schedule.every_n_epochs)
     snapshot_every_n_steps = property(lambda self: self.core.snapshot_schedule.every_n_steps)
@@ -278,7 +258,7 @@ class MergeCallback(Callback):
     last_merged = property(lambda self: self.core.last_merged)
     #: Under ZeRO-3: this rank's share of the latest merge (partitions; full persistent params).
     last_merged_shards = property(lambda self: self.core.last_merged_shards)
-    #: This rank's engine statistics of the latest merge (items owned, elements held, communication).
+    #: This rank's engine statistics of the latest merge (items owned, elements held, traffic).
     last_merge_stats = property(lambda self: self.core.last_merge_stats)
     _snapshots = property(lambda self: self.core.provider.snapshots)
     _base = property(lambda self: getattr(self.core.provider, "base_tensors", None))
@@ -299,7 +279,7 @@ class MergeCallback(Callback):
         return self._generate_state_key(
             method=getattr(self.method, "registered_name", self.method.name),
             params=repr(sorted(self.method.params.model_dump().items())),
-            branches=self.mode if self.mode != "checkpoints" else sorted(self._paths),
+            branches=self.mode if self.mode != "checkpoints" else sorted(self.options.paths),
             every_n_steps=self.every_n_steps,
             every_n_epochs=self.every_n_epochs,
         )
@@ -335,25 +315,26 @@ class MergeCallback(Callback):
         with ``validate_merged``)."""
         if stage != "fit" and not (self.validate_merged and self.core.backend is None):
             return
-        self._zero3 = check_strategy(trainer, adopt=self.adopt, live=self.mode == "live")
+        self._zero3 = check_strategy(trainer, adopt=self.options.adopt, live=self.mode == "live")
         resolve_tasks(trainer, self.tasks)
         self.core.check_model(pl_module)
         if not self.tasks:
             rank_zero_info("MergeCallback: no tasks= given; merges run without evaluation.")
         if self._zero3:
-            refuse_under_zero3(self.export_dir, self.final_weights, self.core.provider)
+            self.options.refuse_under_zero3(self.core.provider, name="MergeCallback")
         else:
             self.core.start(pl_module, self.core.make_backend(partitioned=False))
-        if self.mode == "live" and self.adopt:
+        if self.mode == "live" and self.options.adopt:
             rank_zero_warn(
                 "MergeCallback(adopt=True) with live branches: after every merge, each of the "
-                f"{len(self.core.provider.tasks(pl_module) or [])} branches and the base are overwritten with the merged backbone (periodic consolidation). Each branch's own "
-                "progress survives only through the merge; heads and optimizer moments are kept. Use "
-                "adopt=False to only evaluate merges."
+                f"{len(self.core.provider.tasks(pl_module) or [])} branches and the base are "
+                "overwritten with the merged backbone (periodic consolidation). Each branch's own "
+                "progress survives only through the merge; heads and optimizer moments are kept. "
+                "Use adopt=False to only evaluate merges."
             )
         if (
             self.mode == "snapshots"
-            and not self.include_live
+            and not self.options.live_included
             and self.core.snapshot_schedule.empty
             and not is_overridden("should_snapshot", self, MergeCallback)
         ):
@@ -370,7 +351,7 @@ class MergeCallback(Callback):
             self._fitting = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Warn once when the schedule can never fire; under ZeRO-3, record the base and check inputs.
+        """Warn once if the schedule can never fire; under ZeRO-3, record the base and check inputs.
 
         Under ZeRO-3 this is the first hook where the parameters are partitioned (the strategy
         wraps the model after ``setup``), still before the first training step.
@@ -391,7 +372,8 @@ class MergeCallback(Callback):
         if reason and self.core.merge_schedule.empty:
             self.core.warn_once(
                 "never",
-                f"MergeCallback has {reason} and should_merge is not overridden: it will never merge",
+                f"MergeCallback has {reason} and should_merge is not overridden: "
+                "it will never merge",
             )
         elif reason:
             self.core.warn_once(
@@ -434,7 +416,7 @@ class MergeCallback(Callback):
                 trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Warn if nothing was merged; export; leave the merged weights if ``final_weights="merged"``."""
+        """Warn if nothing was merged; export; leave the merge in if ``final_weights="merged"``."""
         if self.core.num_merges == 0:
             self.core.warn_once(
                 "never",
@@ -443,16 +425,17 @@ class MergeCallback(Callback):
                 f"{trainer.current_epoch} epochs completed)",
             )
         step = trainer.global_step
-        if self.export_dir is not None:
+        export_dir = self.options.export_dir
+        if export_dir is not None:
             self.core.export(
                 pl_module,
-                self.export_dir,
+                export_dir,
                 step=step,
                 front_end="MergeCallback",
                 write=trainer.is_global_zero,
             )
-            rank_zero_info(f"MergeCallback: exported the merged model to {self.export_dir}")
-        if self.final_weights == "merged":
+            rank_zero_info(f"MergeCallback: exported the merged model to {export_dir}")
+        if self.options.final_weights == "merged":
             self.core.adopt_into(pl_module, self.core.latest(pl_module, step=step))
             rank_zero_info(
                 "MergeCallback: the module now holds the merged weights (final_weights='merged')."
@@ -474,7 +457,7 @@ class MergeCallback(Callback):
         self._validation.enter_context(self.core.merged_in(pl_module, merged))
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """With ``validate_merged``: the latest merge goes into the module for the validation epoch."""
+        """With ``validate_merged``: the latest merge goes into the module for the epoch."""
         self._swap_in(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -515,9 +498,9 @@ class MergeCallback(Callback):
         """Restore base and snapshots; handles the outside-fit, ours and foreign cases."""
         if not self._fitting:
             rank_zero_warn(
-                "MergeCallback: loading a checkpoint outside fit; the merge state (base, snapshots, "
-                "counters) is not restored. Ignore this if you only validate/test/predict, or remove "
-                "the callback."
+                "MergeCallback: loading a checkpoint outside fit; the merge state (base, "
+                "snapshots, counters) is not restored. Ignore this if you only "
+                "validate/test/predict, or remove the callback."
             )
             return
         payload = checkpoint.get(CHECKPOINT_KEY, {}).get(self.state_key)
@@ -525,7 +508,8 @@ class MergeCallback(Callback):
             detail = self.core.provider.reset(pl_module, self.core.backend)
             others = list(checkpoint.get(CHECKPOINT_KEY, {}))
             origin = (
-                f"holds the merge state of other MergeCallback configurations {others}, not of {self.state_key}"
+                f"holds the merge state of other MergeCallback configurations {others}, not of "
+                f"{self.state_key}"
                 if others
                 else "was not written with this callback"
             )
@@ -538,7 +522,8 @@ class MergeCallback(Callback):
         except FileNotFoundError as err:
             raise FileNotFoundError(f"MergeCallback: {err}") from None
         rank_zero_info(
-            f"MergeCallback: restored the merge state ({len(self._snapshots)} snapshot(s)) from the checkpoint."
+            f"MergeCallback: restored the merge state ({len(self._snapshots)} snapshot(s)) from "
+            "the checkpoint."
         )
 
 

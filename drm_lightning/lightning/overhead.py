@@ -31,7 +31,8 @@ from drm_lightning.lightning.callback import MergeCallback
 
 
 def teacher_task(index: int, n: int, dim: int, classes: int, split: int) -> TensorDataset:
-    """``n`` samples of synthetic task ``index``: ``argmax(x @ W_index)``; ``split`` 0 train, 1 validation."""
+    """``n`` samples of synthetic task ``index``: ``argmax(x @ W_index)``; ``split`` 0 train,
+    1 validation."""
     teacher = torch.Generator().manual_seed(100 + index)
     w = torch.randn(dim, classes, generator=teacher)
     g = torch.Generator().manual_seed(10_000 * (split + 1) + index)
@@ -41,7 +42,7 @@ def teacher_task(index: int, n: int, dim: int, classes: int, split: int) -> Tens
 
 @dataclass
 class Loop:
-    """What one measured loop trains: a fresh backbone and heads, training loaders, validation tasks."""
+    """What one measured loop trains: new backbone and heads, training loaders, validation tasks."""
 
     backbone: nn.Module
     heads: dict[str, nn.Module]
