@@ -21,6 +21,7 @@ import torch
 
 from drm_lightning.distributed import ParamSet, build_plan, sharded_rule
 from drm_lightning.methods import get_method
+from drm_lightning.sources import TensorMeta
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -59,8 +60,8 @@ class _AllPartitioned(ParamSet):
     def is_partitioned(self, name: str) -> bool:  # noqa: D102
         return True
 
-    def dtype(self, name: str) -> torch.dtype:  # noqa: D102
-        return self.weights_dtype
+    def meta(self, name: str) -> TensorMeta:  # noqa: D102
+        return TensorMeta((), self.weights_dtype)
 
 
 def main() -> None:

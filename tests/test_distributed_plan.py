@@ -30,7 +30,7 @@ from drm_lightning.distributed import (
     sharded_rule,
     topk_mask_distributed,
 )
-from drm_lightning.distributed.tensors import held_range, partition_size
+from drm_lightning.distributed.tensors import held_range, partition_size, read_flat
 from drm_lightning.merge.loop import merge_state_dicts
 from drm_lightning.merge.tensor import merge_tensor
 from drm_lightning.methods import get_method
@@ -279,13 +279,15 @@ def test_checkpoint_shards_read_flat(tmp_path) -> None:
     }
     save_file(tensors, str(tmp_path / "x.safetensors"))
     ckpt = CheckpointShards(tmp_path)
-    assert ckpt.shape("m") == (7, 9) and ckpt.dtype("v") == torch.float32
+    assert ckpt.meta("m").shape == (7, 9) and ckpt.meta("v").dtype == torch.float32
+    assert ckpt.files() == [tmp_path / "x.safetensors"]
     for start, stop in [(0, 63), (5, 23), (17, 18), (30, 30), (62, 63)]:
         ckpt.bytes_read = 0
-        assert torch.equal(ckpt.read_flat("m", start, stop), tensors["m"].reshape(-1)[start:stop])
+        assert torch.equal(read_flat(ckpt, "m", start, stop), tensors["m"].reshape(-1)[start:stop])
         if stop > start:
             assert ckpt.bytes_read <= (stop - start + 2 * 9) * 4
-    assert torch.equal(ckpt.read_flat("v", 3, 8), tensors["v"][3:8])
+    assert torch.equal(read_flat(ckpt, "v", 3, 8), tensors["v"][3:8])
+    assert torch.equal(read_flat(ckpt, "s", 0, 1), tensors["s"].reshape(1))
     for world in (1, 2, 3, 4, 5):
         parts = [ckpt.local_partition("m", world, r) for r in range(world)]
         assert all(p.numel() == partition_size(63, world) for p in parts)
@@ -293,14 +295,51 @@ def test_checkpoint_shards_read_flat(tmp_path) -> None:
         assert held_range(63, world, world - 1)[1] == 63
 
 
+def test_one_reader_protocol(tmp_path) -> None:
+    """Tensor sets are weight sources, and a weight source is an engine input as it is (no
+    wrapper): the disk path's merge loop reads tensor sets, the in-memory path reads sources,
+    and a ZeRO-3 rank's partition of a safetensors file reads only the rows that cover it."""
+    from safetensors.torch import save_file
+
+    import drm_lightning.distributed as distributed
+    from drm_lightning.distributed.tensors import as_tensor_set, local_partition
+    from drm_lightning.sources import SafetensorsFileSource, StateDictSource, WeightSource
+
+    assert not hasattr(distributed, "WeightSourceSet")
+    gen = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(6, 5, generator=gen), "b": torch.randn(6, generator=gen)}
+    branches = [{k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in "ab"]
+    src = StateDictSource(base, origin="base.pt")
+    assert as_tensor_set(src, "base") is src
+    live = ParamSet({k: nn.Parameter(v.clone()) for k, v in branches[0].items()})
+    sets = [ShardSnapshot.capture(live)]
+    sets.append(TensorDictSet(branches[1]))
+    assert all(isinstance(s, WeightSource) for s in sets)
+    method = get_method("ties", density=0.5)
+    disk = merge_state_dicts(method, TensorDictSet(base), sets)
+    result = merge_module_branches(
+        method, None, src, [StateDictSource(b) for b in branches], collect=True
+    )
+    assert result.merged is not None
+    for name, value in disk.items():
+        assert torch.allclose(value.double(), result.merged[name].double(), atol=1e-6), name
+    save_file({"m": torch.arange(40.0).reshape(8, 5)}, str(tmp_path / "m.safetensors"))
+    file_src = SafetensorsFileSource(tmp_path / "m.safetensors")
+    rows: list[tuple[int, int]] = []
+    get_rows = file_src.get_rows
+    file_src.get_rows = lambda n, a, b: rows.append((a, b)) or get_rows(n, a, b)  # type: ignore[method-assign]
+    part = local_partition(file_src, "m", 3, 1)  # elements 14..28: rows 2..5
+    assert torch.equal(part, torch.arange(14.0, 28.0)) and rows == [(2, 6)]
+
+
 def test_snapshot_copies() -> None:
     """A snapshot is a copy: later training does not change it."""
     layer = nn.Linear(4, 3)
     snap = ShardSnapshot.capture(ParamSet.from_module(layer))
-    before = snap.read_full("weight").clone()
+    before = snap.get("weight").clone()
     with torch.no_grad():
         layer.weight.add_(1.0)
-    assert torch.equal(snap.read_full("weight"), before)
+    assert torch.equal(snap.get("weight"), before)
 
 
 # ---------------------------------------------------------------------- entry point (one process)

@@ -158,14 +158,11 @@ class FailingSet:
         class _Failing(TensorSet):
             origin = f"failing {inner.origin}"
 
-            def names(self) -> list[str]:
-                return inner.names()
+            def keys(self) -> list[str]:
+                return inner.keys()
 
-            def shape(self, n: str) -> tuple[int, ...]:
-                return inner.shape(n)
-
-            def dtype(self, n: str) -> torch.dtype:
-                return inner.dtype(n)
+            def meta(self, n: str) -> Any:
+                return inner.meta(n)
 
             def is_partitioned(self, n: str) -> bool:
                 return inner.is_partitioned(n)
@@ -184,11 +181,11 @@ class FailingSet:
             def local_partition(self, n: str, world: int, r: int) -> torch.Tensor:
                 return self._read(n, lambda: inner.local_partition(n, world, r))
 
-            def read_full(self, n: str) -> torch.Tensor:
-                return self._read(n, lambda: inner.read_full(n))
+            def get(self, n: str) -> torch.Tensor:
+                return self._read(n, lambda: inner.get(n))
 
-            def read_flat(self, n: str, a: int, b: int) -> torch.Tensor:
-                return self._read(n, lambda: inner.read_flat(n, a, b))
+            def get_rows(self, n: str, a: int, b: int) -> torch.Tensor:
+                return self._read(n, lambda: inner.get_rows(n, a, b))
 
         return _Failing()
 

@@ -60,8 +60,10 @@ from drm_lightning.distributed.tensors import (
     ShardSnapshot,
     TensorDictSet,
     TensorSet,
-    WeightSourceSet,
     as_tensor_set,
+    is_partitioned,
+    local_partition,
+    read_flat,
 )
 
 __all__ = [
@@ -84,11 +86,13 @@ __all__ = [
     "SingleProcessEngine",
     "TensorDictSet",
     "TensorSet",
-    "WeightSourceSet",
     "Zero3Engine",
     "as_tensor_set",
     "assign_longest_first",
     "build_plan",
+    "is_partitioned",
+    "local_partition",
+    "read_flat",
     "kth_largest",
     "merge_module_branches",
     "sharded_rule",

@@ -39,6 +39,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import count
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -47,7 +48,13 @@ from torch import Tensor
 from drm_lightning.distributed.comm import Comm, guarded
 from drm_lightning.distributed.plan import EngineKind, MergeItem, MergePlan, ShardablePredicate
 from drm_lightning.distributed.sharded import ShardedMerger, sharded_rule
-from drm_lightning.distributed.tensors import ParamSet, TensorSet, partition_size
+from drm_lightning.distributed.tensors import (
+    ParamSet,
+    is_partitioned,
+    local_partition,
+    partition_size,
+)
+from drm_lightning.merge.plan import TensorSourceLike, input_label, origin_label
 from drm_lightning.merge.routing import Routing
 from drm_lightning.merge.tensor import check_fits, merge_tensor, tensor_generator
 from drm_lightning.methods.base import MergeMethod
@@ -63,8 +70,8 @@ class MergeJob:
     Attributes:
         method: the merge method.
         target: where merged values are written (``None``: collect them, replica/single only).
-        base: the base weights θ₀.
-        branches: the N branches.
+        base: the base weights θ₀ (a weight source: ``keys``/``meta``/``get``).
+        branches: the N branches (weight sources).
         coefficients: N per-branch coefficients.
         compute_dtype: dtype of the merge maths.
         seed: seed of the per-tensor generators of random methods (DARE).
@@ -79,8 +86,8 @@ class MergeJob:
 
     method: MergeMethod
     target: ParamSet | None
-    base: TensorSet
-    branches: Sequence[TensorSet]
+    base: TensorSourceLike
+    branches: Sequence[TensorSourceLike]
     coefficients: Sequence[float]
     compute_dtype: torch.dtype = torch.float32
     seed: int = 0
@@ -137,10 +144,7 @@ def _out_dtype(job: MergeJob, name: str) -> torch.dtype:
 def _merge_full(job: MergeJob, item: MergeItem, base: Tensor, branches: list[Tensor]) -> Tensor:
     """The single-process merge of one item (in ``_out_dtype``)."""
     generator = tensor_generator(job.seed, item.name) if job.method.uses_randomness else None
-    origins = [
-        f"base ({job.base.origin})",
-        *(f"branch {i} ({b.origin})" for i, b in enumerate(job.branches)),
-    ]
+    origins = [origin_label(job.base, None), *map(origin_label, job.branches, count())]
     value = merge_tensor(
         job.method,
         item.route,
@@ -154,7 +158,7 @@ def _merge_full(job: MergeJob, item: MergeItem, base: Tensor, branches: list[Ten
         origins=origins,
         row_blocks=job.routing.row_blocks(item.name, item.shape) if job.routing is not None else 1,
     )
-    check_fits(item.name, value, job.base.dtype(item.name))
+    check_fits(item.name, value, job.base.meta(item.name).dtype)
     return value
 
 
@@ -211,7 +215,7 @@ class MergeEngine(ABC):
             job.target.write_full(item.name, value, self.comm.world_size, self.comm.rank)
             self._after_write(job, item.name)
         if out is not None:
-            out[item.name] = value.to(job.base.dtype(item.name))
+            out[item.name] = value.to(job.base.meta(item.name).dtype)
 
     def _collect_skipped(
         self, plan: MergePlan, job: MergeJob, out: dict[str, Tensor] | None
@@ -220,7 +224,7 @@ class MergeEngine(ABC):
         if out is None:
             return
         for item in plan.skipped():
-            out[item.name] = job.base.read_full(item.name).detach().clone()
+            out[item.name] = job.base.get(item.name).detach().clone()
 
 
 class SingleProcessEngine(MergeEngine):
@@ -236,8 +240,8 @@ class SingleProcessEngine(MergeEngine):
         for item in plan.items:
             if item.mode == "skip":
                 continue
-            base = job.base.read_full(item.name)
-            branches = [b.read_full(item.name) for b in job.branches]
+            base = job.base.get(item.name)
+            branches = [b.get(item.name) for b in job.branches]
             stats.hold((n + 2) * item.numel)
             self._store(job, item, _merge_full(job, item, base, branches), out)
             stats.owner_items += 1
@@ -266,8 +270,8 @@ class ReplicaEngine(MergeEngine):
                     continue
 
                 def compute(item: MergeItem = item) -> Tensor:
-                    base = job.base.read_full(item.name)
-                    branches = [b.read_full(item.name) for b in job.branches]
+                    base = job.base.get(item.name)
+                    branches = [b.get(item.name) for b in job.branches]
                     stats.hold(held + (n + 2) * item.numel)
                     return _merge_full(job, item, base, branches)
 
@@ -347,16 +351,16 @@ class Zero3Engine(MergeEngine):
             row: list[Tensor | None] = []
             for k, src in enumerate(sources):
                 who = "base" if k == 0 else f"branch {k - 1}"
-                if src.is_partitioned(item.name):
+                if is_partitioned(src, item.name):
                     row.append(
                         guarded(
                             comm,
-                            f"reading {item.name!r} from {who} ({src.origin})",
-                            lambda src=src, item=item: src.local_partition(
-                                item.name, world, rank
+                            f"reading {item.name!r} from {input_label(who, src)}",
+                            lambda src=src, item=item: local_partition(
+                                src, item.name, world, rank
                             ).contiguous(),
                             lambda src=src, item=item, size=size: torch.zeros(
-                                size, dtype=src.dtype(item.name)
+                                size, dtype=src.meta(item.name).dtype
                             ),
                         )
                     )
@@ -364,8 +368,8 @@ class Zero3Engine(MergeEngine):
                     row.append(
                         guarded(
                             comm,
-                            f"reading {item.name!r} from {who} ({src.origin})",
-                            lambda src=src, item=item: src.read_full(item.name),
+                            f"reading {item.name!r} from {input_label(who, src)}",
+                            lambda src=src, item=item: src.get(item.name),
                             lambda: None,
                         )
                     )
@@ -379,7 +383,7 @@ class Zero3Engine(MergeEngine):
         for item, row in zip(items, local):
             tensors: list[Tensor] = []
             for src, value in zip(sources, row):
-                if src.is_partitioned(item.name):
+                if is_partitioned(src, item.name):
                     assert value is not None
                     parts = comm.gather(value, item.owner)
                     if parts is not None:

@@ -54,8 +54,13 @@ from drm_lightning.distributed.engines import (
     OptimizerState,
 )
 from drm_lightning.distributed.plan import EngineKind, MergePlan, build_plan
-from drm_lightning.distributed.tensors import ParamSet, TensorSet, as_tensor_set
-from drm_lightning.merge.plan import PlannedTensor, plan_tensors, validate_coefficients
+from drm_lightning.distributed.tensors import ParamSet, as_tensor_set, is_partitioned
+from drm_lightning.merge.plan import (
+    PlannedTensor,
+    TensorSourceLike,
+    plan_tensors,
+    validate_coefficients,
+)
 from drm_lightning.merge.routing import Routing
 from drm_lightning.methods.base import MergeMethod, Route
 
@@ -117,7 +122,7 @@ class DistributedMerger:
     # ------------------------------------------------------------------ pieces
     def _sets(
         self, target: Any, base: Any, branches: Sequence[Any]
-    ) -> tuple[ParamSet | None, TensorSet, list[TensorSet]]:
+    ) -> tuple[ParamSet | None, TensorSourceLike, list[TensorSourceLike]]:
         if not branches:
             raise ValueError("branches is empty: at least one branch is needed to merge")
         target_set = None if target is None else as_tensor_set(target, "target")
@@ -133,20 +138,20 @@ class DistributedMerger:
         )
 
     def _engine_kind(
-        self, comm: Comm, target: ParamSet | None, sets: Sequence[TensorSet]
+        self, comm: Comm, target: ParamSet | None, sets: Sequence[TensorSourceLike]
     ) -> EngineKind:
         if self.engine_choice != "auto":
             return self.engine_choice  # type: ignore[return-value]
-        holders: list[TensorSet] = ([target] if target is not None else []) + list(sets)
-        if any(s.is_partitioned(n) for s in holders for n in s.names()):
+        holders = ([target] if target is not None else []) + list(sets)
+        if any(is_partitioned(s, n) for s in holders for n in s.keys()):
             return "zero3"
         return "replica" if comm.world_size > 1 else "single"
 
     def _entries(
         self,
         target: ParamSet | None,
-        base: TensorSet,
-        branches: Sequence[TensorSet],
+        base: TensorSourceLike,
+        branches: Sequence[TensorSourceLike],
         names: Sequence[str] | None,
     ) -> list[PlannedTensor]:
         """The planner's checks (:func:`~drm_lightning.merge.plan.plan_tensors`, the same as the

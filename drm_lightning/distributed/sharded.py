@@ -65,10 +65,18 @@ from drm_lightning.distributed.comm import (
     topk_mask_distributed,
 )
 from drm_lightning.distributed.plan import MergeItem, ShardablePredicate
-from drm_lightning.distributed.tensors import ParamSet, TensorSet, held_range, partition_size
+from drm_lightning.distributed.tensors import (
+    ParamSet,
+    held_range,
+    is_partitioned,
+    local_partition,
+    partition_size,
+    read_flat,
+)
+from drm_lightning.merge.plan import TensorSourceLike, input_label
 from drm_lightning.merge.tensor import RESULT_HINT, check_finite, check_fits
-from drm_lightning.methods.basis import basis_dtype, basis_from_gram, gram_of_rows
 from drm_lightning.methods.base import MergeMethod, Route
+from drm_lightning.methods.basis import basis_dtype, basis_from_gram, gram_of_rows
 from drm_lightning.methods.drm import DRM, merge_coordinates
 from drm_lightning.methods.ops import (
     break_ties,
@@ -80,7 +88,7 @@ from drm_lightning.methods.ops import (
 
 
 def sharded_rule(
-    method: MergeMethod, n_branches: int, target: TensorSet | None, *, enabled: bool = True
+    method: MergeMethod, n_branches: int, target: ParamSet | None, *, enabled: bool = True
 ) -> ShardablePredicate:
     """The predicate deciding which items take the sharded route (see the module docstring)."""
 
@@ -94,7 +102,7 @@ def sharded_rule(
         # Moving the m×m Gram (reduce) and the basis (broadcast, ≤ m×m) must be cheaper than
         # gathering N + 1 tensors to an owner and scattering the fp32 result back.
         n, m = shape
-        itemsize = torch.empty((), dtype=target.dtype(name)).element_size()
+        itemsize = torch.empty((), dtype=target.meta(name).dtype).element_size()
         return 8 * m * m <= ((n_branches + 1) * itemsize + 4) * n * m
 
     return rule
@@ -133,8 +141,8 @@ class ShardedMerger:
         self,
         items: Sequence[MergeItem],
         target: ParamSet,
-        base: TensorSet,
-        branches: Sequence[TensorSet],
+        base: TensorSourceLike,
+        branches: Sequence[TensorSourceLike],
     ) -> None:
         """Merge every item (all ranks call this with the same items in the same order)."""
         world = self.comm.world_size
@@ -152,23 +160,26 @@ class ShardedMerger:
             self._matrix_wave(matrices[start : start + world], target, base, branches)
 
     # ------------------------------------------------------------------ common pieces
-    def _held(self, src: TensorSet, item: MergeItem) -> Tensor:
+    def _held(self, src: TensorSourceLike, item: MergeItem) -> Tensor:
         """This rank's valid chunk of ``src``'s ``item`` (flat, unpadded)."""
         world, rank = self.comm.world_size, self.comm.rank
         lo, hi = held_range(item.numel, world, rank)
-        if src.is_partitioned(item.name):
-            part = src.local_partition(item.name, world, rank)
+        if is_partitioned(src, item.name):
+            part = local_partition(src, item.name, world, rank)
             return part[: hi - lo]
-        return src.read_flat(item.name, lo, hi)
+        return read_flat(src, item.name, lo, hi)
 
-    def _held_finite(self, src: TensorSet, item: MergeItem, who: str) -> Tensor:
+    def _held_finite(self, src: TensorSourceLike, item: MergeItem, who: str) -> Tensor:
         """:meth:`_held`, refusing NaN/Inf with the tensor and input named."""
         chunk = self._held(src, item)
-        check_finite(item.name, chunk, f"{who} ({src.origin})")
+        check_finite(item.name, chunk, input_label(who, src))
         return chunk
 
     def _read_all(
-        self, items: Sequence[MergeItem], base: TensorSet, branches: Sequence[TensorSet]
+        self,
+        items: Sequence[MergeItem],
+        base: TensorSourceLike,
+        branches: Sequence[TensorSourceLike],
     ) -> list[list[Tensor]]:
         """Chunks of base and branches per item; failures become zero placeholders."""
         world, rank = self.comm.world_size, self.comm.rank
@@ -181,7 +192,7 @@ class ShardedMerger:
                 row.append(
                     guarded(
                         self.comm,
-                        f"reading {it.name!r} from {who} ({src.origin})",
+                        f"reading {it.name!r} from {input_label(who, src)}",
                         lambda src=src, it=it, who=who: self._held_finite(src, it, who),
                         lambda lo=lo, hi=hi: torch.zeros(hi - lo, dtype=self.dtype),
                     )
@@ -193,7 +204,7 @@ class ShardedMerger:
         """Pad this rank's merged chunk to the partition length and write it."""
         world = self.comm.world_size
         check_finite(item.name, flat_valid, "the merged result", RESULT_HINT)
-        check_fits(item.name, flat_valid, target.dtype(item.name))
+        check_fits(item.name, flat_valid, target.meta(item.name).dtype)
         chunk = torch.zeros(partition_size(item.numel, world), dtype=flat_valid.dtype)
         chunk[: flat_valid.numel()] = flat_valid
         target.write_partition(item.name, chunk)
@@ -205,8 +216,8 @@ class ShardedMerger:
         self,
         items: Sequence[MergeItem],
         target: ParamSet,
-        base: TensorSet,
-        branches: Sequence[TensorSet],
+        base: TensorSourceLike,
+        branches: Sequence[TensorSourceLike],
     ) -> None:
         comm, p = self.comm, self.params
         chunks = self._read_all(items, base, branches)
@@ -264,8 +275,8 @@ class ShardedMerger:
         self,
         items: Sequence[MergeItem],
         target: ParamSet,
-        base: TensorSet,
-        branches: Sequence[TensorSet],
+        base: TensorSourceLike,
+        branches: Sequence[TensorSourceLike],
     ) -> None:
         comm, p = self.comm, self.params
         world, rank = comm.world_size, comm.rank

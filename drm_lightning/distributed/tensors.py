@@ -1,27 +1,33 @@
-"""Named tensor sets as one rank sees them: live parameters, shard snapshots, checkpoints.
+"""Named tensors as one rank sees them: live parameters, shard snapshots, checkpoints.
 
-The engines read the base and the branches, and write the target, through
-:class:`TensorSet`. A set tells, per tensor, whether this rank holds only a *partition*
-(DeepSpeed ZeRO-3: the flat chunk ``p.ds_tensor`` of the flattened parameter, rank r holding
-elements ``[r·P, (r+1)·P)`` with ``P = ceil(numel / world)``; the padding at the end is
-uninitialised memory under DeepSpeed, so only the valid range is ever read) or
-can read any part of the full tensor (ordinary parameters, CPU snapshots, files on disk).
+The engines read the base and the branches through the one reader protocol,
+:class:`~drm_lightning.sources.WeightSource` (``keys``, ``meta``, ``get``, ``get_rows``; an
+object with ``keys``/``meta``/``get`` will do, as for the merge loop); any weight source is an
+input as it is. A :class:`TensorSet` is a weight source
+that adds the partition facts ZeRO-3 needs: per tensor, whether this rank holds only a
+*partition* (DeepSpeed ZeRO-3: the flat chunk ``p.ds_tensor`` of the flattened parameter, rank
+r holding elements ``[r·P, (r+1)·P)`` with ``P = ceil(numel / world)``; the padding at the end
+is uninitialised memory under DeepSpeed, so only the valid range is ever read) or can read any
+part of the full tensor (ordinary parameters, CPU snapshots, files on disk). The engines ask
+those facts of any input through :func:`is_partitioned` and :func:`local_partition`, and
+read a flat range of any input with :func:`read_flat`.
 
 * :class:`ParamSet` — parameters of a module (ZeRO-3-partitioned or not); also a write target.
   Branches that are separate parameter sets inside the training module are
   ``ParamSet.from_module(module.branches[i])``.
 * :class:`ShardSnapshot` — a copy of a :class:`ParamSet` taken now; partitioned parameters
   are copied partition-wise, so each rank keeps only its own shard.
-* :class:`CheckpointShards` — safetensors files on disk, read shard-wise: a rank reads only
-  the rows that cover the flat range it asks for.
+* :class:`TensorDictSet` — a state dict, in its own order.
+* :class:`CheckpointShards` — safetensors files on disk (a folder without an index too), read
+  shard-wise: a rank reads only the rows that cover the flat range it asks for.
 
 Example:
     >>> import torch
     >>> params = ParamSet.from_module(torch.nn.Linear(3, 2))
-    >>> params.names()
-    ['weight', 'bias']
+    >>> params.keys(), params.meta("weight")
+    (['weight', 'bias'], TensorMeta(shape=(2, 3), dtype=torch.float32))
     >>> snap = ShardSnapshot.capture(params)
-    >>> snap.is_partitioned("weight"), tuple(snap.read_full("weight").shape)
+    >>> snap.is_partitioned("weight"), tuple(snap.get("weight").shape)
     (False, (2, 3))
 """
 
@@ -29,7 +35,6 @@ from __future__ import annotations
 
 import math
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from drm_lightning.sources.base import TensorMeta
+from drm_lightning.sources.base import TensorMeta, WeightSource
 
 
 def partition_size(numel: int, world_size: int) -> int:
@@ -57,30 +62,16 @@ def is_zero3_param(tensor: Tensor) -> bool:
     return hasattr(tensor, "ds_id") and getattr(tensor, "ds_tensor", None) is not None
 
 
-class TensorSet(ABC):
-    """A set of named tensors as this rank sees them (see the module docstring)."""
+class TensorSet(WeightSource):
+    """A weight source that also tells which tensors this rank holds as a ZeRO-3 partition.
+
+    Subclasses implement ``keys`` (in a fixed order: a module's, a state dict's), ``meta`` and
+    ``get`` (the full tensor; refused for a partition-only tensor), and override
+    :meth:`is_partitioned` / :meth:`local_partition` where they hold partitions. Nothing here
+    is read from a file: :meth:`files` is empty, except for :class:`CheckpointShards`.
+    """
 
     origin: str = "tensor set"
-
-    @abstractmethod
-    def names(self) -> list[str]:
-        """Tensor names, in a fixed order."""
-
-    @abstractmethod
-    def shape(self, name: str) -> tuple[int, ...]:
-        """Full (unpartitioned) shape."""
-
-    @abstractmethod
-    def dtype(self, name: str) -> torch.dtype:
-        """Stored dtype."""
-
-    def keys(self) -> list[str]:
-        """Tensor names (the planner's view, as a weight source's ``keys``)."""
-        return self.names()
-
-    def meta(self, name: str) -> TensorMeta:
-        """Full shape and stored dtype of ``name`` (the planner's view)."""
-        return TensorMeta(self.shape(name), self.dtype(name))
 
     def is_partitioned(self, name: str) -> bool:
         """True when this rank holds only its ZeRO-3 partition of ``name``."""
@@ -88,26 +79,57 @@ class TensorSet(ABC):
 
     def local_partition(self, name: str, world_size: int, rank: int) -> Tensor:
         """This rank's flat ZeRO-3 partition, length ``partition_size`` (zero padded)."""
-        numel = math.prod(self.shape(name))
-        size = partition_size(numel, world_size)
-        start, stop = held_range(numel, world_size, rank)
-        out = torch.zeros(size, dtype=self.dtype(name))
-        out[: stop - start] = self.read_flat(name, start, stop)
-        return out
+        return padded_partition(self, name, world_size, rank)
 
-    def read_full(self, name: str) -> Tensor:
-        """The full tensor (only for tensors that are not partitioned)."""
-        raise NotImplementedError(f"{self.origin} cannot read {name!r} in full")
+    def files(self) -> list[Path]:  # noqa: D102
+        return []
 
-    def read_flat(self, name: str, start: int, stop: int) -> Tensor:
-        """Elements ``[start, stop)`` of the flattened tensor (not partitioned tensors)."""
-        return self.read_full(name).reshape(-1)[start:stop]
-
-    def __contains__(self, name: object) -> bool:
-        return name in set(self.names())
+    def describe(self) -> str:  # noqa: D102
+        return f"{type(self).__name__} {self.origin} ({len(self.keys())} tensors)"
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.origin}, {len(self.names())} tensors)"
+        return f"{type(self).__name__}({self.origin}, {len(self.keys())} tensors)"
+
+
+def is_partitioned(source: Any, name: str) -> bool:
+    """True when this rank holds only its ZeRO-3 partition of ``name`` in ``source`` (only a
+    :class:`TensorSet` can)."""
+    return isinstance(source, TensorSet) and source.is_partitioned(name)
+
+
+def local_partition(source: Any, name: str, world_size: int, rank: int) -> Tensor:
+    """This rank's flat ZeRO-3 partition of ``name`` in ``source``, zero padded."""
+    if isinstance(source, TensorSet):
+        return source.local_partition(name, world_size, rank)
+    return padded_partition(source, name, world_size, rank)
+
+
+def padded_partition(source: Any, name: str, world_size: int, rank: int) -> Tensor:
+    """``rank``'s partition cut from a source that reads any part of ``name``
+    (:func:`read_flat`), zero padded."""
+    meta = source.meta(name)
+    size = partition_size(meta.numel, world_size)
+    start, stop = held_range(meta.numel, world_size, rank)
+    out = torch.zeros(size, dtype=meta.dtype)
+    out[: stop - start] = read_flat(source, name, start, stop)
+    return out
+
+
+def read_flat(source: Any, name: str, start: int, stop: int) -> Tensor:
+    """Elements ``start:stop`` of ``name`` flattened (a tensor this rank can read in full):
+    only the rows that cover the range, with the source's ``get_rows`` (a slice read for a
+    safetensors file), or from ``get`` for a reader without it."""
+    meta = source.meta(name)
+    shape = tuple(int(s) for s in meta.shape)
+    if stop <= start:
+        return torch.empty(0, dtype=meta.dtype)
+    get_rows = getattr(source, "get_rows", None)
+    if not shape or not callable(get_rows):
+        return source.get(name).reshape(-1)[start:stop]
+    row = math.prod(shape[1:])
+    first, last = start // row, -(-stop // row)
+    offset = start - first * row
+    return get_rows(name, first, last).reshape(-1)[offset : offset + stop - start]
 
 
 class ParamSet(TensorSet):
@@ -136,16 +158,20 @@ class ParamSet(TensorSet):
             params = {n: params[n] for n in wanted}
         return cls(params, origin or type(module).__name__)
 
-    def names(self) -> list[str]:  # noqa: D102
+    def _param(self, name: str) -> Tensor:
+        try:
+            return self.params[name]
+        except KeyError:
+            raise self._missing(name) from None
+
+    def keys(self) -> list[str]:  # noqa: D102
         return list(self.params)
 
-    def shape(self, name: str) -> tuple[int, ...]:  # noqa: D102
-        p = self.params[name]
-        return tuple(int(s) for s in (p.ds_shape if hasattr(p, "ds_shape") else p.shape))
-
-    def dtype(self, name: str) -> torch.dtype:  # noqa: D102
-        p = self.params[name]
-        return p.ds_tensor.dtype if is_zero3_param(p) else p.dtype
+    def meta(self, name: str) -> TensorMeta:
+        """Full shape (``ds_shape`` under ZeRO-3) and stored dtype (the partition's)."""
+        p = self._param(name)
+        shape = tuple(int(s) for s in (p.ds_shape if hasattr(p, "ds_shape") else p.shape))
+        return TensorMeta(shape, p.ds_tensor.dtype if is_zero3_param(p) else p.dtype)
 
     def is_partitioned(self, name: str) -> bool:
         """Partitioned ZeRO-3 parameters, except persistent ones while they are full on every rank.
@@ -165,13 +191,16 @@ class ParamSet(TensorSet):
             return p.ds_tensor.detach().reshape(-1).cpu()  # no copy on CPU; merge maths runs on CPU
         return super().local_partition(name, world_size, rank)
 
-    def read_full(self, name: str) -> Tensor:  # noqa: D102
-        p = self.params[name]
+    def get(self, name: str) -> Tensor:  # noqa: D102
+        p = self._param(name)
         if self.is_partitioned(name):
             raise NotImplementedError(
                 f"{name!r} is ZeRO-3 partitioned; only its partition can be read"
             )
         return p.detach().cpu()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.params
 
     # ------------------------------------------------------------------ writing
     def write_full(self, name: str, value: Tensor, world_size: int = 1, rank: int = 0) -> None:
@@ -289,7 +318,7 @@ class ShardSnapshot(TensorSet):
     @classmethod
     def capture(
         cls,
-        source: TensorSet,
+        source: WeightSource,
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
@@ -304,24 +333,23 @@ class ShardSnapshot(TensorSet):
         tensors: dict[str, Tensor] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         partitioned: list[str] = []
-        for name in source.names():
-            shapes[name] = source.shape(name)
-            if source.is_partitioned(name):
-                value = source.local_partition(name, world, rank)
+        for name in source.keys():
+            shapes[name] = source.meta(name).shape
+            if is_partitioned(source, name):
+                value = local_partition(source, name, world, rank)
                 partitioned.append(name)
             else:
-                value = source.read_full(name)
+                value = source.get(name)
             tensors[name] = value.detach().to(device=device, dtype=dtype or value.dtype, copy=True)
         return cls(tensors, shapes, partitioned, origin or f"snapshot of {source.origin}")
 
-    def names(self) -> list[str]:  # noqa: D102
+    def keys(self) -> list[str]:  # noqa: D102
         return list(self.tensors)
 
-    def shape(self, name: str) -> tuple[int, ...]:  # noqa: D102
-        return self.shapes[name]
-
-    def dtype(self, name: str) -> torch.dtype:  # noqa: D102
-        return self.tensors[name].dtype
+    def meta(self, name: str) -> TensorMeta:  # noqa: D102
+        if name not in self.tensors:
+            raise self._missing(name)
+        return TensorMeta(self.shapes[name], self.tensors[name].dtype)
 
     def is_partitioned(self, name: str) -> bool:  # noqa: D102
         return name in self.partitioned
@@ -331,62 +359,54 @@ class ShardSnapshot(TensorSet):
             return self.tensors[name]
         return super().local_partition(name, world_size, rank)
 
-    def read_full(self, name: str) -> Tensor:  # noqa: D102
+    def get(self, name: str) -> Tensor:  # noqa: D102
         if name in self.partitioned:
             raise NotImplementedError(f"{self.origin}: {name!r} is stored as a partition only")
+        if name not in self.tensors:
+            raise self._missing(name)
         return self.tensors[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
 
 
 class TensorDictSet(TensorSet):
-    """Full tensors in a mapping (a state dict), readable by every rank."""
+    """Full tensors in a mapping (a state dict), readable by every rank, in the mapping's order
+    (:class:`~drm_lightning.sources.StateDictSource` sorts the names)."""
 
     def __init__(self, tensors: Mapping[str, Tensor], origin: str = "state dict") -> None:
         self.tensors = tensors
         self.origin = origin
 
-    def names(self) -> list[str]:  # noqa: D102
+    def keys(self) -> list[str]:  # noqa: D102
         return list(self.tensors)
 
-    def shape(self, name: str) -> tuple[int, ...]:  # noqa: D102
-        return tuple(int(s) for s in self.tensors[name].shape)
+    def meta(self, name: str) -> TensorMeta:  # noqa: D102
+        return TensorMeta.of(self.get(name))
 
-    def dtype(self, name: str) -> torch.dtype:  # noqa: D102
-        return self.tensors[name].dtype
+    def get(self, name: str) -> Tensor:  # noqa: D102
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise self._missing(name) from None
 
-    def read_full(self, name: str) -> Tensor:  # noqa: D102
-        return self.tensors[name]
+    def reads_rows(self, name: str) -> bool:
+        """In memory: a row slice costs nothing."""
+        return True
 
-
-class WeightSourceSet(TensorSet):
-    """Any :class:`drm_lightning.sources.WeightSource` (``keys``/``meta``/``get``), read in full."""
-
-    def __init__(self, source: Any, origin: str | None = None) -> None:
-        self.source = source
-        describe = getattr(source, "describe", None)
-        self.origin = origin or (describe() if callable(describe) else type(source).__name__)
-
-    def names(self) -> list[str]:  # noqa: D102
-        return list(self.source.keys())
-
-    def shape(self, name: str) -> tuple[int, ...]:  # noqa: D102
-        return tuple(int(s) for s in self.source.meta(name).shape)
-
-    def dtype(self, name: str) -> torch.dtype:  # noqa: D102
-        return self.source.meta(name).dtype
-
-    def read_full(self, name: str) -> Tensor:  # noqa: D102
-        return self.source.get(name)
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
 
 
 class CheckpointShards(TensorSet):
     """Checkpoint files read shard-wise, through :mod:`drm_lightning.sources`.
 
-    ``read_flat(name, start, stop)`` reads only the rows that cover the flat range (one
-    partial row at each end at most) with the source's ``get_rows`` — for safetensors a
-    ``get_slice``, so a rank that needs its ZeRO-3 partition of a branch never reads the
+    :func:`read_flat` reads only the rows that cover the flat range (one partial row at
+    each end at most) with the file source's ``get_rows`` — for safetensors a
+    slice read, so a rank that needs its ZeRO-3 partition of a branch never reads the
     whole tensor. Accepts what :func:`~drm_lightning.sources.open_source` opens (one
     ``.safetensors`` file, an HF folder, sharded or not) and also a folder of
-    ``.safetensors`` files without an index.
+    ``.safetensors`` files without an index. ``bytes_read`` counts the tensor bytes read.
     """
 
     def __init__(self, path: str | os.PathLike[str], origin: str | None = None) -> None:
@@ -410,45 +430,56 @@ class CheckpointShards(TensorSet):
         else:
             sources = [open_source(root)]
         self.origin = origin or str(root)
+        self._sources: list[WeightSource] = sources
         self._source_of = {name: src for src in sources for name in src.keys()}
         self.bytes_read = 0
 
-    def names(self) -> list[str]:  # noqa: D102
+    def keys(self) -> list[str]:  # noqa: D102
         return list(self._source_of)
 
-    def shape(self, name: str) -> tuple[int, ...]:  # noqa: D102
-        return tuple(self._source_of[name].meta(name).shape)
+    def _file(self, name: str) -> WeightSource:
+        try:
+            return self._source_of[name]
+        except KeyError:
+            raise self._missing(name) from None
 
-    def dtype(self, name: str) -> torch.dtype:  # noqa: D102
-        return self._source_of[name].meta(name).dtype
+    def meta(self, name: str) -> TensorMeta:  # noqa: D102
+        return self._file(name).meta(name)
 
     def _count(self, out: Tensor) -> Tensor:
         self.bytes_read += out.numel() * out.element_size()
         return out
 
-    def read_full(self, name: str) -> Tensor:  # noqa: D102
-        return self._count(self._source_of[name].get(name))
+    def get(self, name: str) -> Tensor:  # noqa: D102
+        return self._count(self._file(name).get(name))
 
-    def read_flat(self, name: str, start: int, stop: int) -> Tensor:  # noqa: D102
-        shape = self.shape(name)
-        if stop <= start:
-            return torch.empty(0, dtype=self.dtype(name))
-        if not shape:
-            return self.read_full(name).reshape(-1)[start:stop]
-        row = math.prod(shape[1:])
-        first, last = start // row, -(-stop // row)
-        rows = self._count(self._source_of[name].get_rows(name, first, last))
-        offset = start - first * row
-        return rows.reshape(-1)[offset : offset + stop - start]
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:  # noqa: D102
+        return self._count(self._file(name).get_rows(name, start, stop))
+
+    def reads_rows(self, name: str) -> bool:  # noqa: D102
+        return self._file(name).reads_rows(name)
+
+    def files(self) -> list[Path]:  # noqa: D102
+        return list(dict.fromkeys(f for src in self._sources for f in src.files()))
+
+    def check_unchanged(self) -> None:  # noqa: D102
+        for src in self._sources:
+            src.check_unchanged()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._source_of
 
 
-def as_tensor_set(obj: Any, origin: str) -> TensorSet:
-    """Wrap a module, state dict, weight source, checkpoint path or tensor set.
+def as_tensor_set(obj: Any, origin: str) -> Any:
+    """The reader of a module, state dict, checkpoint path or weight source.
 
-    Modules become :class:`ParamSet` (live parameters), mappings :class:`TensorDictSet`,
-    paths :class:`CheckpointShards`, objects with ``keys/meta/get`` :class:`WeightSourceSet`.
+    Modules become :class:`ParamSet` (live parameters), mappings :class:`TensorDictSet` (or
+    :class:`ParamSet` when every value is a parameter), paths :class:`CheckpointShards`; a
+    :class:`~drm_lightning.sources.WeightSource` (a :class:`TensorSet` included), or any
+    reader with ``keys``/``meta``/``get`` as the merge loop takes, is used as it is.
+    ``origin`` labels what is built here in messages.
     """
-    if isinstance(obj, TensorSet):
+    if isinstance(obj, WeightSource):
         return obj
     if isinstance(obj, nn.Module):
         return ParamSet.from_module(obj, origin=origin)
@@ -459,8 +490,8 @@ def as_tensor_set(obj: Any, origin: str) -> TensorSet:
             return ParamSet(obj, origin)
         return TensorDictSet(obj, origin)
     if all(callable(getattr(obj, attr, None)) for attr in ("keys", "meta", "get")):
-        return WeightSourceSet(obj, getattr(obj, "origin", None) or origin)
+        return obj
     raise TypeError(
-        f"{origin}: expected an nn.Module, a state dict, a weight source, a safetensors path or a "
-        f"TensorSet, got {type(obj).__name__}"
+        f"{origin}: expected an nn.Module, a state dict, a weight source or a safetensors path, "
+        f"got {type(obj).__name__}"
     )

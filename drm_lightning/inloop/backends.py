@@ -31,8 +31,6 @@ from drm_lightning.distributed import (
     EngineStats,
     ParamSet,
     ShardSnapshot,
-    TensorSet,
-    WeightSourceSet,
 )
 from drm_lightning.inloop.weights import (
     DeltaSource,
@@ -208,9 +206,8 @@ class DenseBackend(Backend):
         coefficients: Sequence[float] | None,
         seed: int,
     ) -> Merged:
-        named = [_named(x) for x in inputs]  # keep each input's own label in the merger's messages
         result = self.merger(seed).merge(
-            None, _named(base), named, coefficients=coefficients, collect=True
+            None, base, list(inputs), coefficients=coefficients, collect=True
         )
         assert result.merged is not None
         return Merged(dict(result.merged), result.stats, result.engine)
@@ -299,11 +296,11 @@ class Zero3Backend(Backend):
 
     def input_names(self, module: nn.Module, source: Any) -> list[str]:  # noqa: D102
         params = dict(module.named_parameters())
-        return [k for k in source.names() if k in params]  # parameters only: buffers are not merged
+        return [k for k in source.keys() if k in params]  # parameters only: buffers are not merged
 
     def ignored_live(self, module: nn.Module, merged: Merged) -> dict[str, Tensor]:  # noqa: D102
         params = ParamSet.from_module(module)
-        names = self.ignored(params.names(), params.shape)
+        names = self.ignored(params.keys(), lambda n: params.meta(n).shape)
         return {k: v.clone() for k, v in local_values(params, params, names).items()}
 
     @torch.no_grad()
@@ -316,10 +313,3 @@ def _tensors(base: Any) -> Mapping[str, Tensor]:
     if isinstance(base, Mapping):
         return base
     return {k: base.get(k) for k in base.keys()}
-
-
-def _named(source: Any) -> Any:
-    """A weight source as a tensor set that keeps the source's ``origin`` label."""
-    if isinstance(source, TensorSet) or not hasattr(source, "keys") or isinstance(source, Mapping):
-        return source
-    return WeightSourceSet(source, getattr(source, "origin", None))

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from drm_lightning.distributed import ParamSet, TensorSet
+from drm_lightning.distributed import ParamSet, local_partition
 from drm_lightning.distributed.tensors import is_zero3_param
 
 
@@ -59,14 +59,14 @@ class MergedShards(ParamSet):
         return None
 
 
-def local_values(source: TensorSet, params: ParamSet, names: Iterable[str]) -> dict[str, Tensor]:
+def local_values(source: Any, params: ParamSet, names: Iterable[str]) -> dict[str, Tensor]:
     """What :class:`PartitionSwap` loads for ``names`` from ``source``: this rank's partition of
     every ZeRO-3 parameter (persistent ones included), the full tensor of ordinary ones."""
     rank, world = rank_and_world()
     return {
-        name: source.local_partition(name, world, rank)
+        name: local_partition(source, name, world, rank)
         if is_zero3_param(params.params[name])
-        else source.read_full(name)
+        else source.get(name)
         for name in names
     }
 

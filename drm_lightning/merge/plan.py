@@ -25,7 +25,9 @@ DTYPE_HINT = " (add the name to routing.ignore to keep the base value)"
 
 @runtime_checkable
 class TensorSourceLike(Protocol):
-    """What the merge loop needs from a weight source (see ``drm_lightning.sources``)."""
+    """What the planner, the merge loop and the engines need of an input: the part of
+    :class:`~drm_lightning.sources.WeightSource` every reader has (``meta`` gives ``.shape``
+    and ``.dtype``; a distributed ``TensorSet`` is a weight source too)."""
 
     def keys(self) -> list[str]: ...
 
@@ -125,21 +127,12 @@ def plan_merge(
     return plan_tensors(base, full, routing=routing)
 
 
-class MetadataReader(Protocol):
-    """What the planner reads of an input: its names and, per name, ``.shape`` and ``.dtype``
-    (a :class:`~drm_lightning.sources.WeightSource` or a distributed tensor set)."""
-
-    def keys(self) -> list[str]: ...
-
-    def meta(self, name: str) -> Any: ...
-
-
 def plan_tensors(
-    base: MetadataReader,
-    branches: Sequence[MetadataReader] | Mapping[int, MetadataReader],
+    base: TensorSourceLike,
+    branches: Sequence[TensorSourceLike] | Mapping[int, TensorSourceLike],
     *,
     routing: Routing | None = None,
-    target: MetadataReader | None = None,
+    target: TensorSourceLike | None = None,
     names: Sequence[str] | None = None,
 ) -> list[PlannedTensor]:
     """The per-tensor checks of every entry point (the disk job, the merge loop, the in-memory
@@ -159,7 +152,7 @@ def plan_tensors(
     """
     routing = routing or Routing()
     numbered = branches if isinstance(branches, Mapping) else dict(enumerate(branches))
-    holders: list[tuple[str, MetadataReader]] = [("base", base)]
+    holders: list[tuple[str, TensorSourceLike]] = [("base", base)]
     holders += [(f"branch {i}", b) for i, b in numbered.items()]
     if target is not None:
         holders.insert(0, ("target", target))
