@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from drm_lightning.methods import _basis, ops
+from drm_lightning.methods import basis, ops
 from drm_lightning.methods.drm import drm_merge
 
 
@@ -34,12 +34,12 @@ def test_low_memory_eigh_equals_torch_eigh_and_reads_the_lower_triangle() -> Non
     asymmetric.triu_(1).mul_(7.0).add_(
         gram.tril()
     )  # upper triangle garbage: only the lower one counts
-    evals, evecs = _basis.eigh_low_memory(asymmetric)
+    evals, evecs = basis.eigh_low_memory(asymmetric)
     ref_vals, ref_vecs = torch.linalg.eigh(gram)
     torch.testing.assert_close(evals, ref_vals, rtol=1e-12, atol=1e-9)
     _same_columns_up_to_sign(evecs, ref_vecs, atol=1e-9)
     kept = asymmetric.clone()
-    _basis.eigh_low_memory(kept, overwrite=False)
+    basis.eigh_low_memory(kept, overwrite=False)
     assert torch.equal(kept, asymmetric)  # not overwritten unless asked
 
 
@@ -48,17 +48,17 @@ def test_reverse_columns_in_place_equals_flip(shape: tuple[int, int]) -> None:
     m = torch.randn(*shape, dtype=torch.float64)
     fortran = m.mT.contiguous().mT  # column-major, as LAPACK returns eigenvectors
     for matrix in (m.clone(), fortran.clone()):
-        out = _basis.reverse_columns_(matrix, block=64)
+        out = basis.reverse_columns_(matrix, block=64)
         assert out.data_ptr() == matrix.data_ptr()
         assert torch.equal(out, m.flip(1))
 
 
 def test_low_memory_basis_equals_the_default_one(monkeypatch: pytest.MonkeyPatch) -> None:
     gram = _gram(96, rank=40)  # rank 40: the truncation keeps 40 of 96 directions
-    reference = _basis.basis_from_gram(gram, 1e-2)
-    monkeypatch.setattr(_basis, "LOW_MEMORY_EIGH_N", 16)
+    reference = basis.basis_from_gram(gram, 1e-2)
+    monkeypatch.setattr(basis, "LOW_MEMORY_EIGH_N", 16)
     scratch = gram.clone()
-    low = _basis.basis_from_gram(scratch, 1e-2, overwrite=True)
+    low = basis.basis_from_gram(scratch, 1e-2, overwrite=True)
     assert low.rank == reference.rank == 40
     torch.testing.assert_close(low.sigma, reference.sigma, rtol=1e-12, atol=0)
     _same_columns_up_to_sign(low.vectors, reference.vectors, atol=1e-10)
@@ -74,9 +74,9 @@ def test_drm_merge_through_the_low_memory_route_equals_the_default_route(
     deltas = torch.randn(3, 48, 40, generator=gen, dtype=torch.float64)
     coefficients = torch.ones(3, dtype=torch.float64)
     reference = drm_merge(deltas, coefficients, direction=direction)
-    monkeypatch.setattr(_basis, "LOW_MEMORY_EIGH_N", 16)
+    monkeypatch.setattr(basis, "LOW_MEMORY_EIGH_N", 16)
     monkeypatch.setattr(
-        _basis, "BLOCK_BYTES", 7 * 3 * 48 * 8
+        basis, "BLOCK_BYTES", 7 * 3 * 48 * 8
     )  # several column blocks in the wide route
     low = drm_merge(deltas, coefficients, direction=direction)
     torch.testing.assert_close(low, reference, rtol=0, atol=1e-10)

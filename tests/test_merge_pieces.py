@@ -18,15 +18,15 @@ from drm_lightning.merge.loop import iter_merge
 from drm_lightning.merge.pieces import merge_in_pieces, merges_in_pieces
 from drm_lightning.merge.plan import PlannedTensor
 from drm_lightning.methods import get_method
-from drm_lightning.methods._select import (
+from drm_lightning.methods.ops import largest_mask
+from drm_lightning.methods.rowwise import MagnitudeCut, row_spans
+from drm_lightning.methods.selection import (
     count_digits,
     from_ordered_bits,
     keep_largest,
     ordered_bits,
     radix_select,
 )
-from drm_lightning.methods.ops import largest_mask
-from drm_lightning.methods.rowwise import MagnitudeCut, row_spans
 from drm_lightning.sources import HFFolderWriter, RowPieces, SafetensorsFileSource, StateDictSource
 
 ROWS, COLS = 37, 11  # odd sizes: pieces of 4 rows end in a short piece

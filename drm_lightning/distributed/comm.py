@@ -49,13 +49,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from drm_lightning.methods.ops import Reductions, kept_count
 from drm_lightning.methods.selection import (
     count_digits,
     from_ordered_bits,
     ordered_bits,
     radix_select,
 )
-from drm_lightning.methods.ops import Reductions, kept_count
 
 # Seconds a rank waits for another that shows no progress (``drm-merge --timeout``). A rank
 # marks progress after each tensor it merges, so this bounds one tensor's merge: the slowest

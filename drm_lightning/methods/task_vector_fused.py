@@ -282,7 +282,7 @@ def bracketed_cuts(
     lows, highs = np.zeros(n, np.int64), np.zeros(n, np.int64)
     for lane in range(n):
         lows[lane], highs[lane] = bracket(magnitudes[lane, :taken], keep, numel)
-    room = max(SAMPLE_ENTRIES, int(numel * FOUND_ROOM / runner))
+    room = max(SAMPLE_ENTRIES, int(numel * FOUND_ROOM / runner.threads))
     slabs = _pass_over(  # (counts, found, filled) of each thread
         read,
         spans,
