@@ -44,9 +44,9 @@ from drm_lightning.cli.align_inputs import (
     load_batches,
     load_into,
 )
+from drm_lightning.cli.guard import open_branch
 from drm_lightning.config.align import is_reference
-from drm_lightning.sources import StateDictSource, open_source
-from drm_lightning.sources.renamed import RenamedSource
+from drm_lightning.sources import StateDictSource
 
 __all__ = ["AlignStep", "PreparedAlignment", "prepare_alignment", "run_alignment_merge"]
 
@@ -187,11 +187,6 @@ def prepare_alignment(
     )
 
 
-def _open(path: Path, prefix: str | None, add: str | None, trust: bool) -> Any:
-    source = open_source(path, trust_pickles=trust)
-    return RenamedSource(source, strip=prefix, add=add) if (prefix or add) else source
-
-
 class AlignStep:
     """The ``align:`` pre-step of a merge job (see the module docstring)."""
 
@@ -256,7 +251,7 @@ def run_alignment_merge(
 
     _refuse_torchrun(f"method {config.method!r}")
     trust = config.trust_pickles
-    sources = [_open(b.path, b.prefix, b.add_prefix, trust) for b in config.branches]
+    sources = [open_branch(b, i, trust_pickles=trust) for i, b in enumerate(config.branches)]
     labels = [f"branches[{i}] ({b.path})" for i, b in enumerate(config.branches)]
     prepared = prepare_alignment(config, config.method, sources, labels, config.base)
     anchor = sources[0]

@@ -1,8 +1,11 @@
 """What ``drm-merge`` trusts and guards, kept out of the thin CLI: inputs and the output folder.
 
 * :func:`open_inputs`: base and branches opened with the config's pickle policy
-  (``trust_pickles``, :mod:`drm_lightning.sources.trust`) and each branch's
-  ``prefix`` / ``add_prefix`` (:class:`~drm_lightning.sources.renamed.RenamedSource`).
+  (``trust_pickles``, :mod:`drm_lightning.sources.trust`) and each branch's ``key``
+  (:class:`~drm_lightning.sources.torch_file.TorchFileSource`) and ``prefix`` /
+  ``add_prefix`` (:class:`~drm_lightning.sources.renamed.RenamedSource`), by
+  :func:`open_branch`; a checkpoint whose state dict is not where it was looked for gets the
+  ``key:`` (and ``prefix:``) that would fix it.
 * :func:`key_mismatch_hint`: when a branch's names differ from the base's only by a common
   prefix, the line of config that fixes it.
 * :func:`input_paths`: every path a merge reads (the config file, base, branches, and what the
@@ -26,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from drm_lightning.config.schema import MergeConfig
+from drm_lightning.config.schema import BranchConfig, MergeConfig
 from drm_lightning.sources import LoraBranch, WeightSource, open_source
 from drm_lightning.sources.output_guard import (
     check_parent,
@@ -35,24 +38,62 @@ from drm_lightning.sources.output_guard import (
     stale_leftovers,
 )
 from drm_lightning.sources.renamed import RenamedSource, prefix_hint
+from drm_lightning.sources.torch_file import CheckpointLayoutError
 
-__all__ = ["guard_output", "input_paths", "key_mismatch_hint", "open_inputs"]
+__all__ = ["guard_output", "input_paths", "key_mismatch_hint", "open_branch", "open_inputs"]
 
 
 def open_inputs(config: MergeConfig) -> tuple[WeightSource, list[Any]]:
     """The base and the branches of ``config``, opened lazily (LoRA adapters detected)."""
     trust = config.trust_pickles
-    base = open_source(config.base, trust_pickles=trust)
-    branches: list[Any] = []
-    for branch in config.branches:
-        if branch.is_lora:
-            branches.append(LoraBranch(branch.path, base, trust_pickles=trust))
-            continue
-        source = open_source(branch.path, trust_pickles=trust)
-        if branch.prefix or branch.add_prefix:
-            source = RenamedSource(source, strip=branch.prefix, add=branch.add_prefix)
-        branches.append(source)
+    try:
+        base = open_source(config.base, trust_pickles=trust)
+    except CheckpointLayoutError as err:
+        raise CheckpointLayoutError(
+            f"base: {err}. key: is a branch setting; for the base, save that entry as a file "
+            "of its own (torch.save(checkpoint['state_dict'], 'base.pt')) and give that file",
+            err.candidates,
+        ) from None
+    branches = [
+        open_branch(branch, i, base=base, trust_pickles=trust)
+        for i, branch in enumerate(config.branches)
+    ]
     return base, branches
+
+
+def open_branch(
+    branch: BranchConfig,
+    index: int,
+    *,
+    base: WeightSource | None = None,
+    trust_pickles: bool = False,
+) -> Any:
+    """Branch ``index`` of a config, opened lazily: a LoRA adapter on ``base`` (without
+    ``base``, ``open_source`` refuses it), else its ``key`` entry renamed by ``prefix`` /
+    ``add_prefix``.
+
+    Raises:
+        CheckpointLayoutError: the state dict is not where ``key`` (or its absence) says; the
+            message, prefixed with the field, names the entries holding tensors and, when
+            their names are the base's up to a prefix, the ``prefix:`` to set too.
+    """
+    if branch.is_lora and base is not None:
+        return LoraBranch(branch.path, base, trust_pickles=trust_pickles)
+    try:
+        source = open_source(branch.path, key=branch.key, trust_pickles=trust_pickles)
+    except CheckpointLayoutError as err:
+        field = f"branches[{index}]" + (".key" if branch.key else "")
+        hints = [
+            f"with key: {entry}, {hint}"
+            for entry, names in err.candidates.items()
+            if base is not None and (hint := prefix_hint(base.keys(), names))
+        ]
+        raise CheckpointLayoutError(
+            f"{field}: {err}" + "".join(f"; {h}" for h in hints[:3]), err.candidates
+        ) from None
+    if branch.prefix or branch.add_prefix:
+        source = RenamedSource(source, strip=branch.prefix, add=branch.add_prefix)
+    return source
 
 
 def key_mismatch_hint(config: MergeConfig, base: Any, branches: Sequence[Any]) -> str:

@@ -11,6 +11,7 @@ parameters::
       - path: adapters/chat-lora              # a PEFT LoRA adapter folder is detected
         coefficient: 0.5
       - {path: runs/last.ckpt, prefix: model.}  # strip (or add_prefix: add) a name prefix
+      - {path: runs/epoch_3.pt, key: state_dict, prefix: module.}  # the entry of the file
     parameters: {drop_rate: 0.8, direction: horizontal}
     compute_dtype: float32                    # precision of the merge math
     out_dtype: bfloat16                       # default: each base tensor's dtype
@@ -90,6 +91,8 @@ from drm_lightning.config.values import (
 from drm_lightning.merge.routing import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, Routing
 from drm_lightning.methods import MergeMethod, available_methods, get_method
 from drm_lightning.methods.base import method_class, parameter_problems
+from drm_lightning.sources.factory import CHECKPOINT_SUFFIXES
+from drm_lightning.sources.torch_file import KEY_SEPARATOR
 
 ComputeDType = Literal["float32", "float64"]
 OutDType = Literal["float16", "bfloat16", "float32", "float64"]
@@ -131,7 +134,9 @@ class BranchConfig(_Section):
     """One branch: a checkpoint (or PEFT LoRA adapter folder) and its coefficient λ.
 
     A bare string is accepted for ``{path: ...}``; mergekit's ``{model: ..., parameters:
-    {weight: ...}}`` is accepted too.
+    {weight: ...}}`` is accepted too. ``key`` names the entry of a torch checkpoint file that
+    holds the state dict (open_clip's and most trainers' ``state_dict``), nested entries
+    written with ``/`` (``model/ema``).
     """
 
     aliases: ClassVar[dict[str, str]] = {"model": "path", "weight": "coefficient"}
@@ -145,6 +150,12 @@ class BranchConfig(_Section):
     )
     add_prefix: str | None = Field(
         None, min_length=1, description="put this prefix in front of every tensor name"
+    )
+    key: str | None = Field(
+        None,
+        min_length=1,
+        description="the entry of a .ckpt/.bin/.pt/.pth file that holds the state dict "
+        f"('state_dict'); nested entries written with {KEY_SEPARATOR!r} ('model/ema')",
     )
     coefficient: float | None = Field(
         None,
@@ -170,6 +181,34 @@ class BranchConfig(_Section):
     @classmethod
     def _exists(cls, value: Path) -> Path:
         return check_path(value, "branch")
+
+    @field_validator("key")
+    @classmethod
+    def _entry_path(cls, value: str | None) -> str | None:
+        if value is not None and "" in value.split(KEY_SEPARATOR):
+            raise ValueError(
+                f"an empty entry name; nested entries are written with {KEY_SEPARATOR!r} "
+                "between names, e.g. 'state_dict' or 'model/ema'"
+            )
+        return value
+
+    @classmethod
+    def _more_errors(cls, data: Mapping[str, Any]) -> list[InitErrorDetails]:
+        path, key = data.get("path", data.get("model")), data.get("key")
+        if key is None or not isinstance(path, (str, Path)) or not Path(path).exists():
+            return []
+        path = Path(path)
+        if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
+            return []
+        what = "a folder" if path.is_dir() else f"a {path.suffix or 'suffix-less'} file"
+        return [
+            _error(
+                ("key",),
+                f"only applies to a torch checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}); "
+                f"{str(path)!r} is {what}",
+                key,
+            )
+        ]
 
     @model_validator(mode="after")
     def _prefix_not_for_lora(self) -> BranchConfig:

@@ -26,10 +26,12 @@ from drm_lightning.sources.memory import StateDictSource
 from drm_lightning.sources.safetensors_file import SafetensorsFileSource
 from drm_lightning.sources.torch_file import TorchFileSource
 
-__all__ = ["SourceLike", "open_source"]
+__all__ = ["CHECKPOINT_SUFFIXES", "SourceLike", "open_source"]
 
 SourceLike = WeightSource | Mapping[str, torch.Tensor] | torch.nn.Module | str | os.PathLike[str]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+CHECKPOINT_SUFFIXES = (".ckpt", *_PICKLE_SUFFIXES)
+"""Torch checkpoint files: the inputs that take ``prefix=`` and ``key=``."""
 
 
 def open_source(
@@ -37,6 +39,7 @@ def open_source(
     *,
     base: SourceLike | None = None,
     prefix: str | None = None,
+    key: str | None = None,
     trust_pickles: bool = False,
     adapter_name: str | None = None,
 ) -> WeightSource:
@@ -58,6 +61,9 @@ def open_source(
         obj: what to open.
         base: the base model, required for (and only used by) PEFT adapter folders.
         prefix: name prefix to strip, for ``.ckpt`` / ``.bin`` / ``.pt`` files only.
+        key: the entry of a ``.ckpt`` / ``.bin`` / ``.pt`` file that holds the state dict,
+            nested entries written with ``/`` (``"state_dict"``, ``"model/ema"``); a
+            ``.ckpt`` without it is read as a Lightning checkpoint (its ``state_dict``).
         trust_pickles: allow full unpickling of ``.ckpt`` / ``.bin`` / ``.pt`` files that
             hold more than tensors (they can run code; refused by default, see
             :mod:`drm_lightning.sources.trust`).
@@ -65,8 +71,10 @@ def open_source(
 
     Raises:
         FileNotFoundError: the path does not exist or holds no weights (says what was expected).
-        ValueError: unsupported file type, adapter folder without ``base``, ``prefix`` where
-            it does not apply.
+        ValueError: unsupported file type, adapter folder without ``base``, ``prefix`` or
+            ``key`` where it does not apply.
+        CheckpointLayoutError: (a ``ValueError``) the state dict is not where it was looked
+            for (see :class:`~drm_lightning.sources.torch_file.TorchFileSource`).
         TypeError: ``obj`` is of an unsupported type.
 
     Example:
@@ -81,9 +89,10 @@ def open_source(
     if isinstance(obj, WeightSource):
         return obj
     if isinstance(obj, (torch.nn.Module, Mapping)):
-        if prefix:
+        if prefix or key:
             raise ValueError(
-                "prefix= is only supported for .ckpt/.bin/.pt files; rename in-memory keys yourself"
+                f"{'prefix' if prefix else 'key'}= is only supported for .ckpt/.bin/.pt files; "
+                "rename or pick in-memory entries yourself"
             )
         return StateDictSource(obj)
     if not isinstance(obj, (str, os.PathLike)):
@@ -101,25 +110,27 @@ def open_source(
                     f"{path} is a PEFT adapter folder; "
                     "open it with base= the model it was trained on"
                 )
+            _checkpoint_only(path, prefix=None, key=key)
             return LoraBranch(
                 path,
                 open_source(base, trust_pickles=trust_pickles),
                 adapter_name=adapter_name,
                 trust_pickles=trust_pickles,
             )
-        _no_prefix(prefix, path)
+        _checkpoint_only(path, prefix=prefix, key=key)
         return HFFolderSource(path, trust_pickles=trust_pickles)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        _no_prefix(prefix, path)
+        _checkpoint_only(path, prefix=prefix, key=key)
         return SafetensorsFileSource(path)
     if suffix == ".ckpt":
-        return LightningCheckpointSource(path, prefix=prefix, trust_pickles=trust_pickles)
+        return LightningCheckpointSource(path, key=key, prefix=prefix, trust_pickles=trust_pickles)
     if suffix in _PICKLE_SUFFIXES:
-        return TorchFileSource(path, prefix=prefix, trust_pickles=trust_pickles)
+        return TorchFileSource(path, key=key, prefix=prefix, trust_pickles=trust_pickles)
     raise ValueError(f"{path}: unsupported file type {suffix!r}; {EXPECTED_INPUTS}")
 
 
-def _no_prefix(prefix: str | None, path: Path) -> None:
-    if prefix:
-        raise ValueError(f"prefix= is only supported for .ckpt/.bin/.pt files, not {path}")
+def _checkpoint_only(path: Path, *, prefix: str | None, key: str | None) -> None:
+    for name, value in (("prefix", prefix), ("key", key)):
+        if value:
+            raise ValueError(f"{name}= is only supported for .ckpt/.bin/.pt files, not {path}")

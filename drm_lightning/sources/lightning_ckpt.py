@@ -19,7 +19,15 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from drm_lightning.sources.torch_file import TorchFileSource, top_level_entries
+from torch import nn
+
+from drm_lightning.sources.torch_file import (
+    CheckpointLayoutError,
+    TorchFileSource,
+    key_hint,
+    tensor_entries,
+    top_level_entries,
+)
 
 __all__ = ["LightningCheckpointSource"]
 
@@ -33,6 +41,9 @@ class LightningCheckpointSource(TorchFileSource):
 
     Args:
         path: the ``.ckpt`` file.
+        key: the entry holding the weights when it is not Lightning's ``state_dict`` (a
+            ``.ckpt`` another trainer wrote: ``"model"``, ``"model/ema"``; see
+            :class:`~drm_lightning.sources.torch_file.TorchFileSource`).
         prefix: remove this prefix from every name, keep only names that have it (e.g.
             ``"model."``). No prefix is stripped unless given.
         trust_pickles: allow full unpickling of checkpoints that store Python objects
@@ -41,8 +52,10 @@ class LightningCheckpointSource(TorchFileSource):
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file has no ``state_dict`` entry (not a Lightning checkpoint), or
-            no name starts with ``prefix``.
+        CheckpointLayoutError: (a ``ValueError``) no ``key`` and no ``state_dict`` entry
+            (not a Lightning checkpoint; the entries holding tensors are named), or a ``key``
+            the file does not have.
+        ValueError: no name starts with ``prefix``.
 
     Example:
         >>> import tempfile, pathlib, torch
@@ -51,8 +64,11 @@ class LightningCheckpointSource(TorchFileSource):
         >>> LightningCheckpointSource(p)
         Traceback (most recent call last):
         ...
-        ValueError: .../bad.ckpt is not a Lightning checkpoint: it has no 'state_dict' entry
-        (top-level entries: ['weights'])...
+        drm_lightning.sources.torch_file.CheckpointLayoutError: .../bad.ckpt is not a Lightning
+        checkpoint: it has no 'state_dict' entry (top-level entries: ['weights'])...
+        >>> torch.save({"weights": {"w": torch.ones(1)}}, p)
+        >>> LightningCheckpointSource(p, key="weights").keys()
+        ['w']
     """
 
     kind = "Lightning checkpoint"
@@ -61,16 +77,22 @@ class LightningCheckpointSource(TorchFileSource):
         self,
         path: str | os.PathLike[str],
         *,
+        key: str | None = None,
         prefix: str | None = None,
         trust_pickles: bool = False,
     ) -> None:
-        super().__init__(path, key="state_dict", prefix=prefix, trust_pickles=trust_pickles)
+        super().__init__(path, key=key, prefix=prefix, trust_pickles=trust_pickles)
 
     def _select(self, payload: Any, key: str | None) -> Mapping[Any, Any]:
+        if key is not None or isinstance(payload, nn.Module):  # a module: its state_dict()
+            return super()._select(payload, key)
         if not isinstance(payload, Mapping) or "state_dict" not in payload:
-            raise ValueError(
+            candidates = tensor_entries(payload)
+            hint = f"; {key_hint(candidates)}" if candidates else ""
+            raise CheckpointLayoutError(
                 f"{self.path} is not a Lightning checkpoint: it has no 'state_dict' entry "
-                f"(top-level entries: {top_level_entries(payload)}). For a plain state dict "
-                "file use TorchFileSource"
+                f"(top-level entries: {top_level_entries(payload)}){hint}. For a plain state "
+                "dict file use TorchFileSource",
+                candidates,
             )
-        return super()._select(payload, key)
+        return super()._select(payload, "state_dict")

@@ -28,7 +28,13 @@ import os
 
 __all__ = ["TRUST_OPT_IN", "UntrustedPickleError"]
 
-_BOILERPLATE = ("weights only load failed", "please file an issue", "check the documentation")
+_BOILERPLATE = (
+    "weights only load failed",
+    "please file an issue",
+    "check the documentation",
+    "(1) in pytorch 2.6",  # torch >= 2.6: the two ways to load, before the line naming the object
+    "(2) alternatively",
+)
 
 TRUST_OPT_IN = (
     "--trust-pickles on the drm-merge command line, or trust_pickles=True in your own code "
@@ -48,9 +54,10 @@ class UntrustedPickleError(ValueError):
     Args:
         path: the file.
         reason: what ``torch.load(weights_only=True)`` objected to (first line is kept).
+        note: a sentence added at the end (what the file is, when known).
     """
 
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], reason: str, *, note: str = "") -> None:
         self.path = str(path)
         first = _essence(reason) or "Python objects other than tensors"
         super().__init__(
@@ -58,6 +65,7 @@ class UntrustedPickleError(ValueError):
             "full unpickling, which can run code from the file, so it was refused. If you "
             f"trust this file, pass {TRUST_OPT_IN}. {SAFE_FORMATS[0].upper()}{SAFE_FORMATS[1:]}; "
             "converting the checkpoint to safetensors avoids the question"
+            + (f". {note}" if note else "")
         )
 
 
