@@ -26,7 +26,7 @@ from drm_lightning.alignment import (
     random_permutations,
 )
 from drm_lightning.cli.align_inputs import load_batches
-from drm_lightning.cli.command import main
+from drm_lightning.cli.command import example_configs, main
 from drm_lightning.config.errors import ConfigError
 from drm_lightning.config.loading import load_config
 from drm_lightning.merge.loop import merge_state_dicts
@@ -340,7 +340,7 @@ def test_calibration_batches_shapes(work: Path) -> None:
 
 
 def test_example_config_and_its_align_variant_validate(work: Path) -> None:
-    example = Path(__file__).resolve().parents[1] / "configs" / "alignment" / "mudsc_zip.yaml"
+    example = example_configs()["mudsc_zip"]
     (work / "mynets.py").write_text(
         "from nets_cli import mlp as build_mlp, loader as calibration\n"
     )

@@ -16,7 +16,7 @@ from drm_lightning.config.schema import MergeConfig
 from drm_lightning.merge.routing import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 from drm_lightning.methods import available_methods, get_method
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "drm_lightning" / "cli" / "example_configs"
 
 
 @pytest.fixture()
@@ -146,7 +146,7 @@ def test_lora_branch_detected(models: dict[str, Path], tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("example", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_example_configs_validate(example: Path, tmp_path: Path) -> None:
-    """Every example in configs/ is valid once its paths exist; all methods are covered."""
+    """Every example config (drm-merge --example) is valid once its paths exist; all methods."""
     data = yaml.safe_load(example.read_text())
     base = tmp_path / "base"
     base.mkdir()

@@ -11,11 +11,12 @@ file, field, tensor and shapes involved; ``--verbose`` adds the traceback.
 
 Usage::
 
-    drm-merge configs/drm.yaml -o merged/ --dry-run     # validate, print the plan
-    drm-merge configs/drm.yaml -o merged/               # merge
-    drm-merge configs/drm.yaml -o merged/ --overwrite --device cuda --no-progress
-    torchrun --nproc_per_node 4 -m drm_lightning.cli configs/drm.yaml -o merged/
-    drm-merge configs/drm.yaml -o merged/ --dry-run --ranks 4   # the 4-rank plan, no launch
+    drm-merge --example drm > drm.yaml          # a commented example config (--example: names)
+    drm-merge drm.yaml -o merged/ --dry-run     # validate, print the plan
+    drm-merge drm.yaml -o merged/               # merge
+    drm-merge drm.yaml -o merged/ --overwrite --device cuda --no-progress
+    torchrun --nproc_per_node 4 -m drm_lightning.cli drm.yaml -o merged/
+    drm-merge drm.yaml -o merged/ --dry-run --ranks 4   # the 4-rank plan, no launch
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the merge is rank-parallel
 through the streaming engine (:mod:`drm_lightning.distributed.streaming`): every rank
@@ -35,19 +36,25 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
+import textwrap
+import time
 import traceback
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from drm_lightning.alignment import available_alignments
 from drm_lightning.cli.guard import guard_output, input_paths
 from drm_lightning.cli.job import DiskMergeJob, make_writer, open_job, run_job
-from drm_lightning.cli.report import describe_plan
+from drm_lightning.cli.report import describe_plan, describe_result
 from drm_lightning.config.loading import load_config
 from drm_lightning.config.mergekit import MergekitConfig, tokenizer_source
 from drm_lightning.config.schema import MergeConfig
@@ -59,6 +66,8 @@ from drm_lightning.distributed.comm import (
 )
 from drm_lightning.distributed.streaming import run_job_distributed, stream_schedule
 from drm_lightning.merge.pieces import PIECE_ELEMENTS
+from drm_lightning.methods import available_methods
+from drm_lightning.methods.base import closest_names
 from drm_lightning.sources import HFFolderWriter
 from drm_lightning.sources.output_guard import (
     Terminated,
@@ -68,6 +77,9 @@ from drm_lightning.sources.output_guard import (
     outcome,
 )
 from drm_lightning.sources.writer import package_version, side_files
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 __all__ = [
     "build_parser",
@@ -86,15 +98,89 @@ class CLIError(ValueError):
     """A problem with the command line itself (output folder, device)."""
 
 
+def example_configs() -> dict[str, Traversable]:
+    """The commented example configs shipped with the package, by name (``drm``, ``ties``,
+    ``mudsc_zip``, ...): what ``drm-merge --example NAME`` prints.
+
+    Example:
+        >>> {"drm", "ties", "mudsc_zip"} <= set(example_configs())
+        True
+    """
+    folder = resources.files("drm_lightning.cli") / "example_configs"
+    found: dict[str, Traversable] = {}
+    for sub in (folder, folder / "alignment"):
+        for entry in sub.iterdir():
+            if entry.is_file() and entry.name.endswith(".yaml"):
+                found[entry.name.removesuffix(".yaml")] = entry
+    return dict(sorted(found.items()))
+
+
+class _PrintExample(argparse.Action):
+    """``--example NAME`` prints that config to stdout; ``--example`` alone lists the names."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        examples = example_configs()
+        if values is None:
+            print("example configs (print one with: drm-merge --example NAME > NAME.yaml):")
+            for name, entry in examples.items():
+                first = entry.read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
+                print(f"  {name:<16}{first.split(': ', 1)[0]}")  # the line's title
+            parser.exit()
+        if values not in examples:
+            parser.error(
+                f"--example: no example config {values!r} ({closest_names(values, examples)})"
+            )
+        sys.stdout.write(examples[values].read_text(encoding="utf-8"))
+        parser.exit()
+
+
+def _epilog() -> str:
+    """The methods ``--help`` lists: the merge methods and the alignment methods."""
+    wrap = functools.partial(textwrap.fill, width=96, subsequent_indent="    ")
+    return "\n".join(
+        [
+            wrap(
+                "merge methods (method: in the config; a base and fine-tunes of it): "
+                + ", ".join(available_methods())
+            ),
+            wrap(
+                "alignment methods (models from different inits, no base): "
+                + ", ".join(available_alignments())
+            ),
+            "",
+            "drm-merge --example lists the commented example configs; "
+            "drm-merge --example NAME prints one.",
+        ]
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``drm-merge`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="drm-merge",
         description="Merge fine-tuned checkpoints (DRM, TIES, DARE, task arithmetic) "
         "from a YAML config.",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "config", type=Path, help="YAML config (see configs/ for one example per method)"
+        "config",
+        type=Path,
+        help="YAML config (drm-merge --example NAME prints one example per method)",
+    )
+    parser.add_argument(
+        "--example",
+        nargs="?",
+        metavar="NAME",
+        action=_PrintExample,
+        help="print the commented example config NAME (e.g. drm, ties) and exit; "
+        "without NAME, list them",
     )
     parser.add_argument(
         "-o", "--output", type=_output_path, required=True, help="output folder (HF layout)"
@@ -214,6 +300,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if getattr(config, "alignment_merge", False):  # method: mudsc_zip, ... (issue 11)
             from drm_lightning.cli.align_job import run_alignment_merge
 
+            start = time.perf_counter()
             with cleanup_on_signals():
                 print(
                     run_alignment_merge(
@@ -225,6 +312,8 @@ def _main(argv: Sequence[str] | None) -> int:
                         max_shard_bytes=args.max_shard_size,
                     )
                 )
+            if not args.dry_run:  # its line names the method and the models
+                print("\n".join(describe_result(None, args.output, time.perf_counter() - start)))
             return 0
         job = open_job(config)
         if args.dry_run:
@@ -234,6 +323,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 )
             )
             return 0
+        start = time.perf_counter()
         with cleanup_on_signals():
             run_job(
                 job,
@@ -254,6 +344,7 @@ def _main(argv: Sequence[str] | None) -> int:
             print("(run with --verbose for the traceback)", file=sys.stderr)
         return EXIT_ERROR
     print(f"drm-merge: wrote {args.output}")
+    print("\n".join(describe_result(job, args.output, time.perf_counter() - start)))
     return 0
 
 
@@ -327,6 +418,8 @@ def _load_config(args: argparse.Namespace) -> MergeConfig:
         config = config.model_copy(update={"trust_pickles": True})
     if isinstance(config, MergekitConfig) and os.environ.get("RANK", "0") == "0":
         print(f"drm-merge: note: {config.format_note()}", file=sys.stderr)
+        for warning in config.ignored:  # parameters mergekit ignores: ignored here too
+            print(f"drm-merge: warning: {warning}", file=sys.stderr)
     return config
 
 
@@ -505,6 +598,7 @@ def _main_distributed(args: argparse.Namespace) -> int:
                     describe_plan(job, args.output, world_size=world, max_pending=args.max_pending)
                 )
             return 0
+        start = time.perf_counter()
         stats = run_job_distributed(
             job,
             comm,
@@ -519,6 +613,7 @@ def _main_distributed(args: argparse.Namespace) -> int:
                 f"drm-merge: wrote {args.output} ({world} ranks, {stats['chunks']} chunks, "
                 f"{stats['received_bytes'] / 2**20:.1f} MiB received by rank 0)"
             )
+            print("\n".join(describe_result(job, args.output, time.perf_counter() - start)))
         return 0
     except KeyboardInterrupt as err:
         print(f"{tag}: interrupted; {outcome(err, 'nothing was written')}", file=sys.stderr)

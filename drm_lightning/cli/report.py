@@ -2,8 +2,8 @@
 
 :func:`describe_plan` prints the routes, the per-rank schedule under ``torchrun``, the
 estimated peak memory (:func:`estimate_peak_bytes`, asking the method for its workspace)
-and the output size; :func:`model_card` is the metadata the writer puts in the card. No
-weight is read.
+and the output size; :func:`model_card` is the metadata the writer puts in the card;
+:func:`describe_result` is the summary after a merge. No weight is read.
 
 Example:
     >>> _human(3 * 1024**3)
@@ -12,12 +12,14 @@ Example:
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from drm_lightning.config.mergekit import MergekitConfig
 from drm_lightning.merge.plan import PlannedTensor
-from drm_lightning.methods import Route
+from drm_lightning.methods import Route, get_method, method_parameters
 
 if TYPE_CHECKING:
     from drm_lightning.cli.job import DiskMergeJob
@@ -26,7 +28,9 @@ if TYPE_CHECKING:
 def model_card(job: DiskMergeJob) -> dict[str, Any]:
     """Metadata for the writer's model card: method, all parameters, inputs with coefficients.
 
-    The writer lists every file of the base and branch sources with its SHA-256.
+    The writer lists every file of the base and branch sources with its SHA-256. A
+    mergekit-format config adds ``base_model`` and its text, written as ``mergekit_config.yml``
+    (:meth:`~drm_lightning.config.mergekit.MergekitConfig.card`).
     """
     cfg = job.config
     routing = cfg.build_routing()
@@ -53,6 +57,7 @@ def model_card(job: DiskMergeJob) -> dict[str, Any]:
         },
         "tensors_per_route": _route_counts(job.plan),
         **({"align": job.align.card()} if job.align is not None else {}),
+        **(cfg.card() if isinstance(cfg, MergekitConfig) else {}),
     }
 
 
@@ -101,11 +106,11 @@ def describe_plan(
     tensors it merges, their cost, the bytes it reads and sends to (or rank 0 receives),
     and the schedule's rounds and rank 0's write buffer.
     """
-    cfg, n = job.config, len(job.branches)
-    params = ", ".join(f"{k}={v}" for k, v in cfg.parameters.items()) or "defaults"
+    cfg = job.config
     lines = [
         f"drm-merge plan (dry run: no weight was read) -> {out}",
-        f"method: {cfg.method} ({params}); {job.method.paper}",
+        f"method: {cfg.method}; {job.method.paper}",
+        *parameters_in_force(job),
         f"base: {_describe(job.base)}",
     ]
     for i, (branch, coefficient) in enumerate(zip(job.branches, job.coefficients, strict=True)):
@@ -113,6 +118,8 @@ def describe_plan(
     lines.append(
         f"compute dtype: {cfg.compute_dtype}; output dtype: {cfg.out_dtype or 'as the base'}"
     )
+    if isinstance(cfg, MergekitConfig) and (note := cfg.dtype_note({i.dtype for i in job.plan})):
+        lines.append(note)
     if job.align is not None:
         lines += job.align.prepared.describe("align ")
     lines.append("")
@@ -122,19 +129,28 @@ def describe_plan(
     for item in job.plan:
         per_route[item.route].append(item)
     for route, items in per_route.items():
-        cost = sum((job.method.cost(route, item.shape, n) for item in items), 0.0)
+        cost = sum((_cost(job, item) for item in items), 0.0)
         total_cost += cost
         numel = sum(item.numel for item in items)
         lines.append(f"{route:<10}{len(items):>9}{numel:>14,}{cost / 1e9:>13.3f}")
     total_numel = sum(i.numel for i in job.plan)
     lines.append(f"{'total':<10}{len(job.plan):>9}{total_numel:>14,}{total_cost / 1e9:>13.3f}")
-    costly = sorted(per_route["matrix"], key=lambda i: -job.method.cost("matrix", i.shape, n))[:5]
+    fused = [item for item in per_route["matrix"] if item.row_blocks > 1]
+    if fused:
+        names = ", ".join(item.name for item in fused[:3]) + (", ..." if len(fused) > 3 else "")
+        lines.append(
+            f"fused QKV (routing.fused_qkv): {len(fused)} matrix tensor(s) merged as "
+            f"{fused[0].row_blocks} row blocks each (Q, K, V on their own): {names}"
+        )
+    costly = sorted(per_route["matrix"], key=lambda i: -_cost(job, i))[:5]
     if costly:
         lines.append("")
         lines.append("most expensive decompositions:")
         for item in costly:
-            gflop = job.method.cost("matrix", item.shape, n) / 1e9
-            lines.append(f"  {item.name} {list(item.shape)}: {gflop:.3f} GFLOP")
+            blocks = f" as {item.row_blocks} row blocks" if item.row_blocks > 1 else ""
+            lines.append(
+                f"  {item.name} {list(item.shape)}{blocks}: {_cost(job, item) / 1e9:.3f} GFLOP"
+            )
     lines.append("")
     if world_size == 1:
         lines.append(_streaming().distributed_plan(job, 1).summary())
@@ -197,6 +213,57 @@ def _describe_ranks(job: DiskMergeJob, world: int, max_pending: int | None) -> l
         f"{total / critical if critical > 0 else 1.0:.2f}x on {world} ranks)"
     )
     return lines
+
+
+def parameters_in_force(job: DiskMergeJob) -> list[str]:
+    """The method's parameters with the values the merge uses, defaults resolved, wrapped
+    at 100 characters: ``parameters: density=0.2 (default), scaling=1.0, ...``.
+
+    A value is marked ``(default)`` when the config left it unset and it is the method's
+    default (a mergekit-format file sets mergekit's own defaults, e.g. ``density=1.0``).
+    """
+    cfg, method = job.config, job.method
+    given = dict(cfg.parameters)
+    values = method.params.model_dump(mode="json")
+    resolved = get_method(cfg.method).params.model_dump(mode="json")  # None defaults resolved
+    defaults = {key: resolved[key] for key in method_parameters(cfg.method)}
+    densities = getattr(method, "densities", None)  # PerBranchDensity: one per branch
+    parts = []
+    for key, default in defaults.items():
+        if key == "density" and densities is not None:
+            parts.append(f"density=per branch {densities}")
+            continue
+        value = values.get(key, default)
+        mark = " (default)" if key not in given and value == default else ""
+        parts.append(f"{key}={value}{mark}")
+    text = "parameters: " + (", ".join(parts) or "none")
+    return textwrap.wrap(text, 100, subsequent_indent="  ", break_on_hyphens=False)
+
+
+def _cost(job: DiskMergeJob, item: PlannedTensor) -> float:
+    """The method's cost of ``item``; a fused-QKV matrix costs its row blocks merged apart."""
+    n, blocks = len(job.branches), item.row_blocks
+    if blocks > 1:
+        shape = (item.shape[0] // blocks, *item.shape[1:])
+        return blocks * job.method.cost(item.route, shape, n)
+    return job.method.cost(item.route, item.shape, n)
+
+
+def describe_result(job: DiskMergeJob | None, out: Path, seconds: float) -> list[str]:
+    """The summary printed after ``drm-merge: wrote OUT``: method, branches, tensors per
+    route (from the ``job``'s plan; ``None`` for the alignment methods), time, where the
+    model card is."""
+    lines = []
+    if job is not None:
+        counts = _route_counts(job.plan)
+        fused = sum(item.row_blocks > 1 for item in job.plan)
+        matrix = f"{counts['matrix']} matrix" + (f" ({fused} fused QKV)" if fused else "")
+        lines += [
+            f"  method: {job.config.method}, {len(job.branches)} branches",
+            f"  tensors: {matrix}, {counts['fallback']} fallback, "
+            f"{counts['ignore']} ignored (kept from the base)",
+        ]
+    return lines + [f"  time: {seconds:.1f} s", f"  model card: {out / 'README.md'}"]
 
 
 def _describe(source: Any) -> str:

@@ -86,23 +86,29 @@ class TaskSpec:
             :meth:`resolve` — so that a task can be written in a config file.
         metrics: A torchmetrics ``Metric``, a ``MetricCollection`` or a mapping
             ``{name: Metric}``. A single metric is named after its class, as in
-            ``MetricCollection``. The metric objects are reset before and after each evaluation.
+            ``MetricCollection`` (``merged/a/MulticlassAccuracy``), unless ``name`` is given.
+            The metric objects are reset before and after each evaluation.
         predict: ``predict(module, task, batch) -> (preds, target)``; default
             :func:`default_predict`.
         primary: Name of the metric used for averages across tasks; default the first one.
             Higher must mean better for the normalised score (merged ÷ branch) to make sense.
+        name: The name of a single ``Metric`` in the log keys (``merged/<task>/<name>``);
+            a collection or mapping names its metrics itself.
 
     Example:
         >>> from torchmetrics.classification import MulticlassAccuracy
         >>> spec = TaskSpec([], MulticlassAccuracy(num_classes=2))
         >>> spec.metric_names, spec.primary_name
         (['MulticlassAccuracy'], 'MulticlassAccuracy')
+        >>> TaskSpec([], MulticlassAccuracy(num_classes=2), name="acc").metric_names
+        ['acc']
     """
 
     dataloader: Iterable[Any] | Callable[[], Iterable[Any]] | str | int | None
     metrics: MetricsLike | None
     predict: PredictFn | None = None
     primary: str | None = None
+    name: str | None = None
     collection: MetricCollection = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -110,7 +116,20 @@ class TaskSpec:
             raise ValueError("TaskSpec.dataloader is None; give the task's validation dataloader")
         if self.metrics is None:
             raise ValueError("TaskSpec.metrics is None; give at least one torchmetrics.Metric")
-        self.collection = _as_collection(self.metrics)
+        metrics = self.metrics
+        if self.name is not None:
+            if not isinstance(self.name, str) or not self.name or "/" in self.name:
+                raise ValueError(
+                    f"TaskSpec.name={self.name!r}: give a non-empty metric name without '/' "
+                    "(it is the last part of merged/<task>/<name>)"
+                )
+            if not isinstance(metrics, Metric):
+                raise TypeError(
+                    "TaskSpec.name names a single Metric; a MetricCollection or a mapping "
+                    f"names its metrics itself (got {type(metrics).__name__})"
+                )
+            metrics = {self.name: metrics}
+        self.collection = _as_collection(metrics)
         if self.primary is not None and self.primary not in self.metric_names:
             raise ValueError(
                 f"TaskSpec.primary={self.primary!r} is not one of the metric names "

@@ -11,6 +11,8 @@ transformers model — goes to ``heads.safetensors`` beside it, under its full n
 from __future__ import annotations
 
 import copy
+import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -83,5 +85,10 @@ def write_export(
                 writer.add(name, tensor.detach().to("cpu").contiguous())
     if heads:
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in heads.items()}
-        save_file(tensors, str(folder / "heads.safetensors"))
+        heads_file = folder / "heads.safetensors"
+        save_file(tensors, str(heads_file))
+        # safetensors writes through a private temporary file (0600): take the mode the
+        # writer gave the weights (0644 less the umask)
+        weights_file = next(folder.glob("model*.safetensors"))
+        os.chmod(heads_file, stat.S_IMODE(weights_file.stat().st_mode))
     return folder
