@@ -8,8 +8,9 @@ One ``torch.multiprocessing.spawn`` of two ranks (start-up dominates the cost) r
   plugin) — with :class:`~drm_lightning.accelerate.MergeHook`: uninterrupted; interrupted after
   step 3 by ``save_state`` (the hook registered with ``register_for_checkpointing``); resumed by
   ``load_state`` in a fresh ``Accelerator`` from a model of another seed;
-* the same scenario through ``Trainer.fit`` with the test-only ``CPUDeepSpeedStrategy``
-  (``test_lightning_zero3``) and :class:`~drm_lightning.lightning.MergeCallback`: uninterrupted;
+* the same scenario through ``Trainer.fit`` with the public CPU testing route
+  :class:`~drm_lightning.lightning.CPUDeepSpeedStrategy` (configured by ``test_lightning_zero3``)
+  and :class:`~drm_lightning.lightning.MergeCallback`: uninterrupted;
   crashed after step 5 (its last checkpoint, a DeepSpeed checkpoint folder: end of epoch 0, step
   3); resumed with ``Trainer.fit(ckpt_path=...)`` from a model of another seed;
 * ``trainer.validate`` (outside ``fit``) with ``validate_merged=True``: the user's own

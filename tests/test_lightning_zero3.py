@@ -1,8 +1,8 @@
 """MergeCallback under DeepSpeed ZeRO-3: a real ``Trainer.fit`` on 2 CPU ranks (gloo).
 
-Lightning's ``DeepSpeedStrategy`` refuses the CPU accelerator, so the CPU tier uses a test-only
-subclass (:class:`CPUDeepSpeedStrategy`, three overrides; see the CPU recipes note). One
-``torch.multiprocessing.spawn`` of two ranks runs two fits back to back (start-up dominates the
+Lightning's ``DeepSpeedStrategy`` refuses the CPU accelerator, so the CPU tier uses the
+package's public testing route, :class:`drm_lightning.lightning.CPUDeepSpeedStrategy`. One
+``torch.multiprocessing.spawn`` of two ranks runs the fits back to back (start-up dominates the
 cost); each rank saves its findings and the tests below compare them with the single-process
 merge (:func:`drm_lightning.merge.merge_state_dicts`) on the same weights, gathered by probes
 that run before and after the merge callback.
@@ -14,6 +14,9 @@ that run before and after the merge callback.
   checkpoints, ``adopt=False``, small parameters persistent (full on every rank): the merged
   values are reassembled from each rank's partitions; the live weights, partitions and fp32
   masters are restored bit for bit.
+* fit 3 — a NaN in one rank's partition stops every rank.
+* fit 4 — DeepSpeed's default persistence threshold keeps every toy parameter whole: the merge
+  runs the replica engine and warns once, on rank 0, naming the threshold.
 
 The GPU tier runs the same live-branch consolidation with Lightning's real
 ``DeepSpeedStrategy`` and skips cleanly without CUDA.
@@ -22,6 +25,7 @@ The GPU tier runs the same live-branch consolidation with Lightning's real
 from __future__ import annotations
 
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,31 +90,27 @@ def checkpoint_states() -> dict[str, dict[str, Tensor]]:
 # ---------------------------------------------------------------------- worker (runs in each rank)
 
 
-def _cpu_strategy(threshold: int) -> Any:
-    """Lightning's DeepSpeedStrategy, test-only, allowed on the CPU accelerator (ZeRO-3, gloo)."""
-    from lightning.fabric.utilities.seed import reset_seed
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+def _cpu_strategy(threshold: int | None) -> Any:
+    """The public CPU ZeRO-3 strategy; ``threshold=None``: DeepSpeed's default persistence."""
+    from drm_lightning.lightning import CPUDeepSpeedStrategy
 
-    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-        def setup_environment(self) -> None:  # skip the "CUDA GPUs only" check
-            DDPStrategy.setup_environment(self)
-
-        @property
-        def root_device(self) -> torch.device:  # deepspeed.initialize needs an index
-            return torch.device("cpu", self.local_rank)
-
-        def setup_distributed(self) -> None:  # skip the device-index check (CPU has index None)
-            reset_seed()
-            self.set_world_ranks()
-            self._init_deepspeed_distributed()
-
+    zero: dict[str, Any] = {"stage": 3}
+    if threshold is not None:
+        zero["stage3_param_persistence_threshold"] = threshold
     config = {
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": threshold},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "train_micro_batch_size_per_gpu": 16,
         "steps_per_print": 10**9,
     }
-    return CPUDeepSpeedStrategy(config=config, process_group_backend="gloo")
+    return CPUDeepSpeedStrategy(config=config)
+
+
+WHOLE = "stage3_param_persistence_threshold"  # named by the warning when nothing is partitioned
+
+
+def _whole_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if WHOLE in str(w.message)]
 
 
 class ZeroProbe(Callback):
@@ -200,8 +200,6 @@ def _fit(
 
 
 def _worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) -> None:
-    import warnings
-
     warnings.filterwarnings("ignore", category=FutureWarning)
     cpu_deepspeed_rank(rank, world, port)
     from drm_lightning.lightning import MergeCallback
@@ -214,10 +212,16 @@ def _worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) -> Non
         live = MergeCallback(
             "drm", method_params=DRM, tasks=specs(), every_n_steps=MERGE_STEP, adopt=True
         )
-        trainer = _fit(
-            perturbed_branches(), _cpu_strategy(0), [before, live, after], MERGE_STEP + 1
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = _fit(
+                perturbed_branches(), _cpu_strategy(0), [before, live, after], MERGE_STEP + 1
+            )
         results["live"] = {
+            "strategy": type(trainer.strategy),
+            "world_size": trainer.world_size,
+            "engine": live.core._last.engine,
+            "whole_warnings": _whole_warnings(caught),
             "before": before.states,
             "after": after.states,
             "after_masters": after.masters,
@@ -289,6 +293,17 @@ def _worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) -> Non
             results["nan_error"] = None
         except Exception as err:  # noqa: BLE001 - the expected failure, checked by the test
             results["nan_error"] = f"{type(err).__name__}: {err}"
+
+        # fit 4: DeepSpeed's default persistence threshold: every toy parameter stays whole.
+        whole = MergeCallback("drm", method_params=DRM, tasks=specs(), every_n_steps=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _fit(perturbed_branches(), _cpu_strategy(None), [whole], MERGE_STEP)
+        results["whole"] = {
+            "engine": whole.core._last.engine,
+            "merges": whole.core.num_merges,
+            "warnings": _whole_warnings(caught),
+        }
     except Exception:  # noqa: BLE001 - reported by the test
         results["worker_error"] = traceback.format_exc()
     torch.save(results, Path(outdir) / f"rank{rank}.pt")
@@ -379,6 +394,40 @@ def test_live_training_continues_from_merged_weights(zero3_fits: list[dict[str, 
         assert any(
             not torch.equal(live["before"][MERGE_STEP][k], adopted[k]) for k in adopted
         )  # it did change
+
+
+def test_public_cpu_zero3_strategy_on_two_ranks(zero3_fits: list[dict[str, Any]]) -> None:
+    """The public CPU ZeRO-3 strategy on 2 ranks: the fit runs on DeepSpeed stage 3 with every
+    parameter partitioned, the merge takes the ZeRO-3 engine and nothing warns about whole
+    parameters (threshold 0)."""
+    from drm_lightning.lightning import CPUDeepSpeedStrategy
+
+    for res in zero3_fits:
+        live = res["live"]
+        assert live["strategy"] is CPUDeepSpeedStrategy and live["world_size"] == WORLD
+        assert live["zero3"] and live["engine"] == "zero3"
+        assert live["whole_warnings"] == []
+
+
+def test_whole_parameters_under_zero3_warn_once_on_rank_zero(
+    zero3_fits: list[dict[str, Any]],
+) -> None:
+    """DeepSpeed's default persistence threshold keeps a toy model whole: the merges run the
+    replica engine, and rank 0 warns once, naming the threshold and how to lower it."""
+    for res in zero3_fits:
+        assert res["whole"]["engine"] == "replica" and res["whole"]["merges"] == MERGE_STEP
+    rank0, rank1 = (res["whole"]["warnings"] for res in zero3_fits)
+    assert len(rank0) == 1 and rank1 == []
+    assert "replica engine" in rank0[0]
+    assert '"stage3_param_persistence_threshold": 0' in rank0[0]
+
+
+def test_cpu_strategy_refuses_a_backend_other_than_gloo() -> None:
+    """The CPU route runs over gloo; another process-group backend is refused at construction."""
+    from drm_lightning.lightning import CPUDeepSpeedStrategy
+
+    with pytest.raises(ValueError, match="process_group_backend must be 'gloo'"):
+        CPUDeepSpeedStrategy(process_group_backend="nccl")
 
 
 def test_parameters_stay_partitioned(zero3_fits: list[dict[str, Any]]) -> None:

@@ -28,6 +28,14 @@ from drm_lightning.methods import MergeMethod, get_method
 
 Message = Callable[[str], None]
 
+ZERO3_WHOLE = (
+    "{name}: under ZeRO-3 DeepSpeed keeps every merged parameter whole on every rank, so the "
+    "merge ran the {engine} engine on full tensors, not the ZeRO-3 engine on partitions: "
+    "parameters with fewer elements than zero_optimization.stage3_param_persistence_threshold "
+    "(DeepSpeed's default: 100000) are not partitioned. To partition them, set "
+    '"zero_optimization": {{"stage3_param_persistence_threshold": 0}} in the DeepSpeed config.'
+)
+
 
 def method_from(method: str | MergeMethod, params: Mapping[str, Any] | None) -> MergeMethod:
     """A :class:`MergeMethod` from a name and parameters, or the instance given.
@@ -208,13 +216,16 @@ class MergeCore:
         sources = [b.source for b in branches]
         if self.aligner is not None:  # into the anchor's unit order first (inloop/align.py)
             sources = self.aligner.permute(self.provider.target(model), sources, backend)
-        return backend.merge(
+        merged = backend.merge(
             self.provider.target(model),
             self.provider.base(model, backend),
             sources,
             coefficient_list(self.coefficients, branches),
             self.seed + self.num_merges,
         )
+        if backend.partitioned and merged.engine != "zero3":  # small params stay whole
+            self.warn_once("zero3-whole", ZERO3_WHOLE.format(name=self.name, engine=merged.engine))
+        return merged
 
     def merge(self, model: nn.Module, *, step: int, epoch: int) -> dict[str, Any] | None:
         """Merge, score every task, adopt if asked; the history record (``None``: no branch yet)."""
