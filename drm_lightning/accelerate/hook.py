@@ -32,10 +32,11 @@ class MergeHook:
     ``every_n_epochs``, or ``should_merge=`` a predicate ``(step_idx, epoch_idx) -> bool``) it
     merges through the in-loop core (:class:`~drm_lightning.inloop.MergeCore`, every merge one
     call to :class:`~drm_lightning.distributed.DistributedMerger`), scores every task of
-    ``tasks``, logs the scores through ``accelerator.log`` (and one line to the
-    ``drm_lightning.accelerate.hook`` logger on the main process), then swaps the live weights
-    back or, with ``adopt=True``, keeps the merge. On exit it warns if it never merged, writes
-    the last merge to ``export_dir`` as a Hugging Face folder, and with
+    ``tasks``, logs the scores through ``accelerator.log`` and one line on the main process
+    (to the ``drm_lightning.accelerate.hook`` logger when it is enabled for ``INFO``, else
+    printed by ``accelerator.print``: visible without configuring logging), then swaps the live
+    weights back or, with ``adopt=True``, keeps the merge. On exit it warns if it never merged,
+    writes the last merge to ``export_dir`` as a Hugging Face folder, and with
     ``final_weights="merged"`` leaves the merged weights in the model.
 
     Branches (``branches=``), as for the Lightning callback: ``"live"`` — the model holds
@@ -102,6 +103,8 @@ class MergeHook:
         ...         optimizer.step()
         ...         optimizer.zero_grad()
         ...         _ = hook.step()
+        MergeHook: merge 1 at step 2 (epoch 0): ties of 2 branches ['a', 'b'] in ... s ...
+        MergeHook: merge 2 at step 4 (epoch 0): ties of 2 branches ['a', 'b'] in ... s ...
         >>> [record["step"] for record in hook.history]
         [2, 4]
     """
@@ -199,8 +202,13 @@ class MergeHook:
             warnings.warn(message, UserWarning, stacklevel=3)
 
     def _info(self, message: str) -> None:
-        if self.accelerator.is_main_process:
+        # logging is WARNING by default (and Accelerate configures none): print the line then
+        if not self.accelerator.is_main_process:
+            return
+        if logger.isEnabledFor(logging.INFO):
             logger.info(message)
+        else:
+            self.accelerator.print(message)
 
     # ------------------------------------------------------------------ context manager
 

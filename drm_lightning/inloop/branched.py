@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
+
+Features = Callable[[Any], Any]
 
 
 def check_heads(backbone: Any, heads: Any) -> None:
@@ -26,6 +28,62 @@ def check_heads(backbone: Any, heads: Any) -> None:
             "heads must map non-empty task names without '.' to nn.Module heads; invalid: "
             + ", ".join(bad)
         )
+
+
+def check_features(features: Any) -> None:
+    """Raise ``TypeError`` / ``ValueError`` for a ``features=`` a branched model cannot use.
+
+    A module with weights is refused: they would be neither merged nor kept per task (a
+    trainable pooling layer belongs in each head).
+    """
+    if features is None:
+        return
+    if not callable(features):
+        raise TypeError(
+            "features must be a callable from the backbone's output to the heads' input, got "
+            f"{type(features).__name__}"
+        )
+    if isinstance(features, nn.Module) and (
+        any(True for _ in features.parameters()) or any(True for _ in features.buffers())
+    ):
+        raise ValueError(
+            f"features ({type(features).__name__}) holds weights, which would be neither merged "
+            "nor kept per task; put a trainable pooling layer in each head"
+        )
+
+
+def backbone_features(output: Any) -> Any:
+    """The heads' input from a backbone's output when no ``features=`` is given.
+
+    A transformers ``ModelOutput`` (found by class, without importing transformers) gives its
+    ``pooler_output`` when it has one (BERT-like encoders), else the first token of
+    ``last_hidden_state`` (``[CLS]`` of an encoder; decoder-only models such as Llama attend
+    causally, so pass ``features=`` there, e.g. the last token). Anything else — a tensor, a
+    tuple — is passed to the heads as it is.
+
+    Example:
+        >>> import torch
+        >>> backbone_features(torch.ones(2, 3)).shape
+        torch.Size([2, 3])
+    """
+    if not any(cls.__name__ == "ModelOutput" for cls in type(output).__mro__):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is not None:
+        return pooled
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is not None:
+        return hidden[:, 0]
+    raise TypeError(
+        f"the backbone returned a {type(output).__name__} with neither pooler_output nor "
+        f"last_hidden_state (fields: {list(output.keys())}); pass features= a callable from "
+        "the backbone's output to the heads' input"
+    )
+
+
+def head_input(features: Features | None, output: Any) -> Any:
+    """``features(output)``, or :func:`backbone_features` when ``features`` is ``None``."""
+    return backbone_features(output) if features is None else features(output)
 
 
 def split_batch(batch: Any, known: Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -58,9 +116,14 @@ class BranchedModel(nn.Module):
     Accelerate hook's. ``branches[task]`` and ``heads[task]`` form the model of ``task``; the
     merge merges the branches against ``base``. Memory: K + 1 copies of the backbone.
 
+    A transformers backbone works as it is: its output reaches the heads through
+    :func:`backbone_features` (the pooled output, else the first token), or ``features=``.
+
     Args:
         backbone: The shared starting point, copied K + 1 times.
         heads: ``{task: head}``; task names must be valid ``nn.ModuleDict`` keys (no ``.``).
+        features: ``features(backbone_output) -> head_input``; default
+            :func:`backbone_features`. It must hold no weights.
 
     Example:
         >>> import torch
@@ -71,17 +134,25 @@ class BranchedModel(nn.Module):
         ['a', 'b']
     """
 
-    def __init__(self, backbone: nn.Module, heads: Mapping[str, nn.Module]) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        heads: Mapping[str, nn.Module],
+        *,
+        features: Features | None = None,
+    ) -> None:
         super().__init__()
         check_heads(backbone, heads)
+        check_features(features)
         self.task_names: list[str] = list(heads)
         self.base = copy.deepcopy(backbone).requires_grad_(False)
         self.branches = nn.ModuleDict({task: copy.deepcopy(backbone) for task in self.task_names})
         self.heads = nn.ModuleDict(dict(heads))
+        self.features = features
 
     def forward(self, x: Any, task: str) -> Tensor:
-        """Output of ``task``'s head on ``task``'s branch."""
-        return self.heads[task](self.branches[task](x))
+        """Output of ``task``'s head on the features of ``task``'s branch."""
+        return self.heads[task](head_input(self.features, self.branches[task](x)))
 
     def predict_task(self, task: str, batch: Any) -> tuple[Tensor, Tensor]:
         """``(preds, target)`` for the task's metrics; default ``(self(x, task), y)``."""

@@ -15,11 +15,18 @@ from lightning.fabric.utilities.cloud_io import _load as pl_load
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from drm_lightning.inloop.branched import check_heads, split_batch
+from drm_lightning.inloop.branched import (
+    Features,
+    check_features,
+    check_heads,
+    head_input,
+    split_batch,
+)
 from drm_lightning.sources.trust import UntrustedPickleError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 ARCHITECTURE_KEY = "branched_module_architecture"
+FEATURES_KEY = "branched_module_features"  # the name of features= (a string), or None
 
 
 class BranchedModule(pl.LightningModule):
@@ -44,12 +51,22 @@ class BranchedModule(pl.LightningModule):
     Every task's loss is summed: branches share no parameter, so each one gets exactly the
     gradient of its own task.
 
+    A transformers backbone works as it is (``BranchedModule(BertModel(config), heads)``): its
+    ``ModelOutput`` reaches the heads as the pooled output, else the first token of
+    ``last_hidden_state`` (:func:`~drm_lightning.inloop.branched.backbone_features`); pass
+    ``features=`` for anything else, e.g. ``lambda out: out.last_hidden_state[:, -1]`` for a
+    decoder-only model such as Llama. A tensor output reaches the heads unchanged.
+
     Override :meth:`task_loss` and :meth:`predict_task` for batches that are not ``(x, y)``,
     and :meth:`configure_optimizers` for another optimizer (default ``AdamW``).
 
     Args:
         backbone: The shared starting point, copied K + 1 times (it is not used afterwards).
         heads: ``{task: head}``; task names must be valid ``nn.ModuleDict`` keys (no ``.``).
+        features: ``features(backbone_output) -> head_input``, holding no weights; default the
+            pooled output / first token of a transformers output, any other output unchanged.
+            Like ``backbone=``, pass it again to :meth:`load_from_checkpoint` (unless it is
+            rebuilt with ``trust_pickles=True`` and could be pickled: not a lambda).
         loss_fn: ``loss_fn(logits, target)``; default cross-entropy.
         lr: Learning rate of the default optimizer.
         weight_decay: Weight decay of the default optimizer.
@@ -70,26 +87,28 @@ class BranchedModule(pl.LightningModule):
         backbone: nn.Module,
         heads: Mapping[str, nn.Module],
         *,
+        features: Features | None = None,
         loss_fn: LossFn = F.cross_entropy,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
         check_heads(backbone, heads)
-        self.save_hyperparameters(
-            ignore=["backbone", "heads", "loss_fn"]
-        )  # modules: on_save_checkpoint
+        check_features(features)
+        # modules and callables: on_save_checkpoint
+        self.save_hyperparameters(ignore=["backbone", "heads", "loss_fn", "features"])
         self.task_names: list[str] = list(heads)
         self.base = copy.deepcopy(backbone).requires_grad_(False)
         self.branches = nn.ModuleDict({task: copy.deepcopy(backbone) for task in self.task_names})
         self.heads = nn.ModuleDict(dict(heads))
+        self.features = features
         self.loss_fn = loss_fn
         self.lr = lr
         self.weight_decay = weight_decay
 
     def forward(self, x: Any, task: str) -> Tensor:
-        """Output of ``task``'s head on ``task``'s branch."""
-        return self.heads[task](self.branches[task](x))
+        """Output of ``task``'s head on the features of ``task``'s branch."""
+        return self.heads[task](head_input(self.features, self.branches[task](x)))
 
     def task_loss(self, task: str, batch: Any) -> Tensor:
         """Loss of one task's batch; default ``loss_fn(self(x, task), y)`` for ``batch=(x, y)``."""
@@ -106,19 +125,38 @@ class BranchedModule(pl.LightningModule):
         return split_batch(batch, self.heads)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the architecture (backbone, heads, loss) pickled, for :meth:`load_from_checkpoint`.
+        """Store backbone, heads, loss and features pickled, for :meth:`load_from_checkpoint`.
 
         Bytes keep the checkpoint loadable weights-only (resuming ``fit`` is unaffected); they are
         unpickled only by ``load_from_checkpoint(..., trust_pickles=True)``. Skipped when the
-        parameters are ZeRO-3 partitions.
+        parameters are ZeRO-3 partitions. A ``loss_fn`` or ``features`` that cannot be pickled
+        (a lambda, a local function) is left out: pass it again at load. The name of
+        ``features`` is stored as a string, so a load that forgets it fails by name.
         """
+        checkpoint[FEATURES_KEY] = _callable_name(self.features)
         if any(hasattr(p, "ds_id") for p in self.parameters()):
             return
+        parts: dict[str, Any] = {"backbone": self.base, "heads": dict(self.heads), "unstored": {}}
+        for name in ("loss_fn", "features"):
+            value = getattr(self, name)
+            try:
+                pickle.dumps(value)
+            except (pickle.PicklingError, AttributeError, TypeError):
+                parts["unstored"][name] = _callable_name(value)
+            else:
+                parts[name] = value
         buffer = io.BytesIO()
-        torch.save(
-            {"backbone": self.base, "heads": dict(self.heads), "loss_fn": self.loss_fn}, buffer
-        )
+        torch.save(parts, buffer)
         checkpoint[ARCHITECTURE_KEY] = buffer.getvalue()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained with ``features=`` loaded into a module without it."""
+        stored = checkpoint.get(FEATURES_KEY)
+        if stored is not None and self.features is None:
+            raise _FeaturesMissing(
+                f"the checkpoint was trained with features={stored}; pass features= (the same "
+                "callable) when loading it, as backbone= and heads="
+            )
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -135,8 +173,9 @@ class BranchedModule(pl.LightningModule):
         """Lightning's ``load_from_checkpoint``, backbone and heads rebuilt from the checkpoint.
 
         Pass ``backbone=`` and ``heads=`` (modules of the same architecture; the weights come from
-        the checkpoint), or ``trust_pickles=True`` to unpickle the architecture stored by
-        :meth:`on_save_checkpoint` (that runs code from the file: trusted files only).
+        the checkpoint) and the ``features=`` it was trained with, or ``trust_pickles=True`` to
+        unpickle the architecture stored by :meth:`on_save_checkpoint` (that runs code from the
+        file: trusted files only; a lambda ``features``/``loss_fn`` must still be passed).
 
         The checkpoint is loaded weights-only wherever it is (a local path, an ``http(s)://``
         URL, which Lightning would fully unpickle, or an fsspec path such as ``s3://``) unless
@@ -146,8 +185,9 @@ class BranchedModule(pl.LightningModule):
         Raises:
             UntrustedPickleError: (a ``ValueError``) the checkpoint holds Python objects other
                 than tensors and ``trust_pickles`` is false; the message names the file.
-            ValueError: neither ``backbone``/``heads`` nor ``trust_pickles=True`` is given, or the
-                checkpoint holds no architecture (written by another module or under ZeRO-3).
+            ValueError: neither ``backbone``/``heads`` nor ``trust_pickles=True`` is given, the
+                checkpoint holds no architecture (written by another module or under ZeRO-3),
+                or it was trained with a ``features=`` (or an unpicklable ``loss_fn``) not given.
         """
         if weights_only is False and not trust_pickles:
             raise ValueError(
@@ -173,12 +213,26 @@ class BranchedModule(pl.LightningModule):
                     "file, or backbone= and heads="
                 )
             parts = torch.load(io.BytesIO(stored), map_location="cpu", weights_only=False)
-            for name in ("backbone", "heads", "loss_fn"):
-                kwargs.setdefault(name, parts[name])
-        with _refusing_pickles(checkpoint_path):
-            return super().load_from_checkpoint(
-                checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs
-            )
+            missing = {k: v for k, v in parts.get("unstored", {}).items() if k not in kwargs}
+            if missing:
+                raise ValueError(
+                    f"{checkpoint_path}: "
+                    + ", ".join(f"{k}={v}" for k, v in missing.items())
+                    + " could not be stored in the checkpoint (not picklable, e.g. a lambda); "
+                    + "pass "
+                    + " and ".join(f"{k}=" for k in missing)
+                    + " again"
+                )
+            for name in ("backbone", "heads", "loss_fn", "features"):
+                if name in parts:
+                    kwargs.setdefault(name, parts[name])
+        try:
+            with _refusing_pickles(checkpoint_path):
+                return super().load_from_checkpoint(
+                    checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs
+                )
+        except _FeaturesMissing as err:
+            raise ValueError(f"{checkpoint_path}: {err}") from None
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Sum of the per-task losses of the batch; logs ``train/<task>/loss``."""
@@ -195,6 +249,19 @@ class BranchedModule(pl.LightningModule):
         """``AdamW`` over the branches and heads (the base stays frozen)."""
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+class _FeaturesMissing(ValueError):
+    """A checkpoint trained with ``features=`` loaded into a module without one."""
+
+
+def _callable_name(fn: Any) -> str | None:
+    """``module.qualname`` of a callable (what messages name), ``None`` for ``None``."""
+    if fn is None:
+        return None
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module else name
 
 
 @contextmanager
