@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from drm_lightning.cli import command as cli
 from drm_lightning.config.errors import ConfigError
 from drm_lightning.config.loading import load_config
 from drm_lightning.config.mergekit import MergekitConfig, PerBranchDensity
+from drm_lightning.sources import HFFolderWriter
 
 transformers = pytest.importorskip("transformers")
 mk_config = pytest.importorskip("mergekit.config")
@@ -231,7 +233,10 @@ def test_one_line_says_mergekit_semantics(
     notes = [line for line in capsys.readouterr().err.splitlines() if "mergekit" in line]
     assert len(notes) == 1
     assert "merge_method: ties): mergekit's semantics" in notes[0]
-    assert "dtype bfloat16: math in float32, written as bfloat16" in notes[0]
+    assert "computed in bfloat16, as mergekit (compute_dtype: float32 rounds once)" in notes[0]
+    case = dict(case, compute_dtype="float32")  # drm-merge's extension: float32 math
+    assert cli.main([str(_yaml(zoo, case, tmp_path)), "-o", str(tmp_path / "o"), "--dry-run"]) == 0
+    assert "dtype bfloat16: math in float32, written as bfloat16" in capsys.readouterr().err
 
 
 def test_own_format_keeps_own_semantics(zoo: Path, tmp_path: Path) -> None:
@@ -353,3 +358,178 @@ def test_convention_peft_opts_out(zoo: Path, tmp_path: Path) -> None:
     assert isinstance(cfg, MergekitConfig)
     assert cfg.build_method().params.convention == "peft"
     assert "drm-merge's semantics (convention: peft)" in cfg.format_note()
+
+
+# ---------------------------------------------------------------- mergekit users (issue 23)
+
+# Measured on this zoo in bfloat16 (mergekit's arithmetic: dtype: bfloat16 computes in it),
+# against mergekit-yaml and run_merge alike: task_arithmetic bit-identical; ties 0.22 % of the
+# entries differ, all where tied magnitudes meet the density cut (which of them mergekit's
+# unstable argsort keeps; with mergekit's own trim the rest is bit-identical). drm-merge's
+# float32 arithmetic (compute_dtype: float32) differs on 30 % (ties) and 49 % (task arithmetic).
+TIES_BF16_BOUND = 0.005
+FLOAT32_MATH_AT_LEAST = 0.25
+
+
+@pytest.fixture(scope="module")
+def bf16_zoo(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The zoo stored in bfloat16, as most checkpoints mergekit users merge."""
+    root = tmp_path_factory.mktemp("mkzoo16")
+    for name in ("base", "ft0", "ft1", "ft2"):
+        (root / name).mkdir()
+        (root / name / "config.json").write_bytes((zoo / name / "config.json").read_bytes())
+        tensors = {k: v.to(torch.bfloat16) for k, v in _read(zoo / name).items()}
+        safetensors_torch.save_file(tensors, root / name / "model.safetensors", {"format": "pt"})
+    return root
+
+
+def _differing(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> float:
+    """The fraction of entries that are not bit-equal."""
+    assert sorted(theirs) == sorted(ours)
+    n = sum(t.numel() for t in theirs.values())
+    return sum(int((theirs[k] != ours[k]).sum()) for k in theirs) / n
+
+
+def _both(case: dict[str, Any], folder: Path, name: str) -> tuple[dict, dict]:
+    """``case`` merged by mergekit (``run_merge``, mergekit-yaml's code) and by drm-merge."""
+    options = mk_options.MergeOptions(quiet=True, random_seed=0, copy_tokenizer=False)
+    mk_merge.run_merge(
+        mk_config.MergeConfiguration.model_validate(case), str(folder / f"mk-{name}"), options
+    )
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(case, sort_keys=False))
+    assert cli.main([str(path), "-o", str(folder / f"ours-{name}"), "--no-progress"]) == 0
+    return _read(folder / f"mk-{name}"), _read(folder / f"ours-{name}")
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_bfloat16_dtype_is_mergekits_arithmetic(
+    bf16_zoo: Path, tmp_path: Path, method: str
+) -> None:
+    """``dtype: bfloat16`` in a mergekit-format file computes in bfloat16, as mergekit: task
+    arithmetic is bit-identical and ties differs only at tied magnitudes of the cut;
+    ``compute_dtype: float32`` (drm-merge's extension) opts out (float32, rounded once)."""
+    z = bf16_zoo
+    case: dict[str, Any] = {
+        "merge_method": method,
+        "base_model": str(z / "base"),
+        "dtype": "bfloat16",
+        "parameters": {"lambda": 0.8} if method == "task_arithmetic" else {"density": 0.5},
+        "models": [
+            {"model": str(z / "ft0"), "parameters": {"weight": 1.0}},
+            {"model": str(z / "ft1"), "parameters": {"weight": 0.5}},
+            {"model": str(z / "ft2"), "parameters": {"weight": 0.8}},
+        ],
+    }
+    assert load_config(_yaml(z, case, tmp_path)).compute_dtype == "bfloat16"
+    theirs, ours = _both(case, tmp_path, "bf16")
+    assert all(v.dtype == torch.bfloat16 for v in ours.values())
+    if method == "task_arithmetic":
+        assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    else:
+        assert 0 < _differing(theirs, ours) < TIES_BF16_BOUND
+    _, float32_math = _both(dict(case, compute_dtype="float32"), tmp_path, "f32")
+    assert _differing(theirs, float32_math) > FLOAT32_MATH_AT_LEAST
+
+
+def test_dry_run_says_when_mergekit_computes_in_half(
+    bf16_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No ``dtype`` and bfloat16 models: mergekit computes in bfloat16, drm-merge in float32;
+    the plan says so and how to get mergekit's arithmetic."""
+    case = {
+        "merge_method": "ties",
+        "base_model": str(bf16_zoo / "base"),
+        "models": [{"model": str(bf16_zoo / "ft0"), "parameters": {"weight": 1.0}}],
+    }
+    for dtype in (None, "bfloat16"):
+        data = case if dtype is None else dict(case, dtype=dtype)
+        path = _yaml(bf16_zoo, data, tmp_path)
+        assert cli.main([str(path), "-o", str(tmp_path / "o"), "--dry-run"]) == 0
+        plan = capsys.readouterr().out
+        hint = "dtype: not set: mergekit computes in the models' bfloat16, drm-merge in float32"
+        assert (hint in plan) is (dtype is None)
+        assert ("add `dtype: bfloat16` for mergekit's arithmetic" in plan) is (dtype is None)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+def test_density_where_mergekit_ignores_it_warns(
+    zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], method: str
+) -> None:
+    """A ``density`` (or ``epsilon``) left on a method that does not sparsify is ignored, as
+    mergekit ignores it, with one warning per key naming its line; the tensors are mergekit's."""
+    case = dict(_cases(zoo)[method])
+    case["parameters"] = dict(case["parameters"], density=0.5, epsilon=0.1)
+    case["models"] = [dict(m) for m in case["models"]]
+    case["models"][1]["parameters"] = dict(case["models"][1]["parameters"], density=0.3)
+    theirs, ours = _both(case, tmp_path, method)
+    assert max(float((theirs[k] - ours[k]).abs().max()) for k in theirs) <= FLOAT64_BOUND
+    warnings = [w for w in capsys.readouterr().err.splitlines() if "warning:" in w]
+    text = (tmp_path / f"{method}.yaml").read_text().splitlines()
+    epsilon_line = 1 + next(i for i, t in enumerate(text) if "epsilon" in t)
+    assert len(warnings) == 3, warnings
+    assert all(
+        f"ignored: {method} does not use it (mergekit ignores it too)" in w for w in warnings
+    )
+    assert f"{method}.yaml: line {epsilon_line}: parameters.epsilon: ignored" in warnings[1]
+    assert "parameters.density: ignored" in warnings[0]
+    assert "models[1].parameters.density: ignored" in warnings[2]
+
+
+def test_unknown_parameters_still_refused(zoo: Path, tmp_path: Path) -> None:
+    """A misspelt key is not one mergekit ignores on purpose: refused, in both formats."""
+    msg = _refusal(zoo, tmp_path, merge_method="task_arithmetic", parameters={"densty": 0.5})
+    assert "parameters.densty: unknown parameter for task_arithmetic" in msg
+    own = {
+        "method": "task_arithmetic",
+        "base": str(zoo / "base"),
+        "branches": [str(zoo / "ft0")],
+        "parameters": {"epsilon": 0.1},
+    }
+    with pytest.raises(ConfigError, match="epsilon"):
+        load_config(_yaml(zoo, own, tmp_path))
+
+
+def test_card_has_base_model_and_mergekit_config(zoo: Path, tmp_path: Path) -> None:
+    """As mergekit-yaml's output: ``mergekit_config.yml`` (the file as given, which mergekit
+    reads back) and ``base_model:`` in the card's front matter: the Hub ids among the models
+    (a Hub cache snapshot's id; a local folder is not one)."""
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / "0123abc"
+    shutil.copytree(zoo / "base", snapshot)
+    case = dict(_cases(zoo)["ties"], base_model=str(snapshot))
+    path = _yaml(zoo, case, tmp_path, "ties.yaml")
+    text = path.read_text() + "# a comment: the file is kept as given\n"
+    path.write_text(text)
+    out = tmp_path / "out"
+    for extra in ([], ["--overwrite"]):  # an output with the file may be replaced
+        assert cli.main([str(path), "-o", str(out), "--no-progress", *extra]) == 0
+    assert (out / "mergekit_config.yml").read_text() == text
+    mk_config.MergeConfiguration.model_validate(yaml.safe_load(text))
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["base_model"] == ["acme/tiny-llama"]
+    assert {"merge", "mergekit", "drm_lightning"} <= set(front["tags"])
+    assert front["library_name"] == "transformers"
+    assert "## Configuration" in card and "# a comment: the file is kept as given" in card
+
+
+def test_own_format_writes_no_mergekit_config(zoo: Path, tmp_path: Path) -> None:
+    own = {"method": "ties", "base": str(zoo / "base"), "branches": [str(zoo / "ft0")]}
+    out = tmp_path / "out"
+    assert cli.main([str(_yaml(zoo, own, tmp_path)), "-o", str(out), "--no-progress"]) == 0
+    assert not (out / "mergekit_config.yml").exists()
+    assert "base_model" not in (out / "README.md").read_text().split("---\n")[1]
+
+
+def test_mergekit_config_written_inside_the_atomic_output(tmp_path: Path) -> None:
+    """Written in the writer's temporary folder before the swap: a failed merge leaves no
+    output and no file of it anywhere."""
+    out = tmp_path / "merged"
+    with pytest.raises(RuntimeError):
+        with HFFolderWriter(out, metadata={"method": "ties", "mergekit_config": "a: 1\n"}) as w:
+            w.add("w", torch.ones(2))
+            raise RuntimeError("stopped")
+    assert list(tmp_path.iterdir()) == []
+    with HFFolderWriter(out, metadata={"method": "ties", "mergekit_config": "a: 1\n"}) as w:
+        w.add("w", torch.ones(2))
+    assert (out / "mergekit_config.yml").read_text() == "a: 1\n"

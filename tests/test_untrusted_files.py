@@ -144,7 +144,13 @@ def test_tokenizer_source_files_come_through_the_writer(
     status, err = _run([_config(tmp_path, data), "-o", models["out"]], capsys)
     assert status == 0, err
     names = sorted(p.name for p in models["out"].iterdir())
-    assert names == ["README.md", "config.json", "model.safetensors", "tokenizer_config.json"]
+    assert names == [
+        "README.md",
+        "config.json",
+        "mergekit_config.yml",  # the config itself, as mergekit-yaml's output has it
+        "model.safetensors",
+        "tokenizer_config.json",
+    ]
     assert json.loads((models["out"] / "tokenizer_config.json").read_text()) == {"who": "tok"}
 
 

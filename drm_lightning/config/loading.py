@@ -95,7 +95,7 @@ def parse_config(text: str, *, source: str = "<config>", code: CodeMode = "refus
             f"invalid configuration {source}: line {line}: trust_pickles: {CONFIG_OPT_IN}"
         )
     if "merge_method" in data and "method" not in data:  # mergekit's format, its semantics
-        return mergekit_config(data, lines, source=source)
+        return mergekit_config(data, lines, source=source, text=text)
     if "align" in data or data.get("method") not in (None, *available_methods()):
         aligned = alignment_config(data, lines, source=source, code=code)
         if aligned is not None:

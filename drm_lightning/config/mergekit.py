@@ -12,17 +12,26 @@ the way ``mergekit-yaml`` (0.1.5) reads it, so a mergekit user gets mergekit's n
   (``density`` 1.0, ``normalize`` on for ties only, ``rescale`` on for DARE); a model that
   is the base model takes no part, as in mergekit;
 * ``linear`` averages every listed model and ``base_model`` (which needs a weight too);
-* ``dtype: bfloat16|float16``: the math runs in float32 and the output is written in that
-  dtype (mergekit computes in it); ``float32``/``float64`` are the compute dtype;
+* ``dtype`` is the compute dtype, as in mergekit: with ``bfloat16``/``float16`` the
+  task-vector methods compute in it (mergekit's arithmetic; ``linear`` averages in float32,
+  as mergekit's does); drm-merge's own ``compute_dtype: float32`` computes in float32 and
+  rounds once; the output is written in ``out_dtype``, default ``dtype``;
 * ``merge_method: drm`` runs drm-merge's own DRM (``weight`` is its coefficient).
+
+A sparsification parameter the method does not use (``density`` on ``task_arithmetic`` or
+``linear``; ``epsilon``, ``gamma``), and on ``linear`` the task-vector settings, are ignored by
+mergekit: here too, each with a one-line warning (:attr:`MergekitConfig.ignored`), as mergekit
+users copy configs between methods. The file's text is kept (:attr:`MergekitConfig.text`):
+the output gets it as ``mergekit_config.yml``, and the card's ``base_model:`` the Hub ids of
+the models (:func:`hub_id`), as ``mergekit-yaml`` writes them.
 
 What cannot be honoured is refused, naming the key, before any weight is read: ``slices``,
 ``modules``, ``tokenizer``, ``chat_template``, ``tokenizer_source: union``, gradient lists
 and filtered values, negative weights, unknown keys and every other mergekit method
 (``slerp`` included: it needs the base tensor and the tensor name, which the merge loop does
-not pass to a method). drm-merge's own ``seed`` and ``routing`` are accepted;
-``trust_pickles`` is not (a file cannot opt in to unpickling: pass ``--trust-pickles``);
-``parameters.convention: peft`` selects drm-merge's TIES/DARE arithmetic.
+not pass to a method). drm-merge's own ``seed``, ``routing`` and ``compute_dtype`` are
+accepted; ``trust_pickles`` is not (a file cannot opt in to unpickling: pass
+``--trust-pickles``); ``parameters.convention: peft`` selects drm-merge's TIES/DARE arithmetic.
 
 Example:
     >>> is_mergekit_format({"merge_method": "ties", "models": []})
@@ -36,12 +45,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import ValidationError
+import torch
+from pydantic import ValidationError, field_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from drm_lightning.config.errors import ConfigError, format_validation_error
+from drm_lightning.config.errors import ConfigError, format_loc, format_validation_error
 from drm_lightning.config.schema import TORCH_DTYPES, MergeConfig
 from drm_lightning.config.values import check_path
 from drm_lightning.config.yaml_file import Lines
@@ -54,6 +64,7 @@ from drm_lightning.sources.writer import TOKENIZER_FILES
 __all__ = [
     "MergekitConfig",
     "PerBranchDensity",
+    "hub_id",
     "is_mergekit_format",
     "mergekit_config",
     "tokenizer_source",
@@ -69,7 +80,7 @@ OTHER_MERGEKIT = ("arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "d
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
             "tokenizer_source")
 # fmt: on
-EXTENSIONS = ("seed", "routing")  # trust_pickles: refused by config.parse_config
+EXTENSIONS = ("seed", "routing", "compute_dtype")  # trust_pickles: refused by parse_config
 REFUSED_TOP = {
     "slices": "layer slices (frankenmerges) are not supported; list whole models under models",
     "modules": "per-module merges are not supported; list whole models under models",
@@ -77,10 +88,15 @@ REFUSED_TOP = {
     "folder with the base's vocabulary",
     "chat_template": "not supported; edit tokenizer_config.json of the output",
 }
-OWN_KEYS = ("method", "base", "branches", "coefficients", "compute_dtype")
+OWN_KEYS = ("method", "base", "branches", "coefficients")
 # mergekit's shared settings of the task-vector family (and drm-merge's two), with their type
 SHARED_PARAMS = {"normalize": bool, "rescale": bool, "lambda": float, "int8_mask": bool,
                  "convention": str, "seed": int}  # fmt: skip
+# sparsification parameters of mergekit's methods (ties/dare, della, breadcrumbs): a method
+# that does not use one ignores it in mergekit, so drm-merge warns and ignores it too
+SPARSIFICATION = ("density", "epsilon", "gamma")
+HALF = ("float16", "bfloat16")
+HalfOrFull = Literal["float16", "bfloat16", "float32", "float64"]
 SLERP_WHY = (
     "slerp is not supported yet (it interpolates whole weights and reads t per tensor name; "
     "drm-merge's methods see only the deltas): use linear with weights 1-t and t for the "
@@ -104,6 +120,18 @@ class MergekitConfig(MergeConfig):
     tokenizer_source: Path | None = None
     branch_densities: list[float] | None = None
     mergekit_dtype: str | None = None
+    compute_dtype: HalfOrFull = "float32"  # type: ignore[assignment]  # mergekit's half too
+    ignored: list[str] = []
+    """One warning per parameter mergekit ignores and drm-merge ignores too (file, line, key)."""
+    text: str | None = None
+    """The config file's text, as given (written to the output as ``mergekit_config.yml``)."""
+    model_names: list[str] = []
+    """``base_model`` then each model, as written in the file (the card's ``base_model:``)."""
+
+    @field_validator("compute_dtype", "out_dtype", mode="before")
+    @classmethod
+    def _dtype_names(cls, value: Any) -> Any:
+        return value  # checked by translate(): mergekit's dtypes, half precision included
 
     def build_method(self) -> MergeMethod:
         """The method; per-model densities that differ wrap it in :class:`PerBranchDensity`."""
@@ -124,16 +152,64 @@ class MergekitConfig(MergeConfig):
                 if convention == "mergekit"
                 else "drm-merge's semantics (convention: peft)"
             )
-        dtype = self.mergekit_dtype
-        half = (
-            f"; dtype {dtype}: math in float32, written as {self.out_dtype}"
-            if dtype in ("float16", "bfloat16")
-            else ""
-        )
+        dtype, compute = self.mergekit_dtype, self.compute_dtype
+        if compute in HALF:
+            half = f"; computed in {compute}, as mergekit (compute_dtype: float32 rounds once)"
+        elif dtype in HALF:
+            half = f"; dtype {dtype}: math in {compute}, written as {self.out_dtype}"
+        else:
+            half = ""
         return (
             f"mergekit-format config (merge_method: {self.method}): {how}{half}; "
             "see README 'Coming from mergekit'"
         )
+
+    def dtype_note(self, stored: set[torch.dtype]) -> str | None:
+        """What the dry-run plan says when mergekit would compute in another dtype: no
+        ``dtype`` and half-precision models (``stored``: the dtypes of the planned tensors),
+        which mergekit merges in their own dtype and drm-merge in float32."""
+        half = sorted(name for name, d in TORCH_DTYPES.items() if d in stored and name in HALF)
+        if self.mergekit_dtype is not None or not half or self.method not in TASK_VECTOR:
+            return None
+        return (
+            f"dtype: not set: mergekit computes in the models' {half[0]}, drm-merge in "
+            f"{self.compute_dtype} (rounded once), so entries differ (tiny Llama: ties 30 %, "
+            "task_arithmetic 49 %); "
+            f"add `dtype: {half[0]}` for mergekit's arithmetic"
+        )
+
+    def card(self) -> dict[str, Any]:
+        """What the model card adds for a mergekit-format file, as ``mergekit-yaml`` writes it:
+        ``base_model``, the Hugging Face Hub ids among the models (:func:`hub_id`), and the
+        file's text (the writer's ``mergekit_config.yml``)."""
+        ids = [hub for hub in map(hub_id, self.model_names) if hub is not None]
+        return {
+            "base_model": list(dict.fromkeys(ids)),
+            **({"mergekit_config": self.text} if self.text is not None else {}),
+        }
+
+
+def hub_id(name: str) -> str | None:
+    """The Hugging Face Hub id of a model as written in the config, or None for a local folder.
+
+    A folder inside a Hub cache snapshot (``.../models--org--name/snapshots/REV``) is
+    ``org/name``; a name written as a Hub id (``org/name``: one ``/``, not starting with
+    ``/``, ``~`` or ``.``) is taken as one, as ``mergekit-yaml`` does (it also asks the Hub;
+    nothing is asked here). A model card's ``base_model`` must hold Hub ids only.
+
+    Example:
+        >>> hub_id("/hf/hub/models--meta-llama--Llama-3.2-1B/snapshots/4e20de3")
+        'meta-llama/Llama-3.2-1B'
+        >>> hub_id("mistralai/Mistral-7B-v0.1"), hub_id("./models/base"), hub_id("/m/base")
+        ('mistralai/Mistral-7B-v0.1', None, None)
+    """
+    parts = Path(name).parts
+    for folder, child in zip(parts, parts[1:]):
+        if folder.startswith("models--") and child == "snapshots":
+            return folder.removeprefix("models--").replace("--", "/")
+    if name[:1] not in ("/", "~", ".", "") and name.count("/") == 1 and not name.endswith("/"):
+        return name
+    return None
 
 
 def tokenizer_source(config: MergeConfig) -> Path | None:
@@ -151,11 +227,25 @@ class _Problems:
 
     def __init__(self) -> None:
         self.items: list[InitErrorDetails] = []
+        self.ignored: list[tuple[Loc, str]] = []
 
     def add(self, loc: Loc, message: str, value: Any = None) -> None:
         self.items.append(
             InitErrorDetails(type=PydanticCustomError("config", message), loc=loc, input=value)
         )
+
+    def ignore(self, loc: Loc, method: str) -> None:
+        """A parameter ``method`` does not use, which mergekit ignores: ignored, with a warning."""
+        self.ignored.append((loc, f"ignored: {method} does not use it (mergekit ignores it too)"))
+
+    def warnings(self, source: str, lines: Lines | None) -> list[str]:
+        """The ignored parameters, one line each: ``FILE: line N: KEY: ignored: ...``."""
+        out = []
+        for loc, why in self.ignored:
+            line = lines.of(loc) if lines is not None else None
+            where = f"{source}: line {line}" if line is not None else source
+            out.append(f"{where}: {format_loc(loc)}: {why}")
+        return out
 
     def raise_if_any(self, source: str, lines: Lines | None) -> None:
         if self.items:
@@ -226,6 +316,17 @@ def _check_top(problems: _Problems, data: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _unused_by(method: str, key: str, *, shared: bool) -> bool:
+    """Whether mergekit's ``method`` ignores the parameter ``key`` that it does not use: another
+    method's sparsification parameter, or (``shared``: top-level ``parameters``) one of the
+    task-vector family's settings on ``linear``."""
+    if method == "drm":
+        return False  # drm-merge's own method: DRM's parameters, checked as such
+    if key in SPARSIFICATION:
+        return key != "density" or method not in SPARSIFYING
+    return shared and method == "linear" and key in ("lambda", "rescale", "int8_mask")
+
+
 def _check_parameters(
     problems: _Problems, method: str, params: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -233,8 +334,11 @@ def _check_parameters(
     out: dict[str, Any] = {}
     for key, value in params.items():
         loc = ("parameters", key)
+        if _unused_by(method, str(key), shared=True):
+            problems.ignore(loc, method)
+            continue
         if key in ("weight", "density"):
-            if key == "density" and method not in SPARSIFYING:
+            if key == "density" and method not in SPARSIFYING:  # drm
                 problems.add(loc, f"density has no effect in {method} (use ties or dare_*)")
             continue
         if method == "drm":
@@ -300,7 +404,11 @@ def _check_models(
             problems.add(("models", i, "parameters"), "must be a mapping", params)
             params = {}
         for key in params:
-            if key not in ("weight", "density") or (key == "density" and method not in SPARSIFYING):
+            if _unused_by(method, str(key), shared=False):
+                problems.ignore(("models", i, "parameters", key), method)
+            elif key not in ("weight", "density") or (
+                key == "density" and method not in SPARSIFYING
+            ):
                 valid = ["weight", "density"] if method in SPARSIFYING else ["weight"]
                 problems.add(
                     ("models", i, "parameters", key),
@@ -393,8 +501,7 @@ def translate(data: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
         ours["density"] = densities[0]
     elif densities:
         ours["density"] = min(densities)
-    if dtype in ("float32", "float64"):
-        result["compute_dtype"] = dtype
+    result["compute_dtype"] = _compute_dtype(problems, method, dtype, data)
     if out_dtype or dtype:
         result["out_dtype"] = out_dtype or dtype
     if tokenizer == "union":
@@ -407,10 +514,31 @@ def translate(data: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
     elif tokenizer not in (None, "base"):
         _check_tokenizer(problems, Path(str(tokenizer)), result["base"])
         result["tokenizer_source"] = str(tokenizer)
-    for key in EXTENSIONS:
+    for key in ("seed", "routing"):
         if key in data:
             result[key] = data[key]
+    names = [str(base)] if base is not None else []
+    for _, path, _, _ in parsed:
+        if path not in names:
+            names.append(path)
+    result["model_names"] = names
     return result
+
+
+def _compute_dtype(problems: _Problems, method: str, dtype: str | None, data: Any) -> str:
+    """The compute dtype: mergekit's ``dtype`` (half precision included: the task-vector
+    methods compute in it, ``linear`` averages in float32, as in mergekit), drm-merge's
+    ``compute_dtype`` when given; float32 by default (DRM: float32 or float64)."""
+    if "compute_dtype" in data:
+        own = _dtype(problems, "compute_dtype", data["compute_dtype"])
+        if own in HALF and method == "drm":
+            problems.add(
+                ("compute_dtype",), "drm computes in float32 or float64", data["compute_dtype"]
+            )
+        return own or "float32"
+    if dtype in HALF:
+        return dtype if method in TASK_VECTOR else "float32"
+    return dtype or "float32"
 
 
 def _check_tokenizer(problems: _Problems, path: Path, base: str) -> None:
@@ -445,9 +573,16 @@ def _vocab_size(folder: Path) -> int | None:
 
 
 def mergekit_config(
-    data: Mapping[str, Any], lines: Lines | None = None, *, source: str = "<config>"
+    data: Mapping[str, Any],
+    lines: Lines | None = None,
+    *,
+    source: str = "<config>",
+    text: str | None = None,
 ) -> MergekitConfig:
     """Check a mergekit-format ``data`` and return it as a :class:`MergekitConfig`.
+
+    ``text`` is the file's text (kept for the output's ``mergekit_config.yml``). Parameters
+    mergekit ignores are ignored, one warning each in :attr:`MergekitConfig.ignored`.
 
     Raises:
         ConfigError: every problem at once, each with its mergekit field path (and line when
@@ -465,6 +600,7 @@ def mergekit_config(
     problems = _Problems()
     translated = translate(data, problems)
     problems.raise_if_any(source, lines)
+    translated.update(ignored=problems.warnings(source, lines), text=text)
     try:
         return MergekitConfig.model_validate(translated)
     except ValidationError as err:

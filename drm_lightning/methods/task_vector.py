@@ -142,31 +142,29 @@ def combine_branches(
     # torch's ``sum(dim=0)`` (and of the libraries, which call it) for N <= 4; from N = 5 torch
     # sums some columns in another order, chosen by the CPU's vector width, so a fixed order
     # keeps results the same on every CPU (and equal to the fused kernels, methods/_fused.py).
+    # As torch's sum, a half-precision stack is summed in float32 and rounded once.
     n_branches = deltas.shape[0]
+    acc = torch.float32 if deltas.dtype in (torch.bfloat16, torch.float16) else deltas.dtype
     if not elect_signs:
-        total = torch.zeros_like(deltas[0])
+        total = torch.zeros_like(deltas[0], dtype=acc)
         for i in range(n_branches):
             total += deltas[i] * weights[i]
+        total = total.to(deltas.dtype)
         weight_sum = normalizing_weight_sum(weights) if normalize else None
         return total if weight_sum is None else total / weight_sum
     if convention not in ("peft", "mergekit"):
         raise ValueError(f"convention must be 'peft' or 'mergekit', got {convention!r}")
     # Branch by branch, no N-sized temporaries.
-    if convention == "peft":
-        mass = torch.zeros_like(deltas[0])
-        for i in range(n_branches):
-            mass += deltas[i]
-    else:
-        mass = deltas[0] * weights[0]
-        for i in range(1, n_branches):
-            mass += deltas[i] * weights[i]
+    mass = torch.zeros_like(deltas[0], dtype=acc)
+    for i in range(n_branches):
+        mass += deltas[i] if convention == "peft" else deltas[i] * weights[i]
     # The elected sign (+1 on an exact zero sum, both libraries) as a ±1 factor: an entry
     # agrees when it is non-zero and has that sign.
     elected = torch.where(mass >= 0, 1.0, -1.0).to(deltas.dtype)
     del mass
     zero = torch.zeros((), dtype=deltas.dtype, device=deltas.device)
-    total = torch.zeros_like(deltas[0])
-    divisor = torch.zeros_like(deltas[0]) if normalize else None
+    total = torch.zeros_like(deltas[0], dtype=acc)
+    divisor = torch.zeros_like(deltas[0], dtype=acc) if normalize else None
     for i in range(n_branches):
         weighted = deltas[i] * weights[i]
         voter = deltas[i] if convention == "peft" else weighted
@@ -174,8 +172,10 @@ def combine_branches(
         total += torch.where(agree, weighted, zero)
         if divisor is not None:
             divisor += agree if convention == "peft" else torch.where(agree, weights[i], zero)
+    total = total.to(deltas.dtype)
     if divisor is None:
         return total
+    divisor = divisor.to(deltas.dtype)
     if convention == "peft":
         return total / divisor.clamp_(min=1)
     return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)

@@ -86,6 +86,7 @@ _OUTPUT_FILES = frozenset(
         "model.safetensors",
         "model.safetensors.index.json",
         "heads.safetensors",  # MergeCallback(export_dir=...) with a BranchedModule
+        "mergekit_config.yml",  # the config of a mergekit-format merge (writer.MERGEKIT_CONFIG)
         *COPIED_FILES,
     }
 )

@@ -68,6 +68,8 @@ _GIB = 1024**3
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = tuple(f for f in COPIED_FILES if f not in CONFIG_FILES)
 """The tokenizer files among :data:`COPIED_FILES` (what ``tokenizer_from`` replaces)."""
+MERGEKIT_CONFIG = "mergekit_config.yml"
+"""The mergekit-format config of the merge, beside the card (``metadata["mergekit_config"]``)."""
 
 
 class SideFile(NamedTuple):
@@ -229,8 +231,11 @@ class HFFolderWriter:
         metadata: what the model card says. Recognised keys: ``method`` (str),
             ``parameters`` (mapping), ``base`` (a source, a path, or a string),
             ``branches`` (list of mappings with ``source``/``path`` and ``coefficient``, or
-            of sources/paths), ``files`` (extra paths to hash). Other keys are listed
-            as-is. Every file of the base and branches is listed with its SHA-256.
+            of sources/paths), ``files`` (extra paths to hash), ``base_model`` (model names
+            for the card's front matter), ``mergekit_config`` (a mergekit-format config's
+            text: written as ``mergekit_config.yml`` and shown in the card, as
+            ``mergekit-yaml`` does). Other keys are listed as-is. Every file of the base and
+            branches is listed with its SHA-256.
         expected_bytes: if given, :func:`check_free_space` runs at construction.
 
     Raises:
@@ -451,6 +456,10 @@ class HFFolderWriter:
             self._name_shards()
             self._copy_side_files()
             (self.tmp_dir / "README.md").write_text(self.model_card(), encoding="utf-8")
+            mergekit_text = self.metadata.get("mergekit_config")
+            if mergekit_text is not None:  # the user's config as given, as mergekit-yaml writes
+                with open(self.tmp_dir / MERGEKIT_CONFIG, "x", encoding="utf-8") as file:
+                    file.write(str(mergekit_text))
         with _located(self.out_dir):
             self._move_into_place()
         self._closed = True
@@ -591,14 +600,15 @@ class HFFolderWriter:
         base = meta.pop("base", None)
         branches = meta.pop("branches", None) or []
         meta.pop("files", None)  # listed with the source files
-        lines = [
-            "---",
-            "library_name: transformers",
-            "tags:",
-            "- merge",
-            "- drm_lightning",
-            f"- {method}",
-            "---",
+        base_model = meta.pop("base_model", None)
+        mergekit_text = meta.pop("mergekit_config", None)
+        lines = ["---"]
+        if base_model is not None:  # JSON strings are YAML scalars: each name one quoted value
+            names = [base_model] if isinstance(base_model, str) else list(base_model)
+            lines += [f"base_model: {json.dumps([str(n) for n in names])}"]
+        lines += ["library_name: transformers", "tags:", "- merge", "- drm_lightning"]
+        lines += [f"- {method}", *(["- mergekit"] if mergekit_text is not None else []), "---"]
+        lines += [
             "",
             f"# Merged model ({method})",
             "",
@@ -628,6 +638,10 @@ class HFFolderWriter:
             lines += [f"| `{f}` | `{h}` |" for f, h in hashed]
         else:
             lines.append("No source files (in-memory weights).")
+        if mergekit_text is not None:
+            fence = "`" * max([3, *(len(run) + 1 for run in re.findall("`+", mergekit_text))])
+            lines += ["", "## Configuration", "", f"The mergekit config (`{MERGEKIT_CONFIG}`):"]
+            lines += ["", f"{fence}yaml", str(mergekit_text).rstrip("\n"), fence]
         if meta:
             lines += [
                 "",
