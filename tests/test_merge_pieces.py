@@ -293,6 +293,15 @@ srcs = [SafetensorsFileSource(folder / f"{i}.safetensors") for i in range(4)]
 item = PlannedTensor("w", (rows, 1024), torch.bfloat16, "fallback")
 def peak():  # VmHWM: this process's own high-water mark (ru_maxrss keeps the parent's across exec)
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+# The fused kernels compile (or load from numba's cache) at first use: warm them up on a small
+# tensor first, so that the high-water mark measures the merge's working set, not the JIT.
+from safetensors.torch import save_file
+for i in range(4):
+    save_file({"w": torch.randn(64, 1024).to(torch.bfloat16)}, str(folder / f"warm{i}.safetensors"))
+warm = [SafetensorsFileSource(folder / f"warm{i}.safetensors") for i in range(4)]
+warm_item = PlannedTensor("w", (64, 1024), torch.bfloat16, "fallback")
+for _ in merge_in_pieces(get_method("ties"), warm_item, warm[0], warm[1:], [1.0] * 3):
+    pass
 before = peak()
 with HFFolderWriter(folder / f"out-{rows}-{pieced}") as w:
     if pieced:
@@ -312,7 +321,7 @@ print(peak() - before)
 def test_peak_memory_of_a_pieced_merge_does_not_grow_with_the_tensor(tmp_path: Path) -> None:
     """TIES of 3 bf16 branches of a 65536×1024 tensor (128 MiB each, 256 MiB in float32):
     merged whole it raises peak RSS by ≈ 3.7 GiB; in pieces by a few pieces' working sets
-    (≈ 55 MiB), about as much as for a tensor 8× smaller."""
+    (35-40 MiB measured once the kernels are compiled), about as much as for a tensor 8× smaller."""
     gen = torch.Generator().manual_seed(0)
     growth = {}
     for rows in (8192, 65536):
@@ -334,7 +343,7 @@ def test_peak_memory_of_a_pieced_merge_does_not_grow_with_the_tensor(tmp_path: P
             growth[(rows, pieced)] = int(run.stdout.split()[-1])
     print(growth)
     mib = 1024 * 1024
-    assert growth[(65536, "1")] < 160 * mib, growth  # a few pieces' working sets (4 MiB stacks)
+    assert growth[(65536, "1")] < 96 * mib, growth  # a few pieces' working sets (4 MiB stacks)
     assert growth[(65536, "1")] - growth[(8192, "1")] < 64 * mib, growth
     assert growth[(65536, "0")] > 2 * 1024 * mib, growth  # what the pieces save: ≈ 3.7 GiB whole
 
