@@ -25,7 +25,13 @@ from safetensors.torch import load_file, save_file
 
 from drm_lightning.cli import command as cli
 from drm_lightning.cli.command import main
-from drm_lightning.sources import HFFolderWriter, check_free_space, output_guard, sha256_of
+from drm_lightning.sources import (
+    HFFolderWriter,
+    _digest_store,
+    check_free_space,
+    output_guard,
+    sha256_of,
+)
 from drm_lightning.sources import base as base_module
 from drm_lightning.sources import writer as writer_module
 from drm_lightning.sources._digest_store import file_key, store_digest
@@ -413,6 +419,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder.mkdir(mode=0o700)
     monkeypatch.setenv("DRM_LIGHTNING_CACHE", str(folder))
     monkeypatch.setattr(base_module, "_HASH_CACHE", {})  # a fresh process, as far as hashing goes
+    monkeypatch.setattr(_digest_store, "_WARNED", set())  # and as far as its warnings go
     return folder / "sha256.json"
 
 
