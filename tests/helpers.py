@@ -1,9 +1,10 @@
 """Helpers shared by the test modules (no tests here): a free port, the tiny Llama config, a
-DeepSpeed CPU rank's set-up."""
+DeepSpeed CPU rank's set-up, the end of an earlier test's background hashing."""
 
 from __future__ import annotations
 
 import socket
+import threading
 from typing import Any
 
 TINY_LLAMA: dict[str, int] = {
@@ -53,3 +54,12 @@ def tiny_llama_config(**overrides: Any) -> Any:
     import transformers
 
     return transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})
+
+
+def wait_for_background_hashing(timeout: float = 60.0) -> None:
+    """Let the model-card hashing threads of earlier tests finish (``HFFolderWriter`` starts one
+    per output and does not wait for it): they read the digest store that the environment names
+    *now*, so one still running would warn about, or write to, the next test's store."""
+    for thread in threading.enumerate():
+        if thread.name == "drm-lightning-sha256":
+            thread.join(timeout)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import wait_for_background_hashing
 
 from drm_lightning.sources import base as base_module
 from drm_lightning.sources import sha256_of
@@ -15,6 +16,7 @@ from drm_lightning.sources._digest_store import MAX_ENTRIES, store_digest, store
 
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    wait_for_background_hashing()
     monkeypatch.setenv("DRM_LIGHTNING_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(base_module, "_HASH_CACHE", {})  # a fresh process, as far as hashing goes
     return tmp_path / "cache" / "sha256.json"

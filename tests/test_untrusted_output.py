@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from helpers import wait_for_background_hashing
 from safetensors.torch import load_file, save_file
 
 from drm_lightning.cli import command as cli
@@ -415,6 +416,7 @@ def test_output_in_a_folder_without_write_permission_names_the_problem(
 
 @pytest.fixture()
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    wait_for_background_hashing()
     folder = tmp_path / "cache"
     folder.mkdir(mode=0o700)
     monkeypatch.setenv("DRM_LIGHTNING_CACHE", str(folder))
