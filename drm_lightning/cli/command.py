@@ -285,8 +285,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if launched_world_size() > 1 or (
         dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     ):
-        with cleanup_on_signals():
-            return _main_distributed(args)
+        return _main_distributed(args)
     try:
         config = _load_config(args)
         check_output(
@@ -301,17 +300,16 @@ def _main(argv: Sequence[str] | None) -> int:
             from drm_lightning.cli.align_job import run_alignment_merge
 
             start = time.perf_counter()
-            with cleanup_on_signals():
-                print(
-                    run_alignment_merge(
-                        config,
-                        args.output,
-                        dry_run=args.dry_run,
-                        overwrite=args.overwrite,
-                        progress=not args.no_progress,
-                        max_shard_bytes=args.max_shard_size,
-                    )
+            print(
+                run_alignment_merge(
+                    config,
+                    args.output,
+                    dry_run=args.dry_run,
+                    overwrite=args.overwrite,
+                    progress=not args.no_progress,
+                    max_shard_bytes=args.max_shard_size,
                 )
+            )
             if not args.dry_run:  # its line names the method and the models
                 print("\n".join(describe_result(None, args.output, time.perf_counter() - start)))
             return 0
@@ -324,16 +322,15 @@ def _main(argv: Sequence[str] | None) -> int:
             )
             return 0
         start = time.perf_counter()
-        with cleanup_on_signals():
-            run_job(
-                job,
-                args.output,
-                overwrite=args.overwrite,
-                device=device,
-                progress=not args.no_progress,
-                max_shard_bytes=args.max_shard_size,
-                piece_elements=args.piece_size or None,
-            )
+        run_job(
+            job,
+            args.output,
+            overwrite=args.overwrite,
+            device=device,
+            progress=not args.no_progress,
+            max_shard_bytes=args.max_shard_size,
+            piece_elements=args.piece_size or None,
+        )
     except Exception as err:  # every failure becomes one message and status 2
         if interrupted():
             raise KeyboardInterrupt from err  # reported by main
