@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from drm_lightning.evaluation import TaskSpec
 from drm_lightning.inloop import MergeOptions
+from drm_lightning.inloop.alpha import AlphaGridArg
 from drm_lightning.inloop.backends import gloo_group
 from drm_lightning.inloop.options import BranchesArg, PathLike
 from drm_lightning.merge.routing import Routing
@@ -85,6 +86,11 @@ class MergeHook:
         method_params: Parameters of ``method`` given by name.
         trust_pickles: Allow full unpickling of base / checkpoint files.
         enabled: ``False`` turns every call into a no-op (the loop runs unchanged).
+        alpha_grid: Search the scale α of the merged delta at every merge (a list of α > 0 or
+            ``"default"``: 0.1, …, 1.0): one merge, ``base + α·Δ`` scored on ``tasks`` for each
+            α, the best ``merged/average`` kept (a tie: the smaller α) and logged as ``alpha``
+            with every α's ``alpha/<α>/…`` scores; kept in :meth:`state_dict`. As for the
+            callback (``MergeCallback(alpha_grid=)``).
 
     Example:
         >>> from accelerate import Accelerator
@@ -135,6 +141,7 @@ class MergeHook:
         method_params: Mapping[str, Any] | None = None,
         trust_pickles: bool = False,
         enabled: bool = True,
+        alpha_grid: AlphaGridArg = None,
     ) -> None:
         self.accelerator = accelerator
         self.model = model
@@ -160,6 +167,7 @@ class MergeHook:
             final_weights=final_weights,
             method_params=method_params,
             trust_pickles=trust_pickles,
+            alpha_grid=alpha_grid,
         )
         self.core = self.options.build_core(name="MergeHook", warn=self._warn, info=self._info)
         self._predicate = should_merge

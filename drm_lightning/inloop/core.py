@@ -19,6 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from drm_lightning.evaluation import TaskSpec
+from drm_lightning.inloop.alpha import (
+    ScaledDelta,
+    alpha_key,
+    best_alpha,
+    check_alpha_grid,
+    check_alpha_search,
+)
 from drm_lightning.inloop.backends import Backend, DenseBackend, Merged, Zero3Backend
 from drm_lightning.inloop.providers import Branch, BranchProvider, Snapshot, coefficient_list
 from drm_lightning.inloop.schedule import Schedule
@@ -92,6 +99,9 @@ class MergeCore:
         info: Called with each information line, one per merge (default: nothing).
         aligner: Permute the branches into one unit order before each merge
             (:class:`~drm_lightning.inloop.align.BranchAligner`; branches of different inits).
+        alpha_grid: Search the scale α of the merged delta at each merge: ``base + α·Δ`` scored
+            for every α of the grid (or ``"default"``), the best ``merged/average`` kept
+            (:mod:`~drm_lightning.inloop.alpha`); needs ``tasks``. Dense weights only.
 
     Example:
         >>> from drm_lightning.inloop import BranchedModel, LiveBranches
@@ -119,6 +129,7 @@ class MergeCore:
         warn: Message | None = None,
         info: Message | None = None,
         aligner: Any = None,
+        alpha_grid: Any = None,
     ) -> None:
         from drm_lightning.merge.routing import Routing
 
@@ -134,6 +145,11 @@ class MergeCore:
         self.warn: Message = warn or _rank_zero
         self.info: Message = info or (lambda message: None)
         self.aligner = aligner
+        #: The α grid searched at each merge (``None``: no search).
+        self.alpha_grid = check_alpha_grid(alpha_grid)
+        self._alpha_higher = check_alpha_search(self.alpha_grid, method, self.tasks, name)
+        #: The α chosen by the latest search (kept in :meth:`state_dict`; ``None``: none yet).
+        self.alpha: float | None = None
         self.backend: Backend | None = None
         #: One record per merge: step, epoch, branch labels, timings and scores.
         self.history: list[dict[str, Any]] = []
@@ -243,7 +259,10 @@ class MergeCore:
         merge_seconds = time.perf_counter() - start
         self.swapped = True
         try:
-            scores = self.scorer.evaluate(model, backend, self.provider, merged, branches)
+            if self.alpha_grid is None:
+                scores = self.scorer.evaluate(model, backend, self.provider, merged, branches)
+            else:
+                merged, scores = self._search(model, merged, branches)
         finally:
             self.swapped = False
         if self.adopt:
@@ -260,6 +279,42 @@ class MergeCore:
         self.history.append(record)
         self.info(self.describe(record, merged))
         return record
+
+    def _scaled(self, model: nn.Module, merged: Merged) -> ScaledDelta:
+        backend = self._need_backend()
+        base = self.provider.base(model, backend)
+        target = self.provider.target(model)
+        return ScaledDelta(
+            merged, lambda name: backend.values(target, base, [name])[name], self.compute_dtype
+        )
+
+    def _search(
+        self, model: nn.Module, merged: Merged, branches: Sequence[Branch]
+    ) -> tuple[Merged, dict[str, Any]]:
+        """Score ``base + α·Δ`` for every α of the grid; the best merge and its scores, with
+        ``alpha`` and every α's ``alpha/<α>/merged/…`` and ``…/normalized/…`` scores."""
+        grid = self.alpha_grid
+        assert grid is not None
+        scaled = self._scaled(model, merged)
+        results = self.scorer.evaluate_each(
+            model,
+            self._need_backend(),
+            self.provider,
+            (scaled.at(alpha) for alpha in grid),
+            branches,
+        )
+        averages = {a: r.get("merged/average", float("nan")) for a, r in zip(grid, results)}
+        self.alpha = best_alpha(averages, higher=self._alpha_higher)
+        scores: dict[str, Any] = {**results[grid.index(self.alpha)], "alpha": self.alpha}
+        for alpha, result in zip(grid, results):
+            scores.update(
+                {
+                    alpha_key(alpha) + k: v
+                    for k, v in result.items()
+                    if k.startswith(("merged/", "normalized/"))
+                }
+            )
+        return scaled.finish(self.alpha), scores
 
     def _remember(self, merged: Merged, step: int) -> None:
         self._last = merged
@@ -283,13 +338,19 @@ class MergeCore:
             line += f"; merged/average={record['merged/average']:.4f}"
         if "normalized/average" in record:
             line += f", normalized/average={record['normalized/average']:.4f}"
+        if "alpha" in record and self.alpha_grid is not None:
+            line += f" at alpha={record['alpha']:g} (best of {len(self.alpha_grid)})"
         return line + f"; {record['merge/total_seconds']:.2f} s with scoring"
 
     def latest(self, model: nn.Module, *, step: int) -> Merged:
-        """The merge of ``step``: the last one if it ran at ``step``, else a new unrecorded one."""
+        """The merge of ``step``: the last one if it ran at ``step``, else a new unrecorded one
+        (scaled by the latest searched α, if any: a resumed run keeps it)."""
         if self._last is not None and self.last_merge_step == step:
             return self._last
-        return self.compute(model)
+        merged = self.compute(model)
+        if self.alpha_grid is not None and self.alpha is not None:
+            merged = self._scaled(model, merged).finish(self.alpha)
+        return merged
 
     @contextmanager
     def merged_in(self, model: nn.Module, merged: Merged | None = None) -> Iterator[Merged | None]:
@@ -334,6 +395,7 @@ class MergeCore:
                 for s in self.provider.snapshots
             ],
             "history": [dict(r) for r in self.history],
+            "alpha": self.alpha,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -349,6 +411,8 @@ class MergeCore:
         )
         self.num_merges = int(state["num_merges"])
         self.history = [dict(r) for r in state.get("history", [])]
+        alpha = state.get("alpha")  # absent from checkpoints written before the α search
+        self.alpha = None if alpha is None else float(alpha)
 
     def payload(self) -> dict[str, Any] | None:
         """The provider's tensors (base, snapshots) for a checkpoint."""
@@ -381,9 +445,13 @@ class MergeCore:
         if write:
             coefficients = coefficient_list(self.coefficients, branches) or [1.0] * len(branches)
             base = self.provider.base(model, self._need_backend())
+            parameters = self.method.params.model_dump()
+            alpha = self.alpha if self.alpha_grid is not None else None
+            if alpha is not None and "scaling" in parameters:  # α is the method's own scale
+                parameters["scaling"], alpha = alpha, None
             metadata = {
                 "method": getattr(self.method, "registered_name", self.method.name),
-                "parameters": self.method.params.model_dump(),
+                "parameters": parameters,
                 "base": getattr(base, "origin", "base"),
                 "branches": [
                     {"source": f"{b.task}: {getattr(b.source, 'origin', b.key)}", "coefficient": c}
@@ -391,5 +459,7 @@ class MergeCore:
                 ],
                 "trained with": f"drm_lightning {front_end}, step {step}",
             }
+            if alpha is not None:
+                metadata["alpha (searched scale of the merged delta)"] = alpha
             write_export(folder, model, self.provider, merged.values, metadata)
         return merged

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from drm_lightning.evaluation import TaskSpec
+from drm_lightning.inloop.alpha import AlphaGridArg, check_alpha_grid
 from drm_lightning.inloop.core import MergeCore, method_from
 from drm_lightning.inloop.providers import (
     BranchProvider,
@@ -44,7 +45,8 @@ class MergeOptions:
     The arguments are those of ``MergeCallback`` / ``MergeHook`` of the same names (see their
     docstrings). Construction checks them all, before any training: the method and its
     parameters, the schedules, ``final_weights``, ``branches`` and snapshot settings outside
-    ``branches="snapshots"``; ``tasks`` are checked when the core is built.
+    ``branches="snapshots"``, ``alpha_grid`` (normalised to a tuple); ``tasks``, and whether
+    an α search can score with them, are checked when the core is built.
 
     Attributes set at construction (not arguments): ``merge_method`` (the
     :class:`~drm_lightning.methods.MergeMethod`), ``mode`` (``"live"``, ``"snapshots"`` or
@@ -83,6 +85,7 @@ class MergeOptions:
     final_weights: Literal["live", "merged"] = "live"
     method_params: Mapping[str, Any] | None = None
     trust_pickles: bool = False
+    alpha_grid: AlphaGridArg = None
     merge_method: MergeMethod = field(init=False, repr=False, compare=False)
     mode: Kind = field(init=False, repr=False, compare=False)
     paths: dict[str, Path] = field(init=False, repr=False, compare=False)
@@ -106,6 +109,7 @@ class MergeOptions:
                 f"{' and '.join(snapshot_settings)} {verb} only used with branches='snapshots'"
             )
         set_(self, "routing", self.routing or Routing())
+        set_(self, "alpha_grid", check_alpha_grid(self.alpha_grid))
         for name in ("export_dir", "snapshot_dir"):
             value = getattr(self, name)
             set_(self, name, Path(value) if value is not None else None)
@@ -153,6 +157,7 @@ class MergeOptions:
             name=name,
             warn=warn,
             info=info,
+            alpha_grid=self.alpha_grid,
         )
         core.merge_schedule = Schedule(self.every_n_steps, self.every_n_epochs)
         core.snapshot_schedule = Schedule(self.snapshot_every_n_steps, self.snapshot_every_n_epochs)
@@ -169,6 +174,11 @@ class MergeOptions:
         if self.final_weights == "merged":
             problems.append(
                 "final_weights='merged' (use adopt=True: ZeRO-3 adoption writes the fp32 masters)"
+            )
+        if self.alpha_grid is not None:
+            problems.append(
+                "alpha_grid= (the α search rescales whole merged tensors; under ZeRO-3 a merge "
+                "is this rank's partitions)"
             )
         if isinstance(provider, SingleModelBranches):
             problems += provider.zero3_problems()

@@ -19,7 +19,7 @@ RNG as it found it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from typing import Any
 
 import torch
@@ -170,22 +170,45 @@ class Scorer:
         branches: Sequence[Branch],
     ) -> dict[str, float]:
         """The flat ``merged/…``, ``branch/…``, ``normalized/…`` scores of one merge."""
+        return self.evaluate_each(model, backend, provider, [merged], branches)[0]
+
+    def evaluate_each(
+        self,
+        model: nn.Module,
+        backend: Backend,
+        provider: BranchProvider,
+        merges: Iterable[Merged],
+        branches: Sequence[Branch],
+    ) -> list[dict[str, float]]:
+        """:meth:`evaluate` of each merge of ``merges`` (the α search's scaled merges), all on
+        the same batches, the branches scored once.
+
+        ``merges`` is read one merge at a time, each dropped once scored, so a generator
+        holds only one in memory.
+        """
         if not self.tasks:
-            return {}
+            return [{} for _ in merges]
+        several = not isinstance(merges, Sized) or len(merges) > 1
         # Scoring draws from torch's global RNG (every DataLoader iteration takes a seed; an
         # Accelerate-prepared loader even synchronises the ranks' states): restore it after, so
         # that merging with adopt=False leaves the training run exactly as it would be without.
         with torch.random.fork_rng(devices=_cuda_devices(model)), eval_mode(model):
-            self._batches = self._replayable_batches() if self.evaluate_branches else {}
+            replay = self.evaluate_branches or several
+            self._batches = self._replayable_batches() if replay else {}
             try:
-                merged_scores = self.score_merged(model, backend, provider, merged, branches)
+                merged_scores = []
+                for merged in merges:
+                    merged_scores.append(
+                        self.score_merged(model, backend, provider, merged, branches)
+                    )
+                    del merged  # before the next one is built
                 branch_scores = (
                     self.score_branches(model, backend, branches) if self.evaluate_branches else {}
                 )
             finally:
                 self._batches = {}
         primary = {t: spec.primary_name for t, spec in self.tasks.items()}
-        return summarize_scores(merged_scores, branch_scores, primary=primary)
+        return [summarize_scores(m, branch_scores, primary=primary) for m in merged_scores]
 
     def _replayable_batches(self) -> dict[str, ReplayBatches]:
         """Each task's batches, kept from the merge's pass for its branch's (one byte budget).

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from drm_lightning.evaluation import TaskSpec
 from drm_lightning.inloop import MergeOptions
+from drm_lightning.inloop.alpha import AlphaGridArg
 from drm_lightning.inloop.backends import gloo_group
 from drm_lightning.inloop.options import BranchesArg, PathLike
 from drm_lightning.inloop.providers import Snapshot
@@ -162,6 +163,14 @@ class MergeCallback(Callback):
         trust_pickles: Allow full unpickling of ``base`` / checkpoint branch files that hold
             more than tensors (they can run code). Default: pickles load weights-only and
             anything else is refused (see :mod:`drm_lightning.sources.trust`).
+        alpha_grid: Search the scale α of the merged delta at every merge: the merge is computed
+            once and ``base + α·Δ`` scored on ``tasks`` for each α of the list (``"default"``:
+            0.1, 0.2, …, 1.0); the best ``merged/average`` is kept (a tie: the smaller α),
+            logged as ``alpha`` beside every α's ``alpha/<α>/merged/…`` and
+            ``alpha/<α>/normalized/…`` scores, and kept in :meth:`state_dict` (a merge made
+            later outside the schedule, e.g. the export of a resumed run, uses it). For the
+            task-vector family α is its ``scaling`` (leave it at 1.0). Needs ``tasks``; not
+            under ZeRO-3 (:mod:`~drm_lightning.inloop.alpha`).
 
     Raises:
         ValueError: at construction, for invalid schedules or method parameters.
@@ -210,6 +219,7 @@ class MergeCallback(Callback):
         trust_pickles: bool = False,
         validate_merged: bool = False,
         final_weights: Literal["live", "merged"] = "live",
+        alpha_grid: AlphaGridArg = None,
     ) -> None:
         #: The options shared with ``MergeHook`` (:class:`~drm_lightning.inloop.MergeOptions`).
         self.options = MergeOptions(
@@ -235,6 +245,7 @@ class MergeCallback(Callback):
             final_weights=final_weights,
             method_params=method_params,
             trust_pickles=trust_pickles,
+            alpha_grid=alpha_grid,
         )
         self.validate_merged = validate_merged
         self.core = self.options.build_core(

@@ -17,6 +17,7 @@ from drm_lightning.methods.base import (
     register_method,
 )
 from drm_lightning.methods.drm import DRM, drm_merge, drm_merge_lowrank, shared_basis
+from drm_lightning.methods.svd_merge import IsoMerge, TSVMerge
 from drm_lightning.methods.task_vector import TaskVectorMethod, task_vector_merge
 
 register_method("drm", DRM)
@@ -25,13 +26,18 @@ register_method("ties", TaskVectorMethod, sparsify="magnitude", elect_signs=True
 register_method("dare_ties", TaskVectorMethod, sparsify="random", elect_signs=True)
 register_method("dare_linear", TaskVectorMethod, sparsify="random", elect_signs=False)
 register_method("linear", TaskVectorMethod, sparsify="none", elect_signs=False, normalize=True)
+register_method("tsv_m", TSVMerge)
+register_method("iso_c", IsoMerge, common_space_fraction=1.0)
+register_method("iso_cts", IsoMerge)
 
 __all__ = [
     "DRM",
+    "IsoMerge",
     "LowRankFactors",
     "MergeMethod",
     "MethodParams",
     "Route",
+    "TSVMerge",
     "TaskVectorMethod",
     "available_methods",
     "drm_merge",

@@ -1,0 +1,198 @@
+r"""The in-loop α search: one merge, scored at several scales of its delta, the best one kept.
+
+Task arithmetic, TIES, TSV-M and Iso-C scale the merged task vector by a coefficient α that
+their papers choose on validation data. With ``alpha_grid=`` the in-loop core merges once,
+keeps the merged delta :math:`\Delta = \text{merged} - \text{base}`, and scores
+:math:`\text{base} + \alpha\Delta` for every α of the grid on the tasks' validation batches.
+It keeps the α with the best ``merged/average`` (the mean of each task's primary metric; the
+highest, or the lowest when every primary metric is lower-is-better); on a tie the smaller α.
+
+α is *the* global scale of the merged delta: for a method that has one (``scaling``, the λ of
+the task-vector family, applied last) it is that parameter, which must stay at 1.0 so that
+the merge computed once is :math:`\Delta` itself; other methods (DRM, ...) get it on top.
+
+Example:
+    >>> check_alpha_grid("default")
+    (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    >>> best_alpha({0.5: 0.9, 0.2: 0.9, 1.0: 0.7}, higher=True)
+    0.2
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from drm_lightning.evaluation import TaskSpec
+from drm_lightning.inloop.backends import Merged
+from drm_lightning.methods import MergeMethod
+
+AlphaGridArg = Sequence[float] | Literal["default"] | None
+
+DEFAULT_ALPHA_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
+"""``alpha_grid="default"``: 0.1, 0.2, …, 1.0 — task arithmetic's range (Ilharco et al., 2023,
+choose λ in [0, 1] on held-out validation data), without 0 (the base itself). A method whose
+useful α lies above 1 needs its own grid."""
+
+
+def check_alpha_grid(grid: Any) -> tuple[float, ...] | None:
+    """The grid as a tuple of floats; ``ValueError`` for an empty grid or a bad value.
+
+    Example:
+        >>> check_alpha_grid([0.5, 1])
+        (0.5, 1.0)
+        >>> check_alpha_grid([0.5, -1, float("nan")])
+        Traceback (most recent call last):
+        ...
+        ValueError: alpha_grid values must be finite numbers > 0; invalid: -1, nan
+    """
+    if grid is None:
+        return None
+    if isinstance(grid, str):
+        if grid == "default":
+            return DEFAULT_ALPHA_GRID
+        raise ValueError(
+            f"alpha_grid={grid!r}: give a list of numbers > 0, or 'default' "
+            f"({', '.join(map(str, DEFAULT_ALPHA_GRID))})"
+        )
+    if not isinstance(grid, Sequence):
+        raise TypeError(
+            f"alpha_grid must be a list of numbers > 0 or 'default', got {type(grid).__name__}"
+        )
+    if not grid:
+        raise ValueError(
+            "alpha_grid is empty: give at least one α > 0, or 'default' "
+            f"({', '.join(map(str, DEFAULT_ALPHA_GRID))})"
+        )
+    bad = [
+        v
+        for v in grid
+        if isinstance(v, bool)
+        or not isinstance(v, numbers.Real)
+        or not math.isfinite(float(v))
+        or float(v) <= 0
+    ]
+    if bad:
+        raise ValueError(
+            "alpha_grid values must be finite numbers > 0; invalid: " + ", ".join(map(str, bad))
+        )
+    values = tuple(float(v) for v in grid)
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"alpha_grid repeats {', '.join(map(repr, repeated))}")
+    return values
+
+
+def check_alpha_search(
+    grid: Sequence[float] | None, method: MergeMethod, tasks: Mapping[str, TaskSpec], name: str
+) -> bool:
+    """Refuse a search that cannot run; returns whether higher ``merged/average`` is better.
+
+    A search needs tasks to score each α with, a method whose own global scale (``scaling``)
+    is left at 1.0, and primary metrics that agree on the direction of "better"
+    (torchmetrics' ``higher_is_better``). ``name`` (the front end) starts the messages.
+    """
+    if grid is None:
+        return True
+    if not tasks:
+        raise ValueError(
+            f"{name}: alpha_grid= scores every α on the tasks' validation batches, but no "
+            "tasks= are given; pass tasks={task: TaskSpec(dataloader, metric)} or drop alpha_grid"
+        )
+    scaling = getattr(method.params, "scaling", None)
+    if scaling is not None and scaling != 1.0:
+        method_name = getattr(method, "registered_name", method.name)
+        raise ValueError(
+            f"{name}: alpha_grid= searches the scale of the merged delta, which for "
+            f"{method_name!r} is its scaling parameter; leave scaling at 1.0 (got {scaling:g}) "
+            "or drop alpha_grid"
+        )
+    lower = [t for t, spec in tasks.items() if _higher_is_better(spec) is False]
+    if lower and len(lower) < len(tasks):
+        others = [t for t in tasks if t not in lower]
+        raise ValueError(
+            f"{name}: alpha_grid= keeps the α with the best merged/average, but the tasks' "
+            f"primary metrics disagree on what is better: lower for {lower}, higher for "
+            f"{others}; give every task a primary metric of the same direction "
+            "(TaskSpec(primary=...))"
+        )
+    return not lower
+
+
+def _higher_is_better(spec: TaskSpec) -> bool | None:
+    return getattr(spec.collection[spec.primary_name], "higher_is_better", None)
+
+
+def best_alpha(averages: Mapping[float, float], *, higher: bool) -> float:
+    """The α with the best average (NaN: worst); on a tie the smaller α."""
+
+    def key(alpha: float) -> float:
+        value = averages[alpha]
+        return -math.inf if math.isnan(value) else (value if higher else -value)
+
+    return max(sorted(averages), key=key)  # max keeps the first, i.e. smallest, of equals
+
+
+def alpha_key(alpha: float) -> str:
+    """The log-key prefix of one α's scores: ``alpha/<α>/``.
+
+    Example:
+        >>> alpha_key(0.3) + "merged/average"
+        'alpha/0.3/merged/average'
+    """
+    return f"alpha/{alpha!r}/"
+
+
+class ScaledDelta:
+    """A merge held as its delta to the base, to build ``base + α·Δ`` for any α.
+
+    Takes the tensors out of ``merged`` one at a time (it is emptied), so that at most the
+    delta and one scaled merge exist beside the base. :meth:`at` builds a new merge;
+    :meth:`finish` turns the delta itself into the final one (no further copy) — both with the
+    same arithmetic, so the merge kept is bit for bit the one scored.
+
+    Args:
+        merged: The merge (its values are taken).
+        base: ``name -> base tensor`` in the form of ``merged.values`` (a lookup).
+        dtype: dtype of the delta (the merge's compute dtype).
+    """
+
+    def __init__(self, merged: Merged, base: Callable[[str], Tensor], dtype: torch.dtype) -> None:
+        self.template = merged
+        self.base = base
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.delta: dict[str, Tensor] = {}
+        for name in list(merged.values):
+            value = merged.values.pop(name)
+            self.dtypes[name] = value.dtype
+            self.delta[name] = value.to(dtype) - self._base(name, value.device, dtype)
+
+    def _base(self, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+        return self.base(name).to(device=device, dtype=dtype)
+
+    def _merged(self, values: dict[str, Tensor]) -> Merged:
+        return Merged(values, self.template.stats, self.template.engine, self.template.shards)
+
+    def at(self, alpha: float) -> Merged:
+        """``base + α·Δ`` (a new merge; the delta is kept)."""
+        return self._merged(
+            {
+                k: d.mul(alpha).add_(self._base(k, d.device, d.dtype)).to(self.dtypes[k])
+                for k, d in self.delta.items()
+            }
+        )
+
+    def finish(self, alpha: float) -> Merged:
+        """``base + α·Δ`` written over the delta, which is gone afterwards."""
+        values = {}
+        for name in list(self.delta):
+            d = self.delta.pop(name)
+            values[name] = (
+                d.mul_(alpha).add_(self._base(name, d.device, d.dtype)).to(self.dtypes[name])
+            )
+        return self._merged(values)
