@@ -1,5 +1,6 @@
 """Helpers shared by the test modules (no tests here): a free port, the tiny Llama config, a
-DeepSpeed CPU rank's set-up, the end of an earlier test's background hashing."""
+DeepSpeed CPU rank's set-up, the end of an earlier test's background hashing, a safetensors
+reader that counts the bytes it reads."""
 
 from __future__ import annotations
 
@@ -63,3 +64,23 @@ def wait_for_background_hashing(timeout: float = 60.0) -> None:
     for thread in threading.enumerate():
         if thread.name == "drm-lightning-sha256":
             thread.join(timeout)
+
+
+def counting_source(path: Any) -> Any:
+    """A safetensors file reader whose ``bytes_read`` counts the tensor bytes read."""
+    from drm_lightning.sources import SafetensorsFileSource
+
+    class Counting(SafetensorsFileSource):
+        bytes_read = 0
+
+        def get(self, name: str) -> Any:
+            return self._count(super().get(name))
+
+        def get_rows(self, name: str, start: int, stop: int) -> Any:
+            return self._count(super().get_rows(name, start, stop))
+
+        def _count(self, out: Any) -> Any:
+            self.bytes_read += out.numel() * out.element_size()
+            return out
+
+    return Counting(path)

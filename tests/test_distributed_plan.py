@@ -12,17 +12,16 @@ import math
 
 import pytest
 import torch
+from helpers import counting_source
 from torch import nn
 
 from drm_lightning.distributed import (
-    CheckpointShards,
     Comm,
     DistributedMerger,
     MergeItem,
     ParamSet,
     ShardedMerger,
     ShardSnapshot,
-    TensorDictSet,
     assign_longest_first,
     build_plan,
     kth_largest,
@@ -30,11 +29,17 @@ from drm_lightning.distributed import (
     sharded_rule,
     topk_mask_distributed,
 )
-from drm_lightning.distributed.tensors import held_range, partition_size, read_flat
+from drm_lightning.distributed.tensors import (
+    held_range,
+    local_partition,
+    partition_size,
+    read_flat,
+)
 from drm_lightning.merge.loop import merge_state_dicts
 from drm_lightning.merge.tensor import merge_tensor
 from drm_lightning.methods import get_method
 from drm_lightning.methods.ops import topk_mask
+from drm_lightning.sources import StateDictSource
 
 
 def llama_entries(layers: int = 32) -> list[tuple[str, tuple[int, ...], str]]:
@@ -230,7 +235,7 @@ def test_sharded_merger_equals_drm(params: dict) -> None:
         for k, s in shapes.items()
     ]
     merger = ShardedMerger(Comm(None), method, coefficients, torch.float64)
-    merger.run(items, target, TensorDictSet(base), [TensorDictSet(b) for b in branches])
+    merger.run(items, target, StateDictSource(base), [StateDictSource(b) for b in branches])
     for it in items:
         expected = merge_tensor(
             method,
@@ -268,7 +273,7 @@ def test_sharded_rule() -> None:
 # ---------------------------------------------------------------------- tensor sets
 
 
-def test_checkpoint_shards_read_flat(tmp_path) -> None:
+def test_safetensors_read_flat(tmp_path) -> None:
     """Flat ranges read shard-wise equal slices of the full tensor; only covering rows are read."""
     from safetensors.torch import save_file
 
@@ -278,9 +283,8 @@ def test_checkpoint_shards_read_flat(tmp_path) -> None:
         "s": torch.tensor(3.0),
     }
     save_file(tensors, str(tmp_path / "x.safetensors"))
-    ckpt = CheckpointShards(tmp_path)
+    ckpt = counting_source(tmp_path / "x.safetensors")
     assert ckpt.meta("m").shape == (7, 9) and ckpt.meta("v").dtype == torch.float32
-    assert ckpt.files() == [tmp_path / "x.safetensors"]
     for start, stop in [(0, 63), (5, 23), (17, 18), (30, 30), (62, 63)]:
         ckpt.bytes_read = 0
         assert torch.equal(read_flat(ckpt, "m", start, stop), tensors["m"].reshape(-1)[start:stop])
@@ -289,7 +293,7 @@ def test_checkpoint_shards_read_flat(tmp_path) -> None:
     assert torch.equal(read_flat(ckpt, "v", 3, 8), tensors["v"][3:8])
     assert torch.equal(read_flat(ckpt, "s", 0, 1), tensors["s"].reshape(1))
     for world in (1, 2, 3, 4, 5):
-        parts = [ckpt.local_partition("m", world, r) for r in range(world)]
+        parts = [local_partition(ckpt, "m", world, r) for r in range(world)]
         assert all(p.numel() == partition_size(63, world) for p in parts)
         assert torch.equal(torch.cat(parts)[:63], tensors["m"].reshape(-1))
         assert held_range(63, world, world - 1)[1] == 63
@@ -313,10 +317,10 @@ def test_one_reader_protocol(tmp_path) -> None:
     assert as_tensor_set(src, "base") is src
     live = ParamSet({k: nn.Parameter(v.clone()) for k, v in branches[0].items()})
     sets = [ShardSnapshot.capture(live)]
-    sets.append(TensorDictSet(branches[1]))
+    sets.append(StateDictSource(branches[1]))
     assert all(isinstance(s, WeightSource) for s in sets)
     method = get_method("ties", density=0.5)
-    disk = merge_state_dicts(method, TensorDictSet(base), sets)
+    disk = merge_state_dicts(method, StateDictSource(base), sets)
     result = merge_module_branches(
         method, None, src, [StateDictSource(b) for b in branches], collect=True
     )
@@ -457,6 +461,6 @@ def test_sharded_merger_refuses_horizontal_matrices() -> None:
         Comm(None), get_method("drm", direction="horizontal"), [1.0, 1.0], torch.float64
     )
     item = MergeItem("w", (4, 4), "matrix", 1.0, 128, "sharded")
-    base = TensorDictSet({"w": torch.zeros(4, 4)})
+    base = StateDictSource({"w": torch.zeros(4, 4)})
     with pytest.raises(ValueError, match="DRM-V only"):
         merger.run([item], target, base, [base, base])

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import cpu_deepspeed_rank, free_port
+from helpers import counting_source, cpu_deepspeed_rank, free_port
 from torch import nn
 
 WORLD = 2
@@ -203,7 +203,6 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
     deepspeed.init_distributed(dist_backend="gloo")
 
     from drm_lightning.distributed import (
-        CheckpointShards,
         DistributedMergeError,
         DistributedMerger,
         ParamSet,
@@ -366,7 +365,7 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
         results["snapshot_numel"] = sum(t.numel() for t in snaps[0].tensors.values())
         run("drm_snapshots", drm, branches=snaps)
         ckpts = [
-            CheckpointShards(Path(ckpt_dir) / f"branch{i}.safetensors") for i in range(N_BRANCHES)
+            counting_source(Path(ckpt_dir) / f"branch{i}.safetensors") for i in range(N_BRANCHES)
         ]
         run("drm_checkpoints", drm, branches=ckpts)
         results["checkpoint_bytes_read"] = ckpts[0].bytes_read

@@ -55,10 +55,8 @@ from drm_lightning.distributed.plan import (
 )
 from drm_lightning.distributed.sharded import ShardedMerger, sharded_rule
 from drm_lightning.distributed.tensors import (
-    CheckpointShards,
     ParamSet,
     ShardSnapshot,
-    TensorDictSet,
     TensorSet,
     as_tensor_set,
     is_partitioned,
@@ -67,7 +65,6 @@ from drm_lightning.distributed.tensors import (
 )
 
 __all__ = [
-    "CheckpointShards",
     "Comm",
     "DistributedMergeError",
     "DistributedMerger",
@@ -84,7 +81,6 @@ __all__ = [
     "ShardSnapshot",
     "ShardedMerger",
     "SingleProcessEngine",
-    "TensorDictSet",
     "TensorSet",
     "Zero3Engine",
     "as_tensor_set",

@@ -17,9 +17,9 @@ read a flat range of any input with :func:`read_flat`.
   ``ParamSet.from_module(module.branches[i])``.
 * :class:`ShardSnapshot` — a copy of a :class:`ParamSet` taken now; partitioned parameters
   are copied partition-wise, so each rank keeps only its own shard.
-* :class:`TensorDictSet` — a state dict, in its own order.
-* :class:`CheckpointShards` — safetensors files on disk (a folder without an index too), read
-  shard-wise: a rank reads only the rows that cover the flat range it asks for.
+* Any other :class:`~drm_lightning.sources.WeightSource` (a state dict, safetensors files on
+  disk) holds no partition: :func:`read_flat` reads only the rows that cover a flat range,
+  so a rank reading its ZeRO-3 share of a branch file never reads the whole tensor.
 
 Example:
     >>> import torch
@@ -43,6 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from drm_lightning.sources.base import TensorMeta, WeightSource
+from drm_lightning.sources.factory import open_source
+from drm_lightning.sources.memory import StateDictSource
 
 
 def partition_size(numel: int, world_size: int) -> int:
@@ -68,7 +70,7 @@ class TensorSet(WeightSource):
     Subclasses implement ``keys`` (in a fixed order: a module's, a state dict's), ``meta`` and
     ``get`` (the full tensor; refused for a partition-only tensor), and override
     :meth:`is_partitioned` / :meth:`local_partition` where they hold partitions. Nothing here
-    is read from a file: :meth:`files` is empty, except for :class:`CheckpointShards`.
+    is read from a file: :meth:`files` is empty.
     """
 
     origin: str = "tensor set"
@@ -370,125 +372,24 @@ class ShardSnapshot(TensorSet):
         return name in self.tensors
 
 
-class TensorDictSet(TensorSet):
-    """Full tensors in a mapping (a state dict), readable by every rank, in the mapping's order
-    (:class:`~drm_lightning.sources.StateDictSource` sorts the names)."""
-
-    def __init__(self, tensors: Mapping[str, Tensor], origin: str = "state dict") -> None:
-        self.tensors = tensors
-        self.origin = origin
-
-    def keys(self) -> list[str]:  # noqa: D102
-        return list(self.tensors)
-
-    def meta(self, name: str) -> TensorMeta:  # noqa: D102
-        return TensorMeta.of(self.get(name))
-
-    def get(self, name: str) -> Tensor:  # noqa: D102
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise self._missing(name) from None
-
-    def reads_rows(self, name: str) -> bool:
-        """In memory: a row slice costs nothing."""
-        return True
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.tensors
-
-
-class CheckpointShards(TensorSet):
-    """Checkpoint files read shard-wise, through :mod:`drm_lightning.sources`.
-
-    :func:`read_flat` reads only the rows that cover the flat range (one partial row at
-    each end at most) with the file source's ``get_rows`` — for safetensors a
-    slice read, so a rank that needs its ZeRO-3 partition of a branch never reads the
-    whole tensor. Accepts what :func:`~drm_lightning.sources.open_source` opens (one
-    ``.safetensors`` file, an HF folder, sharded or not) and also a folder of
-    ``.safetensors`` files without an index. ``bytes_read`` counts the tensor bytes read.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], origin: str | None = None) -> None:
-        from drm_lightning.sources import SafetensorsFileSource, open_source
-
-        root = Path(path)
-        hf_layout = any(
-            (root / f).exists()
-            for f in (
-                "model.safetensors.index.json",
-                "model.safetensors",
-                "pytorch_model.bin",
-                "pytorch_model.bin.index.json",
-            )
-        )
-        if root.is_dir() and not hf_layout:
-            files = sorted(root.glob("*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"no .safetensors file under {root}")
-            sources = [SafetensorsFileSource(f) for f in files]
-        else:
-            sources = [open_source(root)]
-        self.origin = origin or str(root)
-        self._sources: list[WeightSource] = sources
-        self._source_of = {name: src for src in sources for name in src.keys()}
-        self.bytes_read = 0
-
-    def keys(self) -> list[str]:  # noqa: D102
-        return list(self._source_of)
-
-    def _file(self, name: str) -> WeightSource:
-        try:
-            return self._source_of[name]
-        except KeyError:
-            raise self._missing(name) from None
-
-    def meta(self, name: str) -> TensorMeta:  # noqa: D102
-        return self._file(name).meta(name)
-
-    def _count(self, out: Tensor) -> Tensor:
-        self.bytes_read += out.numel() * out.element_size()
-        return out
-
-    def get(self, name: str) -> Tensor:  # noqa: D102
-        return self._count(self._file(name).get(name))
-
-    def get_rows(self, name: str, start: int, stop: int) -> Tensor:  # noqa: D102
-        return self._count(self._file(name).get_rows(name, start, stop))
-
-    def reads_rows(self, name: str) -> bool:  # noqa: D102
-        return self._file(name).reads_rows(name)
-
-    def files(self) -> list[Path]:  # noqa: D102
-        return list(dict.fromkeys(f for src in self._sources for f in src.files()))
-
-    def check_unchanged(self) -> None:  # noqa: D102
-        for src in self._sources:
-            src.check_unchanged()
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._source_of
-
-
 def as_tensor_set(obj: Any, origin: str) -> Any:
     """The reader of a module, state dict, checkpoint path or weight source.
 
-    Modules become :class:`ParamSet` (live parameters), mappings :class:`TensorDictSet` (or
-    :class:`ParamSet` when every value is a parameter), paths :class:`CheckpointShards`; a
-    :class:`~drm_lightning.sources.WeightSource` (a :class:`TensorSet` included), or any
-    reader with ``keys``/``meta``/``get`` as the merge loop takes, is used as it is.
-    ``origin`` labels what is built here in messages.
+    Modules (and mappings of parameters) become :class:`ParamSet` (live parameters, the
+    engines' write target); anything else :func:`~drm_lightning.sources.open_source` opens —
+    a state dict, a safetensors file or HF folder (read row-wise, so a rank reads only what
+    covers its partition) — is opened by it. A duck-typed reader with ``keys``/``meta``/``get``
+    (as the merge loop takes) is used as it is. ``origin`` labels what is built from a module
+    or a mapping in messages.
     """
-    if isinstance(obj, WeightSource):
-        return obj
     if isinstance(obj, nn.Module):
         return ParamSet.from_module(obj, origin=origin)
-    if isinstance(obj, (str, os.PathLike)):
-        return CheckpointShards(obj, origin=origin)
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, nn.Parameter) for v in obj.values()):
+        return ParamSet(obj, origin)
     if isinstance(obj, Mapping):
-        if all(isinstance(v, nn.Parameter) for v in obj.values()):
-            return ParamSet(obj, origin)
-        return TensorDictSet(obj, origin)
+        return StateDictSource(obj, origin=origin)
+    if isinstance(obj, (WeightSource, str, os.PathLike)):
+        return open_source(obj)
     if all(callable(getattr(obj, attr, None)) for attr in ("keys", "meta", "get")):
         return obj
     raise TypeError(

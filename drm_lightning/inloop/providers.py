@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from drm_lightning.inloop.backends import Backend, Merged, Zero3Backend
 from drm_lightning.inloop.weights import check_paths, cpu_clone, float_state, load_weights
+from drm_lightning.sources.hf_folder import SAFETENSORS_INDEX
 
 Kind = Literal["live", "snapshots", "checkpoints"]
 
@@ -64,8 +65,10 @@ class Snapshot:
 
 
 def is_safetensors(path: Path) -> bool:
-    """A ``.safetensors`` file or a folder holding some (readable shard-wise under ZeRO-3)."""
-    return path.suffix == ".safetensors" or (path.is_dir() and any(path.glob("*.safetensors")))
+    """A ``.safetensors`` file or an HF folder of them (readable row-wise under ZeRO-3)."""
+    if path.is_dir():
+        return any((path / f).is_file() for f in ("model.safetensors", SAFETENSORS_INDEX))
+    return path.suffix == ".safetensors"
 
 
 class BranchProvider(ABC):
@@ -257,7 +260,8 @@ class SingleModelBranches(BranchProvider):
         check_paths(self.paths)
         problems += [
             f"checkpoint {task!r} ({os.fspath(path)}) is not safetensors: under ZeRO-3 branches "
-            "are read shard-wise from .safetensors files or folders only"
+            "are read row-wise from a .safetensors file or a folder with "
+            "model.safetensors[.index.json]"
             for task, path in self.paths.items()
             if not is_safetensors(path)
         ]
@@ -272,27 +276,20 @@ class SingleModelBranches(BranchProvider):
         return problems
 
     def _read(self, backend: Backend, path: Path, origin: str) -> Any:
-        from drm_lightning.distributed import CheckpointShards
-        from drm_lightning.sources import StateDictSource
+        from drm_lightning.sources import StateDictSource, open_source
 
         if isinstance(backend, Zero3Backend):
-            return CheckpointShards(path, origin=origin)
+            return open_source(path)
         return StateDictSource(load_weights(path, trust_pickles=self.trust_pickles), origin=origin)
 
     def setup(self, model: nn.Module, backend: Backend) -> None:  # noqa: D102
-        from drm_lightning.distributed import TensorDictSet
         from drm_lightning.sources import StateDictSource
 
         if isinstance(self.base_arg, Mapping):
             floats = cpu_clone(
                 {k: v for k, v in self.base_arg.items() if torch.is_floating_point(v)}
             )
-            partitioned = isinstance(backend, Zero3Backend)
-            self._base = (
-                TensorDictSet(floats, "base")
-                if partitioned
-                else StateDictSource(floats, origin="base")
-            )
+            self._base = StateDictSource(floats, origin="base")
         elif self.base_arg is not None:
             path = Path(self.base_arg)
             if not path.exists():

@@ -45,8 +45,9 @@ EXPECTED_INPUTS = (
     "pytorch_model.bin, a Lightning .ckpt, or a PEFT adapter folder with adapter_config.json"
 )
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 _CANDIDATES: tuple[tuple[str, Layout], ...] = (
-    ("model.safetensors.index.json", "safetensors-sharded"),
+    (SAFETENSORS_INDEX, "safetensors-sharded"),
     ("model.safetensors", "safetensors"),
     ("pytorch_model.bin.index.json", "bin-sharded"),
     ("pytorch_model.bin", "bin"),
