@@ -132,6 +132,16 @@ def test_non_matrix_tensors_take_the_scaled_mean() -> None:
         torch.testing.assert_close(got, 0.7 * (w[:, None] * deltas).sum(0) / 3)
 
 
+def test_non_matrix_tensors_merge_in_row_pieces() -> None:
+    deltas, w = _deltas(3, 7, 4, seed=12), torch.tensor([1.0, -0.5, 2.0], dtype=F64)
+    for name in NAMES:
+        method = get_method(name, scaling=1.3)
+        assert method.merges_in_rows("fallback", (7, 4), 3)
+        assert not method.merges_in_rows("matrix", (7, 4), 3)
+        pieces = method.merge_rows("fallback", lambda a, b: deltas[:, a:b], (7, 4), w, piece_rows=3)
+        torch.testing.assert_close(torch.cat(list(pieces)), method.merge_fallback(deltas, w))
+
+
 def test_tsv_m_on_a_matrix_too_small_for_every_task_takes_the_mean() -> None:
     deltas = _deltas(4, 10, 3, seed=2)  # min(n, m) = 3 < T = 4: no task would keep a direction
     torch.testing.assert_close(_merge("tsv_m", deltas, scaling=2.0), 2.0 * deltas.mean(0))

@@ -66,7 +66,10 @@ class Triplets:
     vh: Tensor
 
     def top(self, k: int) -> Triplets:
-        return Triplets(self.u[:, :k], self.s[:k], self.vh[:k])
+        """The first ``k`` triplets, copied when fewer: no view keeps a full SVD alive."""
+        if k >= self.s.numel():
+            return self
+        return Triplets(self.u[:, :k].clone(), self.s[:k].clone(), self.vh[:k].clone())
 
 
 def thin_svd(term: Term, tol: float) -> Triplets:
