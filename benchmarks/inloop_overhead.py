@@ -86,9 +86,9 @@ class Run:
 
 
 @functools.cache
-def _demo_inputs() -> tuple[Any, Any, dict[str, torch.Tensor]]:
+def _demo_inputs(pretrain_steps: int | None) -> tuple[Any, Any, dict[str, torch.Tensor]]:
     """The demo's config, task suite and pretrained backbone state (built once a process)."""
-    config = DemoConfig()
+    config = DemoConfig() if pretrain_steps is None else DemoConfig(pretrain_steps=pretrain_steps)
     suite = build_suite(config.tasks, data_seed=config.data_seed)
     return config, suite, pretrain(suite, config)
 
@@ -96,7 +96,7 @@ def _demo_inputs() -> tuple[Any, Any, dict[str, torch.Tensor]]:
 def demo_loop(args: argparse.Namespace) -> Loop:
     """The README demo suite (``examples/accelerate_multitask.py``): the pretrained residual MLP,
     one branch and head per demo task (six), the demo's training loaders and validation tasks."""
-    config, suite, state = _demo_inputs()
+    config, suite, state = _demo_inputs(args.pretrain_steps)
     backbone = ResidualMLP(config.hidden, config.depth)
     backbone.load_state_dict(state)
     heads: dict[str, nn.Module] = {
@@ -251,6 +251,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "toy: the MLP of --dim/--hidden/--tasks on teacher tasks; "
             "demo: the README demo suite (six tasks)"
         ),
+    )
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="demo loop: pretraining steps of the backbone (default: the demo's)",
     )
     parser.add_argument(
         "--profile",

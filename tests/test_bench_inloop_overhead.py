@@ -57,7 +57,7 @@ def _run(tmp_path: Path, *args: str) -> dict:
             "--train-size",
             "256",
         ],
-        ["--loop", "demo"],
+        ["--loop", "demo", "--pretrain-steps", "20"],
     ],
     ids=["toy", "demo"],
 )
