@@ -298,11 +298,12 @@ def _refusal(zoo: Path, tmp_path: Path, **changes: Any) -> str:
 
 def test_refusals_name_the_key(zoo: Path, tmp_path: Path) -> None:
     ft0 = str(zoo / "ft0")
-    msg = _refusal(zoo, tmp_path, merge_method="slerp", parameters={"t": 0.5})
-    assert "merge_method: slerp is not supported yet" in msg
+    two = [{"model": ft0}, {"model": str(zoo / "ft1")}]
+    msg = _refusal(zoo, tmp_path, merge_method="slerp", parameters={"t": 0.5}, models=two)
+    assert "models: slerp interpolates base_model and one other model; got 2" in msg
     assert "slices: layer slices" in _refusal(zoo, tmp_path, slices=[])
-    assert "merge_method: mergekit's 'della' is not implemented" in _refusal(
-        zoo, tmp_path, merge_method="della"
+    assert "merge_method: mergekit's 'karcher' is not implemented" in _refusal(
+        zoo, tmp_path, merge_method="karcher"
     )
     assert "tokenizer_source: union" in _refusal(zoo, tmp_path, tokenizer_source="union")
     msg = _refusal(zoo, tmp_path, dtyp="float32", parameters={"lamda": 2.0})

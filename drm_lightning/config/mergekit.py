@@ -7,10 +7,18 @@ the way ``mergekit-yaml`` (0.1.5) reads it, so a mergekit user gets mergekit's n
   global ``parameters`` (defaults for every model, and the method's own settings:
   ``normalize``, ``rescale``, ``lambda``, ``int8_mask``), ``dtype``, ``out_dtype`` and
   ``tokenizer_source`` (``base`` or a model folder sharing the base's vocabulary);
-* TIES / DARE / task arithmetic with ``convention: mergekit`` (sign vote on weighted deltas,
-  divisor = agreeing weights, at least one entry kept, L1 rescale) and mergekit's defaults
-  (``density`` 1.0, ``normalize`` on for ties only, ``rescale`` on for DARE); a model that
-  is the base model takes no part, as in mergekit;
+* TIES / DARE / task arithmetic / breadcrumbs / DELLA with ``convention: mergekit`` (sign
+  vote on weighted deltas, divisor = agreeing weights, at least one entry kept, L1 rescale)
+  and mergekit's defaults (``density`` 1.0, ``normalize`` on for ties and della, ``rescale``
+  on for DARE and DELLA, ``gamma`` 0.01, ``epsilon`` 0.15); a model that is the base model
+  takes no part, as in mergekit;
+* ``slerp`` of ``base_model`` and the one other model, with ``t`` a number, a gradient
+  (``t: [0, 0.5, 1]``: interpolated over the layers, layer ``i`` of ``L`` at ``i/(L-1)``, the
+  tensors outside the layers at the first value) or a list of ``{filter, value}`` (the first
+  whose ``filter`` is in the tensor's name; one without a filter for the rest), resolved per
+  tensor as ``mergekit-yaml`` does (:class:`PerTensorParameters`); ``nuslerp`` of two models
+  (their deltas from ``base_model``, or without one their weights); ``model_stock`` of two
+  or more models and the base;
 * ``linear`` averages every listed model and ``base_model`` (which needs a weight too);
 * ``dtype`` is the compute dtype, as in mergekit: with ``bfloat16``/``float16`` the
   task-vector methods compute in it (mergekit's arithmetic; ``linear`` averages in float32,
@@ -27,9 +35,8 @@ the models (:func:`hub_id`), as ``mergekit-yaml`` writes them.
 
 What cannot be honoured is refused, naming the key, before any weight is read: ``slices``,
 ``modules``, ``tokenizer``, ``chat_template``, ``tokenizer_source: union``, gradient lists
-and filtered values, negative weights, unknown keys and every other mergekit method
-(``slerp`` included: it needs the base tensor and the tensor name, which the merge loop does
-not pass to a method). drm-merge's own ``seed``, ``routing`` and ``compute_dtype`` are
+and filtered values of any parameter but slerp's ``t``, negative weights, unknown keys and
+every other mergekit method. drm-merge's own ``seed``, ``routing`` and ``compute_dtype`` are
 accepted; ``trust_pickles`` is not (a file cannot opt in to unpickling: pass
 ``--trust-pickles``); ``parameters.convention: peft`` selects drm-merge's TIES/DARE arithmetic.
 
@@ -42,8 +49,10 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,8 +64,8 @@ from drm_lightning.config.errors import ConfigError, format_loc, format_validati
 from drm_lightning.config.schema import TORCH_DTYPES, MergeConfig
 from drm_lightning.config.values import check_path
 from drm_lightning.config.yaml_file import Lines
-from drm_lightning.methods import MergeMethod
-from drm_lightning.methods.base import closest_names
+from drm_lightning.methods import MergeMethod, Route, get_method
+from drm_lightning.methods.base import MethodParams, closest_names
 from drm_lightning.methods.per_branch import PerBranchDensity
 from drm_lightning.sources.input_files import read_regular
 from drm_lightning.sources.writer import TOKENIZER_FILES
@@ -64,19 +73,29 @@ from drm_lightning.sources.writer import TOKENIZER_FILES
 __all__ = [
     "MergekitConfig",
     "PerBranchDensity",
+    "PerTensorParameters",
     "hub_id",
     "is_mergekit_format",
     "mergekit_config",
     "tokenizer_source",
 ]
 
-TASK_VECTOR = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
-SUPPORTED = ("linear", *TASK_VECTOR, "drm")
-SPARSIFYING = ("ties", "dare_ties", "dare_linear")
 # fmt: off
-OTHER_MERGEKIT = ("arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-                  "karcher", "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough",
-                  "ram", "ramplus_tl", "sce", "slerp", "task_adapter")
+TASK_VECTOR = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+               "breadcrumbs_ties", "della", "della_linear")
+SPARSIFYING = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+               "della_linear")
+INTERPOLATING = ("slerp", "nuslerp", "model_stock")
+SUPPORTED = ("linear", *TASK_VECTOR, *INTERPOLATING, "drm")
+UNWEIGHTED = ("slerp", "model_stock")  # mergekit takes no weight: ignored, with a warning
+# each method's own settings beyond the task-vector family's, with their type
+OWN_PARAMS: dict[str, dict[str, type]] = {
+    "slerp": {"t": float},
+    "nuslerp": {"nuslerp_flatten": bool, "nuslerp_row_wise": bool},
+    "model_stock": {"filter_wise": bool},
+}
+OTHER_MERGEKIT = ("arcee_fusion", "karcher", "multislerp", "nearswap", "passthrough", "ram",
+                  "ramplus_tl", "sce", "task_adapter")
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
             "tokenizer_source")
 # fmt: on
@@ -97,11 +116,11 @@ SHARED_PARAMS = {"normalize": bool, "rescale": bool, "lambda": float, "int8_mask
 SPARSIFICATION = ("density", "epsilon", "gamma")
 HALF = ("float16", "bfloat16")
 HalfOrFull = Literal["float16", "bfloat16", "float32", "float64"]
-SLERP_WHY = (
-    "slerp is not supported yet (it interpolates whole weights and reads t per tensor name; "
-    "drm-merge's methods see only the deltas): use linear with weights 1-t and t for the "
-    "straight-line mix, or mergekit-yaml for slerp"
-)
+SPARSIFY_OPTION = {
+    "gamma": ("breadcrumbs", "breadcrumbs_ties"),
+    "epsilon": ("della", "della_linear"),
+}
+"""The per-model sparsification settings beyond ``density``, and the methods that use them."""
 
 Loc = tuple[str | int, ...]
 
@@ -127,6 +146,11 @@ class MergekitConfig(MergeConfig):
     """The config file's text, as given (written to the output as ``mergekit_config.yml``)."""
     model_names: list[str] = []
     """``base_model`` then each model, as written in the file (the card's ``base_model:``)."""
+    varying: dict[str, Any] = {}
+    """Parameters set per tensor (slerp's gradient or filtered ``t``), as written in the file
+    (checked): :class:`PerTensorParameters` resolves them."""
+    num_layers: int | None = None
+    """The base's layer count (``config.json``), for the gradients of :attr:`varying`."""
 
     @field_validator("compute_dtype", "out_dtype", mode="before")
     @classmethod
@@ -134,7 +158,10 @@ class MergekitConfig(MergeConfig):
         return value  # checked by translate(): mergekit's dtypes, half precision included
 
     def build_method(self) -> MergeMethod:
-        """The method; per-model densities that differ wrap it in :class:`PerBranchDensity`."""
+        """The method; per-model densities that differ wrap it in :class:`PerBranchDensity`,
+        parameters set per tensor in :class:`PerTensorParameters`."""
+        if self.varying:
+            return PerTensorParameters(self.method, self.parameters, self.varying, self.num_layers)
         method = super().build_method()
         densities = self.branch_densities
         if densities and len(set(densities)) > 1:
@@ -219,6 +246,133 @@ def tokenizer_source(config: MergeConfig) -> Path | None:
     return config.tokenizer_source if isinstance(config, MergekitConfig) else None
 
 
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+"""The layer index in a tensor name (``model.layers.3.mlp...``, GPT-2's ``transformer.h.3...``)."""
+
+
+def layer_position(name: str, num_layers: int | None) -> float:
+    """Where a tensor sits for mergekit's gradients: layer ``i`` of ``L`` at ``i / (L - 1)``
+    (1 when ``L`` is 1), tensors outside the layers (embeddings, final norm, head) at 0.
+
+    Example:
+        >>> layer_position("model.layers.3.mlp.up_proj.weight", 7), layer_position("lm_head", 7)
+        (0.5, 0.0)
+    """
+    match = LAYER_INDEX.search(name)
+    if match is None or num_layers is None:
+        return 0.0
+    if num_layers <= 1:
+        return 1.0
+    return min(1.0, int(match.group(1)) / (num_layers - 1))
+
+
+def setting_value(setting: Any, name: str, position: float) -> float | None:
+    """A checked mergekit parameter setting's value for the tensor ``name`` at the gradient
+    ``position``: a number; a gradient (a list of numbers, linearly interpolated, the
+    position spread over its intervals); or a list of ``{filter, value}`` (the first whose
+    ``filter`` is absent, ``*`` or in ``name``; ``None`` when none is).
+
+    Example:
+        >>> setting_value([0, 0.5, 1], "x", 0.25), setting_value([0.0, 1.0], "x", 0.3)
+        (0.25, 0.3)
+        >>> t = [{"filter": "self_attn", "value": [0, 1]}, {"value": 0.5}]
+        >>> setting_value(t, "model.layers.0.self_attn.q_proj.weight", 0.5)
+        0.5
+    """
+    if isinstance(setting, list) and setting and isinstance(setting[0], Mapping):
+        for cond in setting:
+            where = cond.get("filter")
+            if where is None or where == "*" or where in name:
+                return setting_value(cond["value"], name, position)
+        return None
+    if not isinstance(setting, list):
+        return float(setting)
+    values = [float(v) for v in setting]
+    scaled = position * (len(values) - 1)
+    low = int(scaled)
+    high = min(len(values) - 1, low + 1)
+    frac = scaled - low
+    return (1 - frac) * values[low] + frac * values[high]
+
+
+class PerTensorParameters(MergeMethod):
+    """A registered method whose parameters vary per tensor, as mergekit's gradients and
+    filters make them (slerp's ``t: [0, 0.5, 1]``): :meth:`for_tensor` gives the method with
+    the values for that tensor (:func:`setting_value` at :func:`layer_position`), which is
+    what :func:`~drm_lightning.merge.merge_tensor` merges with.
+
+    Example:
+        >>> m = PerTensorParameters("slerp", {}, {"t": [0.0, 1.0]}, num_layers=3)
+        >>> m.for_tensor("model.layers.1.mlp.up_proj.weight").params.t
+        0.5
+    """
+
+    name = "per_tensor"
+    paper = ""
+    Params = MethodParams
+
+    def __init__(
+        self,
+        method: str,
+        fixed: Mapping[str, Any],
+        varying: Mapping[str, Any],
+        num_layers: int | None,
+    ) -> None:
+        self.method, self.fixed, self.varying = method, dict(fixed), dict(varying)
+        self.num_layers = num_layers
+        self.inner = get_method(method, **self.fixed)  # the varying ones at their defaults
+        self.params = self.inner.params
+        self.registered_name = method
+        self._made: dict[tuple[tuple[str, float], ...], MergeMethod] = {}
+
+    def __repr__(self) -> str:
+        return f"PerTensorParameters({self.inner!r}, varying={self.varying})"
+
+    def values(self, name: str) -> dict[str, float]:
+        """The varying parameters' values for the tensor ``name``."""
+        position = layer_position(name, self.num_layers)
+        out = {}
+        for key, setting in self.varying.items():
+            value = setting_value(setting, name, position)
+            if value is None:
+                raise ValueError(f"{name!r}: no value of {self.method} parameter {key!r} applies")
+            out[key] = value
+        return out
+
+    def for_tensor(self, name: str) -> MergeMethod:
+        values = self.values(name)
+        key = tuple(sorted(values.items()))
+        if key not in self._made:
+            self._made[key] = get_method(self.method, **self.fixed, **values)
+        return self._made[key]
+
+    @property
+    def needs_base(self) -> bool:
+        return self.inner.needs_base
+
+    @property
+    def uses_randomness(self) -> bool:
+        return self.inner.uses_randomness
+
+    def coefficient_problem(self, coefficients: Sequence[float]) -> str | None:
+        return self.inner.coefficient_problem(coefficients)
+
+    def cost(self, route: Route, shape: Sequence[int], n_branches: int) -> float:
+        return self.inner.cost(route, shape, n_branches)
+
+    def workspace_elements(self, route: Route, shape: Sequence[int], n_branches: int) -> int:
+        return self.inner.workspace_elements(route, shape, n_branches)
+
+    def _unresolved(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"{self.method}'s parameters vary per tensor: merge with for_tensor(name) "
+            "(merge_tensor does)"
+        )
+
+    merge_matrix = _unresolved  # type: ignore[assignment]
+    merge_fallback = _unresolved  # type: ignore[assignment]
+
+
 # ------------------------------------------------------------------------------ translation
 
 
@@ -253,8 +407,10 @@ class _Problems:
             raise ConfigError(format_validation_error(err, source=source, where=lines))
 
 
-def _number(problems: _Problems, loc: Loc, value: Any, *, density: bool = False) -> float | None:
-    """A scalar weight or density, else a problem at ``loc``."""
+def _number(
+    problems: _Problems, loc: Loc, value: Any, *, density: bool = False, signed: bool = False
+) -> float | None:
+    """A scalar weight or density (``signed``: any finite number), else a problem at ``loc``."""
     if isinstance(value, (list, Mapping)):
         problems.add(loc, "gradient lists and filtered values are not supported; give one number")
         return None
@@ -264,7 +420,7 @@ def _number(problems: _Problems, loc: Loc, value: Any, *, density: bool = False)
     if density and not 0 < value <= 1:
         problems.add(loc, "density is the fraction kept and must be in (0, 1]", value)
         return None
-    if not density and value < 0:
+    if not density and not signed and value < 0:
         problems.add(loc, "negative weights are not supported by drm-merge", value)
         return None
     return float(value)
@@ -297,9 +453,7 @@ def _check_top(problems: _Problems, data: Mapping[str, Any]) -> str | None:
         elif key not in TOP_KEYS + EXTENSIONS:
             problems.add((key,), f"unknown key ({closest_names(str(key), TOP_KEYS + EXTENSIONS)})")
     method = data.get("merge_method")
-    if method == "slerp":
-        problems.add(("merge_method",), SLERP_WHY)
-    elif method in OTHER_MERGEKIT:
+    if method in OTHER_MERGEKIT:
         problems.add(
             ("merge_method",),
             f"mergekit's {method!r} is not implemented by drm-merge "
@@ -318,31 +472,105 @@ def _check_top(problems: _Problems, data: Mapping[str, Any]) -> str | None:
 
 def _unused_by(method: str, key: str, *, shared: bool) -> bool:
     """Whether mergekit's ``method`` ignores the parameter ``key`` that it does not use: another
-    method's sparsification parameter, or (``shared``: top-level ``parameters``) one of the
-    task-vector family's settings on ``linear``."""
+    method's sparsification parameter, ``weight`` on slerp and model_stock, or (``shared``:
+    top-level ``parameters``) one of the task-vector family's settings on ``linear`` and the
+    interpolations."""
     if method == "drm":
         return False  # drm-merge's own method: DRM's parameters, checked as such
     if key in SPARSIFICATION:
-        return key != "density" or method not in SPARSIFYING
-    return shared and method == "linear" and key in ("lambda", "rescale", "int8_mask")
+        if key == "density":
+            return method not in SPARSIFYING
+        return method not in SPARSIFY_OPTION[key]
+    if key == "weight":
+        return method in UNWEIGHTED
+    if method in INTERPOLATING and shared and key == "normalize":
+        return True
+    return (
+        shared
+        and method in ("linear", *INTERPOLATING)
+        and key in ("lambda", "rescale", "int8_mask")
+    )
+
+
+def _setting(problems: _Problems, loc: Loc, value: Any) -> Any:
+    """A per-tensor setting (slerp's ``t``) checked: a number, a gradient (a non-empty list
+    of numbers) or a list of ``{filter, value}`` ending with one that applies to every
+    tensor; returned as a number, a list of numbers or a list of mappings."""
+    if isinstance(value, Mapping):
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(c, Mapping) for c in value):
+        out = []
+        for i, cond in enumerate(value):
+            extra = sorted(str(k) for k in cond if k not in ("filter", "value"))
+            if extra or "value" not in cond:
+                problems.add((*loc, i), "each entry is {filter: TEXT, value: NUMBER or LIST}")
+                return None
+            if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+                problems.add((*loc, i, "filter"), "must be text", cond["filter"])
+                return None
+            inner = _setting(problems, (*loc, i, "value"), cond["value"])
+            if inner is None or isinstance(inner, list) and inner and isinstance(inner[0], dict):
+                return None
+            out.append({"filter": cond.get("filter"), "value": inner})
+        if not any(c["filter"] in (None, "*") for c in out):
+            problems.add(
+                loc,
+                "add a last entry without filter (the value of every other tensor): "
+                "drm-merge checks the file before reading any tensor name",
+            )
+            return None
+        return out
+    if isinstance(value, list):
+        numbers = [_number(problems, loc, v, signed=True) for v in value]
+        if not numbers or None in numbers:
+            if not numbers:
+                problems.add(loc, "a gradient needs at least one number", value)
+            return None
+        return numbers
+    return _number(problems, loc, value, signed=True)
+
+
+def _is_gradient(setting: Any) -> bool:
+    """Whether a checked setting interpolates over the layers (needs their count)."""
+    if isinstance(setting, list) and setting and isinstance(setting[0], dict):
+        return any(_is_gradient(c["value"]) for c in setting)
+    return isinstance(setting, list) and len(setting) > 1
 
 
 def _check_parameters(
-    problems: _Problems, method: str, params: Mapping[str, Any]
+    problems: _Problems, method: str, params: Mapping[str, Any], varying: dict[str, Any]
 ) -> dict[str, Any]:
-    """The method parameters in drm-merge's names (weight and density are left out)."""
+    """The method parameters in drm-merge's names (the per-model ones are left out); those
+    set per tensor (slerp's gradient or filtered ``t``) go to ``varying``."""
     out: dict[str, Any] = {}
     for key, value in params.items():
         loc = ("parameters", key)
         if _unused_by(method, str(key), shared=True):
             problems.ignore(loc, method)
             continue
-        if key in ("weight", "density"):
+        if key in ("weight", "density", *SPARSIFY_OPTION):
             if key == "density" and method not in SPARSIFYING:  # drm
                 problems.add(loc, f"density has no effect in {method} (use ties or dare_*)")
             continue
         if method == "drm":
             out[key] = value  # validated with DRM's own parameters
+        elif method in INTERPOLATING:
+            own = OWN_PARAMS[method]
+            if key not in own:
+                valid = [*own, "weight"] if method == "nuslerp" else list(own)
+                problems.add(
+                    loc, f"unknown parameter for {method} ({closest_names(str(key), valid)})"
+                )
+            elif key == "t":
+                setting = _setting(problems, loc, value)
+                if isinstance(setting, list):
+                    varying["t"] = setting
+                elif setting is not None:
+                    out["t"] = setting
+            elif not isinstance(value, bool):
+                problems.add(loc, "must be true or false", value)
+            else:
+                out[key] = value
         elif method == "linear" and key == "normalize":
             if value is not True:
                 problems.add(
@@ -372,14 +600,18 @@ def _check_parameters(
     if method in TASK_VECTOR:
         out.setdefault("convention", "mergekit")
     if method in SPARSIFYING and out.get("convention") == "mergekit":
-        out.setdefault("rescale", "l1" if method.startswith("dare") else "none")
+        out.setdefault("rescale", "l1" if method.startswith(("dare", "della")) else "none")
     return out
 
 
 def _check_models(
-    problems: _Problems, method: str, data: Mapping[str, Any]
+    problems: _Problems,
+    method: str,
+    data: Mapping[str, Any],
+    options: dict[str, dict[str, tuple[Loc, float]]] | None = None,
 ) -> list[tuple[Loc, str, float | None, float]]:
-    """``(loc, path, weight, density)`` per model entry (paths checked, values scalar)."""
+    """``(loc, path, weight, density)`` per model entry (paths checked, values scalar); the
+    method's other per-model settings (``gamma``, ``epsilon``) go to ``options[path]``."""
     models = data.get("models")
     if not isinstance(models, list) or not models:
         problems.add(("models",), "a non-empty list of {model: PATH, parameters: {...}}", models)
@@ -403,13 +635,14 @@ def _check_models(
         if not isinstance(params, Mapping):
             problems.add(("models", i, "parameters"), "must be a mapping", params)
             params = {}
+        own = [k for k, users in SPARSIFY_OPTION.items() if method in users]
         for key in params:
             if _unused_by(method, str(key), shared=False):
                 problems.ignore(("models", i, "parameters", key), method)
-            elif key not in ("weight", "density") or (
+            elif key not in ("weight", "density", *own) or (
                 key == "density" and method not in SPARSIFYING
             ):
-                valid = ["weight", "density"] if method in SPARSIFYING else ["weight"]
+                valid = ["weight", "density", *own] if method in SPARSIFYING else ["weight"]
                 problems.add(
                     ("models", i, "parameters", key),
                     f"not a per-model parameter of {method} ({closest_names(str(key), valid)})",
@@ -417,7 +650,7 @@ def _check_models(
         weight: float | None = None
         where: Loc = ("models", i, "parameters", "weight")
         raw = params.get("weight", shared.get("weight"))
-        if raw is not None:
+        if raw is not None and method not in UNWEIGHTED:  # else ignored, with a warning
             loc = where if "weight" in params else ("parameters", "weight")
             weight = _number(problems, loc, raw) or 0.0  # a bad value is reported once
         raw_density = params.get("density", shared.get("density", 1.0))
@@ -426,6 +659,13 @@ def _check_models(
             if method in SPARSIFYING
             else 1.0
         )
+        for key in own:
+            raw_option = params.get(key, shared.get(key))
+            where = ("models", i, "parameters", key) if key in params else ("parameters", key)
+            if raw_option is not None and options is not None:
+                value = _number(problems, where, raw_option)
+                if value is not None:
+                    options.setdefault(str(entry["model"]), {})[key] = (where, value)
         try:
             check_path(Path(str(entry["model"])), "model")
         except ValueError as err:
@@ -443,10 +683,12 @@ def translate(data: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
         params = {}
     if method is None:
         return {}
-    ours = _check_parameters(problems, method, params)
-    entries = parsed = _check_models(problems, method, data)
+    varying: dict[str, Any] = {}
+    ours = _check_parameters(problems, method, params, varying)
+    options: dict[str, dict[str, tuple[Loc, float]]] = {}
+    entries = parsed = _check_models(problems, method, data, options)
     base = data.get("base_model")
-    if base is None and method != "linear":
+    if base is None and method not in ("linear", "nuslerp"):
         problems.add(("base_model",), f"required by {method} (the model the deltas are taken from)")
     elif base is not None:
         try:
@@ -477,7 +719,7 @@ def translate(data: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
     if method != "linear":  # mergekit takes no delta of the base model itself
         entries = [e for e in entries if not _same(e[1], base)]
     for loc, _, weight, _ in entries:
-        if weight is None and method != "drm":
+        if weight is None and method not in ("drm", *UNWEIGHTED):
             problems.add(
                 (*loc, "parameters", "weight") if loc[0] == "models" else loc,
                 f"required by mergekit's {method} (no default): give a weight here or "
@@ -485,6 +727,13 @@ def translate(data: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
             )
     if parsed and not entries:
         problems.add(("models",), "no model to merge besides the base model")
+    elif parsed:
+        _check_count(problems, method, len(entries), base is not None)
+    if method == "slerp" and "t" not in params:
+        problems.add(("parameters", "t"), "required by mergekit's slerp (no default)")
+    if method == "nuslerp" and base is None:
+        ours["interpolate"] = "weights"  # mergekit without base_model: the models themselves
+    _check_options(problems, method, entries, options, ours)
     dtype = _dtype(problems, "dtype", data.get("dtype"))
     out_dtype = _dtype(problems, "out_dtype", data.get("out_dtype"))
     tokenizer = data.get("tokenizer_source")
@@ -522,7 +771,78 @@ def translate(data: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
         if path not in names:
             names.append(path)
     result["model_names"] = names
+    if varying:
+        result["varying"] = varying
+        if any(_is_gradient(v) for v in varying.values()):
+            result["num_layers"] = _num_layers(problems, result["base"])
     return result
+
+
+def _check_count(problems: _Problems, method: str, n: int, has_base: bool) -> None:
+    """The number of models besides the base that slerp, nuslerp and model_stock take."""
+    besides = " besides base_model" if has_base else ""
+    if method == "slerp" and n != 1:
+        problems.add(
+            ("models",),
+            f"slerp interpolates base_model and one other model; got {n} besides the base",
+        )
+    elif method == "nuslerp" and n != 2:
+        problems.add(("models",), f"nuslerp interpolates two models{besides}; got {n}")
+    elif method == "model_stock" and n < 2:
+        problems.add(
+            ("models",), f"model_stock needs at least two models besides the base; got {n}"
+        )
+
+
+def _check_options(
+    problems: _Problems,
+    method: str,
+    entries: Sequence[tuple[Loc, str, float | None, float]],
+    options: Mapping[str, Mapping[str, tuple[Loc, float]]],
+    ours: dict[str, Any],
+) -> None:
+    """``gamma`` / ``epsilon`` of the merged models (one value for all, which drm-merge takes
+    as the method's) and, for DELLA, every model's ``density ± epsilon`` inside (0, 1)."""
+    for key, users in SPARSIFY_OPTION.items():
+        if method not in users:
+            continue
+        given = [options[path][key] for _, path, _, _ in entries if key in options.get(path, {})]
+        values = sorted({v for _, v in given})
+        if len(values) > 1:
+            problems.add(
+                given[0][0],
+                f"differs between models ({', '.join(f'{v:g}' for v in values)}); drm-merge "
+                f"takes one {key} for all: give it once under parameters",
+            )
+        elif values:
+            ours[key] = values[0]
+    if method in ("della", "della_linear"):
+        epsilon = float(ours.get("epsilon", 0.15))
+        for loc, _, _, density in entries:
+            if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+                problems.add(
+                    (*loc, "parameters", "density") if loc[0] == "models" else loc,
+                    f"density ± epsilon must be in (0, 1) (keep probabilities); got density "
+                    f"{density:g}, epsilon {epsilon:g}",
+                )
+
+
+def _num_layers(problems: _Problems, base: str) -> int | None:
+    """The base's layer count (``config.json``), which mergekit's gradients spread over."""
+    try:
+        config = json.loads(read_regular(Path(base) / "config.json")[0])
+    except (OSError, ValueError):
+        config = {}
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, int) and value > 0:
+            return value
+    problems.add(
+        ("parameters", "t"),
+        f"a gradient spreads over the layers, but {base}/config.json gives no "
+        "num_hidden_layers: give one number, or values per filter",
+    )
+    return None
 
 
 def _compute_dtype(problems: _Problems, method: str, dtype: str | None, data: Any) -> str:
@@ -563,8 +883,6 @@ def _check_tokenizer(problems: _Problems, path: Path, base: str) -> None:
 
 
 def _vocab_size(folder: Path) -> int | None:
-    import json
-
     try:
         value = json.loads(read_regular(folder / "config.json")[0]).get("vocab_size")
     except (OSError, ValueError, AttributeError):
@@ -590,12 +908,12 @@ def mergekit_config(
 
     Example:
         >>> try:
-        ...     mergekit_config({"merge_method": "slerp", "slices": []})
+        ...     mergekit_config({"merge_method": "karcher", "slices": []})
         ... except ConfigError as err:
         ...     print(err)
         invalid configuration <config> (2 problems):
           slices: layer slices (frankenmerges) are not supported; list whole models under models
-          merge_method: slerp is not supported yet ...
+          merge_method: mergekit's 'karcher' is not implemented by drm-merge ...
     """
     problems = _Problems()
     translated = translate(data, problems)

@@ -67,8 +67,8 @@ def merges_in_pieces(
         return False
     if item.numel * len(branches) <= piece_elements:
         return False
-    if not method.merges_in_rows(item.route, item.shape, len(branches)):
-        return False
+    if method.needs_base or not method.merges_in_rows(item.route, item.shape, len(branches)):
+        return False  # a method that needs the base tensor merges whole tensors
     sources = [base, *(b for b in branches if not is_lora_source(b))]
     return all(
         callable(getattr(s, "reads_rows", None)) and s.reads_rows(item.name) for s in sources

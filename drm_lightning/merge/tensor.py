@@ -90,7 +90,9 @@ def merge_tensor(
     cannot use (:meth:`~drm_lightning.methods.MergeMethod.coefficient_problem`) and a
     non-finite result (an overflow, e.g. from a huge coefficient). ``row_blocks > 1``
     merges a matrix as that many equal row blocks, each on its own (fused QKV, see
-    :meth:`~drm_lightning.merge.routing.Routing.row_blocks`).
+    :meth:`~drm_lightning.merge.routing.Routing.row_blocks`). The method merging ``name`` is
+    ``method.for_tensor(name)``; one that :attr:`~drm_lightning.methods.MergeMethod.needs_base`
+    gets the base (in ``compute_dtype``) as ``base=``.
 
     Example:
         >>> from drm_lightning.methods import get_method
@@ -107,6 +109,7 @@ def merge_tensor(
         supported = ", ".join(map(str, SUPPORTED_DTYPES))
         raise ValueError(f"compute_dtype must be one of {supported}, got {compute_dtype}")
     check_inputs(name, base, branch_tensors, origins)
+    method = method.for_tensor(name)
     method.check_coefficients(coefficients)
     if route == "matrix" and row_blocks > 1:
         rows = base.shape[0] // row_blocks
@@ -163,7 +166,7 @@ def _merge_checked_inputs(
     coef = torch.as_tensor(coefficients, dtype=compute_dtype, device=base.device).reshape(-1)
     base_c = base.detach().to(compute_dtype)
     dense = [t for t in branch_tensors if isinstance(t, Tensor)]
-    if route == "matrix" and len(dense) < len(branch_tensors):
+    if route == "matrix" and len(dense) < len(branch_tensors) and not method.needs_base:
         if not dense:
             factors = [
                 None
@@ -179,11 +182,12 @@ def _merge_checked_inputs(
         as_delta(t, base_c, compute_dtype, out=deltas[i])
     # The base and branches were checked (a difference that overflows half precision is caught
     # by the check of the merged result); the method need not pass over the stack again.
+    merge = method.merge_matrix if route == "matrix" else method.merge_fallback
     with finite_inputs_checked():
-        if route == "matrix":
-            delta = method.merge_matrix(deltas, coef, generator=generator)
+        if method.needs_base:
+            delta = merge(deltas, coef, generator=generator, base=base_c)  # type: ignore[call-arg]
         else:
-            delta = method.merge_fallback(deltas, coef, generator=generator)
+            delta = merge(deltas, coef, generator=generator)
     return base_c + delta
 
 

@@ -1,4 +1,6 @@
-"""Per-branch sparsification of task vectors: magnitude trim (TIES) and random drop (DARE).
+"""Per-branch sparsification of task vectors: magnitude trim (TIES), random drop (DARE),
+magnitude band without outliers (Model Breadcrumbs) and magnitude-ranked random drop (DELLA's
+MagPrune).
 
 Each function works on ONE branch delta at a time (any shape), as PEFT and mergekit do, so a
 branch's mask never depends on the other branches. The count and rescale conventions of the
@@ -48,6 +50,45 @@ def magnitude_mask(x: Tensor, k: int) -> Tensor:
                 [ True, False]])
     """
     return largest_mask(x, k)
+
+
+def outlier_mask(x: Tensor, keep: int, top: int) -> Tensor:
+    """Boolean mask of the entries ranked ``top + 1`` to ``top + keep`` by magnitude
+    (Model Breadcrumbs: the ``top`` largest are outliers and dropped, and so is everything
+    below the band).
+
+    Entries are ordered by magnitude, ties in flattened order (:func:`magnitude_mask`'s
+    order), so the band is the ``keep + top`` largest less the ``top`` largest.
+
+    Example:
+        >>> outlier_mask(torch.tensor([5.0, -1.0, 3.0, 0.5, -4.0]), 2, 1)
+        tensor([False, False,  True, False,  True])
+    """
+    band = largest_mask(x, keep + top)
+    return band & ~largest_mask(x, top) if top > 0 else band
+
+
+def magprune_probabilities(x: Tensor, density: float, epsilon: float, dtype: torch.dtype) -> Tensor:
+    """Keep-probabilities of DELLA's MagPrune for one branch delta, in ``dtype``.
+
+    Along dim 1 (a 1-D tensor is one row), entries are ranked by magnitude (0 = smallest,
+    ties in index order) and kept with probability ``density - epsilon + 2·epsilon·r/(m-1)``
+    (``r`` the rank, ``m`` the entries of the row): from ``density - epsilon`` for the
+    smallest to ``density + epsilon`` for the largest, ``density`` on average. A row of
+    one entry keeps it with probability ``density`` (mergekit fails there: 0/0). The
+    arithmetic is mergekit's, step by step, so the same draws keep the same entries.
+
+    Example:
+        >>> magprune_probabilities(torch.tensor([0.1, -3.0, 2.0]), 0.5, 0.2, torch.float64)
+        tensor([[0.3000, 0.7000, 0.5000]], dtype=torch.float64)
+    """
+    rows = x.unsqueeze(0) if x.dim() < 2 else x
+    size = rows.shape[1]
+    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(dtype)
+    if size < 2:
+        return torch.full_like(ranks, density)
+    rank_norm = (ranks / (size - 1)).clamp(0, 1)
+    return (density - epsilon) + rank_norm * 2 * epsilon
 
 
 def bernoulli_mask(

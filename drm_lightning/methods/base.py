@@ -26,7 +26,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
-from drm_lightning.methods.ops import check_merge_inputs, finite_inputs_checked, inputs_checked
+from drm_lightning.methods.ops import (
+    check_finite,
+    check_merge_inputs,
+    finite_inputs_checked,
+    inputs_checked,
+)
 from drm_lightning.methods.rowwise import SERIAL, DeltaRows, PieceRunner, StoredPiece, StoredRows
 
 Route = Literal["matrix", "fallback", "ignore"]
@@ -70,6 +75,8 @@ def checked_entry(impl: Callable[..., Tensor]) -> Callable[..., Tensor]:
         deltas = args[0] if args else kwargs.get("deltas", kwargs.get("factors"))
         coefficients = args[1] if len(args) > 1 else kwargs.get("coefficients")
         check_merge_inputs(deltas, coefficients)
+        if isinstance(kwargs.get("base"), Tensor):
+            check_finite("base", kwargs["base"], "the merge call")
         if isinstance(coefficients, Tensor):
             self.check_coefficients(coefficients)
         with finite_inputs_checked():
@@ -127,6 +134,23 @@ class MergeMethod(ABC):
     def uses_randomness(self) -> bool:
         """True when the result depends on the ``generator`` passed to the merge calls."""
         return False
+
+    @property
+    def needs_base(self) -> bool:
+        """True when the merge calls need the base tensor itself, not only the deltas (slerp
+        interpolates whole weights): :func:`~drm_lightning.merge.merge_tensor` then passes it
+        as ``base=`` (in the compute dtype) to :meth:`merge_matrix` / :meth:`merge_fallback`,
+        and merges LoRA branches densified. Only whole-tensor merges have the base: the row
+        pieces route reads such a method's tensors whole
+        (:func:`~drm_lightning.merge.pieces.merges_in_pieces`), and it keeps :meth:`row_local`
+        False (the default) so ZeRO-3 gathers its tensors to an owner. Default: False."""
+        return False
+
+    def for_tensor(self, name: str) -> MergeMethod:
+        """The method that merges the tensor ``name``: this one, unless parameters vary per
+        tensor (mergekit's per-layer ``t`` gradients: :mod:`drm_lightning.config.mergekit`).
+        :func:`~drm_lightning.merge.merge_tensor` asks it before merging."""
+        return self
 
     @abstractmethod
     def merge_matrix(

@@ -53,8 +53,8 @@ class PerBranchDensity(MergeMethod):
 
     @property
     def uses_randomness(self) -> bool:
-        """True for DARE when some branch keeps less than everything."""
-        return self.params.sparsify == "random" and min(self.densities) < 1
+        """True for DARE and DELLA when some branch keeps less than everything."""
+        return self.params.sparsify in ("random", "magprune") and min(self.densities) < 1
 
     def _merge(
         self, deltas: Tensor, coefficients: Tensor, generator: torch.Generator | None
@@ -75,6 +75,7 @@ class PerBranchDensity(MergeMethod):
                 rescale=p.rescale,
                 convention=p.convention,
                 generator=generator,
+                **p.sparsify_options(),
             )
         return task_vector_merge(
             sparse,

@@ -43,6 +43,8 @@ from drm_lightning.methods._sparsify import (
     RescaleRule,
     bernoulli_mask,
     magnitude_mask,
+    magprune_probabilities,
+    outlier_mask,
     rescale_masked,
 )
 from drm_lightning.methods.base import MergeMethod, Route
@@ -58,8 +60,11 @@ from drm_lightning.methods.rowwise import (
 )
 from drm_lightning.methods.task_vector_params import (  # noqa: F401 - re-exported names
     DEFAULT_DENSITY,
+    SPARSIFY_MODES,
     WEIGHT_SUM_EPS,
+    BreadcrumbsParams,
     Convention,
+    DellaParams,
     Sparsify,
     TaskVectorParams,
     convention_count_rule,
@@ -80,11 +85,17 @@ def sparsify_branches(
     count_rule: CountRule = "floor",
     generator: torch.Generator | None = None,
     mask_dtype: torch.dtype | None = None,
+    gamma: float = 0.0,
+    epsilon: float = 0.0,
 ) -> Tensor:
     """Sparsify every branch of an (N, ...) stack on its own; ``density >= 1`` is a no-op.
 
     Random masks are drawn branch by branch, in order, from ``generator`` (required for
-    ``random``) with probabilities of ``mask_dtype`` (default: the deltas' dtype).
+    ``random`` and ``magprune``) with probabilities of ``mask_dtype`` (default: the deltas'
+    dtype). ``magnitude_outliers`` (Model Breadcrumbs) keeps ``int(density·numel)`` entries
+    after dropping the ``int(gamma·numel)`` largest; ``magprune`` (DELLA) keeps each entry
+    with a probability from ``density - epsilon`` (smallest of its row) to
+    ``density + epsilon`` (largest) (:func:`~._sparsify.magprune_probabilities`).
 
     Example:
         >>> d = torch.tensor([[3.0, 1.0, 0.5, 2.0], [0.1, 0.2, -0.3, 0.4]])
@@ -94,8 +105,8 @@ def sparsify_branches(
     """
     if sparsify == "none" or density >= 1:
         return deltas
-    if sparsify == "random" and generator is None:
-        raise ValueError("random sparsification (DARE) needs a torch.Generator")
+    if sparsify in ("random", "magprune") and generator is None:
+        raise ValueError(f"random sparsification ({sparsify}) needs a torch.Generator")
     out = torch.empty_like(deltas)
     for i, delta in enumerate(deltas):
         if sparsify == "magnitude":
@@ -105,8 +116,16 @@ def sparsify_branches(
             mask = bernoulli_mask(
                 delta.shape, density, generator=generator, dtype=mask_dtype or delta.dtype
             ).to(delta.device)
+        elif sparsify == "magnitude_outliers":
+            numel = delta.numel()
+            mask = outlier_mask(delta, int(density * numel), int(gamma * numel))
+        elif sparsify == "magprune":
+            assert generator is not None
+            probs = magprune_probabilities(delta, density, epsilon, mask_dtype or delta.dtype)
+            draws = torch.bernoulli(probs.to(generator.device), generator=generator)
+            mask = draws.to(delta.device).bool().reshape(delta.shape)
         else:
-            raise ValueError(f"sparsify must be 'none', 'magnitude' or 'random', got {sparsify!r}")
+            raise ValueError(f"unknown sparsify {sparsify!r} (valid: {', '.join(SPARSIFY_MODES)})")
         torch.mul(delta, mask, out=out[i])
         if rescale != "none":
             out[i] = rescale_masked(delta, out[i], how=rescale, density=density)
@@ -193,20 +212,25 @@ def task_vector_merge(
     convention: Convention = "peft",
     scaling: float = 1.0,
     generator: torch.Generator | None = None,
+    gamma: float = 0.0,
+    epsilon: float = 0.0,
 ) -> Tensor:
     """Merge the (N, ...) branch deltas of one tensor into one delta (the whole recipe).
 
     Args:
         deltas: (N, ...) task vectors, branches on dim 0.
         coefficients: (N,) per-branch weights ``w_i``.
-        sparsify: ``none``, ``magnitude`` (TIES trim) or ``random`` (DARE drop).
+        sparsify: ``none``, ``magnitude`` (TIES trim), ``random`` (DARE drop),
+            ``magnitude_outliers`` (Model Breadcrumbs) or ``magprune`` (DELLA).
         density: fraction of entries kept per branch, in (0, 1].
         elect_signs: TIES sign election and disjoint merge.
         normalize: disjoint mean / weight-sum division (see :func:`combine_branches`).
         rescale: rescale rule of the sparsified branches (see :mod:`._sparsify`).
         convention: ``peft`` or ``mergekit`` (see :class:`TaskVectorMethod`).
         scaling: global λ multiplying the merged delta.
-        generator: random source of ``random`` sparsification.
+        generator: random source of ``random`` and ``magprune`` sparsification.
+        gamma: fraction of largest entries dropped by ``magnitude_outliers``.
+        epsilon: half-width of ``magprune``'s keep-probabilities around ``density``.
 
     Returns:
         The merged delta, shaped like one branch, in the deltas' dtype.
@@ -251,6 +275,8 @@ def task_vector_merge(
         count_rule=convention_count_rule(convention),
         generator=generator,
         mask_dtype=mask_dtype,
+        gamma=gamma,
+        epsilon=epsilon,
     )
     merged = combine_branches(
         sparse, coefficients, elect_signs=elect_signs, normalize=normalize, convention=convention
@@ -394,9 +420,9 @@ class TaskVectorMethod(MergeMethod):
 
     @property
     def uses_randomness(self) -> bool:
-        """True for DARE with ``density < 1``."""
+        """True for DARE and DELLA with ``density < 1``."""
         p = self.params
-        return p.sparsify == "random" and p.density is not None and p.density < 1
+        return p.sparsify in ("random", "magprune") and p.density is not None and p.density < 1
 
     def _merge(
         self, deltas: Tensor, coefficients: Tensor, generator: torch.Generator | None
@@ -416,6 +442,7 @@ class TaskVectorMethod(MergeMethod):
             convention=p.convention,
             scaling=p.scaling,
             generator=generator,
+            **p.sparsify_options(),
         )
 
     def merge_matrix(
@@ -431,9 +458,11 @@ class TaskVectorMethod(MergeMethod):
         return self._merge(deltas, coefficients, generator)
 
     def merges_in_rows(self, route: Route, shape: Sequence[int], n_branches: int) -> bool:
-        """Every preset but DARE (random masks drawn over the whole branch in order)."""
+        """Every preset but DARE and DELLA (random masks drawn over the whole branch in
+        order) and breadcrumbs (its band of ranks is cut over the whole branch)."""
         p = self.params
-        return route != "ignore" and not self.uses_randomness and p.rescale != "l1"
+        banded = p.sparsify == "magnitude_outliers" and p.density is not None and p.density < 1
+        return route != "ignore" and not self.uses_randomness and p.rescale != "l1" and not banded
 
     def merge_rows(
         self,
@@ -528,8 +557,44 @@ class TaskVectorMethod(MergeMethod):
             return 0.0
         numel = math.prod(int(s) for s in shape)
         per_entry = 8.0
-        if self.params.sparsify == "magnitude":
+        if self.params.sparsify in ("magnitude", "magnitude_outliers", "magprune"):
             per_entry += math.log2(max(numel, 2))
-        elif self.params.sparsify == "random":
+        if self.params.sparsify in ("random", "magprune"):
             per_entry += 4.0
         return float(per_entry * numel * n_branches)
+
+
+class BreadcrumbsMethod(TaskVectorMethod):
+    """Model Breadcrumbs (Davari & Belilovsky, arXiv:2312.06795) as mergekit runs it: each
+    branch keeps the band of ``density`` of its entries below the ``gamma`` largest
+    magnitudes (``sparsify="magnitude_outliers"``), then the task-vector recipe; with
+    ``elect_signs`` (``breadcrumbs_ties``) TIES's sign election. Parameters: those of
+    :class:`TaskVectorMethod` plus ``gamma`` (:class:`BreadcrumbsParams`).
+
+    Example:
+        >>> from drm_lightning.methods import get_method
+        >>> m = get_method("breadcrumbs", density=0.5, gamma=0.25)
+        >>> m.merge_fallback(torch.tensor([[4.0, -1.0, 3.0, 0.5]]), torch.ones(1))
+        tensor([ 0., -1.,  3.,  0.])
+    """
+
+    paper = "Davari & Belilovsky, arXiv:2312.06795"
+    Params = BreadcrumbsParams
+
+
+class DellaMethod(TaskVectorMethod):
+    """DELLA (Deep et al., arXiv:2406.11617) as mergekit runs it: MagPrune keeps each entry
+    with a probability rising with its magnitude rank in its row, from ``density - epsilon``
+    to ``density + epsilon`` (``sparsify="magprune"``), rescales each branch to its L1 norm,
+    then the task-vector recipe; ``della`` elects signs (TIES), ``della_linear`` sums.
+    Parameters: those of :class:`TaskVectorMethod` plus ``epsilon`` (:class:`DellaParams`).
+
+    Example:
+        >>> from drm_lightning.methods import get_method
+        >>> m = get_method("della", density=0.5, epsilon=0.1)
+        >>> m.uses_randomness, m.params.rescale, m.params.convention
+        (True, 'l1', 'mergekit')
+    """
+
+    paper = "Deep et al., arXiv:2406.11617"
+    Params = DellaParams

@@ -24,21 +24,33 @@ from drm_lightning.methods._sparsify import RescaleRule
 from drm_lightning.methods.base import MethodParams
 from drm_lightning.methods.ops import CountRule
 
-Sparsify = Literal["none", "magnitude", "random"]
+Sparsify = Literal["none", "magnitude", "random", "magnitude_outliers", "magprune"]
 Convention = Literal["peft", "mergekit"]
+SPARSIFY_MODES: tuple[str, ...] = ("none", "magnitude", "random", "magnitude_outliers", "magprune")
+MERGEKIT_ONLY: tuple[str, ...] = ("magnitude_outliers", "magprune")
+"""Modes only mergekit has (breadcrumbs, della): their ``convention`` defaults to mergekit's."""
 
-DEFAULT_DENSITY: dict[str, float] = {"none": 1.0, "magnitude": 0.2, "random": 0.5}
+DEFAULT_DENSITY: dict[str, float] = {
+    "none": 1.0,
+    "magnitude": 0.2,
+    "random": 0.5,
+    "magnitude_outliers": 0.9,
+    "magprune": 0.5,
+}
 """Density used when none is given. ``magnitude`` 0.2: the TIES paper keeps the top 20 % and
 PEFT's merging guide uses 0.2. ``random`` 0.5: the DARE paper sweeps drop rates 0.1–0.9 and
-shared mergekit ``dare_ties`` configs cluster around 0.5. (mergekit's own default is 1.0, no
-sparsification, for every method.)"""
+shared mergekit ``dare_ties`` configs cluster around 0.5. ``magnitude_outliers`` 0.9 (with
+``gamma`` 0.01): the values of shared mergekit ``breadcrumbs`` configs. ``magprune`` 0.5: as
+DARE, whose random drop MagPrune refines. (mergekit's own default is 1.0, no sparsification,
+for every method.)"""
 
 
 def default_normalize(sparsify: Sparsify, elect_signs: bool, convention: Convention) -> bool:
     """The library default of ``normalize`` for a preset under ``convention``.
 
     TIES normalises in both libraries; DARE-TIES normalises in PEFT (disjoint mean) but sums
-    in mergekit (``normalize: false`` by default); methods without election sum.
+    in mergekit (``normalize: false`` by default), and so does breadcrumbs_ties; della
+    normalises; methods without election sum.
 
     Example:
         >>> default_normalize("random", True, "peft"), default_normalize("random", True, "mergekit")
@@ -46,16 +58,19 @@ def default_normalize(sparsify: Sparsify, elect_signs: bool, convention: Convent
     """
     if not elect_signs:
         return False
-    return convention == "peft" or sparsify != "random"
+    return convention == "peft" or sparsify in ("magnitude", "magprune")
 
 
 def default_rescale(sparsify: Sparsify, convention: Convention) -> RescaleRule:
-    """DARE rescales by ``1/density`` in PEFT and to the branch's L1 norm in mergekit.
+    """DARE rescales by ``1/density`` in PEFT and to the branch's L1 norm in mergekit; DELLA
+    to the L1 norm (mergekit's ``rescale: true``); the magnitude trims do not rescale.
 
     Example:
         >>> default_rescale("random", "mergekit"), default_rescale("magnitude", "peft")
         ('l1', 'none')
     """
+    if sparsify == "magprune":
+        return "l1"
     if sparsify != "random":
         return "none"
     return "inverse_density" if convention == "peft" else "l1"
@@ -74,6 +89,10 @@ def family_name(sparsify: object, elect_signs: object, normalize: object = None)
         ("random", True): "dare_ties",
         ("random", False): "dare_linear",
         ("magnitude", False): "magnitude_prune",
+        ("magnitude_outliers", False): "breadcrumbs",
+        ("magnitude_outliers", True): "breadcrumbs_ties",
+        ("magprune", True): "della",
+        ("magprune", False): "della_linear",
     }
     if (sparsify, bool(elect_signs), normalize) == ("none", False, True):
         return "linear"
@@ -92,7 +111,7 @@ class TaskVectorParams(MethodParams):
     density: float | None = Field(
         None,
         description="fraction of entries kept per branch, in (0, 1]; default 0.2 for ties, "
-        "0.5 for dare_*, unused by task_arithmetic/linear",
+        "0.5 for dare_* and della*, 0.9 for breadcrumbs*, unused by task_arithmetic/linear",
     )
     scaling: float = Field(1.0, allow_inf_nan=False, description="global λ on the merged delta")
     normalize: bool | None = Field(
@@ -103,12 +122,20 @@ class TaskVectorParams(MethodParams):
     rescale: RescaleRule | None = Field(
         None,
         description="rescale of sparsified branches: inverse_density | l1 | none; "
-        "default: inverse_density (peft) or l1 (mergekit) for DARE, none otherwise",
+        "default: inverse_density (peft) or l1 (mergekit) for DARE, l1 for della*, "
+        "none otherwise",
     )
     convention: Convention = Field(
-        "peft", description="whose TIES/DARE arithmetic: peft | mergekit"
+        "peft",
+        description="whose TIES/DARE arithmetic: peft | mergekit (default: peft; mergekit "
+        "for breadcrumbs*/della*, which only mergekit has)",
     )
-    seed: int = Field(0, description="DARE seed when the caller passes no generator")
+    seed: int = Field(0, description="DARE/DELLA seed when the caller passes no generator")
+
+    def sparsify_options(self) -> dict[str, float]:
+        """Settings of this mode's sparsification beyond ``density`` (breadcrumbs' ``gamma``,
+        DELLA's ``epsilon``), as keywords of :func:`~.task_vector.task_vector_merge`."""
+        return {}
 
     @field_validator("density")
     @classmethod
@@ -140,7 +167,9 @@ class TaskVectorParams(MethodParams):
         data = dict(data)
         sparsify = data.get("sparsify", "none")
         elect = bool(data.get("elect_signs", False))
-        convention = data.get("convention", "peft")
+        convention = data.setdefault(
+            "convention", "mergekit" if sparsify in MERGEKIT_ONLY else "peft"
+        )
         if sparsify not in DEFAULT_DENSITY or convention not in ("peft", "mergekit"):
             return data  # the field validators report it
         if data.get("density") is None:
@@ -150,6 +179,45 @@ class TaskVectorParams(MethodParams):
         if data.get("rescale") is None:
             data["rescale"] = default_rescale(sparsify, convention)
         return data
+
+
+class BreadcrumbsParams(TaskVectorParams):
+    """:class:`TaskVectorParams` plus Model Breadcrumbs' ``gamma`` (mergekit's name)."""
+
+    gamma: float = Field(
+        0.01,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of the largest-magnitude entries dropped as outliers, in [0, 1)",
+    )
+
+    def sparsify_options(self) -> dict[str, float]:
+        return {"gamma": self.gamma}
+
+
+class DellaParams(TaskVectorParams):
+    """:class:`TaskVectorParams` plus DELLA's ``epsilon`` (mergekit's name)."""
+
+    epsilon: float = Field(
+        0.15,
+        gt=0.0,
+        lt=0.5,
+        description="half-width of the keep-probabilities around density: the smallest "
+        "entry of a row is kept with density - epsilon, the largest with density + epsilon",
+    )
+
+    @model_validator(mode="after")
+    def _band_inside(self) -> DellaParams:
+        d = self.density
+        if d is not None and d < 1 and not (0 < d - self.epsilon and d + self.epsilon < 1):
+            raise ValueError(
+                f"density - epsilon and density + epsilon must be in (0, 1) (they are keep "
+                f"probabilities); got density {d}, epsilon {self.epsilon}"
+            )
+        return self
+
+    def sparsify_options(self) -> dict[str, float]:
+        return {"epsilon": self.epsilon}
 
 
 WEIGHT_SUM_EPS = 1e-8
