@@ -323,7 +323,9 @@ def test_outlier_mask_oracle() -> None:
 
 
 @pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties"])
-@pytest.mark.parametrize("density,gamma", [(0.3, 0.0), (0.5, 0.01), (0.9, 0.1), (0.05, 0.5)])
+@pytest.mark.parametrize(
+    "density,gamma", [(0.3, 0.0), (0.5, 0.01), (0.9, 0.1), (0.05, 0.5), (0.7, 0.5)]
+)
 @pytest.mark.parametrize("normalize,rescale", [(False, False), (True, True)])
 def test_breadcrumbs_equals_mergekit(
     name: str, density: float, gamma: float, normalize: bool, rescale: bool

@@ -118,7 +118,8 @@ def sparsify_branches(
             ).to(delta.device)
         elif sparsify == "magnitude_outliers":
             numel = delta.numel()
-            mask = outlier_mask(delta, int(density * numel), int(gamma * numel))
+            keep = int(density * numel)  # fewer outliers dropped where keep + top > numel
+            mask = outlier_mask(delta, keep, min(int(gamma * numel), numel - keep))
         elif sparsify == "magprune":
             assert generator is not None
             probs = magprune_probabilities(delta, density, epsilon, mask_dtype or delta.dtype)
