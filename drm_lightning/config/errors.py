@@ -85,9 +85,9 @@ def format_validation_error(
 
 
 def _error(loc: tuple[str | int, ...], message: str, value: Any = None) -> InitErrorDetails:
-    # ``message`` is a finished sentence: braces are escaped so pydantic does not format them.
-    text = message.replace("{", "{{").replace("}", "}}")
-    return InitErrorDetails(type=PydanticCustomError("config", text), loc=loc, input=value)
+    # ``message`` is a finished sentence; without a context pydantic substitutes nothing in it
+    # (it has no ``{{`` escape: escaping would double the braces of a message).
+    return InitErrorDetails(type=PydanticCustomError("config", message), loc=loc, input=value)
 
 
 def _reraise(title: str, errors: list[InitErrorDetails]) -> None:
@@ -98,8 +98,8 @@ def _reraise(title: str, errors: list[InitErrorDetails]) -> None:
 def _passthrough(e: Mapping[str, Any]) -> InitErrorDetails:
     return InitErrorDetails(
         type=PydanticCustomError(
-            str(e["type"]), str(e["msg"]).replace("{", "{{").replace("}", "}}"), e.get("ctx")
-        ),
+            str(e["type"]), str(e["msg"]), e.get("ctx")
+        ),  # msg is formatted already (braces kept as they are); ctx is for _friendly_message
         loc=tuple(e["loc"]),
         input=e.get("input"),
     )

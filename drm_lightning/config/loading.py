@@ -51,8 +51,9 @@ def read_config_text(path: str | os.PathLike[str]) -> str:
 def load_config(path: str | Path, *, code: CodeMode = "refuse") -> MergeConfig:
     """Read and validate a YAML config file.
 
-    ``code`` says what the ``module:function`` references of an alignment config get
-    (:data:`CodeMode`); by default they are refused, as a file cannot opt in to running code.
+    ``code`` says what the ``module:function`` references of an alignment config and an
+    ``alpha_search.command`` get (:data:`CodeMode`); by default they are refused, as a file
+    cannot opt in to running code.
 
     Raises:
         ConfigError: the file is missing or unreadable, is not valid YAML (the message names
@@ -101,6 +102,6 @@ def parse_config(text: str, *, source: str = "<config>", code: CodeMode = "refus
         if aligned is not None:
             return aligned  # type: ignore[return-value]
     try:
-        return MergeConfig.model_validate(data)
+        return MergeConfig.model_validate(data, context={"code": code})
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source=source, where=lines)) from None

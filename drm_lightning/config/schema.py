@@ -29,8 +29,9 @@ number is expected are refused; errors of a config file name the line of the val
 
 A config file is data: it cannot opt in to running code. ``trust_pickles:`` in a file is
 refused (the opt-in is ``drm-merge --trust-pickles``), and the ``module:function`` references
-of an alignment config are imported only with ``drm-merge --trust-code`` (``code="import"``
-of :func:`load_config`).
+of an alignment config are imported, and the validation command of ``alpha_search:``
+(:mod:`drm_lightning.config.alpha_search`) is run, only with ``drm-merge --trust-code``
+(``code="import"`` of :func:`load_config`).
 
 Every mistake is reported at once, each with its field path (``branches[1].coefficient:
 must be >= 0 (got -0.5)``); unknown keys, method names and method parameters come with the
@@ -73,6 +74,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails
 
+from drm_lightning.config.alpha_search import AlphaSearchSection, check_alpha_scaling
 from drm_lightning.config.errors import (  # noqa: F401 - ConfigError, format_* re-exported
     ConfigError,
     _error,
@@ -315,6 +317,11 @@ class MergeConfig(_Section):
         "tensors (it can run code from the file); default: refused. Set by drm-merge "
         "--trust-pickles or in the user's own code, never read from a config file",
     )
+    alpha_search: AlphaSearchSection | None = Field(
+        None,
+        description="search the scale α of the merged delta: base + α·(merged − base) scored "
+        "by a validation command for each α of a grid, the best kept (drm-merge only)",
+    )
 
     @field_validator("compute_dtype", "out_dtype", mode="before")
     @classmethod
@@ -370,6 +377,8 @@ class MergeConfig(_Section):
                         f"differs from the top-level seed {data['seed']!r}; keep one",
                     )
                 )
+        if not errors and isinstance(data.get("alpha_search"), Mapping):
+            errors += _alpha_scaling_errors(data)
         branches = data.get("branches", data.get("models"))
         coefficients = data.get("coefficients")
         if isinstance(branches, list) and isinstance(coefficients, list):
@@ -473,13 +482,30 @@ def _parameter_errors(data: Mapping[str, Any]) -> list[InitErrorDetails]:
     return errors
 
 
+def _alpha_scaling_errors(data: Mapping[str, Any]) -> list[InitErrorDetails]:
+    """``parameters.scaling`` ≠ 1 with ``alpha_search``: refused (α is that scaling)."""
+    name, params = data.get("method"), data.get("parameters") or {}
+    if not isinstance(name, str) or name not in available_methods():
+        return []
+    try:
+        method = get_method(name, **params)
+    except (TypeError, ValueError):  # reported by _parameter_errors
+        return []
+    try:
+        check_alpha_scaling(method, "alpha_search")
+    except ValueError as err:
+        return [_error(("parameters", "scaling"), str(err), params.get("scaling"))]
+    return []
+
+
 # ---------------------------------------------------------------------------------- loading
 
 
 CodeMode = Literal["refuse", "check", "import"]
 """What a config file's ``module:function`` references (``model:``, ``batches:``, ``spec:``)
-get: ``refuse`` (an error: no opt-in), ``check`` (syntax only, nothing imported: a dry run
-with ``--trust-code``) or ``import`` (imported, which runs their code: ``--trust-code``)."""
+and validation command (``alpha_search.command``) get: ``refuse`` (an error: no opt-in),
+``check`` (syntax only, nothing imported or run: a dry run with ``--trust-code``) or
+``import`` (imported or run, which runs their code: ``--trust-code``)."""
 
 CONFIG_OPT_IN = (
     "is not read from a config file: opting in to full unpickling (which runs code from the "

@@ -10,6 +10,8 @@ highest, or the lowest when every primary metric is lower-is-better); on a tie t
 α is *the* global scale of the merged delta: for a method that has one (``scaling``, the λ of
 the task-vector family, applied last) it is that parameter, which must stay at 1.0 so that
 the merge computed once is :math:`\Delta` itself; other methods (DRM, ...) get it on top.
+The grid and scaling checks are ``drm-merge``'s too (``alpha_search:``,
+:mod:`drm_lightning.config.alpha_search`).
 
 Example:
     >>> check_alpha_grid("default")
@@ -21,71 +23,22 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from drm_lightning.config.alpha_search import (  # noqa: F401 - re-exported
+    DEFAULT_ALPHA_GRID,
+    check_alpha_grid,
+    check_alpha_scaling,
+)
 from drm_lightning.evaluation import TaskSpec
 from drm_lightning.inloop.backends import Merged
 from drm_lightning.methods import MergeMethod
 
 AlphaGridArg = Sequence[float] | Literal["default"] | None
-
-DEFAULT_ALPHA_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
-"""``alpha_grid="default"``: 0.1, 0.2, …, 1.0 — task arithmetic's range (Ilharco et al., 2023,
-choose λ in [0, 1] on held-out validation data), without 0 (the base itself). A method whose
-useful α lies above 1 needs its own grid."""
-
-
-def check_alpha_grid(grid: Any) -> tuple[float, ...] | None:
-    """The grid as a tuple of floats; ``ValueError`` for an empty grid or a bad value.
-
-    Example:
-        >>> check_alpha_grid([0.5, 1])
-        (0.5, 1.0)
-        >>> check_alpha_grid([0.5, -1, float("nan")])
-        Traceback (most recent call last):
-        ...
-        ValueError: alpha_grid values must be finite numbers > 0; invalid: -1, nan
-    """
-    if grid is None:
-        return None
-    if isinstance(grid, str):
-        if grid == "default":
-            return DEFAULT_ALPHA_GRID
-        raise ValueError(
-            f"alpha_grid={grid!r}: give a list of numbers > 0, or 'default' "
-            f"({', '.join(map(str, DEFAULT_ALPHA_GRID))})"
-        )
-    if not isinstance(grid, Sequence):
-        raise TypeError(
-            f"alpha_grid must be a list of numbers > 0 or 'default', got {type(grid).__name__}"
-        )
-    if not grid:
-        raise ValueError(
-            "alpha_grid is empty: give at least one α > 0, or 'default' "
-            f"({', '.join(map(str, DEFAULT_ALPHA_GRID))})"
-        )
-    bad = [
-        v
-        for v in grid
-        if isinstance(v, bool)
-        or not isinstance(v, numbers.Real)
-        or not math.isfinite(float(v))
-        or float(v) <= 0
-    ]
-    if bad:
-        raise ValueError(
-            "alpha_grid values must be finite numbers > 0; invalid: " + ", ".join(map(str, bad))
-        )
-    values = tuple(float(v) for v in grid)
-    repeated = sorted({v for v in values if values.count(v) > 1})
-    if repeated:
-        raise ValueError(f"alpha_grid repeats {', '.join(map(repr, repeated))}")
-    return values
 
 
 def check_alpha_search(
@@ -104,14 +57,7 @@ def check_alpha_search(
             f"{name}: alpha_grid= scores every α on the tasks' validation batches, but no "
             "tasks= are given; pass tasks={task: TaskSpec(dataloader, metric)} or drop alpha_grid"
         )
-    scaling = getattr(method.params, "scaling", None)
-    if scaling is not None and scaling != 1.0:
-        method_name = getattr(method, "registered_name", method.name)
-        raise ValueError(
-            f"{name}: alpha_grid= searches the scale of the merged delta, which for "
-            f"{method_name!r} is its scaling parameter; leave scaling at 1.0 (got {scaling:g}) "
-            "or drop alpha_grid"
-        )
+    check_alpha_scaling(method, name=name)
     lower = [t for t, spec in tasks.items() if _higher_is_better(spec) is False]
     if lower and len(lower) < len(tasks):
         others = [t for t in tasks if t not in lower]
