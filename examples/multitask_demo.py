@@ -3,8 +3,9 @@
 Pretrains a small residual MLP on scikit-learn's digits, fine-tunes one branch per task
 (rotated, mirrored, inverted, permuted digits; parity; digit mod 3) plus a joint multitask
 model in one ``Trainer.fit``, and lets one ``MergeCallback`` per method (linear average,
-task arithmetic, TIES, DARE, DRM-V, DRM-H, DRM without renormalisation) merge the live
-branches periodically and score the merge on every task. Prints the table and writes
+task arithmetic, TIES, DARE, DRM-V, DRM-H, DRM without renormalisation, TSV-M, Iso-C, Iso-CTS,
+breadcrumbs, DELLA, model stock) merge the live branches periodically and score the merge on
+every task. Prints the table and writes
 ``results.json``, ``results.csv``, ``per_seed.csv`` and ``results.png`` to ``--out``.
 
     python examples/multitask_demo.py [--large] [--seeds 3] [--out runs/demo]

@@ -66,9 +66,16 @@ DEFAULT_METHODS: tuple[MethodSpec, ...] = (
     MethodSpec(
         "drm_v_norenorm", "drm", {"direction": "vertical", "renormalize": False}, "DRM-V w/o renorm"
     ),
+    MethodSpec("tsv_m", "tsv_m", {}, "TSV-M"),
+    MethodSpec("iso_c", "iso_c", {}, "Iso-C"),
+    MethodSpec("iso_cts", "iso_cts", {}, "Iso-CTS"),
+    MethodSpec("breadcrumbs_ties", "breadcrumbs_ties", {}, "Breadcrumbs-TIES"),
+    MethodSpec("della", "della", {}, "DELLA"),
+    MethodSpec("model_stock", "model_stock", {}, "Model Stock"),
 )
-"""Every method at its library defaults; only DRM's direction (default: horizontal) and renorm
-switch are set."""
+"""Every method that merges any number of branches, at its library defaults; only DRM's
+direction (default: horizontal) and renorm switch are set (slerp and nuslerp merge two
+models)."""
 
 REFERENCE_ROWS: dict[str, str] = {
     "branch": "Branch alone",
