@@ -52,9 +52,10 @@ import torch
 import torch.distributed as dist
 
 from drm_lightning.alignment import available_alignments
+from drm_lightning.cli.alpha_job import AlphaSearchResult, run_alpha_search
 from drm_lightning.cli.guard import guard_output, input_paths
 from drm_lightning.cli.job import DiskMergeJob, make_writer, open_job, run_job
-from drm_lightning.cli.report import describe_plan, describe_result
+from drm_lightning.cli.report import describe_alpha_search, describe_plan, describe_result
 from drm_lightning.config.loading import load_config
 from drm_lightning.config.mergekit import MergekitConfig, tokenizer_source
 from drm_lightning.config.schema import MergeConfig
@@ -313,6 +314,8 @@ def _main(argv: Sequence[str] | None) -> int:
             if not args.dry_run:  # its line names the method and the models
                 print("\n".join(describe_result(None, args.output, time.perf_counter() - start)))
             return 0
+        if (args.ranks or 1) > 1:
+            refuse_alpha_search_distributed(config)
         job = open_job(config)
         if args.dry_run:
             print(
@@ -322,15 +325,18 @@ def _main(argv: Sequence[str] | None) -> int:
             )
             return 0
         start = time.perf_counter()
-        run_job(
-            job,
-            args.output,
+        settings: dict[str, Any] = dict(
             overwrite=args.overwrite,
             device=device,
             progress=not args.no_progress,
             max_shard_bytes=args.max_shard_size,
             piece_elements=args.piece_size or None,
         )
+        searched: AlphaSearchResult | None = None
+        if config.alpha_search is not None:  # merge once, score each α, write the best
+            searched = run_alpha_search(job, args.output, **settings)
+        else:
+            run_job(job, args.output, **settings)
     except Exception as err:  # every failure becomes one message and status 2
         if interrupted():
             raise KeyboardInterrupt from err  # reported by main
@@ -342,6 +348,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_ERROR
     print(f"drm-merge: wrote {args.output}")
     print("\n".join(describe_result(job, args.output, time.perf_counter() - start)))
+    if searched is not None:
+        print("\n".join(describe_alpha_search(searched)))
     return 0
 
 
@@ -461,6 +469,22 @@ def check_output(
             print(f"drm-merge: note: {note}", file=sys.stderr)
 
 
+def refuse_alpha_search_distributed(config: MergeConfig) -> None:
+    """``alpha_search:`` runs in one process: refused under ``torchrun`` (and ``--ranks N``).
+
+    Not simple to support: after the rank-parallel merge, rank 0 alone would write and score
+    every α (the validation command can take hours) while the other ranks wait in a collective
+    that ``--timeout`` watches; nothing of the search itself is rank-parallel.
+    """
+    if getattr(config, "alpha_search", None) is not None:
+        raise CLIError(
+            "alpha_search: not supported under torchrun: every α is written and scored by the "
+            "validation command in one process, which the other ranks would only wait for; "
+            "run drm-merge without torchrun (one process), or drop alpha_search to merge "
+            "rank-parallel"
+        )
+
+
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     """``cpu`` or ``cuda``; ``cuda`` without a GPU is an error, not a silent fallback.
 
@@ -545,6 +569,7 @@ def _main_distributed(args: argparse.Namespace) -> int:
         local: BaseException | None = None
         try:
             config = _load_config(args)
+            refuse_alpha_search_distributed(config)
             check_output(
                 args.output,
                 config,

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,15 +122,21 @@ def run_job(
 
 
 def make_writer(
-    job: DiskMergeJob, out: Path, *, overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3
+    job: DiskMergeJob,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+    extra: Mapping[str, Any] | None = None,
 ) -> HFFolderWriter:
-    """The output writer of a job (refuses an existing ``out``; checks free space)."""
+    """The output writer of a job (refuses an existing ``out``; checks free space); ``extra``
+    adds to the model card (the α of a scaled merge)."""
     return HFFolderWriter(
         out,
         overwrite=overwrite,
         copy_from=job.config.base if job.config.base.is_dir() else None,
         tokenizer_from=tokenizer_source(job.config),
-        metadata=model_card(job),
+        metadata={**model_card(job), **(extra or {})},
         max_shard_bytes=max_shard_bytes,
         expected_bytes=output_bytes(job),
     )

@@ -3,7 +3,8 @@
 :func:`describe_plan` prints the routes, the per-rank schedule under ``torchrun``, the
 estimated peak memory (:func:`estimate_peak_bytes`, asking the method for its workspace)
 and the output size; :func:`model_card` is the metadata the writer puts in the card;
-:func:`describe_result` is the summary after a merge. No weight is read.
+:func:`describe_result` is the summary after a merge (:func:`describe_alpha_search`: the
+table of an α search). No weight is read.
 
 Example:
     >>> _human(3 * 1024**3)
@@ -22,6 +23,7 @@ from drm_lightning.merge.plan import PlannedTensor
 from drm_lightning.methods import Route, get_method, method_parameters
 
 if TYPE_CHECKING:
+    from drm_lightning.cli.alpha_job import AlphaSearchResult
     from drm_lightning.cli.job import DiskMergeJob
 
 
@@ -164,7 +166,30 @@ def describe_plan(
         "copies and decomposition workspace; plus the Python/torch runtime)"
     )
     lines.append(f"output size: {_human(out_bytes)}")
+    lines += _describe_alpha_plan(job, out_bytes)
     return "\n".join(lines)
+
+
+def _describe_alpha_plan(job: DiskMergeJob, out_bytes: int) -> list[str]:
+    """The ``alpha_search:`` lines of the plan (none without one)."""
+    section = getattr(job.config, "alpha_search", None)
+    if section is None:
+        return []
+    better = "highest" if section.higher_is_better else "lowest"
+    return [
+        "",
+        *textwrap.wrap(
+            f"α search (alpha_search): {len(section.grid)} values of α: "
+            + ", ".join(f"{a:g}" for a in section.grid)
+            + f"; merged once, then for each α base + α·(merged − base) is written to a "
+            "temporary folder beside OUT and scored by the validation command; the "
+            f"{better} average score is kept (ties: the smaller α) and written to OUT",
+            100,
+            subsequent_indent="  ",
+        ),
+        f"  command (not run: a dry run runs nothing): {section.card()['command']}",
+        f"  disk beside OUT while searching: {_human(2 * out_bytes)} (the merge and one candidate)",
+    ]
 
 
 def _describe_ranks(job: DiskMergeJob, world: int, max_pending: int | None) -> list[str]:
@@ -264,6 +289,29 @@ def describe_result(job: DiskMergeJob | None, out: Path, seconds: float) -> list
             f"{counts['ignore']} ignored (kept from the base)",
         ]
     return lines + [f"  time: {seconds:.1f} s", f"  model card: {out / 'README.md'}"]
+
+
+def describe_alpha_search(result: AlphaSearchResult, max_tasks: int = 6) -> list[str]:
+    """The table printed after an α search: every α's average and task scores (at most
+    ``max_tasks`` tasks shown), the kept α marked ``*``."""
+    tasks = list(next(iter(result.scores.values())))
+    shown = tasks[:max_tasks]
+    width = max([11, *(len(t) for t in shown)])
+    better = "highest" if result.higher_is_better else "lowest"
+    more = f"; {len(tasks) - len(shown)} more task(s) in the model card" if tasks != shown else ""
+    lines = [
+        f"  α search: α = {result.alpha:g} kept ({better} average of {len(result.scores)}; "
+        f"ties: the smaller α){more}",
+        f"    {'α':>6}  {'average':>{width}}" + "".join(f"  {t:>{width}}" for t in shown),
+    ]
+    averages = result.averages
+    for alpha, scores in sorted(result.scores.items()):
+        mark = "*" if alpha == result.alpha else " "
+        lines.append(
+            f"  {mark} {alpha:>6g}  {averages[alpha]:>{width}.5g}"
+            + "".join(f"  {scores[t]:>{width}.5g}" for t in shown)
+        )
+    return lines
 
 
 def _describe(source: Any) -> str:

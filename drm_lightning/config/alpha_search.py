@@ -249,6 +249,6 @@ class AlphaSearchSection(_Section):
         """The section as the model card records it."""
         return {
             "grid": list(self.grid),
-            "command": shlex.join(self.words()),
+            "command": self.command if isinstance(self.command, str) else shlex.join(self.words()),
             "higher_is_better": self.higher_is_better,
         }
