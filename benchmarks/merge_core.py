@@ -74,6 +74,15 @@ METHODS: dict[str, tuple[str, dict]] = {
             "basis_precision": "compute",
         },
     ),
+    # The float64 basis from a float32 eigh refined in float64 (issue 22): faster at low kept rank.
+    "drm_v_refined": (
+        "drm",
+        {"direction": "vertical", "drop_rate": 0.8, "solver": "refined"},
+    ),
+    "drm_h_refined": (
+        "drm",
+        {"direction": "horizontal", "drop_rate": 0.8, "solver": "refined"},
+    ),
     "ties": ("ties", {"density": 0.2}),
     "task_arithmetic": ("task_arithmetic", {}),
     "dare_ties": ("dare_ties", {"density": 0.2}),

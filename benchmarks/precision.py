@@ -7,6 +7,8 @@ Each float32 route merges the same float32 inputs:
 
 - ``gram/float64 basis`` — the default: Gram formed and decomposed in float64, projections
   and merge in float32;
+- ``refined/float64 basis`` — the same Gram, decomposed by a float32 ``eigh`` refined in
+  float64 (``solver: refined``; it falls back to the float64 ``eigh`` on dense spectra);
 - ``svd/float32`` — float32 SVD, as the DRM reference library computes it;
 - ``gram/float32`` — the Gram route entirely in float32 (the default before issue 8).
 
@@ -32,6 +34,7 @@ from drm_lightning.methods.drm import drm_merge
 
 ROUTES = {
     "gram/float64 basis": dict(solver="gram", basis_precision="float64"),
+    "refined/float64 basis": dict(solver="refined", basis_precision="float64"),
     "svd/float32": dict(solver="svd", basis_precision="compute"),
     "gram/float32": dict(solver="gram", basis_precision="compute"),
 }

@@ -453,7 +453,11 @@ class DRMParams(MethodParams):
             "vector per branch over all fallback tensors together; that variant is not offered)"
         ),
     )
-    solver: Solver = Field("auto", description="basis from 'svd', 'gram' (eigh), or 'auto'")
+    solver: Solver = Field(
+        "auto",
+        description="basis from 'svd', 'gram' (eigh), 'refined' (float32 eigh refined in "
+        "float64: faster at low kept rank), or 'auto'",
+    )
     basis_precision: BasisPrecision = Field(
         "float64", description="dtype of the shared basis: 'float64' (exact) or 'compute' (faster)"
     )
@@ -545,7 +549,7 @@ class DRM(MergeMethod):
         if p.direction != "vertical" or p.solver == "svd":
             return False
         rows, m = n_branches * int(shape[0]), int(shape[1])
-        return rows >= m and (p.solver == "gram" or min(rows, m) >= 32)
+        return rows >= m and (p.solver in ("gram", "refined") or min(rows, m) >= 32)
 
     def workspace_elements(self, route: Route, shape, n_branches: int) -> int:  # noqa: D102
         if route != "matrix" or len(shape) != 2:
