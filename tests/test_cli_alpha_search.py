@@ -44,6 +44,8 @@ target = load_file(str(here / "target.safetensors"))
 dist = {k: float(((tensors[k].astype(np.float64) - target[k]) ** 2).sum()) for k in target}
 sign = 1.0 if mode == "losses" else -1.0
 result = {"weight": sign * dist["layer.weight"], "bias": sign * dist["layer.bias"]}
+if mode == "vary" and len((here / "RAN").read_text().splitlines()) > 1:
+    result["other"] = result.pop("bias")
 if mode == "exit":
     print("evaluating ...")
     print("CUDA out of memory (pretend)")
@@ -335,6 +337,19 @@ def test_failing_command_fails_cleanly(
     assert head in err and tail in err, err
     assert len(_calls(script)) == 1  # stopped at the first α
     assert not Path(_calls(script)[0]["model"]).exists()
+
+
+def test_tasks_that_change_between_alphas_are_refused(
+    zoo: dict[str, Any], tmp_path: Path, script: Path, out: Path, capsys: Any
+) -> None:
+    (script.parent / "mode.txt").write_text("vary")
+    cfg = _config(tmp_path, zoo, script)
+    err = _fails([str(cfg), "-o", str(out), "--trust-code", "--no-progress"], capsys, out)
+    assert (
+        "alpha_search.command scored tasks ['other', 'weight'] at α=0.2 but ['bias', 'weight'] "
+        "at α=0.1; it must score the same tasks at every α"
+    ) in err
+    assert len(_calls(script)) == 2
 
 
 def test_ctrl_c_during_the_command_removes_every_temporary_folder(

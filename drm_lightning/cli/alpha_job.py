@@ -183,14 +183,12 @@ def _score(
         for name, tensor in scaled_tensors(job, merged, alpha):
             writer.add(name, tensor)
     argv = section.argv(folder, scores)
+    output = work / f"output-{alpha!r}.log"  # on disk, not in memory: an eval can print a lot
     try:
-        done = subprocess.run(  # noqa: S603 - the user's command, opted in with --trust-code
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
+        with open(output, "wb") as log:
+            done = subprocess.run(  # noqa: S603 - the user's command, opted in with --trust-code
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, check=False
+            )
     except OSError as err:
         raise AlphaSearchError(
             f"alpha_search.command: cannot run {argv[0]!r} at α={alpha!r}: {err.strerror or err}"
@@ -203,13 +201,19 @@ def _score(
             if done.returncode < 0
             else f"exit status {done.returncode}"
         )
-        tail = done.stdout.decode("utf-8", "replace").splitlines()[-OUTPUT_TAIL_LINES:]
-        shown = "\n  ".join(tail) if tail else "(no output)"
         raise AlphaSearchError(
             f"alpha_search.command failed at α={alpha!r} ({status}): {' '.join(argv)}\n"
-            f"its output (last {OUTPUT_TAIL_LINES} lines):\n  {shown}"
+            f"its output (last {OUTPUT_TAIL_LINES} lines):\n  {_tail(output)}"
         )
     return read_scores(scores, alpha)
+
+
+def _tail(path: Path) -> str:
+    """The last :data:`OUTPUT_TAIL_LINES` lines of the command's output, indented."""
+    with open(path, "rb") as file:
+        file.seek(max(0, path.stat().st_size - 64 * 1024))
+        lines = file.read().decode("utf-8", "replace").splitlines()[-OUTPUT_TAIL_LINES:]
+    return "\n  ".join(lines) if lines else "(no output)"
 
 
 def read_scores(path: Path, alpha: float) -> dict[str, float]:

@@ -28,6 +28,11 @@ output is bit for bit the single-process output (docs/precision.md).
 A rank that stops answering is named on the others, which stop: when it shows no progress for
 ``--timeout`` seconds, or at once when its process ended.
 
+With ``alpha_search:`` in the config (:mod:`drm_lightning.config.alpha_search`) the merge runs
+once and the global scale α of its delta is searched: each α is written beside ``OUT`` and
+scored by the user's validation command (run only with ``--trust-code``), the best is written
+to ``OUT`` (:mod:`drm_lightning.cli.alpha_job`). One process only: refused under ``torchrun``.
+
 Example:
     >>> build_parser().parse_args(["cfg.yaml", "-o", "out", "--dry-run"]).dry_run
     True
@@ -204,9 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--trust-code",
         action="store_true",
-        help="import the module:function references of the config (model:, batches:, spec:), "
-        "which runs their code; the current directory is searched too. Default: refused; "
-        "--dry-run imports nothing even with it",
+        help="import the module:function references of the config (model:, batches:, spec:) "
+        "and run its alpha_search command, which runs their code; the current directory is "
+        "searched too. Default: refused; --dry-run imports and runs nothing even with it",
     )
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where the merge math runs"
