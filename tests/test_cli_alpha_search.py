@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from drm_lightning.cli.command import main
 from drm_lightning.config.alpha_search import DEFAULT_ALPHA_GRID
 
+REPO = Path(__file__).resolve().parents[1]
 COEFFICIENTS = (1.0, 0.7)
 NAMES = ("layer.weight", "layer.bias", "head.weight")  # head.weight: routing ignore
 
@@ -301,6 +303,35 @@ def test_refused_for_a_rank_parallel_plan(
         [str(cfg), "-o", str(out), "--trust-code", "--dry-run", "--ranks", "2"], capsys, out
     )
     assert "alpha_search: not supported under torchrun" in err
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_refused_under_torchrun_on_every_rank(
+    zoo: dict[str, Any], tmp_path: Path, script: Path, out: Path
+) -> None:
+    cfg = _config(tmp_path, zoo, script)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    env.pop("WORLD_SIZE", None)
+    run = subprocess.run(
+        [
+            *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
+            *("--standalone", "-m", "drm_lightning.cli", str(cfg), "-o", str(out)),
+            *("--trust-code", "--no-progress"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env=env,
+        cwd=REPO,
+    )
+    text = run.stdout + run.stderr
+    assert run.returncode != 0
+    for rank in (0, 1):
+        assert (
+            f"drm-merge [rank {rank}/2]: error: alpha_search: not supported under torchrun" in text
+        )
+    assert sorted(out.parent.iterdir()) == [] and not (script.parent / "RAN").exists()
 
 
 # ------------------------------------------------------------------------------ failures
