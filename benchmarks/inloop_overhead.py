@@ -6,7 +6,7 @@ with the front end merging (DRM) every ``--every`` optimizer steps and scoring e
 merge and each task's own branch, ``--val-size`` samples each):
 
 * Lightning: ``Trainer.fit`` without and with :class:`~drm_lightning.lightning.MergeCallback`
-  (:func:`drm_lightning.lightning.overhead.fit`);
+  (``benchmarks/_lightning_overhead.py``);
 * Accelerate: a plain ``Accelerator(cpu=True)`` loop without and with
   :class:`~drm_lightning.accelerate.MergeHook`.
 
@@ -63,14 +63,14 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _lightning_overhead as lightning_overhead
 from _common import load_average
+from _lightning_overhead import Loop, toy_loop
 
 from drm_lightning.demo import DemoConfig
 from drm_lightning.demo.backbone import ResidualMLP
 from drm_lightning.demo.runner import pretrain, task_specs, train_loaders
 from drm_lightning.demo.tasks import build_suite
-from drm_lightning.lightning import overhead as lightning_overhead
-from drm_lightning.lightning.overhead import Loop, toy_loop
 
 FRONT_ENDS = ("lightning", "accelerate")
 
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.adopt:  # the Accelerate loop has no adopt variant: the two rows would differ
         parser.error(
             "--adopt is for the Lightning loop alone: "
-            "python -m drm_lightning.lightning.overhead --adopt"
+            "python benchmarks/_lightning_overhead.py --adopt"
         )
     torch.set_num_threads(1)
     variants = [

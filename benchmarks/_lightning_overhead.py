@@ -7,7 +7,7 @@ robust to a busy machine.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python -m drm_lightning.lightning.overhead --steps 600 --every 200
+    OMP_NUM_THREADS=1 python benchmarks/_lightning_overhead.py --steps 600 --every 200
 """
 
 from __future__ import annotations
