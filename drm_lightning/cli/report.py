@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drm_lightning.config.mergekit import MergekitConfig
+from drm_lightning.config.mergekit import MergekitConfig, PerTensorParameters
 from drm_lightning.merge.plan import PlannedTensor
 from drm_lightning.methods import Route, get_method, method_parameters
 
@@ -257,6 +257,9 @@ def parameters_in_force(job: DiskMergeJob) -> list[str]:
     for key, default in defaults.items():
         if key == "density" and densities is not None:
             parts.append(f"density=per branch {densities}")
+            continue
+        if isinstance(method, PerTensorParameters) and key in method.varying:
+            parts.append(f"{key}={method.describe(key)}")  # a mergekit gradient or filters
             continue
         value = values.get(key, default)
         mark = " (default)" if key not in given and value == default else ""

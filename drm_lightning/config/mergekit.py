@@ -3,8 +3,11 @@
 A config file with ``merge_method:`` (and no ``method:``) is in mergekit's format. It is read
 the way ``mergekit-yaml`` (0.1.5) reads it, so a mergekit user gets mergekit's numbers:
 
-* ``models: [{model: PATH, parameters: {weight: W, density: D}}]``, ``base_model``, the
-  global ``parameters`` (defaults for every model, and the method's own settings:
+* ``models: [{model: PATH, parameters: {weight: W, density: D}}]``, or the same models as
+  the ``sources`` of one ``slices:`` entry whose ``layer_range`` covers every layer of each
+  model (mergekit turns ``models:`` into exactly that slice: :func:`_slice_sources`), the
+  sources listing ``base_model`` as mergekit requires there; ``base_model``, the global
+  ``parameters`` (defaults for every model, and the method's own settings:
   ``normalize``, ``rescale``, ``lambda``, ``int8_mask``), ``dtype``, ``out_dtype`` and
   ``tokenizer_source`` (``base`` or a model folder sharing the base's vocabulary);
 * TIES / DARE / task arithmetic / breadcrumbs / DELLA with ``convention: mergekit`` (sign
@@ -19,7 +22,8 @@ the way ``mergekit-yaml`` (0.1.5) reads it, so a mergekit user gets mergekit's n
   tensor as ``mergekit-yaml`` does (:class:`PerTensorParameters`); ``nuslerp`` of two models
   (their deltas from ``base_model``, or without one their weights); ``model_stock`` of two
   or more models and the base;
-* ``linear`` averages every listed model and ``base_model`` (which needs a weight too);
+* ``linear`` averages every listed model and ``base_model`` (which needs a weight too; in a
+  slice, only the sources, as in mergekit);
 * ``dtype`` is the compute dtype, as in mergekit: with ``bfloat16``/``float16`` the
   task-vector methods compute in it (mergekit's arithmetic; ``linear`` averages in float32,
   as mergekit's does); drm-merge's own ``compute_dtype: float32`` computes in float32 and
@@ -33,12 +37,14 @@ users copy configs between methods. The file's text is kept (:attr:`MergekitConf
 the output gets it as ``mergekit_config.yml``, and the card's ``base_model:`` the Hub ids of
 the models (:func:`hub_id`), as ``mergekit-yaml`` writes them.
 
-What cannot be honoured is refused, naming the key, before any weight is read: ``slices``,
-``modules``, ``tokenizer``, ``chat_template``, ``tokenizer_source: union``, gradient lists
-and filtered values of any parameter but slerp's ``t``, negative weights, unknown keys and
-every other mergekit method. drm-merge's own ``seed``, ``routing`` and ``compute_dtype`` are
-accepted; ``trust_pickles`` is not (a file cannot opt in to unpickling: pass
-``--trust-pickles``); ``parameters.convention: peft`` selects drm-merge's TIES/DARE arithmetic.
+What cannot be honoured is refused, naming the key, before any weight is read: several
+``slices`` or a partial ``layer_range`` (frankenmerges), a slice's own ``parameters`` or
+``base_model``, ``modules``, ``tokenizer``, ``chat_template``, ``tokenizer_source: union``,
+gradient lists and filtered values of any parameter but slerp's ``t``, negative weights,
+unknown keys and every other mergekit method. drm-merge's own ``seed``, ``routing`` and
+``compute_dtype`` are accepted; ``trust_pickles`` is not (a file cannot opt in to unpickling:
+pass ``--trust-pickles``); ``parameters.convention: peft`` selects drm-merge's TIES/DARE
+arithmetic.
 
 Example:
     >>> is_mergekit_format({"merge_method": "ties", "models": []})
@@ -96,12 +102,11 @@ OWN_PARAMS: dict[str, dict[str, type]] = {
 }
 OTHER_MERGEKIT = ("arcee_fusion", "karcher", "multislerp", "nearswap", "passthrough", "ram",
                   "ramplus_tl", "sce", "task_adapter")
-TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-            "tokenizer_source")
+TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype",
+            "out_dtype", "tokenizer_source")
 # fmt: on
 EXTENSIONS = ("seed", "routing", "compute_dtype")  # trust_pickles: refused by parse_config
 REFUSED_TOP = {
-    "slices": "layer slices (frankenmerges) are not supported; list whole models under models",
     "modules": "per-module merges are not supported; list whole models under models",
     "tokenizer": "vocabulary surgery is not supported; use tokenizer_source: base or a model "
     "folder with the base's vocabulary",
@@ -266,6 +271,42 @@ def layer_position(name: str, num_layers: int | None) -> float:
     return min(1.0, int(match.group(1)) / (num_layers - 1))
 
 
+def describe_setting(key: str, setting: Any, num_layers: int | None) -> str:
+    """A checked per-tensor setting in words: its range and how it is resolved.
+
+    Example:
+        >>> describe_setting("t", [0.2, 0.9], 4)
+        'per layer, 0.2 … 0.9 (parameters.t: [0.2, 0.9] over the 4 layers; 0.2 outside them)'
+        >>> describe_setting("t", [{"filter": "mlp", "value": [1, 0]}, {"value": 0.5}], 2)
+        'per tensor, 0 … 1 (parameters.t: mlp [1, 0], other tensors 0.5; lists over the 2 layers)'
+    """
+
+    def text(value: Any) -> str:
+        if isinstance(value, list):
+            return "[" + ", ".join(f"{v:g}" for v in value) + "]"
+        return f"{value:g}"
+
+    def numbers(value: Any) -> list[float]:
+        return list(value) if isinstance(value, list) else [value]
+
+    layers = f"the {num_layers} layers" if num_layers is not None else "the layers"
+    if isinstance(setting, list) and setting and isinstance(setting[0], Mapping):
+        values = [v for cond in setting for v in numbers(cond["value"])]
+        parts = [
+            f"{cond['filter']} {text(cond['value'])}"
+            if cond.get("filter") not in (None, "*")
+            else f"other tensors {text(cond['value'])}"
+            for cond in setting
+        ]
+        how = ", ".join(parts) + (f"; lists over {layers}" if _is_gradient(setting) else "")
+        kind = "per tensor"
+    else:
+        values = numbers(setting)
+        how = f"{text(setting)} over {layers}; {values[0]:g} outside them"
+        kind = "per layer"
+    return f"{kind}, {min(values):g} … {max(values):g} (parameters.{key}: {how})"
+
+
 def setting_value(setting: Any, name: str, position: float) -> float | None:
     """A checked mergekit parameter setting's value for the tensor ``name`` at the gradient
     ``position``: a number; a gradient (a list of numbers, linearly interpolated, the
@@ -338,6 +379,11 @@ class PerTensorParameters(MergeMethod):
                 raise ValueError(f"{name!r}: no value of {self.method} parameter {key!r} applies")
             out[key] = value
         return out
+
+    def describe(self, key: str) -> str:
+        """How the varying parameter ``key`` is set, for the dry-run plan
+        (:func:`describe_setting`)."""
+        return describe_setting(key, self.varying[key], self.num_layers)
 
     def for_tensor(self, name: str) -> MergeMethod:
         values = self.values(name)
@@ -609,69 +655,185 @@ def _check_models(
     method: str,
     data: Mapping[str, Any],
     options: dict[str, dict[str, tuple[Loc, float]]] | None = None,
+    where: Loc = ("models",),
 ) -> list[tuple[Loc, str, float | None, float]]:
     """``(loc, path, weight, density)`` per model entry (paths checked, values scalar); the
-    method's other per-model settings (``gamma``, ``epsilon``) go to ``options[path]``."""
-    models = data.get("models")
+    method's other per-model settings (``gamma``, ``epsilon``) go to ``options[path]``.
+
+    ``where`` is the list's field path: ``models``, or the sources of a whole-model slice
+    (``slices[0].sources``, checked by :func:`_slice_sources`), whose entries also have a
+    ``layer_range``."""
+    models = data.get("models") if where == ("models",) else data["slices"][0]["sources"]
+    keys = (
+        ("model", "parameters") if where == ("models",) else ("model", "layer_range", "parameters")
+    )
     if not isinstance(models, list) or not models:
-        problems.add(("models",), "a non-empty list of {model: PATH, parameters: {...}}", models)
+        problems.add(where, "a non-empty list of {model: PATH, parameters: {...}}", models)
         return []
     shared = data.get("parameters") if isinstance(data.get("parameters"), Mapping) else {}
     out = []
     for i, entry in enumerate(models):
         if not isinstance(entry, Mapping) or "model" not in entry:
             problems.add(
-                ("models", i), "each model is a mapping {model: PATH, parameters: {...}}", entry
+                (*where, i), "each model is a mapping {model: PATH, parameters: {...}}", entry
             )
             continue
         for key in entry:
-            if key not in ("model", "parameters"):
+            if key not in keys:
                 problems.add(
-                    ("models", i, key),
-                    "unknown key (valid: model, parameters); "
-                    f"per-model settings go under models[{i}].parameters",
+                    (*where, i, key),
+                    f"unknown key (valid: {', '.join(keys)}); "
+                    f"per-model settings go under {format_loc((*where, i, 'parameters'))}",
                 )
         params = entry.get("parameters") or {}
         if not isinstance(params, Mapping):
-            problems.add(("models", i, "parameters"), "must be a mapping", params)
+            problems.add((*where, i, "parameters"), "must be a mapping", params)
             params = {}
         own = [k for k, users in SPARSIFY_OPTION.items() if method in users]
         for key in params:
             if _unused_by(method, str(key), shared=False):
-                problems.ignore(("models", i, "parameters", key), method)
+                problems.ignore((*where, i, "parameters", key), method)
             elif key not in ("weight", "density", *own) or (
                 key == "density" and method not in SPARSIFYING
             ):
                 valid = ["weight", "density", *own] if method in SPARSIFYING else ["weight"]
                 problems.add(
-                    ("models", i, "parameters", key),
+                    (*where, i, "parameters", key),
                     f"not a per-model parameter of {method} ({closest_names(str(key), valid)})",
                 )
         weight: float | None = None
-        where: Loc = ("models", i, "parameters", "weight")
         raw = params.get("weight", shared.get("weight"))
         if raw is not None and method not in UNWEIGHTED:  # else ignored, with a warning
-            loc = where if "weight" in params else ("parameters", "weight")
+            loc = (
+                (*where, i, "parameters", "weight")
+                if "weight" in params
+                else ("parameters", "weight")
+            )
             weight = _number(problems, loc, raw) or 0.0  # a bad value is reported once
         raw_density = params.get("density", shared.get("density", 1.0))
         density = (
-            _number(problems, ("models", i, "parameters", "density"), raw_density, density=True)
+            _number(problems, (*where, i, "parameters", "density"), raw_density, density=True)
             if method in SPARSIFYING
             else 1.0
         )
         for key in own:
             raw_option = params.get(key, shared.get(key))
-            where = ("models", i, "parameters", key) if key in params else ("parameters", key)
+            at = (*where, i, "parameters", key) if key in params else ("parameters", key)
             if raw_option is not None and options is not None:
-                value = _number(problems, where, raw_option)
+                value = _number(problems, at, raw_option)
                 if value is not None:
-                    options.setdefault(str(entry["model"]), {})[key] = (where, value)
+                    options.setdefault(str(entry["model"]), {})[key] = (at, value)
         try:
             check_path(Path(str(entry["model"])), "model")
         except ValueError as err:
-            problems.add(("models", i, "model"), str(err))
-        out.append((("models", i), str(entry["model"]), weight, density or 1.0))
+            problems.add((*where, i, "model"), str(err))
+        out.append(((*where, i), str(entry["model"]), weight, density or 1.0))
     return out
+
+
+SLICE_KEYS = ("sources", "parameters", "base_model", "residual_weight")
+
+
+def _slice_sources(problems: _Problems, data: Mapping[str, Any]) -> bool:
+    """Whether ``slices`` is one slice of whole models, which mergekit merges exactly as the
+    same models under ``models:`` (its planner turns ``models:`` into that slice: the same
+    tensors, parameters and gradient positions); its sources are then checked as models.
+
+    Every source's ``layer_range`` must be ``[0, L]``, ``L`` the layer count in the model's
+    ``config.json``. Several slices, partial ranges (frankenmerges) and a slice's own
+    ``parameters`` / ``base_model`` are problems, each at its field."""
+    slices = data["slices"]
+    if data.get("models"):
+        problems.add(
+            ("slices",), "layer slices and models both given: give one (mergekit takes one)"
+        )
+        return False
+    if not isinstance(slices, list) or not slices:
+        problems.add(
+            ("slices",),
+            "layer slices: one slice {sources: [{model: PATH, layer_range: [0, L]}, ...]}",
+            slices,
+        )
+        return False
+    if len(slices) > 1:
+        problems.add(
+            ("slices",),
+            f"{len(slices)} layer slices (a frankenmerge: layer ranges stacked into a new "
+            "model) are not supported; drm-merge merges whole models: one slice whose sources "
+            "cover every layer, or the models under models",
+        )
+        return False
+    (one,) = slices
+    if not isinstance(one, Mapping) or not isinstance(one.get("sources"), list):
+        problems.add(
+            ("slices", 0),
+            "a slice is a mapping {sources: [{model: PATH, layer_range: [0, L]}, ...]}",
+            one,
+        )
+        return False
+    for key in one:
+        if key in ("parameters", "base_model"):
+            problems.add(
+                ("slices", 0, key),
+                f"a slice's own {key} is not supported; give it at the top level "
+                "(for one slice, mergekit's result is the same)",
+            )
+        elif key == "residual_weight":
+            problems.add(("slices", 0, key), "not supported (mergekit 0.1.5 does not use it)")
+        elif key != "sources":
+            problems.add(("slices", 0, key), f"unknown key ({closest_names(str(key), SLICE_KEYS)})")
+    counts: dict[int, str] = {}
+    for i, source in enumerate(one["sources"]):
+        if isinstance(source, Mapping) and "model" in source:
+            count = _full_range(problems, ("slices", 0, "sources", i), source)
+            if count is not None:
+                counts.setdefault(count, str(source["model"]))
+    if len(counts) > 1:
+        problems.add(
+            ("slices", 0, "sources"),
+            "the models have different layer counts ("
+            + ", ".join(f"{model}: {n}" for n, model in counts.items())
+            + "); whole-model merges need the same architecture",
+        )
+    return True
+
+
+def _full_range(problems: _Problems, loc: Loc, source: Mapping[str, Any]) -> int | None:
+    """The layer count ``L`` of a slice source whose ``layer_range`` is ``[0, L]``, every
+    layer of its model (``config.json``); else None and a problem at its ``layer_range``."""
+    model, value = str(source["model"]), source.get("layer_range")
+    loc = (*loc, "layer_range")
+    try:
+        check_path(Path(model), "model")
+    except ValueError:
+        return None  # reported with the model
+    count = _layer_count(model)
+    whole = f"[0, {count}]" if count is not None else "[0, L]"
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        problems.add(
+            loc, f"two whole numbers [START, END] required; drm-merge takes {whole}", value
+        )
+        return None
+    if count is None:
+        problems.add(
+            loc,
+            f"{model}/config.json gives no num_hidden_layers, so the range cannot be checked "
+            "to cover every layer; list the models under models",
+        )
+        return None
+    if value != [0, count]:
+        problems.add(
+            loc,
+            f"layers {value[0]} to {value[1]} of {model}'s {count}: a partial range (a "
+            f"frankenmerge) is not supported; drm-merge merges whole models: give {whole}",
+            value,
+        )
+        return None
+    return count
 
 
 def translate(data: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
@@ -686,7 +848,10 @@ def translate(data: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
     varying: dict[str, Any] = {}
     ours = _check_parameters(problems, method, params, varying)
     options: dict[str, dict[str, tuple[Loc, float]]] = {}
-    entries = parsed = _check_models(problems, method, data, options)
+    sliced = "slices" in data
+    where: Loc = ("slices", 0, "sources") if sliced else ("models",)
+    usable = _slice_sources(problems, data) if sliced else True
+    entries = parsed = _check_models(problems, method, data, options, where) if usable else []
     base = data.get("base_model")
     if base is None and method not in ("linear", "nuslerp"):
         problems.add(("base_model",), f"required by {method} (the model the deltas are taken from)")
@@ -695,11 +860,14 @@ def translate(data: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
             check_path(Path(str(base)), "base_model")
         except ValueError as err:
             problems.add(("base_model",), str(err))
-    if (
-        method == "linear"
-        and base is not None
-        and not any(_same(p, base) for _, p, _, _ in entries)
-    ):
+    base_listed = any(_same(p, base) for _, p, _, _ in entries)
+    if sliced and parsed and base is not None and not base_listed and method != "linear":
+        problems.add(
+            where,
+            f"base_model {base} is not among the sources: mergekit merges a slice's sources "
+            "only (it stops: base input not present); add it with its full layer_range",
+        )
+    if method == "linear" and base is not None and not base_listed and not sliced:
         weight = params.get("weight")
         if weight is None:
             problems.add(
@@ -721,14 +889,14 @@ def translate(data: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
     for loc, _, weight, _ in entries:
         if weight is None and method not in ("drm", *UNWEIGHTED):
             problems.add(
-                (*loc, "parameters", "weight") if loc[0] == "models" else loc,
+                (*loc, "parameters", "weight") if loc != ("base_model",) else loc,
                 f"required by mergekit's {method} (no default): give a weight here or "
                 "a default in parameters.weight",
             )
     if parsed and not entries:
-        problems.add(("models",), "no model to merge besides the base model")
+        problems.add(where, "no model to merge besides the base model")
     elif parsed:
-        _check_count(problems, method, len(entries), base is not None)
+        _check_count(problems, method, len(entries), base is not None, where)
     if method == "slerp" and "t" not in params:
         problems.add(("parameters", "t"), "required by mergekit's slerp (no default)")
     if method == "nuslerp" and base is None:
@@ -778,20 +946,20 @@ def translate(data: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
     return result
 
 
-def _check_count(problems: _Problems, method: str, n: int, has_base: bool) -> None:
+def _check_count(
+    problems: _Problems, method: str, n: int, has_base: bool, where: Loc = ("models",)
+) -> None:
     """The number of models besides the base that slerp, nuslerp and model_stock take."""
     besides = " besides base_model" if has_base else ""
     if method == "slerp" and n != 1:
         problems.add(
-            ("models",),
+            where,
             f"slerp interpolates base_model and one other model; got {n} besides the base",
         )
     elif method == "nuslerp" and n != 2:
-        problems.add(("models",), f"nuslerp interpolates two models{besides}; got {n}")
+        problems.add(where, f"nuslerp interpolates two models{besides}; got {n}")
     elif method == "model_stock" and n < 2:
-        problems.add(
-            ("models",), f"model_stock needs at least two models besides the base; got {n}"
-        )
+        problems.add(where, f"model_stock needs at least two models besides the base; got {n}")
 
 
 def _check_options(
@@ -821,22 +989,30 @@ def _check_options(
         for loc, _, _, density in entries:
             if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
                 problems.add(
-                    (*loc, "parameters", "density") if loc[0] == "models" else loc,
+                    (*loc, "parameters", "density") if loc != ("base_model",) else loc,
                     f"density ± epsilon must be in (0, 1) (keep probabilities); got density "
                     f"{density:g}, epsilon {epsilon:g}",
                 )
 
 
-def _num_layers(problems: _Problems, base: str) -> int | None:
-    """The base's layer count (``config.json``), which mergekit's gradients spread over."""
+def _layer_count(model: str) -> int | None:
+    """A model's layer count from its ``config.json`` (regular file only), or None."""
     try:
-        config = json.loads(read_regular(Path(base) / "config.json")[0])
+        config = json.loads(read_regular(Path(model) / "config.json")[0])
     except (OSError, ValueError):
         config = {}
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         value = config.get(key) if isinstance(config, dict) else None
-        if isinstance(value, int) and value > 0:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
+    return None
+
+
+def _num_layers(problems: _Problems, base: str) -> int | None:
+    """The base's layer count (``config.json``), which mergekit's gradients spread over."""
+    count = _layer_count(base)
+    if count is not None:
+        return count
     problems.add(
         ("parameters", "t"),
         f"a gradient spreads over the layers, but {base}/config.json gives no "
@@ -908,11 +1084,11 @@ def mergekit_config(
 
     Example:
         >>> try:
-        ...     mergekit_config({"merge_method": "karcher", "slices": []})
+        ...     mergekit_config({"merge_method": "karcher", "modules": {}})
         ... except ConfigError as err:
         ...     print(err)
         invalid configuration <config> (2 problems):
-          slices: layer slices (frankenmerges) are not supported; list whole models under models
+          modules: per-module merges are not supported; list whole models under models
           merge_method: mergekit's 'karcher' is not implemented by drm-merge ...
     """
     problems = _Problems()
