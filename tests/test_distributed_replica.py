@@ -118,6 +118,8 @@ def _replica_worker(rank: int, world: int, port: int, outdir: str) -> None:
             "dare_ties", get_method("dare_ties", density=0.5)
         )  # random: same generator on every rank
         run("one_item", drm, names=["wide.weight"])
+        for name in ("tsv_m", "iso_c", "iso_cts", "breadcrumbs_ties", "della"):  # issue 24
+            run(name, get_method(name))
 
         failing = list(branches)
         failing[2] = FailingSet(branches[2], "up.weight", 1)
@@ -196,7 +198,21 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 
 
 @pytest.mark.parametrize(
-    "key", ["drm", "drm_horizontal", "ties", "dare_ties", "one_item", "after_errors", "reset"]
+    "key",
+    [
+        "drm",
+        "drm_horizontal",
+        "ties",
+        "dare_ties",
+        "one_item",
+        "after_errors",
+        "reset",
+        "tsv_m",
+        "iso_c",
+        "iso_cts",
+        "breadcrumbs_ties",
+        "della",
+    ],
 )
 def test_replica_equals_single_process(replica_results: list[dict[str, Any]], key: str) -> None:
     """Both ranks hold the single-process result (bit for bit: the owner runs merge_tensor)."""

@@ -114,6 +114,7 @@ def reference(
     full: dict[str, torch.Tensor],
     compute_dtype: torch.dtype,
     names: list[str] | None = None,
+    coefficients: list[float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Single-process merge_tensor of every base tensor (ignored ones keep the base value)."""
     from drm_lightning.merge.routing import Routing
@@ -135,7 +136,7 @@ def reference(
             route,
             base,
             branches,
-            COEFFICIENTS,
+            coefficients or COEFFICIENTS,
             compute_dtype=compute_dtype,
             generator=generator,
         )
@@ -309,11 +310,13 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
                 "is_merge_error": isinstance(err, DistributedMergeError),
             }
             return
-        expected = reference(method, inputs, compute_dtype, names)
+        expected = reference(method, inputs, compute_dtype, names, coefs)
         entry = compare(expected)
         # Distance of both results to the float64 merge of the same inputs, relative to the merged
         # delta.
-        exact = reference(method, {k: v.double() for k, v in inputs.items()}, torch.float64, names)
+        exact = reference(
+            method, {k: v.double() for k, v in inputs.items()}, torch.float64, names, coefs
+        )
         delta = {n: exact[n] - inputs[f"base.{n}"].double() for n in exact}
         entry["delta_err_vs_fp64"] = {
             n: float((gathered(p).double() - exact[n]).norm() / delta[n].norm().clamp(min=1e-30))
@@ -356,6 +359,10 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
             get_method("drm", drop_rate=0.5, fallback_trim_rate=0.3, tie_break="positive"),
         )
         run("ties", get_method("ties", density=0.4))
+        # Issue 24's methods: not row-local, so ZeRO-3 gathers each matrix to its owner.
+        run("tsv_m", get_method("tsv_m"))
+        run("iso_cts", get_method("iso_cts"))
+        run("model_stock", get_method("model_stock"), coefs=[1.0, 1.0, 1.0])
         run("one_item_owner", drm, names=["wide.weight"], sharded=False)
         run("one_item_sharded", drm, names=["up.weight"])
         # Branches from ZeRO shard snapshots and from checkpoint files read shard-wise.
@@ -459,7 +466,16 @@ def zero3_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, An
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
 # Same code in the same order as the single-process merge_tensor (owner route): equal to 1e-5.
-EXACT = ["drm_owner", "drm_horizontal", "ties", "one_item_owner", "drm_trim"]
+EXACT = [
+    "drm_owner",
+    "drm_horizontal",
+    "ties",
+    "one_item_owner",
+    "drm_trim",
+    "tsv_m",
+    "iso_cts",
+    "model_stock",
+]
 # The sharded route sums in another order. In float64 it equals the single-process merge to
 # 1e-12; in float32 an entry at the pruning cut may flip, so float32 is held to the bound the
 # package states for float32 DRM: within F32_DELTA_BOUND of the float64 merge of the same
