@@ -284,6 +284,9 @@ def test_refusals_name_the_slice_and_field(zoo: Path, tmp_path: Path) -> None:
     msg = _refusal(zoo, tmp_path, slices=[{"sources": [a, b], "residual_weight": 0.5}])
     assert "slices[0].residual_weight: not supported" in msg
     msg = _refusal(zoo, tmp_path, slices=[{"source": [a, b]}])
+    assert "slices[0].source: unknown key (did you mean 'sources'?" in msg
+    assert "slices[0]: sources: a non-empty list of {model: PATH, layer_range: [0, L]}" in msg
+    msg = _refusal(zoo, tmp_path, slices=[[a, b]])
     assert "slices[0]: a slice is a mapping {sources:" in msg
     msg = _refusal(zoo, tmp_path, models=[{"model": str(z / "b")}])
     assert "slices: layer slices and models both given" in msg

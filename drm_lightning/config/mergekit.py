@@ -764,7 +764,7 @@ def _slice_sources(problems: _Problems, data: Mapping[str, Any]) -> bool:
         )
         return False
     (one,) = slices
-    if not isinstance(one, Mapping) or not isinstance(one.get("sources"), list):
+    if not isinstance(one, Mapping):
         problems.add(
             ("slices", 0),
             "a slice is a mapping {sources: [{model: PATH, layer_range: [0, L]}, ...]}",
@@ -782,6 +782,13 @@ def _slice_sources(problems: _Problems, data: Mapping[str, Any]) -> bool:
             problems.add(("slices", 0, key), "not supported (mergekit 0.1.5 does not use it)")
         elif key != "sources":
             problems.add(("slices", 0, key), f"unknown key ({closest_names(str(key), SLICE_KEYS)})")
+    if not isinstance(one.get("sources"), list) or not one["sources"]:
+        problems.add(
+            ("slices", 0, "sources") if "sources" in one else ("slices", 0),
+            "sources: a non-empty list of {model: PATH, layer_range: [0, L]} is required",
+            one.get("sources"),
+        )
+        return False
     counts: dict[int, str] = {}
     for i, source in enumerate(one["sources"]):
         if isinstance(source, Mapping) and "model" in source:
