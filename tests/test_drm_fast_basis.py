@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from drm_lightning.methods import DRM
-from drm_lightning.methods.basis import basis_from_gram, eigh_refined, shared_basis
+from drm_lightning.methods.basis import (
+    basis_from_gram,
+    eigh_refined,
+    gram_of_rows,
+    shared_basis,
+)
 from drm_lightning.methods.drm import drm_merge
 
 F64 = torch.float64
@@ -146,3 +151,13 @@ def test_refined_is_a_solver_option() -> None:
     assert shared_basis(deltas, solver="refined").vectors.dtype == F64
     with pytest.raises(ValueError, match="'refined'"):
         shared_basis(deltas, solver="eigh")
+
+
+def test_gram_of_rows_block_triangle_is_the_full_product() -> None:
+    """The Gram is formed from its upper block triangle and mirrored: exactly symmetric and
+    equal to ``Σ Δ_iᵀΔ_i``."""
+    deltas = torch.randn(3, 70, 301, generator=torch.Generator().manual_seed(7))
+    gram = gram_of_rows(deltas, F64)
+    full = sum(d.double().mT @ d.double() for d in deltas)
+    assert torch.equal(gram, gram.mT)
+    assert float((gram - full).abs().max() / full.abs().max()) < 1e-14
