@@ -16,6 +16,7 @@ import torch
 from drm_lightning.methods import DRM
 from drm_lightning.methods.basis import (
     basis_from_gram,
+    count_eigenvalues_above,
     eigh_refined,
     gram_of_rows,
     shared_basis,
@@ -161,3 +162,17 @@ def test_gram_of_rows_block_triangle_is_the_full_product() -> None:
     full = sum(d.double().mT @ d.double() for d in deltas)
     assert torch.equal(gram, gram.mT)
     assert float((gram - full).abs().max() / full.abs().max()) < 1e-14
+
+
+def test_inertia_count_matches_eigenvalues() -> None:
+    """The refined route's pre-check counts the eigenvalues above a shift without computing
+    them (Sylvester's inertia), exactly, rank-deficient matrices included."""
+    g = torch.Generator().manual_seed(8)
+    for rows in (40, 140):  # rank-deficient (40 < 120) and full rank
+        a = torch.randn(rows, 120, generator=g, dtype=F64)
+        gram = a.mT @ a
+        values = torch.linalg.eigvalsh(gram)
+        # midway between eigenvalues, and just above the (rounding-level) zero ones
+        shifts = [(values[i] + values[i + 1]) / 2 for i in (85, 100, 118)] + [1e-9 * values[-1]]
+        for shift in shifts:
+            assert count_eigenvalues_above(gram, float(shift)) == int((values > shift).sum())
