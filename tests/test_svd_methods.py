@@ -24,13 +24,7 @@ from test_lightning_common import TASKS, Probe, acc_specs, branched, train_loade
 from drm_lightning.cli.command import main
 from drm_lightning.lightning import MergeCallback
 from drm_lightning.methods import available_methods, get_method
-from drm_lightning.methods.svd_merge import (
-    iso_sizes,
-    polar_factor,
-    rank_tolerance,
-    thin_svd,
-    top_triplets,
-)
+from drm_lightning.methods.svd_merge import iso_sizes
 
 F64 = torch.float64
 NAMES = ("tsv_m", "iso_c", "iso_cts")
@@ -329,87 +323,3 @@ def test_merge_callback_runs_tsv_m() -> None:
         want = oracle_tsv_m(deltas, ones) if deltas.ndim == 3 else deltas.mean(0)
         got = merged[key].double().numpy() - base
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=key)
-
-
-# ------------------------------------------------------------- fast routes (Gram, Rayleigh–Ritz)
-
-
-def _spectrum(n: int, m: int, sigma: torch.Tensor, seed: int) -> torch.Tensor:
-    """A matrix with singular values ``sigma`` and random singular vectors."""
-    g = torch.Generator().manual_seed(seed)
-    r = min(n, m)
-    u = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=F64)).Q
-    v = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=F64)).Q
-    return (u * sigma) @ v.mT
-
-
-def _count_task_svds(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int]) -> list[int]:
-    """Counts the LAPACK SVDs of ``shape``-sized matrices (a task matrix or the sum)."""
-    calls = [0]
-    svd = torch.linalg.svd
-
-    def counted(a: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        calls[0] += tuple(a.shape) == shape
-        return svd(a, *args, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, "svd", counted)
-    return calls
-
-
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize(("t", "n", "m"), [(3, 60, 150), (8, 64, 64), (3, 150, 60)])
-def test_gram_routes_match_the_oracle_on_decaying_spectra(
-    name: str, t: int, n: int, m: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    r = min(n, m)
-    sigma = torch.exp(-3.0 * torch.arange(r, dtype=F64) / r)  # κ = e³ per task
-    deltas = torch.stack([_spectrum(n, m, sigma, seed=i) for i in range(t)])
-    w = np.linspace(0.6, 1.4, t) * np.where(np.arange(t) % 2, -1.0, 1.0)
-    calls = _count_task_svds(monkeypatch, (n, m))
-    got = _merge(name, deltas, w, scaling=1.3)
-    # no full SVD of a task matrix or of the sum: the Gram routes ran (but a square sum of
-    # random tasks has κ ~ n, too large for Iso-C's eps·κ²: the SVD)
-    assert calls[0] == (name == "iso_c" and n == m)
-    want = ORACLES[name](deltas.numpy(), w, 1.3)
-    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-10 * np.abs(want).max())
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_ill_conditioned_matrices_take_the_exact_svd(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # σ from 1 to 1e-9: a Gram route would lose the small directions (eps·κ² ≫ 1e-10), which
-    # Iso's flat spectrum and TSV-M's polar factor use at full weight: the SVD
-    sigma = torch.logspace(0, -9, 40, dtype=F64)
-    deltas = torch.stack([_spectrum(40, 70, sigma, seed=20 + i) for i in range(2)])
-    calls = _count_task_svds(monkeypatch, (40, 70))
-    got = _merge(name, deltas)
-    assert calls[0] >= 1
-    want = ORACLES[name](deltas.numpy(), np.ones(2))
-    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-10 * np.abs(want).max())
-
-
-@pytest.mark.parametrize(("n", "m"), [(50, 80), (80, 50)])
-def test_top_triplets_equal_the_svd(n: int, m: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    full = _deltas(1, n, m, seed=30)[0]
-    rank3 = _spectrum(n, m, torch.tensor([3.0, 2.0, 1.0] + [0.0] * (min(n, m) - 3), dtype=F64), 31)
-    tol = rank_tolerance((n, m), F64, 1.0)
-    calls = _count_task_svds(monkeypatch, (n, m))
-    for matrix, k in [(full, 10), (rank3, 10), (torch.zeros(n, m, dtype=F64), 4)]:
-        got, want = top_triplets(matrix, k, tol), thin_svd(matrix, tol).top(k)
-        assert got.s.numel() == want.s.numel()  # rank-deficient: the noise triplets dropped
-        torch.testing.assert_close(got.s, want.s, rtol=0, atol=1e-12)
-        torch.testing.assert_close((got.u * got.s) @ got.vh, (want.u * want.s) @ want.vh)
-        torch.testing.assert_close(got.u.mT @ got.u, torch.eye(got.s.numel(), dtype=F64))
-    assert calls[0] == 3  # the reference's three; the routes ran none (rank 3: Rayleigh–Ritz)
-
-
-def test_polar_factor_from_the_gram_and_its_fallback() -> None:
-    x = _deltas(1, 40, 12, seed=32)[0]
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    torch.testing.assert_close(polar_factor(x), p @ qh, rtol=0, atol=1e-13)
-    torch.testing.assert_close(polar_factor(x.mT), (p @ qh).mT, rtol=0, atol=1e-13)
-    dependent = torch.cat([x[:, :6], x[:, :6] + 1e-9 * x[:, 6:]], dim=1)  # κ² ≈ 1e18: the SVD
-    p, _, qh = torch.linalg.svd(dependent, full_matrices=False)
-    torch.testing.assert_close(polar_factor(dependent), p @ qh, rtol=0, atol=1e-6)
-    assert polar_factor(x[:, :0]).shape == (40, 0)

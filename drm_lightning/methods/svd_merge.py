@@ -47,13 +47,7 @@ from pydantic import Field
 from torch import Tensor
 
 from drm_lightning.methods.base import LowRankFactors, MergeMethod, MethodParams, Route
-from drm_lightning.methods.basis import (
-    BasisPrecision,
-    SharedBasis,
-    basis_dtype,
-    basis_from_gram,
-    gram_of_rows,
-)
+from drm_lightning.methods.basis import BasisPrecision, basis_dtype
 from drm_lightning.methods.rowwise import DeltaRows
 from drm_lightning.methods.task_vector import task_vector_merge, task_vector_merge_rows
 
@@ -79,7 +73,7 @@ class Triplets:
 
 
 def thin_svd(term: Term, tol: float) -> Triplets:
-    """The singular triplets of ``term`` with ``σ > tol`` (a full LAPACK SVD).
+    """The singular triplets of ``term`` with ``σ > tol``.
 
     Factors ``(B, A)`` go through thin QRs ``B = Q_b R_b``, ``Aᵀ = Q_a R_a`` and the SVD of
     the small ``R_b R_aᵀ``: exact, without the n×m product.
@@ -103,116 +97,10 @@ def thin_svd(term: Term, tol: float) -> Triplets:
     return Triplets(u, s, vh).top(int((s > tol).sum()))
 
 
-GRAM_ERROR = {torch.float64: 1e-10, torch.float32: 1e-4}
-"""Largest estimated error (relative to the largest singular value) a Gram route may have; where
-its estimate is above, the SVD of :func:`thin_svd` runs instead (docs/methods/tsv_m.md)."""
-
-
-def gram_error(sigma: Tensor, k: int, dtype: torch.dtype, below: int | None = None) -> float:
-    """First-order error of the span of the top ``k`` eigenvectors of a Gram with eigenvalues
-    ``sigma²`` (descending; missing ones are 0), seen from the first ``below`` (default
-    ``k``) of them: ``eps·σ₁² / (σ_k² − σ_{below+1}²)``.
-
-    The Gram's rounding (``‖δG‖ ≈ eps·σ₁²``) turns the top-k span by about that angle
-    (Davis–Kahan), and the ``1/σ`` that maps it to the other side's vectors errs by the same
-    factor (``k = r``: ``eps·κ²``). Measured errors against the float64 SVD are below it
-    (notes/results-svd-methods.md). ``inf`` where the cut has no gap (past the rank).
-
-    Example:
-        >>> gram_error(torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64), 2, torch.float64)
-        8.881784197001252e-16
-    """
-    below = k if below is None else below
-    if k == 0:
-        return 0.0
-    lam = sigma.double() ** 2
-    if lam.numel() < k:
-        return math.inf
-    gap = float(lam[k - 1]) - (float(lam[below]) if lam.numel() > below else 0.0)
-    if not gap > 0:
-        return math.inf
-    return torch.finfo(dtype).eps * float(lam[0]) / gap
-
-
-def gram_basis(matrix: Tensor) -> tuple[SharedBasis, bool]:
-    """Eigenpairs of the smaller Gram of a dense matrix (:func:`basis_from_gram`, no
-    truncation): the left singular vectors and values when ``wide`` (n ≤ m, ``M Mᵀ``), else
-    the right ones (``MᵀM``)."""
-    wide = matrix.shape[0] <= matrix.shape[1]
-    gram = gram_of_rows((matrix.mT if wide else matrix).unsqueeze(0))
-    return basis_from_gram(gram, 0.0, overwrite=True), wide
-
-
-def term_shape(term: Term) -> tuple[int, int]:
-    """``(n, m)`` of a dense matrix or of factors ``(B, A)``."""
-    if isinstance(term, Tensor):
-        return int(term.shape[0]), int(term.shape[1])
-    return int(term[0].shape[0]), int(term[1].shape[1])
-
-
-def _lift(small: Triplets, vectors: Tensor, wide: bool) -> Triplets:
-    """Triplets of ``vectors @ W`` (wide) or ``W @ vectorsᵀ`` from those of the small ``W``."""
-    if wide:
-        return Triplets(vectors @ small.u, small.s, small.vh)
-    return Triplets(small.u, small.s, small.vh @ vectors.mT)
-
-
-def top_triplets(term: Term, k: int, tol: float) -> Triplets:
-    """The top ``k`` singular triplets of ``term`` with ``σ > tol``: ``thin_svd(term,
-    tol).top(k)``, for dense matrices by a Rayleigh–Ritz step on the top eigenvectors of their
-    smaller Gram (``M Mᵀ`` or ``MᵀM``, float64 by default) when that is as accurate.
-
-    The step takes ``j = k + k/2`` eigenvectors ``Q`` (oversampled, so the span is accurate
-    even where ``σ_k ≈ σ_{k+1}``) and the SVD of the small projection ``W = QᵀM`` (``MQ``):
-    its top ``k`` triplets, lifted back. It runs when :func:`gram_error` of the top-k span
-    against the j-th is within :data:`GRAM_ERROR` (not weighted by ``σ_k/σ₁``: TSV-M's polar
-    factor uses every kept vector at full weight). A rank-deficient matrix
-    (no gap) takes the step on its eigenvectors above the Gram's rounding, and keeps it when
-    the residual ``‖M − Q W‖_F ≤ tol`` (nothing above ``tol`` is outside them); the SVD of
-    ``W`` drops rounding noise at ``tol`` as :func:`thin_svd` does. Else (and for factors)
-    :func:`thin_svd`.
-
-    Example:
-        >>> m = torch.randn(40, 6, dtype=torch.float64) @ torch.randn(6, 50, dtype=torch.float64)
-        >>> t, want = top_triplets(m, 4, 1e-10), thin_svd(m, 1e-10).top(4)
-        >>> torch.allclose(t.s, want.s)
-        True
-    """
-    if k == 0:
-        n, m = term_shape(term)
-        empty = term if isinstance(term, Tensor) else term[0]
-        return Triplets(empty.new_zeros(n, 0), empty.new_zeros(0), empty.new_zeros(0, m))
-    if not isinstance(term, Tensor):
-        return thin_svd(term, tol).top(k)
-    basis, wide = gram_basis(term)
-    if basis.rank == 0 or float(basis.sigma[0]) <= tol:  # zero, or rounding noise only
-        return top_triplets(term, 0, tol)
-    size = min(term.shape)
-    j = min(size, k + k // 2)
-    error = gram_error(basis.sigma, k, term.dtype, below=j)
-    exact = error <= GRAM_ERROR.get(term.dtype, 0.0)
-    if not exact:  # rank-deficient: the eigenvectors above the Gram's rounding span the range
-        noise = size * torch.finfo(term.dtype).eps * float(basis.sigma[0]) ** 2
-        j = min(k, int((basis.sigma**2 > noise).sum()))
-    if j < size and (exact or j < k):
-        vectors = basis.vectors[:, :j]
-        small = vectors.mT @ term if wide else term @ vectors
-        if not exact:
-            residual = term - (vectors @ small if wide else small @ vectors.mT)
-            exact = float(torch.linalg.vector_norm(residual)) <= tol
-        if exact:
-            return _lift(thin_svd(small, tol), vectors, wide).top(k)
-    return thin_svd(term, tol).top(k)
-
-
 def polar_factor(matrix: Tensor) -> Tensor:
     """``P Qᵀ`` of ``matrix = P S Qᵀ``: the nearest matrix with orthonormal columns (rows, if
     wide), over the directions with ``S`` above rounding (the rest are dropped, not completed
     by arbitrary vectors).
-
-    From the small Gram ``C`` (``XᵀX``, or ``XXᵀ`` if wide) as ``X C^{-1/2}`` when its
-    condition keeps :func:`gram_error` within :data:`GRAM_ERROR`; else (nearly dependent
-    columns, null directions) from the SVD.
 
     Example:
         >>> q = polar_factor(torch.tensor([[2.0, 0.0], [0.0, 0.5], [0.0, 0.0]]))
@@ -221,15 +109,6 @@ def polar_factor(matrix: Tensor) -> Tensor:
                 [0., 1.],
                 [0., 0.]])
     """
-    tall = matrix.shape[0] >= matrix.shape[1]
-    size = min(matrix.shape)
-    if size > 0:
-        gram = gram_of_rows((matrix if tall else matrix.mT).unsqueeze(0))
-        basis = basis_from_gram(gram, 0.0, overwrite=True)
-        error = gram_error(basis.sigma, size, matrix.dtype)
-        if basis.rank == size and error <= GRAM_ERROR.get(matrix.dtype, 0.0):
-            inv_sqrt = (basis.vectors / basis.sigma) @ basis.vectors.mT
-            return matrix @ inv_sqrt if tall else inv_sqrt @ matrix
     p, s, qh = torch.linalg.svd(matrix, full_matrices=False)
     if s.numel() == 0 or not bool(s[0] > 0):
         return torch.zeros_like(matrix)
@@ -289,7 +168,7 @@ def tsv_m_matrix(term: TermOf, n_terms: int, shape: tuple[int, int], tol: float)
     keep = min(shape) // n_terms
     if keep == 0:
         return None
-    return recombine([top_triplets(term(i), keep, tol) for i in range(n_terms)], isotropic=False)
+    return recombine([thin_svd(term(i), tol).top(keep) for i in range(n_terms)], isotropic=False)
 
 
 def iso_sizes(rank: int, n_terms: int, fraction: float) -> tuple[int, int]:
@@ -309,14 +188,7 @@ def iso_sizes(rank: int, n_terms: int, fraction: float) -> tuple[int, int]:
 def iso_matrix(
     term: TermOf, n_terms: int, shape: tuple[int, int], tol: float, fraction: float
 ) -> Tensor:
-    """Iso-CTS (Iso-C for ``fraction = 1``) of ``n_terms`` task matrices.
-
-    Dense, with a gap at the common size (:func:`gram_error`; Iso-C: ``eps·κ²`` within
-    :data:`GRAM_ERROR`), one eigendecomposition of the sum's smaller Gram gives the common
-    triplets (``σ = sqrt(λ)``, the other side ``Mᵀu/σ``); when it is ``M Mᵀ`` its other eigenvectors
-    ``U⊥`` span the residuals' column space, and each task's residual triplets are those of
-    the small ``U⊥ᵀ τ_i`` (a Rayleigh–Ritz step, exact: ``I − U_c U_cᵀ = U⊥ U⊥ᵀ``).
-    """
+    """Iso-CTS (Iso-C for ``fraction = 1``) of ``n_terms`` task matrices."""
     common_size, per_task = iso_sizes(min(shape), n_terms, fraction)
     total = term(0)
     if isinstance(total, Tensor):  # dense: accumulated one task at a time (a fresh tensor)
@@ -324,37 +196,14 @@ def iso_matrix(
             total += term(i)
     else:
         total = term_sum([term(i) for i in range(n_terms)])
-    common, complement = None, None
-    if isinstance(total, Tensor) and common_size > 0:
-        basis, wide = gram_basis(total)
-        error = gram_error(basis.sigma, common_size, total.dtype)
-        if (
-            basis.rank >= common_size
-            and float(basis.sigma[common_size - 1]) > tol
-            and error <= GRAM_ERROR.get(total.dtype, 0.0)
-        ):
-            vectors, sigma = basis.vectors[:, :common_size], basis.sigma[:common_size]
-            if wide:
-                common = Triplets(vectors, sigma, (vectors.mT @ total) / sigma[:, None])
-                if per_task and basis.rank == shape[0]:
-                    complement = basis.vectors[:, common_size:]
-            else:
-                common = Triplets((total @ vectors) / sigma, sigma, vectors.mT.contiguous())
-        del basis
-    if common is None:
-        common = top_triplets(total, common_size, tol)
+    common = thin_svd(total, tol).top(common_size)
     del total
-    if complement is None:
-        blocks = [common]
-        for i in range(n_terms if per_task else 0):
-            blocks.append(top_triplets(project_out(term(i), common.u), per_task, tol))
-        return recombine(blocks, isotropic=True)
-    # The task blocks lie in span(U⊥) ⊥ U_c: polar([U_c, U⊥X]) = [U_c, U⊥ polar(X)], X small.
-    small = [thin_svd(complement.mT @ term(i), tol).top(per_task) for i in range(n_terms)]
-    u = torch.cat([common.u, complement @ polar_factor(torch.cat([b.u for b in small], dim=1))], 1)
-    vh = polar_factor(torch.cat([common.vh] + [b.vh for b in small], dim=0))
-    mean = torch.cat([common.s] + [b.s for b in small]).mean()
-    return (u @ vh) * mean
+    blocks = [common]
+    if per_task:
+        blocks += [
+            thin_svd(project_out(term(i), common.u), tol).top(per_task) for i in range(n_terms)
+        ]
+    return recombine(blocks, isotropic=True)
 
 
 def _check_stack(deltas: Tensor, coefficients: Tensor) -> None:
