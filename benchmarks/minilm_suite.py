@@ -15,16 +15,16 @@ The branches (encoder tensors and head, safetensors) are cached under ``--cache-
 everything that defines them, so merging reruns without re-training.
 
 The encoders of one seed are then merged by every registered method through the public API
-(:func:`drm_lightning.methods.get_method` and :func:`drm_lightning.merge.merge_state_dicts`),
-at the library defaults (the demo's method list, :data:`drm_lightning.demo.config.DEFAULT_METHODS`:
-DRM-H and DRM-V with and without renorm, TIES, DARE-TIES, DARE-linear, task arithmetic at
-λ = 1, linear average), plus task arithmetic with λ searched on the validation split (grid
-:data:`ALPHA_GRID`, best mean normalised validation accuracy, chosen per seed), plus TSV-M, Iso-C
-and Iso-CTS when the registry has them. Each task is scored on its test split with the merged
-encoder and its own head; normalised accuracy = merged accuracy ÷ the task's branch accuracy
-(same seed). Reference rows: each branch alone (100 % by definition), the pretrained encoder
-with each branch's head, and a linear probe on the frozen pretrained encoder (how far the tasks
-are from solved without fine-tuning).
+(:func:`drm_lightning.methods.get_method` and :func:`drm_lightning.merge.merge_state_dicts`), at
+the library defaults (the demo's method list, :data:`drm_lightning.demo.config.DEFAULT_METHODS`:
+DRM-H and DRM-V with and without renorm, TIES, DARE-TIES, DARE-linear, task arithmetic at λ = 1,
+linear average, TSV-M, Iso-C, Iso-CTS, ... — those registered), plus task arithmetic with λ
+searched on the validation split (grid :data:`ALPHA_GRID`, best mean normalised validation
+accuracy, chosen per seed). ``--methods`` picks a subset. Each task is scored on its test split
+with the merged encoder and its own head; normalised accuracy = merged accuracy ÷ the task's
+branch accuracy (same seed). Reference rows: each branch alone (100 % by definition), the
+pretrained encoder with each branch's head, and a linear probe on the frozen pretrained encoder
+(how far the tasks are from solved without fine-tuning).
 
 Sizes (full run): sequences ≤ 32 tokens (every generated sentence fits), 2,000 training,
 200 validation and 400 test sentences per task, disjoint; 150 AdamW steps of batch 16 per
