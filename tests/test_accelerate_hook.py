@@ -83,7 +83,13 @@ def _train(
 
 
 def _run_hook(
-    accelerator: Any, *, tasks: Any = None, steps: int = STEPS, **kwargs: Any
+    accelerator: Any,
+    *,
+    tasks: Any = None,
+    steps: int = STEPS,
+    method: str = "drm",
+    method_params: dict[str, Any] | None = DRM,
+    **kwargs: Any,
 ) -> tuple[BranchedModel, MergeHook]:
     model = _branched_model()
     optimizer = torch.optim.AdamW(
@@ -93,8 +99,8 @@ def _run_hook(
     with MergeHook(
         accelerator,
         model,
-        "drm",
-        method_params=DRM,
+        method,
+        method_params=method_params,
         tasks=tasks or acc_specs(),
         every_n_steps=EVERY,
         **kwargs,
@@ -107,8 +113,10 @@ def _scores(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not k.startswith("merge/")} for r in history]
 
 
-def _lightning_run() -> MergeCallback:
-    cb = MergeCallback("drm", method_params=DRM, tasks=acc_specs(), every_n_steps=EVERY)
+def _lightning_run(
+    method: str = "drm", method_params: dict[str, Any] | None = DRM
+) -> MergeCallback:
+    cb = MergeCallback(method, method_params=method_params, tasks=acc_specs(), every_n_steps=EVERY)
     trainer(max_steps=STEPS, callbacks=[cb]).fit(branched(), train_loaders())
     return cb
 
@@ -133,6 +141,17 @@ def test_same_scenario_both_front_ends_single_process() -> None:
         "normalized/average",
         "merge/seconds",
     } <= set(logged[-1][0])
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_cts", "della", "model_stock"])
+def test_issue_24_methods_merge_the_same_through_both_front_ends(method: str) -> None:
+    """The new methods run in the Accelerate loop as in the Lightning one: the same merges."""
+    cb = _lightning_run(method, None)
+    _, hook = _run_hook(_accelerator(), method=method, method_params=None)
+    assert [r["step"] for r in hook.history] == [2, 4] and hook.last_merged is not None
+    assert _scores(hook.history) == _scores(cb.history)
+    for name in cb.last_merged:
+        assert torch.equal(hook.last_merged[name], cb.last_merged[name]), name
 
 
 def test_disabled_is_a_no_op() -> None:
