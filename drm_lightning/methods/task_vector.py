@@ -431,19 +431,8 @@ class TaskVectorMethod(MergeMethod):
         p = self.params
         if self.uses_randomness and generator is None:
             generator = torch.Generator().manual_seed(p.seed)
-        assert p.density is not None and p.normalize is not None and p.rescale is not None
         return task_vector_merge(
-            deltas,
-            coefficients,
-            sparsify=p.sparsify,
-            density=p.density,
-            elect_signs=p.elect_signs,
-            normalize=p.normalize,
-            rescale=p.rescale,
-            convention=p.convention,
-            scaling=p.scaling,
-            generator=generator,
-            **p.sparsify_options(),
+            deltas, coefficients, generator=generator, **p.recipe(), **p.sparsify_options()
         )
 
     def merge_matrix(
@@ -482,20 +471,8 @@ class TaskVectorMethod(MergeMethod):
                 route, read, shape, coefficients, piece_rows=piece_rows, generator=generator
             )
             return
-        p = self.params
-        assert p.density is not None and p.normalize is not None and p.rescale is not None
         yield from task_vector_merge_rows(
-            read,
-            shape,
-            coefficients,
-            piece_rows=piece_rows,
-            sparsify=p.sparsify,
-            density=p.density,
-            elect_signs=p.elect_signs,
-            normalize=p.normalize,
-            rescale=p.rescale,
-            convention=p.convention,
-            scaling=p.scaling,
+            read, shape, coefficients, piece_rows=piece_rows, **self.params.recipe()
         )
 
     def merge_stored_rows(

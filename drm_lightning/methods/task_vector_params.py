@@ -132,6 +132,21 @@ class TaskVectorParams(MethodParams):
     )
     seed: int = Field(0, description="DARE/DELLA seed when the caller passes no generator")
 
+    def recipe(self) -> dict[str, Any]:
+        """The resolved settings as keywords of :func:`~.task_vector.task_vector_merge` and of
+        its row-piece form (``sparsify``, ``density``, ``elect_signs``, ``normalize``,
+        ``rescale``, ``convention``, ``scaling``)."""
+        assert self.density is not None and self.normalize is not None and self.rescale is not None
+        return {
+            "sparsify": self.sparsify,
+            "density": self.density,
+            "elect_signs": self.elect_signs,
+            "normalize": self.normalize,
+            "rescale": self.rescale,
+            "convention": self.convention,
+            "scaling": self.scaling,
+        }
+
     def sparsify_options(self) -> dict[str, float]:
         """Settings of this mode's sparsification beyond ``density`` (breadcrumbs' ``gamma``,
         DELLA's ``epsilon``), as keywords of :func:`~.task_vector.task_vector_merge`."""
