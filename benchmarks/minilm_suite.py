@@ -69,6 +69,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from drm_lightning.demo.config import DEFAULT_METHODS, MethodSpec
 from drm_lightning.demo.report import format_table, mean_std, summarize
 from drm_lightning.evaluation import TaskSpec, evaluate_tasks
+from drm_lightning.inloop.alpha import best_alpha
 from drm_lightning.merge import merge_state_dicts
 from drm_lightning.methods import available_methods, get_method
 
@@ -687,10 +688,9 @@ def merge(
     base: dict[str, Tensor],
     branches: list[dict[str, Tensor]],
     seed: int,
-    **extra: Any,
 ) -> tuple[dict[str, Tensor], float]:
     """The merged encoder tensors through the public API, and the merge's seconds."""
-    method = get_method(spec.method, **{**spec.params, **extra})
+    method = get_method(spec.method, **spec.params)
     start = time.perf_counter()
     merged = merge_state_dicts(method, base, branches, seed=seed)
     return merged, time.perf_counter() - start
@@ -745,23 +745,16 @@ def run_seed(
             f"{100 * scores['base_heads'][t]:.1f} %, frozen probe {100 * scores['probe'][t]:.1f} %"
         )
 
-    def search_scale(
-        label: str,
-        merged: dict[str, Tensor],
-        base: dict[str, Tensor],
-        grid: Sequence[float],
-        val: dict[str, Any],
-        branch_val: dict[str, float],
-    ) -> dict[str, Any]:
+    def search_scale(merged: dict[str, Tensor], grid: Sequence[float]) -> dict[str, Any]:
         """The α of ``grid`` whose base + α·(merged − base) scores best on the validation
-        split (mean normalised accuracy; ties: the smaller α)."""
+        split (mean normalised accuracy), by the in-loop search's rule (ties: the smaller α)."""
         rows = []
         for alpha in grid:
-            acc = score(with_encoder(scaled(base, merged, alpha)), heads, val)
+            acc = score(with_encoder(scaled(base_state, merged, alpha)), heads, val)
             norm = 100 * sum(acc[t] / branch_val[t] for t in tasks) / len(tasks)
             rows.append({"alpha": alpha, "val_normalized": norm})
-        best = max(rows, key=lambda g: (g["val_normalized"], -g["alpha"]))
-        return {"grid": rows, "chosen": best["alpha"]}
+        chosen = best_alpha({r["alpha"]: r["val_normalized"] for r in rows}, higher=True)
+        return {"grid": rows, "chosen": chosen}
 
     merge_seconds: dict[str, float] = {}
     searches: dict[str, Any] = {}
@@ -772,9 +765,7 @@ def run_seed(
         norm = 100 * sum(scores[spec.label][t] / scores["branch"][t] for t in tasks) / len(tasks)
         log(f"  {spec.label}: normalised {norm:.1f} (merge {seconds:.1f} s)")
         if spec.label in SEARCHES:
-            searches[spec.label] = search_scale(
-                spec.label, merged, base_state, SEARCHES[spec.label], val, branch_val
-            )
+            searches[spec.label] = search_scale(merged, SEARCHES[spec.label])
             row = SEARCHED.format(spec.label)
             chosen = searches[spec.label]["chosen"]
             scores[row] = score(with_encoder(scaled(base_state, merged, chosen)), heads, test)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-kept_rank = pytest.importorskip("kept_rank")
+import kept_rank  # noqa: E402
 
 
 def test_kept_ranks_of_known_low_rank_stacks() -> None:
