@@ -97,11 +97,7 @@ class ModelStock(MergeMethod):
     def merge_matrix(
         self, deltas: Tensor, coefficients: Tensor, *, generator: torch.Generator | None = None
     ) -> Tensor:
-        """``t·mean(Δ_i)`` of one matrix."""
+        """``t·mean(Δ_i)`` of one tensor."""
         return model_stock_delta(deltas, filter_wise=self.params.filter_wise)
 
-    def merge_fallback(
-        self, deltas: Tensor, coefficients: Tensor, *, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """The same for any other tensor."""
-        return model_stock_delta(deltas, filter_wise=self.params.filter_wise)
+    merge_fallback = merge_matrix

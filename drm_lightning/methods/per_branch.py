@@ -56,9 +56,10 @@ class PerBranchDensity(MergeMethod):
         """True for DARE and DELLA when some branch keeps less than everything."""
         return self.params.sparsify in ("random", "magprune") and min(self.densities) < 1
 
-    def _merge(
-        self, deltas: Tensor, coefficients: Tensor, generator: torch.Generator | None
+    def merge_matrix(
+        self, deltas: Tensor, coefficients: Tensor, *, generator: torch.Generator | None = None
     ) -> Tensor:
+        """Merge the (N, *shape) deltas of one tensor (any shape: entry-wise)."""
         p = self.params
         if len(self.densities) != deltas.shape[0]:
             raise ValueError(f"{len(self.densities)} densities for {deltas.shape[0]} branches")
@@ -86,17 +87,7 @@ class PerBranchDensity(MergeMethod):
             scaling=p.scaling,
         )
 
-    def merge_matrix(
-        self, deltas: Tensor, coefficients: Tensor, *, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Merge the (N, n, m) deltas of one weight matrix."""
-        return self._merge(deltas, coefficients, generator)
-
-    def merge_fallback(
-        self, deltas: Tensor, coefficients: Tensor, *, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Merge the (N, *shape) deltas of any other tensor."""
-        return self._merge(deltas, coefficients, generator)
+    merge_fallback = merge_matrix
 
     def cost(self, route: Route, shape: Sequence[int], n_branches: int) -> float:
         """The wrapped method's cost."""

@@ -163,9 +163,6 @@ class Slerp(MergeMethod):
             )
         return None
 
-    def _merge(self, deltas: Tensor, base: Tensor | None) -> Tensor:
-        return slerp_delta(self.params.t, _needs("slerp", base), deltas[0])
-
     def merge_matrix(
         self,
         deltas: Tensor,
@@ -174,19 +171,10 @@ class Slerp(MergeMethod):
         generator: torch.Generator | None = None,
         base: Tensor | None = None,
     ) -> Tensor:
-        """``slerp(t; base, base + Δ) - base`` of one matrix, flattened (as mergekit)."""
-        return self._merge(deltas, base)
+        """``slerp(t; base, base + Δ) - base`` of one tensor, flattened (as mergekit)."""
+        return slerp_delta(self.params.t, _needs("slerp", base), deltas[0])
 
-    def merge_fallback(
-        self,
-        deltas: Tensor,
-        coefficients: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        base: Tensor | None = None,
-    ) -> Tensor:
-        """The same for any other tensor."""
-        return self._merge(deltas, base)
+    merge_fallback = merge_matrix
 
 
 class NuSlerpParams(MethodParams):
@@ -230,7 +218,15 @@ class NuSlerp(MergeMethod):
             return f"nuslerp interpolates two branches; got {len(coefficients)}"
         return None
 
-    def _merge(self, deltas: Tensor, coefficients: Tensor, base: Tensor | None) -> Tensor:
+    def merge_matrix(
+        self,
+        deltas: Tensor,
+        coefficients: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        base: Tensor | None = None,
+    ) -> Tensor:
+        """The nuslerp of the two branches of one tensor."""
         p = self.params
         w0, w1 = (float(c) for c in coefficients)
         t = 0.5 if abs(w0 + w1) < WEIGHT_SUM_EPS else w1 / (w0 + w1)
@@ -240,24 +236,4 @@ class NuSlerp(MergeMethod):
         whole = _needs("nuslerp", base).to(deltas.dtype)
         return nuslerp(t, whole + deltas[0], whole + deltas[1], **options) - whole
 
-    def merge_matrix(
-        self,
-        deltas: Tensor,
-        coefficients: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        base: Tensor | None = None,
-    ) -> Tensor:
-        """The nuslerp of the two branches of one matrix."""
-        return self._merge(deltas, coefficients, base)
-
-    def merge_fallback(
-        self,
-        deltas: Tensor,
-        coefficients: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        base: Tensor | None = None,
-    ) -> Tensor:
-        """The same for any other tensor."""
-        return self._merge(deltas, coefficients, base)
+    merge_fallback = merge_matrix

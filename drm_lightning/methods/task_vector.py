@@ -425,9 +425,10 @@ class TaskVectorMethod(MergeMethod):
         p = self.params
         return p.sparsify in ("random", "magprune") and p.density is not None and p.density < 1
 
-    def _merge(
-        self, deltas: Tensor, coefficients: Tensor, generator: torch.Generator | None
+    def merge_matrix(
+        self, deltas: Tensor, coefficients: Tensor, *, generator: torch.Generator | None = None
     ) -> Tensor:
+        """Merge the (N, *shape) deltas of one tensor (any shape: entry-wise)."""
         p = self.params
         if self.uses_randomness and generator is None:
             generator = torch.Generator().manual_seed(p.seed)
@@ -435,17 +436,7 @@ class TaskVectorMethod(MergeMethod):
             deltas, coefficients, generator=generator, **p.recipe(), **p.sparsify_options()
         )
 
-    def merge_matrix(
-        self, deltas: Tensor, coefficients: Tensor, *, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Merge the (N, n, m) deltas of one weight matrix (entry-wise, like the fallback)."""
-        return self._merge(deltas, coefficients, generator)
-
-    def merge_fallback(
-        self, deltas: Tensor, coefficients: Tensor, *, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Merge the (N, *shape) deltas of any other tensor."""
-        return self._merge(deltas, coefficients, generator)
+    merge_fallback = merge_matrix
 
     def merges_in_rows(self, route: Route, shape: Sequence[int], n_branches: int) -> bool:
         """Every preset but DARE and DELLA (random masks drawn over the whole branch in
