@@ -53,7 +53,6 @@ from drm_lightning.methods.ops import (
     check_merge_inputs,
     disjoint_mean,
     elect_signs,
-    finite_inputs_checked,
     kept_count,
     majority_count,
     mass_signs,
@@ -247,43 +246,33 @@ def drm_merge(
         True
     """
     check_merge_inputs(deltas, coefficients)
-    if direction == "horizontal":
-        with finite_inputs_checked():
-            return drm_merge(
-                deltas.mT,
-                coefficients,
-                drop_rate=drop_rate,
-                direction="vertical",
-                renormalize=renormalize,
-                rank_rtol=rank_rtol,
-                reference_compat=reference_compat,
-                tie_break=tie_break,
-                disjoint=disjoint,
-                solver=solver,
-                basis_precision=basis_precision,
-            ).mT
+    flip = direction == "horizontal"  # merge the transposes (vertical layout), transpose back
+    if flip:
+        deltas = deltas.mT
     _, n, m = deltas.shape
     work = working_dtype(deltas.dtype)
     basis = shared_basis(
         deltas, rank_rtol=rank_rtol, solver=solver, precision=basis_precision, vectors_dtype=work
     )
     if basis.rank == 0:
-        return deltas.new_zeros(n, m)
-    vectors, sigma = basis.vectors.to(work), basis.sigma.to(work)
-    del basis  # the float64 basis, before the coordinates are made
-    merged = merge_coordinates(  # no reference kept to the coordinates: they are freed once pruned
-        project(deltas, vectors),
-        sigma,
-        coefficients,
-        reduced_dim=m,
-        drop_rate=drop_rate,
-        renormalize=renormalize,
-        reference_compat=reference_compat,
-        tie_break=tie_break,
-        disjoint=disjoint,
-        overwrite=True,
-    )
-    return (merged @ vectors.mT).to(deltas.dtype)
+        merged = deltas.new_zeros(n, m)
+    else:
+        vectors, sigma = basis.vectors.to(work), basis.sigma.to(work)
+        del basis  # the float64 basis, before the coordinates are made
+        coords = merge_coordinates(  # no reference kept to the coordinates: freed once pruned
+            project(deltas, vectors),
+            sigma,
+            coefficients,
+            reduced_dim=m,
+            drop_rate=drop_rate,
+            renormalize=renormalize,
+            reference_compat=reference_compat,
+            tie_break=tie_break,
+            disjoint=disjoint,
+            overwrite=True,
+        )
+        merged = (coords @ vectors.mT).to(deltas.dtype)
+    return merged.mT if flip else merged
 
 
 def project(deltas: Tensor, vectors: Tensor) -> Tensor:
@@ -323,23 +312,11 @@ def drm_merge_lowrank(
     result has the coefficients' dtype, computed in at least float32 (:func:`working_dtype`).
     """
     check_merge_inputs(factors, coefficients)
+    flip = direction == "horizontal"  # merge the transposes (vertical layout), transpose back
+    if flip:
+        factors = [None if f is None else (f[1].mT, f[0].mT) for f in factors]
+        shape = (shape[1], shape[0])
     n, m = shape
-    if direction == "horizontal":
-        swapped = [None if f is None else (f[1].mT, f[0].mT) for f in factors]
-        with finite_inputs_checked():
-            return drm_merge_lowrank(
-                swapped,
-                coefficients,
-                (m, n),
-                drop_rate=drop_rate,
-                direction="vertical",
-                renormalize=renormalize,
-                rank_rtol=rank_rtol,
-                reference_compat=reference_compat,
-                tie_break=tie_break,
-                disjoint=disjoint,
-                basis_precision=basis_precision,
-            ).mT
     out_dtype, dtype = coefficients.dtype, working_dtype(coefficients.dtype)
     coefficients = coefficients.to(dtype)
     present = [
@@ -349,29 +326,33 @@ def drm_merge_lowrank(
         for b, a in [f]
     ]
     present = [(b, a) for b, a in present if a.shape[0] > 0]
-    if not present:
-        return coefficients.new_zeros(n, m, dtype=out_dtype)
-    basis = lowrank_shared_basis(present, rank_rtol=rank_rtol, precision=basis_precision)
-    if basis.rank == 0:
-        return coefficients.new_zeros(n, m, dtype=out_dtype)
-    basis = SharedBasis(basis.vectors.to(dtype), basis.sigma.to(dtype))
-    coords = coefficients.new_zeros(len(factors), n, basis.rank)
-    for i, f in enumerate(factors):
-        if f is not None and f[1].shape[0] > 0:
-            b, a = f[0].to(coefficients.device, dtype), f[1].to(coefficients.device, dtype)
-            coords[i] = b @ (a @ basis.vectors)
-    merged = merge_coordinates(
-        coords,
-        basis.sigma,
-        coefficients,
-        reduced_dim=m,
-        drop_rate=drop_rate,
-        renormalize=renormalize,
-        reference_compat=reference_compat,
-        tie_break=tie_break,
-        disjoint=disjoint,
+    basis = (
+        lowrank_shared_basis(present, rank_rtol=rank_rtol, precision=basis_precision)
+        if present
+        else None
     )
-    return (merged @ basis.vectors.mT).to(out_dtype)
+    if basis is None or basis.rank == 0:
+        merged = coefficients.new_zeros(n, m, dtype=out_dtype)
+    else:
+        basis = SharedBasis(basis.vectors.to(dtype), basis.sigma.to(dtype))
+        coords = coefficients.new_zeros(len(factors), n, basis.rank)
+        for i, f in enumerate(factors):
+            if f is not None and f[1].shape[0] > 0:
+                b, a = f[0].to(coefficients.device, dtype), f[1].to(coefficients.device, dtype)
+                coords[i] = b @ (a @ basis.vectors)
+        merged = merge_coordinates(
+            coords,
+            basis.sigma,
+            coefficients,
+            reduced_dim=m,
+            drop_rate=drop_rate,
+            renormalize=renormalize,
+            reference_compat=reference_compat,
+            tie_break=tie_break,
+            disjoint=disjoint,
+        )
+        merged = (merged @ basis.vectors.mT).to(out_dtype)
+    return merged.mT if flip else merged
 
 
 def drm_fallback_rows(
@@ -484,13 +465,9 @@ class DRM(MergeMethod):
     def _kwargs(self) -> dict:
         p = self.params
         return dict(
-            drop_rate=p.drop_rate,
+            self.coordinate_kwargs(),
             direction=p.direction,
-            renormalize=p.renormalize,
             rank_rtol=p.rank_rtol,
-            reference_compat=p.reference_compat,
-            tie_break=p.tie_break,
-            disjoint=p.disjoint_mean,
             basis_precision=p.basis_precision,
         )
 
