@@ -147,28 +147,7 @@ class MergeHook:
         self.model = model
         self.enabled = bool(enabled)
         #: The options shared with ``MergeCallback`` (:class:`~drm_lightning.inloop.MergeOptions`).
-        self.options = MergeOptions(
-            method,
-            tasks=tasks,
-            branches=branches,
-            every_n_steps=every_n_steps,
-            every_n_epochs=every_n_epochs,
-            snapshot_every_n_steps=snapshot_every_n_steps,
-            adopt=adopt,
-            include_live=include_live,
-            live_task=live_task,
-            base=base,
-            routing=routing,
-            coefficients=coefficients,
-            compute_dtype=compute_dtype,
-            seed=seed,
-            evaluate_branches=evaluate_branches,
-            export_dir=export_dir,
-            final_weights=final_weights,
-            method_params=method_params,
-            trust_pickles=trust_pickles,
-            alpha_grid=alpha_grid,
-        )
+        self.options = MergeOptions.from_arguments(locals())
         self.core = self.options.build_core(name="MergeHook", warn=self._warn, info=self._info)
         self._predicate = should_merge
         self.num_steps = 0

@@ -2,16 +2,16 @@
 
 :class:`MergeOptions` holds what ``MergeCallback`` and ``MergeHook`` are both given (method,
 tasks, branches, schedules, adoption, routing, export, ...). The front ends pass their keyword
-arguments straight in, keep their own (Lightning: ``validate_merged``; Accelerate:
-``accelerator``, ``model``, ``should_merge``, ``enabled``) and ask for a
-:class:`~drm_lightning.inloop.MergeCore` with :meth:`MergeOptions.build_core`.
+arguments in (:meth:`MergeOptions.from_arguments`), keep their own (Lightning:
+``validate_merged``; Accelerate: ``accelerator``, ``model``, ``should_merge``, ``enabled``) and
+ask for a :class:`~drm_lightning.inloop.MergeCore` with :meth:`MergeOptions.build_core`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,6 +113,20 @@ class MergeOptions:
         for name in ("export_dir", "snapshot_dir"):
             value = getattr(self, name)
             set_(self, name, Path(value) if value is not None else None)
+
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any]) -> MergeOptions:
+        """The options among a front end's ``arguments`` (its ``locals()``), taken by name;
+        the others (the front end's own) are left out, options it does not take keep their
+        defaults.
+
+        Example:
+            >>> MergeOptions.from_arguments({"method": "ties", "model": None}).method
+            'ties'
+        """
+        return cls(
+            **{f.name: arguments[f.name] for f in fields(cls) if f.init and f.name in arguments}
+        )
 
     @property
     def live_included(self) -> bool:

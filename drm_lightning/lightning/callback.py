@@ -222,31 +222,7 @@ class MergeCallback(Callback):
         alpha_grid: AlphaGridArg = None,
     ) -> None:
         #: The options shared with ``MergeHook`` (:class:`~drm_lightning.inloop.MergeOptions`).
-        self.options = MergeOptions(
-            method,
-            tasks=tasks,
-            branches=branches,
-            every_n_steps=every_n_steps,
-            every_n_epochs=every_n_epochs,
-            snapshot_every_n_steps=snapshot_every_n_steps,
-            snapshot_every_n_epochs=snapshot_every_n_epochs,
-            adopt=adopt,
-            include_live=include_live,
-            live_task=live_task,
-            base=base,
-            routing=routing,
-            coefficients=coefficients,
-            compute_dtype=compute_dtype,
-            seed=seed,
-            snapshot_dir=snapshot_dir,
-            snapshot_dtype=snapshot_dtype,
-            evaluate_branches=evaluate_branches,
-            export_dir=export_dir,
-            final_weights=final_weights,
-            method_params=method_params,
-            trust_pickles=trust_pickles,
-            alpha_grid=alpha_grid,
-        )
+        self.options = MergeOptions.from_arguments(locals())
         self.validate_merged = validate_merged
         self.core = self.options.build_core(
             name="MergeCallback", warn=rank_zero_warn, info=rank_zero_info
