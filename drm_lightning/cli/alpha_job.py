@@ -39,7 +39,7 @@ from torch import Tensor
 from drm_lightning.cli.job import DiskMergeJob, make_writer, run_job
 from drm_lightning.cli.report import output_bytes
 from drm_lightning.config.alpha_search import AlphaSearchSection
-from drm_lightning.inloop.alpha import best_alpha
+from drm_lightning.inloop.alpha import best_alpha, rescaled
 from drm_lightning.merge.pieces import PIECE_ELEMENTS
 from drm_lightning.sources import WeightSource, open_source
 from drm_lightning.sources.input_files import read_regular
@@ -154,8 +154,8 @@ def scaled_tensors(
     """``base + α·(merged − base)`` per tensor of the plan, in the config's compute dtype,
     written back in the merged tensor's dtype; ignored tensors are the merged (= base) ones.
 
-    The same arithmetic as the in-loop search (:class:`~drm_lightning.inloop.alpha.ScaledDelta`);
-    the scored folders and ``OUT`` are both written by this function.
+    The in-loop search's arithmetic (:func:`~drm_lightning.inloop.alpha.rescaled`); the scored
+    folders and ``OUT`` are both written by this function.
     """
     dtype = job.config.compute_torch_dtype
     for item in job.plan:
@@ -164,8 +164,7 @@ def scaled_tensors(
             yield item.name, value
             continue
         base = job.base.get(item.name).to(dtype)
-        delta = value.to(dtype) - base
-        yield item.name, delta.mul_(alpha).add_(base).to(value.dtype)
+        yield item.name, rescaled(value.to(dtype) - base, alpha, base, value.dtype)
 
 
 def _score(

@@ -94,13 +94,20 @@ def alpha_key(alpha: float) -> str:
     return f"alpha/{alpha!r}/"
 
 
+def rescaled(delta: Tensor, alpha: float, base: Tensor, dtype: torch.dtype) -> Tensor:
+    """``base + α·delta`` rounded to ``dtype``, computed over ``delta`` (overwritten): the one
+    arithmetic of the in-loop search (:class:`ScaledDelta`) and ``drm-merge``'s
+    (:func:`~drm_lightning.cli.alpha_job.scaled_tensors`)."""
+    return delta.mul_(alpha).add_(base.to(device=delta.device, dtype=delta.dtype)).to(dtype)
+
+
 class ScaledDelta:
     """A merge held as its delta to the base, to build ``base + α·Δ`` for any α.
 
     Takes the tensors out of ``merged`` one at a time (it is emptied), so that at most the
     delta and one scaled merge exist beside the base. :meth:`at` builds a new merge;
     :meth:`finish` turns the delta itself into the final one (no further copy) — both with the
-    same arithmetic, so the merge kept is bit for bit the one scored.
+    same arithmetic (:func:`rescaled`), so the merge kept is bit for bit the one scored.
 
     Args:
         merged: The merge (its values are taken).
@@ -116,10 +123,7 @@ class ScaledDelta:
         for name in list(merged.values):
             value = merged.values.pop(name)
             self.dtypes[name] = value.dtype
-            self.delta[name] = value.to(dtype) - self._base(name, value.device, dtype)
-
-    def _base(self, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
-        return self.base(name).to(device=device, dtype=dtype)
+            self.delta[name] = value.to(dtype) - base(name).to(device=value.device, dtype=dtype)
 
     def _merged(self, values: dict[str, Tensor]) -> Merged:
         return Merged(values, self.template.stats, self.template.engine, self.template.shards)
@@ -128,17 +132,16 @@ class ScaledDelta:
         """``base + α·Δ`` (a new merge; the delta is kept)."""
         return self._merged(
             {
-                k: d.mul(alpha).add_(self._base(k, d.device, d.dtype)).to(self.dtypes[k])
+                k: rescaled(d.clone(), alpha, self.base(k), self.dtypes[k])
                 for k, d in self.delta.items()
             }
         )
 
     def finish(self, alpha: float) -> Merged:
         """``base + α·Δ`` written over the delta, which is gone afterwards."""
-        values = {}
-        for name in list(self.delta):
-            d = self.delta.pop(name)
-            values[name] = (
-                d.mul_(alpha).add_(self._base(name, d.device, d.dtype)).to(self.dtypes[name])
-            )
-        return self._merged(values)
+        return self._merged(
+            {
+                k: rescaled(self.delta.pop(k), alpha, self.base(k), self.dtypes[k])
+                for k in list(self.delta)
+            }
+        )
