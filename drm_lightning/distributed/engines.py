@@ -302,9 +302,6 @@ class Zero3Engine(MergeEngine):
 
     kind = "zero3"
 
-    def __init__(self, comm: Comm | None = None) -> None:
-        super().__init__(comm)
-
     def shardable(
         self, method: MergeMethod, n_branches: int, target: ParamSet | None, enabled: bool
     ) -> ShardablePredicate | None:  # noqa: D102

@@ -56,7 +56,6 @@ from drm_lightning.distributed.engines import (
 from drm_lightning.distributed.plan import EngineKind, MergePlan, build_plan
 from drm_lightning.distributed.tensors import ParamSet, as_tensor_set, is_partitioned
 from drm_lightning.merge.plan import (
-    PlannedTensor,
     TensorSourceLike,
     plan_tensors,
     validate_coefficients,
@@ -147,17 +146,6 @@ class DistributedMerger:
             return "zero3"
         return "replica" if comm.world_size > 1 else "single"
 
-    def _entries(
-        self,
-        target: ParamSet | None,
-        base: TensorSourceLike,
-        branches: Sequence[TensorSourceLike],
-        names: Sequence[str] | None,
-    ) -> list[PlannedTensor]:
-        """The planner's checks (:func:`~drm_lightning.merge.plan.plan_tensors`, the same as the
-        disk job's) on the target and the inputs; every tensor routed."""
-        return plan_tensors(base, branches, routing=self.routing, target=target, names=names)
-
     def plan(
         self,
         target: nn.Module | Any | None,
@@ -173,10 +161,11 @@ class DistributedMerger:
         comm = Comm(self.group)
         kind = engine or self._engine_kind(comm, target_set, [base_set, *branch_sets])
         world = world_size or comm.world_size
-        entries = [
-            (p.name, p.shape, p.route, p.dtype)
-            for p in self._entries(target_set, base_set, branch_sets, names)
-        ]
+        # the planner's checks (the same as the disk job's) on the target and the inputs
+        planned = plan_tensors(
+            base_set, branch_sets, routing=self.routing, target=target_set, names=names
+        )
+        entries = [(p.name, p.shape, p.route, p.dtype) for p in planned]
         rule = (
             ENGINES[kind]().shardable(self.method, len(branch_sets), target_set, self.sharded)
             if kind == "zero3"

@@ -318,7 +318,6 @@ def build_params(method: str, params_cls: type[MethodParams], params: dict[str, 
         raise ValueError("invalid parameters: " + "; ".join(lines)) from None
 
 
-MethodFactory = Callable[..., MergeMethod]
 _REGISTRY: dict[str, tuple[type[MergeMethod], dict[str, Any]]] = {}
 
 

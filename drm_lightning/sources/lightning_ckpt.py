@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,16 +71,6 @@ class LightningCheckpointSource(TorchFileSource):
     """
 
     kind = "Lightning checkpoint"
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        key: str | None = None,
-        prefix: str | None = None,
-        trust_pickles: bool = False,
-    ) -> None:
-        super().__init__(path, key=key, prefix=prefix, trust_pickles=trust_pickles)
 
     def _select(self, payload: Any, key: str | None) -> Mapping[Any, Any]:
         if key is not None or isinstance(payload, nn.Module):  # a module: its state_dict()
