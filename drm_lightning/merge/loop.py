@@ -73,77 +73,48 @@ def iter_merge(
         for position, item in enumerate(items):
             if position + 1 < len(plan):  # the disk reads the next tensor while this one merges
                 ahead.ask([plan[position + 1].name])
-            yield from _merge_item(
-                method,
-                item,
-                base,
-                branches,
-                coefs,
-                compute_dtype=compute_dtype,
-                out_dtype=out_dtype,
-                seed=seed,
-                piece_elements=piece_elements,
-                origins=origins,
+            # no local holds an input tensor while the caller has the merged one
+            if item.route == "ignore":
+                yield (
+                    item.name,
+                    merge_tensor(
+                        method, "ignore", base.get(item.name), [], coefs, out_dtype=out_dtype
+                    ),
+                )
+                continue
+            generator = tensor_generator(seed, item.name) if method.uses_randomness else None
+            if merges_in_pieces(method, item, base, branches, piece_elements):
+                pieces = merge_in_pieces(
+                    method,
+                    item,
+                    base,
+                    branches,
+                    coefs,
+                    compute_dtype=compute_dtype,
+                    out_dtype=out_dtype,
+                    generator=generator,
+                    origins=origins,
+                    piece_rows=rows_per_piece(item.shape, len(branches), int(piece_elements or 0)),
+                )
+                dtype = out_dtype or item.dtype
+                yield item.name, RowPieces(item.shape, dtype, pieces, fresh=True)  # new tensors
+                continue
+            yield (
+                item.name,
+                merge_tensor(
+                    method,
+                    item.route,
+                    base.get(item.name),
+                    [branch_tensor(branch, item.name, item.route) for branch in branches],
+                    coefs,
+                    compute_dtype=compute_dtype,
+                    out_dtype=out_dtype,
+                    generator=generator,
+                    name=item.name,
+                    origins=origins,
+                    row_blocks=item.row_blocks,
+                ),
             )
-
-
-def _merge_item(
-    method: MergeMethod,
-    item: PlannedTensor,
-    base: Any,
-    branches: Sequence[Any],
-    coefs: list[float],
-    *,
-    compute_dtype: torch.dtype,
-    out_dtype: torch.dtype | None,
-    seed: int,
-    piece_elements: int | None,
-    origins: list[str],
-) -> Iterator[tuple[str, Any]]:
-    """:func:`iter_merge`'s ``(name, merged)`` of one planned tensor."""
-    if item.route == "ignore":
-        yield (
-            item.name,
-            merge_tensor(method, "ignore", base.get(item.name), [], coefs, out_dtype=out_dtype),
-        )
-        return
-    generator = tensor_generator(seed, item.name) if method.uses_randomness else None
-    if merges_in_pieces(method, item, base, branches, piece_elements):
-        pieces = merge_in_pieces(
-            method,
-            item,
-            base,
-            branches,
-            coefs,
-            compute_dtype=compute_dtype,
-            out_dtype=out_dtype,
-            generator=generator,
-            origins=origins,
-            piece_rows=rows_per_piece(item.shape, len(branches), int(piece_elements or 0)),
-        )
-        yield (
-            item.name,
-            RowPieces(item.shape, out_dtype or item.dtype, pieces, fresh=True),
-        )  # new tensors
-        return
-    base_t = base.get(item.name)
-    branch_ts = [branch_tensor(branch, item.name, item.route) for branch in branches]
-    yield (
-        item.name,
-        merge_tensor(
-            method,
-            item.route,
-            base_t,
-            branch_ts,
-            coefs,
-            compute_dtype=compute_dtype,
-            out_dtype=out_dtype,
-            generator=generator,
-            name=item.name,
-            origins=origins,
-            row_blocks=item.row_blocks,
-        ),
-    )
 
 
 def _as_source(obj: Any, origin: str) -> Any:
