@@ -29,6 +29,8 @@ from drm_lightning.distributed import (
     sharded_rule,
     topk_mask_distributed,
 )
+from drm_lightning.distributed import comm as comm_module
+from drm_lightning.distributed.sharded import eigh_owners, matrix_waves
 from drm_lightning.distributed.tensors import (
     held_range,
     local_partition,
@@ -37,6 +39,7 @@ from drm_lightning.distributed.tensors import (
 )
 from drm_lightning.merge.loop import merge_state_dicts
 from drm_lightning.merge.tensor import merge_tensor
+from drm_lightning.methods import basis as basis_module
 from drm_lightning.methods import get_method
 from drm_lightning.methods.ops import topk_mask
 from drm_lightning.sources import StateDictSource
@@ -162,9 +165,10 @@ def test_assign_longest_first_improves_greedy() -> None:
 # ---------------------------------------------------------------------- selection
 
 
+@pytest.mark.parametrize("digit_bits", [8, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kth_largest_exact(dtype: torch.dtype) -> None:
-    """Radix selection equals sorting, with duplicates and zeros."""
+def test_kth_largest_exact(dtype: torch.dtype, digit_bits: int) -> None:
+    """Radix selection equals sorting, with duplicates and zeros, for both digit widths."""
     gen = torch.Generator().manual_seed(1)
     values = torch.cat(
         [
@@ -176,13 +180,18 @@ def test_kth_largest_exact(dtype: torch.dtype) -> None:
     ordered = values.sort(descending=True).values
     comm = Comm(None)
     for k in (1, 2, 17, 200, 510, 550):
-        assert kth_largest(values, k, comm) == ordered[k - 1]
+        assert kth_largest(values, k, comm, digit_bits=digit_bits) == ordered[k - 1]
 
 
+@pytest.mark.parametrize("wide_from", [1 << 20, 1])
 @pytest.mark.parametrize("compat", [False, True])
 @pytest.mark.parametrize("density", [0.0, 0.2, 0.5, 0.999, 1.0])
-def test_topk_mask_distributed_matches_topk_mask(compat: bool, density: float) -> None:
-    """One rank: the distributed mask is the single-process mask, ties included."""
+def test_topk_mask_distributed_matches_topk_mask(
+    compat: bool, density: float, wide_from: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One rank: the distributed mask is the single-process mask, ties included, whether
+    the selection runs with 8-bit or (``wide_from=1``) 16-bit digits."""
+    monkeypatch.setattr(comm_module, "WIDE_DIGITS_FROM", wide_from)
     gen = torch.Generator().manual_seed(2)
     scores = torch.randint(-5, 6, (3, 7, 4), generator=gen).float()  # many ties
     expected = topk_mask(scores, density, reference_compat=compat)
@@ -248,6 +257,67 @@ def test_sharded_merger_equals_drm(params: dict) -> None:
         torch.testing.assert_close(
             target.params[it.name].detach(), expected, rtol=1e-10, atol=1e-12
         )
+
+
+def test_sharded_refined_solver_on_low_rank_deltas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``solver: refined`` reaches the sharded route: on low-rank deltas (few directions kept,
+    so the refinement runs rather than falling back) it equals the single-process merge with
+    the same solver, and the default float64 merge, to 1e-9."""
+    gen = torch.Generator().manual_seed(4)
+    n, m, rank = 96, 64, 5
+    base = {"w": torch.randn(n, m, generator=gen, dtype=torch.float64)}
+    branches = [
+        {
+            "w": base["w"]
+            + torch.randn(n, rank, generator=gen, dtype=torch.float64)
+            @ torch.randn(rank, m, generator=gen, dtype=torch.float64)
+            + 1e-6 * torch.randn(n, m, generator=gen, dtype=torch.float64)
+        }
+        for _ in range(3)
+    ]
+    refined = get_method("drm", direction="vertical", drop_rate=0.5, solver="refined")
+    solved = []
+    real = basis_module.eigh_refined
+    monkeypatch.setattr(
+        basis_module, "eigh_refined", lambda *a, **k: solved.append(real(*a, **k)) or solved[-1]
+    )
+    target = _FlatTarget({"w": nn.Parameter(base["w"].clone())}, "target")
+    item = MergeItem("w", (n, m), "matrix", 1.0, 8 * n * m, "sharded")
+    ShardedMerger(Comm(None), refined, [1.0] * 3, torch.float64).run(
+        [item], target, StateDictSource(base), [StateDictSource(b) for b in branches]
+    )
+    assert len(solved) == 1 and solved[0] is not None  # refined, not the fallback
+    for method in (refined, get_method("drm", direction="vertical", drop_rate=0.5)):
+        expected = merge_tensor(
+            method,
+            "matrix",
+            base["w"],
+            [b["w"] for b in branches],
+            [1.0] * 3,
+            compute_dtype=torch.float64,
+        )
+        torch.testing.assert_close(target.params["w"].detach(), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_matrix_waves_balance_unequal_grams() -> None:
+    """Waves hold at least one matrix per rank and more while the memory budget allows; the
+    Grams of a wave go to ranks longest first, so two large ones land on different ranks."""
+    q = MergeItem("q", (64, 64), "matrix", 1.0, 4 * 64 * 64, "sharded")
+    down = MergeItem("down", (64, 176), "matrix", 1.0, 4 * 64 * 176, "sharded")
+    items = [q, q, q, down, q, q, q, down]
+    waves = matrix_waves(items, 2, 4, 4)
+    assert waves == [items]
+    owners = eigh_owners(items, 2)
+    assert owners[3] != owners[7]
+    loads = [
+        sum(176**3 if it is down else 64**3 for it, o in zip(items, owners) if o == r)
+        for r in range(2)
+    ]
+    assert max(loads) - min(loads) <= 64**3
+    # A tight budget: waves of exactly `world` items, in order, nothing lost.
+    big = MergeItem("big", (8192, 8192), "matrix", 1.0, 4 * 8192**2, "sharded")
+    tight = matrix_waves([big] * 5, 2, 4, 4)
+    assert [len(w) for w in tight] == [2, 2, 1]
 
 
 def test_sharded_rule() -> None:

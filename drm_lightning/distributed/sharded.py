@@ -14,9 +14,11 @@ of the row stack ``[Δ_1; …; Δ_N]``), every step but the basis is row-local (
 
 1. ``G = Σ_i Δ_iᵀΔ_i`` is a sum over rows: each rank adds its rows' m×m Gram
    (:func:`~drm_lightning.methods.basis.gram_of_rows`, in the basis precision — float64 by
-   default), one reduce sends G to the rank that decomposes it (a different rank for each
-   item of a wave of ``world_size`` items, so the eigendecompositions run in parallel),
-   which broadcasts ``B`` (m×r) and σ;
+   default), one reduce sends G to the rank that decomposes it, which broadcasts ``B``
+   (m×r) and σ. Matrices go in waves (:func:`matrix_waves`: as many as fit a memory
+   budget, at least one per rank) whose Grams are spread over the ranks longest first
+   (:func:`eigh_owners`), so the eigendecompositions run in parallel and one 2816² Gram
+   does not leave the other ranks waiting on it;
 2. everything after the basis is :func:`~drm_lightning.methods.drm.merge_coordinates` on
    this rank's rows, the same code as the single-process merge, given collective reductions
    (:class:`~drm_lightning.distributed.comm.CollectiveReductions`): the column norms of the
@@ -64,7 +66,7 @@ from drm_lightning.distributed.comm import (
     guarded,
     topk_mask_distributed,
 )
-from drm_lightning.distributed.plan import MergeItem, ShardablePredicate
+from drm_lightning.distributed.plan import MergeItem, ShardablePredicate, assign_longest_first
 from drm_lightning.distributed.tensors import (
     ParamSet,
     held_range,
@@ -108,6 +110,51 @@ def sharded_rule(
     return rule
 
 
+WAVE_BYTES = 1 << 30
+"""Bytes of local rows and Grams a rank may hold for one wave of sharded matrices."""
+
+
+def matrix_waves(
+    items: Sequence[MergeItem], world: int, n_branches: int, itemsize: int
+) -> list[list[MergeItem]]:
+    """Consecutive sharded matrices grouped into waves: at least ``world`` items each, more
+    while a rank's share of the wave (its rows of the base and the branches, its Grams) stays
+    within :data:`WAVE_BYTES`. Larger waves let :func:`eigh_owners` balance the
+    eigendecompositions of unequal Grams. The same on every rank (a function of the plan).
+
+    Example:
+        >>> item = MergeItem("w", (4, 4), "matrix", 1.0, 64, mode="sharded")
+        >>> [len(w) for w in matrix_waves([item] * 5, 2, 3, 4)]
+        [5]
+    """
+    waves: list[list[MergeItem]] = []
+    current: list[MergeItem] = []
+    held = 0
+    for it in items:
+        m = it.shape[-1]
+        share = (n_branches + 1) * -(-it.numel // world) * itemsize + 8 * m * m // world
+        if len(current) >= world and held + share > WAVE_BYTES:
+            waves.append(current)
+            current, held = [], 0
+        current.append(it)
+        held += share
+    if current:
+        waves.append(current)
+    return waves
+
+
+def eigh_owners(items: Sequence[MergeItem], world: int) -> list[int]:
+    """The rank that decomposes each item's m×m Gram: longest job first on ``m³``.
+
+    Example:
+        >>> big = MergeItem("down", (4, 16), "matrix", 1.0, 256, mode="sharded")
+        >>> small = MergeItem("q", (4, 4), "matrix", 1.0, 64, mode="sharded")
+        >>> eigh_owners([small, big, small, small], 2)
+        [1, 0, 1, 1]
+    """
+    return assign_longest_first([float(it.shape[-1]) ** 3 for it in items], world)
+
+
 class ShardedMerger:
     """Runs the sharded route for a list of items on every rank (see the module docstring).
 
@@ -145,7 +192,6 @@ class ShardedMerger:
         branches: Sequence[TensorSourceLike],
     ) -> None:
         """Merge every item (all ranks call this with the same items in the same order)."""
-        world = self.comm.world_size
         fallback = [it for it in items if it.route != "matrix"]
         matrices = [it for it in items if it.route == "matrix"]
         if matrices and self.params.direction != "vertical":
@@ -156,8 +202,10 @@ class ShardedMerger:
             )
         for start in range(0, len(fallback), 64):
             self._fallback_group(fallback[start : start + 64], target, base, branches)
-        for start in range(0, len(matrices), world):
-            self._matrix_wave(matrices[start : start + world], target, base, branches)
+        for wave in matrix_waves(
+            matrices, self.comm.world_size, len(branches), self.dtype.itemsize
+        ):
+            self._matrix_wave(wave, target, base, branches)
 
     # ------------------------------------------------------------------ common pieces
     def _held(self, src: TensorSourceLike, item: MergeItem) -> Tensor:
@@ -281,6 +329,7 @@ class ShardedMerger:
         comm, p = self.comm, self.params
         world, rank = comm.world_size, comm.rank
         n_br = len(branches)
+        owners = eigh_owners(items, world)
         chunks = self._read_all(items, base, branches)
         comm.check("reading the local shards of matrices")
 
@@ -309,7 +358,7 @@ class ShardedMerger:
                 lambda deltas=deltas: gram_of_rows(deltas, self.basis_dtype),
                 lambda m=m: torch.zeros(m, m, dtype=self.basis_dtype),
             )
-            comm.reduce(gram, dst=j % world)
+            comm.reduce(gram, dst=owners[j])
             state.append(
                 {
                     "item": it,
@@ -317,21 +366,23 @@ class ShardedMerger:
                     "m": m,
                     "base": base_c,
                     "deltas": deltas,
-                    "gram": gram if j % world == rank else None,
+                    "gram": gram if owners[j] == rank else None,
                     "held": held,
                     "wanted": wanted,
                 }
             )
             del rows
 
-        # 2. Eigendecompositions in parallel: item j on rank j % world.
+        # 2. Eigendecompositions in parallel, each on its owner (the reduced Gram is scratch).
         for j, st in enumerate(state):
-            if j % world == rank:
+            if owners[j] == rank:
                 gram = st.pop("gram")
                 st["basis"] = guarded(
                     comm,
                     f"the basis of {st['item'].name!r}",
-                    lambda gram=gram: basis_from_gram(gram, p.rank_rtol),
+                    lambda gram=gram: basis_from_gram(
+                        gram, p.rank_rtol, overwrite=True, refine=p.solver == "refined"
+                    ),
                     lambda: None,
                 )
             else:
@@ -340,7 +391,7 @@ class ShardedMerger:
 
         # 3. Bases to every rank.
         for j, st in enumerate(state):
-            src = j % world
+            src = owners[j]
             basis = st.get("basis")
             m = st["m"]
             r_t = torch.tensor([basis.rank if basis is not None else 0], dtype=torch.int64)
