@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import pickle
 from collections.abc import Callable, Iterator, Mapping
@@ -15,13 +14,7 @@ from lightning.fabric.utilities.cloud_io import _load as pl_load
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from drm_lightning.inloop.branched import (
-    Features,
-    check_features,
-    check_heads,
-    head_input,
-    split_batch,
-)
+from drm_lightning.inloop.branched import BranchedModel, Features
 from drm_lightning.sources.trust import UntrustedPickleError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -29,8 +22,12 @@ ARCHITECTURE_KEY = "branched_module_architecture"
 FEATURES_KEY = "branched_module_features"  # the name of features= (a string), or None
 
 
-class BranchedModule(pl.LightningModule):
+class BranchedModule(BranchedModel, pl.LightningModule):
     """K copies of one backbone ("branches") with one head per task, trained side by side.
+
+    :class:`~drm_lightning.inloop.BranchedModel` (its layout, ``forward``, :meth:`predict_task`
+    and :meth:`split_batch`) as a ``LightningModule``, with a loss, an optimizer and
+    checkpoints.
 
     ``branches[task]`` and ``heads[task]`` form the model of ``task``; ``base`` is a frozen copy
     of the backbone as given (the merge base: task vectors are ``branch - base``). The module
@@ -92,37 +89,17 @@ class BranchedModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
     ) -> None:
-        super().__init__()
-        check_heads(backbone, heads)
-        check_features(features)
+        super().__init__(backbone, heads, features=features)
         # modules and callables: on_save_checkpoint
         self.save_hyperparameters(ignore=["backbone", "heads", "loss_fn", "features"])
-        self.task_names: list[str] = list(heads)
-        self.base = copy.deepcopy(backbone).requires_grad_(False)
-        self.branches = nn.ModuleDict({task: copy.deepcopy(backbone) for task in self.task_names})
-        self.heads = nn.ModuleDict(dict(heads))
-        self.features = features
         self.loss_fn = loss_fn
         self.lr = lr
         self.weight_decay = weight_decay
-
-    def forward(self, x: Any, task: str) -> Tensor:
-        """Output of ``task``'s head on the features of ``task``'s branch."""
-        return self.heads[task](head_input(self.features, self.branches[task](x)))
 
     def task_loss(self, task: str, batch: Any) -> Tensor:
         """Loss of one task's batch; default ``loss_fn(self(x, task), y)`` for ``batch=(x, y)``."""
         x, y = batch
         return self.loss_fn(self(x, task), y)
-
-    def predict_task(self, task: str, batch: Any) -> tuple[Tensor, Tensor]:
-        """``(preds, target)`` for the task's metrics; default ``(self(x, task), y)``."""
-        x, y = batch
-        return self(x, task), y
-
-    def split_batch(self, batch: Any) -> list[tuple[str, Any]]:
-        """``[(task, batch), ...]`` from a ``{task: batch}`` mapping or a ``(task, batch)`` pair."""
-        return split_batch(batch, self.heads)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store backbone, heads, loss and features pickled, for :meth:`load_from_checkpoint`.
