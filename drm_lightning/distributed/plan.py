@@ -55,17 +55,6 @@ EngineKind = Literal["single", "replica", "zero3"]
 ShardablePredicate = Callable[[str, tuple[int, ...], Route], bool]
 
 
-def _numel(shape: Sequence[int]) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 @dataclass(frozen=True)
 class MergeItem:
     """One tensor of the merge.
@@ -92,7 +81,7 @@ class MergeItem:
     @property
     def numel(self) -> int:
         """Number of elements of the full tensor."""
-        return _numel(self.shape)
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -407,13 +396,15 @@ def build_plan(
             raise ValueError(f"tensor {name!r} appears twice in the merge plan")
         seen.add(name)
         if route == "ignore":
-            raw.append(MergeItem(name, shape, route, 0.0, _numel(shape) * _itemsize(dtype), "skip"))
+            raw.append(
+                MergeItem(name, shape, route, 0.0, math.prod(shape) * dtype.itemsize, "skip")
+            )
             continue
         cost = float(method.cost(route, shape, n_branches))
         mode: Mode = (
             "sharded" if shardable is not None and shardable(name, shape, route) else "owner"
         )
-        raw.append(MergeItem(name, shape, route, cost, _numel(shape) * _itemsize(dtype), mode))
+        raw.append(MergeItem(name, shape, route, cost, math.prod(shape) * dtype.itemsize, mode))
     sharded_cost = sum(it.cost for it in raw if it.mode == "sharded") / world_size
     # Name order first, so equal costs tie-break by name whatever the input order.
     owner_idx = sorted(
@@ -427,7 +418,7 @@ def build_plan(
         raw[i] = MergeItem(it.name, it.shape, it.route, it.cost, it.bytes, it.mode, r)
     # Processing order: decreasing cost, then name (identical on every rank).
     items = sorted(raw, key=lambda it: (-it.cost, it.name))
-    csize = _itemsize(compute_dtype)
+    csize = compute_dtype.itemsize
     loads = []
     for r in range(world_size):
         mine = [it for it in items if it.mode == "owner" and it.owner == r]

@@ -6,6 +6,7 @@ messages for every entry point (CLI, Python API, engines).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -48,10 +49,7 @@ class PlannedTensor:
 
     @property
     def numel(self) -> int:
-        out = 1
-        for s in self.shape:
-            out *= s
-        return out
+        return math.prod(self.shape)
 
 
 def origin_label(source: Any, index: int | None) -> str:

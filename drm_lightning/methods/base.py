@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
@@ -251,10 +252,7 @@ class MergeMethod(ABC):
         """Estimated FLOPs of merging one tensor, for balancing work across ranks."""
         if route == "ignore":
             return 0.0
-        numel = 1
-        for s in shape:
-            numel *= int(s)
-        return float(8 * numel * n_branches)
+        return float(8 * math.prod(int(s) for s in shape) * n_branches)
 
 
 def parameter_problems(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -103,26 +104,17 @@ class TensorMeta:
     @property
     def numel(self) -> int:
         """Number of elements (1 for a scalar)."""
-        n = 1
-        for s in self.shape:
-            n *= int(s)
-        return n
+        return math.prod(int(s) for s in self.shape)
 
     @property
     def nbytes(self) -> int:
         """Size of the tensor's data in bytes."""
-        return self.numel * _itemsize(self.dtype)
+        return self.numel * self.dtype.itemsize
 
     @classmethod
     def of(cls, tensor: Tensor) -> TensorMeta:
         """The metadata of an in-memory tensor."""
         return cls(tuple(int(s) for s in tensor.shape), tensor.dtype)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    if dtype == torch.bool:
-        return 1
-    return torch.empty((), dtype=dtype).element_size()
 
 
 class WeightSource(ABC):
