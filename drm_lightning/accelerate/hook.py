@@ -312,9 +312,7 @@ class MergeHook:
         if not self.enabled:
             return
         self._need_inside("snapshot")
-        provider = self.core.provider
-        label = task or provider.live_label(self.unwrapped, f"snapshot_{len(provider.snapshots)}")  # type: ignore[attr-defined]
-        self.core.capture(self.unwrapped, task=label, step=self.num_steps, epoch=self.epoch)
+        self.core.capture(self.unwrapped, task=task, step=self.num_steps, epoch=self.epoch)
 
     def merge(self) -> dict[str, Any] | None:
         """Merge now, score, log through ``accelerator.log``; returns the history record."""

@@ -217,8 +217,11 @@ class MergeCore:
             raise RuntimeError(f"{self.name}: start() has not run (no backend)")
         return self.backend
 
-    def capture(self, model: nn.Module, *, task: str, step: int, epoch: int) -> Snapshot:
-        """Capture a snapshot of the live model (``branches="snapshots"``)."""
+    def capture(
+        self, model: nn.Module, *, task: str | None = None, step: int, epoch: int
+    ) -> Snapshot:
+        """Capture a snapshot of the live model (``branches="snapshots"``), labelled ``task``
+        (default: the live model's task, else ``snapshot_<i>``)."""
         return self.provider.capture(model, self._need_backend(), task=task, step=step, epoch=epoch)
 
     def branches(self, model: nn.Module) -> list[Branch]:

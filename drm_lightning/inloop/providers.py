@@ -115,9 +115,10 @@ class BranchProvider(ABC):
         return {}
 
     def capture(
-        self, model: nn.Module, backend: Backend, *, task: str, step: int, epoch: int
+        self, model: nn.Module, backend: Backend, *, task: str | None, step: int, epoch: int
     ) -> Snapshot:
-        """Capture the live model (snapshots only)."""
+        """Capture the live model (snapshots only), labelled ``task`` (default: the live
+        model's task, else ``snapshot_<i>``)."""
         raise NotImplementedError(f"branches={self.kind!r} takes no snapshots")
 
     def payload(self, backend: Backend | None) -> dict[str, Any] | None:
@@ -342,9 +343,10 @@ class SingleModelBranches(BranchProvider):
         return [model]
 
     def capture(
-        self, model: nn.Module, backend: Backend, *, task: str, step: int, epoch: int
+        self, model: nn.Module, backend: Backend, *, task: str | None, step: int, epoch: int
     ) -> Snapshot:  # noqa: D102
         index = len(self._snapshots)
+        task = task or self.live_label(model, f"snapshot_{index}")
         stored = backend.capture(
             model, self._base, dtype=self.snapshot_dtype, origin=f"snapshot {index} ({task})"
         )

@@ -386,10 +386,7 @@ class MergeCallback(Callback):
         core = self.core
         snap = lambda s, e: self.should_snapshot(step_idx=s, epoch_idx=e)  # noqa: E731
         if self.mode == "snapshots" and core.snapshot_schedule.due(predicate=snap, **when):
-            label = core.provider.live_label(pl_module, f"snapshot_{len(core.provider.snapshots)}")  # type: ignore[attr-defined]
-            core.capture(
-                pl_module, task=label, step=trainer.global_step, epoch=trainer.current_epoch
-            )
+            core.capture(pl_module, step=trainer.global_step, epoch=trainer.current_epoch)
         if core.merge_schedule.due(
             predicate=lambda s, e: self.should_merge(step_idx=s, epoch_idx=e), **when
         ):
@@ -428,7 +425,8 @@ class MergeCallback(Callback):
                 "MergeCallback: the module now holds the merged weights (final_weights='merged')."
             )
 
-    def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """With ``validate_merged``: the latest merge goes into the module for the epoch."""
         if (
             self.validate_merged and self.core.backend is None and self._zero3
         ):  # validate/test outside fit:
@@ -442,10 +440,6 @@ class MergeCallback(Callback):
         if self.core.num_merges == 0 and not self._fitting:  # trainer.validate/test: merge now
             merged = self.core.latest(pl_module, step=trainer.global_step)
         self._validation.enter_context(self.core.merged_in(pl_module, merged))
-
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """With ``validate_merged``: the latest merge goes into the module for the epoch."""
-        self._swap_in(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Put the live weights back (before ``ModelCheckpoint`` saves)."""
