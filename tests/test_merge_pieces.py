@@ -3,6 +3,7 @@ memory bounded by a piece, errors located, output written piece by piece."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -283,48 +284,51 @@ def test_disk_job_in_pieces_writes_the_whole_merge(tmp_path: Path, method: str) 
 
 
 _PEAK_SCRIPT = """
-import re, sys, pathlib, torch
-from drm_lightning.merge import PlannedTensor
+import json, re, sys, pathlib, torch
+from drm_lightning.merge import PlannedTensor, merge_tensor
 from drm_lightning.merge.pieces import merge_in_pieces
 from drm_lightning.methods import get_method
 from drm_lightning.sources import HFFolderWriter, RowPieces, SafetensorsFileSource
-folder, rows, pieced = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
-srcs = [SafetensorsFileSource(folder / f"{i}.safetensors") for i in range(4)]
-item = PlannedTensor("w", (rows, 1024), torch.bfloat16, "fallback")
+root = pathlib.Path(sys.argv[1])
 def peak():  # VmHWM: this process's own high-water mark (ru_maxrss keeps the parent's across exec)
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-# The fused kernels compile (or load from numba's cache) at first use: warm them up on a small
-# tensor first, so that the high-water mark measures the merge's working set, not the JIT.
-from safetensors.torch import save_file
-for i in range(4):
-    save_file({"w": torch.randn(64, 1024).to(torch.bfloat16)}, str(folder / f"warm{i}.safetensors"))
-warm = [SafetensorsFileSource(folder / f"warm{i}.safetensors") for i in range(4)]
-warm_item = PlannedTensor("w", (64, 1024), torch.bfloat16, "fallback")
-for _ in merge_in_pieces(get_method("ties"), warm_item, warm[0], warm[1:], [1.0] * 3):
-    pass
-before = peak()
-with HFFolderWriter(folder / f"out-{rows}-{pieced}") as w:
-    if pieced:
+def sources(folder):
+    return [SafetensorsFileSource(folder / f"{i}.safetensors") for i in range(4)]
+def pieced(folder, rows):
+    srcs = sources(folder)
+    item = PlannedTensor("w", (rows, 1024), torch.bfloat16, "fallback")
+    with HFFolderWriter(root / f"out-{rows}-pieced") as w:
         w.add("w", RowPieces(item.shape, torch.bfloat16, merge_in_pieces(
             get_method("ties"), item, srcs[0], srcs[1:], [1.0] * 3
         )))
-    else:
-        from drm_lightning.merge import merge_tensor
+def whole(folder, rows):
+    srcs = sources(folder)
+    with HFFolderWriter(root / f"out-{rows}-whole") as w:
         w.add("w", merge_tensor(
             get_method("ties"), "fallback", srcs[0].get("w"),
             [s.get("w") for s in srcs[1:]], [1.0] * 3,
         ))
-print(peak() - before)
+# The fused kernels compile (or load from numba's cache) at first use: warm them up on a small
+# tensor first, so that the high-water mark measures the merge's working set, not the JIT.
+pieced(root / "64", 64)
+before = peak()
+growth = {}
+# The high-water mark only rises: the smaller pieced merge first, the whole merge last.
+for run, rows in ((pieced, 8192), (pieced, 65536), (whole, 8192)):
+    run(root / str(rows), rows)
+    growth[f"{run.__name__} {rows}"] = peak() - before
+print(json.dumps(growth))
 """
 
 
 def test_peak_memory_of_a_pieced_merge_does_not_grow_with_the_tensor(tmp_path: Path) -> None:
-    """TIES of 3 bf16 branches of a 65536×1024 tensor (128 MiB each, 256 MiB in float32):
-    merged whole it raises peak RSS by ≈ 3.7 GiB; in pieces by a few pieces' working sets
-    (35-40 MiB measured once the kernels are compiled), about as much as for a tensor 8× smaller."""
+    """TIES of 3 bf16 branches of a 65536×1024 tensor (128 MiB each, 256 MiB in float32) in
+    pieces raises peak RSS by a few pieces' working sets (35-40 MiB measured once the kernels
+    are compiled), about as much as for a tensor 8× smaller; merged whole, that smaller tensor
+    alone raises it by ≈ 465 MiB (the 65536-row one by ≈ 3.7 GiB). One process measures all
+    three merges, in the order in which its high-water mark can only rise."""
     gen = torch.Generator().manual_seed(0)
-    growth = {}
-    for rows in (8192, 65536):
+    for rows in (64, 8192, 65536):
         folder = tmp_path / str(rows)
         folder.mkdir()
         for i in range(4):
@@ -332,20 +336,19 @@ def test_peak_memory_of_a_pieced_merge_does_not_grow_with_the_tensor(tmp_path: P
                 {"w": torch.randn(rows, 1024, generator=gen).to(torch.bfloat16)},
                 str(folder / f"{i}.safetensors"),
             )
-        for pieced in ("1",) if rows == 8192 else ("1", "0"):
-            run = subprocess.run(
-                [sys.executable, "-c", _PEAK_SCRIPT, str(folder), str(rows), pieced],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=True,
-            )
-            growth[(rows, pieced)] = int(run.stdout.split()[-1])
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    growth = json.loads(run.stdout.strip().splitlines()[-1])
     print(growth)
     mib = 1024 * 1024
-    assert growth[(65536, "1")] < 96 * mib, growth  # a few pieces' working sets (4 MiB stacks)
-    assert growth[(65536, "1")] - growth[(8192, "1")] < 64 * mib, growth
-    assert growth[(65536, "0")] > 2 * 1024 * mib, growth  # what the pieces save: ≈ 3.7 GiB whole
+    assert growth["pieced 65536"] < 96 * mib, growth  # a few pieces' working sets (4 MiB stacks)
+    assert growth["pieced 65536"] - growth["pieced 8192"] < 64 * mib, growth
+    assert growth["whole 8192"] > 256 * mib, growth  # what the pieces save: ≈ 465 MiB whole
 
 
 def test_cli_refuses_a_negative_piece_size(capsys: pytest.CaptureFixture[str]) -> None:
