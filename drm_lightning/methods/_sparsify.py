@@ -37,19 +37,9 @@ L1_RESCALE_EPS = 1e-7
 """Below this L1 norm (before or after masking) mergekit leaves the masked delta unscaled."""
 
 
-def magnitude_mask(x: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` largest-magnitude entries of one tensor.
-
-    The set PEFT's ``torch.topk`` selects whenever no other entry ties with the k-th largest
-    magnitude; on ties at the cut the first entries in flattened order are kept (``topk``'s
-    own tie order is unspecified), via :func:`~drm_lightning.methods.ops.largest_mask`.
-
-    Example:
-        >>> magnitude_mask(torch.tensor([[1.0, -5.0], [2.0, 0.0]]), 2)
-        tensor([[False,  True],
-                [ True, False]])
-    """
-    return largest_mask(x, k)
+magnitude_mask = largest_mask
+"""Mask of the ``k`` largest-magnitude entries of one tensor: the set PEFT's ``torch.topk``
+selects where no entry ties with the k-th; ties at the cut go to the first in flattened order."""
 
 
 def outlier_mask(x: Tensor, keep: int, top: int) -> Tensor:
