@@ -117,10 +117,6 @@ class _Section(BaseModel):
     """Accepted alternative spellings (mergekit's) -> field name."""
 
     @classmethod
-    def _field_names(cls) -> list[str]:
-        return list(cls.model_fields)
-
-    @classmethod
     def _more_errors(cls, data: Mapping[str, Any]) -> list[InitErrorDetails]:
         return []
 
@@ -148,4 +144,4 @@ class _Section(BaseModel):
         target = cls.aliases.get(key)
         if target is not None and isinstance(data, Mapping) and target in data:
             return f"both {key!r} and {target!r} given (the same setting); keep one"
-        return f"unknown key ({closest_names(key, cls._field_names())})"
+        return f"unknown key ({closest_names(key, list(cls.model_fields))})"

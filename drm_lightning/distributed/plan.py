@@ -427,9 +427,8 @@ def build_plan(
         peak = 0
         for it in items:
             if it.mode == "owner":
-                at_owner, at_peer = _owner_traffic(
-                    it, n_branches, world_size, engine, _itemsize_of(it)
-                )
+                itemsize = max(1, it.bytes // max(1, it.numel))
+                at_owner, at_peer = _owner_traffic(it, n_branches, world_size, engine, itemsize)
                 comm += at_owner if it.owner == r else at_peer
                 if engine != "replica" or it.owner == r:
                     peak = max(peak, _peak(it, n_branches, world_size, csize, it.owner == r))
@@ -438,7 +437,3 @@ def build_plan(
                 peak = max(peak, _peak(it, n_branches, world_size, csize, False))
         loads.append(RankLoad(r, len(mine), cost, comm, peak))
     return MergePlan(items, world_size, n_branches, engine, csize, loads)
-
-
-def _itemsize_of(item: MergeItem) -> int:
-    return max(1, item.bytes // max(1, item.numel))

@@ -13,7 +13,7 @@ every rank returns the same numbers.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -463,9 +463,5 @@ def summarize_scores(
         ("normalized", normalized_primary),
     ):
         if values:
-            out[f"{prefix}/average"] = _mean(values)
+            out[f"{prefix}/average"] = math.fsum(values) / len(values)
     return out
-
-
-def _mean(values: Sequence[float]) -> float:
-    return math.fsum(values) / len(values)

@@ -64,10 +64,6 @@ class DeltaSource:
             delta = self.delta[name]
         return (base.to(torch.float32) + delta.to(base.device, torch.float32)).to(base.dtype)
 
-    def materialize(self) -> dict[str, Tensor]:
-        """Every tensor as a full weight."""
-        return {name: self.get(name) for name in self.keys()}
-
 
 def compute_delta(
     live: Mapping[str, Tensor], base: Mapping[str, Tensor], dtype: torch.dtype | None
