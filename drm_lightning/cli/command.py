@@ -600,7 +600,7 @@ def _main_distributed(args: argparse.Namespace) -> int:
             first, message = failures[0]
             if len(failures) < world:
                 message = f"{message} (on rank {first})"
-            _exit_on_sigterm(EXIT_ERROR)
+            _exit_on_sigterm()
             print(f"{tag}: error: {message}", file=sys.stderr)
             if args.verbose and local is not None:
                 traceback.print_exception(local)
@@ -646,7 +646,7 @@ def _main_distributed(args: argparse.Namespace) -> int:
         print(f"{tag}: interrupted; {outcome(err, 'nothing was written')}", file=sys.stderr)
         return 130
     except DistributedMergeError as err:  # raised on every rank together: leave together
-        _exit_on_sigterm(EXIT_ERROR)
+        _exit_on_sigterm()
         print(f"{tag}: error: {err}", file=sys.stderr)
         if args.verbose:
             traceback.print_exc()
@@ -659,7 +659,7 @@ def _main_distributed(args: argparse.Namespace) -> int:
             print(f"{tag}: error: {lost}", file=sys.stderr)
         raise
     except Exception as err:  # noqa: BLE001 - on this rank only: the launcher stops the others
-        _exit_on_sigterm(EXIT_ERROR)
+        _exit_on_sigterm()
         print(f"{tag}: error: {_message(err)}", file=sys.stderr)
         if args.verbose:
             traceback.print_exc()
@@ -684,25 +684,20 @@ def _leave_together(comm: Comm | None) -> None:
         pass
 
 
-def _exit_on_sigterm(status: int) -> None:
-    """After a failure every rank reports: let the launcher's SIGTERM not change ``status``.
+def _exit_on_sigterm() -> None:
+    """After a failure every rank reports: let the launcher's SIGTERM not change the status.
 
     ``torchrun`` sends SIGTERM to the other ranks as soon as one rank exits with an error;
     a rank that has already printed the shared error and is only tearing down would be
     reported as killed (-15) instead of failed with the same status. SIGTERM is ignored
     from here on (the process is exiting anyway; the launcher still SIGKILLs it after its
-    grace period should it hang). ``status`` documents the intent; the return value of
-    :func:`main` is the exit status.
+    grace period should it hang).
     """
     import signal
     import threading
 
-    del status
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-# ---------------------------------------------------------------------- plan and model card
 
 
 if __name__ == "__main__":

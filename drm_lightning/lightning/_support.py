@@ -47,6 +47,7 @@ def check_strategy(trainer: pl.Trainer, *, adopt: bool, live: bool) -> bool:
         DDPStrategy,
         DeepSpeedStrategy,
         FSDPStrategy,
+        ModelParallelStrategy,
         SingleDeviceStrategy,
     )
 
@@ -62,10 +63,6 @@ def check_strategy(trainer: pl.Trainer, *, adopt: bool, live: bool) -> bool:
                 "step. Use adopt=False, ZeRO-3 or DDP."
             )
         return False
-    try:
-        from lightning.pytorch.strategies import ModelParallelStrategy
-    except ImportError:  # older Lightning
-        ModelParallelStrategy = FSDPStrategy  # type: ignore[misc,assignment]
     if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
         raise NotImplementedError(
             f"MergeCallback does not support {name}: parameters are sharded across ranks. Use DDP "
