@@ -1,5 +1,7 @@
-"""benchmarks/minilm_suite.py runs end to end in ``--quick`` mode (2 tasks, 1 seed, 40 steps):
-the JSON has every row and the paired differences, and fine-tuning beats the pretrained model."""
+"""benchmarks/minilm_suite.py runs end to end in ``--quick`` mode (2 tasks, 1 seed) with 24
+fine-tuning steps instead of quick's 40 (both branches already score 100 % on their test split,
+≈ 10 s less): the JSON has every row and the paired differences, and fine-tuning beats the
+pretrained model."""
 
 from __future__ import annotations
 
@@ -61,6 +63,8 @@ def test_quick_run_writes_every_row_and_branches_beat_the_base(tmp_path: Path) -
             sys.executable,
             str(SCRIPT),
             "--quick",
+            "--steps",
+            "24",
             "--out",
             str(out),
             "--cache-dir",
