@@ -487,37 +487,28 @@ class TaskVectorMethod(MergeMethod):
             task_vector_merge_stored_rows,
         )
 
-        p = self.params
         if (
             not self.merges_in_rows(route, shape, int(coefficients.shape[0]))
             or coefficients.device.type != "cpu"
         ):
             return None
-        assert p.density is not None and p.normalize is not None and p.rescale is not None
-        sparsify = p.sparsify if p.density < 1 else "none"
-        rescale = p.rescale if sparsify != "none" else "none"
-        if not stored_rows_supported(
-            stored,
-            out_dtype,
-            compute_dtype,
-            sparsify=sparsify,
-            rescale=rescale,
-            convention=p.convention,
-        ):
+        recipe = self.params.recipe()  # the fused route takes no rescale: none is supported
+        rescale = recipe.pop("rescale")
+        if recipe["density"] >= 1:
+            recipe["sparsify"] = "none"
+        if recipe["sparsify"] == "none":
+            rescale = "none"
+        options = {"sparsify": recipe["sparsify"], "convention": recipe["convention"]}
+        if not stored_rows_supported(stored, out_dtype, compute_dtype, rescale=rescale, **options):
             return None
         return task_vector_merge_stored_rows(
             read,
             shape,
             coefficients,
             piece_rows=piece_rows,
-            sparsify=sparsify,
-            density=p.density,
-            elect_signs=p.elect_signs,
-            normalize=p.normalize,
-            convention=p.convention,
-            scaling=p.scaling,
             out_dtype=out_dtype,
             runner=runner,
+            **recipe,
         )
 
     def cost(self, route: Route, shape: Sequence[int], n_branches: int) -> float:
