@@ -17,8 +17,7 @@ group and the tensors it is given.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,9 @@ from drm_lightning.inloop.weights import (
     compute_delta,
     cpu_clone,
     float_state,
+    restoring,
 )
-from drm_lightning.inloop.zero3 import MergedShards, adopt_values, local_values, swapped
+from drm_lightning.inloop.zero3 import MergedShards, PartitionSwap, adopt_values, local_values
 from drm_lightning.merge.routing import Routing
 from drm_lightning.methods import MergeMethod
 from drm_lightning.sources import StateDictSource
@@ -212,13 +212,8 @@ class DenseBackend(Backend):
         assert result.merged is not None
         return Merged(dict(result.merged), result.stats, result.engine)
 
-    @contextmanager
-    def swap(self, module: nn.Module) -> Iterator[WeightSwap]:  # noqa: D102
-        swap = WeightSwap(module)
-        try:
-            yield swap
-        finally:
-            swap.restore()
+    def swap(self, module: nn.Module) -> Any:  # noqa: D102
+        return restoring(WeightSwap(module))
 
     def values(self, module: nn.Module, source: Any, names: Sequence[str]) -> dict[str, Tensor]:  # noqa: D102
         return {k: source.get(k) for k in names}
@@ -286,10 +281,8 @@ class Zero3Backend(Backend):
         result = self.merger(seed).merge(shards, base, list(inputs), coefficients=coefficients)
         return Merged(shards.values, result.stats, result.engine, shards)
 
-    @contextmanager
-    def swap(self, module: nn.Module) -> Iterator[Any]:  # noqa: D102
-        with swapped(ParamSet.from_module(module)) as swap:
-            yield swap
+    def swap(self, module: nn.Module) -> Any:  # noqa: D102
+        return restoring(PartitionSwap(ParamSet.from_module(module)))
 
     def values(self, module: nn.Module, source: Any, names: Sequence[str]) -> dict[str, Tensor]:  # noqa: D102
         return local_values(source, ParamSet.from_module(module), names)

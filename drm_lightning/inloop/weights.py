@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +104,16 @@ def check_paths(paths: Mapping[str, Path]) -> None:
     missing = [f"{task!r}: {os.fspath(p)}" for task, p in paths.items() if not p.exists()]
     if missing:
         raise FileNotFoundError("checkpoint branch path(s) do not exist: " + "; ".join(missing))
+
+
+@contextmanager
+def restoring(swap: Any) -> Iterator[Any]:
+    """``swap`` (a :class:`WeightSwap` or a ZeRO-3 partition swap), restored on exit
+    (exceptions included)."""
+    try:
+        yield swap
+    finally:
+        swap.restore()
 
 
 class WeightSwap:

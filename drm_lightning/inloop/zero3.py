@@ -141,16 +141,6 @@ def as_partition(value: Tensor, size: int) -> Tensor:
     return chunk
 
 
-@contextmanager
-def swapped(params: ParamSet) -> Iterator[PartitionSwap]:
-    """A :class:`PartitionSwap` restored on exit (exceptions included)."""
-    swap = PartitionSwap(params)
-    try:
-        yield swap
-    finally:
-        swap.restore()
-
-
 @torch.no_grad()
 def adopt_values(targets: Iterable[ParamSet], values: Mapping[str, Tensor]) -> None:
     """Make ``values`` the live weights of each target: partitions, persistent data, fp32 master."""
