@@ -161,10 +161,7 @@ class ParamSet(TensorSet):
         return cls(params, origin or type(module).__name__)
 
     def _param(self, name: str) -> Tensor:
-        try:
-            return self.params[name]
-        except KeyError:
-            raise self._missing(name) from None
+        return self._lookup(self.params, name)
 
     def keys(self) -> list[str]:  # noqa: D102
         return list(self.params)

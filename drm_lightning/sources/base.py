@@ -25,9 +25,10 @@ import math
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -205,6 +206,13 @@ class WeightSource(ABC):
         hint = f"; closest: {close}" if close else ""
         return KeyError(f"tensor {name!r} not found in {self.origin} ({len(known)} tensors){hint}")
 
+    def _lookup(self, table: Mapping[str, Any], name: str) -> Any:
+        """``table[name]``, or :meth:`_missing`'s error for an unknown name."""
+        try:
+            return table[name]
+        except KeyError:
+            raise self._missing(name) from None
+
 
 _HASH_CACHE: dict[str, str] = {}  # by file_key: path, size, inode, both times
 _HASH_FILE_LOCKS: dict[str, threading.Lock] = {}
@@ -307,16 +315,10 @@ class LoadedTensorsMixin:
         return list(self._keys)
 
     def meta(self, name: str) -> TensorMeta:
-        try:
-            return TensorMeta.of(self._tensors[name])
-        except KeyError:
-            raise self._missing(name) from None
+        return TensorMeta.of(self._lookup(self._tensors, name))
 
     def get(self, name: str) -> Tensor:
-        try:
-            return self._tensors[name]
-        except KeyError:
-            raise self._missing(name) from None
+        return self._lookup(self._tensors, name)
 
     def reads_rows(self, name: str) -> bool:
         """The tensors are in memory (or memory-mapped): a row slice costs nothing."""

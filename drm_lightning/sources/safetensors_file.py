@@ -127,10 +127,7 @@ class SafetensorsFileSource(WeightSource):
         return list(self._keys)
 
     def meta(self, name: str) -> TensorMeta:
-        try:
-            return self._meta[name]
-        except KeyError:
-            raise self._missing(name) from None
+        return self._lookup(self._meta, name)
 
     def get(self, name: str) -> Tensor:
         """The tensor ``name``, read with ``os.pread`` from the file the header was read from."""
