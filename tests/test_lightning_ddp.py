@@ -1,4 +1,4 @@
-"""MergeCallback under DDP: 2 CPU processes (``ddp_spawn``, gloo);
+"""MergeCallback under DDP: 2 CPU processes (``ddp_spawn``; forked for the NaN test), gloo;
 replica engine, merges identical on every rank."""
 
 from __future__ import annotations
@@ -127,11 +127,12 @@ class PoisonOnRankOne(Callback):
 @pytest.mark.timeout(180)
 def test_ddp_nan_in_one_rank_branch_stops_the_run_naming_it(tmp_path: Path) -> None:
     """Issue 8: a NaN in a branch on one rank stops the DDP run at the
-    merge, tensor and branch named."""
+    merge, tensor and branch named. The ranks are forked (``ddp_spawn`` is the test above's):
+    a spawned rank imports Lightning afresh, ≈ 6 s of CPU per rank."""
     merge = MergeCallback("drm", method_params={"drop_rate": 0.5}, tasks=specs(), every_n_steps=2)
     tr = trainer(
         devices=2,
-        strategy=DDPStrategy(start_method="spawn", process_group_backend="gloo"),
+        strategy=DDPStrategy(start_method="fork", process_group_backend="gloo"),
         max_steps=MERGE_STEPS[-1],
         callbacks=[PoisonOnRankOne(), merge],
         deterministic=False,
