@@ -40,6 +40,7 @@ from drm_lightning.inloop.weights import (
     restoring,
 )
 from drm_lightning.inloop.zero3 import MergedShards, PartitionSwap, adopt_values, local_values
+from drm_lightning.merge.plan import plan_merge
 from drm_lightning.merge.routing import Routing
 from drm_lightning.methods import MergeMethod
 from drm_lightning.sources import StateDictSource
@@ -194,8 +195,6 @@ class DenseBackend(Backend):
         return DeltaSource(_tensors(base), delta, origin)
 
     def check(self, target: nn.Module, base: Any, inputs: Sequence[Any]) -> None:  # noqa: D102
-        from drm_lightning.merge.plan import plan_merge
-
         plan_merge(base, list(inputs), routing=self.routing)
 
     def merge(  # noqa: D102

@@ -27,10 +27,12 @@ from drm_lightning.inloop.alpha import (
     check_alpha_search,
 )
 from drm_lightning.inloop.backends import Backend, DenseBackend, Merged, Zero3Backend
+from drm_lightning.inloop.export import write_export
 from drm_lightning.inloop.providers import Branch, BranchProvider, Snapshot, coefficient_list
 from drm_lightning.inloop.schedule import Schedule
 from drm_lightning.inloop.scoring import Scorer
 from drm_lightning.inloop.zero3 import rank_and_world
+from drm_lightning.merge.routing import Routing
 from drm_lightning.methods import MergeMethod, get_method
 
 Message = Callable[[str], None]
@@ -131,8 +133,6 @@ class MergeCore:
         aligner: Any = None,
         alpha_grid: Any = None,
     ) -> None:
-        from drm_lightning.merge.routing import Routing
-
         self.method = method
         self.provider = provider
         self.scorer = Scorer(check_tasks(tasks), evaluate_branches=evaluate_branches)
@@ -441,8 +441,6 @@ class MergeCore:
         Every rank must call it (a new merge is collective); only ``write=True`` ranks write.
         See :func:`~drm_lightning.inloop.export.write_export` for the folder's layout.
         """
-        from drm_lightning.inloop.export import write_export
-
         branches = self.branches(model)
         merged = self.latest(model, step=step)
         if write:

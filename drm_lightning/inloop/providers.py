@@ -26,8 +26,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from drm_lightning.distributed import TensorSet
 from drm_lightning.inloop.backends import Backend, Merged, Zero3Backend
 from drm_lightning.inloop.weights import check_paths, cpu_clone, float_state, load_weights
+from drm_lightning.sources import StateDictSource, open_source
 from drm_lightning.sources.hf_folder import SAFETENSORS_INDEX
 
 Kind = Literal["live", "snapshots", "checkpoints"]
@@ -242,8 +244,6 @@ class SingleModelBranches(BranchProvider):
     @property
     def base_tensors(self) -> dict[str, Tensor] | None:
         """The dense base as a mapping (``None`` before :meth:`setup` or under ZeRO-3)."""
-        from drm_lightning.distributed import TensorSet
-
         if self._base is None or isinstance(self._base, TensorSet):
             return None
         return {k: self._base.get(k) for k in self._base.keys()}
@@ -277,15 +277,11 @@ class SingleModelBranches(BranchProvider):
         return problems
 
     def _read(self, backend: Backend, path: Path, origin: str) -> Any:
-        from drm_lightning.sources import StateDictSource, open_source
-
         if isinstance(backend, Zero3Backend):
             return open_source(path)
         return StateDictSource(load_weights(path, trust_pickles=self.trust_pickles), origin=origin)
 
     def setup(self, model: nn.Module, backend: Backend) -> None:  # noqa: D102
-        from drm_lightning.sources import StateDictSource
-
         if isinstance(self.base_arg, Mapping):
             floats = cpu_clone(
                 {k: v for k, v in self.base_arg.items() if torch.is_floating_point(v)}
@@ -387,8 +383,6 @@ class SingleModelBranches(BranchProvider):
         return out
 
     def load_payload(self, payload: Mapping[str, Any]) -> None:  # noqa: D102
-        from drm_lightning.sources import StateDictSource
-
         if payload.get("zero3"):
             self._snapshots = []  # ZeRO-3 checkpoints hold no snapshot; setup records the base
             return

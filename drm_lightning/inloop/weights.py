@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from drm_lightning.sources import open_source
+
 
 def float_state(module: nn.Module) -> dict[str, Tensor]:
     """Detached floating-point tensors of ``module.state_dict()`` (integer buffers excluded)."""
@@ -89,8 +91,6 @@ def load_weights(path: Path, *, trust_pickles: bool = False) -> dict[str, Tensor
     :func:`drm_lightning.sources.open_source`. Pickles that need more than a weights-only
     load are refused unless ``trust_pickles`` (see :mod:`drm_lightning.sources.trust`).
     """
-    from drm_lightning.sources import open_source
-
     source = open_source(path, trust_pickles=trust_pickles)
     return {
         name: source.get(name).detach().to("cpu", copy=True)
