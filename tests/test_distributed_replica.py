@@ -1,6 +1,6 @@
 """torch.distributed replicas (DDP) on CPU, 2 ranks, gloo: the replica engine equals single-process.
 
-One spawn of two ranks wraps the training module of ``test_distributed_zero3`` in
+One start of two forked ranks wraps the training module of ``test_distributed_zero3`` in
 ``DistributedDataParallel`` and runs every scenario; each rank writes JSON that the tests
 check. Also covers the in-memory form (``target=None, collect=True``), which the Lightning
 callback uses to get a merged state dict on every rank.
@@ -183,11 +183,17 @@ def _replica_worker(rank: int, world: int, port: int, outdir: str) -> None:
 
 @pytest.fixture(scope="module")
 def replica_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """Spawn 2 DDP ranks once; return each rank's findings."""
+    """Fork 2 DDP ranks once (a fork skips each rank's imports); return each rank's findings."""
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("replica")
-    mp.spawn(_replica_worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.start_processes(
+        _replica_worker,
+        args=(WORLD, free_port(), str(out)),
+        nprocs=WORLD,
+        join=True,
+        start_method="fork",
+    )
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     for r in results:
         assert "worker_error" not in r, r["worker_error"]

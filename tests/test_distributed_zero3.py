@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-3 on CPU, 2 ranks, gloo: the distributed merge equals the single-process one.
 
-One ``torch.multiprocessing.spawn`` of two ranks runs every scenario against one
+One ``torch.multiprocessing`` start of two forked ranks runs every scenario against one
 ``deepspeed.initialize`` engine (start-up dominates the cost); each rank writes its findings
 to JSON and the tests below check them. The module under merge is a training module with a
 ``base`` network and ``branches[i]`` networks (separate ZeRO-3-partitioned parameter sets);
@@ -442,7 +442,7 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
 
 @pytest.fixture(scope="module")
 def zero3_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """Spawn 2 ZeRO-3 ranks once; return each rank's findings."""
+    """Fork 2 ZeRO-3 ranks once (a fork skips each rank's imports); return each rank's findings."""
     pytest.importorskip("deepspeed")
     import torch.multiprocessing as mp
     from safetensors.torch import save_file
@@ -456,7 +456,13 @@ def zero3_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, An
             {k[len(prefix) :]: v.contiguous() for k, v in full.items() if k.startswith(prefix)},
             str(ckpt / f"branch{i}.safetensors"),
         )
-    mp.spawn(_zero3_worker, args=(WORLD, free_port(), str(out), str(ckpt)), nprocs=WORLD, join=True)
+    mp.start_processes(
+        _zero3_worker,
+        args=(WORLD, free_port(), str(out), str(ckpt)),
+        nprocs=WORLD,
+        join=True,
+        start_method="fork",
+    )
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     for r in results:
         assert "worker_error" not in r, r["worker_error"]

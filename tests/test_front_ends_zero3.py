@@ -1,6 +1,7 @@
 """Both front ends under DeepSpeed ZeRO-3 on 2 CPU ranks (gloo): identical merges and scores.
 
-One ``torch.multiprocessing.spawn`` of two ranks (start-up dominates the cost) runs, on each rank:
+One ``torch.multiprocessing`` start of two forked ranks (start-up dominates the cost; a fork
+skips each rank's imports) runs, on each rank:
 
 * the Accelerate loop — ``Accelerator(deepspeed_plugin=...)`` with the CPU recipe's patch of
   ``PartialState._prepare_backend`` (on a CPU-only box Accelerate otherwise picks no backend and
@@ -356,7 +357,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("front_ends_zero3")
-    mp.spawn(_worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.start_processes(
+        _worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork"
+    )
     results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for r in results:
         assert "worker_error" not in r, r["worker_error"]

@@ -2,10 +2,11 @@
 
 Lightning's ``DeepSpeedStrategy`` refuses the CPU accelerator, so the CPU tier uses the
 package's public testing route, :class:`drm_lightning.lightning.CPUDeepSpeedStrategy`. One
-``torch.multiprocessing.spawn`` of two ranks runs the fits back to back (start-up dominates the
-cost); each rank saves its findings and the tests below compare them with the single-process
-merge (:func:`drm_lightning.merge.merge_state_dicts`) on the same weights, gathered by probes
-that run before and after the merge callback.
+``torch.multiprocessing`` start of two forked ranks runs the fits back to back (start-up
+dominates the cost; a fork skips each rank's imports); each rank saves its findings and the
+tests below compare them with the single-process merge
+(:func:`drm_lightning.merge.merge_state_dicts`) on the same weights, gathered by probes that run
+before and after the merge callback.
 
 * fit 1 — ``BranchedModule``, live branches, ``adopt=True``, every parameter partitioned
   (``stage3_param_persistence_threshold: 0``), lr = 0: the step after the merge must leave the
@@ -311,7 +312,7 @@ def _worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) -> Non
 
 @pytest.fixture(scope="module")
 def zero3_fits(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """Spawn 2 ZeRO-3 ranks once (two fits); return each rank's findings."""
+    """Fork 2 ZeRO-3 ranks once (two fits); return each rank's findings."""
     pytest.importorskip("deepspeed")
     import torch.multiprocessing as mp
     from safetensors.torch import save_file
@@ -320,7 +321,13 @@ def zero3_fits(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]
     ckpt = tmp_path_factory.mktemp("zero3_ckpt")
     for task, state in checkpoint_states().items():
         save_file(state, str(ckpt / f"{task}.safetensors"))
-    mp.spawn(_worker, args=(WORLD, free_port(), str(out), str(ckpt)), nprocs=WORLD, join=True)
+    mp.start_processes(
+        _worker,
+        args=(WORLD, free_port(), str(out), str(ckpt)),
+        nprocs=WORLD,
+        join=True,
+        start_method="fork",
+    )
     results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for r in results:
         assert "worker_error" not in r, r["worker_error"]
