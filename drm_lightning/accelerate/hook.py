@@ -3,6 +3,7 @@ r"""Merge task branches inside an Accelerate training loop, in the shape of ``Lo
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -184,8 +185,6 @@ class MergeHook:
 
     def _warn(self, message: str) -> None:
         if self.accelerator.is_main_process:
-            import warnings
-
             warnings.warn(message, UserWarning, stacklevel=3)
 
     def _info(self, message: str) -> None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from torch import nn
 
 from drm_lightning.alignment.api import align_models, merge_models
@@ -52,8 +53,6 @@ __all__ = ["AlignStep", "PreparedAlignment", "prepare_alignment", "run_alignment
 
 
 def _refuse_torchrun(what: str) -> None:
-    import torch.distributed as dist
-
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
     if launched or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         raise ValueError(f"{what} runs in one process: launch drm-merge without torchrun")

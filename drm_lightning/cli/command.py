@@ -41,11 +41,14 @@ Example:
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import os
 import re
+import signal
 import sys
 import textwrap
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -544,8 +547,6 @@ def init_process_group(device: str, timeout: float | None = None) -> bool:
     if timeout is None:
         dist.init_process_group(backend=backend)
     else:
-        import datetime
-
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     return True
 
@@ -693,9 +694,6 @@ def _exit_on_sigterm() -> None:
     from here on (the process is exiting anyway; the launcher still SIGKILLs it after its
     grace period should it hang).
     """
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

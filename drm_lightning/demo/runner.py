@@ -13,6 +13,8 @@ the result table; the earlier ones give the curves of the chart.
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -378,9 +380,6 @@ def _normalized_average(merged: dict[str, Any], branch: dict[str, Any], tasks: l
 
 
 def _environment() -> dict[str, Any]:
-    import os
-    import platform
-
     import lightning
 
     return {

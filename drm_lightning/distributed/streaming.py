@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -109,8 +110,6 @@ class StreamSchedule:
 
     def fingerprint(self) -> str:
         """Short hash; ranks compare it before the first tensor is read."""
-        import hashlib
-
         text = f"{self.world_size}|{self.owners}|{self.chunks}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

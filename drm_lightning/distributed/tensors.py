@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from drm_lightning.sources.base import TensorMeta, WeightSource
@@ -324,8 +325,6 @@ class ShardSnapshot(TensorSet):
         origin: str | None = None,
     ) -> ShardSnapshot:
         """Copy every tensor of ``source`` now (partitions stay partitions)."""
-        import torch.distributed as dist
-
         active = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if active else 1
         rank = dist.get_rank() if active else 0

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from drm_lightning.distributed import (
@@ -63,8 +64,6 @@ class Merged:
 
 def gloo_group(world_size: int) -> Any:
     """A gloo group for the merge engines if the default group is not gloo, else ``None``."""
-    import torch.distributed as dist
-
     if (
         world_size > 1
         and dist.is_available()

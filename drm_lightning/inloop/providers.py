@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from drm_lightning.distributed import TensorSet
@@ -352,8 +353,6 @@ class SingleModelBranches(BranchProvider):
         elif self.snapshot_dir is None:
             snapshot.delta = stored
         else:
-            import torch.distributed as dist
-
             path = self.snapshot_dir / f"snapshot_{index:04d}_{task}.safetensors"
             active = dist.is_available() and dist.is_initialized()
             if not active or dist.get_rank() == 0:

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from drm_lightning.distributed import ParamSet, local_partition
@@ -30,8 +31,6 @@ from drm_lightning.distributed.tensors import is_zero3_param
 
 def rank_and_world() -> tuple[int, int]:
     """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
