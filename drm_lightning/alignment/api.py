@@ -43,6 +43,8 @@ from drm_lightning.alignment.core import (
 )
 from drm_lightning.alignment.spec import PermSpec
 from drm_lightning.alignment.trace import derive_spec
+from drm_lightning.merge.loop import merge_state_dicts
+from drm_lightning.methods import get_method
 from drm_lightning.methods.ops import finite_inputs_checked
 
 
@@ -217,9 +219,6 @@ def align_then_merge(
     Returns:
         The merged state dict (in the anchor's unit order).
     """
-    from drm_lightning.merge.loop import merge_state_dicts
-    from drm_lightning.methods import get_method
-
     method = get_method(merge_method) if isinstance(merge_method, str) else merge_method
     aligned = align_models(
         branches, batches, method=alignment, anchor=anchor, spec=spec, forward=forward, **params

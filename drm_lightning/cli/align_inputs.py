@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from drm_lightning.alignment.activations import default_forward
 from drm_lightning.alignment.spec import PermSpec
+from drm_lightning.config.align import resolve_callable
 
 __all__ = [
     "build_model",
@@ -47,12 +48,6 @@ __all__ = [
 _EXACT_DTYPE = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)  # input dtype == weight dtype
 _FLOATING = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)  # any floating input
 _INDICES = (nn.Embedding, nn.EmbeddingBag)  # integer indices
-
-
-def _resolve(reference: str) -> Any:
-    from drm_lightning.config.align import resolve_callable
-
-    return resolve_callable(reference)
 
 
 def build_model(model: str) -> nn.Module:
@@ -70,7 +65,7 @@ def build_model(model: str) -> nn.Module:
         cls = getattr(transformers, arch, None) if arch else None
         built = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
     else:
-        built = _resolve(model)()
+        built = resolve_callable(model)()
     if not isinstance(built, nn.Module):
         raise TypeError(
             f"model: {model!r} returned a {type(built).__name__}, not a torch.nn.Module"
@@ -133,7 +128,7 @@ def load_batches(
         out = _from_loaded(loaded, batch_size, what)
     else:
         what = f"batches {batches!r}"
-        out = _from_loaded(_resolve(batches)(*call_args), batch_size, what)
+        out = _from_loaded(resolve_callable(batches)(*call_args), batch_size, what)
     if isinstance(out, (list, tuple)) and not out:
         raise ValueError(f"batches {batches!r} gave no batch")
     if model is not None:
@@ -228,7 +223,7 @@ def _expected(module: nn.Module, given: torch.dtype) -> tuple[str, torch.dtype] 
 def build_spec(spec: str, model: nn.Module) -> PermSpec:
     """The :class:`PermSpec` of ``spec`` (``module:function``, called with ``model`` if it takes
     an argument)."""
-    fn = _resolve(spec)
+    fn = resolve_callable(spec)
     try:
         takes = bool(inspect.signature(fn).parameters)
     except (TypeError, ValueError):

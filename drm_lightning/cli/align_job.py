@@ -47,7 +47,8 @@ from drm_lightning.cli.align_inputs import (
 )
 from drm_lightning.cli.guard import open_branch
 from drm_lightning.config.align import is_reference
-from drm_lightning.sources import StateDictSource
+from drm_lightning.config.schema import TORCH_DTYPES
+from drm_lightning.sources import HFFolderWriter, StateDictSource
 
 __all__ = ["AlignStep", "PreparedAlignment", "prepare_alignment", "run_alignment_merge"]
 
@@ -245,9 +246,6 @@ def run_alignment_merge(
 
     With ``dry_run`` nothing is read or written: the plan is returned.
     """
-    from drm_lightning.config.schema import TORCH_DTYPES
-    from drm_lightning.sources import HFFolderWriter
-
     _refuse_torchrun(f"method {config.method!r}")
     trust = config.trust_pickles
     sources = [open_branch(b, i, trust_pickles=trust) for i, b in enumerate(config.branches)]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from drm_lightning.config.mergekit import MergekitConfig, PerTensorParameters
+from drm_lightning.distributed import streaming
 from drm_lightning.merge.plan import PlannedTensor
 from drm_lightning.methods import Route, get_method, method_parameters
 
@@ -155,7 +156,7 @@ def describe_plan(
             )
     lines.append("")
     if world_size == 1:
-        lines.append(_streaming().distributed_plan(job, 1).summary())
+        lines.append(streaming.distributed_plan(job, 1).summary())
     else:
         lines.extend(_describe_ranks(job, world_size, max_pending))
     peak, where = estimate_peak_bytes(job)
@@ -194,7 +195,7 @@ def _describe_alpha_plan(job: DiskMergeJob, out_bytes: int) -> list[str]:
 
 def _describe_ranks(job: DiskMergeJob, world: int, max_pending: int | None) -> list[str]:
     """Per-rank table of the torchrun plan (cost, reads, traffic to rank 0, chunks)."""
-    stream = _streaming().stream_schedule(job, world, max_pending)
+    stream = streaming.stream_schedule(job, world, max_pending)
     n_full = sum(not callable(getattr(b, "lowrank", None)) for b in job.branches)
     out_dtype = job.config.out_torch_dtype
     items = [0] * world
@@ -328,10 +329,3 @@ def _human(n_bytes: float) -> str:
             return f"{n_bytes:.1f} {unit}" if unit != "B" else f"{int(n_bytes)} B"
         n_bytes /= 1024
     return f"{n_bytes:.1f} GiB"
-
-
-def _streaming() -> Any:
-    """The streaming engine, imported late (it imports the merge loop and torch.distributed)."""
-    from drm_lightning.distributed import streaming
-
-    return streaming

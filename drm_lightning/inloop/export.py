@@ -18,9 +18,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from drm_lightning.inloop.providers import BranchProvider
+from drm_lightning.sources.writer import HFFolderWriter
 
 
 def find_pretrained(module: nn.Module) -> tuple[str, nn.Module] | None:
@@ -64,10 +66,6 @@ def write_export(
     :class:`~drm_lightning.sources.writer.HFFolderWriter` (replaced atomically), the
     transformers ``config.json`` when there is one, and ``heads.safetensors`` for the rest.
     """
-    from safetensors.torch import save_file
-
-    from drm_lightning.sources.writer import HFFolderWriter
-
     folder = Path(folder)
     weights, outside, pretrained = split_for_export(merged, provider.target(model))
     heads = {**provider.heads(model), **outside}
