@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from drm_lightning.demo.tasks import TaskDef
+from drm_lightning.methods import get_method
 
 DEFAULT_TASKS: tuple[TaskDef, ...] = (
     TaskDef("rot90", "digit"),
@@ -44,8 +45,6 @@ class MethodSpec:
 
     def build(self) -> Any:
         """The :class:`~drm_lightning.methods.MergeMethod` instance."""
-        from drm_lightning.methods import get_method
-
         return get_method(self.method, **self.params)
 
 

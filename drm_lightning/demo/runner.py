@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning
+import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -30,8 +32,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from drm_lightning.demo.backbone import ResidualMLP, pretrain_backbone
 from drm_lightning.demo.config import CONSOLIDATED_SUFFIX, DemoConfig, MethodSpec
 from drm_lightning.demo.module import MultitaskDemoModule
+from drm_lightning.demo.report import write_report
 from drm_lightning.demo.tasks import Suite, build_suite
-from drm_lightning.lightning import BranchedModule
+from drm_lightning.evaluation import TaskSpec, evaluate_tasks
+from drm_lightning.lightning import BranchedModule, MergeCallback
 
 METRIC = "acc"
 """Name of every task's metric: multiclass accuracy (micro average)."""
@@ -95,8 +99,6 @@ def task_specs(
         suite: The tasks.
         predict: ``predict(module, task, batch)``; default the module's ``predict_task``.
     """
-    from drm_lightning.evaluation import TaskSpec
-
     specs = {}
     for name, task in suite.tasks.items():
         loader = DataLoader(TensorDataset(task.val_x, task.val_y), batch_size=1024)
@@ -105,8 +107,6 @@ def task_specs(
 
 
 def _labelled_callback_class() -> type:
-    from drm_lightning.lightning import MergeCallback
-
     class LabelledMergeCallback(MergeCallback):
         """A MergeCallback whose ``state_key`` also holds the demo's method label.
 
@@ -126,8 +126,6 @@ def _labelled_callback_class() -> type:
 
 
 def _progress_callback(bar: Any) -> Any:
-    import lightning.pytorch as pl
-
     class ProgressCallback(pl.Callback):
         """Advances the run's progress bar by one after every optimizer step."""
 
@@ -182,8 +180,6 @@ def _quiet_lightning() -> Iterator[None]:
 def _evaluate(
     module: nn.Module, suite: Suite, predict: Callable[..., tuple[Tensor, Tensor]]
 ) -> dict[str, float]:
-    from drm_lightning.evaluation import evaluate_tasks
-
     scores = evaluate_tasks(module, task_specs(suite, predict=predict))
     return {task: values[METRIC] for task, values in scores.items()}
 
@@ -229,8 +225,6 @@ def run_seed(
     Returns:
         The final scores of every row, the curves of every method, and timings.
     """
-    import lightning.pytorch as pl
-
     pl.seed_everything(seed, verbose=False)
     backbone = ResidualMLP(config.hidden, config.depth)
     backbone.load_state_dict(pretrained)
@@ -345,8 +339,6 @@ def _fit(
     module: Any, callbacks: list[Any], loaders: dict[str, DataLoader], config: DemoConfig, bar: Any
 ) -> None:
     """One quiet CPU ``Trainer.fit`` of ``finetune_steps`` optimizer steps."""
-    import lightning.pytorch as pl
-
     extra = [_progress_callback(bar)] if bar is not None else []
     with _quiet_lightning():
         trainer = pl.Trainer(
@@ -380,8 +372,6 @@ def _normalized_average(merged: dict[str, Any], branch: dict[str, Any], tasks: l
 
 
 def _environment() -> dict[str, Any]:
-    import lightning
-
     return {
         "torch": torch.__version__,
         "lightning": lightning.__version__,
@@ -437,8 +427,6 @@ def run_demo(
             environment=_environment(),
         )
     if out_dir is not None:
-        from drm_lightning.demo.report import write_report
-
         paths = write_report(run, out_dir)
         if log is not None:
             log("wrote " + ", ".join(str(p) for p in paths))
