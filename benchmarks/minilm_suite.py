@@ -66,10 +66,10 @@ from _common import system_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from drm_lightning.config.alpha_search import best_alpha
 from drm_lightning.demo.config import DEFAULT_METHODS, MethodSpec
 from drm_lightning.demo.report import format_table, mean_std, summarize
 from drm_lightning.evaluation import TaskSpec, evaluate_tasks
-from drm_lightning.inloop.alpha import best_alpha
 from drm_lightning.merge import merge_state_dicts
 from drm_lightning.methods import available_methods, get_method
 

@@ -38,8 +38,7 @@ from torch import Tensor
 
 from drm_lightning.cli.job import DiskMergeJob, make_writer, run_job
 from drm_lightning.cli.report import output_bytes
-from drm_lightning.config.alpha_search import AlphaSearchSection
-from drm_lightning.inloop.alpha import best_alpha, rescaled
+from drm_lightning.config.alpha_search import AlphaSearchSection, best_alpha, rescaled
 from drm_lightning.merge.pieces import PIECE_ELEMENTS
 from drm_lightning.sources import WeightSource, open_source
 from drm_lightning.sources.input_files import read_regular

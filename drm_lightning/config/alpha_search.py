@@ -38,8 +38,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails
+from torch import Tensor
 
 from drm_lightning.config.errors import _error, _Section
 from drm_lightning.methods import MergeMethod
@@ -252,3 +254,30 @@ class AlphaSearchSection(_Section):
             "command": self.command if isinstance(self.command, str) else shlex.join(self.words()),
             "higher_is_better": self.higher_is_better,
         }
+
+
+def best_alpha(averages: Mapping[float, float], *, higher: bool) -> float:
+    """The α with the best average (NaN: worst); on a tie the smaller α.
+
+    Example:
+        >>> best_alpha({0.5: 0.9, 0.2: 0.9, 1.0: 0.7}, higher=True)
+        0.2
+    """
+
+    def key(alpha: float) -> float:
+        value = averages[alpha]
+        return -math.inf if math.isnan(value) else (value if higher else -value)
+
+    return max(sorted(averages), key=key)  # max keeps the first, i.e. smallest, of equals
+
+
+def rescaled(delta: Tensor, alpha: float, base: Tensor, dtype: torch.dtype) -> Tensor:
+    """``base + α·delta`` rounded to ``dtype``, computed over ``delta`` (overwritten): the one
+    arithmetic of the in-loop search (:class:`~drm_lightning.inloop.alpha.ScaledDelta`) and
+    ``drm-merge``'s (:func:`~drm_lightning.cli.alpha_job.scaled_tensors`).
+
+    Example:
+        >>> rescaled(torch.tensor([1.0, -2.0]), 0.5, torch.tensor([10.0, 10.0]), torch.float32)
+        tensor([10.5000,  9.0000])
+    """
+    return delta.mul_(alpha).add_(base.to(device=delta.device, dtype=delta.dtype)).to(dtype)

@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
@@ -31,8 +30,10 @@ from torch import Tensor
 
 from drm_lightning.config.alpha_search import (  # noqa: F401 - re-exported
     DEFAULT_ALPHA_GRID,
+    best_alpha,
     check_alpha_grid,
     check_alpha_scaling,
+    rescaled,
 )
 from drm_lightning.evaluation import TaskSpec
 from drm_lightning.inloop.backends import Merged
@@ -74,16 +75,6 @@ def _higher_is_better(spec: TaskSpec) -> bool | None:
     return getattr(spec.collection[spec.primary_name], "higher_is_better", None)
 
 
-def best_alpha(averages: Mapping[float, float], *, higher: bool) -> float:
-    """The α with the best average (NaN: worst); on a tie the smaller α."""
-
-    def key(alpha: float) -> float:
-        value = averages[alpha]
-        return -math.inf if math.isnan(value) else (value if higher else -value)
-
-    return max(sorted(averages), key=key)  # max keeps the first, i.e. smallest, of equals
-
-
 def alpha_key(alpha: float) -> str:
     """The log-key prefix of one α's scores: ``alpha/<α>/``.
 
@@ -92,13 +83,6 @@ def alpha_key(alpha: float) -> str:
         'alpha/0.3/merged/average'
     """
     return f"alpha/{alpha!r}/"
-
-
-def rescaled(delta: Tensor, alpha: float, base: Tensor, dtype: torch.dtype) -> Tensor:
-    """``base + α·delta`` rounded to ``dtype``, computed over ``delta`` (overwritten): the one
-    arithmetic of the in-loop search (:class:`ScaledDelta`) and ``drm-merge``'s
-    (:func:`~drm_lightning.cli.alpha_job.scaled_tensors`)."""
-    return delta.mul_(alpha).add_(base.to(device=delta.device, dtype=delta.dtype)).to(dtype)
 
 
 class ScaledDelta:
