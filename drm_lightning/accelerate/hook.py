@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from drm_lightning.evaluation import TaskSpec
 from drm_lightning.inloop import MergeOptions
@@ -175,8 +176,6 @@ class MergeHook:
     @property
     def unwrapped(self) -> nn.Module:
         """The model without its DDP / DeepSpeed wrapper (what is merged and scored)."""
-        from torch.nn.parallel import DistributedDataParallel
-
         if isinstance(self.model, DistributedDataParallel):
             return self.model.module
         if type(self.model).__name__ == "DeepSpeedEngine":

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from drm_lightning.alignment.activations import default_forward
@@ -119,8 +120,6 @@ def load_batches(
     path = Path(batches)
     if path.is_file():
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             loaded: Any = load_file(str(path))
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)

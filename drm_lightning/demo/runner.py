@@ -26,8 +26,11 @@ from typing import Any
 import lightning
 import lightning.pytorch as pl
 import torch
+from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+from tqdm.auto import tqdm
 
 from drm_lightning.demo.backbone import ResidualMLP, pretrain_backbone
 from drm_lightning.demo.config import CONSOLIDATED_SUFFIX, DemoConfig, MethodSpec
@@ -83,8 +86,6 @@ class DemoRun:
 
 
 def _accuracy(num_classes: int) -> Any:
-    from torchmetrics.classification import MulticlassAccuracy
-
     return MulticlassAccuracy(num_classes=num_classes, average="micro")
 
 
@@ -146,8 +147,6 @@ def _thread_limits(threads: int | None) -> Iterator[None]:
     if threads is None:
         yield
         return
-    from threadpoolctl import threadpool_limits
-
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -401,8 +400,6 @@ def run_demo(
     Returns:
         The :class:`DemoRun` with every seed's scores.
     """
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     with _thread_limits(config.threads):
         suite = build_suite(config.tasks, data_seed=config.data_seed)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from drm_lightning.distributed.comm import Comm, guarded
 from drm_lightning.distributed.plan import MergePlan, build_plan
@@ -217,8 +218,6 @@ def run_job_distributed(
     cursor = 0
     bar = None
     if rank == 0 and progress:
-        from tqdm.auto import tqdm
-
         name = getattr(job.method, "registered_name", job.method.name)
         bar = tqdm(
             total=len(job.plan), desc=f"merging ({name}, {comm.world_size} ranks)", unit="tensor"

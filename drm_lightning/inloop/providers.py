@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from drm_lightning.distributed import TensorSet
@@ -356,8 +357,6 @@ class SingleModelBranches(BranchProvider):
             path = self.snapshot_dir / f"snapshot_{index:04d}_{task}.safetensors"
             active = dist.is_available() and dist.is_initialized()
             if not active or dist.get_rank() == 0:
-                from safetensors.torch import save_file
-
                 save_file(stored, str(path))
             if active:
                 dist.barrier(group=backend.group)

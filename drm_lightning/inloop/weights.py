@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 
 from drm_lightning.sources import open_source
@@ -41,8 +42,6 @@ class DeltaSource:
     def _delta_names(self) -> set[str]:
         if self._names is None:
             if isinstance(self.delta, Path):
-                from safetensors import safe_open
-
                 with safe_open(str(self.delta), framework="pt") as handle:
                     self._names = set(handle.keys())
             else:
@@ -60,8 +59,6 @@ class DeltaSource:
         if name not in self._delta_names():
             return base
         if isinstance(self.delta, Path):
-            from safetensors import safe_open
-
             with safe_open(str(self.delta), framework="pt") as handle:
                 delta = handle.get_tensor(name)
         else:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 from drm_lightning.distributed import ParamSet, local_partition
 from drm_lightning.distributed.tensors import is_zero3_param
@@ -159,8 +160,6 @@ def adopt_values(targets: Iterable[ParamSet], values: Mapping[str, Tensor]) -> N
 @contextmanager
 def metrics_unsynced(collection: nn.Module) -> Iterator[None]:
     """Turn off torchmetrics' cross-rank sync (every rank scores every batch itself)."""
-    from torchmetrics import Metric
-
     metrics = [m for m in collection.modules() if isinstance(m, Metric)]
     saved = [m.sync_on_compute for m in metrics]
     for m in metrics:

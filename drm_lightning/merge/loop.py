@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from drm_lightning.merge.pieces import merge_in_pieces, merges_in_pieces
 from drm_lightning.merge.plan import (
@@ -63,8 +64,6 @@ def iter_merge(
     )
     items: Any = plan
     if progress:
-        from tqdm.auto import tqdm
-
         items = tqdm(
             plan, desc=f"merging ({getattr(method, 'registered_name', method.name)})", unit="tensor"
         )
