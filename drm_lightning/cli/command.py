@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 
 from drm_lightning.alignment import available_alignments
+from drm_lightning.cli.align_job import run_alignment_merge
 from drm_lightning.cli.alpha_job import AlphaSearchResult, run_alpha_search
 from drm_lightning.cli.guard import guard_output, input_paths
 from drm_lightning.cli.job import DiskMergeJob, make_writer, open_job, run_job
@@ -306,8 +307,6 @@ def _main(argv: Sequence[str] | None) -> int:
         )
         device = resolve_device(args.device)
         if getattr(config, "alignment_merge", False):  # method: mudsc_zip, ... (issue 11)
-            from drm_lightning.cli.align_job import run_alignment_merge
-
             start = time.perf_counter()
             print(
                 run_alignment_merge(

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from drm_lightning.cli.align_job import AlignStep
 from drm_lightning.cli.guard import key_mismatch_hint, open_inputs
 from drm_lightning.cli.report import model_card, output_bytes
 from drm_lightning.config.mergekit import tokenizer_source
@@ -65,8 +66,6 @@ def open_job(config: MergeConfig) -> DiskMergeJob:
         raise ValueError(f"{err}\n(inputs: {legend}){hint}") from err
     job = DiskMergeJob(config, method, base, branches, coefficients, plan)
     if getattr(config, "align", None) is not None:  # checked from metadata too (issue 11)
-        from drm_lightning.cli.align_job import AlignStep
-
         job.align = AlignStep.open(config, branches)
     return job
 

@@ -5,6 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from drm_lightning.evaluation import TaskSpec
@@ -43,14 +50,6 @@ def resolve_tasks(trainer: pl.Trainer, tasks: Mapping[str, TaskSpec]) -> None:
 
 def check_strategy(trainer: pl.Trainer, *, adopt: bool, live: bool) -> bool:
     """Refuse unsupported strategies; returns whether the strategy is DeepSpeed ZeRO-3."""
-    from lightning.pytorch.strategies import (
-        DDPStrategy,
-        DeepSpeedStrategy,
-        FSDPStrategy,
-        ModelParallelStrategy,
-        SingleDeviceStrategy,
-    )
-
     strategy = trainer.strategy
     name = type(strategy).__name__
     if isinstance(strategy, DeepSpeedStrategy):
