@@ -161,15 +161,12 @@ class ParamSet(TensorSet):
             params = {n: params[n] for n in wanted}
         return cls(params, origin or type(module).__name__)
 
-    def _param(self, name: str) -> Tensor:
-        return self._lookup(self.params, name)
-
     def keys(self) -> list[str]:  # noqa: D102
         return list(self.params)
 
     def meta(self, name: str) -> TensorMeta:
         """Full shape (``ds_shape`` under ZeRO-3) and stored dtype (the partition's)."""
-        p = self._param(name)
+        p = self._lookup(self.params, name)
         shape = tuple(int(s) for s in (p.ds_shape if hasattr(p, "ds_shape") else p.shape))
         return TensorMeta(shape, p.ds_tensor.dtype if is_zero3_param(p) else p.dtype)
 
@@ -192,7 +189,7 @@ class ParamSet(TensorSet):
         return super().local_partition(name, world_size, rank)
 
     def get(self, name: str) -> Tensor:  # noqa: D102
-        p = self._param(name)
+        p = self._lookup(self.params, name)
         if self.is_partitioned(name):
             raise NotImplementedError(
                 f"{name!r} is ZeRO-3 partitioned; only its partition can be read"
