@@ -55,6 +55,11 @@ EngineKind = Literal["single", "replica", "zero3"]
 ShardablePredicate = Callable[[str, tuple[int, ...], Route], bool]
 
 
+WAVE_BYTES = 1 << 30
+"""What a rank may hold for one wave: the results of replica rounds (:meth:`MergePlan.waves`),
+the working set of sharded matrices (:func:`~drm_lightning.distributed.sharded.matrix_waves`)."""
+
+
 @dataclass(frozen=True)
 class MergeItem:
     """One tensor of the merge.
@@ -140,7 +145,7 @@ class MergePlan:
         depth = max((len(x) for x in per_rank), default=0)
         return [[x[k] for x in per_rank if k < len(x)] for k in range(depth)]
 
-    def waves(self, max_bytes: int = 1 << 30) -> list[list[MergeItem]]:
+    def waves(self, max_bytes: int = WAVE_BYTES) -> list[list[MergeItem]]:
         """Consecutive rounds grouped so that no rank holds more than ``max_bytes`` of results.
 
         Within a wave every rank merges all its items without waiting for the others, then
@@ -339,8 +344,10 @@ def _sharded_traffic(item: MergeItem, n_branches: int, world: int) -> int:
     return 4 * 2**16 * 8 * n_branches  # k-th value histograms of the trim, when used
 
 
-def _peak(item: MergeItem, n_branches: int, world: int, compute_itemsize: int, owner: bool) -> int:
-    """Transient bytes for one item on one rank."""
+def transient_bytes(
+    item: MergeItem, n_branches: int, world: int, compute_itemsize: int, owner: bool
+) -> int:
+    """Transient bytes for one item on one rank (an estimate: the plan's peaks, the waves)."""
     if item.mode == "sharded":
         rows = math.ceil(item.numel / world)
         extra = item.shape[-1] ** 2 * compute_itemsize * 2 if item.route == "matrix" else 0
@@ -431,9 +438,11 @@ def build_plan(
                 at_owner, at_peer = _owner_traffic(it, n_branches, world_size, engine, itemsize)
                 comm += at_owner if it.owner == r else at_peer
                 if engine != "replica" or it.owner == r:
-                    peak = max(peak, _peak(it, n_branches, world_size, csize, it.owner == r))
+                    peak = max(
+                        peak, transient_bytes(it, n_branches, world_size, csize, it.owner == r)
+                    )
             elif it.mode == "sharded":
                 comm += _sharded_traffic(it, n_branches, world_size)
-                peak = max(peak, _peak(it, n_branches, world_size, csize, False))
+                peak = max(peak, transient_bytes(it, n_branches, world_size, csize, False))
         loads.append(RankLoad(r, len(mine), cost, comm, peak))
     return MergePlan(items, world_size, n_branches, engine, csize, loads)

@@ -16,9 +16,9 @@ of the row stack ``[Δ_1; …; Δ_N]``), every step but the basis is row-local (
    (:func:`~drm_lightning.methods.basis.gram_of_rows`, in the basis precision — float64 by
    default), one reduce sends G to the rank that decomposes it, which broadcasts ``B``
    (m×r) and σ. Matrices go in waves (:func:`matrix_waves`: as many as fit a memory
-   budget, at least one per rank) whose Grams are spread over the ranks longest first
-   (:func:`eigh_owners`), so the eigendecompositions run in parallel and one 2816² Gram
-   does not leave the other ranks waiting on it;
+   budget, at least one per rank; one synchronisation per wave) whose Grams are spread over
+   the ranks longest first (:func:`eigh_owners`), so the eigendecompositions run in parallel
+   and balance whatever the order of the items;
 2. everything after the basis is :func:`~drm_lightning.methods.drm.merge_coordinates` on
    this rank's rows, the same code as the single-process merge, given collective reductions
    (:class:`~drm_lightning.distributed.comm.CollectiveReductions`): the column norms of the
@@ -66,7 +66,13 @@ from drm_lightning.distributed.comm import (
     guarded,
     topk_mask_distributed,
 )
-from drm_lightning.distributed.plan import MergeItem, ShardablePredicate, assign_longest_first
+from drm_lightning.distributed.plan import (
+    WAVE_BYTES,
+    MergeItem,
+    ShardablePredicate,
+    assign_longest_first,
+    transient_bytes,
+)
 from drm_lightning.distributed.tensors import (
     ParamSet,
     held_range,
@@ -110,17 +116,14 @@ def sharded_rule(
     return rule
 
 
-WAVE_BYTES = 1 << 30
-"""Bytes of local rows and Grams a rank may hold for one wave of sharded matrices."""
-
-
 def matrix_waves(
     items: Sequence[MergeItem], world: int, n_branches: int, itemsize: int
 ) -> list[list[MergeItem]]:
     """Consecutive sharded matrices grouped into waves: at least ``world`` items each, more
-    while a rank's share of the wave (its rows of the base and the branches, its Grams) stays
-    within :data:`WAVE_BYTES`. Larger waves let :func:`eigh_owners` balance the
-    eigendecompositions of unequal Grams. The same on every rank (a function of the plan).
+    while a rank's share of the wave (:func:`~drm_lightning.distributed.plan.transient_bytes`
+    of its items) stays within :data:`~drm_lightning.distributed.plan.WAVE_BYTES`. A wave
+    synchronises once, and :func:`eigh_owners` balances its eigendecompositions. The same on
+    every rank (a function of the plan).
 
     Example:
         >>> item = MergeItem("w", (4, 4), "matrix", 1.0, 64, mode="sharded")
@@ -131,8 +134,7 @@ def matrix_waves(
     current: list[MergeItem] = []
     held = 0
     for it in items:
-        m = it.shape[-1]
-        share = (n_branches + 1) * -(-it.numel // world) * itemsize + 8 * m * m // world
+        share = transient_bytes(it, n_branches, world, itemsize, owner=False)
         if len(current) >= world and held + share > WAVE_BYTES:
             waves.append(current)
             current, held = [], 0
