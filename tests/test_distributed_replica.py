@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import fork_ranks
 from test_distributed_zero3 import (
     COEFFICIENTS,
     IGNORE,
@@ -184,16 +184,8 @@ def _replica_worker(rank: int, world: int, port: int, outdir: str) -> None:
 @pytest.fixture(scope="module")
 def replica_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Fork 2 DDP ranks once (a fork skips each rank's imports); return each rank's findings."""
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("replica")
-    mp.start_processes(
-        _replica_worker,
-        args=(WORLD, free_port(), str(out)),
-        nprocs=WORLD,
-        join=True,
-        start_method="fork",
-    )
+    fork_ranks(_replica_worker, WORLD, str(out))
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     for r in results:
         assert "worker_error" not in r, r["worker_error"]

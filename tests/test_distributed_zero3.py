@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import counting_source, cpu_deepspeed_rank, free_port
+from helpers import counting_source, cpu_deepspeed_rank, fork_ranks
 from torch import nn
 
 WORLD = 2
@@ -444,7 +444,6 @@ def _zero3_worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) 
 def zero3_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Fork 2 ZeRO-3 ranks once (a fork skips each rank's imports); return each rank's findings."""
     pytest.importorskip("deepspeed")
-    import torch.multiprocessing as mp
     from safetensors.torch import save_file
 
     out = tmp_path_factory.mktemp("zero3")
@@ -456,13 +455,7 @@ def zero3_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, An
             {k[len(prefix) :]: v.contiguous() for k, v in full.items() if k.startswith(prefix)},
             str(ckpt / f"branch{i}.safetensors"),
         )
-    mp.start_processes(
-        _zero3_worker,
-        args=(WORLD, free_port(), str(out), str(ckpt)),
-        nprocs=WORLD,
-        join=True,
-        start_method="fork",
-    )
+    fork_ranks(_zero3_worker, WORLD, str(out), str(ckpt))
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     for r in results:
         assert "worker_error" not in r, r["worker_error"]

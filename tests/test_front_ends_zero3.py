@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import cpu_deepspeed_rank, free_port
+from helpers import cpu_deepspeed_rank, fork_ranks
 from lightning.pytorch.callbacks import Callback
 from test_lightning_common import (
     CLASSES,
@@ -354,12 +354,8 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     pytest.importorskip("deepspeed")
     pytest.importorskip("accelerate")
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("front_ends_zero3")
-    mp.start_processes(
-        _worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork"
-    )
+    fork_ranks(_worker, WORLD, str(out))
     results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for r in results:
         assert "worker_error" not in r, r["worker_error"]

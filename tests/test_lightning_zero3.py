@@ -33,7 +33,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import cpu_deepspeed_rank, free_port
+from helpers import cpu_deepspeed_rank, fork_ranks
 from lightning.pytorch.callbacks import Callback
 from test_lightning_common import TASKS, MultiHead, branched, specs, train_loaders
 from torch import Tensor
@@ -314,20 +314,13 @@ def _worker(rank: int, world: int, port: int, outdir: str, ckpt_dir: str) -> Non
 def zero3_fits(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Fork 2 ZeRO-3 ranks once (two fits); return each rank's findings."""
     pytest.importorskip("deepspeed")
-    import torch.multiprocessing as mp
     from safetensors.torch import save_file
 
     out = tmp_path_factory.mktemp("zero3_fit")
     ckpt = tmp_path_factory.mktemp("zero3_ckpt")
     for task, state in checkpoint_states().items():
         save_file(state, str(ckpt / f"{task}.safetensors"))
-    mp.start_processes(
-        _worker,
-        args=(WORLD, free_port(), str(out), str(ckpt)),
-        nprocs=WORLD,
-        join=True,
-        start_method="fork",
-    )
+    fork_ranks(_worker, WORLD, str(out), str(ckpt))
     results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for r in results:
         assert "worker_error" not in r, r["worker_error"]
