@@ -112,7 +112,7 @@ def project(model: str, direction: str, rates: dict[str, Any]) -> dict[str, Any]
         stack_rows = n_br * n
         s, big = min(stack_rows, m), max(stack_rows, m)
         count = layers * PER_LAYER[cls]
-        gram = 2 * big * s * s / 2 / (rates["fp64_gflops"] * 1e9)  # one triangle
+        gram = big * s * s / (rates["fp64_gflops"] * 1e9)  # 2·big·s² flops, one triangle of it
         eigh = t0 * (s / n0) ** 3
         project_s = 2 * 2 * stack_rows * m * s / (rates["fp32_gflops"] * 1e9)
         passes = ELEMENTWISE_PASSES * stack_rows * s * 4 / (rates["bandwidth_gbs"] * 1e9)
